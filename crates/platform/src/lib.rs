@@ -1,0 +1,24 @@
+//! What every messenger service shares, so that each service crate holds only
+//! its own domain logic.
+//!
+//! Layout:
+//! - [`config`]: layered configuration (defaults -> TOML file -> `MESSENGER_*`
+//!   environment -> command-line flags) into any typed, validated struct.
+//! - [`telemetry`]: structured logging setup (pretty for laptops, JSON for clusters).
+//! - [`discovery`]: where each role's instances listen. Static addresses today,
+//!   behind a trait so etcd can replace it.
+//! - [`auth`]: JWT bearer verification (HS256, RS256, ES256, JWKS) and dev tokens.
+//! - [`ids`]: UUIDv7 ids and wall-clock milliseconds.
+//! - [`server`]: the bootstrap every gRPC server uses: HTTP/2 limits, health,
+//!   reflection, graceful drain.
+//! - [`shutdown`]: the one shutdown-signal future.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod discovery;
+pub mod ids;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

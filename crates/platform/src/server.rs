@@ -1,0 +1,151 @@
+//! The bootstrap every gRPC server uses: explicit HTTP/2 limits, health and
+//! reflection, and a graceful drain bounded by a grace period.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+/// HTTP/2 and drain limits, shared by every server of the process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerOptions {
+    /// Concurrent HTTP/2 streams one connection may open.
+    pub max_concurrent_streams: u32,
+    /// Largest HTTP/2 frame payload accepted, in bytes (16 KiB ..= 16 MiB).
+    pub max_frame_size: u32,
+    /// Largest encoded gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest header block accepted, in bytes.
+    pub max_header_list_size: u32,
+    /// Remotely reset streams tolerated in the accept queue before GOAWAY
+    /// (guards against rapid-reset floods).
+    pub max_pending_reset_streams: usize,
+    /// HTTP/2 PING interval on idle connections.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Close the connection when a PING is not answered within this.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// How long in-flight calls may take to finish after shutdown starts.
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 128,
+            max_frame_size: 64 * 1024,
+            max_message_bytes: 256 * 1024,
+            max_header_list_size: 16 * 1024,
+            max_pending_reset_streams: 32,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServerOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(16_384..=16_777_215).contains(&self.max_frame_size) {
+            return Err("server.max_frame_size must be between 16384 and 16777215".into());
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("server.max_concurrent_streams must be positive".into());
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("server.max_message_bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot bind {address}: {source}")]
+    Bind { address: String, source: std::io::Error },
+    #[error("server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Binds a listener; `port 0` picks a free port (what tests do).
+pub async fn bind(address: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Bind { address: address.to_owned(), source })
+}
+
+/// The address a listener actually bound.
+pub fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener.local_addr().expect("bound listener has an address")
+}
+
+/// Serves `routes` plus health and reflection on `listener` until `shutdown`
+/// is cancelled, then drains for at most `options.drain_grace`.
+///
+/// `service_names` are reported SERVING to health checks while running and
+/// NOT_SERVING once draining starts, so load balancers stop sending work.
+pub async fn serve(
+    name: &'static str,
+    options: &ServerOptions,
+    listener: TcpListener,
+    routes: Routes,
+    service_names: &[&'static str],
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for service in service_names {
+        health_reporter.set_service_status(*service, ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(messenger_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let address = local_addr(&listener);
+    info!(server = name, %address, "listening");
+
+    let drain_started = shutdown.clone();
+    let reporter = health_reporter.clone();
+    let names = service_names.to_vec();
+    let signal = async move {
+        drain_started.cancelled().await;
+        for service in names {
+            reporter.set_service_status(service, ServingStatus::NotServing).await;
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(options.max_concurrent_streams))
+        .max_frame_size(Some(options.max_frame_size))
+        .http2_max_header_list_size(Some(options.max_header_list_size))
+        .http2_max_pending_accept_reset_streams(Some(options.max_pending_reset_streams))
+        .http2_keepalive_interval(Some(options.keepalive_interval))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .add_routes(routes)
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    tokio::pin!(server);
+    let grace = options.drain_grace;
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = &mut server => {
+            result?;
+            info!(server = name, "stopped");
+        }
+        () = deadline => warn!(server = name, grace_ms = grace.as_millis() as u64, "drain grace elapsed, closing remaining calls"),
+    }
+    Ok(())
+}

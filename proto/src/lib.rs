@@ -1,0 +1,21 @@
+//! The messenger wire protocol: package `messenger.v1`, one `.proto` file per
+//! service under `messenger/v1/`, compiled with prost and tonic.
+//!
+//! Layout:
+//! - `common.proto`: `Message`, `Conversation`, `SendAck`, shared by every service.
+//! - `gateway.proto`: the client-facing `GatewayService` (the `Connect` stream and
+//!   unary calls) and the internal `GatewayInternalService::Deliver`.
+//! - `message.proto`, `presence.proto`: internal APIs of those services.
+//!
+//! [`FILE_DESCRIPTOR_SET`] feeds gRPC reflection on every server.
+
+#![forbid(unsafe_code)]
+
+/// Generated code for `messenger.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("messenger.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every messenger proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("messenger_descriptor");
