@@ -1,1 +1,71 @@
-//! placeholder
+//! The message service: conversations, sends with dense per-conversation
+//! sequence numbers and idempotent retries, history, per-device delivered
+//! cursors, sync, and fan-out of committed messages to online devices.
+//!
+//! Layout:
+//! - [`store`]: the `MessageStore` trait and its domain types; `store/contract.rs`
+//!   is the test suite every backend must pass.
+//! - [`sqlite`]: the embedded backend (WAL, one writer thread with group commit).
+//! - `service.rs`: domain logic (validation, membership, send then fan-out).
+//! - `fanout.rs`: presence `Locate` + one gateway `Deliver` per gateway and batch.
+//! - `grpc.rs`: the thin tonic adapter.
+//!
+//! [`serve`] runs the internal gRPC API until the shutdown token is cancelled.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod fanout;
+mod grpc;
+mod options;
+mod service;
+pub mod sqlite;
+pub mod store;
+
+use std::sync::Arc;
+
+use messenger_platform::{
+    discovery::{self, ChannelPool, Discovery, DiscoveryOptions, Role},
+    server::{self, ServerOptions},
+};
+use messenger_proto::v1::{
+    message_service_server::{MessageServiceServer, SERVICE_NAME},
+    presence_service_client::PresenceServiceClient,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+pub use error::Error;
+pub use options::{FanoutOptions, Options};
+pub use service::Service;
+
+/// What the message service needs from the outside.
+pub struct Deps {
+    pub store: Arc<dyn store::MessageStore>,
+    pub discovery: Arc<dyn Discovery>,
+    pub discovery_options: DiscoveryOptions,
+}
+
+/// Serves the message service on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    options: Options,
+    server_options: ServerOptions,
+    deps: Deps,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), server::Error> {
+    let presence = discovery::channel(deps.discovery.as_ref(), Role::Presence, &deps.discovery_options)
+        .map_err(|e| server::Error::Bind { address: "presence".into(), source: std::io::Error::other(e) })?;
+    let fanout = fanout::Fanout::start(
+        &options.fanout,
+        deps.store.clone(),
+        PresenceServiceClient::new(presence),
+        ChannelPool::new(deps.discovery_options.clone()),
+    );
+    let service = Arc::new(Service::new(options, deps.store, fanout));
+    let api = MessageServiceServer::new(grpc::Adapter { service })
+        .max_decoding_message_size(server_options.max_message_bytes)
+        .max_encoding_message_size(server_options.max_message_bytes * 4);
+    server::serve("message", &server_options, listener, Routes::new(api), &[SERVICE_NAME], shutdown).await
+}

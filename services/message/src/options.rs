@@ -1,0 +1,93 @@
+//! The message service's configuration.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sqlite::SqliteOptions;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Internal gRPC address (never exposed to clients).
+    pub listen: String,
+    /// SQLite database file; empty means `<data_dir>/messages.db`.
+    pub database: Option<PathBuf>,
+    /// Largest message body, in bytes of UTF-8.
+    pub max_body_bytes: usize,
+    /// History page size when the client asks for none, and the most it may ask for.
+    pub history_page_default: u32,
+    pub history_page_max: u32,
+    /// Inbox page size when the client asks for none, and the most it may ask for.
+    pub inbox_page_default: u32,
+    pub inbox_page_max: u32,
+    /// Most messages one Sync response carries.
+    pub sync_page_max: u32,
+    pub sqlite: SqliteOptions,
+    pub fanout: FanoutOptions,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FanoutOptions {
+    /// Parallel fan-out workers; a conversation always maps to the same worker,
+    /// so its messages are pushed in seq order.
+    pub workers: usize,
+    /// Messages waiting per worker; a full queue slows senders down (backpressure).
+    pub queue_depth: usize,
+    /// Most messages fanned out together in one Locate + one Deliver per gateway.
+    pub max_batch: usize,
+}
+
+impl Default for FanoutOptions {
+    fn default() -> Self {
+        Self { workers: 4, queue_depth: 4096, max_batch: 256 }
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7710".into(),
+            database: None,
+            max_body_bytes: 16 * 1024,
+            history_page_default: 50,
+            history_page_max: 500,
+            inbox_page_default: 50,
+            inbox_page_max: 200,
+            sync_page_max: 500,
+            sqlite: SqliteOptions::default(),
+            fanout: FanoutOptions::default(),
+        }
+    }
+}
+
+impl Options {
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("message.max_body_bytes", self.max_body_bytes),
+            ("message.history_page_default", self.history_page_default as usize),
+            ("message.history_page_max", self.history_page_max as usize),
+            ("message.inbox_page_default", self.inbox_page_default as usize),
+            ("message.inbox_page_max", self.inbox_page_max as usize),
+            ("message.sync_page_max", self.sync_page_max as usize),
+            ("message.sqlite.max_batch", self.sqlite.max_batch),
+            ("message.sqlite.queue_depth", self.sqlite.queue_depth),
+            ("message.fanout.workers", self.fanout.workers),
+            ("message.fanout.queue_depth", self.fanout.queue_depth),
+            ("message.fanout.max_batch", self.fanout.max_batch),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("{key} must be positive"));
+            }
+        }
+        if self.history_page_default > self.history_page_max {
+            return Err("message.history_page_default exceeds message.history_page_max".into());
+        }
+        if self.inbox_page_default > self.inbox_page_max {
+            return Err("message.inbox_page_default exceeds message.inbox_page_max".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,60 @@
+//! The SQLite schema, mirroring the Scylla data model in DESIGN.md section 5.
+//!
+//! Differences, and why: dedupe is a unique index on `messages` instead of a
+//! separate TTL table (SQLite has no TTL and the index costs less than a second
+//! table); `direct_pairs` makes get-or-create of a 1:1 conversation a keyed
+//! lookup; messages are not bucketed because a B-tree has no partition limit.
+
+pub const VERSION: i64 = 1;
+
+pub const MIGRATION: &str = "
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    title TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    last_activity_ms INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS members (
+    conversation_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    role INTEGER NOT NULL,
+    joined_seq INTEGER NOT NULL,
+    read_seq INTEGER NOT NULL,
+    joined_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, user_id)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS members_by_user ON members (user_id, conversation_id);
+
+CREATE TABLE IF NOT EXISTS direct_pairs (
+    user_low TEXT NOT NULL,
+    user_high TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    PRIMARY KEY (user_low, user_high)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    sent_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+) WITHOUT ROWID;
+
+CREATE UNIQUE INDEX IF NOT EXISTS messages_dedupe ON messages (conversation_id, sender, client_msg_id);
+
+CREATE TABLE IF NOT EXISTS device_cursors (
+    user_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    delivered_seq INTEGER NOT NULL,
+    PRIMARY KEY (user_id, device_id, conversation_id)
+) WITHOUT ROWID;
+";
