@@ -19,8 +19,11 @@ pub struct ServerOptions {
     pub max_concurrent_streams: u32,
     /// Largest HTTP/2 frame payload accepted, in bytes (16 KiB ..= 16 MiB).
     pub max_frame_size: u32,
-    /// Largest encoded gRPC message accepted, in bytes.
+    /// Largest encoded gRPC message a client may send to the public API, in bytes.
     pub max_message_bytes: usize,
+    /// Largest encoded gRPC message accepted on internal APIs (sync pages and
+    /// Deliver batches between services), in bytes.
+    pub internal_max_message_bytes: usize,
     /// Largest header block accepted, in bytes.
     pub max_header_list_size: u32,
     /// Remotely reset streams tolerated in the accept queue before GOAWAY
@@ -43,6 +46,7 @@ impl Default for ServerOptions {
             max_concurrent_streams: 128,
             max_frame_size: 64 * 1024,
             max_message_bytes: 256 * 1024,
+            internal_max_message_bytes: 64 * 1024 * 1024,
             max_header_list_size: 16 * 1024,
             max_pending_reset_streams: 32,
             keepalive_interval: Duration::from_secs(30),
@@ -60,8 +64,8 @@ impl ServerOptions {
         if self.max_concurrent_streams == 0 {
             return Err("server.max_concurrent_streams must be positive".into());
         }
-        if self.max_message_bytes < 1024 {
-            return Err("server.max_message_bytes must be at least 1024".into());
+        if self.max_message_bytes < 1024 || self.internal_max_message_bytes < 1024 {
+            return Err("server.max_message_bytes and server.internal_max_message_bytes must be at least 1024".into());
         }
         Ok(())
     }

@@ -1,1 +1,111 @@
-//! placeholder
+//! The gateway: the only service clients talk to.
+//!
+//! It authenticates every call (JWT bearer), holds one `Connect` stream per
+//! device, forwards sends and unary calls to the message service with the
+//! verified user id, and receives `Deliver` batches on a separate internal
+//! port to push committed messages to the sessions it holds.
+//!
+//! Layout:
+//! - `api.rs`: `GatewayService` (Connect + unary calls), behind the auth interceptor.
+//! - `session.rs`: one Connect stream: Hello, backlog sync, live push with gap
+//!   fill, sends, acks, slow-consumer handling.
+//! - `registry.rs`: session id -> session inbox, used by `Deliver`.
+//! - `internal.rs`: `GatewayInternalService::Deliver`.
+//!
+//! [`serve`] runs both listeners until the shutdown token is cancelled.
+
+#![forbid(unsafe_code)]
+
+mod api;
+mod internal;
+mod options;
+mod registry;
+mod session;
+
+use std::sync::Arc;
+
+use messenger_platform::{
+    auth::Verifier,
+    discovery::{self, Discovery, DiscoveryOptions, Role},
+    server::{self, ServerOptions},
+};
+use messenger_proto::v1::{
+    gateway_internal_service_server::{self, GatewayInternalServiceServer},
+    gateway_service_server::{self, GatewayServiceServer},
+    message_service_client::MessageServiceClient,
+    presence_service_client::PresenceServiceClient,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{service::Routes, transport::Channel};
+
+pub use options::Options;
+
+/// What every session and handler of one gateway instance shares.
+pub(crate) struct Context {
+    options: Options,
+    gateway_id: String,
+    advertise_internal: String,
+    registry: registry::Registry,
+    message: MessageServiceClient<Channel>,
+    presence: PresenceServiceClient<Channel>,
+    shutdown: CancellationToken,
+}
+
+/// What the gateway needs from the outside.
+pub struct Deps {
+    pub verifier: Verifier,
+    pub discovery: Arc<dyn Discovery>,
+    pub discovery_options: DiscoveryOptions,
+}
+
+/// Serves the public API on `public` and `Deliver` on `internal` until
+/// `shutdown` is cancelled; open sessions are told to reconnect elsewhere.
+pub async fn serve(
+    options: Options,
+    server_options: ServerOptions,
+    deps: Deps,
+    public: TcpListener,
+    internal: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), server::Error> {
+    let channel = |role| {
+        discovery::channel(deps.discovery.as_ref(), role, &deps.discovery_options)
+            .map_err(|e| server::Error::Bind { address: role.to_string(), source: std::io::Error::other(e) })
+    };
+    let internal_bound = server::local_addr(&internal).to_string();
+    let context = Arc::new(Context {
+        gateway_id: options.gateway_id.clone().unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
+        advertise_internal: options.advertise_internal.clone().unwrap_or(internal_bound),
+        registry: registry::Registry::default(),
+        message: MessageServiceClient::new(channel(Role::Message)?)
+            .max_decoding_message_size(server_options.internal_max_message_bytes),
+        presence: PresenceServiceClient::new(channel(Role::Presence)?),
+        shutdown: shutdown.clone(),
+        options,
+    });
+    let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
+        .max_decoding_message_size(server_options.max_message_bytes);
+    let public_api = tonic::service::interceptor::InterceptedService::new(public_api, deps.verifier.interceptor());
+    let internal_api = GatewayInternalServiceServer::new(internal::Adapter { registry: context.registry.clone() })
+        .max_decoding_message_size(server_options.internal_max_message_bytes);
+
+    let public_server = server::serve(
+        "gateway",
+        &server_options,
+        public,
+        Routes::new(public_api),
+        &[gateway_service_server::SERVICE_NAME],
+        shutdown.clone(),
+    );
+    let internal_server = server::serve(
+        "gateway-internal",
+        &server_options,
+        internal,
+        Routes::new(internal_api),
+        &[gateway_internal_service_server::SERVICE_NAME],
+        shutdown,
+    );
+    let (public_result, internal_result) = tokio::join!(public_server, internal_server);
+    public_result.and(internal_result)
+}

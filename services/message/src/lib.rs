@@ -65,7 +65,6 @@ pub async fn serve(
     );
     let service = Arc::new(Service::new(options, deps.store, fanout));
     let api = MessageServiceServer::new(grpc::Adapter { service })
-        .max_decoding_message_size(server_options.max_message_bytes)
-        .max_encoding_message_size(server_options.max_message_bytes * 4);
+        .max_decoding_message_size(server_options.internal_max_message_bytes);
     server::serve("message", &server_options, listener, Routes::new(api), &[SERVICE_NAME], shutdown).await
 }

@@ -52,7 +52,7 @@ impl Default for Options {
             database: None,
             max_body_bytes: 16 * 1024,
             history_page_default: 50,
-            history_page_max: 500,
+            history_page_max: 200,
             inbox_page_default: 50,
             inbox_page_max: 200,
             sync_page_max: 500,

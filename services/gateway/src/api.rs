@@ -1,0 +1,96 @@
+//! `GatewayService`: the client-facing API. Authentication happens in the
+//! interceptor before these handlers run; each handler passes the verified
+//! user id to the internal service that owns the data.
+
+use std::sync::Arc;
+
+use messenger_platform::auth::caller;
+use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{Context, session};
+
+pub(crate) struct Adapter {
+    pub context: Arc<Context>,
+}
+
+#[tonic::async_trait]
+impl GatewayService for Adapter {
+    type ConnectStream = ReceiverStream<Result<ServerFrame, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<ClientFrame>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let user = caller(&request)?.0.clone();
+        let limit = self.context.options.max_sessions;
+        if self.context.registry.len() >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "this gateway holds its limit of {limit} sessions; retry later or elsewhere"
+            )));
+        }
+        let (out, frames) = mpsc::channel(self.context.options.session_queue_depth);
+        tokio::spawn(session::run(self.context.clone(), user, request.into_inner(), out));
+        Ok(Response::new(ReceiverStream::new(frames)))
+    }
+
+    async fn get_or_create_direct(
+        &self,
+        request: Request<pb::GetOrCreateDirectRequest>,
+    ) -> Result<Response<pb::GetOrCreateDirectResponse>, Status> {
+        let user = caller(&request)?.0.clone();
+        let peer_id = request.into_inner().peer_id;
+        let response = self
+            .context
+            .message
+            .clone()
+            .get_or_create_direct(pb::MessageGetOrCreateDirectRequest { user_id: user, peer_id })
+            .await?
+            .into_inner();
+        Ok(Response::new(pb::GetOrCreateDirectResponse { conversation: response.conversation }))
+    }
+
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let user = caller(&request)?.0.clone();
+        let request = request.into_inner();
+        let response = self
+            .context
+            .message
+            .clone()
+            .history(pb::MessageHistoryRequest {
+                user_id: user,
+                conversation_id: request.conversation_id,
+                before_seq: request.before_seq,
+                after_seq: None,
+                limit: request.limit,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(pb::HistoryResponse { messages: response.messages, has_more: response.has_more }))
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<pb::ListConversationsRequest>,
+    ) -> Result<Response<pb::ListConversationsResponse>, Status> {
+        let user = caller(&request)?.0.clone();
+        let request = request.into_inner();
+        let response = self
+            .context
+            .message
+            .clone()
+            .list_conversations(pb::MessageListConversationsRequest {
+                user_id: user,
+                page_token: request.page_token,
+                limit: request.limit,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(pb::ListConversationsResponse {
+            conversations: response.conversations,
+            next_page_token: response.next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,74 @@
+//! The gateway's configuration.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Client-facing gRPC address (Connect stream and unary API).
+    pub listen: String,
+    /// Internal address for `Deliver`; never expose it to clients.
+    pub internal_listen: String,
+    /// Address other services use to reach `internal_listen`; defaults to the bound address.
+    pub advertise_internal: Option<String>,
+    /// Instance id registered with presence; defaults to a new UUID per start.
+    pub gateway_id: Option<String>,
+    /// Most concurrent Connect streams on this instance.
+    pub max_sessions: usize,
+    /// Server frames queued per session before the client counts as slow.
+    pub session_queue_depth: usize,
+    /// Live messages waiting per session; beyond it the session re-syncs from its
+    /// cursor instead of buffering more.
+    pub inbox_depth: usize,
+    /// Sends a session may have awaiting their ack; more are read only as acks return.
+    pub max_inflight_sends: usize,
+    /// A client that sends no Hello within this is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// A client that leaves its queue full for this long is disconnected (it resumes later).
+    #[serde(with = "humantime_serde")]
+    pub slow_consumer_timeout: Duration,
+    /// Messages fetched per sync call.
+    pub sync_page: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7700".into(),
+            internal_listen: "127.0.0.1:7701".into(),
+            advertise_internal: None,
+            gateway_id: None,
+            max_sessions: 200_000,
+            session_queue_depth: 256,
+            inbox_depth: 1024,
+            max_inflight_sends: 64,
+            hello_timeout: Duration::from_secs(10),
+            slow_consumer_timeout: Duration::from_secs(10),
+            sync_page: 200,
+        }
+    }
+}
+
+impl Options {
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("gateway.max_sessions", self.max_sessions),
+            ("gateway.session_queue_depth", self.session_queue_depth),
+            ("gateway.inbox_depth", self.inbox_depth),
+            ("gateway.max_inflight_sends", self.max_inflight_sends),
+            ("gateway.sync_page", self.sync_page as usize),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("{key} must be positive"));
+            }
+        }
+        if self.hello_timeout.is_zero() || self.slow_consumer_timeout.is_zero() {
+            return Err("gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into());
+        }
+        Ok(())
+    }
+}

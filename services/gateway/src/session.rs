@@ -1,0 +1,372 @@
+//! One device's Connect stream, from Hello to disconnect.
+//!
+//! Invariant: within a session, a device receives each conversation's
+//! messages in seq order with no gaps, starting after its delivered cursor.
+//! `last_sent` remembers the highest seq pushed per conversation; a live
+//! message at or below it is a duplicate and skipped, one above `last + 1`
+//! first pulls the missing range from history. So a failed or overflowing
+//! live path costs a fetch, never a lost or reordered message.
+//!
+//! Memory per session is bounded: `session_queue_depth` outbound frames,
+//! `inbox_depth` live messages (overflow switches to re-sync), and
+//! `max_inflight_sends` sends awaiting their ack.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use messenger_platform::ids;
+use messenger_proto::v1::{
+    self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, server_frame::Frame as Out,
+};
+use tokio::sync::{Notify, mpsc};
+use tonic::{Code, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::{
+    Context,
+    registry::SessionHandle,
+};
+
+/// Why a session ended early.
+#[derive(Debug)]
+enum End {
+    ClientGone,
+    SlowConsumer,
+    Upstream(Status),
+}
+
+enum Completion {
+    Frame(ServerFrame),
+    AcksFlushed(Result<(), Status>),
+}
+
+struct Session {
+    context: Arc<Context>,
+    user: String,
+    device: String,
+    session_id: String,
+    out: mpsc::Sender<Result<ServerFrame, Status>>,
+    last_sent: HashMap<String, u64>,
+    pending_acks: HashMap<String, u64>,
+    ack_in_flight: bool,
+}
+
+fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
+    ServerFrame {
+        frame: Some(Out::Error(pb::Error {
+            code: code as i32,
+            message: message.into(),
+            client_msg_id: client_msg_id.to_owned(),
+            conversation_id: conversation_id.to_owned(),
+        })),
+    }
+}
+
+/// Runs the session; returns when the client leaves, the server shuts down,
+/// or the client is too slow.
+pub(crate) async fn run(
+    context: Arc<Context>,
+    user: String,
+    mut inbound: Streaming<ClientFrame>,
+    out: mpsc::Sender<Result<ServerFrame, Status>>,
+) {
+    let hello = tokio::time::timeout(context.options.hello_timeout, inbound.message()).await;
+    let device = match hello {
+        Ok(Ok(Some(ClientFrame { frame: Some(In::Hello(hello)) }))) => hello.device_id,
+        Ok(Ok(Some(_))) => {
+            let _ = out.send(Err(Status::failed_precondition("the first frame must be Hello"))).await;
+            return;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => return,
+        Err(_) => {
+            let _ = out.send(Err(Status::deadline_exceeded("no Hello received in time"))).await;
+            return;
+        }
+    };
+    if device.is_empty() || device.len() > 128 || device.chars().any(char::is_control) {
+        let _ = out.send(Err(Status::invalid_argument("device_id must be 1 to 128 printable bytes"))).await;
+        return;
+    }
+    let session_id = ids::new_id().to_string();
+    let (inbox_tx, inbox) = mpsc::channel(context.options.inbox_depth);
+    let resync = Arc::new(Notify::new());
+    context.registry.insert(session_id.clone(), SessionHandle { inbox: inbox_tx, resync: resync.clone() });
+
+    let registered = context
+        .presence
+        .clone()
+        .register(pb::RegisterRequest {
+            session: Some(pb::Session {
+                user_id: user.clone(),
+                device_id: device.clone(),
+                session_id: session_id.clone(),
+                gateway_id: context.gateway_id.clone(),
+                gateway_addr: context.advertise_internal.clone(),
+                connected_at_ms: ids::now_ms(),
+            }),
+        })
+        .await;
+    if let Err(status) = registered {
+        context.registry.remove(&session_id);
+        let _ = out.send(Err(status)).await;
+        return;
+    }
+    info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");
+
+    let mut session = Session {
+        context: context.clone(),
+        user,
+        device,
+        session_id,
+        out,
+        last_sent: HashMap::new(),
+        pending_acks: HashMap::new(),
+        ack_in_flight: false,
+    };
+    let end = session.serve(&mut inbound, inbox, resync).await;
+    match &end {
+        End::ClientGone => {}
+        End::SlowConsumer => warn!(session_id = %session.session_id, "slow consumer disconnected; it resumes from its cursor"),
+        End::Upstream(status) => {
+            warn!(session_id = %session.session_id, code = ?status.code(), "session ended: upstream failure");
+            let _ = session.out.try_send(Err(status.clone()));
+        }
+    }
+    session.flush_acks_now().await;
+    context.registry.remove(&session.session_id);
+    let _ = context
+        .presence
+        .clone()
+        .unregister(pb::UnregisterRequest { user_id: session.user.clone(), session_id: session.session_id.clone() })
+        .await;
+    debug!(session_id = %session.session_id, "session closed");
+}
+
+impl Session {
+    async fn serve(
+        &mut self,
+        inbound: &mut Streaming<ClientFrame>,
+        mut inbox: mpsc::Receiver<Arc<pb::Message>>,
+        resync: Arc<Notify>,
+    ) -> End {
+        let ready = Out::Ready(pb::Ready { session_id: self.session_id.clone(), user_id: self.user.clone() });
+        if let Err(end) = self.emit(ServerFrame { frame: Some(ready) }).await {
+            return end;
+        }
+        if let Err(end) = self.sync(None).await {
+            return end;
+        }
+        let shutdown = self.context.shutdown.clone();
+        let max_inflight = self.context.options.max_inflight_sends;
+        let mut inflight: FuturesUnordered<BoxFuture<'static, Completion>> = FuturesUnordered::new();
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    let frame = error_frame(Code::Unavailable, "gateway shutting down; reconnect", "", "");
+                    let _ = self.out.try_send(Ok(frame));
+                    return End::ClientGone;
+                }
+                Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done, &mut inflight).await,
+                message = inbox.recv() => match message {
+                    Some(message) => self.deliver_live(&message).await,
+                    None => return End::ClientGone,
+                },
+                () = resync.notified() => self.sync(None).await,
+                frame = inbound.message(), if inflight.len() < max_inflight => match frame {
+                    Ok(Some(frame)) => self.handle(frame, &mut inflight).await,
+                    Ok(None) | Err(_) => return End::ClientGone,
+                },
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    async fn emit(&self, frame: ServerFrame) -> Result<(), End> {
+        match tokio::time::timeout(self.context.options.slow_consumer_timeout, self.out.send(Ok(frame))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::ClientGone),
+            Err(_) => Err(End::SlowConsumer),
+        }
+    }
+
+    /// Pushes a message unless this session already sent it.
+    async fn push(&mut self, message: pb::Message) -> Result<(), End> {
+        let last = self.last_sent.entry(message.conversation_id.clone()).or_insert(0);
+        if message.seq <= *last {
+            return Ok(());
+        }
+        *last = message.seq;
+        self.emit(ServerFrame { frame: Some(Out::Message(message)) }).await
+    }
+
+    /// Sends everything after the device's delivered cursor (all conversations, or one).
+    async fn sync(&mut self, only: Option<&str>) -> Result<(), End> {
+        let mut page_token = String::new();
+        loop {
+            let request = pb::SyncRequest {
+                user_id: self.user.clone(),
+                device_id: self.device.clone(),
+                limit: self.context.options.sync_page,
+                page_token,
+                conversation_id: only.unwrap_or_default().to_owned(),
+            };
+            let response = self.context.message.clone().sync(request).await.map_err(End::Upstream)?.into_inner();
+            for message in response.messages {
+                self.push(message).await?;
+            }
+            if response.next_page_token.is_empty() {
+                return Ok(());
+            }
+            page_token = response.next_page_token;
+        }
+    }
+
+    async fn deliver_live(&mut self, message: &pb::Message) -> Result<(), End> {
+        match self.last_sent.get(&message.conversation_id).copied() {
+            // First message of this conversation in this session: start from the cursor.
+            None => {
+                self.sync(Some(&message.conversation_id)).await?;
+                self.push(message.clone()).await
+            }
+            Some(last) if message.seq <= last => Ok(()),
+            Some(last) if message.seq == last + 1 => self.push(message.clone()).await,
+            Some(last) => {
+                self.fill_gap(&message.conversation_id, last, message.seq).await?;
+                self.push(message.clone()).await
+            }
+        }
+    }
+
+    /// Fetches and pushes (last, upto) exclusive, from history.
+    async fn fill_gap(&mut self, conversation_id: &str, mut last: u64, upto: u64) -> Result<(), End> {
+        while last + 1 < upto {
+            let request = pb::MessageHistoryRequest {
+                user_id: self.user.clone(),
+                conversation_id: conversation_id.to_owned(),
+                before_seq: 0,
+                after_seq: Some(last),
+                limit: (upto - last - 1).min(self.context.options.sync_page as u64) as u32,
+            };
+            let page = self.context.message.clone().history(request).await;
+            let messages = match page {
+                Ok(page) => page.into_inner().messages,
+                // Removed from the conversation meanwhile, say: nothing more to show.
+                Err(status) if status.code() == Code::NotFound => return Ok(()),
+                Err(status) => return Err(End::Upstream(status)),
+            };
+            if messages.is_empty() {
+                return Ok(());
+            }
+            for message in messages {
+                last = last.max(message.seq);
+                self.push(message).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &mut self,
+        frame: ClientFrame,
+        inflight: &mut FuturesUnordered<BoxFuture<'static, Completion>>,
+    ) -> Result<(), End> {
+        match frame.frame {
+            Some(In::Send(send)) => {
+                let mut client = self.context.message.clone();
+                let request = pb::SendRequest {
+                    sender_id: self.user.clone(),
+                    device_id: self.device.clone(),
+                    conversation_id: send.conversation_id.clone(),
+                    client_msg_id: send.client_msg_id.clone(),
+                    body: send.body,
+                };
+                inflight.push(
+                    async move {
+                        let frame = match client.send(request).await {
+                            Ok(response) => match response.into_inner().ack {
+                                Some(ack) => ServerFrame { frame: Some(Out::SendAck(ack)) },
+                                None => error_frame(Code::Internal, "missing ack", &send.client_msg_id, &send.conversation_id),
+                            },
+                            Err(status) => error_frame(
+                                status.code(),
+                                status.message(),
+                                &send.client_msg_id,
+                                &send.conversation_id,
+                            ),
+                        };
+                        Completion::Frame(frame)
+                    }
+                    .boxed(),
+                );
+                Ok(())
+            }
+            Some(In::Ack(ack)) => {
+                let cursor = self.pending_acks.entry(ack.conversation_id).or_insert(0);
+                *cursor = (*cursor).max(ack.seq);
+                self.start_ack_flush(inflight);
+                Ok(())
+            }
+            Some(In::Ping(ping)) => self.emit(ServerFrame { frame: Some(Out::Pong(pb::Pong { nonce: ping.nonce })) }).await,
+            Some(In::Hello(_)) => {
+                self.emit(error_frame(Code::FailedPrecondition, "Hello was already received", "", "")).await
+            }
+            None => self.emit(error_frame(Code::InvalidArgument, "empty frame", "", "")).await,
+        }
+    }
+
+    /// At most one AckDelivered call per session at a time; acks that arrive
+    /// meanwhile are merged into the next one.
+    fn start_ack_flush(&mut self, inflight: &mut FuturesUnordered<BoxFuture<'static, Completion>>) {
+        if self.ack_in_flight || self.pending_acks.is_empty() {
+            return;
+        }
+        self.ack_in_flight = true;
+        let request = self.ack_request();
+        let mut client = self.context.message.clone();
+        inflight.push(async move { Completion::AcksFlushed(client.ack_delivered(request).await.map(|_| ())) }.boxed());
+    }
+
+    fn ack_request(&mut self) -> pb::AckDeliveredRequest {
+        pb::AckDeliveredRequest {
+            user_id: self.user.clone(),
+            device_id: self.device.clone(),
+            cursors: self
+                .pending_acks
+                .drain()
+                .map(|(conversation_id, seq)| pb::DeliveredCursor { conversation_id, seq })
+                .collect(),
+        }
+    }
+
+    async fn flush_acks_now(&mut self) {
+        if self.pending_acks.is_empty() {
+            return;
+        }
+        let request = self.ack_request();
+        if let Err(status) = self.context.message.clone().ack_delivered(request).await {
+            warn!(code = ?status.code(), "final ack flush failed; the device may receive some messages again");
+        }
+    }
+
+    async fn complete(
+        &mut self,
+        done: Completion,
+        inflight: &mut FuturesUnordered<BoxFuture<'static, Completion>>,
+    ) -> Result<(), End> {
+        match done {
+            Completion::Frame(frame) => self.emit(frame).await,
+            Completion::AcksFlushed(result) => {
+                self.ack_in_flight = false;
+                if let Err(status) = result {
+                    // Acks are hints for resume: losing one costs a duplicate that the SDK drops.
+                    warn!(code = ?status.code(), "ack flush failed");
+                }
+                self.start_ack_flush(inflight);
+                Ok(())
+            }
+        }
+    }
+}

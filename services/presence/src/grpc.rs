@@ -1,0 +1,97 @@
+//! The tonic adapter: converts requests and errors, holds no logic.
+
+use std::sync::Arc;
+
+use messenger_platform::ids;
+use messenger_proto::v1::{self as pb, presence_service_server::PresenceService};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    Options,
+    store::{Error, PresenceStore, Session},
+};
+
+pub struct Adapter {
+    pub options: Options,
+    pub store: Arc<dyn PresenceStore>,
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::TooManySessions { .. } => Status::resource_exhausted(error.to_string()),
+        }
+    }
+}
+
+impl Adapter {
+    fn check_batch(&self, users: &[String]) -> Result<(), Status> {
+        if users.len() > self.options.max_users_per_call {
+            return Err(Status::invalid_argument(format!(
+                "{} users requested; the limit is {} per call",
+                users.len(),
+                self.options.max_users_per_call
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn session_to_proto(session: Session) -> pb::Session {
+    pb::Session {
+        user_id: session.user_id,
+        device_id: session.device_id,
+        session_id: session.session_id,
+        gateway_id: session.gateway_id,
+        gateway_addr: session.gateway_addr,
+        connected_at_ms: session.connected_at_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl PresenceService for Adapter {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let session = request.into_inner().session.ok_or_else(|| Status::invalid_argument("session is required"))?;
+        if session.user_id.is_empty() || session.session_id.is_empty() || session.gateway_addr.is_empty() {
+            return Err(Status::invalid_argument("session needs user_id, session_id and gateway_addr"));
+        }
+        let session = Session {
+            user_id: session.user_id,
+            device_id: session.device_id,
+            session_id: session.session_id,
+            gateway_id: session.gateway_id,
+            gateway_addr: session.gateway_addr,
+            connected_at_ms: session.connected_at_ms,
+        };
+        self.store.register(session, self.options.max_sessions_per_user).await?;
+        Ok(Response::new(pb::RegisterResponse {}))
+    }
+
+    async fn unregister(
+        &self,
+        request: Request<pb::UnregisterRequest>,
+    ) -> Result<Response<pb::UnregisterResponse>, Status> {
+        let request = request.into_inner();
+        self.store.unregister(&request.user_id, &request.session_id, ids::now_ms()).await;
+        Ok(Response::new(pb::UnregisterResponse {}))
+    }
+
+    async fn locate(&self, request: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+        let users = request.into_inner().user_ids;
+        self.check_batch(&users)?;
+        let sessions = self.store.locate(&users).await;
+        Ok(Response::new(pb::LocateResponse { sessions: sessions.into_iter().map(session_to_proto).collect() }))
+    }
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let users = request.into_inner().user_ids;
+        self.check_batch(&users)?;
+        let statuses = self.store.status(&users).await;
+        Ok(Response::new(pb::StatusResponse {
+            statuses: statuses
+                .into_iter()
+                .map(|s| pb::UserStatus { user_id: s.user_id, online: s.online, last_seen_ms: s.last_seen_ms })
+                .collect(),
+        }))
+    }
+}
