@@ -1,1 +1,17 @@
-//! placeholder
+//! The one messenger binary, as a library so tests can start the system
+//! in-process on port 0 and drive it through the client SDK.
+//!
+//! Layout:
+//! - [`config`]: the whole system's configuration (every service's `Options`).
+//! - [`system`]: `up` (all services in one process) and `serve` (one role),
+//!   both returning a [`system::Running`] handle.
+//! - `chat.rs`: the interactive terminal client, built on the SDK.
+//! - `main.rs`: command-line parsing only.
+
+#![forbid(unsafe_code)]
+
+pub mod chat;
+pub mod config;
+pub mod system;
+
+pub use config::Config;

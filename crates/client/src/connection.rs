@@ -1,0 +1,238 @@
+//! The background task that owns the device's Connect stream.
+//!
+//! It keeps three pieces of state across reconnects: sends awaiting their ack
+//! (resent with the same client id after a reconnect, so the server dedupes),
+//! the highest seq handed to the app per conversation (anything at or below
+//! is a duplicate from resume and is dropped), and acks not yet flushed.
+
+use std::{collections::HashMap, sync::Arc};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use messenger_proto::v1::{
+    self as pb, ClientFrame, client_frame::Frame as OutFrame, server_frame::Frame as InFrame,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+use tracing::debug;
+
+use crate::{Api, Error, Event, Options};
+
+pub(crate) enum Command {
+    Send { frame: pb::SendRequestFrame, reply: oneshot::Sender<Result<pb::SendAck, Error>> },
+    Close,
+}
+
+struct Pending {
+    frame: pb::SendRequestFrame,
+    reply: oneshot::Sender<Result<pb::SendAck, Error>>,
+}
+
+pub(crate) struct Task {
+    options: Arc<Options>,
+    api: Api,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    pending: HashMap<String, Pending>,
+    highest: HashMap<String, u64>,
+    acks: HashMap<String, u64>,
+}
+
+/// How one stream ended.
+enum End {
+    /// The app closed the client.
+    Closed,
+    /// Not worth retrying (refused token).
+    Fatal(Error),
+    /// Dropped; reconnect.
+    Lost { reason: String, was_ready: bool },
+}
+
+impl Task {
+    pub fn new(options: Arc<Options>, api: Api, commands: mpsc::Receiver<Command>, events: mpsc::Sender<Event>) -> Self {
+        Self { options, api, commands, events, pending: HashMap::new(), highest: HashMap::new(), acks: HashMap::new() }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = std::time::Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.options.reconnect_min)
+            .with_max_delay(self.options.reconnect_max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    pub async fn run(mut self, ready: oneshot::Sender<Result<String, Error>>) {
+        let mut ready = Some(ready);
+        let mut delays = self.backoff();
+        loop {
+            let end = self.stream(&mut ready).await;
+            let reason = match end {
+                End::Closed => return,
+                End::Fatal(error) => {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(Err(error.clone()));
+                    }
+                    for (_, pending) in self.pending.drain() {
+                        let _ = pending.reply.send(Err(error.clone()));
+                    }
+                    let _ = self.events.send(Event::Disconnected { reason: error.to_string(), will_retry: false }).await;
+                    return;
+                }
+                End::Lost { reason, was_ready } => {
+                    if let Some(ready) = ready.take() {
+                        // Never connected: let `connect` report it instead of retrying silently.
+                        let _ = ready.send(Err(Error::Unavailable(reason)));
+                        return;
+                    }
+                    if was_ready {
+                        delays = self.backoff();
+                    }
+                    reason
+                }
+            };
+            debug!(%reason, "stream lost; reconnecting");
+            let _ = self.events.send(Event::Disconnected { reason, will_retry: true }).await;
+            let delay = delays.next().unwrap_or(self.options.reconnect_max);
+            // Keep taking sends while waiting; they go out after the reconnect.
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    command = self.commands.recv() => match command {
+                        Some(Command::Send { frame, reply }) => {
+                            self.pending.insert(frame.client_msg_id.clone(), Pending { frame, reply });
+                        }
+                        Some(Command::Close) | None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Opens one stream and serves it until it ends.
+    async fn stream(&mut self, ready: &mut Option<oneshot::Sender<Result<String, Error>>>) -> End {
+        let (outbound, frames) = mpsc::channel::<ClientFrame>(self.options.max_pending_sends.max(16));
+        let hello = OutFrame::Hello(pb::Hello { device_id: self.options.device_id.clone() });
+        let _ = outbound.try_send(ClientFrame { frame: Some(hello) });
+        let response = match self.api.clone().connect(ReceiverStream::new(frames)).await {
+            Ok(response) => response,
+            Err(status) => return lost_or_fatal(status, false),
+        };
+        let mut inbound = response.into_inner();
+        let session_id = match inbound.message().await {
+            Ok(Some(pb::ServerFrame { frame: Some(InFrame::Ready(ready_frame)) })) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Ok(ready_frame.user_id));
+                }
+                ready_frame.session_id
+            }
+            Ok(Some(_)) => return End::Fatal(Error::Protocol("first server frame was not Ready".into())),
+            Ok(None) => return End::Lost { reason: "stream closed before Ready".into(), was_ready: false },
+            Err(status) => return lost_or_fatal(status, false),
+        };
+        let _ = self.events.send(Event::Connected { session_id }).await;
+
+        // Whatever was in flight when the last stream dropped goes again, same ids.
+        self.pending.retain(|_, p| !p.reply.is_closed());
+        for pending in self.pending.values() {
+            let frame = ClientFrame { frame: Some(OutFrame::Send(pending.frame.clone())) };
+            if outbound.send(frame).await.is_err() {
+                return End::Lost { reason: "stream closed".into(), was_ready: true };
+            }
+        }
+        let mut ack_tick = tokio::time::interval(self.options.ack_interval);
+        let mut ping_tick = tokio::time::interval(self.options.ping_interval);
+        let mut nonce = 0u64;
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(Command::Send { frame, reply }) => {
+                        let id = frame.client_msg_id.clone();
+                        let out = ClientFrame { frame: Some(OutFrame::Send(frame.clone())) };
+                        self.pending.insert(id, Pending { frame, reply });
+                        if outbound.send(out).await.is_err() {
+                            return End::Lost { reason: "stream closed".into(), was_ready: true };
+                        }
+                    }
+                    Some(Command::Close) | None => {
+                        self.flush_acks(&outbound).await;
+                        return End::Closed;
+                    }
+                },
+                frame = inbound.message() => match frame {
+                    Ok(Some(frame)) => {
+                        if let Some(end) = self.handle(frame).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => return End::Lost { reason: "server closed the stream".into(), was_ready: true },
+                    Err(status) => return lost_or_fatal(status, true),
+                },
+                _ = ack_tick.tick() => self.flush_acks(&outbound).await,
+                _ = ping_tick.tick() => {
+                    nonce += 1;
+                    let _ = outbound.send(ClientFrame { frame: Some(OutFrame::Ping(pb::Ping { nonce })) }).await;
+                    self.pending.retain(|_, p| !p.reply.is_closed());
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, frame: pb::ServerFrame) -> Option<End> {
+        match frame.frame? {
+            InFrame::Message(message) => {
+                let highest = self.highest.entry(message.conversation_id.clone()).or_insert(0);
+                if message.seq <= *highest {
+                    return None;
+                }
+                *highest = message.seq;
+                let (conversation, seq) = (message.conversation_id.clone(), message.seq);
+                // Waiting here when the app lags is deliberate: it stops reading the stream.
+                if self.events.send(Event::Message(message)).await.is_err() {
+                    return Some(End::Closed);
+                }
+                let ack = self.acks.entry(conversation).or_insert(0);
+                *ack = (*ack).max(seq);
+            }
+            InFrame::SendAck(ack) => {
+                if let Some(pending) = self.pending.remove(&ack.client_msg_id) {
+                    let _ = pending.reply.send(Ok(ack));
+                }
+            }
+            InFrame::Error(error) => {
+                let code = Code::from_i32(error.code);
+                if !error.client_msg_id.is_empty() {
+                    if let Some(pending) = self.pending.remove(&error.client_msg_id) {
+                        let _ = pending.reply.send(Err(Error::Rejected { code, message: error.message }));
+                    }
+                } else if code == Code::Unavailable {
+                    return Some(End::Lost { reason: error.message, was_ready: true });
+                } else {
+                    let _ = self.events.send(Event::ServerError { code, message: error.message }).await;
+                }
+            }
+            InFrame::Pong(_) | InFrame::Ready(_) => {}
+        }
+        None
+    }
+
+    async fn flush_acks(&mut self, outbound: &mpsc::Sender<ClientFrame>) {
+        for (conversation_id, seq) in self.acks.drain() {
+            let frame = ClientFrame { frame: Some(OutFrame::Ack(pb::Ack { conversation_id, seq })) };
+            if outbound.send(frame).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn lost_or_fatal(status: Status, was_ready: bool) -> End {
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument | Code::FailedPrecondition => {
+            End::Fatal(Error::from(status))
+        }
+        _ => End::Lost { reason: format!("{:?}: {}", status.code(), status.message()), was_ready },
+    }
+}

@@ -1,0 +1,67 @@
+use std::time::Duration;
+
+use crate::Error;
+
+/// How a client connects. [`Options::new`] fills in production defaults.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Gateway URL, e.g. `http://127.0.0.1:7700`.
+    pub endpoint: String,
+    /// JWT bearer token; its `sub` is the user.
+    pub token: String,
+    /// Stable per installation; the server keeps this device's delivered cursor.
+    pub device_id: String,
+    /// First and longest wait between reconnect attempts (jittered, doubling).
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// How long `send` waits for its ack (across reconnects) before `Error::Timeout`.
+    pub send_timeout: Duration,
+    /// Delivered acks are coalesced and sent at this interval.
+    pub ack_interval: Duration,
+    /// Application-level ping on the stream; also the HTTP/2 keepalive interval.
+    pub ping_interval: Duration,
+    pub connect_timeout: Duration,
+    /// Events buffered for the app before the client stops reading the stream.
+    pub event_buffer: usize,
+    /// Sends queued or awaiting acks before `send` waits.
+    pub max_pending_sends: usize,
+    /// Largest response accepted (history pages), in bytes.
+    pub max_response_bytes: usize,
+    /// Largest frame `send` puts on the stream, in bytes; keep it at or below the
+    /// server's `server.max_message_bytes`. A bigger frame would cost the whole
+    /// stream, so it is refused locally with `InvalidArgument`.
+    pub max_frame_bytes: usize,
+}
+
+impl Options {
+    pub fn new(endpoint: impl Into<String>, token: impl Into<String>, device_id: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            token: token.into(),
+            device_id: device_id.into(),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
+            ack_interval: Duration::from_millis(50),
+            ping_interval: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(5),
+            event_buffer: 4096,
+            max_pending_sends: 1024,
+            max_response_bytes: 16 * 1024 * 1024,
+            max_frame_bytes: 256 * 1024,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if self.device_id.is_empty() {
+            return Err(Error::InvalidArgument("device_id is required".into()));
+        }
+        if self.event_buffer == 0 || self.max_pending_sends == 0 {
+            return Err(Error::InvalidArgument("event_buffer and max_pending_sends must be positive".into()));
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            return Err(Error::InvalidArgument("need 0 < reconnect_min <= reconnect_max".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,92 @@
+//! The whole system's configuration: one section per service plus what they share.
+//!
+//! Loaded by [`messenger_platform::config::load`]: defaults -> `--config` TOML
+//! file -> `MESSENGER_*` environment (`__` between sections) -> flags.
+
+use std::path::PathBuf;
+
+use messenger_platform::{
+    auth::AuthOptions, config::Validate, discovery::DiscoveryOptions, server::ServerOptions, telemetry::LogOptions,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where embedded backends keep their files (`messages.db`).
+    pub data_dir: PathBuf,
+    pub log: LogOptions,
+    pub auth: AuthOptions,
+    pub server: ServerOptions,
+    pub discovery: DiscoveryOptions,
+    pub gateway: messenger_gateway::Options,
+    pub message: messenger_message::Options,
+    pub presence: messenger_presence::Options,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            log: LogOptions::default(),
+            auth: AuthOptions::default(),
+            server: ServerOptions::default(),
+            discovery: DiscoveryOptions::default(),
+            gateway: messenger_gateway::Options::default(),
+            message: messenger_message::Options::default(),
+            presence: messenger_presence::Options::default(),
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self) -> Result<(), String> {
+        self.server.validate()?;
+        self.discovery.validate()?;
+        self.gateway.validate()?;
+        self.message.validate()?;
+        self.presence.validate()?;
+        messenger_platform::auth::Verifier::from_options(&self.auth).map_err(|e| format!("auth: {e}"))?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The SQLite file of the message service.
+    pub fn database_path(&self) -> PathBuf {
+        self.message.database.clone().unwrap_or_else(|| self.data_dir.join("messages.db"))
+    }
+
+    /// A configuration for tests and benchmarks: every listener on a free
+    /// loopback port, data under `data_dir`.
+    pub fn for_loopback(data_dir: impl Into<PathBuf>) -> Self {
+        let mut config = Config { data_dir: data_dir.into(), ..Config::default() };
+        config.gateway.listen = "127.0.0.1:0".into();
+        config.gateway.internal_listen = "127.0.0.1:0".into();
+        config.message.listen = "127.0.0.1:0".into();
+        config.presence.listen = "127.0.0.1:0".into();
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_render() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let text = messenger_platform::config::render(&config).unwrap();
+        assert!(text.contains("[gateway]"), "{text}");
+        let parsed: Config = toml::from_str(&text).unwrap();
+        assert_eq!(parsed.gateway.listen, config.gateway.listen);
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        let mut config = Config::default();
+        config.gateway.session_queue_depth = 0;
+        assert!(config.validate().unwrap_err().contains("gateway.session_queue_depth"));
+    }
+}

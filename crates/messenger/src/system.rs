@@ -1,0 +1,144 @@
+//! Starting services: all of them in one process (`messenger up`) or one role
+//! (`messenger serve --service NAME`). Either way each service listens on its
+//! own port and the services talk gRPC to each other, exactly as when they run
+//! in separate processes.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use messenger_platform::{
+    auth::Verifier,
+    discovery::{Role, StaticDiscovery},
+    server::{self, bind, local_addr},
+};
+use messenger_message::sqlite::SqliteStore;
+use messenger_presence::MemoryStore;
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::Config;
+
+/// Addresses of what is running, as bound (port 0 resolved).
+#[derive(Debug, Clone, Default)]
+pub struct Addresses {
+    pub gateway: Option<SocketAddr>,
+    pub gateway_internal: Option<SocketAddr>,
+    pub message: Option<SocketAddr>,
+    pub presence: Option<SocketAddr>,
+}
+
+/// A running set of services.
+pub struct Running {
+    pub addresses: Addresses,
+    shutdown: CancellationToken,
+    tasks: JoinSet<Result<(), server::Error>>,
+}
+
+impl Running {
+    /// The gateway URL clients connect to.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addresses.gateway.expect("gateway is running"))
+    }
+
+    /// A token that cancels every service (graceful drain).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until every service has stopped; returns the first failure.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        while let Some(result) = self.tasks.join_next().await {
+            let failure = match result {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => anyhow::anyhow!(error),
+                Err(join) => anyhow::anyhow!("service task failed: {join}"),
+            };
+            error!(error = %failure, "service stopped with an error; stopping the others");
+            self.shutdown.cancel();
+            first_error.get_or_insert(failure);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Starts a graceful drain and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Every listener `roles` needs, bound up front so port 0 resolves before
+/// anyone needs another service's address.
+struct Listeners {
+    gateway: Option<(TcpListener, TcpListener)>,
+    message: Option<TcpListener>,
+    presence: Option<TcpListener>,
+}
+
+async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners> {
+    let gateway = if roles.contains(&Role::Gateway) {
+        Some((bind(&config.gateway.listen).await?, bind(&config.gateway.internal_listen).await?))
+    } else {
+        None
+    };
+    let message = if roles.contains(&Role::Message) { Some(bind(&config.message.listen).await?) } else { None };
+    let presence = if roles.contains(&Role::Presence) { Some(bind(&config.presence.listen).await?) } else { None };
+    Ok(Listeners { gateway, message, presence })
+}
+
+/// Starts `roles` in this process. Roles started here are reached at their
+/// bound addresses; the others through `config.discovery`.
+pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running> {
+    let listeners = bind_roles(&config, roles).await?;
+    let mut addresses = Addresses::default();
+    if let Some(listener) = &listeners.message {
+        let address = local_addr(listener);
+        addresses.message = Some(address);
+        config.discovery.message = vec![address.to_string()];
+    }
+    if let Some(listener) = &listeners.presence {
+        let address = local_addr(listener);
+        addresses.presence = Some(address);
+        config.discovery.presence = vec![address.to_string()];
+    }
+    if let Some((public, internal)) = &listeners.gateway {
+        addresses.gateway = Some(local_addr(public));
+        addresses.gateway_internal = Some(local_addr(internal));
+    }
+    if config.auth.hs256_secret.as_deref() == Some(messenger_platform::auth::DEV_SECRET) {
+        warn!("auth uses the built-in development secret; set auth.hs256_secret or a public key outside a laptop");
+    }
+    let discovery = Arc::new(StaticDiscovery::new(config.discovery.clone()));
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    if let Some(listener) = listeners.presence {
+        let store = Arc::new(MemoryStore::default());
+        let (options, server_options, token) = (config.presence.clone(), config.server.clone(), shutdown.clone());
+        tasks.spawn(messenger_presence::serve(options, server_options, store, listener, token));
+    }
+    if let Some(listener) = listeners.message {
+        let store = SqliteStore::open(&config.database_path(), &config.message.sqlite)?;
+        let deps = messenger_message::Deps {
+            store: Arc::new(store),
+            discovery: discovery.clone(),
+            discovery_options: config.discovery.clone(),
+        };
+        let (options, server_options, token) = (config.message.clone(), config.server.clone(), shutdown.clone());
+        tasks.spawn(messenger_message::serve(options, server_options, deps, listener, token));
+    }
+    if let Some((public, internal)) = listeners.gateway {
+        let deps = messenger_gateway::Deps {
+            verifier: Verifier::from_options(&config.auth)?,
+            discovery: discovery.clone(),
+            discovery_options: config.discovery.clone(),
+        };
+        let (options, server_options, token) = (config.gateway.clone(), config.server.clone(), shutdown.clone());
+        tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, token));
+    }
+    Ok(Running { addresses, shutdown, tasks })
+}
+
+/// Every role: what `messenger up` runs.
+pub const ALL_ROLES: [Role; 3] = [Role::Presence, Role::Message, Role::Gateway];

@@ -1,0 +1,472 @@
+//! End-to-end: the whole system started in-process on loopback ports (each
+//! service on its own port, talking gRPC), driven through the client SDK as
+//! an app would.
+
+use std::time::Duration;
+
+use futures::{StreamExt, future::join_all};
+use messenger::{Config, system};
+use messenger_client::{Client, Error, Event, Events, Message, Options};
+use messenger_platform::auth;
+use tempfile::TempDir;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct TestSystem {
+    running: Option<system::Running>,
+    /// The configuration with every port pinned to what was bound, so a restart reuses them.
+    config: Config,
+    endpoint: String,
+    _dir: TempDir,
+}
+
+impl TestSystem {
+    async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::for_loopback(dir.path());
+        config.message.max_body_bytes = 1024;
+        config.server.drain_grace = Duration::from_secs(2);
+        adjust(&mut config);
+        let running = system::start(config.clone(), &system::ALL_ROLES).await.unwrap();
+        let bound = &running.addresses;
+        config.gateway.listen = bound.gateway.unwrap().to_string();
+        config.gateway.internal_listen = bound.gateway_internal.unwrap().to_string();
+        config.message.listen = bound.message.unwrap().to_string();
+        config.presence.listen = bound.presence.unwrap().to_string();
+        let endpoint = running.endpoint();
+        Self { running: Some(running), config, endpoint, _dir: dir }
+    }
+
+    async fn stop(&mut self) {
+        self.running.take().expect("running").stop().await.unwrap();
+    }
+
+    /// Starts again on the same ports and data directory.
+    async fn start_again(&mut self) {
+        for _ in 0..100 {
+            if let Ok(running) = system::start(self.config.clone(), &system::ALL_ROLES).await {
+                self.running = Some(running);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("could not start again on the same ports");
+    }
+
+    fn token(&self, user: &str) -> String {
+        auth::mint_hs256(&self.config.auth, user, Duration::from_secs(3600)).unwrap()
+    }
+
+    fn options(&self, user: &str, device: &str) -> Options {
+        let mut options = Options::new(self.endpoint.clone(), self.token(user), device);
+        options.reconnect_min = Duration::from_millis(50);
+        options.reconnect_max = Duration::from_millis(300);
+        options.ack_interval = Duration::from_millis(10);
+        options.send_timeout = Duration::from_secs(20);
+        options
+    }
+
+    async fn connect(&self, user: &str, device: &str) -> (Client, Events) {
+        Client::connect(self.options(user, device)).await.unwrap()
+    }
+}
+
+/// The next message event, skipping connection events.
+async fn next_message(events: &mut Events) -> Message {
+    loop {
+        match tokio::time::timeout(WAIT, events.next()).await.expect("no message in time") {
+            Some(Event::Message(message)) => return message,
+            Some(_) => continue,
+            None => panic!("event stream ended"),
+        }
+    }
+}
+
+async fn messages(events: &mut Events, count: usize) -> Vec<Message> {
+    let mut received = Vec::with_capacity(count);
+    while received.len() < count {
+        received.push(next_message(events).await);
+    }
+    received
+}
+
+/// Asserts no further message arrives within a short quiet period.
+async fn assert_quiet(events: &mut Events) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(400);
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return,
+            Ok(Some(Event::Message(message))) => panic!("unexpected message {message:?}"),
+            Ok(Some(_)) => continue,
+            Ok(None) => return,
+        }
+    }
+}
+
+/// Reads a message straight from the SQLite file through a separate
+/// connection: it is visible there only once committed.
+fn committed_body(config: &Config, conversation_id: &str, seq: u64) -> Option<String> {
+    use r2d2_sqlite::rusqlite::{Connection, OpenFlags, OptionalExtension};
+    let connection = Connection::open_with_flags(config.database_path(), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    connection
+        .query_row(
+            "SELECT body FROM messages WHERE conversation_id = ?1 AND seq = ?2",
+            (conversation_id, seq as i64),
+            |row| row.get(0),
+        )
+        .optional()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn live_message_reaches_peer_and_ack_follows_commit() {
+    let system = TestSystem::start().await;
+    let (alice, _alice_events) = system.connect("alice", "alice-phone").await;
+    let (bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let conversation = alice.direct("bob").await.unwrap();
+    assert_eq!(bob.direct("alice").await.unwrap().conversation_id, conversation.conversation_id);
+
+    let ack = alice.send(&conversation.conversation_id, "hi bob").await.unwrap();
+    assert_eq!(ack.seq, 1);
+    assert_eq!(
+        committed_body(&system.config, &conversation.conversation_id, ack.seq).as_deref(),
+        Some("hi bob"),
+        "SendAck arrived before the row was committed"
+    );
+    let received = next_message(&mut bob_events).await;
+    assert_eq!((received.seq, received.body.as_str(), received.sender_id.as_str()), (1, "hi bob", "alice"));
+    assert_eq!(received.message_id, ack.message_id);
+    assert_quiet(&mut bob_events).await;
+}
+
+#[tokio::test]
+async fn offline_recipient_receives_backlog_once_in_order() {
+    let system = TestSystem::start().await;
+    let (alice, _alice_events) = system.connect("alice", "alice-phone").await;
+    let conversation = alice.direct("bob").await.unwrap();
+    for body in ["one", "two", "three"] {
+        alice.send(&conversation.conversation_id, body).await.unwrap();
+    }
+    let (bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let received = messages(&mut bob_events, 3).await;
+    assert_eq!(received.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["one", "two", "three"]);
+    assert_eq!(received.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_quiet(&mut bob_events).await;
+    bob.close().await;
+    drop(bob);
+
+    // The same device comes back: everything was acked, nothing is shown again.
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    alice.send(&conversation.conversation_id, "four").await.unwrap();
+    let next = next_message(&mut bob_events).await;
+    assert_eq!((next.seq, next.body.as_str()), (4, "four"));
+    assert_quiet(&mut bob_events).await;
+    // A different device of Bob's has its own cursor and gets all four.
+    let (_tablet, mut tablet_events) = system.connect("bob", "bob-tablet").await;
+    let all = messages(&mut tablet_events, 4).await;
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn retried_send_returns_original_seq() {
+    let system = TestSystem::start().await;
+    let (alice, _alice_events) = system.connect("alice", "alice-phone").await;
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let conversation = alice.direct("bob").await.unwrap();
+    let id = conversation.conversation_id.as_str();
+    let first = alice.send_with_id(id, "client-id-1", "original").await.unwrap();
+    let retry = alice.send_with_id(id, "client-id-1", "a different body").await.unwrap();
+    assert_eq!((retry.seq, &retry.message_id), (first.seq, &first.message_id));
+    let history = alice.history(id, 0, 50).await.unwrap();
+    assert_eq!(history.messages.len(), 1, "one stored row");
+    assert_eq!(history.messages[0].body, "original");
+    let received = next_message(&mut bob_events).await;
+    assert_eq!(received.body, "original");
+    assert_quiet(&mut bob_events).await;
+}
+
+#[tokio::test]
+async fn concurrent_senders_get_dense_seqs() {
+    let system = TestSystem::start().await;
+    let (alice, _a) = system.connect("alice", "alice-phone").await;
+    let (bob, _b) = system.connect("bob", "bob-phone").await;
+    let conversation = alice.direct("bob").await.unwrap();
+    let id = conversation.conversation_id.clone();
+    let per_sender = 150;
+    let sends = (0..per_sender).flat_map(|i| {
+        let (alice, bob, id) = (alice.clone(), bob.clone(), id.clone());
+        [
+            Box::pin(async move { alice.send(&id, &format!("a{i}")).await.unwrap().seq })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = u64>>>,
+            Box::pin({
+                let id = conversation.conversation_id.clone();
+                async move { bob.send(&id, &format!("b{i}")).await.unwrap().seq }
+            }),
+        ]
+    });
+    let mut seqs = join_all(sends).await;
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=2 * per_sender as u64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn bad_tokens_are_unauthenticated() {
+    let system = TestSystem::start().await;
+    let expired = {
+        let options = auth::AuthOptions::default();
+        let claims = auth::Claims {
+            sub: "alice".into(),
+            exp: (messenger_platform::ids::now_ms() / 1000 - 3600) as u64,
+            iat: None,
+            iss: None,
+            aud: None,
+        };
+        expired_token(&options, &claims)
+    };
+    let other_secret = auth::AuthOptions { hs256_secret: Some("not the server's".into()), ..Default::default() };
+    let forged = auth::mint_hs256(&other_secret, "alice", Duration::from_secs(60)).unwrap();
+    for (name, token) in [("empty", String::new()), ("garbage", "abc.def.ghi".into()), ("expired", expired), ("forged", forged)] {
+        let mut options = system.options("alice", "phone");
+        options.token = token;
+        let result = Client::connect(options).await;
+        match result {
+            Err(Error::Unauthenticated(_)) => {}
+            Err(other) => panic!("{name}: expected UNAUTHENTICATED, got {other:?}"),
+            Ok(_) => panic!("{name}: connected with a bad token"),
+        }
+    }
+    // Unary calls are guarded too.
+    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut raw = messenger_proto::v1::gateway_service_client::GatewayServiceClient::new(channel);
+    let status = raw
+        .list_conversations(messenger_proto::v1::ListConversationsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+/// A token signed with the server's own secret that expired an hour ago.
+fn expired_token(options: &auth::AuthOptions, claims: &auth::Claims) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(options.hs256_secret.as_ref().unwrap().as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).unwrap()
+}
+
+#[tokio::test]
+async fn non_members_get_not_found_and_the_stream_survives() {
+    let system = TestSystem::start().await;
+    let (alice, _a) = system.connect("alice", "alice-phone").await;
+    let (carol, mut carol_events) = system.connect("carol", "carol-phone").await;
+    let private = alice.direct("bob").await.unwrap();
+    alice.send(&private.conversation_id, "secret").await.unwrap();
+
+    let history = carol.history(&private.conversation_id, 0, 10).await.unwrap_err();
+    assert_eq!(history.code(), Code::NotFound, "{history:?}");
+    let send = carol.send(&private.conversation_id, "let me in").await.unwrap_err();
+    assert_eq!(send.code(), Code::NotFound, "{send:?}");
+    // A conversation id that does not exist looks exactly the same.
+    let unknown = carol.history(&uuid_like(), 0, 10).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let malformed = carol.history("not-a-uuid", 0, 10).await.unwrap_err();
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+    assert!(carol.conversations("", 10).await.unwrap().conversations.is_empty());
+
+    // The same stream still works for Carol's own conversations.
+    let own = carol.direct("alice").await.unwrap();
+    assert_eq!(carol.send(&own.conversation_id, "hello alice").await.unwrap().seq, 1);
+    let echo = next_message(&mut carol_events).await;
+    assert_eq!(echo.body, "hello alice", "a sender's devices receive its own messages");
+    let alice_history = alice.history(&private.conversation_id, 0, 10).await.unwrap();
+    assert_eq!(alice_history.messages.len(), 1, "the refused send stored nothing");
+}
+
+fn uuid_like() -> String {
+    "0190b3a0-0000-7000-8000-000000000000".into()
+}
+
+#[tokio::test]
+async fn body_limit_is_enforced_at_its_edge_and_the_stream_survives() {
+    let system = TestSystem::start().await;
+    let limit = system.config.message.max_body_bytes;
+    let (alice, _a) = system.connect("alice", "alice-phone").await;
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let conversation = alice.direct("bob").await.unwrap();
+    let id = conversation.conversation_id.as_str();
+
+    let at_limit = "x".repeat(limit);
+    assert_eq!(alice.send(id, &at_limit).await.unwrap().seq, 1);
+    let over = alice.send(id, &"x".repeat(limit + 1)).await.unwrap_err();
+    assert_eq!(over.code(), Code::InvalidArgument, "{over:?}");
+    assert!(over.to_string().contains(&format!("limit is {limit} bytes")), "{over}");
+    // Multi-byte characters count in bytes.
+    let over_utf8 = alice.send(id, &"é".repeat(limit / 2 + 1)).await.unwrap_err();
+    assert_eq!(over_utf8.code(), Code::InvalidArgument);
+    let empty = alice.send(id, "   ").await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+
+    assert_eq!(alice.send(id, "still here").await.unwrap().seq, 2);
+    let received = messages(&mut bob_events, 2).await;
+    assert_eq!(received[0].body.len(), limit);
+    assert_eq!(received[1].body, "still here");
+}
+
+#[tokio::test]
+async fn frames_over_the_message_size_limit_are_refused() {
+    let system = TestSystem::start_with(|config| {
+        config.server.max_message_bytes = 4096;
+        config.message.max_body_bytes = 64 * 1024;
+    })
+    .await;
+    let (alice, _a) = system.connect("alice", "alice-phone").await;
+    let conversation = alice.direct("bob").await.unwrap();
+    // The unary API refuses an oversized request outright.
+    let error = alice.history(&"x".repeat(8192), 0, 1).await.unwrap_err();
+    assert_eq!(error.code(), Code::OutOfRange, "{error:?}");
+    assert!(error.to_string().contains("the limit is: 4096 bytes"), "{error}");
+
+    // The SDK refuses a send frame over its limit before it can cost the stream.
+    let mut options = system.options("bob", "bob-phone");
+    options.max_frame_bytes = 4096;
+    let (bob, _b) = Client::connect(options).await.unwrap();
+    let local = bob.send(&conversation.conversation_id, &"x".repeat(5000)).await.unwrap_err();
+    assert_eq!(local.code(), Code::InvalidArgument, "{local:?}");
+
+    // A raw client that ignores the limit loses only its own stream.
+    use messenger_proto::v1::{self as pb, client_frame::Frame};
+    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
+    let hello = pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "raw".into() })) };
+    let oversized = pb::ClientFrame {
+        frame: Some(Frame::Send(pb::SendRequestFrame {
+            conversation_id: conversation.conversation_id.clone(),
+            client_msg_id: "too-big".into(),
+            body: "x".repeat(8192),
+        })),
+    };
+    let mut request = tonic::Request::new(futures::stream::iter([hello, oversized]).chain(futures::stream::pending()));
+    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("alice")).parse().unwrap());
+    let mut stream = raw.connect(request).await.unwrap().into_inner();
+    let outcome = tokio::time::timeout(WAIT, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream carrying the oversized frame stayed open");
+    assert!(outcome.is_err() || matches!(outcome, Ok(None)), "{outcome:?}");
+
+    // Everyone else carries on; nothing oversized was stored.
+    let after = alice.send(&conversation.conversation_id, "small").await.unwrap();
+    assert_eq!(after.seq, 1, "the oversized frame was never stored");
+}
+
+#[tokio::test]
+async fn data_survives_a_restart() {
+    let mut system = TestSystem::start().await;
+    let conversation_id = {
+        let (alice, _a) = system.connect("alice", "alice-phone").await;
+        let conversation = alice.direct("bob").await.unwrap();
+        for body in ["before 1", "before 2"] {
+            alice.send(&conversation.conversation_id, body).await.unwrap();
+        }
+        alice.close().await;
+        conversation.conversation_id
+    };
+    system.stop().await;
+    system.start_again().await;
+    let (alice, _a) = system.connect("alice", "alice-phone").await;
+    let history = alice.history(&conversation_id, 0, 10).await.unwrap();
+    assert_eq!(history.messages.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["before 1", "before 2"]);
+    assert_eq!(alice.send(&conversation_id, "after").await.unwrap().seq, 3);
+    assert_eq!(alice.direct("bob").await.unwrap().conversation_id, conversation_id);
+}
+
+#[tokio::test]
+async fn sdk_reconnects_resumes_and_retries_pending_sends() {
+    let mut system = TestSystem::start().await;
+    let (alice, mut alice_events) = system.connect("alice", "alice-phone").await;
+    let (bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let conversation = alice.direct("bob").await.unwrap();
+    let id = conversation.conversation_id.clone();
+    alice.send(&id, "before").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.body, "before");
+
+    system.stop().await;
+    // Bob sends while the server is down; the SDK holds it and retries after reconnecting.
+    let pending = {
+        let (bob, id) = (bob.clone(), id.clone());
+        tokio::spawn(async move { bob.send(&id, "sent while down").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    system.start_again().await;
+    let ack = pending.await.unwrap().unwrap();
+    assert_eq!(ack.seq, 2);
+    alice.send(&id, "after").await.unwrap();
+
+    let alice_seen = messages(&mut alice_events, 3).await;
+    assert_eq!(alice_seen.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    let bob_seen = messages(&mut bob_events, 2).await;
+    assert_eq!(bob_seen.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["sent while down", "after"]);
+    assert_quiet(&mut bob_events).await;
+}
+
+#[tokio::test]
+async fn slow_consumer_is_disconnected_and_resumes_without_loss() {
+    let system = TestSystem::start_with(|config| {
+        config.gateway.session_queue_depth = 8;
+        config.gateway.slow_consumer_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (alice, _a) = system.connect("alice", "alice-phone").await;
+    let conversation = alice.direct("bob").await.unwrap();
+
+    // Bob's device opens a raw stream and then stops reading.
+    use messenger_proto::v1::{self as pb, client_frame::Frame};
+    // Small HTTP/2 windows, so transport buffers cannot hide the stall.
+    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
+    let (frames, frames_rx) = tokio::sync::mpsc::channel(4);
+    frames.send(pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "bob-phone".into() })) }).await.unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(frames_rx));
+    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("bob")).parse().unwrap());
+    let mut stalled = raw.connect(request).await.unwrap().into_inner();
+    assert!(matches!(stalled.message().await.unwrap().unwrap().frame, Some(pb::server_frame::Frame::Ready(_))));
+
+    // Far more than the queue and HTTP/2 windows hold.
+    let body = "y".repeat(1000);
+    let total = 3000;
+    let sends = (0..total).map(|_| alice.send(&conversation.conversation_id, &body));
+    for result in join_all(sends).await {
+        result.unwrap();
+    }
+    // Draining now, the stalled stream ends instead of carrying all messages.
+    let mut drained = 0;
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(_)) = stalled.message().await {
+            drained += 1;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the slow stream was never closed");
+    assert!(drained < total, "the slow consumer received everything ({drained}); nothing bounded it");
+    drop(frames);
+
+    // The device resumes and gets every message exactly once, in order.
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let all = messages(&mut bob_events, total).await;
+    assert!(all.iter().map(|m| m.seq).eq(1..=total as u64));
+    assert_quiet(&mut bob_events).await;
+}
