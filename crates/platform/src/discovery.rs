@@ -41,7 +41,9 @@ impl std::str::FromStr for Role {
             "gateway" => Ok(Role::Gateway),
             "message" => Ok(Role::Message),
             "presence" => Ok(Role::Presence),
-            other => Err(format!("unknown service {other:?} (expected gateway, message or presence)")),
+            other => Err(format!(
+                "unknown service {other:?} (expected gateway, message or presence)"
+            )),
         }
     }
 }
@@ -73,7 +75,10 @@ impl Default for DiscoveryOptions {
 
 impl DiscoveryOptions {
     pub fn validate(&self) -> Result<(), String> {
-        for (role, list) in [("discovery.message", &self.message), ("discovery.presence", &self.presence)] {
+        for (role, list) in [
+            ("discovery.message", &self.message),
+            ("discovery.presence", &self.presence),
+        ] {
             if list.is_empty() {
                 return Err(format!("{role} needs at least one address"));
             }
@@ -122,7 +127,11 @@ impl Discovery for StaticDiscovery {
 }
 
 fn endpoint(address: &str, options: &DiscoveryOptions) -> Result<Endpoint, Error> {
-    let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
     let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
         address: address.to_owned(),
         reason: e.to_string(),
@@ -137,7 +146,11 @@ fn endpoint(address: &str, options: &DiscoveryOptions) -> Result<Endpoint, Error
 }
 
 /// A lazily connecting channel balanced over every instance of `role`.
-pub fn channel(discovery: &dyn Discovery, role: Role, options: &DiscoveryOptions) -> Result<Channel, Error> {
+pub fn channel(
+    discovery: &dyn Discovery,
+    role: Role,
+    options: &DiscoveryOptions,
+) -> Result<Channel, Error> {
     let endpoints = discovery
         .endpoints(role)
         .iter()
@@ -145,7 +158,11 @@ pub fn channel(discovery: &dyn Discovery, role: Role, options: &DiscoveryOptions
         .collect::<Result<Vec<_>, _>>()?;
     match endpoints.len() {
         0 => Err(Error::NoInstances(role)),
-        1 => Ok(endpoints.into_iter().next().expect("one endpoint").connect_lazy()),
+        1 => Ok(endpoints
+            .into_iter()
+            .next()
+            .expect("one endpoint")
+            .connect_lazy()),
         _ => Ok(Channel::balance_list(endpoints.into_iter())),
     }
 }
@@ -159,7 +176,10 @@ pub struct ChannelPool {
 
 impl ChannelPool {
     pub fn new(options: DiscoveryOptions) -> Self {
-        Self { options, channels: Arc::default() }
+        Self {
+            options,
+            channels: Arc::default(),
+        }
     }
 
     pub fn get(&self, address: &str) -> Result<Channel, Error> {

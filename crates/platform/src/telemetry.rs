@@ -24,7 +24,10 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        Self { format: LogFormat::Pretty, filter: "info".to_owned() }
+        Self {
+            format: LogFormat::Pretty,
+            filter: "info".to_owned(),
+        }
     }
 }
 
@@ -35,7 +38,9 @@ pub fn init(options: &LogOptions) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match options.format {
-        LogFormat::Pretty => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Pretty => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
         LogFormat::Json => registry
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .try_init(),

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use messenger_platform::auth::caller;
-use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
+use messenger_proto::v1::{
+    self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -32,7 +34,12 @@ impl GatewayService for Adapter {
             )));
         }
         let (out, frames) = mpsc::channel(self.context.options.session_queue_depth);
-        tokio::spawn(session::run(self.context.clone(), user, request.into_inner(), out));
+        tokio::spawn(session::run(
+            self.context.clone(),
+            user,
+            request.into_inner(),
+            out,
+        ));
         Ok(Response::new(ReceiverStream::new(frames)))
     }
 
@@ -46,13 +53,21 @@ impl GatewayService for Adapter {
             .context
             .message
             .clone()
-            .get_or_create_direct(pb::MessageGetOrCreateDirectRequest { user_id: user, peer_id })
+            .get_or_create_direct(pb::MessageGetOrCreateDirectRequest {
+                user_id: user,
+                peer_id,
+            })
             .await?
             .into_inner();
-        Ok(Response::new(pb::GetOrCreateDirectResponse { conversation: response.conversation }))
+        Ok(Response::new(pb::GetOrCreateDirectResponse {
+            conversation: response.conversation,
+        }))
     }
 
-    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
         let user = caller(&request)?.0.clone();
         let request = request.into_inner();
         let response = self
@@ -68,7 +83,10 @@ impl GatewayService for Adapter {
             })
             .await?
             .into_inner();
-        Ok(Response::new(pb::HistoryResponse { messages: response.messages, has_more: response.has_more }))
+        Ok(Response::new(pb::HistoryResponse {
+            messages: response.messages,
+            has_more: response.has_more,
+        }))
     }
 
     async fn list_conversations(

@@ -15,11 +15,16 @@ pub(crate) struct Adapter {
 
 #[tonic::async_trait]
 impl GatewayInternalService for Adapter {
-    async fn deliver(&self, request: Request<pb::DeliverRequest>) -> Result<Response<pb::DeliverResponse>, Status> {
+    async fn deliver(
+        &self,
+        request: Request<pb::DeliverRequest>,
+    ) -> Result<Response<pb::DeliverResponse>, Status> {
         let mut missing = 0u32;
         let mut overflowed = 0u32;
         for delivery in request.into_inner().deliveries {
-            let Some(message) = delivery.message else { continue };
+            let Some(message) = delivery.message else {
+                continue;
+            };
             let message = Arc::new(message);
             for session_id in &delivery.session_ids {
                 match self.registry.deliver(session_id, &message) {
@@ -32,6 +37,8 @@ impl GatewayInternalService for Adapter {
         if overflowed > 0 {
             debug!(overflowed, "session inboxes full; those sessions re-sync");
         }
-        Ok(Response::new(pb::DeliverResponse { missing_sessions: missing }))
+        Ok(Response::new(pb::DeliverResponse {
+            missing_sessions: missing,
+        }))
     }
 }

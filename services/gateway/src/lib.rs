@@ -70,12 +70,19 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
     let channel = |role| {
-        discovery::channel(deps.discovery.as_ref(), role, &deps.discovery_options)
-            .map_err(|e| server::Error::Bind { address: role.to_string(), source: std::io::Error::other(e) })
+        discovery::channel(deps.discovery.as_ref(), role, &deps.discovery_options).map_err(|e| {
+            server::Error::Bind {
+                address: role.to_string(),
+                source: std::io::Error::other(e),
+            }
+        })
     };
     let internal_bound = server::local_addr(&internal).to_string();
     let context = Arc::new(Context {
-        gateway_id: options.gateway_id.clone().unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
+        gateway_id: options
+            .gateway_id
+            .clone()
+            .unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
         advertise_internal: options.advertise_internal.clone().unwrap_or(internal_bound),
         registry: registry::Registry::default(),
         message: MessageServiceClient::new(channel(Role::Message)?)
@@ -84,11 +91,18 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         options,
     });
-    let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
-        .max_decoding_message_size(server_options.max_message_bytes);
-    let public_api = tonic::service::interceptor::InterceptedService::new(public_api, deps.verifier.interceptor());
-    let internal_api = GatewayInternalServiceServer::new(internal::Adapter { registry: context.registry.clone() })
-        .max_decoding_message_size(server_options.internal_max_message_bytes);
+    let public_api = GatewayServiceServer::new(api::Adapter {
+        context: context.clone(),
+    })
+    .max_decoding_message_size(server_options.max_message_bytes);
+    let public_api = tonic::service::interceptor::InterceptedService::new(
+        public_api,
+        deps.verifier.interceptor(),
+    );
+    let internal_api = GatewayInternalServiceServer::new(internal::Adapter {
+        registry: context.registry.clone(),
+    })
+    .max_decoding_message_size(server_options.internal_max_message_bytes);
 
     let public_server = server::serve(
         "gateway",

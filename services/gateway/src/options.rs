@@ -67,7 +67,9 @@ impl Options {
             }
         }
         if self.hello_timeout.is_zero() || self.slow_consumer_timeout.is_zero() {
-            return Err("gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into());
+            return Err(
+                "gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into(),
+            );
         }
         Ok(())
     }

@@ -14,7 +14,8 @@ use std::{
 
 use messenger_platform::discovery::ChannelPool;
 use messenger_proto::v1::{
-    self as pb, DeliverRequest, Delivery, LocateRequest, gateway_internal_service_client::GatewayInternalServiceClient,
+    self as pb, DeliverRequest, Delivery, LocateRequest,
+    gateway_internal_service_client::GatewayInternalServiceClient,
     presence_service_client::PresenceServiceClient,
 };
 use tokio::sync::mpsc;
@@ -59,7 +60,9 @@ impl Fanout {
                 tx
             })
             .collect();
-        Self { workers: Arc::new(workers) }
+        Self {
+            workers: Arc::new(workers),
+        }
     }
 
     /// Queues a committed message; waits when the worker's queue is full.
@@ -104,14 +107,18 @@ impl Worker {
                 Ok(list) => {
                     members.insert(message.conversation_id, list);
                 }
-                Err(error) => warn!(%error, conversation_id = %message.conversation_id, "fan-out skipped: members unavailable"),
+                Err(error) => {
+                    warn!(%error, conversation_id = %message.conversation_id, "fan-out skipped: members unavailable")
+                }
             }
         }
         let users: HashSet<&String> = members.values().flatten().collect();
         if users.is_empty() {
             return;
         }
-        let request = LocateRequest { user_ids: users.into_iter().cloned().collect() };
+        let request = LocateRequest {
+            user_ids: users.into_iter().cloned().collect(),
+        };
         let sessions = match self.presence.locate(request).await {
             Ok(response) => response.into_inner().sessions,
             Err(status) => {
@@ -121,23 +128,31 @@ impl Worker {
         };
         let mut by_user: HashMap<&str, Vec<&pb::Session>> = HashMap::new();
         for session in &sessions {
-            by_user.entry(session.user_id.as_str()).or_default().push(session);
+            by_user
+                .entry(session.user_id.as_str())
+                .or_default()
+                .push(session);
         }
         let mut by_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
         for message in batch {
-            let Some(recipients) = members.get(&message.conversation_id) else { continue };
+            let Some(recipients) = members.get(&message.conversation_id) else {
+                continue;
+            };
             let mut per_gateway: HashMap<&str, Vec<String>> = HashMap::new();
             for user in recipients {
                 for session in by_user.get(user.as_str()).into_iter().flatten() {
-                    per_gateway.entry(session.gateway_addr.as_str()).or_default().push(session.session_id.clone());
+                    per_gateway
+                        .entry(session.gateway_addr.as_str())
+                        .or_default()
+                        .push(session.session_id.clone());
                 }
             }
             let proto = to_proto(message);
             for (gateway, session_ids) in per_gateway {
-                by_gateway
-                    .entry(gateway)
-                    .or_default()
-                    .push(Delivery { message: Some(proto.clone()), session_ids });
+                by_gateway.entry(gateway).or_default().push(Delivery {
+                    message: Some(proto.clone()),
+                    session_ids,
+                });
             }
         }
         let calls = by_gateway.into_iter().map(|(address, deliveries)| {

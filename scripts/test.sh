@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The one command that runs every test on a fresh machine:
+#   scripts/test.sh
+# It installs what is missing (scripts/setup.sh), checks formatting and lints,
+# then runs the whole workspace suite with nextest, plus doc tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --doc --workspace --locked
+# Last, so its summary line closes the run.
+cargo nextest run --workspace --locked --no-fail-fast "$@"
