@@ -8,9 +8,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use messenger_proto::v1::{
-    self as pb, ClientFrame, client_frame::Frame as OutFrame, server_frame::Frame as InFrame,
-};
+use messenger_proto::v1::{self as pb, ClientFrame, client_frame::Frame as OutFrame, server_frame::Frame as InFrame};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
@@ -19,10 +17,7 @@ use tracing::debug;
 use crate::{Api, Error, Event, Options};
 
 pub(crate) enum Command {
-    Send {
-        frame: pb::SendRequestFrame,
-        reply: oneshot::Sender<Result<pb::SendAck, Error>>,
-    },
+    Send { frame: pb::SendRequestFrame, reply: oneshot::Sender<Result<pb::SendAck, Error>> },
     Close,
 }
 
@@ -48,7 +43,7 @@ enum End {
     /// Not worth retrying (refused token).
     Fatal(Error),
     /// Dropped; reconnect.
-    Lost { reason: String, was_ready: bool },
+    Lost { error: Error, was_ready: bool },
 }
 
 impl Task {
@@ -58,15 +53,7 @@ impl Task {
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
     ) -> Self {
-        Self {
-            options,
-            api,
-            commands,
-            events,
-            pending: HashMap::new(),
-            highest: HashMap::new(),
-            acks: HashMap::new(),
-        }
+        Self { options, api, commands, events, pending: HashMap::new(), highest: HashMap::new(), acks: HashMap::new() }
     }
 
     fn backoff(&self) -> impl Iterator<Item = std::time::Duration> + use<> {
@@ -92,35 +79,24 @@ impl Task {
                     for (_, pending) in self.pending.drain() {
                         let _ = pending.reply.send(Err(error.clone()));
                     }
-                    let _ = self
-                        .events
-                        .send(Event::Disconnected {
-                            reason: error.to_string(),
-                            will_retry: false,
-                        })
-                        .await;
+                    let _ =
+                        self.events.send(Event::Disconnected { reason: error.to_string(), will_retry: false }).await;
                     return;
                 }
-                End::Lost { reason, was_ready } => {
+                End::Lost { error, was_ready } => {
                     if let Some(ready) = ready.take() {
                         // Never connected: let `connect` report it instead of retrying silently.
-                        let _ = ready.send(Err(Error::Unavailable(reason)));
+                        let _ = ready.send(Err(error));
                         return;
                     }
                     if was_ready {
                         delays = self.backoff();
                     }
-                    reason
+                    error.to_string()
                 }
             };
             debug!(%reason, "stream lost; reconnecting");
-            let _ = self
-                .events
-                .send(Event::Disconnected {
-                    reason,
-                    will_retry: true,
-                })
-                .await;
+            let _ = self.events.send(Event::Disconnected { reason, will_retry: true }).await;
             let delay = delays.next().unwrap_or(self.options.reconnect_max);
             // Keep taking sends while waiting; they go out after the reconnect.
             let sleep = tokio::time::sleep(delay);
@@ -141,11 +117,8 @@ impl Task {
 
     /// Opens one stream and serves it until it ends.
     async fn stream(&mut self, ready: &mut Option<oneshot::Sender<Result<String, Error>>>) -> End {
-        let (outbound, frames) =
-            mpsc::channel::<ClientFrame>(self.options.max_pending_sends.max(16));
-        let hello = OutFrame::Hello(pb::Hello {
-            device_id: self.options.device_id.clone(),
-        });
+        let (outbound, frames) = mpsc::channel::<ClientFrame>(self.options.max_pending_sends.max(16));
+        let hello = OutFrame::Hello(pb::Hello { device_id: self.options.device_id.clone() });
         let _ = outbound.try_send(ClientFrame { frame: Some(hello) });
         let response = match self.api.clone().connect(ReceiverStream::new(frames)).await {
             Ok(response) => response,
@@ -153,9 +126,7 @@ impl Task {
         };
         let mut inbound = response.into_inner();
         let session_id = match inbound.message().await {
-            Ok(Some(pb::ServerFrame {
-                frame: Some(InFrame::Ready(ready_frame)),
-            })) => {
+            Ok(Some(pb::ServerFrame { frame: Some(InFrame::Ready(ready_frame)) })) => {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Ok(ready_frame.user_id));
                 }
@@ -165,10 +136,7 @@ impl Task {
                 return End::Fatal(Error::Protocol("first server frame was not Ready".into()));
             }
             Ok(None) => {
-                return End::Lost {
-                    reason: "stream closed before Ready".into(),
-                    was_ready: false,
-                };
+                return End::Lost { error: Error::Unavailable("stream closed before Ready".into()), was_ready: false };
             }
             Err(status) => return lost_or_fatal(status, false),
         };
@@ -177,14 +145,9 @@ impl Task {
         // Whatever was in flight when the last stream dropped goes again, same ids.
         self.pending.retain(|_, p| !p.reply.is_closed());
         for pending in self.pending.values() {
-            let frame = ClientFrame {
-                frame: Some(OutFrame::Send(pending.frame.clone())),
-            };
+            let frame = ClientFrame { frame: Some(OutFrame::Send(pending.frame.clone())) };
             if outbound.send(frame).await.is_err() {
-                return End::Lost {
-                    reason: "stream closed".into(),
-                    was_ready: true,
-                };
+                return lost("stream closed");
             }
         }
         let mut ack_tick = tokio::time::interval(self.options.ack_interval);
@@ -198,7 +161,7 @@ impl Task {
                         let out = ClientFrame { frame: Some(OutFrame::Send(frame.clone())) };
                         self.pending.insert(id, Pending { frame, reply });
                         if outbound.send(out).await.is_err() {
-                            return End::Lost { reason: "stream closed".into(), was_ready: true };
+                            return lost("stream closed");
                         }
                     }
                     Some(Command::Close) | None => {
@@ -212,7 +175,7 @@ impl Task {
                             return end;
                         }
                     }
-                    Ok(None) => return End::Lost { reason: "server closed the stream".into(), was_ready: true },
+                    Ok(None) => return lost("server closed the stream"),
                     Err(status) => return lost_or_fatal(status, true),
                 },
                 _ = ack_tick.tick() => self.flush_acks(&outbound).await,
@@ -228,10 +191,7 @@ impl Task {
     async fn handle(&mut self, frame: pb::ServerFrame) -> Option<End> {
         match frame.frame? {
             InFrame::Message(message) => {
-                let highest = self
-                    .highest
-                    .entry(message.conversation_id.clone())
-                    .or_insert(0);
+                let highest = self.highest.entry(message.conversation_id.clone()).or_insert(0);
                 if message.seq <= *highest {
                     return None;
                 }
@@ -253,24 +213,12 @@ impl Task {
                 let code = Code::from_i32(error.code);
                 if !error.client_msg_id.is_empty() {
                     if let Some(pending) = self.pending.remove(&error.client_msg_id) {
-                        let _ = pending.reply.send(Err(Error::Rejected {
-                            code,
-                            message: error.message,
-                        }));
+                        let _ = pending.reply.send(Err(Error::Rejected { code, message: error.message }));
                     }
                 } else if code == Code::Unavailable {
-                    return Some(End::Lost {
-                        reason: error.message,
-                        was_ready: true,
-                    });
+                    return Some(lost(&error.message));
                 } else {
-                    let _ = self
-                        .events
-                        .send(Event::ServerError {
-                            code,
-                            message: error.message,
-                        })
-                        .await;
+                    let _ = self.events.send(Event::ServerError { code, message: error.message }).await;
                 }
             }
             InFrame::Pong(_) | InFrame::Ready(_) => {}
@@ -280,12 +228,7 @@ impl Task {
 
     async fn flush_acks(&mut self, outbound: &mpsc::Sender<ClientFrame>) {
         for (conversation_id, seq) in self.acks.drain() {
-            let frame = ClientFrame {
-                frame: Some(OutFrame::Ack(pb::Ack {
-                    conversation_id,
-                    seq,
-                })),
-            };
+            let frame = ClientFrame { frame: Some(OutFrame::Ack(pb::Ack { conversation_id, seq })) };
             if outbound.send(frame).await.is_err() {
                 return;
             }
@@ -295,13 +238,13 @@ impl Task {
 
 fn lost_or_fatal(status: Status, was_ready: bool) -> End {
     match status.code() {
-        Code::Unauthenticated
-        | Code::PermissionDenied
-        | Code::InvalidArgument
-        | Code::FailedPrecondition => End::Fatal(Error::from(status)),
-        _ => End::Lost {
-            reason: format!("{:?}: {}", status.code(), status.message()),
-            was_ready,
-        },
+        Code::Unauthenticated | Code::PermissionDenied | Code::InvalidArgument | Code::FailedPrecondition => {
+            End::Fatal(Error::from(status))
+        }
+        _ => End::Lost { error: Error::from(status), was_ready },
     }
+}
+
+fn lost(reason: &str) -> End {
+    End::Lost { error: Error::Unavailable(reason.to_owned()), was_ready: true }
 }

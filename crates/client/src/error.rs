@@ -40,10 +40,7 @@ impl From<Status> for Error {
         match status.code() {
             Code::Unauthenticated => Error::Unauthenticated(status.message().to_owned()),
             Code::Unavailable => Error::Unavailable(status.message().to_owned()),
-            code => Error::Rejected {
-                code,
-                message: status.message().to_owned(),
-            },
+            code => Error::Rejected { code, message: status.message().to_owned() },
         }
     }
 }

@@ -48,9 +48,7 @@ use tonic::{
 };
 
 pub use error::Error;
-pub use messenger_proto::v1::{
-    Conversation, HistoryResponse, ListConversationsResponse, Message, SendAck,
-};
+pub use messenger_proto::v1::{Conversation, HistoryResponse, ListConversationsResponse, Message, SendAck};
 pub use options::Options;
 
 /// Something that happened on the connection.
@@ -90,13 +88,8 @@ impl futures::Stream for Events {
 pub(crate) struct Bearer(MetadataValue<Ascii>);
 
 impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
         Ok(request)
     }
 }
@@ -136,15 +129,7 @@ impl Client {
         let task = connection::Task::new(options.clone(), api.clone(), command_rx, events_tx);
         tokio::spawn(task.run(ready_tx));
         let user_id = ready_rx.await.map_err(|_| Error::Closed)??;
-        Ok((
-            Client {
-                commands,
-                api,
-                user_id,
-                options,
-            },
-            Events { receiver },
-        ))
+        Ok((Client { commands, api, user_id, options }, Events { receiver }))
     }
 
     /// The authenticated user, as the server sees it (the token's subject).
@@ -154,37 +139,27 @@ impl Client {
 
     /// Sends with a new client message id; see [`Client::send_with_id`].
     pub async fn send(&self, conversation_id: &str, body: &str) -> Result<SendAck, Error> {
-        self.send_with_id(conversation_id, &uuid::Uuid::now_v7().to_string(), body)
-            .await
+        self.send_with_id(conversation_id, &uuid::Uuid::now_v7().to_string(), body).await
     }
 
     /// Sends a message and waits for its durable ack. Retrying with the same
     /// `client_msg_id` (after a timeout, say) returns the original ack.
-    pub async fn send_with_id(
-        &self,
-        conversation_id: &str,
-        client_msg_id: &str,
-        body: &str,
-    ) -> Result<SendAck, Error> {
+    pub async fn send_with_id(&self, conversation_id: &str, client_msg_id: &str, body: &str) -> Result<SendAck, Error> {
         let (reply, answer) = oneshot::channel();
         let frame = pb::SendRequestFrame {
             conversation_id: conversation_id.to_owned(),
             client_msg_id: client_msg_id.to_owned(),
             body: body.to_owned(),
         };
-        let size = prost::Message::encoded_len(&pb::ClientFrame {
-            frame: Some(pb::client_frame::Frame::Send(frame.clone())),
-        });
+        let size =
+            prost::Message::encoded_len(&pb::ClientFrame { frame: Some(pb::client_frame::Frame::Send(frame.clone())) });
         if size > self.options.max_frame_bytes {
             return Err(Error::InvalidArgument(format!(
                 "send frame is {size} bytes; the limit is {} bytes",
                 self.options.max_frame_bytes
             )));
         }
-        self.commands
-            .send(connection::Command::Send { frame, reply })
-            .await
-            .map_err(|_| Error::Closed)?;
+        self.commands.send(connection::Command::Send { frame, reply }).await.map_err(|_| Error::Closed)?;
         match tokio::time::timeout(self.options.send_timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Closed),
@@ -194,51 +169,21 @@ impl Client {
 
     /// The 1:1 conversation with `peer_id`, created on first use.
     pub async fn direct(&self, peer_id: &str) -> Result<Conversation, Error> {
-        let request = pb::GetOrCreateDirectRequest {
-            peer_id: peer_id.to_owned(),
-        };
-        let response = self
-            .api
-            .clone()
-            .get_or_create_direct(request)
-            .await?
-            .into_inner();
-        response
-            .conversation
-            .ok_or_else(|| Error::Protocol("response without conversation".into()))
+        let request = pb::GetOrCreateDirectRequest { peer_id: peer_id.to_owned() };
+        let response = self.api.clone().get_or_create_direct(request).await?.into_inner();
+        response.conversation.ok_or_else(|| Error::Protocol("response without conversation".into()))
     }
 
     /// Messages before `before_seq` (0: the newest), ascending.
-    pub async fn history(
-        &self,
-        conversation_id: &str,
-        before_seq: u64,
-        limit: u32,
-    ) -> Result<HistoryResponse, Error> {
-        let request = pb::HistoryRequest {
-            conversation_id: conversation_id.to_owned(),
-            before_seq,
-            limit,
-        };
+    pub async fn history(&self, conversation_id: &str, before_seq: u64, limit: u32) -> Result<HistoryResponse, Error> {
+        let request = pb::HistoryRequest { conversation_id: conversation_id.to_owned(), before_seq, limit };
         Ok(self.api.clone().history(request).await?.into_inner())
     }
 
     /// The inbox, most recent activity first; pass `next_page_token` for the next page.
-    pub async fn conversations(
-        &self,
-        page_token: &str,
-        limit: u32,
-    ) -> Result<ListConversationsResponse, Error> {
-        let request = pb::ListConversationsRequest {
-            page_token: page_token.to_owned(),
-            limit,
-        };
-        Ok(self
-            .api
-            .clone()
-            .list_conversations(request)
-            .await?
-            .into_inner())
+    pub async fn conversations(&self, page_token: &str, limit: u32) -> Result<ListConversationsResponse, Error> {
+        let request = pb::ListConversationsRequest { page_token: page_token.to_owned(), limit };
+        Ok(self.api.clone().list_conversations(request).await?.into_inner())
     }
 
     /// Closes the stream now (it also closes when every clone is dropped).

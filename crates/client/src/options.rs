@@ -34,11 +34,7 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn new(
-        endpoint: impl Into<String>,
-        token: impl Into<String>,
-        device_id: impl Into<String>,
-    ) -> Self {
+    pub fn new(endpoint: impl Into<String>, token: impl Into<String>, device_id: impl Into<String>) -> Self {
         Self {
             endpoint: endpoint.into(),
             token: token.into(),
@@ -61,14 +57,10 @@ impl Options {
             return Err(Error::InvalidArgument("device_id is required".into()));
         }
         if self.event_buffer == 0 || self.max_pending_sends == 0 {
-            return Err(Error::InvalidArgument(
-                "event_buffer and max_pending_sends must be positive".into(),
-            ));
+            return Err(Error::InvalidArgument("event_buffer and max_pending_sends must be positive".into()));
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
-            return Err(Error::InvalidArgument(
-                "need 0 < reconnect_min <= reconnect_max".into(),
-            ));
+            return Err(Error::InvalidArgument("need 0 < reconnect_min <= reconnect_max".into()));
         }
         Ok(())
     }

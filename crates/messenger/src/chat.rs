@@ -29,16 +29,8 @@ struct State {
 }
 
 fn print_message(state: &State, message: &Message) {
-    let label = state
-        .labels
-        .get(&message.conversation_id)
-        .cloned()
-        .unwrap_or_else(|| short(&message.conversation_id));
-    let who = if message.sender_id == state.client.user_id() {
-        "me"
-    } else {
-        message.sender_id.as_str()
-    };
+    let label = state.labels.get(&message.conversation_id).cloned().unwrap_or_else(|| short(&message.conversation_id));
+    let who = if message.sender_id == state.client.user_id() { "me" } else { message.sender_id.as_str() };
     println!("[{label} #{}] {who}: {}", message.seq, message.body);
 }
 
@@ -74,19 +66,9 @@ async fn list(state: &mut State) -> anyhow::Result<()> {
     }
     for conversation in page.conversations {
         let me = state.client.user_id().to_owned();
-        let peers: Vec<&String> = conversation
-            .member_ids
-            .iter()
-            .filter(|m| **m != me)
-            .collect();
-        let label = peers
-            .iter()
-            .map(|p| p.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
-        state
-            .labels
-            .insert(conversation.conversation_id.clone(), label.clone());
+        let peers: Vec<&String> = conversation.member_ids.iter().filter(|m| **m != me).collect();
+        let label = peers.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ");
+        state.labels.insert(conversation.conversation_id.clone(), label.clone());
         println!("{label}: {} messages", conversation.last_seq);
     }
     Ok(())
@@ -128,11 +110,7 @@ async fn handle_line(state: &mut State, line: &str) -> anyhow::Result<bool> {
 pub async fn run(options: ChatOptions) -> anyhow::Result<()> {
     let (client, mut events) = Client::connect(options.client).await?;
     println!("connected as {}. /help lists commands.", client.user_id());
-    let mut state = State {
-        client,
-        current: None,
-        labels: HashMap::new(),
-    };
+    let mut state = State { client, current: None, labels: HashMap::new() };
     if let Some(peer) = &options.peer {
         open(&mut state, peer, 20).await?;
     }

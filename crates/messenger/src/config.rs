@@ -6,8 +6,7 @@
 use std::path::PathBuf;
 
 use messenger_platform::{
-    auth::AuthOptions, config::Validate, discovery::DiscoveryOptions, server::ServerOptions,
-    telemetry::LogOptions,
+    auth::AuthOptions, config::Validate, discovery::DiscoveryOptions, server::ServerOptions, telemetry::LogOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,8 +46,7 @@ impl Validate for Config {
         self.gateway.validate()?;
         self.message.validate()?;
         self.presence.validate()?;
-        messenger_platform::auth::Verifier::from_options(&self.auth)
-            .map_err(|e| format!("auth: {e}"))?;
+        messenger_platform::auth::Verifier::from_options(&self.auth).map_err(|e| format!("auth: {e}"))?;
         Ok(())
     }
 }
@@ -56,19 +54,13 @@ impl Validate for Config {
 impl Config {
     /// The SQLite file of the message service.
     pub fn database_path(&self) -> PathBuf {
-        self.message
-            .database
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("messages.db"))
+        self.message.database.clone().unwrap_or_else(|| self.data_dir.join("messages.db"))
     }
 
     /// A configuration for tests and benchmarks: every listener on a free
     /// loopback port, data under `data_dir`.
     pub fn for_loopback(data_dir: impl Into<PathBuf>) -> Self {
-        let mut config = Config {
-            data_dir: data_dir.into(),
-            ..Config::default()
-        };
+        let mut config = Config { data_dir: data_dir.into(), ..Config::default() };
         config.gateway.listen = "127.0.0.1:0".into();
         config.gateway.internal_listen = "127.0.0.1:0".into();
         config.message.listen = "127.0.0.1:0".into();
@@ -95,11 +87,6 @@ mod tests {
     fn zero_limits_are_refused() {
         let mut config = Config::default();
         config.gateway.session_queue_depth = 0;
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .contains("gateway.session_queue_depth")
-        );
+        assert!(config.validate().unwrap_err().contains("gateway.session_queue_depth"));
     }
 }

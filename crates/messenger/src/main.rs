@@ -10,11 +10,7 @@ use messenger_platform::{discovery::Role, telemetry};
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(
-    name = "messenger",
-    version,
-    about = "A Messenger-class chat backend: gRPC services in one binary"
-)]
+#[command(name = "messenger", version, about = "A Messenger-class chat backend: gRPC services in one binary")]
 struct Cli {
     /// TOML configuration file (layered over defaults, under MESSENGER_* env and flags).
     #[arg(long, global = true, env = "MESSENGER_CONFIG")]
@@ -74,29 +70,18 @@ struct Flags {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config: Config = messenger_platform::config::load(
-        cli.config.as_deref(),
-        &Flags {
-            data_dir: cli.data_dir,
-        },
-    )?;
+    let config: Config = messenger_platform::config::load(cli.config.as_deref(), &Flags { data_dir: cli.data_dir })?;
     match cli.command {
         Command::Config => print!("{}", messenger_platform::config::render(&config)?),
         Command::Token { user, ttl } => {
-            println!(
-                "{}",
-                messenger_platform::auth::mint_hs256(&config.auth, &user, ttl)?
-            );
+            println!("{}", messenger_platform::auth::mint_hs256(&config.auth, &user, ttl)?);
         }
         Command::Up => {
             telemetry::init(&config.log);
             let data_dir = config.data_dir.clone();
             let running = system::start(config, &system::ALL_ROLES).await?;
             let endpoint = running.endpoint();
-            println!(
-                "messenger is up: gateway {endpoint}, data in {}",
-                data_dir.display()
-            );
+            println!("messenger is up: gateway {endpoint}, data in {}", data_dir.display());
             println!(
                 "try it:  messenger chat --user alice --peer bob   (and, in another terminal, --user bob --peer alice)"
             );
@@ -107,29 +92,18 @@ async fn main() -> anyhow::Result<()> {
             let running = system::start(config, &[service]).await?;
             run_until_signal(running).await?;
         }
-        Command::Chat {
-            user,
-            token,
-            peer,
-            endpoint,
-            device,
-        } => {
+        Command::Chat { user, token, peer, endpoint, device } => {
             let token = match (token, &user) {
                 (Some(token), _) => token,
-                (None, Some(user)) => messenger_platform::auth::mint_hs256(
-                    &config.auth,
-                    user,
-                    Duration::from_secs(86_400),
-                )?,
+                (None, Some(user)) => {
+                    messenger_platform::auth::mint_hs256(&config.auth, user, Duration::from_secs(86_400))?
+                }
                 (None, None) => anyhow::bail!("give --user (dev token) or --token"),
             };
             let endpoint = endpoint.unwrap_or_else(|| format!("http://{}", config.gateway.listen));
-            let device =
-                device.unwrap_or_else(|| format!("cli-{}", user.as_deref().unwrap_or("user")));
+            let device = device.unwrap_or_else(|| format!("cli-{}", user.as_deref().unwrap_or("user")));
             let client = messenger_client::Options::new(endpoint, token, device);
-            chat::run(chat::ChatOptions { client, peer })
-                .await
-                .context("chat failed")?;
+            chat::run(chat::ChatOptions { client, peer }).await.context("chat failed")?;
         }
     }
     Ok(())

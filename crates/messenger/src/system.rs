@@ -37,10 +37,7 @@ pub struct Running {
 impl Running {
     /// The gateway URL clients connect to.
     pub fn endpoint(&self) -> String {
-        format!(
-            "http://{}",
-            self.addresses.gateway.expect("gateway is running")
-        )
+        format!("http://{}", self.addresses.gateway.expect("gateway is running"))
     }
 
     /// A token that cancels every service (graceful drain).
@@ -81,28 +78,13 @@ struct Listeners {
 
 async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners> {
     let gateway = if roles.contains(&Role::Gateway) {
-        Some((
-            bind(&config.gateway.listen).await?,
-            bind(&config.gateway.internal_listen).await?,
-        ))
+        Some((bind(&config.gateway.listen).await?, bind(&config.gateway.internal_listen).await?))
     } else {
         None
     };
-    let message = if roles.contains(&Role::Message) {
-        Some(bind(&config.message.listen).await?)
-    } else {
-        None
-    };
-    let presence = if roles.contains(&Role::Presence) {
-        Some(bind(&config.presence.listen).await?)
-    } else {
-        None
-    };
-    Ok(Listeners {
-        gateway,
-        message,
-        presence,
-    })
+    let message = if roles.contains(&Role::Message) { Some(bind(&config.message.listen).await?) } else { None };
+    let presence = if roles.contains(&Role::Presence) { Some(bind(&config.presence.listen).await?) } else { None };
+    Ok(Listeners { gateway, message, presence })
 }
 
 /// Starts `roles` in this process. Roles started here are reached at their
@@ -125,9 +107,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         addresses.gateway_internal = Some(local_addr(internal));
     }
     if config.auth.hs256_secret.as_deref() == Some(messenger_platform::auth::DEV_SECRET) {
-        warn!(
-            "auth uses the built-in development secret; set auth.hs256_secret or a public key outside a laptop"
-        );
+        warn!("auth uses the built-in development secret; set auth.hs256_secret or a public key outside a laptop");
     }
     let discovery = Arc::new(StaticDiscovery::new(config.discovery.clone()));
     let shutdown = CancellationToken::new();
@@ -135,18 +115,8 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
 
     if let Some(listener) = listeners.presence {
         let store = Arc::new(MemoryStore::default());
-        let (options, server_options, token) = (
-            config.presence.clone(),
-            config.server.clone(),
-            shutdown.clone(),
-        );
-        tasks.spawn(messenger_presence::serve(
-            options,
-            server_options,
-            store,
-            listener,
-            token,
-        ));
+        let (options, server_options, token) = (config.presence.clone(), config.server.clone(), shutdown.clone());
+        tasks.spawn(messenger_presence::serve(options, server_options, store, listener, token));
     }
     if let Some(listener) = listeners.message {
         let store = SqliteStore::open(&config.database_path(), &config.message.sqlite)?;
@@ -155,18 +125,8 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
         };
-        let (options, server_options, token) = (
-            config.message.clone(),
-            config.server.clone(),
-            shutdown.clone(),
-        );
-        tasks.spawn(messenger_message::serve(
-            options,
-            server_options,
-            deps,
-            listener,
-            token,
-        ));
+        let (options, server_options, token) = (config.message.clone(), config.server.clone(), shutdown.clone());
+        tasks.spawn(messenger_message::serve(options, server_options, deps, listener, token));
     }
     if let Some((public, internal)) = listeners.gateway {
         let deps = messenger_gateway::Deps {
@@ -174,25 +134,10 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
         };
-        let (options, server_options, token) = (
-            config.gateway.clone(),
-            config.server.clone(),
-            shutdown.clone(),
-        );
-        tasks.spawn(messenger_gateway::serve(
-            options,
-            server_options,
-            deps,
-            public,
-            internal,
-            token,
-        ));
+        let (options, server_options, token) = (config.gateway.clone(), config.server.clone(), shutdown.clone());
+        tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, token));
     }
-    Ok(Running {
-        addresses,
-        shutdown,
-        tasks,
-    })
+    Ok(Running { addresses, shutdown, tasks })
 }
 
 /// Every role: what `messenger up` runs.

@@ -31,22 +31,18 @@ impl TestSystem {
         let mut config = Config::for_loopback(dir.path());
         config.message.max_body_bytes = 1024;
         config.server.drain_grace = Duration::from_secs(2);
+        // Tests that push volume are not about the rate limit; the one that is sets its own.
+        config.gateway.sends_per_second = 100_000;
+        config.gateway.send_burst = 100_000;
         adjust(&mut config);
-        let running = system::start(config.clone(), &system::ALL_ROLES)
-            .await
-            .unwrap();
+        let running = system::start(config.clone(), &system::ALL_ROLES).await.unwrap();
         let bound = &running.addresses;
         config.gateway.listen = bound.gateway.unwrap().to_string();
         config.gateway.internal_listen = bound.gateway_internal.unwrap().to_string();
         config.message.listen = bound.message.unwrap().to_string();
         config.presence.listen = bound.presence.unwrap().to_string();
         let endpoint = running.endpoint();
-        Self {
-            running: Some(running),
-            config,
-            endpoint,
-            _dir: dir,
-        }
+        Self { running: Some(running), config, endpoint, _dir: dir }
     }
 
     async fn stop(&mut self) {
@@ -86,10 +82,7 @@ impl TestSystem {
 /// The next message event, skipping connection events.
 async fn next_message(events: &mut Events) -> Message {
     loop {
-        match tokio::time::timeout(WAIT, events.next())
-            .await
-            .expect("no message in time")
-        {
+        match tokio::time::timeout(WAIT, events.next()).await.expect("no message in time") {
             Some(Event::Message(message)) => return message,
             Some(_) => continue,
             None => panic!("event stream ended"),
@@ -122,9 +115,7 @@ async fn assert_quiet(events: &mut Events) {
 /// connection: it is visible there only once committed.
 fn committed_body(config: &Config, conversation_id: &str, seq: u64) -> Option<String> {
     use r2d2_sqlite::rusqlite::{Connection, OpenFlags, OptionalExtension};
-    let connection =
-        Connection::open_with_flags(config.database_path(), OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    let connection = Connection::open_with_flags(config.database_path(), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     connection
         .query_row(
             "SELECT body FROM messages WHERE conversation_id = ?1 AND seq = ?2",
@@ -141,15 +132,9 @@ async fn live_message_reaches_peer_and_ack_follows_commit() {
     let (alice, _alice_events) = system.connect("alice", "alice-phone").await;
     let (bob, mut bob_events) = system.connect("bob", "bob-phone").await;
     let conversation = alice.direct("bob").await.unwrap();
-    assert_eq!(
-        bob.direct("alice").await.unwrap().conversation_id,
-        conversation.conversation_id
-    );
+    assert_eq!(bob.direct("alice").await.unwrap().conversation_id, conversation.conversation_id);
 
-    let ack = alice
-        .send(&conversation.conversation_id, "hi bob")
-        .await
-        .unwrap();
+    let ack = alice.send(&conversation.conversation_id, "hi bob").await.unwrap();
     assert_eq!(ack.seq, 1);
     assert_eq!(
         committed_body(&system.config, &conversation.conversation_id, ack.seq).as_deref(),
@@ -157,14 +142,7 @@ async fn live_message_reaches_peer_and_ack_follows_commit() {
         "SendAck arrived before the row was committed"
     );
     let received = next_message(&mut bob_events).await;
-    assert_eq!(
-        (
-            received.seq,
-            received.body.as_str(),
-            received.sender_id.as_str()
-        ),
-        (1, "hi bob", "alice")
-    );
+    assert_eq!((received.seq, received.body.as_str(), received.sender_id.as_str()), (1, "hi bob", "alice"));
     assert_eq!(received.message_id, ack.message_id);
     assert_quiet(&mut bob_events).await;
 }
@@ -175,31 +153,19 @@ async fn offline_recipient_receives_backlog_once_in_order() {
     let (alice, _alice_events) = system.connect("alice", "alice-phone").await;
     let conversation = alice.direct("bob").await.unwrap();
     for body in ["one", "two", "three"] {
-        alice
-            .send(&conversation.conversation_id, body)
-            .await
-            .unwrap();
+        alice.send(&conversation.conversation_id, body).await.unwrap();
     }
     let (bob, mut bob_events) = system.connect("bob", "bob-phone").await;
     let received = messages(&mut bob_events, 3).await;
-    assert_eq!(
-        received.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
-        ["one", "two", "three"]
-    );
-    assert_eq!(
-        received.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        [1, 2, 3]
-    );
+    assert_eq!(received.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["one", "two", "three"]);
+    assert_eq!(received.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
     assert_quiet(&mut bob_events).await;
     bob.close().await;
     drop(bob);
 
     // The same device comes back: everything was acked, nothing is shown again.
     let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
-    alice
-        .send(&conversation.conversation_id, "four")
-        .await
-        .unwrap();
+    alice.send(&conversation.conversation_id, "four").await.unwrap();
     let next = next_message(&mut bob_events).await;
     assert_eq!((next.seq, next.body.as_str()), (4, "four"));
     assert_quiet(&mut bob_events).await;
@@ -216,18 +182,9 @@ async fn retried_send_returns_original_seq() {
     let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
     let conversation = alice.direct("bob").await.unwrap();
     let id = conversation.conversation_id.as_str();
-    let first = alice
-        .send_with_id(id, "client-id-1", "original")
-        .await
-        .unwrap();
-    let retry = alice
-        .send_with_id(id, "client-id-1", "a different body")
-        .await
-        .unwrap();
-    assert_eq!(
-        (retry.seq, &retry.message_id),
-        (first.seq, &first.message_id)
-    );
+    let first = alice.send_with_id(id, "client-id-1", "original").await.unwrap();
+    let retry = alice.send_with_id(id, "client-id-1", "a different body").await.unwrap();
+    assert_eq!((retry.seq, &retry.message_id), (first.seq, &first.message_id));
     let history = alice.history(id, 0, 50).await.unwrap();
     assert_eq!(history.messages.len(), 1, "one stored row");
     assert_eq!(history.messages[0].body, "original");
@@ -274,17 +231,11 @@ async fn bad_tokens_are_unauthenticated() {
         };
         expired_token(&options, &claims)
     };
-    let other_secret = auth::AuthOptions {
-        hs256_secret: Some("not the server's".into()),
-        ..Default::default()
-    };
+    let other_secret = auth::AuthOptions { hs256_secret: Some("not the server's".into()), ..Default::default() };
     let forged = auth::mint_hs256(&other_secret, "alice", Duration::from_secs(60)).unwrap();
-    for (name, token) in [
-        ("empty", String::new()),
-        ("garbage", "abc.def.ghi".into()),
-        ("expired", expired),
-        ("forged", forged),
-    ] {
+    for (name, token) in
+        [("empty", String::new()), ("garbage", "abc.def.ghi".into()), ("expired", expired), ("forged", forged)]
+    {
         let mut options = system.options("alice", "phone");
         options.token = token;
         let result = Client::connect(options).await;
@@ -295,23 +246,15 @@ async fn bad_tokens_are_unauthenticated() {
         }
     }
     // Unary calls are guarded too.
-    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
     let mut raw = messenger_proto::v1::gateway_service_client::GatewayServiceClient::new(channel);
-    let status = raw
-        .list_conversations(messenger_proto::v1::ListConversationsRequest::default())
-        .await
-        .unwrap_err();
+    let status = raw.list_conversations(messenger_proto::v1::ListConversationsRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 }
 
 /// A token signed with the server's own secret that expired an hour ago.
 fn expired_token(options: &auth::AuthOptions, claims: &auth::Claims) -> String {
-    let key =
-        jsonwebtoken::EncodingKey::from_secret(options.hs256_secret.as_ref().unwrap().as_bytes());
+    let key = jsonwebtoken::EncodingKey::from_secret(options.hs256_secret.as_ref().unwrap().as_bytes());
     jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).unwrap()
 }
 
@@ -321,59 +264,26 @@ async fn non_members_get_not_found_and_the_stream_survives() {
     let (alice, _a) = system.connect("alice", "alice-phone").await;
     let (carol, mut carol_events) = system.connect("carol", "carol-phone").await;
     let private = alice.direct("bob").await.unwrap();
-    alice
-        .send(&private.conversation_id, "secret")
-        .await
-        .unwrap();
+    alice.send(&private.conversation_id, "secret").await.unwrap();
 
-    let history = carol
-        .history(&private.conversation_id, 0, 10)
-        .await
-        .unwrap_err();
+    let history = carol.history(&private.conversation_id, 0, 10).await.unwrap_err();
     assert_eq!(history.code(), Code::NotFound, "{history:?}");
-    let send = carol
-        .send(&private.conversation_id, "let me in")
-        .await
-        .unwrap_err();
+    let send = carol.send(&private.conversation_id, "let me in").await.unwrap_err();
     assert_eq!(send.code(), Code::NotFound, "{send:?}");
     // A conversation id that does not exist looks exactly the same.
     let unknown = carol.history(&uuid_like(), 0, 10).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     let malformed = carol.history("not-a-uuid", 0, 10).await.unwrap_err();
     assert_eq!(malformed.code(), Code::InvalidArgument);
-    assert!(
-        carol
-            .conversations("", 10)
-            .await
-            .unwrap()
-            .conversations
-            .is_empty()
-    );
+    assert!(carol.conversations("", 10).await.unwrap().conversations.is_empty());
 
     // The same stream still works for Carol's own conversations.
     let own = carol.direct("alice").await.unwrap();
-    assert_eq!(
-        carol
-            .send(&own.conversation_id, "hello alice")
-            .await
-            .unwrap()
-            .seq,
-        1
-    );
+    assert_eq!(carol.send(&own.conversation_id, "hello alice").await.unwrap().seq, 1);
     let echo = next_message(&mut carol_events).await;
-    assert_eq!(
-        echo.body, "hello alice",
-        "a sender's devices receive its own messages"
-    );
-    let alice_history = alice
-        .history(&private.conversation_id, 0, 10)
-        .await
-        .unwrap();
-    assert_eq!(
-        alice_history.messages.len(),
-        1,
-        "the refused send stored nothing"
-    );
+    assert_eq!(echo.body, "hello alice", "a sender's devices receive its own messages");
+    let alice_history = alice.history(&private.conversation_id, 0, 10).await.unwrap();
+    assert_eq!(alice_history.messages.len(), 1, "the refused send stored nothing");
 }
 
 fn uuid_like() -> String {
@@ -393,16 +303,9 @@ async fn body_limit_is_enforced_at_its_edge_and_the_stream_survives() {
     assert_eq!(alice.send(id, &at_limit).await.unwrap().seq, 1);
     let over = alice.send(id, &"x".repeat(limit + 1)).await.unwrap_err();
     assert_eq!(over.code(), Code::InvalidArgument, "{over:?}");
-    assert!(
-        over.to_string()
-            .contains(&format!("limit is {limit} bytes")),
-        "{over}"
-    );
+    assert!(over.to_string().contains(&format!("limit is {limit} bytes")), "{over}");
     // Multi-byte characters count in bytes.
-    let over_utf8 = alice
-        .send(id, &"é".repeat(limit / 2 + 1))
-        .await
-        .unwrap_err();
+    let over_utf8 = alice.send(id, &"é".repeat(limit / 2 + 1)).await.unwrap_err();
     assert_eq!(over_utf8.code(), Code::InvalidArgument);
     let empty = alice.send(id, "   ").await.unwrap_err();
     assert_eq!(empty.code(), Code::InvalidArgument);
@@ -425,34 +328,20 @@ async fn frames_over_the_message_size_limit_are_refused() {
     // The unary API refuses an oversized request outright.
     let error = alice.history(&"x".repeat(8192), 0, 1).await.unwrap_err();
     assert_eq!(error.code(), Code::OutOfRange, "{error:?}");
-    assert!(
-        error.to_string().contains("the limit is: 4096 bytes"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("the limit is: 4096 bytes"), "{error}");
 
     // The SDK refuses a send frame over its limit before it can cost the stream.
     let mut options = system.options("bob", "bob-phone");
     options.max_frame_bytes = 4096;
     let (bob, _b) = Client::connect(options).await.unwrap();
-    let local = bob
-        .send(&conversation.conversation_id, &"x".repeat(5000))
-        .await
-        .unwrap_err();
+    let local = bob.send(&conversation.conversation_id, &"x".repeat(5000)).await.unwrap_err();
     assert_eq!(local.code(), Code::InvalidArgument, "{local:?}");
 
     // A raw client that ignores the limit loses only its own stream.
     use messenger_proto::v1::{self as pb, client_frame::Frame};
-    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
     let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
-    let hello = pb::ClientFrame {
-        frame: Some(Frame::Hello(pb::Hello {
-            device_id: "raw".into(),
-        })),
-    };
+    let hello = pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "raw".into() })) };
     let oversized = pb::ClientFrame {
         frame: Some(Frame::Send(pb::SendRequestFrame {
             conversation_id: conversation.conversation_id.clone(),
@@ -460,13 +349,8 @@ async fn frames_over_the_message_size_limit_are_refused() {
             body: "x".repeat(8192),
         })),
     };
-    let mut request = tonic::Request::new(
-        futures::stream::iter([hello, oversized]).chain(futures::stream::pending()),
-    );
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", system.token("alice")).parse().unwrap(),
-    );
+    let mut request = tonic::Request::new(futures::stream::iter([hello, oversized]).chain(futures::stream::pending()));
+    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("alice")).parse().unwrap());
     let mut stream = raw.connect(request).await.unwrap().into_inner();
     let outcome = tokio::time::timeout(WAIT, async {
         loop {
@@ -478,16 +362,10 @@ async fn frames_over_the_message_size_limit_are_refused() {
     })
     .await
     .expect("the stream carrying the oversized frame stayed open");
-    assert!(
-        outcome.is_err() || matches!(outcome, Ok(None)),
-        "{outcome:?}"
-    );
+    assert!(outcome.is_err() || matches!(outcome, Ok(None)), "{outcome:?}");
 
     // Everyone else carries on; nothing oversized was stored.
-    let after = alice
-        .send(&conversation.conversation_id, "small")
-        .await
-        .unwrap();
+    let after = alice.send(&conversation.conversation_id, "small").await.unwrap();
     assert_eq!(after.seq, 1, "the oversized frame was never stored");
 }
 
@@ -498,10 +376,7 @@ async fn data_survives_a_restart() {
         let (alice, _a) = system.connect("alice", "alice-phone").await;
         let conversation = alice.direct("bob").await.unwrap();
         for body in ["before 1", "before 2"] {
-            alice
-                .send(&conversation.conversation_id, body)
-                .await
-                .unwrap();
+            alice.send(&conversation.conversation_id, body).await.unwrap();
         }
         alice.close().await;
         conversation.conversation_id
@@ -510,19 +385,9 @@ async fn data_survives_a_restart() {
     system.start_again().await;
     let (alice, _a) = system.connect("alice", "alice-phone").await;
     let history = alice.history(&conversation_id, 0, 10).await.unwrap();
-    assert_eq!(
-        history
-            .messages
-            .iter()
-            .map(|m| m.body.as_str())
-            .collect::<Vec<_>>(),
-        ["before 1", "before 2"]
-    );
+    assert_eq!(history.messages.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["before 1", "before 2"]);
     assert_eq!(alice.send(&conversation_id, "after").await.unwrap().seq, 3);
-    assert_eq!(
-        alice.direct("bob").await.unwrap().conversation_id,
-        conversation_id
-    );
+    assert_eq!(alice.direct("bob").await.unwrap().conversation_id, conversation_id);
 }
 
 #[tokio::test]
@@ -548,15 +413,9 @@ async fn sdk_reconnects_resumes_and_retries_pending_sends() {
     alice.send(&id, "after").await.unwrap();
 
     let alice_seen = messages(&mut alice_events, 3).await;
-    assert_eq!(
-        alice_seen.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        [1, 2, 3]
-    );
+    assert_eq!(alice_seen.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
     let bob_seen = messages(&mut bob_events, 2).await;
-    assert_eq!(
-        bob_seen.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
-        ["sent while down", "after"]
-    );
+    assert_eq!(bob_seen.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["sent while down", "after"]);
     assert_quiet(&mut bob_events).await;
 }
 
@@ -583,23 +442,13 @@ async fn slow_consumer_is_disconnected_and_resumes_without_loss() {
     let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
     let (frames, frames_rx) = tokio::sync::mpsc::channel(4);
     frames
-        .send(pb::ClientFrame {
-            frame: Some(Frame::Hello(pb::Hello {
-                device_id: "bob-phone".into(),
-            })),
-        })
+        .send(pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "bob-phone".into() })) })
         .await
         .unwrap();
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(frames_rx));
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", system.token("bob")).parse().unwrap(),
-    );
+    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("bob")).parse().unwrap());
     let mut stalled = raw.connect(request).await.unwrap().into_inner();
-    assert!(matches!(
-        stalled.message().await.unwrap().unwrap().frame,
-        Some(pb::server_frame::Frame::Ready(_))
-    ));
+    assert!(matches!(stalled.message().await.unwrap().unwrap().frame, Some(pb::server_frame::Frame::Ready(_))));
 
     // Far more than the queue and HTTP/2 windows hold.
     let body = "y".repeat(1000);
@@ -617,10 +466,7 @@ async fn slow_consumer_is_disconnected_and_resumes_without_loss() {
     })
     .await;
     assert!(ended.is_ok(), "the slow stream was never closed");
-    assert!(
-        drained < total,
-        "the slow consumer received everything ({drained}); nothing bounded it"
-    );
+    assert!(drained < total, "the slow consumer received everything ({drained}); nothing bounded it");
     drop(frames);
 
     // The device resumes and gets every message exactly once, in order.
@@ -628,4 +474,105 @@ async fn slow_consumer_is_disconnected_and_resumes_without_loss() {
     let all = messages(&mut bob_events, total).await;
     assert!(all.iter().map(|m| m.seq).eq(1..=total as u64));
     assert_quiet(&mut bob_events).await;
+}
+
+#[tokio::test]
+async fn send_rate_limit_is_enforced_at_its_edge() {
+    let system = TestSystem::start_with(|config| {
+        config.gateway.sends_per_second = 1;
+        config.gateway.send_burst = 3;
+    })
+    .await;
+    let (alice, _a) = system.connect("alice", "alice-phone").await;
+    // A second device of the same user shares the user's budget.
+    let (alice_laptop, _l) = system.connect("alice", "alice-laptop").await;
+    let conversation = alice.direct("bob").await.unwrap();
+    let id = conversation.conversation_id.as_str();
+    for _ in 0..2 {
+        alice.send(id, "within burst").await.unwrap();
+    }
+    alice_laptop.send(id, "within burst").await.unwrap();
+    let limited = alice.send(id, "over the limit").await.unwrap_err();
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    assert!(limited.to_string().contains("1 per second"), "{limited}");
+    // The stream is intact and the budget refills.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(alice.send(id, "later").await.unwrap().seq, 4);
+}
+
+#[tokio::test]
+async fn session_limit_refuses_connects_beyond_it() {
+    let system = TestSystem::start_with(|config| config.gateway.max_sessions = 2).await;
+    let (first, _f) = system.connect("alice", "phone").await;
+    let (_second, _s) = system.connect("bob", "phone").await;
+    let refused = Client::connect(system.options("carol", "phone")).await.err().expect("third session accepted");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    first.close().await;
+    drop(first);
+    let mut admitted = false;
+    for _ in 0..50 {
+        if Client::connect(system.options("carol", "phone")).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "a freed session slot was never reused");
+}
+
+#[tokio::test]
+async fn a_stream_without_hello_is_closed() {
+    let system = TestSystem::start_with(|config| config.gateway.hello_timeout = Duration::from_millis(300)).await;
+    use messenger_proto::v1 as pb;
+    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
+    let mut request = tonic::Request::new(futures::stream::pending::<pb::ClientFrame>());
+    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("alice")).parse().unwrap());
+    let mut stream = raw.connect(request).await.unwrap().into_inner();
+    let status = tokio::time::timeout(WAIT, stream.message()).await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served_on_every_port() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let system = TestSystem::start().await;
+    let addresses = &system.running.as_ref().unwrap().addresses;
+    let ports = [
+        (addresses.gateway.unwrap(), "messenger.v1.GatewayService"),
+        (addresses.gateway_internal.unwrap(), "messenger.v1.GatewayInternalService"),
+        (addresses.message.unwrap(), "messenger.v1.MessageService"),
+        (addresses.presence.unwrap(), "messenger.v1.PresenceService"),
+    ];
+    for (address, service) in ports {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let status = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service}");
+
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            responses.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("unexpected reflection answer");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == service), "{service} missing from {names:?}");
+    }
 }

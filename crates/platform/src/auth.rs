@@ -55,15 +55,10 @@ pub enum KeyAlgorithm {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "no verification key configured (set auth.hs256_secret, auth.public_key_file or auth.jwks_file)"
-    )]
+    #[error("no verification key configured (set auth.hs256_secret, auth.public_key_file or auth.jwks_file)")]
     NoKeys,
     #[error("cannot read key file {path}: {source}")]
-    KeyFile {
-        path: String,
-        source: std::io::Error,
-    },
+    KeyFile { path: String, source: std::io::Error },
     #[error("invalid key in {path}: {reason}")]
     InvalidKey { path: String, reason: String },
     #[error("missing bearer token")]
@@ -77,9 +72,7 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
-            Error::MissingToken | Error::InvalidToken(_) => {
-                Status::unauthenticated(error.to_string())
-            }
+            Error::MissingToken | Error::InvalidToken(_) => Status::unauthenticated(error.to_string()),
             _ => Status::internal(error.to_string()),
         }
     }
@@ -119,9 +112,7 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("keys", &self.keys.len())
-            .finish()
+        f.debug_struct("Verifier").field("keys", &self.keys.len()).finish()
     }
 }
 
@@ -129,11 +120,7 @@ impl Verifier {
     pub fn from_options(options: &AuthOptions) -> Result<Self, Error> {
         let mut keys = Vec::new();
         if let Some(secret) = &options.hs256_secret {
-            keys.push(Key {
-                kid: None,
-                algorithm: Algorithm::HS256,
-                key: DecodingKey::from_secret(secret.as_bytes()),
-            });
+            keys.push(Key { kid: None, algorithm: Algorithm::HS256, key: DecodingKey::from_secret(secret.as_bytes()) });
         }
         if let Some(path) = &options.public_key_file {
             let pem = read(path)?;
@@ -142,27 +129,14 @@ impl Verifier {
                 reason: e.to_string(),
             };
             let (algorithm, key) = match options.public_key_algorithm {
-                KeyAlgorithm::Rs256 => (
-                    Algorithm::RS256,
-                    DecodingKey::from_rsa_pem(&pem).map_err(invalid)?,
-                ),
-                KeyAlgorithm::Es256 => (
-                    Algorithm::ES256,
-                    DecodingKey::from_ec_pem(&pem).map_err(invalid)?,
-                ),
+                KeyAlgorithm::Rs256 => (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem).map_err(invalid)?),
+                KeyAlgorithm::Es256 => (Algorithm::ES256, DecodingKey::from_ec_pem(&pem).map_err(invalid)?),
             };
-            keys.push(Key {
-                kid: None,
-                algorithm,
-                key,
-            });
+            keys.push(Key { kid: None, algorithm, key });
         }
         if let Some(path) = &options.jwks_file {
             let text = read(path)?;
-            let invalid = |reason: String| Error::InvalidKey {
-                path: path.display().to_string(),
-                reason,
-            };
+            let invalid = |reason: String| Error::InvalidKey { path: path.display().to_string(), reason };
             let set: JwkSet = serde_json::from_slice(&text).map_err(|e| invalid(e.to_string()))?;
             for jwk in &set.keys {
                 let algorithm = match jwk.common.key_algorithm {
@@ -172,18 +146,12 @@ impl Verifier {
                         .map_err(|_| invalid(format!("unsupported algorithm {alg}")))?,
                     None => match &jwk.algorithm {
                         jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => {
-                            Algorithm::ES256
-                        }
+                        jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
                         _ => return Err(invalid("key without alg".into())),
                     },
                 };
                 let key = DecodingKey::from_jwk(jwk).map_err(|e| invalid(e.to_string()))?;
-                keys.push(Key {
-                    kid: jwk.common.key_id.clone(),
-                    algorithm,
-                    key,
-                });
+                keys.push(Key { kid: jwk.common.key_id.clone(), algorithm, key });
             }
         }
         if keys.is_empty() {
@@ -199,8 +167,7 @@ impl Verifier {
 
     /// Returns the verified claims or why the token is refused.
     pub fn verify(&self, token: &str) -> Result<Claims, Error> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| Error::InvalidToken(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| Error::InvalidToken(e.to_string()))?;
         let mut last_error = Error::InvalidToken(format!("no key for algorithm {:?}", header.alg));
         for key in self.keys.iter().filter(|k| k.algorithm == header.alg) {
             if let (Some(wanted), Some(have)) = (&header.kid, &key.kid)
@@ -244,9 +211,7 @@ impl Verifier {
     }
 
     /// A tonic interceptor that rejects unauthenticated calls and records the caller.
-    pub fn interceptor(
-        &self,
-    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
+    pub fn interceptor(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
         let verifier = self.clone();
         move |mut request: Request<()>| {
             let user = verifier.verify_metadata(request.metadata())?;
@@ -257,35 +222,24 @@ impl Verifier {
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|source| Error::KeyFile {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| Error::KeyFile { path: path.display().to_string(), source })
 }
 
 /// The token of an `authorization: Bearer <token>` header, if present.
 pub fn bearer_token(metadata: &MetadataMap) -> Option<&str> {
     let value = metadata.get("authorization")?.to_str().ok()?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))?;
+    let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
     (!token.is_empty()).then_some(token.trim())
 }
 
 /// The caller recorded by the interceptor.
 pub fn caller<T>(request: &Request<T>) -> Result<&UserId, Status> {
-    request
-        .extensions()
-        .get::<UserId>()
-        .ok_or_else(|| Status::unauthenticated("missing bearer token"))
+    request.extensions().get::<UserId>().ok_or_else(|| Status::unauthenticated("missing bearer token"))
 }
 
 /// Mints HS256 tokens: `messenger token`, tests and the benchmark.
 pub fn mint_hs256(options: &AuthOptions, user: &str, ttl: Duration) -> Result<String, Error> {
-    let secret = options
-        .hs256_secret
-        .as_ref()
-        .ok_or(Error::NoSigningSecret)?;
+    let secret = options.hs256_secret.as_ref().ok_or(Error::NoSigningSecret)?;
     let now = crate::ids::now_ms() as u64 / 1000;
     let claims = Claims {
         sub: user.to_owned(),
@@ -294,12 +248,8 @@ pub fn mint_hs256(options: &AuthOptions, user: &str, ttl: Duration) -> Result<St
         iss: options.issuer.clone(),
         aud: options.audience.clone(),
     };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .map_err(|e| Error::InvalidToken(e.to_string()))
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+        .map_err(|e| Error::InvalidToken(e.to_string()))
 }
 
 #[cfg(test)]

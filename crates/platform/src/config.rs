@@ -48,15 +48,11 @@ where
     let mut figment = Figment::from(Serialized::defaults(T::default()));
     if let Some(path) = file {
         if !path.exists() {
-            return Err(Error::MissingFile {
-                path: path.display().to_string(),
-            });
+            return Err(Error::MissingFile { path: path.display().to_string() });
         }
         figment = figment.merge(Toml::file(path));
     }
-    figment = figment
-        .merge(Env::prefixed(ENV_PREFIX).split("__"))
-        .merge(Serialized::defaults(flags));
+    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__")).merge(Serialized::defaults(flags));
     let value: T = figment.extract()?;
     value.validate().map_err(Error::Invalid)?;
     Ok(value)
@@ -91,21 +87,13 @@ mod tests {
 
     impl Default for Sample {
         fn default() -> Self {
-            Self {
-                name: "default".into(),
-                limit: 10,
-                inner: Inner { depth: 1 },
-            }
+            Self { name: "default".into(), limit: 10, inner: Inner { depth: 1 } }
         }
     }
 
     impl Validate for Sample {
         fn validate(&self) -> Result<(), String> {
-            if self.limit == 0 {
-                Err("limit must be positive".into())
-            } else {
-                Ok(())
-            }
+            if self.limit == 0 { Err("limit must be positive".into()) } else { Ok(()) }
         }
     }
 
@@ -121,13 +109,7 @@ mod tests {
             jail.create_file("m.toml", "name = \"file\"\nlimit = 5\n[inner]\ndepth = 3\n")?;
             jail.set_env("MESSENGER_LIMIT", "7");
             jail.set_env("MESSENGER_INNER__DEPTH", "9");
-            let sample: Sample = load(
-                Some(Path::new("m.toml")),
-                &Flags {
-                    name: Some("flag".into()),
-                },
-            )
-            .unwrap();
+            let sample: Sample = load(Some(Path::new("m.toml")), &Flags { name: Some("flag".into()) }).unwrap();
             assert_eq!(sample.name, "flag");
             assert_eq!(sample.limit, 7);
             assert_eq!(sample.inner.depth, 9);
@@ -141,18 +123,12 @@ mod tests {
     fn invalid_values_and_unknown_keys_are_rejected() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "limit = 0\n")?;
-            let error =
-                load::<Sample, _>(Some(Path::new("bad.toml")), &Flags { name: None }).unwrap_err();
-            assert!(
-                error.to_string().contains("limit must be positive"),
-                "{error}"
-            );
+            let error = load::<Sample, _>(Some(Path::new("bad.toml")), &Flags { name: None }).unwrap_err();
+            assert!(error.to_string().contains("limit must be positive"), "{error}");
             jail.create_file("typo.toml", "limt = 3\n")?;
-            let error =
-                load::<Sample, _>(Some(Path::new("typo.toml")), &Flags { name: None }).unwrap_err();
+            let error = load::<Sample, _>(Some(Path::new("typo.toml")), &Flags { name: None }).unwrap_err();
             assert!(error.to_string().contains("limt"), "{error}");
-            let error = load::<Sample, _>(Some(Path::new("absent.toml")), &Flags { name: None })
-                .unwrap_err();
+            let error = load::<Sample, _>(Some(Path::new("absent.toml")), &Flags { name: None }).unwrap_err();
             assert!(matches!(error, Error::MissingFile { .. }));
             Ok(())
         });

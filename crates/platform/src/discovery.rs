@@ -41,9 +41,7 @@ impl std::str::FromStr for Role {
             "gateway" => Ok(Role::Gateway),
             "message" => Ok(Role::Message),
             "presence" => Ok(Role::Presence),
-            other => Err(format!(
-                "unknown service {other:?} (expected gateway, message or presence)"
-            )),
+            other => Err(format!("unknown service {other:?} (expected gateway, message or presence)")),
         }
     }
 }
@@ -75,10 +73,7 @@ impl Default for DiscoveryOptions {
 
 impl DiscoveryOptions {
     pub fn validate(&self) -> Result<(), String> {
-        for (role, list) in [
-            ("discovery.message", &self.message),
-            ("discovery.presence", &self.presence),
-        ] {
+        for (role, list) in [("discovery.message", &self.message), ("discovery.presence", &self.presence)] {
             if list.is_empty() {
                 return Err(format!("{role} needs at least one address"));
             }
@@ -127,15 +122,9 @@ impl Discovery for StaticDiscovery {
 }
 
 fn endpoint(address: &str, options: &DiscoveryOptions) -> Result<Endpoint, Error> {
-    let uri = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| Error::InvalidAddress {
-        address: address.to_owned(),
-        reason: e.to_string(),
-    })?;
+    let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| Error::InvalidAddress { address: address.to_owned(), reason: e.to_string() })?;
     Ok(endpoint
         .connect_timeout(options.connect_timeout)
         .timeout(options.request_timeout)
@@ -146,23 +135,12 @@ fn endpoint(address: &str, options: &DiscoveryOptions) -> Result<Endpoint, Error
 }
 
 /// A lazily connecting channel balanced over every instance of `role`.
-pub fn channel(
-    discovery: &dyn Discovery,
-    role: Role,
-    options: &DiscoveryOptions,
-) -> Result<Channel, Error> {
-    let endpoints = discovery
-        .endpoints(role)
-        .iter()
-        .map(|address| endpoint(address, options))
-        .collect::<Result<Vec<_>, _>>()?;
+pub fn channel(discovery: &dyn Discovery, role: Role, options: &DiscoveryOptions) -> Result<Channel, Error> {
+    let endpoints =
+        discovery.endpoints(role).iter().map(|address| endpoint(address, options)).collect::<Result<Vec<_>, _>>()?;
     match endpoints.len() {
         0 => Err(Error::NoInstances(role)),
-        1 => Ok(endpoints
-            .into_iter()
-            .next()
-            .expect("one endpoint")
-            .connect_lazy()),
+        1 => Ok(endpoints.into_iter().next().expect("one endpoint").connect_lazy()),
         _ => Ok(Channel::balance_list(endpoints.into_iter())),
     }
 }
@@ -176,10 +154,7 @@ pub struct ChannelPool {
 
 impl ChannelPool {
     pub fn new(options: DiscoveryOptions) -> Self {
-        Self {
-            options,
-            channels: Arc::default(),
-        }
+        Self { options, channels: Arc::default() }
     }
 
     pub fn get(&self, address: &str) -> Result<Channel, Error> {

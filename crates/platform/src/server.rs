@@ -74,10 +74,7 @@ impl ServerOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot bind {address}: {source}")]
-    Bind {
-        address: String,
-        source: std::io::Error,
-    },
+    Bind { address: String, source: std::io::Error },
     #[error("server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection setup failed: {0}")]
@@ -86,19 +83,12 @@ pub enum Error {
 
 /// Binds a listener; `port 0` picks a free port (what tests do).
 pub async fn bind(address: &str) -> Result<TcpListener, Error> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| Error::Bind {
-            address: address.to_owned(),
-            source,
-        })
+    TcpListener::bind(address).await.map_err(|source| Error::Bind { address: address.to_owned(), source })
 }
 
 /// The address a listener actually bound.
 pub fn local_addr(listener: &TcpListener) -> SocketAddr {
-    listener
-        .local_addr()
-        .expect("bound listener has an address")
+    listener.local_addr().expect("bound listener has an address")
 }
 
 /// Serves `routes` plus health and reflection on `listener` until `shutdown`
@@ -116,9 +106,7 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for service in service_names {
-        health_reporter
-            .set_service_status(*service, ServingStatus::Serving)
-            .await;
+        health_reporter.set_service_status(*service, ServingStatus::Serving).await;
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(messenger_proto::FILE_DESCRIPTOR_SET)
@@ -133,9 +121,7 @@ pub async fn serve(
     let signal = async move {
         drain_started.cancelled().await;
         for service in names {
-            reporter
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
+            reporter.set_service_status(service, ServingStatus::NotServing).await;
         }
     };
     let server = tonic::transport::Server::builder()

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 
 use messenger_platform::auth::caller;
-use messenger_proto::v1::{
-    self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService,
-};
+use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -22,10 +20,7 @@ pub(crate) struct Adapter {
 impl GatewayService for Adapter {
     type ConnectStream = ReceiverStream<Result<ServerFrame, Status>>;
 
-    async fn connect(
-        &self,
-        request: Request<Streaming<ClientFrame>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn connect(&self, request: Request<Streaming<ClientFrame>>) -> Result<Response<Self::ConnectStream>, Status> {
         let user = caller(&request)?.0.clone();
         let limit = self.context.options.max_sessions;
         if self.context.registry.len() >= limit {
@@ -34,12 +29,7 @@ impl GatewayService for Adapter {
             )));
         }
         let (out, frames) = mpsc::channel(self.context.options.session_queue_depth);
-        tokio::spawn(session::run(
-            self.context.clone(),
-            user,
-            request.into_inner(),
-            out,
-        ));
+        tokio::spawn(session::run(self.context.clone(), user, request.into_inner(), out));
         Ok(Response::new(ReceiverStream::new(frames)))
     }
 
@@ -53,21 +43,13 @@ impl GatewayService for Adapter {
             .context
             .message
             .clone()
-            .get_or_create_direct(pb::MessageGetOrCreateDirectRequest {
-                user_id: user,
-                peer_id,
-            })
+            .get_or_create_direct(pb::MessageGetOrCreateDirectRequest { user_id: user, peer_id })
             .await?
             .into_inner();
-        Ok(Response::new(pb::GetOrCreateDirectResponse {
-            conversation: response.conversation,
-        }))
+        Ok(Response::new(pb::GetOrCreateDirectResponse { conversation: response.conversation }))
     }
 
-    async fn history(
-        &self,
-        request: Request<pb::HistoryRequest>,
-    ) -> Result<Response<pb::HistoryResponse>, Status> {
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
         let user = caller(&request)?.0.clone();
         let request = request.into_inner();
         let response = self
@@ -83,10 +65,7 @@ impl GatewayService for Adapter {
             })
             .await?
             .into_inner();
-        Ok(Response::new(pb::HistoryResponse {
-            messages: response.messages,
-            has_more: response.has_more,
-        }))
+        Ok(Response::new(pb::HistoryResponse { messages: response.messages, has_more: response.has_more }))
     }
 
     async fn list_conversations(

@@ -15,10 +15,7 @@ pub(crate) struct Adapter {
 
 #[tonic::async_trait]
 impl GatewayInternalService for Adapter {
-    async fn deliver(
-        &self,
-        request: Request<pb::DeliverRequest>,
-    ) -> Result<Response<pb::DeliverResponse>, Status> {
+    async fn deliver(&self, request: Request<pb::DeliverRequest>) -> Result<Response<pb::DeliverResponse>, Status> {
         let mut missing = 0u32;
         let mut overflowed = 0u32;
         for delivery in request.into_inner().deliveries {
@@ -37,8 +34,6 @@ impl GatewayInternalService for Adapter {
         if overflowed > 0 {
             debug!(overflowed, "session inboxes full; those sessions re-sync");
         }
-        Ok(Response::new(pb::DeliverResponse {
-            missing_sessions: missing,
-        }))
+        Ok(Response::new(pb::DeliverResponse { missing_sessions: missing }))
     }
 }

@@ -22,7 +22,9 @@ mod options;
 mod registry;
 mod session;
 
-use std::sync::Arc;
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use messenger_platform::{
     auth::Verifier,
@@ -49,6 +51,8 @@ pub(crate) struct Context {
     registry: registry::Registry,
     message: MessageServiceClient<Channel>,
     presence: PresenceServiceClient<Channel>,
+    /// Per-user send rate, shared by all of a user's sessions on this instance.
+    send_limiter: DefaultKeyedRateLimiter<String>,
     shutdown: CancellationToken,
 }
 
@@ -70,39 +74,29 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
     let channel = |role| {
-        discovery::channel(deps.discovery.as_ref(), role, &deps.discovery_options).map_err(|e| {
-            server::Error::Bind {
-                address: role.to_string(),
-                source: std::io::Error::other(e),
-            }
-        })
+        discovery::channel(deps.discovery.as_ref(), role, &deps.discovery_options)
+            .map_err(|e| server::Error::Bind { address: role.to_string(), source: std::io::Error::other(e) })
     };
     let internal_bound = server::local_addr(&internal).to_string();
+    let nonzero = |value: u32| NonZeroU32::new(value.max(1)).expect("positive");
+    let quota = Quota::per_second(nonzero(options.sends_per_second)).allow_burst(nonzero(options.send_burst));
     let context = Arc::new(Context {
-        gateway_id: options
-            .gateway_id
-            .clone()
-            .unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
+        gateway_id: options.gateway_id.clone().unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
         advertise_internal: options.advertise_internal.clone().unwrap_or(internal_bound),
         registry: registry::Registry::default(),
         message: MessageServiceClient::new(channel(Role::Message)?)
             .max_decoding_message_size(server_options.internal_max_message_bytes),
         presence: PresenceServiceClient::new(channel(Role::Presence)?),
+        send_limiter: RateLimiter::keyed(quota),
         shutdown: shutdown.clone(),
         options,
     });
-    let public_api = GatewayServiceServer::new(api::Adapter {
-        context: context.clone(),
-    })
-    .max_decoding_message_size(server_options.max_message_bytes);
-    let public_api = tonic::service::interceptor::InterceptedService::new(
-        public_api,
-        deps.verifier.interceptor(),
-    );
-    let internal_api = GatewayInternalServiceServer::new(internal::Adapter {
-        registry: context.registry.clone(),
-    })
-    .max_decoding_message_size(server_options.internal_max_message_bytes);
+    tokio::spawn(forget_idle_rate_limits(context.clone()));
+    let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
+        .max_decoding_message_size(server_options.max_message_bytes);
+    let public_api = tonic::service::interceptor::InterceptedService::new(public_api, deps.verifier.interceptor());
+    let internal_api = GatewayInternalServiceServer::new(internal::Adapter { registry: context.registry.clone() })
+        .max_decoding_message_size(server_options.internal_max_message_bytes);
 
     let public_server = server::serve(
         "gateway",
@@ -122,4 +116,18 @@ pub async fn serve(
     );
     let (public_result, internal_result) = tokio::join!(public_server, internal_server);
     public_result.and(internal_result)
+}
+
+/// Keeps the rate limiter's memory proportional to recently active users.
+async fn forget_idle_rate_limits(context: Arc<Context>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = context.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                context.send_limiter.retain_recent();
+                context.send_limiter.shrink_to_fit();
+            }
+        }
+    }
 }

@@ -32,6 +32,12 @@ pub struct Options {
     pub slow_consumer_timeout: Duration,
     /// Messages fetched per sync call.
     pub sync_page: u32,
+    /// Sustained sends per second one user may make through this gateway
+    /// (all of the user's devices together); beyond it a send is answered
+    /// with RESOURCE_EXHAUSTED and the stream stays open.
+    pub sends_per_second: u32,
+    /// Sends a user may make in a burst above the sustained rate.
+    pub send_burst: u32,
 }
 
 impl Default for Options {
@@ -48,6 +54,8 @@ impl Default for Options {
             hello_timeout: Duration::from_secs(10),
             slow_consumer_timeout: Duration::from_secs(10),
             sync_page: 200,
+            sends_per_second: 20,
+            send_burst: 50,
         }
     }
 }
@@ -60,6 +68,8 @@ impl Options {
             ("gateway.inbox_depth", self.inbox_depth),
             ("gateway.max_inflight_sends", self.max_inflight_sends),
             ("gateway.sync_page", self.sync_page as usize),
+            ("gateway.sends_per_second", self.sends_per_second as usize),
+            ("gateway.send_burst", self.send_burst as usize),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -67,9 +77,7 @@ impl Options {
             }
         }
         if self.hello_timeout.is_zero() || self.slow_consumer_timeout.is_zero() {
-            return Err(
-                "gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into(),
-            );
+            return Err("gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into());
         }
         Ok(())
     }

@@ -29,24 +29,15 @@ pub(crate) enum Delivered {
 
 impl Registry {
     pub fn insert(&self, session_id: String, handle: SessionHandle) {
-        self.sessions
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(session_id, handle);
+        self.sessions.write().unwrap_or_else(|e| e.into_inner()).insert(session_id, handle);
     }
 
     pub fn remove(&self, session_id: &str) {
-        self.sessions
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(session_id);
+        self.sessions.write().unwrap_or_else(|e| e.into_inner()).remove(session_id);
     }
 
     pub fn len(&self) -> usize {
-        self.sessions
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.sessions.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     pub fn deliver(&self, session_id: &str, message: &Arc<pb::Message>) -> Delivered {

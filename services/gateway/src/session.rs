@@ -48,12 +48,7 @@ struct Session {
     ack_in_flight: bool,
 }
 
-fn error_frame(
-    code: Code,
-    message: impl Into<String>,
-    client_msg_id: &str,
-    conversation_id: &str,
-) -> ServerFrame {
+fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
     ServerFrame {
         frame: Some(Out::Error(pb::Error {
             code: code as i32,
@@ -74,43 +69,25 @@ pub(crate) async fn run(
 ) {
     let hello = tokio::time::timeout(context.options.hello_timeout, inbound.message()).await;
     let device = match hello {
-        Ok(Ok(Some(ClientFrame {
-            frame: Some(In::Hello(hello)),
-        }))) => hello.device_id,
+        Ok(Ok(Some(ClientFrame { frame: Some(In::Hello(hello)) }))) => hello.device_id,
         Ok(Ok(Some(_))) => {
-            let _ = out
-                .send(Err(Status::failed_precondition(
-                    "the first frame must be Hello",
-                )))
-                .await;
+            let _ = out.send(Err(Status::failed_precondition("the first frame must be Hello"))).await;
             return;
         }
         Ok(Ok(None)) | Ok(Err(_)) => return,
         Err(_) => {
-            let _ = out
-                .send(Err(Status::deadline_exceeded("no Hello received in time")))
-                .await;
+            let _ = out.send(Err(Status::deadline_exceeded("no Hello received in time"))).await;
             return;
         }
     };
     if device.is_empty() || device.len() > 128 || device.chars().any(char::is_control) {
-        let _ = out
-            .send(Err(Status::invalid_argument(
-                "device_id must be 1 to 128 printable bytes",
-            )))
-            .await;
+        let _ = out.send(Err(Status::invalid_argument("device_id must be 1 to 128 printable bytes"))).await;
         return;
     }
     let session_id = ids::new_id().to_string();
     let (inbox_tx, inbox) = mpsc::channel(context.options.inbox_depth);
     let resync = Arc::new(Notify::new());
-    context.registry.insert(
-        session_id.clone(),
-        SessionHandle {
-            inbox: inbox_tx,
-            resync: resync.clone(),
-        },
-    );
+    context.registry.insert(session_id.clone(), SessionHandle { inbox: inbox_tx, resync: resync.clone() });
 
     let registered = context
         .presence
@@ -159,10 +136,7 @@ pub(crate) async fn run(
     let _ = context
         .presence
         .clone()
-        .unregister(pb::UnregisterRequest {
-            user_id: session.user.clone(),
-            session_id: session.session_id.clone(),
-        })
+        .unregister(pb::UnregisterRequest { user_id: session.user.clone(), session_id: session.session_id.clone() })
         .await;
     debug!(session_id = %session.session_id, "session closed");
 }
@@ -174,10 +148,7 @@ impl Session {
         mut inbox: mpsc::Receiver<Arc<pb::Message>>,
         resync: Arc<Notify>,
     ) -> End {
-        let ready = Out::Ready(pb::Ready {
-            session_id: self.session_id.clone(),
-            user_id: self.user.clone(),
-        });
+        let ready = Out::Ready(pb::Ready { session_id: self.session_id.clone(), user_id: self.user.clone() });
         if let Err(end) = self.emit(ServerFrame { frame: Some(ready) }).await {
             return end;
         }
@@ -186,8 +157,7 @@ impl Session {
         }
         let shutdown = self.context.shutdown.clone();
         let max_inflight = self.context.options.max_inflight_sends;
-        let mut inflight: FuturesUnordered<BoxFuture<'static, Completion>> =
-            FuturesUnordered::new();
+        let mut inflight: FuturesUnordered<BoxFuture<'static, Completion>> = FuturesUnordered::new();
         loop {
             let step = tokio::select! {
                 biased;
@@ -214,12 +184,7 @@ impl Session {
     }
 
     async fn emit(&self, frame: ServerFrame) -> Result<(), End> {
-        match tokio::time::timeout(
-            self.context.options.slow_consumer_timeout,
-            self.out.send(Ok(frame)),
-        )
-        .await
-        {
+        match tokio::time::timeout(self.context.options.slow_consumer_timeout, self.out.send(Ok(frame))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::ClientGone),
             Err(_) => Err(End::SlowConsumer),
@@ -228,18 +193,12 @@ impl Session {
 
     /// Pushes a message unless this session already sent it.
     async fn push(&mut self, message: pb::Message) -> Result<(), End> {
-        let last = self
-            .last_sent
-            .entry(message.conversation_id.clone())
-            .or_insert(0);
+        let last = self.last_sent.entry(message.conversation_id.clone()).or_insert(0);
         if message.seq <= *last {
             return Ok(());
         }
         *last = message.seq;
-        self.emit(ServerFrame {
-            frame: Some(Out::Message(message)),
-        })
-        .await
+        self.emit(ServerFrame { frame: Some(Out::Message(message)) }).await
     }
 
     /// Sends everything after the device's delivered cursor (all conversations, or one).
@@ -253,14 +212,7 @@ impl Session {
                 page_token,
                 conversation_id: only.unwrap_or_default().to_owned(),
             };
-            let response = self
-                .context
-                .message
-                .clone()
-                .sync(request)
-                .await
-                .map_err(End::Upstream)?
-                .into_inner();
+            let response = self.context.message.clone().sync(request).await.map_err(End::Upstream)?.into_inner();
             for message in response.messages {
                 self.push(message).await?;
             }
@@ -281,20 +233,14 @@ impl Session {
             Some(last) if message.seq <= last => Ok(()),
             Some(last) if message.seq == last + 1 => self.push(message.clone()).await,
             Some(last) => {
-                self.fill_gap(&message.conversation_id, last, message.seq)
-                    .await?;
+                self.fill_gap(&message.conversation_id, last, message.seq).await?;
                 self.push(message.clone()).await
             }
         }
     }
 
     /// Fetches and pushes (last, upto) exclusive, from history.
-    async fn fill_gap(
-        &mut self,
-        conversation_id: &str,
-        mut last: u64,
-        upto: u64,
-    ) -> Result<(), End> {
+    async fn fill_gap(&mut self, conversation_id: &str, mut last: u64, upto: u64) -> Result<(), End> {
         while last + 1 < upto {
             let request = pb::MessageHistoryRequest {
                 user_id: self.user.clone(),
@@ -328,6 +274,15 @@ impl Session {
     ) -> Result<(), End> {
         match frame.frame {
             Some(In::Send(send)) => {
+                if self.context.send_limiter.check_key(&self.user).is_err() {
+                    let message = format!(
+                        "send rate limit of {} per second (burst {}) exceeded; retry later",
+                        self.context.options.sends_per_second, self.context.options.send_burst
+                    );
+                    let frame =
+                        error_frame(Code::ResourceExhausted, message, &send.client_msg_id, &send.conversation_id);
+                    return self.emit(frame).await;
+                }
                 let mut client = self.context.message.clone();
                 let request = pb::SendRequest {
                     sender_id: self.user.clone(),
@@ -340,9 +295,7 @@ impl Session {
                     async move {
                         let frame = match client.send(request).await {
                             Ok(response) => match response.into_inner().ack {
-                                Some(ack) => ServerFrame {
-                                    frame: Some(Out::SendAck(ack)),
-                                },
+                                Some(ack) => ServerFrame { frame: Some(Out::SendAck(ack)) },
                                 None => error_frame(
                                     Code::Internal,
                                     "missing ack",
@@ -350,12 +303,9 @@ impl Session {
                                     &send.conversation_id,
                                 ),
                             },
-                            Err(status) => error_frame(
-                                status.code(),
-                                status.message(),
-                                &send.client_msg_id,
-                                &send.conversation_id,
-                            ),
+                            Err(status) => {
+                                error_frame(status.code(), status.message(), &send.client_msg_id, &send.conversation_id)
+                            }
                         };
                         Completion::Frame(frame)
                     }
@@ -370,24 +320,12 @@ impl Session {
                 Ok(())
             }
             Some(In::Ping(ping)) => {
-                self.emit(ServerFrame {
-                    frame: Some(Out::Pong(pb::Pong { nonce: ping.nonce })),
-                })
-                .await
+                self.emit(ServerFrame { frame: Some(Out::Pong(pb::Pong { nonce: ping.nonce })) }).await
             }
             Some(In::Hello(_)) => {
-                self.emit(error_frame(
-                    Code::FailedPrecondition,
-                    "Hello was already received",
-                    "",
-                    "",
-                ))
-                .await
+                self.emit(error_frame(Code::FailedPrecondition, "Hello was already received", "", "")).await
             }
-            None => {
-                self.emit(error_frame(Code::InvalidArgument, "empty frame", "", ""))
-                    .await
-            }
+            None => self.emit(error_frame(Code::InvalidArgument, "empty frame", "", "")).await,
         }
     }
 
@@ -400,10 +338,7 @@ impl Session {
         self.ack_in_flight = true;
         let request = self.ack_request();
         let mut client = self.context.message.clone();
-        inflight.push(
-            async move { Completion::AcksFlushed(client.ack_delivered(request).await.map(|_| ())) }
-                .boxed(),
-        );
+        inflight.push(async move { Completion::AcksFlushed(client.ack_delivered(request).await.map(|_| ())) }.boxed());
     }
 
     fn ack_request(&mut self) -> pb::AckDeliveredRequest {
@@ -413,10 +348,7 @@ impl Session {
             cursors: self
                 .pending_acks
                 .drain()
-                .map(|(conversation_id, seq)| pb::DeliveredCursor {
-                    conversation_id,
-                    seq,
-                })
+                .map(|(conversation_id, seq)| pb::DeliveredCursor { conversation_id, seq })
                 .collect(),
         }
     }

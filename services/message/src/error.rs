@@ -22,9 +22,7 @@ impl From<Error> for Status {
         let message = error.to_string();
         match error {
             Error::ConversationNotFound => Status::not_found(message),
-            Error::InvalidArgument(_) | Error::BodyTooLarge { .. } => {
-                Status::invalid_argument(message)
-            }
+            Error::InvalidArgument(_) | Error::BodyTooLarge { .. } => Status::invalid_argument(message),
             Error::Storage(_) => Status::internal(message),
             Error::Unavailable(_) => Status::unavailable(message),
         }

@@ -14,8 +14,7 @@ use std::{
 
 use messenger_platform::discovery::ChannelPool;
 use messenger_proto::v1::{
-    self as pb, DeliverRequest, Delivery, LocateRequest,
-    gateway_internal_service_client::GatewayInternalServiceClient,
+    self as pb, DeliverRequest, Delivery, LocateRequest, gateway_internal_service_client::GatewayInternalServiceClient,
     presence_service_client::PresenceServiceClient,
 };
 use tokio::sync::mpsc;
@@ -60,9 +59,7 @@ impl Fanout {
                 tx
             })
             .collect();
-        Self {
-            workers: Arc::new(workers),
-        }
+        Self { workers: Arc::new(workers) }
     }
 
     /// Queues a committed message; waits when the worker's queue is full.
@@ -116,9 +113,7 @@ impl Worker {
         if users.is_empty() {
             return;
         }
-        let request = LocateRequest {
-            user_ids: users.into_iter().cloned().collect(),
-        };
+        let request = LocateRequest { user_ids: users.into_iter().cloned().collect() };
         let sessions = match self.presence.locate(request).await {
             Ok(response) => response.into_inner().sessions,
             Err(status) => {
@@ -128,10 +123,7 @@ impl Worker {
         };
         let mut by_user: HashMap<&str, Vec<&pb::Session>> = HashMap::new();
         for session in &sessions {
-            by_user
-                .entry(session.user_id.as_str())
-                .or_default()
-                .push(session);
+            by_user.entry(session.user_id.as_str()).or_default().push(session);
         }
         let mut by_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
         for message in batch {
@@ -141,18 +133,12 @@ impl Worker {
             let mut per_gateway: HashMap<&str, Vec<String>> = HashMap::new();
             for user in recipients {
                 for session in by_user.get(user.as_str()).into_iter().flatten() {
-                    per_gateway
-                        .entry(session.gateway_addr.as_str())
-                        .or_default()
-                        .push(session.session_id.clone());
+                    per_gateway.entry(session.gateway_addr.as_str()).or_default().push(session.session_id.clone());
                 }
             }
             let proto = to_proto(message);
             for (gateway, session_ids) in per_gateway {
-                by_gateway.entry(gateway).or_default().push(Delivery {
-                    message: Some(proto.clone()),
-                    session_ids,
-                });
+                by_gateway.entry(gateway).or_default().push(Delivery { message: Some(proto.clone()), session_ids });
             }
         }
         let calls = by_gateway.into_iter().map(|(address, deliveries)| {

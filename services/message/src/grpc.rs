@@ -32,10 +32,7 @@ pub(crate) fn conversation_to_proto(conversation: Conversation) -> pb::Conversat
 
 #[tonic::async_trait]
 impl MessageService for Adapter {
-    async fn send(
-        &self,
-        request: Request<pb::SendRequest>,
-    ) -> Result<Response<pb::SendResponse>, Status> {
+    async fn send(&self, request: Request<pb::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
         let request = request.into_inner();
         let (message, created) = self
             .service
@@ -63,10 +60,7 @@ impl MessageService for Adapter {
         request: Request<pb::MessageGetOrCreateDirectRequest>,
     ) -> Result<Response<pb::MessageGetOrCreateDirectResponse>, Status> {
         let request = request.into_inner();
-        let conversation = self
-            .service
-            .get_or_create_direct(&request.user_id, &request.peer_id)
-            .await?;
+        let conversation = self.service.get_or_create_direct(&request.user_id, &request.peer_id).await?;
         Ok(Response::new(pb::MessageGetOrCreateDirectResponse {
             conversation: Some(conversation_to_proto(conversation)),
         }))
@@ -81,15 +75,7 @@ impl MessageService for Adapter {
             Some(after) => HistoryRange::After(after),
             None => HistoryRange::Before((request.before_seq > 0).then_some(request.before_seq)),
         };
-        let page = self
-            .service
-            .history(
-                &request.user_id,
-                &request.conversation_id,
-                range,
-                request.limit,
-            )
-            .await?;
+        let page = self.service.history(&request.user_id, &request.conversation_id, range, request.limit).await?;
         Ok(Response::new(pb::MessageHistoryResponse {
             messages: page.messages.iter().map(to_proto).collect(),
             has_more: page.has_more,
@@ -101,33 +87,19 @@ impl MessageService for Adapter {
         request: Request<pb::MessageListConversationsRequest>,
     ) -> Result<Response<pb::MessageListConversationsResponse>, Status> {
         let request = request.into_inner();
-        let (conversations, next) = self
-            .service
-            .list_conversations(&request.user_id, &request.page_token, request.limit)
-            .await?;
+        let (conversations, next) =
+            self.service.list_conversations(&request.user_id, &request.page_token, request.limit).await?;
         Ok(Response::new(pb::MessageListConversationsResponse {
-            conversations: conversations
-                .into_iter()
-                .map(conversation_to_proto)
-                .collect(),
+            conversations: conversations.into_iter().map(conversation_to_proto).collect(),
             next_page_token: next.unwrap_or_default(),
         }))
     }
 
-    async fn sync(
-        &self,
-        request: Request<pb::SyncRequest>,
-    ) -> Result<Response<pb::SyncResponse>, Status> {
+    async fn sync(&self, request: Request<pb::SyncRequest>) -> Result<Response<pb::SyncResponse>, Status> {
         let request = request.into_inner();
         let (messages, next) = self
             .service
-            .sync(
-                &request.user_id,
-                &request.device_id,
-                &request.conversation_id,
-                &request.page_token,
-                request.limit,
-            )
+            .sync(&request.user_id, &request.device_id, &request.conversation_id, &request.page_token, request.limit)
             .await?;
         Ok(Response::new(pb::SyncResponse {
             messages: messages.iter().map(to_proto).collect(),
@@ -140,22 +112,12 @@ impl MessageService for Adapter {
         request: Request<pb::AckDeliveredRequest>,
     ) -> Result<Response<pb::AckDeliveredResponse>, Status> {
         let request = request.into_inner();
-        let cursors = request
-            .cursors
-            .into_iter()
-            .map(|c| (c.conversation_id, c.seq))
-            .collect();
-        let stored = self
-            .service
-            .ack_delivered(&request.user_id, &request.device_id, cursors)
-            .await?;
+        let cursors = request.cursors.into_iter().map(|c| (c.conversation_id, c.seq)).collect();
+        let stored = self.service.ack_delivered(&request.user_id, &request.device_id, cursors).await?;
         Ok(Response::new(pb::AckDeliveredResponse {
             cursors: stored
                 .into_iter()
-                .map(|(id, seq)| pb::DeliveredCursor {
-                    conversation_id: id.to_string(),
-                    seq,
-                })
+                .map(|(id, seq)| pb::DeliveredCursor { conversation_id: id.to_string(), seq })
                 .collect(),
         }))
     }

@@ -55,15 +55,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
-    let presence = discovery::channel(
-        deps.discovery.as_ref(),
-        Role::Presence,
-        &deps.discovery_options,
-    )
-    .map_err(|e| server::Error::Bind {
-        address: "presence".into(),
-        source: std::io::Error::other(e),
-    })?;
+    let presence = discovery::channel(deps.discovery.as_ref(), Role::Presence, &deps.discovery_options)
+        .map_err(|e| server::Error::Bind { address: "presence".into(), source: std::io::Error::other(e) })?;
     let fanout = fanout::Fanout::start(
         &options.fanout,
         deps.store.clone(),
@@ -73,13 +66,5 @@ pub async fn serve(
     let service = Arc::new(Service::new(options, deps.store, fanout));
     let api = MessageServiceServer::new(grpc::Adapter { service })
         .max_decoding_message_size(server_options.internal_max_message_bytes);
-    server::serve(
-        "message",
-        &server_options,
-        listener,
-        Routes::new(api),
-        &[SERVICE_NAME],
-        shutdown,
-    )
-    .await
+    server::serve("message", &server_options, listener, Routes::new(api), &[SERVICE_NAME], shutdown).await
 }

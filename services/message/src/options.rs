@@ -41,11 +41,7 @@ pub struct FanoutOptions {
 
 impl Default for FanoutOptions {
     fn default() -> Self {
-        Self {
-            workers: 4,
-            queue_depth: 4096,
-            max_batch: 256,
-        }
+        Self { workers: 4, queue_depth: 4096, max_batch: 256 }
     }
 }
 
@@ -70,15 +66,9 @@ impl Options {
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("message.max_body_bytes", self.max_body_bytes),
-            (
-                "message.history_page_default",
-                self.history_page_default as usize,
-            ),
+            ("message.history_page_default", self.history_page_default as usize),
             ("message.history_page_max", self.history_page_max as usize),
-            (
-                "message.inbox_page_default",
-                self.inbox_page_default as usize,
-            ),
+            ("message.inbox_page_default", self.inbox_page_default as usize),
             ("message.inbox_page_max", self.inbox_page_max as usize),
             ("message.sync_page_max", self.sync_page_max as usize),
             ("message.sqlite.max_batch", self.sqlite.max_batch),

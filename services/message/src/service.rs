@@ -11,8 +11,7 @@ use crate::{
     fanout::Fanout,
     options::Options,
     store::{
-        Conversation, HistoryRange, InboxCursor, MessageStore, NewMessage, SendOutcome,
-        StoredMessage, SyncCursor,
+        Conversation, HistoryRange, InboxCursor, MessageStore, NewMessage, SendOutcome, StoredMessage, SyncCursor,
     },
 };
 
@@ -43,14 +42,10 @@ pub(crate) fn check_id(kind: &str, value: &str) -> Result<()> {
         return Err(Error::InvalidArgument(format!("{kind} is required")));
     }
     if value.len() > MAX_ID_BYTES {
-        return Err(Error::InvalidArgument(format!(
-            "{kind} is longer than {MAX_ID_BYTES} bytes"
-        )));
+        return Err(Error::InvalidArgument(format!("{kind} is longer than {MAX_ID_BYTES} bytes")));
     }
     if value.chars().any(char::is_control) {
-        return Err(Error::InvalidArgument(format!(
-            "{kind} contains control characters"
-        )));
+        return Err(Error::InvalidArgument(format!("{kind} contains control characters")));
     }
     Ok(())
 }
@@ -60,20 +55,12 @@ pub(crate) fn parse_conversation(text: &str) -> Result<Uuid> {
 }
 
 fn clamp(requested: u32, default: u32, max: u32) -> usize {
-    (if requested == 0 {
-        default
-    } else {
-        requested.min(max)
-    }) as usize
+    (if requested == 0 { default } else { requested.min(max) }) as usize
 }
 
 impl Service {
     pub fn new(options: Options, store: Arc<dyn MessageStore>, fanout: Fanout) -> Self {
-        Self {
-            options,
-            store,
-            fanout,
-        }
+        Self { options, store, fanout }
     }
 
     /// Commits the message (or finds the original of a retry), then queues fan-out.
@@ -86,10 +73,7 @@ impl Service {
             return Err(Error::InvalidArgument("body must not be empty".into()));
         }
         if input.body.len() > self.options.max_body_bytes {
-            return Err(Error::BodyTooLarge {
-                size: input.body.len(),
-                limit: self.options.max_body_bytes,
-            });
+            return Err(Error::BodyTooLarge { size: input.body.len(), limit: self.options.max_body_bytes });
         }
         let outcome = self
             .store
@@ -115,20 +99,13 @@ impl Service {
         check_id("user_id", user)?;
         check_id("peer_id", peer)?;
         if user == peer {
-            return Err(Error::InvalidArgument(
-                "peer_id must be another user".into(),
-            ));
+            return Err(Error::InvalidArgument("peer_id must be another user".into()));
         }
-        self.store
-            .get_or_create_direct(user, peer, ids::new_id(), ids::now_ms())
-            .await
+        self.store.get_or_create_direct(user, peer, ids::new_id(), ids::now_ms()).await
     }
 
     async fn require_member(&self, conversation_id: Uuid, user: &str) -> Result<Conversation> {
-        self.store
-            .conversation_for_member(conversation_id, user)
-            .await?
-            .ok_or(Error::ConversationNotFound)
+        self.store.conversation_for_member(conversation_id, user).await?.ok_or(Error::ConversationNotFound)
     }
 
     pub async fn history(
@@ -141,11 +118,7 @@ impl Service {
         check_id("user_id", user)?;
         let conversation_id = parse_conversation(conversation_id)?;
         self.require_member(conversation_id, user).await?;
-        let limit = clamp(
-            limit,
-            self.options.history_page_default,
-            self.options.history_page_max,
-        );
+        let limit = clamp(limit, self.options.history_page_default, self.options.history_page_max);
         let messages = self.store.history(conversation_id, range, limit).await?;
         let has_more = match range {
             HistoryRange::Before(_) => messages.first().is_some_and(|m| m.seq > 1),
@@ -162,23 +135,11 @@ impl Service {
         limit: u32,
     ) -> Result<(Vec<Conversation>, Option<String>)> {
         check_id("user_id", user)?;
-        let after = if page_token.is_empty() {
-            None
-        } else {
-            Some(parse_inbox_token(page_token)?)
-        };
-        let limit = clamp(
-            limit,
-            self.options.inbox_page_default,
-            self.options.inbox_page_max,
-        );
+        let after = if page_token.is_empty() { None } else { Some(parse_inbox_token(page_token)?) };
+        let limit = clamp(limit, self.options.inbox_page_default, self.options.inbox_page_max);
         let conversations = self.store.list_conversations(user, after, limit).await?;
         let next = (conversations.len() == limit)
-            .then(|| {
-                conversations
-                    .last()
-                    .map(|c| format!("{}:{}", c.last_activity_ms, c.id))
-            })
+            .then(|| conversations.last().map(|c| format!("{}:{}", c.last_activity_ms, c.id)))
             .flatten();
         Ok((conversations, next))
     }
@@ -209,28 +170,12 @@ impl Service {
     ) -> Result<(Vec<StoredMessage>, Option<String>)> {
         check_id("user_id", user)?;
         check_id("device_id", device)?;
-        let only = if only.is_empty() {
-            None
-        } else {
-            Some(parse_conversation(only)?)
-        };
-        let after = if page_token.is_empty() {
-            None
-        } else {
-            Some(parse_sync_token(page_token)?)
-        };
-        let limit = clamp(
-            limit,
-            self.options.sync_page_max,
-            self.options.sync_page_max,
-        );
+        let only = if only.is_empty() { None } else { Some(parse_conversation(only)?) };
+        let after = if page_token.is_empty() { None } else { Some(parse_sync_token(page_token)?) };
+        let limit = clamp(limit, self.options.sync_page_max, self.options.sync_page_max);
         let messages = self.store.sync(user, device, only, after, limit).await?;
         let next = (messages.len() == limit)
-            .then(|| {
-                messages
-                    .last()
-                    .map(|m| format!("{}:{}", m.conversation_id, m.seq))
-            })
+            .then(|| messages.last().map(|m| format!("{}:{}", m.conversation_id, m.seq)))
             .flatten();
         Ok((messages, next))
     }
@@ -248,8 +193,5 @@ fn parse_inbox_token(token: &str) -> Result<InboxCursor> {
 fn parse_sync_token(token: &str) -> Result<SyncCursor> {
     let invalid = || Error::InvalidArgument("invalid page_token".into());
     let (id, seq) = token.split_once(':').ok_or_else(invalid)?;
-    Ok(SyncCursor {
-        conversation_id: ids::parse(id).ok_or_else(invalid)?,
-        seq: seq.parse().map_err(|_| invalid())?,
-    })
+    Ok(SyncCursor { conversation_id: ids::parse(id).ok_or_else(invalid)?, seq: seq.parse().map_err(|_| invalid())? })
 }

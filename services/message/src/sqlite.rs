@@ -21,8 +21,8 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     store::{
-        Conversation, ConversationKind, HistoryRange, InboxCursor, MessageStore, NewMessage,
-        SendOutcome, StoredMessage, SyncCursor,
+        Conversation, ConversationKind, HistoryRange, InboxCursor, MessageStore, NewMessage, SendOutcome,
+        StoredMessage, SyncCursor,
     },
 };
 use writer::{Command, storage};
@@ -51,12 +51,7 @@ pub struct SqliteOptions {
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        Self {
-            synchronous: Synchronous::Full,
-            max_batch: 512,
-            queue_depth: 8192,
-            readers: 4,
-        }
+        Self { synchronous: Synchronous::Full, max_batch: 512, queue_depth: 8192, readers: 4 }
     }
 }
 
@@ -65,10 +60,7 @@ pub struct SqliteStore {
     reads: r2d2::Pool<SqliteConnectionManager>,
 }
 
-fn configure(
-    connection: &Connection,
-    synchronous: Synchronous,
-) -> r2d2_sqlite::rusqlite::Result<()> {
+fn configure(connection: &Connection, synchronous: Synchronous) -> r2d2_sqlite::rusqlite::Result<()> {
     connection.busy_timeout(Duration::from_secs(10))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     let mode = match synchronous {
@@ -88,12 +80,8 @@ impl SqliteStore {
         }
         let connection = Connection::open(path).map_err(storage)?;
         configure(&connection, options.synchronous).map_err(storage)?;
-        connection
-            .execute_batch(schema::MIGRATION)
-            .map_err(storage)?;
-        connection
-            .pragma_update(None, "user_version", schema::VERSION)
-            .map_err(storage)?;
+        connection.execute_batch(schema::MIGRATION).map_err(storage)?;
+        connection.pragma_update(None, "user_version", schema::VERSION).map_err(storage)?;
 
         let manager = SqliteConnectionManager::file(path)
             .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -112,18 +100,11 @@ impl SqliteStore {
         Ok(Self { writes, reads })
     }
 
-    async fn write<T>(
-        &self,
-        command: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
-    ) -> Result<T> {
+    async fn write<T>(&self, command: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         // `send` waits only when the queue is full: that is the backpressure.
-        self.writes
-            .send(command(tx))
-            .await
-            .map_err(|_| Error::Unavailable("store writer stopped".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("store writer stopped".into()))?
+        self.writes.send(command(tx)).await.map_err(|_| Error::Unavailable("store writer stopped".into()))?;
+        rx.await.map_err(|_| Error::Unavailable("store writer stopped".into()))?
     }
 
     async fn read<T: Send + 'static>(
@@ -132,9 +113,7 @@ impl SqliteStore {
     ) -> Result<T> {
         let pool = self.reads.clone();
         tokio::task::spawn_blocking(move || {
-            let connection = pool
-                .get()
-                .map_err(|e| Error::Unavailable(format!("no read connection: {e}")))?;
+            let connection = pool.get().map_err(|e| Error::Unavailable(format!("no read connection: {e}")))?;
             body(&connection).map_err(storage)
         })
         .await
@@ -172,11 +151,7 @@ const CONVERSATION_COLUMNS: &str =
 fn row_to_conversation(row: &Row<'_>) -> r2d2_sqlite::rusqlite::Result<Conversation> {
     Ok(Conversation {
         id: uuid_column(row, 0)?,
-        kind: if row.get::<_, i64>(1)? == 2 {
-            ConversationKind::Group
-        } else {
-            ConversationKind::Direct
-        },
+        kind: if row.get::<_, i64>(1)? == 2 { ConversationKind::Group } else { ConversationKind::Direct },
         title: row.get(2)?,
         created_by: row.get(3)?,
         members: Vec::new(),
@@ -187,9 +162,8 @@ fn row_to_conversation(row: &Row<'_>) -> r2d2_sqlite::rusqlite::Result<Conversat
 }
 
 fn load_members(connection: &Connection, id: &str) -> r2d2_sqlite::rusqlite::Result<Vec<String>> {
-    let mut statement = connection.prepare_cached(
-        "SELECT user_id FROM members WHERE conversation_id = ?1 ORDER BY user_id",
-    )?;
+    let mut statement =
+        connection.prepare_cached("SELECT user_id FROM members WHERE conversation_id = ?1 ORDER BY user_id")?;
     statement.query_map(params![id], |r| r.get(0))?.collect()
 }
 
@@ -202,10 +176,8 @@ fn load_conversation(
         "SELECT {CONVERSATION_COLUMNS} FROM conversations c
          JOIN members m ON m.conversation_id = c.id AND m.user_id = ?2 WHERE c.id = ?1"
     );
-    let conversation = connection
-        .prepare_cached(&sql)?
-        .query_row(params![id, member], row_to_conversation)
-        .optional()?;
+    let conversation =
+        connection.prepare_cached(&sql)?.query_row(params![id, member], row_to_conversation).optional()?;
     match conversation {
         Some(mut conversation) => {
             conversation.members = load_members(connection, id)?;
@@ -215,38 +187,20 @@ fn load_conversation(
     }
 }
 
-const MESSAGE_COLUMNS: &str =
-    "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms";
+const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms";
 
 #[async_trait]
 impl MessageStore for SqliteStore {
-    async fn get_or_create_direct(
-        &self,
-        user: &str,
-        peer: &str,
-        id: Uuid,
-        now_ms: i64,
-    ) -> Result<Conversation> {
+    async fn get_or_create_direct(&self, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Conversation> {
         let (user, peer) = (user.to_owned(), peer.to_owned());
         let member = user.clone();
-        let id = self
-            .write(|reply| Command::Direct {
-                user,
-                peer,
-                id,
-                now_ms,
-                reply,
-            })
-            .await?;
-        self.conversation_for_member(id, &member)
-            .await?
-            .ok_or(Error::ConversationNotFound)
+        let id = self.write(|reply| Command::Direct { user, peer, id, now_ms, reply }).await?;
+        self.conversation_for_member(id, &member).await?.ok_or(Error::ConversationNotFound)
     }
 
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>> {
         let user = user.to_owned();
-        self.read(move |c| load_conversation(c, &id.to_string(), &user))
-            .await
+        self.read(move |c| load_conversation(c, &id.to_string(), &user)).await
     }
 
     async fn members(&self, id: Uuid) -> Result<Vec<String>> {
@@ -257,12 +211,7 @@ impl MessageStore for SqliteStore {
         self.write(|reply| Command::Send(message, reply)).await
     }
 
-    async fn history(
-        &self,
-        id: Uuid,
-        range: HistoryRange,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>> {
+    async fn history(&self, id: Uuid, range: HistoryRange, limit: usize) -> Result<Vec<StoredMessage>> {
         let limit = limit as i64;
         self.read(move |c| {
             let id = id.to_string();
@@ -323,20 +272,9 @@ impl MessageStore for SqliteStore {
         .await
     }
 
-    async fn ack_delivered(
-        &self,
-        user: &str,
-        device: &str,
-        cursors: Vec<(Uuid, u64)>,
-    ) -> Result<Vec<(Uuid, u64)>> {
+    async fn ack_delivered(&self, user: &str, device: &str, cursors: Vec<(Uuid, u64)>) -> Result<Vec<(Uuid, u64)>> {
         let (user, device) = (user.to_owned(), device.to_owned());
-        self.write(|reply| Command::Ack {
-            user,
-            device,
-            cursors,
-            reply,
-        })
-        .await
+        self.write(|reply| Command::Ack { user, device, cursors, reply }).await
     }
 
     async fn sync(
@@ -372,10 +310,8 @@ impl MessageStore for SqliteStore {
                  ORDER BY msg.conversation_id, msg.seq
                  LIMIT ?6";
             let mut statement = c.prepare_cached(sql)?;
-            let rows = statement.query_map(
-                params![user, device, only, after_conversation, after_seq, limit as i64],
-                row_to_message,
-            )?;
+            let rows = statement
+                .query_map(params![user, device, only, after_conversation, after_seq, limit as i64], row_to_message)?;
             rows.collect()
         })
         .await
@@ -401,19 +337,12 @@ mod tests {
         let path = dir.path().join("messages.db");
         let conversation = {
             let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
-            let conversation = store
-                .get_or_create_direct("a", "b", Uuid::now_v7(), 1)
-                .await
-                .unwrap();
-            crate::store::contract::send(&store, conversation.id, "a", "m1", "hello")
-                .await
-                .unwrap();
+            let conversation = store.get_or_create_direct("a", "b", Uuid::now_v7(), 1).await.unwrap();
+            crate::store::contract::send(&store, conversation.id, "a", "m1", "hello").await.unwrap();
             conversation
         };
         let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
-        let outcome = crate::store::contract::send(&store, conversation.id, "b", "m2", "again")
-            .await
-            .unwrap();
+        let outcome = crate::store::contract::send(&store, conversation.id, "b", "m2", "again").await.unwrap();
         assert_eq!(outcome.message().seq, 2);
     }
 }

@@ -90,13 +90,7 @@ pub struct SyncCursor {
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
     /// The one direct conversation between two users, created on first use.
-    async fn get_or_create_direct(
-        &self,
-        user: &str,
-        peer: &str,
-        id: Uuid,
-        now_ms: i64,
-    ) -> Result<Conversation>;
+    async fn get_or_create_direct(&self, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Conversation>;
 
     /// The conversation, if `user` is a member (None otherwise, as if absent).
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>>;
@@ -109,12 +103,7 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn send(&self, message: NewMessage) -> Result<SendOutcome>;
 
     /// A page of history, ascending by seq. Membership is the caller's check.
-    async fn history(
-        &self,
-        id: Uuid,
-        range: HistoryRange,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>>;
+    async fn history(&self, id: Uuid, range: HistoryRange, limit: usize) -> Result<Vec<StoredMessage>>;
 
     /// The user's conversations, most recent activity first.
     async fn list_conversations(
@@ -127,12 +116,7 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Moves a device's delivered cursors forward; returns the stored values.
     /// Cursors never move back and never pass the conversation head; conversations
     /// the user is not a member of are ignored.
-    async fn ack_delivered(
-        &self,
-        user: &str,
-        device: &str,
-        cursors: Vec<(Uuid, u64)>,
-    ) -> Result<Vec<(Uuid, u64)>>;
+    async fn ack_delivered(&self, user: &str, device: &str, cursors: Vec<(Uuid, u64)>) -> Result<Vec<(Uuid, u64)>>;
 
     /// Messages after the device's delivered cursor in each of the user's
     /// conversations (or only `only`), ordered by (conversation, seq).

@@ -50,21 +50,10 @@ fn session_to_proto(session: Session) -> pb::Session {
 
 #[tonic::async_trait]
 impl PresenceService for Adapter {
-    async fn register(
-        &self,
-        request: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let session = request
-            .into_inner()
-            .session
-            .ok_or_else(|| Status::invalid_argument("session is required"))?;
-        if session.user_id.is_empty()
-            || session.session_id.is_empty()
-            || session.gateway_addr.is_empty()
-        {
-            return Err(Status::invalid_argument(
-                "session needs user_id, session_id and gateway_addr",
-            ));
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let session = request.into_inner().session.ok_or_else(|| Status::invalid_argument("session is required"))?;
+        if session.user_id.is_empty() || session.session_id.is_empty() || session.gateway_addr.is_empty() {
+            return Err(Status::invalid_argument("session needs user_id, session_id and gateway_addr"));
         }
         let session = Session {
             user_id: session.user_id,
@@ -74,9 +63,7 @@ impl PresenceService for Adapter {
             gateway_addr: session.gateway_addr,
             connected_at_ms: session.connected_at_ms,
         };
-        self.store
-            .register(session, self.options.max_sessions_per_user)
-            .await?;
+        self.store.register(session, self.options.max_sessions_per_user).await?;
         Ok(Response::new(pb::RegisterResponse {}))
     }
 
@@ -85,39 +72,25 @@ impl PresenceService for Adapter {
         request: Request<pb::UnregisterRequest>,
     ) -> Result<Response<pb::UnregisterResponse>, Status> {
         let request = request.into_inner();
-        self.store
-            .unregister(&request.user_id, &request.session_id, ids::now_ms())
-            .await;
+        self.store.unregister(&request.user_id, &request.session_id, ids::now_ms()).await;
         Ok(Response::new(pb::UnregisterResponse {}))
     }
 
-    async fn locate(
-        &self,
-        request: Request<pb::LocateRequest>,
-    ) -> Result<Response<pb::LocateResponse>, Status> {
+    async fn locate(&self, request: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
         let users = request.into_inner().user_ids;
         self.check_batch(&users)?;
         let sessions = self.store.locate(&users).await;
-        Ok(Response::new(pb::LocateResponse {
-            sessions: sessions.into_iter().map(session_to_proto).collect(),
-        }))
+        Ok(Response::new(pb::LocateResponse { sessions: sessions.into_iter().map(session_to_proto).collect() }))
     }
 
-    async fn status(
-        &self,
-        request: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let users = request.into_inner().user_ids;
         self.check_batch(&users)?;
         let statuses = self.store.status(&users).await;
         Ok(Response::new(pb::StatusResponse {
             statuses: statuses
                 .into_iter()
-                .map(|s| pb::UserStatus {
-                    user_id: s.user_id,
-                    online: s.online,
-                    last_seen_ms: s.last_seen_ms,
-                })
+                .map(|s| pb::UserStatus { user_id: s.user_id, online: s.online, last_seen_ms: s.last_seen_ms })
                 .collect(),
         }))
     }

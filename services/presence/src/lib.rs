@@ -36,11 +36,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:7720".into(),
-            max_users_per_call: 10_000,
-            max_sessions_per_user: 16,
-        }
+        Self { listen: "127.0.0.1:7720".into(), max_users_per_call: 10_000, max_sessions_per_user: 16 }
     }
 }
 
@@ -66,13 +62,5 @@ pub async fn serve(
 ) -> Result<(), server::Error> {
     let api = PresenceServiceServer::new(grpc::Adapter { options, store })
         .max_decoding_message_size(server_options.internal_max_message_bytes);
-    server::serve(
-        "presence",
-        &server_options,
-        listener,
-        Routes::new(api),
-        &[SERVICE_NAME],
-        shutdown,
-    )
-    .await
+    server::serve("presence", &server_options, listener, Routes::new(api), &[SERVICE_NAME], shutdown).await
 }

@@ -59,10 +59,7 @@ impl PresenceStore for MemoryStore {
         let sessions = state.sessions.entry(session.user_id.clone()).or_default();
         sessions.retain(|s| s.device_id != session.device_id);
         if sessions.len() >= max_per_user {
-            return Err(Error::TooManySessions {
-                user: session.user_id,
-                limit: max_per_user,
-            });
+            return Err(Error::TooManySessions { user: session.user_id, limit: max_per_user });
         }
         sessions.push(session);
         Ok(())
@@ -85,12 +82,7 @@ impl PresenceStore for MemoryStore {
 
     async fn locate(&self, user_ids: &[String]) -> Vec<Session> {
         let state = self.state.read().await;
-        user_ids
-            .iter()
-            .filter_map(|u| state.sessions.get(u))
-            .flatten()
-            .cloned()
-            .collect()
+        user_ids.iter().filter_map(|u| state.sessions.get(u)).flatten().cloned().collect()
     }
 
     async fn status(&self, user_ids: &[String]) -> Vec<UserStatus> {
@@ -124,14 +116,8 @@ mod tests {
     #[tokio::test]
     async fn sessions_are_located_and_last_seen_recorded() {
         let store = MemoryStore::default();
-        store
-            .register(session("alice", "phone", "s1"), 4)
-            .await
-            .unwrap();
-        store
-            .register(session("alice", "laptop", "s2"), 4)
-            .await
-            .unwrap();
+        store.register(session("alice", "phone", "s1"), 4).await.unwrap();
+        store.register(session("alice", "laptop", "s2"), 4).await.unwrap();
         let users = vec!["alice".to_owned(), "bob".to_owned()];
         assert_eq!(store.locate(&users).await.len(), 2);
         store.unregister("alice", "s1", 100).await;
@@ -148,33 +134,15 @@ mod tests {
     #[tokio::test]
     async fn reconnecting_device_replaces_its_old_session_and_limit_holds() {
         let store = MemoryStore::default();
-        store
-            .register(session("bob", "phone", "s1"), 2)
-            .await
-            .unwrap();
-        store
-            .register(session("bob", "phone", "s2"), 2)
-            .await
-            .unwrap();
+        store.register(session("bob", "phone", "s1"), 2).await.unwrap();
+        store.register(session("bob", "phone", "s2"), 2).await.unwrap();
         let located = store.locate(&["bob".to_owned()]).await;
-        assert_eq!(
-            located
-                .iter()
-                .map(|s| s.session_id.as_str())
-                .collect::<Vec<_>>(),
-            vec!["s2"]
-        );
+        assert_eq!(located.iter().map(|s| s.session_id.as_str()).collect::<Vec<_>>(), vec!["s2"]);
         // A stale unregister of the replaced session changes nothing.
         store.unregister("bob", "s1", 5).await;
         assert_eq!(store.locate(&["bob".to_owned()]).await.len(), 1);
-        store
-            .register(session("bob", "laptop", "s3"), 2)
-            .await
-            .unwrap();
+        store.register(session("bob", "laptop", "s3"), 2).await.unwrap();
         let refused = store.register(session("bob", "tablet", "s4"), 2).await;
-        assert!(matches!(
-            refused,
-            Err(Error::TooManySessions { limit: 2, .. })
-        ));
+        assert!(matches!(refused, Err(Error::TooManySessions { limit: 2, .. })));
     }
 }

@@ -3,20 +3,12 @@ use std::path::PathBuf;
 use super::*;
 
 fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("src/auth/testdata")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/auth/testdata").join(name)
 }
 
 fn claims(sub: &str, exp_offset_secs: i64) -> Claims {
     let now = crate::ids::now_ms() / 1000;
-    Claims {
-        sub: sub.into(),
-        exp: (now + exp_offset_secs) as u64,
-        iat: None,
-        iss: None,
-        aud: None,
-    }
+    Claims { sub: sub.into(), exp: (now + exp_offset_secs) as u64, iat: None, iss: None, aud: None }
 }
 
 fn sign(algorithm: Algorithm, kid: Option<&str>, private_pem: &str, claims: &Claims) -> String {
@@ -40,10 +32,7 @@ fn dev_token_round_trips() {
 
 #[test]
 fn expired_and_badly_signed_tokens_are_refused() {
-    let options = AuthOptions {
-        leeway: Duration::ZERO,
-        ..AuthOptions::default()
-    };
+    let options = AuthOptions { leeway: Duration::ZERO, ..AuthOptions::default() };
     let verifier = Verifier::from_options(&options).unwrap();
     let expired = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -51,23 +40,11 @@ fn expired_and_badly_signed_tokens_are_refused() {
         &EncodingKey::from_secret(DEV_SECRET.as_bytes()),
     )
     .unwrap();
-    assert!(matches!(
-        verifier.verify(&expired),
-        Err(Error::InvalidToken(_))
-    ));
-    let other = AuthOptions {
-        hs256_secret: Some("another secret".into()),
-        ..AuthOptions::default()
-    };
+    assert!(matches!(verifier.verify(&expired), Err(Error::InvalidToken(_))));
+    let other = AuthOptions { hs256_secret: Some("another secret".into()), ..AuthOptions::default() };
     let forged = mint_hs256(&other, "alice", Duration::from_secs(60)).unwrap();
-    assert!(matches!(
-        verifier.verify(&forged),
-        Err(Error::InvalidToken(_))
-    ));
-    assert!(matches!(
-        verifier.verify("garbage"),
-        Err(Error::InvalidToken(_))
-    ));
+    assert!(matches!(verifier.verify(&forged), Err(Error::InvalidToken(_))));
+    assert!(matches!(verifier.verify("garbage"), Err(Error::InvalidToken(_))));
 }
 
 #[test]
@@ -79,12 +56,7 @@ fn rs256_and_es256_public_keys_verify() {
         ..AuthOptions::default()
     };
     let verifier = Verifier::from_options(&rsa).unwrap();
-    let token = sign(
-        Algorithm::RS256,
-        None,
-        "rs256_private.pem",
-        &claims("bob", 60),
-    );
+    let token = sign(Algorithm::RS256, None, "rs256_private.pem", &claims("bob", 60));
     assert_eq!(verifier.verify(&token).unwrap().sub, "bob");
     // An HS256 token is refused when only a public key is configured.
     let hs = mint_hs256(&AuthOptions::default(), "bob", Duration::from_secs(60)).unwrap();
@@ -97,36 +69,17 @@ fn rs256_and_es256_public_keys_verify() {
         ..AuthOptions::default()
     };
     let verifier = Verifier::from_options(&ec).unwrap();
-    let token = sign(
-        Algorithm::ES256,
-        None,
-        "es256_private.pem",
-        &claims("carol", 60),
-    );
+    let token = sign(Algorithm::ES256, None, "es256_private.pem", &claims("carol", 60));
     assert_eq!(verifier.verify(&token).unwrap().sub, "carol");
 }
 
 #[test]
 fn jwks_keys_are_selected_by_kid() {
-    let options = AuthOptions {
-        hs256_secret: None,
-        jwks_file: Some(testdata("jwks.json")),
-        ..AuthOptions::default()
-    };
+    let options = AuthOptions { hs256_secret: None, jwks_file: Some(testdata("jwks.json")), ..AuthOptions::default() };
     let verifier = Verifier::from_options(&options).unwrap();
-    let token = sign(
-        Algorithm::RS256,
-        Some("test-rsa-1"),
-        "rs256_private.pem",
-        &claims("dave", 60),
-    );
+    let token = sign(Algorithm::RS256, Some("test-rsa-1"), "rs256_private.pem", &claims("dave", 60));
     assert_eq!(verifier.verify(&token).unwrap().sub, "dave");
-    let wrong_kid = sign(
-        Algorithm::RS256,
-        Some("unknown"),
-        "rs256_private.pem",
-        &claims("dave", 60),
-    );
+    let wrong_kid = sign(Algorithm::RS256, Some("unknown"), "rs256_private.pem", &claims("dave", 60));
     assert!(verifier.verify(&wrong_kid).is_err());
 }
 
@@ -146,14 +99,8 @@ fn issuer_and_audience_are_enforced_when_configured() {
 
 #[test]
 fn no_keys_is_a_configuration_error() {
-    let options = AuthOptions {
-        hs256_secret: None,
-        ..AuthOptions::default()
-    };
-    assert!(matches!(
-        Verifier::from_options(&options),
-        Err(Error::NoKeys)
-    ));
+    let options = AuthOptions { hs256_secret: None, ..AuthOptions::default() };
+    assert!(matches!(Verifier::from_options(&options), Err(Error::NoKeys)));
 }
 
 #[test]

@@ -16,28 +16,14 @@ use crate::{
 
 pub(super) enum Command {
     Send(NewMessage, oneshot::Sender<Result<SendOutcome>>),
-    Direct {
-        user: String,
-        peer: String,
-        id: Uuid,
-        now_ms: i64,
-        reply: oneshot::Sender<Result<Uuid>>,
-    },
-    Ack {
-        user: String,
-        device: String,
-        cursors: Vec<(Uuid, u64)>,
-        reply: oneshot::Sender<Result<Vec<(Uuid, u64)>>>,
-    },
+    Direct { user: String, peer: String, id: Uuid, now_ms: i64, reply: oneshot::Sender<Result<Uuid>> },
+    Ack { user: String, device: String, cursors: Vec<(Uuid, u64)>, reply: oneshot::Sender<Result<Vec<(Uuid, u64)>>> },
 }
 
 enum Reply {
     Send(oneshot::Sender<Result<SendOutcome>>, Result<SendOutcome>),
     Direct(oneshot::Sender<Result<Uuid>>, Result<Uuid>),
-    Ack(
-        oneshot::Sender<Result<Vec<(Uuid, u64)>>>,
-        Result<Vec<(Uuid, u64)>>,
-    ),
+    Ack(oneshot::Sender<Result<Vec<(Uuid, u64)>>>, Result<Vec<(Uuid, u64)>>),
 }
 
 impl Reply {
@@ -59,11 +45,7 @@ impl Reply {
     }
 }
 
-pub(super) fn run(
-    mut connection: Connection,
-    mut commands: mpsc::Receiver<Command>,
-    max_batch: usize,
-) {
+pub(super) fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>, max_batch: usize) {
     while let Some(first) = commands.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -104,25 +86,12 @@ fn apply_batch(connection: &mut Connection, batch: Vec<Command>) -> Result<Vec<R
                 let result = with_savepoint(&mut transaction, |tx| send(tx, &message));
                 Reply::Send(tx, result)
             }
-            Command::Direct {
-                user,
-                peer,
-                id,
-                now_ms,
-                reply,
-            } => {
-                let result =
-                    with_savepoint(&mut transaction, |tx| direct(tx, &user, &peer, id, now_ms));
+            Command::Direct { user, peer, id, now_ms, reply } => {
+                let result = with_savepoint(&mut transaction, |tx| direct(tx, &user, &peer, id, now_ms));
                 Reply::Direct(reply, result)
             }
-            Command::Ack {
-                user,
-                device,
-                cursors,
-                reply,
-            } => {
-                let result =
-                    with_savepoint(&mut transaction, |tx| ack(tx, &user, &device, &cursors));
+            Command::Ack { user, device, cursors, reply } => {
+                let result = with_savepoint(&mut transaction, |tx| ack(tx, &user, &device, &cursors));
                 Reply::Ack(reply, result)
             }
         };
@@ -147,10 +116,7 @@ fn failed<T>(message: &str) -> Result<T> {
     Err(Error::Storage(message.to_owned()))
 }
 
-fn with_savepoint<T>(
-    transaction: &mut Transaction<'_>,
-    body: impl FnOnce(&Connection) -> Result<T>,
-) -> Result<T> {
+fn with_savepoint<T>(transaction: &mut Transaction<'_>, body: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
     let savepoint = transaction.savepoint().map_err(storage)?;
     let result = body(&savepoint);
     if result.is_ok() {
@@ -168,10 +134,7 @@ fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome> {
     let conversation = message.conversation_id.to_string();
     let member: Option<i64> = tx
         .prepare_cached("SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2")
-        .and_then(|mut s| {
-            s.query_row(params![conversation, message.sender], |r| r.get(0))
-                .optional()
-        })
+        .and_then(|mut s| s.query_row(params![conversation, message.sender], |r| r.get(0)).optional())
         .map_err(storage)?;
     if member.is_none() {
         return Err(Error::ConversationNotFound);
@@ -182,11 +145,7 @@ fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome> {
              FROM messages WHERE conversation_id = ?1 AND sender = ?2 AND client_msg_id = ?3",
         )
         .and_then(|mut s| {
-            s.query_row(
-                params![conversation, message.sender, message.client_msg_id],
-                row_to_message,
-            )
-            .optional()
+            s.query_row(params![conversation, message.sender, message.client_msg_id], row_to_message).optional()
         })
         .map_err(storage)?;
     if let Some(original) = existing {
@@ -227,19 +186,10 @@ fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome> {
 }
 
 fn direct(tx: &Connection, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Uuid> {
-    let (low, high) = if user <= peer {
-        (user, peer)
-    } else {
-        (peer, user)
-    };
+    let (low, high) = if user <= peer { (user, peer) } else { (peer, user) };
     let existing: Option<Uuid> = tx
-        .prepare_cached(
-            "SELECT conversation_id FROM direct_pairs WHERE user_low = ?1 AND user_high = ?2",
-        )
-        .and_then(|mut s| {
-            s.query_row(params![low, high], |r| uuid_column(r, 0))
-                .optional()
-        })
+        .prepare_cached("SELECT conversation_id FROM direct_pairs WHERE user_low = ?1 AND user_high = ?2")
+        .and_then(|mut s| s.query_row(params![low, high], |r| uuid_column(r, 0)).optional())
         .map_err(storage)?;
     if let Some(existing) = existing {
         return Ok(existing);
@@ -259,20 +209,13 @@ fn direct(tx: &Connection, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Res
         .and_then(|mut s| s.execute(params![text, member, now_ms]))
         .map_err(storage)?;
     }
-    tx.prepare_cached(
-        "INSERT INTO direct_pairs (user_low, user_high, conversation_id) VALUES (?1, ?2, ?3)",
-    )
-    .and_then(|mut s| s.execute(params![low, high, text]))
-    .map_err(storage)?;
+    tx.prepare_cached("INSERT INTO direct_pairs (user_low, user_high, conversation_id) VALUES (?1, ?2, ?3)")
+        .and_then(|mut s| s.execute(params![low, high, text]))
+        .map_err(storage)?;
     Ok(id)
 }
 
-fn ack(
-    tx: &Connection,
-    user: &str,
-    device: &str,
-    cursors: &[(Uuid, u64)],
-) -> Result<Vec<(Uuid, u64)>> {
+fn ack(tx: &Connection, user: &str, device: &str, cursors: &[(Uuid, u64)]) -> Result<Vec<(Uuid, u64)>> {
     let mut stored = Vec::with_capacity(cursors.len());
     for (conversation, seq) in cursors {
         let text = conversation.to_string();
