@@ -89,14 +89,16 @@ impl Task {
                         let _ = ready.send(Err(error));
                         return;
                     }
+                    // Tell the app once per lost connection, not once per failed attempt.
                     if was_ready {
                         delays = self.backoff();
+                        let _ =
+                            self.events.send(Event::Disconnected { reason: error.to_string(), will_retry: true }).await;
                     }
                     error.to_string()
                 }
             };
             debug!(%reason, "stream lost; reconnecting");
-            let _ = self.events.send(Event::Disconnected { reason, will_retry: true }).await;
             let delay = delays.next().unwrap_or(self.options.reconnect_max);
             // Keep taking sends while waiting; they go out after the reconnect.
             let sleep = tokio::time::sleep(delay);

@@ -56,7 +56,8 @@ pub use options::Options;
 pub enum Event {
     /// The stream is (again) open; backlog sync follows.
     Connected { session_id: String },
-    /// The stream dropped; the client reconnects by itself unless `will_retry` is false.
+    /// The stream dropped (sent once per lost connection, not per failed
+    /// attempt); the client reconnects by itself unless `will_retry` is false.
     Disconnected { reason: String, will_retry: bool },
     /// A new message, never one seen before by this client.
     Message(Message),

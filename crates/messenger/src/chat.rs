@@ -59,17 +59,27 @@ async fn show_history(state: &State, limit: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fetches the inbox and remembers a label (the other members) per conversation.
+async fn label_conversations(state: &mut State) -> anyhow::Result<Vec<(String, u64)>> {
+    let page = state.client.conversations("", 200).await?;
+    let me = state.client.user_id().to_owned();
+    let mut listed = Vec::with_capacity(page.conversations.len());
+    for conversation in page.conversations {
+        let peers: Vec<&str> = conversation.member_ids.iter().filter(|m| **m != me).map(String::as_str).collect();
+        let label = peers.join(", ");
+        state.labels.insert(conversation.conversation_id.clone(), label.clone());
+        listed.push((label, conversation.last_seq));
+    }
+    Ok(listed)
+}
+
 async fn list(state: &mut State) -> anyhow::Result<()> {
-    let page = state.client.conversations("", 50).await?;
-    if page.conversations.is_empty() {
+    let listed = label_conversations(state).await?;
+    if listed.is_empty() {
         println!("no conversations yet; use /to USER");
     }
-    for conversation in page.conversations {
-        let me = state.client.user_id().to_owned();
-        let peers: Vec<&String> = conversation.member_ids.iter().filter(|m| **m != me).collect();
-        let label = peers.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ");
-        state.labels.insert(conversation.conversation_id.clone(), label.clone());
-        println!("{label}: {} messages", conversation.last_seq);
+    for (label, messages) in listed {
+        println!("{label}: {messages} messages");
     }
     Ok(())
 }
@@ -111,6 +121,8 @@ pub async fn run(options: ChatOptions) -> anyhow::Result<()> {
     let (client, mut events) = Client::connect(options.client).await?;
     println!("connected as {}. /help lists commands.", client.user_id());
     let mut state = State { client, current: None, labels: HashMap::new() };
+    // Name conversations before the backlog prints, so missed messages show who they are from.
+    label_conversations(&mut state).await?;
     if let Some(peer) = &options.peer {
         open(&mut state, peer, 20).await?;
     }

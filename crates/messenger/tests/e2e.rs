@@ -545,7 +545,8 @@ async fn health_and_reflection_are_served_on_every_port() {
         (addresses.presence.unwrap(), "messenger.v1.PresenceService"),
     ];
     for (address, service) in ports {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
         let status = HealthClient::new(channel.clone())
             .check(HealthCheckRequest { service: service.into() })
             .await
