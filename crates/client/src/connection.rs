@@ -5,7 +5,10 @@
 //! the highest seq handed to the app per conversation (anything at or below
 //! is a duplicate from resume and is dropped), and acks not yet flushed.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use messenger_proto::v1::{self as pb, ClientFrame, client_frame::Frame as OutFrame, server_frame::Frame as InFrame};
@@ -14,10 +17,25 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 use tracing::debug;
 
-use crate::{Api, Error, Event, Options};
+use crate::{Api, Error, Event, Options, model::Model};
 
 pub(crate) enum Command {
-    Send { frame: pb::SendRequestFrame, reply: oneshot::Sender<Result<pb::SendAck, Error>> },
+    Send {
+        frame: pb::SendRequestFrame,
+        reply: oneshot::Sender<Result<pb::SendAck, Error>>,
+    },
+    /// Kept until sent; coalesced per conversation.
+    Read {
+        conversation_id: String,
+        seq: u64,
+    },
+    /// Sent only while connected.
+    Typing {
+        conversation_id: String,
+        typing: bool,
+    },
+    Offline,
+    Online,
     Close,
 }
 
@@ -34,6 +52,8 @@ pub(crate) struct Task {
     pending: HashMap<String, Pending>,
     highest: HashMap<String, u64>,
     acks: HashMap<String, u64>,
+    reads: HashMap<String, u64>,
+    model: Arc<Mutex<Model>>,
 }
 
 /// How one stream ended.
@@ -44,6 +64,8 @@ enum End {
     Fatal(Error),
     /// Dropped; reconnect.
     Lost { error: Error, was_ready: bool },
+    /// The app asked to go offline; reconnect when it says so.
+    Offline,
 }
 
 impl Task {
@@ -52,8 +74,38 @@ impl Task {
         api: Api,
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
+        model: Arc<Mutex<Model>>,
     ) -> Self {
-        Self { options, api, commands, events, pending: HashMap::new(), highest: HashMap::new(), acks: HashMap::new() }
+        Self {
+            options,
+            api,
+            commands,
+            events,
+            pending: HashMap::new(),
+            highest: HashMap::new(),
+            acks: HashMap::new(),
+            reads: HashMap::new(),
+            model,
+        }
+    }
+
+    /// Handles a command while no stream is open; returns whether to stop
+    /// waiting (`Some(true)`: reconnect now, `None`: the client closed).
+    fn offline_command(&mut self, command: Option<Command>) -> Option<bool> {
+        match command {
+            Some(Command::Send { frame, reply }) => {
+                self.pending.insert(frame.client_msg_id.clone(), Pending { frame, reply });
+                Some(false)
+            }
+            Some(Command::Read { conversation_id, seq }) => {
+                let read = self.reads.entry(conversation_id).or_insert(0);
+                *read = (*read).max(seq);
+                Some(false)
+            }
+            Some(Command::Typing { .. } | Command::Offline) => Some(false),
+            Some(Command::Online) => Some(true),
+            Some(Command::Close) | None => None,
+        }
     }
 
     fn backoff(&self) -> impl Iterator<Item = std::time::Duration> + use<> {
@@ -72,6 +124,19 @@ impl Task {
             let end = self.stream(&mut ready).await;
             let reason = match end {
                 End::Closed => return,
+                End::Offline => {
+                    let _ = self.events.send(Event::Disconnected { reason: "offline".into(), will_retry: true }).await;
+                    loop {
+                        let command = self.commands.recv().await;
+                        match self.offline_command(command) {
+                            None => return,
+                            Some(true) => break,
+                            Some(false) => {}
+                        }
+                    }
+                    delays = self.backoff();
+                    continue;
+                }
                 End::Fatal(error) => {
                     if let Some(ready) = ready.take() {
                         let _ = ready.send(Err(error.clone()));
@@ -106,11 +171,10 @@ impl Task {
             loop {
                 tokio::select! {
                     () = &mut sleep => break,
-                    command = self.commands.recv() => match command {
-                        Some(Command::Send { frame, reply }) => {
-                            self.pending.insert(frame.client_msg_id.clone(), Pending { frame, reply });
-                        }
-                        Some(Command::Close) | None => return,
+                    command = self.commands.recv() => match self.offline_command(command) {
+                        None => return,
+                        Some(true) => break,
+                        Some(false) => {}
                     },
                 }
             }
@@ -143,6 +207,10 @@ impl Task {
             Err(status) => return lost_or_fatal(status, false),
         };
         let _ = self.events.send(Event::Connected { session_id }).await;
+        // What others did while this device was away (members, titles, read cursors).
+        let known: Vec<String> =
+            self.model.lock().unwrap_or_else(|e| e.into_inner()).conversations.keys().cloned().collect();
+        self.refresh(known);
 
         // Whatever was in flight when the last stream dropped goes again, same ids.
         self.pending.retain(|_, p| !p.reply.is_closed());
@@ -165,6 +233,19 @@ impl Task {
                         if outbound.send(out).await.is_err() {
                             return lost("stream closed");
                         }
+                    }
+                    Some(Command::Read { conversation_id, seq }) => {
+                        let read = self.reads.entry(conversation_id).or_insert(0);
+                        *read = (*read).max(seq);
+                    }
+                    Some(Command::Typing { conversation_id, typing }) => {
+                        let frame = OutFrame::Typing(pb::TypingFrame { conversation_id, typing });
+                        let _ = outbound.try_send(ClientFrame { frame: Some(frame) });
+                    }
+                    Some(Command::Online) => {}
+                    Some(Command::Offline) => {
+                        self.flush_acks(&outbound).await;
+                        return End::Offline;
                     }
                     Some(Command::Close) | None => {
                         self.flush_acks(&outbound).await;
@@ -198,6 +279,10 @@ impl Task {
                     return None;
                 }
                 *highest = message.seq;
+                let is_new = self.model.lock().unwrap_or_else(|e| e.into_inner()).apply(&message);
+                if is_new {
+                    self.refresh(vec![message.conversation_id.clone()]);
+                }
                 let (conversation, seq) = (message.conversation_id.clone(), message.seq);
                 // Waiting here when the app lags is deliberate: it stops reading the stream.
                 if self.events.send(Event::Message(message)).await.is_err() {
@@ -223,12 +308,47 @@ impl Task {
                     let _ = self.events.send(Event::ServerError { code, message: error.message }).await;
                 }
             }
+            InFrame::Receipt(receipt) => {
+                self.model.lock().unwrap_or_else(|e| e.into_inner()).apply_receipt(&receipt);
+                let _ = self.events.send(Event::Receipt(receipt)).await;
+            }
+            InFrame::Typing(typing) => {
+                self.model.lock().unwrap_or_else(|e| e.into_inner()).apply_typing(&typing);
+                let _ = self.events.send(Event::Typing(typing)).await;
+            }
             InFrame::Pong(_) | InFrame::Ready(_) => {}
         }
         None
     }
 
+    /// Fetches members, title and cursors of conversations in the background.
+    fn refresh(&self, conversation_ids: Vec<String>) {
+        if conversation_ids.is_empty() {
+            return;
+        }
+        let (mut api, model) = (self.api.clone(), self.model.clone());
+        tokio::spawn(async move {
+            for conversation_id in conversation_ids {
+                let request = pb::GetConversationRequest { conversation_id };
+                if let Ok(response) = api.get_conversation(request).await
+                    && let Some(conversation) = response.into_inner().conversation
+                {
+                    model.lock().unwrap_or_else(|e| e.into_inner()).refresh(&conversation);
+                }
+            }
+        });
+    }
+
     async fn flush_acks(&mut self, outbound: &mpsc::Sender<ClientFrame>) {
+        let reads: Vec<(String, u64)> = self.reads.drain().collect();
+        for (index, (conversation_id, seq)) in reads.iter().enumerate() {
+            let read = pb::Read { conversation_id: conversation_id.clone(), seq: *seq };
+            if outbound.send(ClientFrame { frame: Some(OutFrame::Read(read)) }).await.is_err() {
+                // Not sent: keep for the next stream.
+                self.reads.extend(reads[index..].iter().cloned());
+                return;
+            }
+        }
         for (conversation_id, seq) in self.acks.drain() {
             let frame = ClientFrame { frame: Some(OutFrame::Ack(pb::Ack { conversation_id, seq })) };
             if outbound.send(frame).await.is_err() {

@@ -32,6 +32,7 @@
 
 mod connection;
 mod error;
+mod model;
 mod options;
 
 use std::{
@@ -48,7 +49,11 @@ use tonic::{
 };
 
 pub use error::Error;
-pub use messenger_proto::v1::{Conversation, HistoryResponse, ListConversationsResponse, Message, SendAck};
+pub use messenger_proto::v1::{
+    Conversation, GetReceiptsResponse, HistoryResponse, ListConversationsResponse, Message, MessageKind, Receipt, Role,
+    SendAck, Typing,
+};
+pub use model::{ConversationState, MessageState};
 pub use options::Options;
 
 /// Something that happened on the connection.
@@ -63,6 +68,10 @@ pub enum Event {
     Message(Message),
     /// The server rejected a frame that was not a send.
     ServerError { code: tonic::Code, message: String },
+    /// A member's read or delivered cursor moved (already applied to the model).
+    Receipt(Receipt),
+    /// A member started or stopped typing (already applied to the model).
+    Typing(Typing),
 }
 
 /// The app's side of the event stream. Reading it is what lets the client
@@ -104,6 +113,7 @@ pub struct Client {
     api: Api,
     user_id: String,
     options: std::sync::Arc<Options>,
+    model: std::sync::Arc<std::sync::Mutex<model::Model>>,
 }
 
 impl Client {
@@ -127,10 +137,12 @@ impl Client {
         let (events_tx, receiver) = mpsc::channel(options.event_buffer);
         let (ready_tx, ready_rx) = oneshot::channel();
         let options = std::sync::Arc::new(options);
-        let task = connection::Task::new(options.clone(), api.clone(), command_rx, events_tx);
+        let model = std::sync::Arc::new(std::sync::Mutex::new(model::Model::default()));
+        let task = connection::Task::new(options.clone(), api.clone(), command_rx, events_tx, model.clone());
         tokio::spawn(task.run(ready_tx));
         let user_id = ready_rx.await.map_err(|_| Error::Closed)??;
-        Ok((Client { commands, api, user_id, options }, Events { receiver }))
+        model.lock().unwrap_or_else(|e| e.into_inner()).me = user_id.clone();
+        Ok((Client { commands, api, user_id, options, model }, Events { receiver }))
     }
 
     /// The authenticated user, as the server sees it (the token's subject).
@@ -146,12 +158,28 @@ impl Client {
     /// Sends a message and waits for its durable ack. Retrying with the same
     /// `client_msg_id` (after a timeout, say) returns the original ack.
     pub async fn send_with_id(&self, conversation_id: &str, client_msg_id: &str, body: &str) -> Result<SendAck, Error> {
-        let (reply, answer) = oneshot::channel();
-        let frame = pb::SendRequestFrame {
+        self.send_frame(pb::SendRequestFrame {
             conversation_id: conversation_id.to_owned(),
             client_msg_id: client_msg_id.to_owned(),
             body: body.to_owned(),
-        };
+            reply_to_seq: 0,
+        })
+        .await
+    }
+
+    /// Sends a reply to the message at `reply_to_seq`.
+    pub async fn reply(&self, conversation_id: &str, reply_to_seq: u64, body: &str) -> Result<SendAck, Error> {
+        self.send_frame(pb::SendRequestFrame {
+            conversation_id: conversation_id.to_owned(),
+            client_msg_id: uuid::Uuid::now_v7().to_string(),
+            body: body.to_owned(),
+            reply_to_seq,
+        })
+        .await
+    }
+
+    async fn send_frame(&self, frame: pb::SendRequestFrame) -> Result<SendAck, Error> {
+        let (reply, answer) = oneshot::channel();
         let size =
             prost::Message::encoded_len(&pb::ClientFrame { frame: Some(pb::client_frame::Frame::Send(frame.clone())) });
         if size > self.options.max_frame_bytes {
@@ -185,6 +213,128 @@ impl Client {
     pub async fn conversations(&self, page_token: &str, limit: u32) -> Result<ListConversationsResponse, Error> {
         let request = pb::ListConversationsRequest { page_token: page_token.to_owned(), limit };
         Ok(self.api.clone().list_conversations(request).await?.into_inner())
+    }
+
+    /// Marks everything up to `seq` read; sent with the next acks (kept while offline).
+    pub async fn mark_read(&self, conversation_id: &str, seq: u64) -> Result<(), Error> {
+        let command = connection::Command::Read { conversation_id: conversation_id.to_owned(), seq };
+        self.commands.send(command).await.map_err(|_| Error::Closed)
+    }
+
+    /// Tells the other members this user is (or stopped) typing. Best effort:
+    /// dropped while offline and when sent faster than the server allows.
+    pub async fn typing(&self, conversation_id: &str, typing: bool) -> Result<(), Error> {
+        let command = connection::Command::Typing { conversation_id: conversation_id.to_owned(), typing };
+        self.commands.send(command).await.map_err(|_| Error::Closed)
+    }
+
+    /// Creates a group with the caller as owner.
+    pub async fn create_group(&self, title: &str, member_ids: &[&str]) -> Result<Conversation, Error> {
+        let request = pb::CreateGroupRequest {
+            title: title.to_owned(),
+            member_ids: member_ids.iter().map(|m| m.to_string()).collect(),
+        };
+        let response = self.api.clone().create_group(request).await?.into_inner();
+        response.conversation.ok_or_else(|| Error::Protocol("response without conversation".into()))
+    }
+
+    async fn update_group(
+        &self,
+        conversation_id: &str,
+        change: pb::update_group_request::Change,
+    ) -> Result<Option<Message>, Error> {
+        let request = pb::UpdateGroupRequest { conversation_id: conversation_id.to_owned(), change: Some(change) };
+        Ok(self.api.clone().update_group(request).await?.into_inner().event)
+    }
+
+    pub async fn add_members(&self, conversation_id: &str, user_ids: &[&str]) -> Result<Option<Message>, Error> {
+        let list = pb::MemberList { user_ids: user_ids.iter().map(|u| u.to_string()).collect() };
+        self.update_group(conversation_id, pb::update_group_request::Change::AddMembers(list)).await
+    }
+
+    pub async fn remove_member(&self, conversation_id: &str, user_id: &str) -> Result<Option<Message>, Error> {
+        self.update_group(conversation_id, pb::update_group_request::Change::RemoveMember(user_id.to_owned())).await
+    }
+
+    pub async fn leave(&self, conversation_id: &str) -> Result<Option<Message>, Error> {
+        self.update_group(conversation_id, pb::update_group_request::Change::Leave(true)).await
+    }
+
+    pub async fn rename(&self, conversation_id: &str, title: &str) -> Result<Option<Message>, Error> {
+        self.update_group(conversation_id, pb::update_group_request::Change::Rename(title.to_owned())).await
+    }
+
+    pub async fn set_role(&self, conversation_id: &str, user_id: &str, role: Role) -> Result<Option<Message>, Error> {
+        let change = pb::RoleChange { user_id: user_id.to_owned(), role: role as i32 };
+        self.update_group(conversation_id, pb::update_group_request::Change::SetRole(change)).await
+    }
+
+    async fn modify(
+        &self,
+        conversation_id: &str,
+        target_seq: u64,
+        change: pb::modify_message_request::Change,
+    ) -> Result<Option<Message>, Error> {
+        let request =
+            pb::ModifyMessageRequest { conversation_id: conversation_id.to_owned(), target_seq, change: Some(change) };
+        Ok(self.api.clone().modify_message(request).await?.into_inner().event)
+    }
+
+    /// Replaces the body of one's own message (within the server's edit window).
+    pub async fn edit(&self, conversation_id: &str, seq: u64, body: &str) -> Result<Option<Message>, Error> {
+        self.modify(conversation_id, seq, pb::modify_message_request::Change::Edit(body.to_owned())).await
+    }
+
+    /// Deletes a message for everyone; its body leaves the server.
+    pub async fn delete(&self, conversation_id: &str, seq: u64) -> Result<Option<Message>, Error> {
+        self.modify(conversation_id, seq, pb::modify_message_request::Change::Delete(true)).await
+    }
+
+    /// Sets this user's reaction (one per message); an empty emoji removes it.
+    pub async fn react(&self, conversation_id: &str, seq: u64, emoji: &str) -> Result<Option<Message>, Error> {
+        self.modify(conversation_id, seq, pb::modify_message_request::Change::React(emoji.to_owned())).await
+    }
+
+    /// The conversation with members, roles and cursors, as the server has it.
+    pub async fn get_conversation(&self, conversation_id: &str) -> Result<Conversation, Error> {
+        let request = pb::GetConversationRequest { conversation_id: conversation_id.to_owned() };
+        let conversation = self
+            .api
+            .clone()
+            .get_conversation(request)
+            .await?
+            .into_inner()
+            .conversation
+            .ok_or_else(|| Error::Protocol("response without conversation".into()))?;
+        self.model.lock().unwrap_or_else(|e| e.into_inner()).refresh(&conversation);
+        Ok(conversation)
+    }
+
+    /// Who (besides the caller) has received and read the message at `seq`.
+    pub async fn receipts(&self, conversation_id: &str, seq: u64) -> Result<GetReceiptsResponse, Error> {
+        let request = pb::GetReceiptsRequest { conversation_id: conversation_id.to_owned(), seq };
+        Ok(self.api.clone().get_receipts(request).await?.into_inner())
+    }
+
+    /// This device's current view of a conversation.
+    pub fn conversation_state(&self, conversation_id: &str) -> Option<ConversationState> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner()).conversations.get(conversation_id).cloned()
+    }
+
+    /// Members typing in a conversation right now.
+    pub fn typing_in(&self, conversation_id: &str) -> Vec<String> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner()).typing(conversation_id)
+    }
+
+    /// Closes the stream and stays offline (sends and reads queue up) until
+    /// [`Client::go_online`]; what an app does when it moves to the background.
+    pub async fn go_offline(&self) {
+        let _ = self.commands.send(connection::Command::Offline).await;
+    }
+
+    /// Reconnects after [`Client::go_offline`] and resumes from the cursor.
+    pub async fn go_online(&self) {
+        let _ = self.commands.send(connection::Command::Online).await;
     }
 
     /// Closes the stream now (it also closes when every clone is dropped).

@@ -5,15 +5,22 @@
 
 use std::{collections::HashMap, io::Write};
 
-use messenger_client::{Client, Event, Message, Options};
+use messenger_client::{Client, Event, Message, MessageKind, Options, Role};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const HELP: &str = "commands:
-  /to USER        chat with USER (creates the conversation, shows recent history)
-  /list           your conversations, most recent first
-  /history [N]    the last N messages of the current conversation (default 20)
-  /help           this text
-  /quit           leave
+  /to USER                 chat with USER (creates the conversation, shows recent history)
+  /group TITLE USER...     create a group (one-word title) and switch to it
+  /open N                  switch to conversation N of /list
+  /list                    your conversations, most recent first, with unread counts
+  /history [N]             the last N messages of the current conversation (default 20)
+  /members                 members and roles of the current conversation
+  /add USER... | /remove USER | /leave | /rename TITLE | /admin USER
+  /reply SEQ TEXT | /edit SEQ TEXT | /delete SEQ | /react SEQ EMOJI | /unreact SEQ
+  /who SEQ                 who has received and read message SEQ
+  /typing                  tell the others you are typing
+  /help                    this text
+  /quit                    leave
 anything else is sent to the current conversation";
 
 pub struct ChatOptions {
@@ -24,14 +31,42 @@ pub struct ChatOptions {
 struct State {
     client: Client,
     current: Option<(String, String)>,
-    /// conversation id -> label (the peer) for printing.
+    /// conversation id -> label (the peer, or the group title) for printing.
     labels: HashMap<String, String>,
+    /// Conversation ids in the order /list printed them, for /open.
+    listed: Vec<String>,
 }
 
 fn print_message(state: &State, message: &Message) {
     let label = state.labels.get(&message.conversation_id).cloned().unwrap_or_else(|| short(&message.conversation_id));
     let who = if message.sender_id == state.client.user_id() { "me" } else { message.sender_id.as_str() };
-    println!("[{label} #{}] {who}: {}", message.seq, message.body);
+    let members = message.member_ids.join(", ");
+    let text = match MessageKind::try_from(message.kind).unwrap_or(MessageKind::Text) {
+        MessageKind::Text | MessageKind::Unspecified if message.deleted => "(deleted)".to_owned(),
+        MessageKind::Text | MessageKind::Unspecified if message.reply_to_seq > 0 => {
+            format!("(re #{}) {}{}", message.reply_to_seq, message.body, edited(message))
+        }
+        MessageKind::Text | MessageKind::Unspecified => format!("{}{}", message.body, edited(message)),
+        MessageKind::Edit => format!("edited #{}: {}", message.target_seq, message.body),
+        MessageKind::Delete => format!("deleted #{}", message.target_seq),
+        MessageKind::Reaction if message.reaction.is_empty() => {
+            format!("removed a reaction to #{}", message.target_seq)
+        }
+        MessageKind::Reaction => format!("reacted {} to #{}", message.reaction, message.target_seq),
+        MessageKind::GroupCreated => format!("created {:?} with {members}", message.title),
+        MessageKind::MembersAdded => format!("added {members}"),
+        MessageKind::MemberRemoved => format!("removed {members}"),
+        MessageKind::MemberLeft => "left".to_owned(),
+        MessageKind::Renamed => format!("renamed the group to {:?}", message.title),
+        MessageKind::RoleChanged => {
+            format!("made {members} {:?}", Role::try_from(message.role).unwrap_or(Role::Member))
+        }
+    };
+    println!("[{label} #{}] {who}: {text}", message.seq);
+}
+
+fn edited(message: &Message) -> &'static str {
+    if message.edited_at_ms != 0 { " (edited)" } else { "" }
 }
 
 fn short(id: &str) -> String {
@@ -56,6 +91,9 @@ async fn show_history(state: &State, limit: u32) -> anyhow::Result<()> {
     for message in &page.messages {
         print_message(state, message);
     }
+    if let Some(last) = page.messages.last() {
+        state.client.mark_read(id, last.seq).await?;
+    }
     Ok(())
 }
 
@@ -64,11 +102,17 @@ async fn label_conversations(state: &mut State) -> anyhow::Result<Vec<(String, u
     let page = state.client.conversations("", 200).await?;
     let me = state.client.user_id().to_owned();
     let mut listed = Vec::with_capacity(page.conversations.len());
+    state.listed.clear();
     for conversation in page.conversations {
-        let peers: Vec<&str> = conversation.member_ids.iter().filter(|m| **m != me).map(String::as_str).collect();
-        let label = peers.join(", ");
+        let label = if conversation.title.is_empty() {
+            let peers: Vec<&str> = conversation.member_ids.iter().filter(|m| **m != me).map(String::as_str).collect();
+            peers.join(", ")
+        } else {
+            conversation.title.clone()
+        };
         state.labels.insert(conversation.conversation_id.clone(), label.clone());
-        listed.push((label, conversation.last_seq));
+        state.listed.push(conversation.conversation_id.clone());
+        listed.push((label, conversation.unread_count));
     }
     Ok(listed)
 }
@@ -78,8 +122,8 @@ async fn list(state: &mut State) -> anyhow::Result<()> {
     if listed.is_empty() {
         println!("no conversations yet; use /to USER");
     }
-    for (label, messages) in listed {
-        println!("{label}: {messages} messages");
+    for (index, (label, unread)) in listed.into_iter().enumerate() {
+        println!("{}. {label}{}", index + 1, if unread > 0 { format!(" ({unread} unread)") } else { String::new() });
     }
     Ok(())
 }
@@ -98,6 +142,77 @@ async fn handle_line(state: &mut State, line: &str) -> anyhow::Result<bool> {
             None => println!("usage: /to USER"),
         },
         Some("/list") => list(state).await?,
+        Some("/open") => {
+            let index: Option<usize> = words.next().and_then(|n| n.parse().ok());
+            match index.and_then(|n| state.listed.get(n.wrapping_sub(1)).cloned()) {
+                Some(id) => {
+                    let label = state.labels.get(&id).cloned().unwrap_or_default();
+                    println!("-- {label} --");
+                    state.current = Some((id, label));
+                    show_history(state, 20).await?;
+                }
+                None => println!("usage: /open N (a number from /list)"),
+            }
+        }
+        Some("/group") => {
+            let Some(title) = words.next() else {
+                println!("usage: /group TITLE USER...");
+                return Ok(true);
+            };
+            let members: Vec<&str> = words.collect();
+            let group = state.client.create_group(title, &members).await?;
+            state.labels.insert(group.conversation_id.clone(), title.to_owned());
+            state.current = Some((group.conversation_id, title.to_owned()));
+            println!("-- group {title} --");
+        }
+        Some(command @ ("/add" | "/remove" | "/leave" | "/rename" | "/admin" | "/members" | "/typing")) => {
+            let Some((id, _)) = state.current.clone() else {
+                println!("no conversation selected");
+                return Ok(true);
+            };
+            let rest: Vec<&str> = words.collect();
+            match command {
+                "/add" => drop(state.client.add_members(&id, &rest).await?),
+                "/remove" => drop(state.client.remove_member(&id, rest.first().copied().unwrap_or_default()).await?),
+                "/leave" => drop(state.client.leave(&id).await?),
+                "/rename" => drop(state.client.rename(&id, &rest.join(" ")).await?),
+                "/admin" => {
+                    let user = rest.first().copied().unwrap_or_default();
+                    drop(state.client.set_role(&id, user, Role::Admin).await?)
+                }
+                "/typing" => state.client.typing(&id, true).await?,
+                _ => {
+                    let conversation = state.client.get_conversation(&id).await?;
+                    for member in conversation.members {
+                        let role = Role::try_from(member.role).unwrap_or(Role::Member);
+                        println!("  {} ({role:?}, read up to #{})", member.user_id, member.read_seq);
+                    }
+                }
+            }
+        }
+        Some(command @ ("/reply" | "/edit" | "/delete" | "/react" | "/unreact" | "/who")) => {
+            let Some((id, _)) = state.current.clone() else {
+                println!("no conversation selected");
+                return Ok(true);
+            };
+            let Some(seq) = words.next().and_then(|n| n.parse::<u64>().ok()) else {
+                println!("usage: {command} SEQ ...");
+                return Ok(true);
+            };
+            let rest = words.collect::<Vec<_>>().join(" ");
+            match command {
+                "/reply" => println!("(sent #{})", state.client.reply(&id, seq, &rest).await?.seq),
+                "/edit" => drop(state.client.edit(&id, seq, &rest).await?),
+                "/delete" => drop(state.client.delete(&id, seq).await?),
+                "/react" => drop(state.client.react(&id, seq, &rest).await?),
+                "/unreact" => drop(state.client.react(&id, seq, "").await?),
+                _ => {
+                    let receipts = state.client.receipts(&id, seq).await?;
+                    println!("  received by: {}", receipts.delivered_to.join(", "));
+                    println!("  read by: {}", receipts.read_by.join(", "));
+                }
+            }
+        }
         Some("/history") => {
             let limit = words.next().and_then(|n| n.parse().ok()).unwrap_or(20);
             show_history(state, limit).await?;
@@ -120,7 +235,7 @@ async fn handle_line(state: &mut State, line: &str) -> anyhow::Result<bool> {
 pub async fn run(options: ChatOptions) -> anyhow::Result<()> {
     let (client, mut events) = Client::connect(options.client).await?;
     println!("connected as {}. /help lists commands.", client.user_id());
-    let mut state = State { client, current: None, labels: HashMap::new() };
+    let mut state = State { client, current: None, labels: HashMap::new(), listed: Vec::new() };
     // Name conversations before the backlog prints, so missed messages show who they are from.
     label_conversations(&mut state).await?;
     if let Some(peer) = &options.peer {
@@ -141,8 +256,25 @@ pub async fn run(options: ChatOptions) -> anyhow::Result<()> {
             event = events.next() => match event {
                 Some(Event::Message(message)) => {
                     // Our own sends come back too (other devices need them); the ack already showed it.
-                    if message.sender_id != state.client.user_id() {
+                    let text = MessageKind::try_from(message.kind) == Ok(MessageKind::Text);
+                    if message.sender_id != state.client.user_id() || !text {
                         print_message(&state, &message);
+                    }
+                    let current = state.current.as_ref().is_some_and(|(id, _)| *id == message.conversation_id);
+                    if current && message.sender_id != state.client.user_id() {
+                        state.client.mark_read(&message.conversation_id, message.seq).await?;
+                    }
+                }
+                Some(Event::Receipt(receipt)) => {
+                    let current = state.current.as_ref().is_some_and(|(id, _)| *id == receipt.conversation_id);
+                    if current && receipt.read_seq > 0 && receipt.user_id != state.client.user_id() {
+                        println!("({} read up to #{})", receipt.user_id, receipt.read_seq);
+                    }
+                }
+                Some(Event::Typing(typing)) => {
+                    let current = state.current.as_ref().is_some_and(|(id, _)| *id == typing.conversation_id);
+                    if current && typing.typing {
+                        println!("({} is typing...)", typing.user_id);
                     }
                 }
                 Some(Event::Disconnected { reason, will_retry }) => {

@@ -347,6 +347,7 @@ async fn frames_over_the_message_size_limit_are_refused() {
             conversation_id: conversation.conversation_id.clone(),
             client_msg_id: "too-big".into(),
             body: "x".repeat(8192),
+            reply_to_seq: 0,
         })),
     };
     let mut request = tonic::Request::new(futures::stream::iter([hello, oversized]).chain(futures::stream::pending()));

@@ -90,4 +90,55 @@ impl GatewayService for Adapter {
             next_page_token: response.next_page_token,
         }))
     }
+
+    async fn get_conversation(
+        &self,
+        request: Request<pb::GetConversationRequest>,
+    ) -> Result<Response<pb::GetConversationResponse>, Status> {
+        let (user_id, request) = authenticated(request)?;
+        let request = pb::MessageGetConversationRequest { user_id, request: Some(request) };
+        Ok(Response::new(self.context.message.clone().get_conversation(request).await?.into_inner()))
+    }
+
+    async fn get_receipts(
+        &self,
+        request: Request<pb::GetReceiptsRequest>,
+    ) -> Result<Response<pb::GetReceiptsResponse>, Status> {
+        let (user_id, request) = authenticated(request)?;
+        let request = pb::MessageGetReceiptsRequest { user_id, request: Some(request) };
+        Ok(Response::new(self.context.message.clone().get_receipts(request).await?.into_inner()))
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<pb::CreateGroupRequest>,
+    ) -> Result<Response<pb::CreateGroupResponse>, Status> {
+        let (user_id, request) = authenticated(request)?;
+        let request = pb::MessageCreateGroupRequest { user_id, request: Some(request) };
+        Ok(Response::new(self.context.message.clone().create_group(request).await?.into_inner()))
+    }
+
+    async fn update_group(
+        &self,
+        request: Request<pb::UpdateGroupRequest>,
+    ) -> Result<Response<pb::UpdateGroupResponse>, Status> {
+        let (user_id, request) = authenticated(request)?;
+        let request = pb::MessageUpdateGroupRequest { user_id, request: Some(request) };
+        Ok(Response::new(self.context.message.clone().update_group(request).await?.into_inner()))
+    }
+
+    async fn modify_message(
+        &self,
+        request: Request<pb::ModifyMessageRequest>,
+    ) -> Result<Response<pb::ModifyMessageResponse>, Status> {
+        let (user_id, request) = authenticated(request)?;
+        let request = pb::MessageModifyMessageRequest { user_id, request: Some(request) };
+        Ok(Response::new(self.context.message.clone().modify_message(request).await?.into_inner()))
+    }
+}
+
+/// The verified caller and the request body.
+fn authenticated<T>(request: Request<T>) -> Result<(String, T), Status> {
+    let user = caller(&request)?.0.clone();
+    Ok((user, request.into_inner()))
 }

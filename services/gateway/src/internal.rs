@@ -19,12 +19,12 @@ impl GatewayInternalService for Adapter {
         let mut missing = 0u32;
         let mut overflowed = 0u32;
         for delivery in request.into_inner().deliveries {
-            let Some(message) = delivery.message else {
+            let Some(event) = delivery.event else {
                 continue;
             };
-            let message = Arc::new(message);
+            let event = Arc::new(event);
             for session_id in &delivery.session_ids {
-                match self.registry.deliver(session_id, &message) {
+                match self.registry.deliver(session_id, &event) {
                     Delivered::Queued => {}
                     Delivered::Overflowed => overflowed += 1,
                     Delivered::Missing => missing += 1,

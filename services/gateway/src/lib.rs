@@ -53,6 +53,8 @@ pub(crate) struct Context {
     presence: PresenceServiceClient<Channel>,
     /// Per-user send rate, shared by all of a user's sessions on this instance.
     send_limiter: DefaultKeyedRateLimiter<String>,
+    /// Per-user typing-indicator rate.
+    typing_limiter: DefaultKeyedRateLimiter<String>,
     shutdown: CancellationToken,
 }
 
@@ -88,6 +90,9 @@ pub async fn serve(
             .max_decoding_message_size(server_options.internal_max_message_bytes),
         presence: PresenceServiceClient::new(channel(Role::Presence)?),
         send_limiter: RateLimiter::keyed(quota),
+        typing_limiter: RateLimiter::keyed(
+            Quota::per_second(nonzero(options.typing_per_second)).allow_burst(nonzero(options.typing_per_second * 2)),
+        ),
         shutdown: shutdown.clone(),
         options,
     });
@@ -125,8 +130,10 @@ async fn forget_idle_rate_limits(context: Arc<Context>) {
         tokio::select! {
             () = context.shutdown.cancelled() => return,
             _ = tick.tick() => {
-                context.send_limiter.retain_recent();
-                context.send_limiter.shrink_to_fit();
+                for limiter in [&context.send_limiter, &context.typing_limiter] {
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                }
             }
         }
     }

@@ -38,6 +38,9 @@ pub struct Options {
     pub sends_per_second: u32,
     /// Sends a user may make in a burst above the sustained rate.
     pub send_burst: u32,
+    /// Typing indicators one user may send per second (burst twice that);
+    /// extra ones are dropped: they are hints, not data.
+    pub typing_per_second: u32,
 }
 
 impl Default for Options {
@@ -56,6 +59,7 @@ impl Default for Options {
             sync_page: 200,
             sends_per_second: 20,
             send_burst: 50,
+            typing_per_second: 2,
         }
     }
 }
@@ -70,6 +74,7 @@ impl Options {
             ("gateway.sync_page", self.sync_page as usize),
             ("gateway.sends_per_second", self.sends_per_second as usize),
             ("gateway.send_burst", self.send_burst as usize),
+            ("gateway.typing_per_second", self.typing_per_second as usize),
         ];
         for (key, value) in positive {
             if value == 0 {

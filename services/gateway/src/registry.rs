@@ -5,13 +5,14 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use messenger_proto::v1 as pb;
+use messenger_proto::v1::delivery::Event;
 use tokio::sync::{Notify, mpsc};
 
 #[derive(Clone)]
 pub(crate) struct SessionHandle {
-    pub inbox: mpsc::Sender<Arc<pb::Message>>,
-    /// Signalled when a live message could not be queued: the session re-syncs.
+    pub inbox: mpsc::Sender<Arc<Event>>,
+    /// Signalled when a live event could not be queued: the session re-syncs
+    /// (receipts and typing hints are simply dropped).
     pub resync: Arc<Notify>,
 }
 
@@ -40,12 +41,12 @@ impl Registry {
         self.sessions.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    pub fn deliver(&self, session_id: &str, message: &Arc<pb::Message>) -> Delivered {
+    pub fn deliver(&self, session_id: &str, event: &Arc<Event>) -> Delivered {
         let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
         let Some(handle) = sessions.get(session_id) else {
             return Delivered::Missing;
         };
-        match handle.inbox.try_send(message.clone()) {
+        match handle.inbox.try_send(event.clone()) {
             Ok(()) => Delivered::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 handle.resync.notify_one();

@@ -16,7 +16,7 @@ use std::{collections::HashMap, sync::Arc};
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use messenger_platform::ids;
 use messenger_proto::v1::{
-    self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, server_frame::Frame as Out,
+    self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery, server_frame::Frame as Out,
 };
 use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Status, Streaming};
@@ -34,6 +34,7 @@ enum End {
 
 enum Completion {
     Frame(ServerFrame),
+    Nothing,
     AcksFlushed(Result<(), Status>),
 }
 
@@ -56,6 +57,14 @@ fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conv
             client_msg_id: client_msg_id.to_owned(),
             conversation_id: conversation_id.to_owned(),
         })),
+    }
+}
+
+/// Nothing on success; an Error frame (stream stays open) on failure.
+fn answer_or_error<T>(result: Result<T, Status>, conversation_id: &str) -> Completion {
+    match result {
+        Ok(_) => Completion::Nothing,
+        Err(status) => Completion::Frame(error_frame(status.code(), status.message(), "", conversation_id)),
     }
 }
 
@@ -145,7 +154,7 @@ impl Session {
     async fn serve(
         &mut self,
         inbound: &mut Streaming<ClientFrame>,
-        mut inbox: mpsc::Receiver<Arc<pb::Message>>,
+        mut inbox: mpsc::Receiver<Arc<delivery::Event>>,
         resync: Arc<Notify>,
     ) -> End {
         let ready = Out::Ready(pb::Ready { session_id: self.session_id.clone(), user_id: self.user.clone() });
@@ -167,8 +176,14 @@ impl Session {
                     return End::ClientGone;
                 }
                 Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done, &mut inflight).await,
-                message = inbox.recv() => match message {
-                    Some(message) => self.deliver_live(&message).await,
+                event = inbox.recv() => match event.as_deref() {
+                    Some(delivery::Event::Message(message)) => self.deliver_live(message).await,
+                    Some(delivery::Event::Receipt(receipt)) => {
+                        self.emit(ServerFrame { frame: Some(Out::Receipt(receipt.clone())) }).await
+                    }
+                    Some(delivery::Event::Typing(typing)) => {
+                        self.emit(ServerFrame { frame: Some(Out::Typing(typing.clone())) }).await
+                    }
                     None => return End::ClientGone,
                 },
                 () = resync.notified() => self.sync(None).await,
@@ -290,6 +305,7 @@ impl Session {
                     conversation_id: send.conversation_id.clone(),
                     client_msg_id: send.client_msg_id.clone(),
                     body: send.body,
+                    reply_to_seq: send.reply_to_seq,
                 };
                 inflight.push(
                     async move {
@@ -317,6 +333,33 @@ impl Session {
                 let cursor = self.pending_acks.entry(ack.conversation_id).or_insert(0);
                 *cursor = (*cursor).max(ack.seq);
                 self.start_ack_flush(inflight);
+                Ok(())
+            }
+            Some(In::Read(read)) => {
+                let mut client = self.context.message.clone();
+                let conversation_id = read.conversation_id.clone();
+                let request = pb::MarkReadRequest {
+                    user_id: self.user.clone(),
+                    conversation_id: read.conversation_id,
+                    seq: read.seq,
+                };
+                inflight
+                    .push(async move { answer_or_error(client.mark_read(request).await, &conversation_id) }.boxed());
+                Ok(())
+            }
+            Some(In::Typing(typing)) => {
+                if self.context.typing_limiter.check_key(&self.user).is_ok() {
+                    let mut client = self.context.message.clone();
+                    let conversation_id = typing.conversation_id.clone();
+                    let request = pb::NotifyTypingRequest {
+                        user_id: self.user.clone(),
+                        conversation_id: typing.conversation_id,
+                        typing: typing.typing,
+                    };
+                    inflight.push(
+                        async move { answer_or_error(client.notify_typing(request).await, &conversation_id) }.boxed(),
+                    );
+                }
                 Ok(())
             }
             Some(In::Ping(ping)) => {
@@ -370,6 +413,7 @@ impl Session {
     ) -> Result<(), End> {
         match done {
             Completion::Frame(frame) => self.emit(frame).await,
+            Completion::Nothing => Ok(()),
             Completion::AcksFlushed(result) => {
                 self.ack_in_flight = false;
                 if let Err(status) = result {

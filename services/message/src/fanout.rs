@@ -1,10 +1,12 @@
-//! Fan-out of committed messages to the devices that are online.
+//! Fan-out of committed entries, receipts and typing indicators to the
+//! devices that are online.
 //!
-//! Each committed message goes to a worker chosen by its conversation, so a
-//! conversation's messages leave in seq order. A worker takes whatever is
-//! queued, asks presence where every member is in one `Locate`, and sends one
-//! `Deliver` per gateway. A failed Deliver loses nothing: the device catches
-//! up from its delivered cursor (gap fill in the gateway, or sync on reconnect).
+//! Each item goes to a worker chosen by its conversation, so a conversation's
+//! entries leave in seq order. A worker takes whatever is queued, reads each
+//! conversation's members once, asks presence where they all are in one
+//! `Locate`, and sends one `Deliver` per gateway. A failed Deliver loses
+//! nothing: the device catches up from its delivered cursor (gap fill in the
+//! gateway, or sync on reconnect). Receipts and typing are live-only hints.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -14,8 +16,8 @@ use std::{
 
 use messenger_platform::discovery::ChannelPool;
 use messenger_proto::v1::{
-    self as pb, DeliverRequest, Delivery, LocateRequest, gateway_internal_service_client::GatewayInternalServiceClient,
-    presence_service_client::PresenceServiceClient,
+    self as pb, DeliverRequest, Delivery, LocateRequest, delivery,
+    gateway_internal_service_client::GatewayInternalServiceClient, presence_service_client::PresenceServiceClient,
 };
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -24,12 +26,29 @@ use uuid::Uuid;
 
 use crate::{
     options::FanoutOptions,
-    store::{MessageStore, StoredMessage},
+    store::{Kind, MessageStore, Role, StoredMessage},
 };
+
+/// Something to push to a conversation's online members.
+#[derive(Clone, Debug)]
+pub enum Outgoing {
+    Entry(StoredMessage),
+    Receipt(Uuid, pb::Receipt),
+    Typing(Uuid, pb::Typing),
+}
+
+impl Outgoing {
+    fn conversation_id(&self) -> Uuid {
+        match self {
+            Outgoing::Entry(message) => message.conversation_id,
+            Outgoing::Receipt(id, _) | Outgoing::Typing(id, _) => *id,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Fanout {
-    workers: Arc<Vec<mpsc::Sender<StoredMessage>>>,
+    workers: Arc<Vec<mpsc::Sender<Outgoing>>>,
 }
 
 struct Worker {
@@ -37,11 +56,13 @@ struct Worker {
     presence: PresenceServiceClient<Channel>,
     gateways: ChannelPool,
     max_batch: usize,
+    delivered_receipts_max_members: usize,
 }
 
 impl Fanout {
     pub fn start(
         options: &FanoutOptions,
+        delivered_receipts_max_members: usize,
         store: Arc<dyn MessageStore>,
         presence: PresenceServiceClient<Channel>,
         gateways: ChannelPool,
@@ -54,6 +75,7 @@ impl Fanout {
                     presence: presence.clone(),
                     gateways: gateways.clone(),
                     max_batch: options.max_batch,
+                    delivered_receipts_max_members,
                 };
                 tokio::spawn(worker.run(rx));
                 tx
@@ -62,15 +84,53 @@ impl Fanout {
         Self { workers: Arc::new(workers) }
     }
 
-    /// Queues a committed message; waits when the worker's queue is full.
-    pub async fn publish(&self, message: StoredMessage) {
+    fn worker(&self, conversation_id: Uuid) -> &mpsc::Sender<Outgoing> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        message.conversation_id.hash(&mut hasher);
-        let index = (hasher.finish() % self.workers.len() as u64) as usize;
-        if self.workers[index].send(message).await.is_err() {
+        conversation_id.hash(&mut hasher);
+        &self.workers[(hasher.finish() % self.workers.len() as u64) as usize]
+    }
+
+    /// Queues a committed entry; waits when the worker's queue is full (backpressure).
+    pub async fn publish(&self, message: StoredMessage) {
+        let worker = self.worker(message.conversation_id);
+        if worker.send(Outgoing::Entry(message)).await.is_err() {
             warn!("fan-out worker stopped; devices will catch up by sync");
         }
     }
+
+    /// Queues a live-only hint; dropped when the worker is saturated.
+    pub fn publish_hint(&self, hint: Outgoing) {
+        if self.worker(hint.conversation_id()).try_send(hint).is_err() {
+            debug!("fan-out saturated; live hint dropped");
+        }
+    }
+}
+
+fn role_to_proto(role: Role) -> pb::Role {
+    match role {
+        Role::Member => pb::Role::Member,
+        Role::Admin => pb::Role::Admin,
+        Role::Owner => pb::Role::Owner,
+    }
+}
+
+pub(crate) fn kind_to_proto(kind: Kind) -> pb::MessageKind {
+    match kind {
+        Kind::Text => pb::MessageKind::Text,
+        Kind::Edit => pb::MessageKind::Edit,
+        Kind::Delete => pb::MessageKind::Delete,
+        Kind::Reaction => pb::MessageKind::Reaction,
+        Kind::GroupCreated => pb::MessageKind::GroupCreated,
+        Kind::MembersAdded => pb::MessageKind::MembersAdded,
+        Kind::MemberRemoved => pb::MessageKind::MemberRemoved,
+        Kind::MemberLeft => pb::MessageKind::MemberLeft,
+        Kind::Renamed => pb::MessageKind::Renamed,
+        Kind::RoleChanged => pb::MessageKind::RoleChanged,
+    }
+}
+
+pub(crate) fn role_code(role: Role) -> i32 {
+    role_to_proto(role) as i32
 }
 
 pub(crate) fn to_proto(message: &StoredMessage) -> pb::Message {
@@ -82,11 +142,20 @@ pub(crate) fn to_proto(message: &StoredMessage) -> pb::Message {
         client_msg_id: message.client_msg_id.clone(),
         body: message.body.clone(),
         sent_at_ms: message.sent_at_ms,
+        kind: kind_to_proto(message.kind) as i32,
+        reply_to_seq: message.reply_to_seq,
+        target_seq: message.target_seq,
+        reaction: message.reaction.clone(),
+        member_ids: message.member_ids.clone(),
+        title: message.title.clone(),
+        role: message.role.map_or(0, role_code),
+        edited_at_ms: message.edited_at_ms,
+        deleted: message.deleted,
     }
 }
 
 impl Worker {
-    async fn run(mut self, mut queue: mpsc::Receiver<StoredMessage>) {
+    async fn run(mut self, mut queue: mpsc::Receiver<Outgoing>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while queue.recv_many(&mut batch, self.max_batch).await > 0 {
             self.fan_out(&batch).await;
@@ -94,26 +163,49 @@ impl Worker {
         }
     }
 
-    async fn fan_out(&mut self, batch: &[StoredMessage]) {
-        let mut members: HashMap<Uuid, Vec<String>> = HashMap::new();
-        for message in batch {
-            if members.contains_key(&message.conversation_id) {
+    /// Who should get `item`, given the conversation's active members.
+    fn recipients<'a>(&self, item: &'a Outgoing, active: &'a [String]) -> Vec<&'a str> {
+        let mut users: Vec<&str> = active.iter().map(String::as_str).collect();
+        match item {
+            Outgoing::Entry(entry) => match entry.kind {
+                // The removed and the leaving still get the entry that ends their membership.
+                Kind::MemberRemoved => users.extend(entry.member_ids.iter().map(String::as_str)),
+                Kind::MemberLeft => users.push(&entry.sender),
+                _ => {}
+            },
+            Outgoing::Receipt(_, receipt) => {
+                if receipt.read_seq == 0 && active.len() > self.delivered_receipts_max_members {
+                    return Vec::new();
+                }
+            }
+            Outgoing::Typing(_, typing) => users.retain(|u| *u != typing.user_id),
+        }
+        users
+    }
+
+    async fn fan_out(&mut self, batch: &[Outgoing]) {
+        let mut active: HashMap<Uuid, Vec<String>> = HashMap::new();
+        for item in batch {
+            let id = item.conversation_id();
+            if active.contains_key(&id) {
                 continue;
             }
-            match self.store.members(message.conversation_id).await {
-                Ok(list) => {
-                    members.insert(message.conversation_id, list);
+            match self.store.members(id).await {
+                Ok(members) => {
+                    active.insert(id, members.into_iter().filter(|m| m.is_active()).map(|m| m.user_id).collect());
                 }
-                Err(error) => {
-                    warn!(%error, conversation_id = %message.conversation_id, "fan-out skipped: members unavailable")
-                }
+                Err(error) => warn!(%error, conversation_id = %id, "fan-out skipped: members unavailable"),
             }
         }
-        let users: HashSet<&String> = members.values().flatten().collect();
+        let recipients: Vec<Vec<&str>> = batch
+            .iter()
+            .map(|item| active.get(&item.conversation_id()).map(|a| self.recipients(item, a)).unwrap_or_default())
+            .collect();
+        let users: HashSet<&str> = recipients.iter().flatten().copied().collect();
         if users.is_empty() {
             return;
         }
-        let request = LocateRequest { user_ids: users.into_iter().cloned().collect() };
+        let request = LocateRequest { user_ids: users.into_iter().map(str::to_owned).collect() };
         let sessions = match self.presence.locate(request).await {
             Ok(response) => response.into_inner().sessions,
             Err(status) => {
@@ -126,19 +218,23 @@ impl Worker {
             by_user.entry(session.user_id.as_str()).or_default().push(session);
         }
         let mut by_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
-        for message in batch {
-            let Some(recipients) = members.get(&message.conversation_id) else {
-                continue;
-            };
+        for (item, users) in batch.iter().zip(&recipients) {
             let mut per_gateway: HashMap<&str, Vec<String>> = HashMap::new();
-            for user in recipients {
-                for session in by_user.get(user.as_str()).into_iter().flatten() {
+            for user in users {
+                for session in by_user.get(user).into_iter().flatten() {
                     per_gateway.entry(session.gateway_addr.as_str()).or_default().push(session.session_id.clone());
                 }
             }
-            let proto = to_proto(message);
+            if per_gateway.is_empty() {
+                continue;
+            }
+            let event = match item {
+                Outgoing::Entry(entry) => delivery::Event::Message(to_proto(entry)),
+                Outgoing::Receipt(_, receipt) => delivery::Event::Receipt(receipt.clone()),
+                Outgoing::Typing(_, typing) => delivery::Event::Typing(typing.clone()),
+            };
             for (gateway, session_ids) in per_gateway {
-                by_gateway.entry(gateway).or_default().push(Delivery { message: Some(proto.clone()), session_ids });
+                by_gateway.entry(gateway).or_default().push(Delivery { event: Some(event.clone()), session_ids });
             }
         }
         let calls = by_gateway.into_iter().map(|(address, deliveries)| {

@@ -2,20 +2,22 @@
 
 use std::sync::Arc;
 
-use messenger_proto::v1::{self as pb, message_service_server::MessageService};
+use messenger_proto::v1::{
+    self as pb, message_service_server::MessageService, modify_message_request, update_group_request,
+};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    fanout::to_proto,
+    fanout::{role_code, to_proto},
     service::{SendInput, Service},
-    store::{Conversation, ConversationKind, HistoryRange},
+    store::{Change, Conversation, ConversationKind, HistoryRange, Member, Role},
 };
 
 pub struct Adapter {
     pub service: Arc<Service>,
 }
 
-pub(crate) fn conversation_to_proto(conversation: Conversation) -> pb::Conversation {
+pub(crate) fn conversation_to_proto(conversation: Conversation, members: Vec<Member>) -> pb::Conversation {
     pb::Conversation {
         conversation_id: conversation.id.to_string(),
         kind: match conversation.kind {
@@ -27,7 +29,40 @@ pub(crate) fn conversation_to_proto(conversation: Conversation) -> pb::Conversat
         last_seq: conversation.last_seq,
         created_at_ms: conversation.created_at_ms,
         last_activity_ms: conversation.last_activity_ms,
+        members: members
+            .into_iter()
+            .map(|m| pb::Member {
+                user_id: m.user_id,
+                role: role_code(m.role),
+                read_seq: m.read_seq,
+                delivered_seq: m.delivered_seq,
+                joined_seq: m.joined_seq,
+            })
+            .collect(),
+        unread_count: conversation.unread_count,
+        last_message: conversation.last_message.as_ref().map(to_proto),
+        read_seq: conversation.read_seq,
     }
+}
+
+fn role_from_proto(code: i32) -> Result<Role, Status> {
+    match pb::Role::try_from(code) {
+        Ok(pb::Role::Member) => Ok(Role::Member),
+        Ok(pb::Role::Admin) => Ok(Role::Admin),
+        Ok(pb::Role::Owner) => Ok(Role::Owner),
+        _ => Err(Status::invalid_argument("role must be MEMBER, ADMIN or OWNER")),
+    }
+}
+
+fn inner<T>(request: Option<T>) -> Result<T, Status> {
+    request.ok_or_else(|| Status::invalid_argument("request is required"))
+}
+
+fn event_response<T>(
+    event: Option<crate::store::StoredMessage>,
+    wrap: impl FnOnce(Option<pb::Message>) -> T,
+) -> Response<T> {
+    Response::new(wrap(event.as_ref().map(to_proto)))
 }
 
 #[tonic::async_trait]
@@ -41,6 +76,7 @@ impl MessageService for Adapter {
                 conversation_id: &request.conversation_id,
                 client_msg_id: &request.client_msg_id,
                 body: request.body,
+                reply_to_seq: request.reply_to_seq,
             })
             .await?;
         Ok(Response::new(pb::SendResponse {
@@ -62,7 +98,7 @@ impl MessageService for Adapter {
         let request = request.into_inner();
         let conversation = self.service.get_or_create_direct(&request.user_id, &request.peer_id).await?;
         Ok(Response::new(pb::MessageGetOrCreateDirectResponse {
-            conversation: Some(conversation_to_proto(conversation)),
+            conversation: Some(conversation_to_proto(conversation, Vec::new())),
         }))
     }
 
@@ -90,7 +126,7 @@ impl MessageService for Adapter {
         let (conversations, next) =
             self.service.list_conversations(&request.user_id, &request.page_token, request.limit).await?;
         Ok(Response::new(pb::MessageListConversationsResponse {
-            conversations: conversations.into_iter().map(conversation_to_proto).collect(),
+            conversations: conversations.into_iter().map(|c| conversation_to_proto(c, Vec::new())).collect(),
             next_page_token: next.unwrap_or_default(),
         }))
     }
@@ -120,5 +156,95 @@ impl MessageService for Adapter {
                 .map(|(id, seq)| pb::DeliveredCursor { conversation_id: id.to_string(), seq })
                 .collect(),
         }))
+    }
+
+    async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::MarkReadResponse>, Status> {
+        let request = request.into_inner();
+        let read_seq = self.service.mark_read(&request.user_id, &request.conversation_id, request.seq).await?;
+        Ok(Response::new(pb::MarkReadResponse { read_seq }))
+    }
+
+    async fn notify_typing(
+        &self,
+        request: Request<pb::NotifyTypingRequest>,
+    ) -> Result<Response<pb::NotifyTypingResponse>, Status> {
+        let request = request.into_inner();
+        self.service.notify_typing(&request.user_id, &request.conversation_id, request.typing).await?;
+        Ok(Response::new(pb::NotifyTypingResponse {}))
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<pb::MessageGetConversationRequest>,
+    ) -> Result<Response<pb::GetConversationResponse>, Status> {
+        let request = request.into_inner();
+        let inner = inner(request.request)?;
+        let (conversation, members) = self.service.get_conversation(&request.user_id, &inner.conversation_id).await?;
+        Ok(Response::new(pb::GetConversationResponse {
+            conversation: Some(conversation_to_proto(conversation, members)),
+        }))
+    }
+
+    async fn get_receipts(
+        &self,
+        request: Request<pb::MessageGetReceiptsRequest>,
+    ) -> Result<Response<pb::GetReceiptsResponse>, Status> {
+        let request = request.into_inner();
+        let inner = inner(request.request)?;
+        let receipts = self.service.get_receipts(&request.user_id, &inner.conversation_id, inner.seq).await?;
+        Ok(Response::new(pb::GetReceiptsResponse { delivered_to: receipts.delivered_to, read_by: receipts.read_by }))
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<pb::MessageCreateGroupRequest>,
+    ) -> Result<Response<pb::CreateGroupResponse>, Status> {
+        let request = request.into_inner();
+        let inner = inner(request.request)?;
+        let conversation = self.service.create_group(&request.user_id, &inner.title, inner.member_ids).await?;
+        Ok(Response::new(pb::CreateGroupResponse {
+            conversation: Some(conversation_to_proto(conversation, Vec::new())),
+        }))
+    }
+
+    async fn update_group(
+        &self,
+        request: Request<pb::MessageUpdateGroupRequest>,
+    ) -> Result<Response<pb::UpdateGroupResponse>, Status> {
+        let request = request.into_inner();
+        let inner = inner(request.request)?;
+        let change = match inner.change {
+            Some(update_group_request::Change::AddMembers(list)) => Change::AddMembers(list.user_ids),
+            Some(update_group_request::Change::RemoveMember(user)) => Change::RemoveMember(user),
+            Some(update_group_request::Change::Leave(true)) => Change::Leave,
+            Some(update_group_request::Change::Rename(title)) => Change::Rename(title),
+            Some(update_group_request::Change::SetRole(change)) => {
+                Change::SetRole(change.user_id, role_from_proto(change.role)?)
+            }
+            Some(update_group_request::Change::Leave(false)) | None => {
+                return Err(Status::invalid_argument("change is required"));
+            }
+        };
+        let event = self.service.update_group(&request.user_id, &inner.conversation_id, change).await?;
+        Ok(event_response(event, |event| pb::UpdateGroupResponse { event }))
+    }
+
+    async fn modify_message(
+        &self,
+        request: Request<pb::MessageModifyMessageRequest>,
+    ) -> Result<Response<pb::ModifyMessageResponse>, Status> {
+        let request = request.into_inner();
+        let inner = inner(request.request)?;
+        let target_seq = inner.target_seq;
+        let change = match inner.change {
+            Some(modify_message_request::Change::Edit(body)) => Change::Edit { target_seq, body },
+            Some(modify_message_request::Change::Delete(true)) => Change::Delete { target_seq },
+            Some(modify_message_request::Change::React(emoji)) => Change::React { target_seq, emoji },
+            Some(modify_message_request::Change::Delete(false)) | None => {
+                return Err(Status::invalid_argument("change is required"));
+            }
+        };
+        let event = self.service.modify_message(&request.user_id, &inner.conversation_id, change).await?;
+        Ok(event_response(event, |event| pb::ModifyMessageResponse { event }))
     }
 }

@@ -7,6 +7,7 @@
 //!   is the test suite every backend must pass.
 //! - [`sqlite`]: the embedded backend (WAL, one writer thread with group commit).
 //! - `service.rs`: domain logic (validation, membership, send then fan-out).
+//! - `policy.rs`: who may do what in a group; used by every store inside its transaction.
 //! - `fanout.rs`: presence `Locate` + one gateway `Deliver` per gateway and batch.
 //! - `grpc.rs`: the thin tonic adapter.
 //!
@@ -18,6 +19,7 @@ mod error;
 mod fanout;
 mod grpc;
 mod options;
+mod policy;
 mod service;
 pub mod sqlite;
 pub mod store;
@@ -59,6 +61,7 @@ pub async fn serve(
         .map_err(|e| server::Error::Bind { address: "presence".into(), source: std::io::Error::other(e) })?;
     let fanout = fanout::Fanout::start(
         &options.fanout,
+        options.delivered_receipts_max_members,
         deps.store.clone(),
         PresenceServiceClient::new(presence),
         ChannelPool::new(deps.discovery_options.clone()),

@@ -1,6 +1,6 @@
 //! The message service's configuration.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,22 @@ pub struct Options {
     pub inbox_page_max: u32,
     /// Most messages one Sync response carries.
     pub sync_page_max: u32,
+    /// Most members a group may have, its creator included.
+    pub max_group_size: usize,
+    /// Longest group title, in bytes.
+    pub max_title_bytes: usize,
+    /// How long after sending its sender may edit a message.
+    #[serde(with = "humantime_serde")]
+    pub edit_window: Duration,
+    /// Longest reaction, in bytes (one emoji, possibly with modifiers).
+    pub max_reaction_bytes: usize,
+    /// How long a typing indicator lasts without a renewal.
+    #[serde(with = "humantime_serde")]
+    pub typing_ttl: Duration,
+    /// Delivered receipts are pushed live only in conversations up to this many
+    /// members (every device's ack would otherwise fan out to every member);
+    /// larger groups ask with GetReceipts. Read receipts are always pushed.
+    pub delivered_receipts_max_members: usize,
     pub sqlite: SqliteOptions,
     pub fanout: FanoutOptions,
 }
@@ -56,6 +72,12 @@ impl Default for Options {
             inbox_page_default: 50,
             inbox_page_max: 200,
             sync_page_max: 500,
+            max_group_size: 1024,
+            max_title_bytes: 256,
+            edit_window: Duration::from_secs(15 * 60),
+            max_reaction_bytes: 64,
+            typing_ttl: Duration::from_secs(5),
+            delivered_receipts_max_members: 32,
             sqlite: SqliteOptions::default(),
             fanout: FanoutOptions::default(),
         }
@@ -71,6 +93,9 @@ impl Options {
             ("message.inbox_page_default", self.inbox_page_default as usize),
             ("message.inbox_page_max", self.inbox_page_max as usize),
             ("message.sync_page_max", self.sync_page_max as usize),
+            ("message.max_group_size", self.max_group_size),
+            ("message.max_title_bytes", self.max_title_bytes),
+            ("message.max_reaction_bytes", self.max_reaction_bytes),
             ("message.sqlite.max_batch", self.sqlite.max_batch),
             ("message.sqlite.queue_depth", self.sqlite.queue_depth),
             ("message.fanout.workers", self.fanout.workers),
@@ -81,6 +106,12 @@ impl Options {
             if value == 0 {
                 return Err(format!("{key} must be positive"));
             }
+        }
+        if self.max_group_size < 2 {
+            return Err("message.max_group_size must be at least 2".into());
+        }
+        if self.typing_ttl.is_zero() {
+            return Err("message.typing_ttl must be positive".into());
         }
         if self.history_page_default > self.history_page_max {
             return Err("message.history_page_default exceeds message.history_page_max".into());

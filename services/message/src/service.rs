@@ -1,17 +1,20 @@
 //! The message service's domain logic, independent of gRPC: validation,
-//! membership checks, send with fan-out, history, inbox, cursors and sync.
+//! membership checks, sends and changes with fan-out, history, inbox,
+//! cursors, receipts, typing and sync.
 
 use std::sync::Arc;
 
 use messenger_platform::ids;
+use messenger_proto::v1 as pb;
 use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    fanout::Fanout,
+    fanout::{Fanout, Outgoing},
     options::Options,
     store::{
-        Conversation, HistoryRange, InboxCursor, MessageStore, NewMessage, SendOutcome, StoredMessage, SyncCursor,
+        Change, ChangeRequest, Conversation, HistoryRange, InboxCursor, Limits, Member, MessageStore, NewGroup,
+        NewMessage, SendOutcome, StoredMessage, SyncCursor,
     },
 };
 
@@ -35,6 +38,13 @@ pub struct SendInput<'a> {
     pub conversation_id: &'a str,
     pub client_msg_id: &'a str,
     pub body: String,
+    pub reply_to_seq: u64,
+}
+
+/// Who has a message: members other than the asker.
+pub struct Receipts {
+    pub delivered_to: Vec<String>,
+    pub read_by: Vec<String>,
 }
 
 pub(crate) fn check_id(kind: &str, value: &str) -> Result<()> {
@@ -63,18 +73,43 @@ impl Service {
         Self { options, store, fanout }
     }
 
+    fn check_body(&self, body: &str) -> Result<()> {
+        if body.trim().is_empty() {
+            return Err(Error::InvalidArgument("body must not be empty".into()));
+        }
+        if body.len() > self.options.max_body_bytes {
+            return Err(Error::BodyTooLarge { size: body.len(), limit: self.options.max_body_bytes });
+        }
+        Ok(())
+    }
+
+    fn check_title(&self, title: &str) -> Result<()> {
+        if title.trim().is_empty() {
+            return Err(Error::InvalidArgument("title must not be empty".into()));
+        }
+        if title.len() > self.options.max_title_bytes || title.chars().any(char::is_control) {
+            return Err(Error::InvalidArgument(format!(
+                "title must be at most {} bytes without control characters",
+                self.options.max_title_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_group_size: self.options.max_group_size,
+            edit_window_ms: self.options.edit_window.as_millis() as i64,
+        }
+    }
+
     /// Commits the message (or finds the original of a retry), then queues fan-out.
     /// Returns the stored message and whether it was created by this call.
     pub async fn send(&self, input: SendInput<'_>) -> Result<(StoredMessage, bool)> {
         check_id("sender_id", input.sender)?;
         check_id("client_msg_id", input.client_msg_id)?;
         let conversation_id = parse_conversation(input.conversation_id)?;
-        if input.body.trim().is_empty() {
-            return Err(Error::InvalidArgument("body must not be empty".into()));
-        }
-        if input.body.len() > self.options.max_body_bytes {
-            return Err(Error::BodyTooLarge { size: input.body.len(), limit: self.options.max_body_bytes });
-        }
+        self.check_body(&input.body)?;
         let outcome = self
             .store
             .send(NewMessage {
@@ -83,6 +118,7 @@ impl Service {
                 sender: input.sender.to_owned(),
                 client_msg_id: input.client_msg_id.to_owned(),
                 body: input.body,
+                reply_to_seq: input.reply_to_seq,
                 sent_at_ms: ids::now_ms(),
             })
             .await?;
@@ -104,10 +140,110 @@ impl Service {
         self.store.get_or_create_direct(user, peer, ids::new_id(), ids::now_ms()).await
     }
 
-    async fn require_member(&self, conversation_id: Uuid, user: &str) -> Result<Conversation> {
-        self.store.conversation_for_member(conversation_id, user).await?.ok_or(Error::ConversationNotFound)
+    pub async fn create_group(&self, user: &str, title: &str, members: Vec<String>) -> Result<Conversation> {
+        check_id("user_id", user)?;
+        self.check_title(title)?;
+        let mut members = members;
+        for member in &members {
+            check_id("member_ids", member)?;
+        }
+        members.sort();
+        members.dedup();
+        members.retain(|m| m != user);
+        let group = NewGroup {
+            id: ids::new_id(),
+            creator: user.to_owned(),
+            title: title.to_owned(),
+            members,
+            now_ms: ids::now_ms(),
+        };
+        let (conversation, created) = self.store.create_group(group, self.options.max_group_size).await?;
+        self.fanout.publish(created).await;
+        Ok(conversation)
     }
 
+    async fn apply(&self, user: &str, conversation_id: &str, change: Change) -> Result<Vec<StoredMessage>> {
+        check_id("user_id", user)?;
+        let conversation_id = parse_conversation(conversation_id)?;
+        let request = ChangeRequest {
+            conversation_id,
+            actor: user.to_owned(),
+            change,
+            now_ms: ids::now_ms(),
+            limits: self.limits(),
+        };
+        let entries = self.store.apply(request).await?;
+        for entry in &entries {
+            self.fanout.publish(entry.clone()).await;
+        }
+        Ok(entries)
+    }
+
+    /// Applies a membership, title or role change; returns the entry recording it.
+    pub async fn update_group(
+        &self,
+        user: &str,
+        conversation_id: &str,
+        change: Change,
+    ) -> Result<Option<StoredMessage>> {
+        match &change {
+            Change::AddMembers(users) => {
+                if users.is_empty() {
+                    return Err(Error::InvalidArgument("add_members needs at least one user".into()));
+                }
+                users.iter().try_for_each(|u| check_id("user_ids", u))?;
+            }
+            Change::RemoveMember(target) | Change::SetRole(target, _) => check_id("user_id", target)?,
+            Change::Rename(title) => self.check_title(title)?,
+            Change::Leave => {}
+            Change::Edit { .. } | Change::Delete { .. } | Change::React { .. } => {
+                return Err(Error::InvalidArgument("not a group change".into()));
+            }
+        }
+        Ok(self.apply(user, conversation_id, change).await?.into_iter().next())
+    }
+
+    /// Edits, deletes or reacts to a message; returns the entry recording it
+    /// (None when nothing changed).
+    pub async fn modify_message(
+        &self,
+        user: &str,
+        conversation_id: &str,
+        change: Change,
+    ) -> Result<Option<StoredMessage>> {
+        match &change {
+            Change::Edit { target_seq, body } => {
+                self.check_body(body)?;
+                check_seq(*target_seq)?;
+            }
+            Change::Delete { target_seq } => check_seq(*target_seq)?,
+            Change::React { target_seq, emoji } => {
+                check_seq(*target_seq)?;
+                if emoji.len() > self.options.max_reaction_bytes
+                    || emoji.chars().any(|c| c.is_control() || c.is_whitespace())
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "a reaction is one emoji of at most {} bytes",
+                        self.options.max_reaction_bytes
+                    )));
+                }
+            }
+            _ => return Err(Error::InvalidArgument("not a message change".into())),
+        }
+        Ok(self.apply(user, conversation_id, change).await?.into_iter().next())
+    }
+
+    /// The caller's membership, or NOT_FOUND (never a member).
+    async fn membership(&self, conversation_id: Uuid, user: &str) -> Result<Member> {
+        self.store.member(conversation_id, user).await?.ok_or(Error::ConversationNotFound)
+    }
+
+    async fn active_membership(&self, conversation_id: Uuid, user: &str) -> Result<Member> {
+        let member = self.membership(conversation_id, user).await?;
+        if member.is_active() { Ok(member) } else { Err(Error::NoLongerMember) }
+    }
+
+    /// History within what the caller may see (former members: up to their removal).
     pub async fn history(
         &self,
         user: &str,
@@ -117,14 +253,41 @@ impl Service {
     ) -> Result<HistoryPage> {
         check_id("user_id", user)?;
         let conversation_id = parse_conversation(conversation_id)?;
-        self.require_member(conversation_id, user).await?;
+        let member = self.membership(conversation_id, user).await?;
+        let visible = member.visible();
         let limit = clamp(limit, self.options.history_page_default, self.options.history_page_max);
-        let messages = self.store.history(conversation_id, range, limit).await?;
+        let messages = self.store.history(conversation_id, range, visible, limit).await?;
         let has_more = match range {
-            HistoryRange::Before(_) => messages.first().is_some_and(|m| m.seq > 1),
+            HistoryRange::Before(_) => messages.first().is_some_and(|m| m.seq > visible.from.max(1)),
             HistoryRange::After(_) => messages.len() == limit,
         };
         Ok(HistoryPage { messages, has_more })
+    }
+
+    /// The conversation with its members, roles and cursors.
+    pub async fn get_conversation(&self, user: &str, conversation_id: &str) -> Result<(Conversation, Vec<Member>)> {
+        check_id("user_id", user)?;
+        let id = parse_conversation(conversation_id)?;
+        self.active_membership(id, user).await?;
+        let conversation = self.store.conversation_for_member(id, user).await?.ok_or(Error::NoLongerMember)?;
+        let members = self.store.members(id).await?.into_iter().filter(Member::is_active).collect();
+        Ok((conversation, members))
+    }
+
+    pub async fn get_receipts(&self, user: &str, conversation_id: &str, seq: u64) -> Result<Receipts> {
+        check_id("user_id", user)?;
+        check_seq(seq)?;
+        let id = parse_conversation(conversation_id)?;
+        let caller = self.active_membership(id, user).await?;
+        if !caller.visible().contains(seq) {
+            return Err(Error::MessageNotFound(seq));
+        }
+        let others: Vec<Member> =
+            self.store.members(id).await?.into_iter().filter(|m| m.is_active() && m.user_id != user).collect();
+        Ok(Receipts {
+            delivered_to: others.iter().filter(|m| m.delivered_seq >= seq).map(|m| m.user_id.clone()).collect(),
+            read_by: others.iter().filter(|m| m.read_seq >= seq).map(|m| m.user_id.clone()).collect(),
+        })
     }
 
     /// One inbox page and the token of the next (None at the end).
@@ -144,6 +307,7 @@ impl Service {
         Ok((conversations, next))
     }
 
+    /// Moves delivered cursors and tells the other members (small conversations).
     pub async fn ack_delivered(
         &self,
         user: &str,
@@ -156,7 +320,43 @@ impl Service {
             .into_iter()
             .map(|(conversation, seq)| Ok((parse_conversation(&conversation)?, seq)))
             .collect::<Result<Vec<_>>>()?;
-        self.store.ack_delivered(user, device, cursors).await
+        let stored = self.store.ack_delivered(user, device, cursors).await?;
+        for (id, seq) in &stored {
+            let receipt = pb::Receipt {
+                conversation_id: id.to_string(),
+                user_id: user.to_owned(),
+                read_seq: 0,
+                delivered_seq: *seq,
+            };
+            self.fanout.publish_hint(Outgoing::Receipt(*id, receipt));
+        }
+        Ok(stored)
+    }
+
+    /// Moves the member's read cursor and tells every member's devices, its own included.
+    pub async fn mark_read(&self, user: &str, conversation_id: &str, seq: u64) -> Result<u64> {
+        check_id("user_id", user)?;
+        let id = parse_conversation(conversation_id)?;
+        let read_seq = self.store.mark_read(id, user, seq).await?;
+        let receipt =
+            pb::Receipt { conversation_id: id.to_string(), user_id: user.to_owned(), read_seq, delivered_seq: 0 };
+        self.fanout.publish_hint(Outgoing::Receipt(id, receipt));
+        Ok(read_seq)
+    }
+
+    /// Tells the other online members; stores nothing.
+    pub async fn notify_typing(&self, user: &str, conversation_id: &str, typing: bool) -> Result<()> {
+        check_id("user_id", user)?;
+        let id = parse_conversation(conversation_id)?;
+        self.active_membership(id, user).await?;
+        let indicator = pb::Typing {
+            conversation_id: id.to_string(),
+            user_id: user.to_owned(),
+            typing,
+            expires_in_ms: self.options.typing_ttl.as_millis() as u32,
+        };
+        self.fanout.publish_hint(Outgoing::Typing(id, indicator));
+        Ok(())
     }
 
     /// One sync page and the token of the next (None when caught up).
@@ -179,6 +379,10 @@ impl Service {
             .flatten();
         Ok((messages, next))
     }
+}
+
+fn check_seq(seq: u64) -> Result<()> {
+    if seq == 0 { Err(Error::InvalidArgument("target_seq is required".into())) } else { Ok(()) }
 }
 
 fn parse_inbox_token(token: &str) -> Result<InboxCursor> {

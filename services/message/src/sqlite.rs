@@ -4,15 +4,17 @@
 //! queued into one transaction, so many sends share one fsync. Reads use a
 //! small pool of separate connections, which WAL lets run beside the writer.
 
+mod rows;
 mod schema;
 mod writer;
+mod writes;
 
 use std::{path::Path, time::Duration};
 
 use async_trait::async_trait;
 use r2d2_sqlite::{
     SqliteConnectionManager,
-    rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params},
+    rusqlite::{Connection, OpenFlags, params},
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -21,11 +23,13 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     store::{
-        Conversation, ConversationKind, HistoryRange, InboxCursor, MessageStore, NewMessage, SendOutcome,
-        StoredMessage, SyncCursor,
+        ChangeRequest, Conversation, HistoryRange, InboxCursor, Member, MessageStore, NewGroup, NewMessage,
+        SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
-use writer::{Command, storage};
+use rows::{CONVERSATION_COLUMNS, MESSAGE_COLUMNS, row_to_conversation, row_to_message};
+use writer::Command;
+use writes::storage;
 
 /// SQLite durability mode for commits. `full` fsyncs the WAL at every commit
 /// (a SendAck survives power loss); `normal` may lose the last commits on power
@@ -80,8 +84,7 @@ impl SqliteStore {
         }
         let connection = Connection::open(path).map_err(storage)?;
         configure(&connection, options.synchronous).map_err(storage)?;
-        connection.execute_batch(schema::MIGRATION).map_err(storage)?;
-        connection.pragma_update(None, "user_version", schema::VERSION).map_err(storage)?;
+        migrate(&connection).map_err(storage)?;
 
         let manager = SqliteConnectionManager::file(path)
             .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -100,10 +103,16 @@ impl SqliteStore {
         Ok(Self { writes, reads })
     }
 
-    async fn write<T>(&self, command: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
+    async fn write<T: Send + 'static>(
+        &self,
+        body: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         // `send` waits only when the queue is full: that is the backpressure.
-        self.writes.send(command(tx)).await.map_err(|_| Error::Unavailable("store writer stopped".into()))?;
+        self.writes
+            .send(Command::new(body, tx))
+            .await
+            .map_err(|_| Error::Unavailable("store writer stopped".into()))?;
         rx.await.map_err(|_| Error::Unavailable("store writer stopped".into()))?
     }
 
@@ -121,125 +130,88 @@ impl SqliteStore {
     }
 }
 
-pub(crate) fn uuid_column(row: &Row<'_>, index: usize) -> r2d2_sqlite::rusqlite::Result<Uuid> {
-    let text: String = row.get(index)?;
-    Uuid::try_parse(&text).map_err(|e| {
-        r2d2_sqlite::rusqlite::Error::FromSqlConversionFailure(
-            index,
-            r2d2_sqlite::rusqlite::types::Type::Text,
-            Box::new(e),
-        )
-    })
-}
-
-/// Reads `conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms`.
-pub(crate) fn row_to_message(row: &Row<'_>) -> r2d2_sqlite::rusqlite::Result<StoredMessage> {
-    Ok(StoredMessage {
-        conversation_id: uuid_column(row, 0)?,
-        seq: row.get::<_, i64>(1)? as u64,
-        message_id: uuid_column(row, 2)?,
-        sender: row.get(3)?,
-        client_msg_id: row.get(4)?,
-        body: row.get(5)?,
-        sent_at_ms: row.get(6)?,
-    })
-}
-
-const CONVERSATION_COLUMNS: &str =
-    "c.id, c.kind, c.title, c.created_by, c.last_seq, c.created_at_ms, c.last_activity_ms";
-
-fn row_to_conversation(row: &Row<'_>) -> r2d2_sqlite::rusqlite::Result<Conversation> {
-    Ok(Conversation {
-        id: uuid_column(row, 0)?,
-        kind: if row.get::<_, i64>(1)? == 2 { ConversationKind::Group } else { ConversationKind::Direct },
-        title: row.get(2)?,
-        created_by: row.get(3)?,
-        members: Vec::new(),
-        last_seq: row.get::<_, i64>(4)? as u64,
-        created_at_ms: row.get(5)?,
-        last_activity_ms: row.get(6)?,
-    })
-}
-
-fn load_members(connection: &Connection, id: &str) -> r2d2_sqlite::rusqlite::Result<Vec<String>> {
-    let mut statement =
-        connection.prepare_cached("SELECT user_id FROM members WHERE conversation_id = ?1 ORDER BY user_id")?;
-    statement.query_map(params![id], |r| r.get(0))?.collect()
-}
-
-fn load_conversation(
-    connection: &Connection,
-    id: &str,
-    member: &str,
-) -> r2d2_sqlite::rusqlite::Result<Option<Conversation>> {
-    let sql = format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM conversations c
-         JOIN members m ON m.conversation_id = c.id AND m.user_id = ?2 WHERE c.id = ?1"
-    );
-    let conversation =
-        connection.prepare_cached(&sql)?.query_row(params![id, member], row_to_conversation).optional()?;
-    match conversation {
-        Some(mut conversation) => {
-            conversation.members = load_members(connection, id)?;
-            Ok(Some(conversation))
-        }
-        None => Ok(None),
+/// Runs the migrations this file has not seen yet, each in its own transaction.
+fn migrate(connection: &Connection) -> r2d2_sqlite::rusqlite::Result<()> {
+    let done: i64 = connection.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (index, migration) in schema::MIGRATIONS.iter().enumerate().skip(done as usize) {
+        connection.execute_batch(&format!("BEGIN; {migration} PRAGMA user_version = {}; COMMIT;", index + 1))?;
     }
+    Ok(())
 }
-
-const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms";
 
 #[async_trait]
 impl MessageStore for SqliteStore {
     async fn get_or_create_direct(&self, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Conversation> {
-        let (user, peer) = (user.to_owned(), peer.to_owned());
-        let member = user.clone();
-        let id = self.write(|reply| Command::Direct { user, peer, id, now_ms, reply }).await?;
-        self.conversation_for_member(id, &member).await?.ok_or(Error::ConversationNotFound)
+        let (owned_user, peer) = (user.to_owned(), peer.to_owned());
+        let id = self.write(move |tx| writes::direct(tx, &owned_user, &peer, id, now_ms)).await?;
+        self.conversation_for_member(id, user).await?.ok_or(Error::ConversationNotFound)
+    }
+
+    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
+        let (id, creator) = (group.id, group.creator.clone());
+        let created = self.write(move |tx| writes::create_group(tx, &group, max_group_size)).await?;
+        let conversation = self.conversation_for_member(id, &creator).await?.ok_or(Error::ConversationNotFound)?;
+        Ok((conversation, created))
     }
 
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>> {
         let user = user.to_owned();
-        self.read(move |c| load_conversation(c, &id.to_string(), &user)).await
+        self.read(move |c| rows::conversation_for_member(c, &id.to_string(), &user)).await
     }
 
-    async fn members(&self, id: Uuid) -> Result<Vec<String>> {
-        self.read(move |c| load_members(c, &id.to_string())).await
+    async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>> {
+        let user = user.to_owned();
+        self.read(move |c| rows::member(c, &id.to_string(), &user)).await
+    }
+
+    async fn members(&self, id: Uuid) -> Result<Vec<Member>> {
+        self.read(move |c| rows::members(c, &id.to_string())).await
     }
 
     async fn send(&self, message: NewMessage) -> Result<SendOutcome> {
-        self.write(|reply| Command::Send(message, reply)).await
+        self.write(move |tx| writes::send(tx, &message)).await
     }
 
-    async fn history(&self, id: Uuid, range: HistoryRange, limit: usize) -> Result<Vec<StoredMessage>> {
-        let limit = limit as i64;
+    async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
+        self.write(move |tx| writes::apply(tx, &request)).await
+    }
+
+    async fn history(
+        &self,
+        id: Uuid,
+        range: HistoryRange,
+        visible: SeqBounds,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let (from, to) = (visible.from as i64, visible.to.map_or(i64::MAX, |to| to as i64));
         self.read(move |c| {
             let id = id.to_string();
-            let mut messages: Vec<StoredMessage> = match range {
+            match range {
                 HistoryRange::Before(before) => {
                     let before = before.map_or(i64::MAX, |b| b as i64);
                     let sql = format!(
-                        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq < ?2
-                         ORDER BY seq DESC LIMIT ?3"
+                        "SELECT {MESSAGE_COLUMNS} FROM messages
+                         WHERE conversation_id = ?1 AND seq < ?2 AND seq >= ?3 AND seq <= ?4
+                         ORDER BY seq DESC LIMIT ?5"
                     );
                     let mut statement = c.prepare_cached(&sql)?;
-                    let rows = statement.query_map(params![id, before, limit], row_to_message)?;
+                    let rows = statement.query_map(params![id, before, from, to, limit as i64], row_to_message)?;
                     let mut page = rows.collect::<r2d2_sqlite::rusqlite::Result<Vec<_>>>()?;
                     page.reverse();
-                    page
+                    Ok(page)
                 }
                 HistoryRange::After(after) => {
                     let sql = format!(
-                        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND seq > ?2
-                         ORDER BY seq ASC LIMIT ?3"
+                        "SELECT {MESSAGE_COLUMNS} FROM messages
+                         WHERE conversation_id = ?1 AND seq > ?2 AND seq >= ?3 AND seq <= ?4
+                         ORDER BY seq ASC LIMIT ?5"
                     );
                     let mut statement = c.prepare_cached(&sql)?;
-                    let rows = statement.query_map(params![id, after as i64, limit], row_to_message)?;
-                    rows.collect::<r2d2_sqlite::rusqlite::Result<Vec<_>>>()?
+                    let rows =
+                        statement.query_map(params![id, after as i64, from, to, limit as i64], row_to_message)?;
+                    rows.collect()
                 }
-            };
-            messages.shrink_to_fit();
-            Ok(messages)
+            }
         })
         .await
     }
@@ -258,14 +230,15 @@ impl MessageStore for SqliteStore {
             };
             let sql = format!(
                 "SELECT {CONVERSATION_COLUMNS} FROM members m JOIN conversations c ON c.id = m.conversation_id
-                 WHERE m.user_id = ?1 AND (?4 = '' OR (c.last_activity_ms, c.id) < (?2, ?4))
+                 WHERE m.user_id = ?1 AND m.removed_seq IS NULL
+                   AND (?4 = '' OR (c.last_activity_ms, c.id) < (?2, ?4))
                  ORDER BY c.last_activity_ms DESC, c.id DESC LIMIT ?3"
             );
             let mut statement = c.prepare_cached(&sql)?;
             let rows = statement.query_map(params![user, activity, limit as i64, id], row_to_conversation)?;
             let mut conversations = rows.collect::<r2d2_sqlite::rusqlite::Result<Vec<_>>>()?;
             for conversation in &mut conversations {
-                conversation.members = load_members(c, &conversation.id.to_string())?;
+                rows::complete(c, conversation, &user)?;
             }
             Ok(conversations)
         })
@@ -274,7 +247,12 @@ impl MessageStore for SqliteStore {
 
     async fn ack_delivered(&self, user: &str, device: &str, cursors: Vec<(Uuid, u64)>) -> Result<Vec<(Uuid, u64)>> {
         let (user, device) = (user.to_owned(), device.to_owned());
-        self.write(|reply| Command::Ack { user, device, cursors, reply }).await
+        self.write(move |tx| writes::ack(tx, &user, &device, &cursors)).await
+    }
+
+    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64> {
+        let user = user.to_owned();
+        self.write(move |tx| writes::mark_read(tx, id, &user, seq)).await
     }
 
     async fn sync(
@@ -292,20 +270,22 @@ impl MessageStore for SqliteStore {
                 Some(cursor) => (cursor.conversation_id.to_string(), cursor.seq as i64),
                 None => (String::new(), 0),
             };
-            // Per conversation: from max(device cursor, joined_seq), skipping
-            // conversations whose head the device already has.
+            // Per conversation: what the member may see (joined_seq ..= removed_seq)
+            // after the device cursor, skipping conversations the device has caught up on.
             let sql = "SELECT msg.conversation_id, msg.seq, msg.message_id, msg.sender, msg.client_msg_id,
-                              msg.body, msg.sent_at_ms
+                    msg.body, msg.sent_at_ms, msg.kind, msg.reply_to_seq, msg.target_seq, msg.reaction,
+                    msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted
                  FROM members m
                  JOIN conversations c ON c.id = m.conversation_id
                  LEFT JOIN device_cursors d
                    ON d.user_id = m.user_id AND d.device_id = ?2 AND d.conversation_id = m.conversation_id
                  JOIN messages msg
                    ON msg.conversation_id = m.conversation_id
-                  AND msg.seq > max(coalesce(d.delivered_seq, 0), m.joined_seq)
+                  AND msg.seq > max(coalesce(d.delivered_seq, 0), m.joined_seq - 1)
+                  AND (m.removed_seq IS NULL OR msg.seq <= m.removed_seq)
                  WHERE m.user_id = ?1
                    AND (?3 = '' OR m.conversation_id = ?3)
-                   AND c.last_seq > coalesce(d.delivered_seq, 0)
+                   AND coalesce(m.removed_seq, c.last_seq) > coalesce(d.delivered_seq, 0)
                    AND (msg.conversation_id, msg.seq) > (?4, ?5)
                  ORDER BY msg.conversation_id, msg.seq
                  LIMIT ?6";

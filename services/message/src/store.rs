@@ -13,16 +13,139 @@ pub enum ConversationKind {
     Group,
 }
 
+/// What a seq'd entry is; see `MessageKind` in `common.proto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Text,
+    Edit,
+    Delete,
+    Reaction,
+    GroupCreated,
+    MembersAdded,
+    MemberRemoved,
+    MemberLeft,
+    Renamed,
+    RoleChanged,
+}
+
+impl Kind {
+    /// The stored (and wire) number.
+    pub fn code(self) -> i64 {
+        match self {
+            Kind::Text => 1,
+            Kind::Edit => 2,
+            Kind::Delete => 3,
+            Kind::Reaction => 4,
+            Kind::GroupCreated => 5,
+            Kind::MembersAdded => 6,
+            Kind::MemberRemoved => 7,
+            Kind::MemberLeft => 8,
+            Kind::Renamed => 9,
+            Kind::RoleChanged => 10,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<Kind> {
+        [
+            Kind::Text,
+            Kind::Edit,
+            Kind::Delete,
+            Kind::Reaction,
+            Kind::GroupCreated,
+            Kind::MembersAdded,
+            Kind::MemberRemoved,
+            Kind::MemberLeft,
+            Kind::Renamed,
+            Kind::RoleChanged,
+        ]
+        .into_iter()
+        .find(|kind| kind.code() == code)
+    }
+}
+
+/// Who may do what in a group; see `policy.rs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub fn code(self) -> i64 {
+        match self {
+            Role::Member => 1,
+            Role::Admin => 2,
+            Role::Owner => 3,
+        }
+    }
+
+    /// Unknown codes (and 0, used by direct conversations) read as `Member`.
+    pub fn from_code(code: i64) -> Role {
+        match code {
+            2 => Role::Admin,
+            3 => Role::Owner,
+            _ => Role::Member,
+        }
+    }
+}
+
+/// A membership, current or ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub user_id: String,
+    pub role: Role,
+    /// The entry that made it a member; it sees entries from there on.
+    pub joined_seq: u64,
+    /// The entry that ended the membership (removal or leaving), if it ended.
+    pub removed_seq: Option<u64>,
+    pub read_seq: u64,
+    /// Highest delivered cursor over the member's devices.
+    pub delivered_seq: u64,
+}
+
+impl Member {
+    pub fn is_active(&self) -> bool {
+        self.removed_seq.is_none()
+    }
+
+    /// The seqs this member may read.
+    pub fn visible(&self) -> SeqBounds {
+        SeqBounds { from: self.joined_seq, to: self.removed_seq }
+    }
+}
+
+/// An inclusive range of seqs a reader may see (`to: None` is open-ended).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqBounds {
+    pub from: u64,
+    pub to: Option<u64>,
+}
+
+impl SeqBounds {
+    pub const ALL: SeqBounds = SeqBounds { from: 0, to: None };
+
+    pub fn contains(&self, seq: u64) -> bool {
+        seq >= self.from && self.to.is_none_or(|to| seq <= to)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conversation {
     pub id: Uuid,
     pub kind: ConversationKind,
     pub title: String,
     pub created_by: String,
+    /// Active members' ids, sorted.
     pub members: Vec<String>,
     pub last_seq: u64,
     pub created_at_ms: i64,
     pub last_activity_ms: i64,
+    /// For the member the conversation was read for: its read cursor, how many
+    /// TEXT messages from others lie after it, and the newest TEXT message.
+    pub read_seq: u64,
+    pub unread_count: u64,
+    pub last_message: Option<StoredMessage>,
 }
 
 /// A message as the service hands it to the store; the store assigns `seq`.
@@ -33,9 +156,12 @@ pub struct NewMessage {
     pub sender: String,
     pub client_msg_id: String,
     pub body: String,
+    /// 0: not a reply.
+    pub reply_to_seq: u64,
     pub sent_at_ms: i64,
 }
 
+/// A seq'd entry: a TEXT message with its current state, or an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredMessage {
     pub conversation_id: Uuid,
@@ -45,6 +171,90 @@ pub struct StoredMessage {
     pub client_msg_id: String,
     pub body: String,
     pub sent_at_ms: i64,
+    pub kind: Kind,
+    pub reply_to_seq: u64,
+    pub target_seq: u64,
+    pub reaction: String,
+    pub member_ids: Vec<String>,
+    pub title: String,
+    pub role: Option<Role>,
+    pub edited_at_ms: i64,
+    pub deleted: bool,
+}
+
+impl StoredMessage {
+    /// An event entry with every optional field empty; `seq` is set by the store.
+    pub fn event(conversation_id: Uuid, sender: &str, kind: Kind, now_ms: i64) -> Self {
+        let message_id = messenger_platform::ids::new_id();
+        Self {
+            conversation_id,
+            seq: 0,
+            message_id,
+            sender: sender.to_owned(),
+            // Events are never retried by clients; their own id keeps the dedupe index unique.
+            client_msg_id: message_id.to_string(),
+            body: String::new(),
+            sent_at_ms: now_ms,
+            kind,
+            reply_to_seq: 0,
+            target_seq: 0,
+            reaction: String::new(),
+            member_ids: Vec::new(),
+            title: String::new(),
+            role: None,
+            edited_at_ms: 0,
+            deleted: false,
+        }
+    }
+}
+
+/// A new group: `creator` becomes its owner.
+#[derive(Clone, Debug)]
+pub struct NewGroup {
+    pub id: Uuid,
+    pub creator: String,
+    pub title: String,
+    /// Initial members besides the creator, deduplicated.
+    pub members: Vec<String>,
+    pub now_ms: i64,
+}
+
+/// A change to a conversation, recorded as a seq'd entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    AddMembers(Vec<String>),
+    RemoveMember(String),
+    Leave,
+    Rename(String),
+    SetRole(String, Role),
+    Edit {
+        target_seq: u64,
+        body: String,
+    },
+    Delete {
+        target_seq: u64,
+    },
+    /// An empty emoji removes the actor's reaction.
+    React {
+        target_seq: u64,
+        emoji: String,
+    },
+}
+
+/// Limits the store enforces inside the transaction, where the state is exact.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_group_size: usize,
+    pub edit_window_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChangeRequest {
+    pub conversation_id: Uuid,
+    pub actor: String,
+    pub change: Change,
+    pub now_ms: i64,
+    pub limits: Limits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,20 +302,41 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The one direct conversation between two users, created on first use.
     async fn get_or_create_direct(&self, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Conversation>;
 
-    /// The conversation, if `user` is a member (None otherwise, as if absent).
+    /// Creates a group and its GROUP_CREATED entry (seq 1). `max_group_size`
+    /// counts the creator.
+    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)>;
+
+    /// The conversation as `user` sees it, if `user` is an active member.
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>>;
 
-    async fn members(&self, id: Uuid) -> Result<Vec<String>>;
+    /// One membership, current or ended; None if `user` never was a member.
+    async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>>;
 
-    /// Membership check, dedupe, next dense seq and commit, atomically.
-    /// Fails with `ConversationNotFound` when the sender is not a member.
-    /// Returns only after the commit is durable.
+    /// Every membership of the conversation, current and ended, with cursors.
+    async fn members(&self, id: Uuid) -> Result<Vec<Member>>;
+
+    /// Membership check, dedupe, reply check, next dense seq and commit,
+    /// atomically. Fails with `ConversationNotFound` for non-members and
+    /// `NoLongerMember` for former ones. Returns only after the commit is durable.
     async fn send(&self, message: NewMessage) -> Result<SendOutcome>;
 
-    /// A page of history, ascending by seq. Membership is the caller's check.
-    async fn history(&self, id: Uuid, range: HistoryRange, limit: usize) -> Result<Vec<StoredMessage>>;
+    /// Applies a group or message change after checking the actor's rights on
+    /// the state inside the transaction (`policy.rs`). Returns the entries it
+    /// appended: none when nothing changed (the same reaction again, deleting a
+    /// deleted message), two when an owner's leaving hands ownership on.
+    async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>>;
 
-    /// The user's conversations, most recent activity first.
+    /// A page of history within `visible`, ascending by seq.
+    async fn history(
+        &self,
+        id: Uuid,
+        range: HistoryRange,
+        visible: SeqBounds,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>>;
+
+    /// The user's active conversations, most recent activity first, with its
+    /// read cursor, unread count and newest message.
     async fn list_conversations(
         &self,
         user: &str,
@@ -114,12 +345,17 @@ pub trait MessageStore: Send + Sync + 'static {
     ) -> Result<Vec<Conversation>>;
 
     /// Moves a device's delivered cursors forward; returns the stored values.
-    /// Cursors never move back and never pass the conversation head; conversations
-    /// the user is not a member of are ignored.
+    /// Cursors never move back and never pass what the user may see;
+    /// conversations the user never belonged to are ignored.
     async fn ack_delivered(&self, user: &str, device: &str, cursors: Vec<(Uuid, u64)>) -> Result<Vec<(Uuid, u64)>>;
 
-    /// Messages after the device's delivered cursor in each of the user's
-    /// conversations (or only `only`), ordered by (conversation, seq).
+    /// Moves an active member's read cursor forward (clamped to the head);
+    /// returns the stored value.
+    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64>;
+
+    /// Entries after the device's delivered cursor in each of the user's
+    /// conversations (or only `only`), within what the user may see, ordered
+    /// by (conversation, seq).
     async fn sync(
         &self,
         user: &str,

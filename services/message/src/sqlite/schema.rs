@@ -5,9 +5,10 @@
 //! table); `direct_pairs` makes get-or-create of a 1:1 conversation a keyed
 //! lookup; messages are not bucketed because a B-tree has no partition limit.
 
-pub const VERSION: i64 = 1;
+/// Migrations in order; `PRAGMA user_version` records how many have run.
+pub const MIGRATIONS: [&str; 2] = [V1, V2];
 
-pub const MIGRATION: &str = "
+const V1: &str = "
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,
     kind INTEGER NOT NULL,
@@ -57,4 +58,29 @@ CREATE TABLE IF NOT EXISTS device_cursors (
     delivered_seq INTEGER NOT NULL,
     PRIMARY KEY (user_id, device_id, conversation_id)
 ) WITHOUT ROWID;
+";
+
+/// Groups, roles, ended memberships, event entries, edits, deletes, reactions.
+const V2: &str = "
+ALTER TABLE messages ADD COLUMN kind INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE messages ADD COLUMN reply_to_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN target_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN reaction TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN member_ids TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN title TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN role INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN edited_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+
+ALTER TABLE members ADD COLUMN removed_seq INTEGER;
+
+CREATE TABLE IF NOT EXISTS reactions (
+    conversation_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    user_id TEXT NOT NULL,
+    emoji TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, seq, user_id)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS device_cursors_by_conversation ON device_cursors (conversation_id, user_id);
 ";

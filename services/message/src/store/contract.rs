@@ -21,6 +21,7 @@ pub(crate) async fn send(
             sender: sender.into(),
             client_msg_id: client_msg_id.into(),
             body: body.into(),
+            reply_to_seq: 0,
             sent_at_ms: messenger_platform::ids::now_ms(),
         })
         .await
@@ -49,6 +50,12 @@ pub(crate) async fn run_all(store: &dyn MessageStore) -> usize {
         ("inbox_orders_by_activity", Box::pin(inbox_orders_by_activity(store))),
         ("cursors_only_move_forward", Box::pin(cursors_only_move_forward(store))),
         ("sync_returns_unacked_in_order", Box::pin(sync_returns_unacked_in_order(store))),
+        ("groups_record_membership_as_entries", Box::pin(groups_record_membership_as_entries(store))),
+        ("removed_members_see_only_their_time", Box::pin(removed_members_see_only_their_time(store))),
+        ("roles_are_enforced_in_the_store", Box::pin(roles_are_enforced_in_the_store(store))),
+        ("edits_deletes_and_reactions", Box::pin(edits_deletes_and_reactions(store))),
+        ("read_cursors_and_unread_counts", Box::pin(read_cursors_and_unread_counts(store))),
+        ("replies_must_point_at_visible_messages", Box::pin(replies_must_point_at_visible_messages(store))),
     ];
     let count = cases.len();
     for (name, case) in cases {
@@ -98,7 +105,7 @@ async fn retried_send_returns_original(store: &dyn MessageStore) {
     // The same client id from another sender is a different message.
     let other = send(store, conversation.id, &b, "same", "bob").await.unwrap();
     assert_eq!(other.message().seq, 2);
-    let history = store.history(conversation.id, HistoryRange::Before(None), 10).await.unwrap();
+    let history = store.history(conversation.id, HistoryRange::Before(None), SeqBounds::ALL, 10).await.unwrap();
     assert_eq!(history.len(), 2);
 }
 
@@ -110,7 +117,7 @@ async fn non_member_cannot_send_or_read(store: &dyn MessageStore) {
     assert!(store.conversation_for_member(conversation.id, &c).await.unwrap().is_none());
     let missing = send(store, Uuid::now_v7(), &a, "x", "nowhere").await;
     assert!(matches!(missing, Err(Error::ConversationNotFound)), "{missing:?}");
-    let history = store.history(conversation.id, HistoryRange::Before(None), 10).await.unwrap();
+    let history = store.history(conversation.id, HistoryRange::Before(None), SeqBounds::ALL, 10).await.unwrap();
     assert!(history.is_empty(), "a refused send stored nothing");
 }
 
@@ -132,16 +139,16 @@ async fn history_pages_both_ways(store: &dyn MessageStore) {
     for i in 1..=25 {
         send(store, conversation.id, &a, &format!("h{i}"), &format!("body {i}")).await.unwrap();
     }
-    let newest = store.history(conversation.id, HistoryRange::Before(None), 10).await.unwrap();
+    let newest = store.history(conversation.id, HistoryRange::Before(None), SeqBounds::ALL, 10).await.unwrap();
     assert_eq!(newest.iter().map(|m| m.seq).collect::<Vec<_>>(), (16..=25).collect::<Vec<_>>());
     assert_eq!(newest[0].body, "body 16");
-    let older = store.history(conversation.id, HistoryRange::Before(Some(16)), 10).await.unwrap();
+    let older = store.history(conversation.id, HistoryRange::Before(Some(16)), SeqBounds::ALL, 10).await.unwrap();
     assert_eq!(older.iter().map(|m| m.seq).collect::<Vec<_>>(), (6..=15).collect::<Vec<_>>());
-    let oldest = store.history(conversation.id, HistoryRange::Before(Some(6)), 10).await.unwrap();
+    let oldest = store.history(conversation.id, HistoryRange::Before(Some(6)), SeqBounds::ALL, 10).await.unwrap();
     assert_eq!(oldest.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=5).collect::<Vec<_>>());
-    let forward = store.history(conversation.id, HistoryRange::After(20), 3).await.unwrap();
+    let forward = store.history(conversation.id, HistoryRange::After(20), SeqBounds::ALL, 3).await.unwrap();
     assert_eq!(forward.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![21, 22, 23]);
-    assert!(store.history(conversation.id, HistoryRange::After(25), 3).await.unwrap().is_empty());
+    assert!(store.history(conversation.id, HistoryRange::After(25), SeqBounds::ALL, 3).await.unwrap().is_empty());
 }
 
 async fn inbox_orders_by_activity(store: &dyn MessageStore) {
@@ -203,4 +210,194 @@ async fn sync_returns_unacked_in_order(store: &dyn MessageStore) {
     assert_eq!(store.sync(&b, "laptop", Some(with_a.id), None, 100).await.unwrap().len(), 3);
     // Nothing of other users' conversations leaks into a sync.
     assert!(store.sync(&a, "phone", None, None, 100).await.unwrap().iter().all(|m| m.conversation_id == with_a.id));
+}
+
+const LIMITS: Limits = Limits { max_group_size: 5, edit_window_ms: 60_000 };
+
+async fn group(store: &dyn MessageStore, creator: &str, members: &[&str]) -> Conversation {
+    let new = NewGroup {
+        id: Uuid::now_v7(),
+        creator: creator.into(),
+        title: "team".into(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+        now_ms: messenger_platform::ids::now_ms(),
+    };
+    store.create_group(new, LIMITS.max_group_size).await.unwrap().0
+}
+
+async fn change(store: &dyn MessageStore, id: Uuid, actor: &str, change: Change) -> Result<Vec<StoredMessage>> {
+    let request = ChangeRequest {
+        conversation_id: id,
+        actor: actor.into(),
+        change,
+        now_ms: messenger_platform::ids::now_ms(),
+        limits: LIMITS,
+    };
+    store.apply(request).await
+}
+
+fn kinds(entries: &[StoredMessage]) -> Vec<Kind> {
+    entries.iter().map(|e| e.kind).collect()
+}
+
+async fn groups_record_membership_as_entries(store: &dyn MessageStore) {
+    let (a, b, c) = users("group");
+    let conversation = group(store, &a, &[&b]).await;
+    assert_eq!(conversation.kind, ConversationKind::Group);
+    assert_eq!(conversation.last_seq, 1, "creation is entry 1");
+    let added = change(store, conversation.id, &a, Change::AddMembers(vec![c.clone(), b.clone()])).await.unwrap();
+    assert_eq!(kinds(&added), [Kind::MembersAdded]);
+    assert_eq!(added[0].member_ids, vec![c.clone()], "existing members are not added again");
+    let renamed = change(store, conversation.id, &a, Change::Rename("renamed".into())).await.unwrap();
+    assert_eq!((renamed[0].seq, renamed[0].title.as_str()), (3, "renamed"));
+    let members = store.members(conversation.id).await.unwrap();
+    let c_member = members.iter().find(|m| m.user_id == c).unwrap();
+    assert_eq!((c_member.role, c_member.joined_seq), (Role::Member, 2));
+    // The owner leaving hands ownership to the longest-standing member.
+    let left = change(store, conversation.id, &a, Change::Leave).await.unwrap();
+    assert_eq!(kinds(&left), [Kind::MemberLeft, Kind::RoleChanged]);
+    assert_eq!((left[1].member_ids.clone(), left[1].role), (vec![b.clone()], Some(Role::Owner)));
+    assert_eq!(store.member(conversation.id, &b).await.unwrap().unwrap().role, Role::Owner);
+    // Size limit counts active members.
+    let too_many: Vec<String> = (0..4).map(|i| format!("{c}-extra{i}")).collect();
+    let refused = change(store, conversation.id, &b, Change::AddMembers(too_many)).await;
+    assert!(matches!(refused, Err(Error::FailedPrecondition(_))), "{refused:?}");
+    let history = store.history(conversation.id, HistoryRange::Before(None), SeqBounds::ALL, 50).await.unwrap();
+    assert_eq!(history.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "dense across kinds");
+}
+
+async fn removed_members_see_only_their_time(store: &dyn MessageStore) {
+    let (a, b, c) = users("removed");
+    let conversation = group(store, &a, &[&b]).await;
+    send(store, conversation.id, &a, "before", "before c").await.unwrap(); // 2
+    change(store, conversation.id, &a, Change::AddMembers(vec![c.clone()])).await.unwrap(); // 3
+    send(store, conversation.id, &a, "with", "with c").await.unwrap(); // 4
+    change(store, conversation.id, &a, Change::RemoveMember(c.clone())).await.unwrap(); // 5
+    send(store, conversation.id, &a, "after", "after c").await.unwrap(); // 6
+    let member = store.member(conversation.id, &c).await.unwrap().unwrap();
+    assert_eq!((member.joined_seq, member.removed_seq), (3, Some(5)));
+    let seen = store.history(conversation.id, HistoryRange::Before(None), member.visible(), 50).await.unwrap();
+    assert_eq!(seen.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+    let synced = store.sync(&c, "phone", Some(conversation.id), None, 50).await.unwrap();
+    assert_eq!(synced.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+    let refused = send(store, conversation.id, &c, "late", "let me back").await;
+    assert!(matches!(refused, Err(Error::NoLongerMember)), "{refused:?}");
+    assert!(store.conversation_for_member(conversation.id, &c).await.unwrap().is_none());
+    assert!(store.list_conversations(&c, None, 10).await.unwrap().is_empty());
+    let stored = store.ack_delivered(&c, "phone", vec![(conversation.id, 99)]).await.unwrap();
+    assert_eq!(stored, vec![(conversation.id, 5)], "a former member's cursor stops at its removal");
+}
+
+async fn roles_are_enforced_in_the_store(store: &dyn MessageStore) {
+    let (owner, admin, member) = users("roles");
+    let conversation = group(store, &owner, &[&admin, &member]).await;
+    let id = conversation.id;
+    let denied = change(store, id, &member, Change::RemoveMember(admin.clone())).await;
+    assert!(matches!(denied, Err(Error::PermissionDenied(_))), "{denied:?}");
+    let denied = change(store, id, &admin, Change::SetRole(member.clone(), Role::Admin)).await;
+    assert!(matches!(denied, Err(Error::PermissionDenied(_))), "{denied:?}");
+    change(store, id, &owner, Change::SetRole(admin.clone(), Role::Admin)).await.unwrap();
+    let unchanged = change(store, id, &owner, Change::SetRole(admin.clone(), Role::Admin)).await.unwrap();
+    assert!(unchanged.is_empty());
+    let denied = change(store, id, &admin, Change::RemoveMember(owner.clone())).await;
+    assert!(matches!(denied, Err(Error::PermissionDenied(_))), "{denied:?}");
+    change(store, id, &admin, Change::RemoveMember(member.clone())).await.unwrap();
+    let outsider = change(store, id, &format!("{member}-never"), Change::Rename("x".into())).await;
+    assert!(matches!(outsider, Err(Error::ConversationNotFound)), "{outsider:?}");
+    let direct_conversation = direct(store, &owner, &admin).await;
+    let refused = change(store, direct_conversation.id, &owner, Change::AddMembers(vec![member.clone()])).await;
+    assert!(matches!(refused, Err(Error::FailedPrecondition(_))), "{refused:?}");
+}
+
+async fn edits_deletes_and_reactions(store: &dyn MessageStore) {
+    let (a, b, c) = users("modify");
+    let conversation = group(store, &a, &[&b, &c]).await;
+    let id = conversation.id;
+    let original = send(store, id, &a, "m", "first draft").await.unwrap().message().seq;
+    let denied = change(store, id, &b, Change::Edit { target_seq: original, body: "hijack".into() }).await;
+    assert!(matches!(denied, Err(Error::PermissionDenied(_))), "{denied:?}");
+    let edit = change(store, id, &a, Change::Edit { target_seq: original, body: "final".into() }).await.unwrap();
+    assert_eq!((edit[0].kind, edit[0].target_seq, edit[0].body.as_str()), (Kind::Edit, original, "final"));
+    let reacted = change(store, id, &b, Change::React { target_seq: original, emoji: "👍".into() }).await.unwrap();
+    assert_eq!(reacted[0].reaction, "👍");
+    let same = change(store, id, &b, Change::React { target_seq: original, emoji: "👍".into() }).await.unwrap();
+    assert!(same.is_empty(), "the same reaction again changes nothing");
+    change(store, id, &b, Change::React { target_seq: original, emoji: "❤️".into() }).await.unwrap();
+    let removed = change(store, id, &b, Change::React { target_seq: original, emoji: String::new() }).await.unwrap();
+    assert_eq!((removed[0].kind, removed[0].reaction.as_str()), (Kind::Reaction, ""));
+    let not_a_message = change(store, id, &b, Change::React { target_seq: 1, emoji: "👍".into() }).await;
+    assert!(matches!(not_a_message, Err(Error::FailedPrecondition(_))), "{not_a_message:?}");
+    let missing = change(store, id, &b, Change::React { target_seq: 999, emoji: "👍".into() }).await;
+    assert!(matches!(missing, Err(Error::MessageNotFound(999))), "{missing:?}");
+    let denied = change(store, id, &c, Change::Delete { target_seq: original }).await;
+    assert!(matches!(denied, Err(Error::PermissionDenied(_))), "{denied:?}");
+    let deleted = change(store, id, &a, Change::Delete { target_seq: original }).await.unwrap();
+    assert_eq!(deleted[0].kind, Kind::Delete);
+    assert!(change(store, id, &a, Change::Delete { target_seq: original }).await.unwrap().is_empty());
+    // The body is gone from storage: the message and its edit alike.
+    let history = store.history(id, HistoryRange::Before(None), SeqBounds::ALL, 50).await.unwrap();
+    let message = history.iter().find(|m| m.seq == original).unwrap();
+    assert!(message.deleted && message.body.is_empty());
+    assert!(history.iter().all(|m| !m.body.contains("draft") && !m.body.contains("final")), "{history:?}");
+    let late = change(store, id, &b, Change::React { target_seq: original, emoji: "😮".into() }).await;
+    assert!(matches!(late, Err(Error::FailedPrecondition(_))), "{late:?}");
+    // Edits are refused after the window.
+    let old = send(store, id, &a, "old", "old").await.unwrap().message().clone();
+    let request = ChangeRequest {
+        conversation_id: id,
+        actor: a.clone(),
+        change: Change::Edit { target_seq: old.seq, body: "too late".into() },
+        now_ms: old.sent_at_ms + LIMITS.edit_window_ms + 1,
+        limits: LIMITS,
+    };
+    assert!(matches!(store.apply(request).await, Err(Error::FailedPrecondition(_))));
+}
+
+async fn read_cursors_and_unread_counts(store: &dyn MessageStore) {
+    let (a, b, _) = users("unread");
+    let conversation = direct(store, &a, &b).await;
+    for i in 0..3 {
+        send(store, conversation.id, &a, &format!("u{i}"), &format!("hello {i}")).await.unwrap();
+    }
+    let inbox = store.list_conversations(&b, None, 10).await.unwrap();
+    assert_eq!(inbox[0].unread_count, 3);
+    assert_eq!(inbox[0].last_message.as_ref().unwrap().body, "hello 2");
+    assert_eq!(store.list_conversations(&a, None, 10).await.unwrap()[0].unread_count, 0, "own messages are read");
+    assert_eq!(store.mark_read(conversation.id, &b, 2).await.unwrap(), 2);
+    assert_eq!(store.mark_read(conversation.id, &b, 1).await.unwrap(), 2, "read cursor moved back");
+    assert_eq!(store.mark_read(conversation.id, &b, 50).await.unwrap(), 3, "read cursor passed the head");
+    assert_eq!(store.list_conversations(&b, None, 10).await.unwrap()[0].unread_count, 0);
+    let members = store.members(conversation.id).await.unwrap();
+    assert_eq!(members.iter().find(|m| m.user_id == b).unwrap().read_seq, 3);
+}
+
+async fn replies_must_point_at_visible_messages(store: &dyn MessageStore) {
+    let (a, b, _) = users("reply");
+    let conversation = direct(store, &a, &b).await;
+    let first = send(store, conversation.id, &a, "q", "question").await.unwrap().message().seq;
+    let reply = store
+        .send(NewMessage {
+            conversation_id: conversation.id,
+            message_id: Uuid::now_v7(),
+            sender: b.clone(),
+            client_msg_id: "r".into(),
+            body: "answer".into(),
+            reply_to_seq: first,
+            sent_at_ms: messenger_platform::ids::now_ms(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.message().reply_to_seq, first);
+    let dangling = store
+        .send(NewMessage {
+            conversation_id: conversation.id,
+            message_id: Uuid::now_v7(),
+            sender: b.clone(),
+            client_msg_id: "r2".into(),
+            body: "to nothing".into(),
+            reply_to_seq: 42,
+            sent_at_ms: messenger_platform::ids::now_ms(),
+        })
+        .await;
+    assert!(matches!(dangling, Err(Error::InvalidArgument(_))), "{dangling:?}");
 }
