@@ -1,0 +1,7 @@
+//! End-to-end: the whole system started in-process on loopback ports (each
+//! service on its own port, talking gRPC), driven through the client SDK as
+//! an app would. One test binary; one module per area.
+
+mod conversations;
+mod core;
+mod support;

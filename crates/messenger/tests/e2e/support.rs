@@ -1,0 +1,125 @@
+//! What every end-to-end test uses: the system started in-process on loopback
+//! ports, and SDK clients connected to it.
+
+use std::time::Duration;
+
+use messenger::{Config, system};
+use messenger_client::{Client, Event, Events, Message, Options};
+use messenger_platform::auth;
+use tempfile::TempDir;
+
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub struct TestSystem {
+    pub running: Option<system::Running>,
+    /// The configuration with every port pinned to what was bound, so a restart reuses them.
+    pub config: Config,
+    pub endpoint: String,
+    _dir: TempDir,
+}
+
+impl TestSystem {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::for_loopback(dir.path());
+        config.message.max_body_bytes = 1024;
+        config.server.drain_grace = Duration::from_secs(2);
+        // Tests that push volume are not about the rate limit; the one that is sets its own.
+        config.gateway.sends_per_second = 100_000;
+        config.gateway.send_burst = 100_000;
+        adjust(&mut config);
+        let running = system::start(config.clone(), &system::ALL_ROLES).await.unwrap();
+        let bound = &running.addresses;
+        config.gateway.listen = bound.gateway.unwrap().to_string();
+        config.gateway.internal_listen = bound.gateway_internal.unwrap().to_string();
+        config.message.listen = bound.message.unwrap().to_string();
+        config.presence.listen = bound.presence.unwrap().to_string();
+        let endpoint = running.endpoint();
+        Self { running: Some(running), config, endpoint, _dir: dir }
+    }
+
+    pub async fn stop(&mut self) {
+        self.running.take().expect("running").stop().await.unwrap();
+    }
+
+    /// Starts again on the same ports and data directory.
+    pub async fn start_again(&mut self) {
+        for _ in 0..100 {
+            if let Ok(running) = system::start(self.config.clone(), &system::ALL_ROLES).await {
+                self.running = Some(running);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("could not start again on the same ports");
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        auth::mint_hs256(&self.config.auth, user, Duration::from_secs(3600)).unwrap()
+    }
+
+    pub fn options(&self, user: &str, device: &str) -> Options {
+        let mut options = Options::new(self.endpoint.clone(), self.token(user), device);
+        options.reconnect_min = Duration::from_millis(50);
+        options.reconnect_max = Duration::from_millis(300);
+        options.ack_interval = Duration::from_millis(10);
+        options.send_timeout = Duration::from_secs(20);
+        options
+    }
+
+    pub async fn connect(&self, user: &str, device: &str) -> (Client, Events) {
+        Client::connect(self.options(user, device)).await.unwrap()
+    }
+}
+
+/// The next message event, skipping connection events.
+pub async fn next_message(events: &mut Events) -> Message {
+    loop {
+        match tokio::time::timeout(WAIT, events.next()).await.expect("no message in time") {
+            Some(Event::Message(message)) => return message,
+            Some(_) => continue,
+            None => panic!("event stream ended"),
+        }
+    }
+}
+
+pub async fn messages(events: &mut Events, count: usize) -> Vec<Message> {
+    let mut received = Vec::with_capacity(count);
+    while received.len() < count {
+        received.push(next_message(events).await);
+    }
+    received
+}
+
+/// Asserts no further message arrives within a short quiet period.
+pub async fn assert_quiet(events: &mut Events) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(400);
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return,
+            Ok(Some(Event::Message(message))) => panic!("unexpected message {message:?}"),
+            Ok(Some(_)) => continue,
+            Ok(None) => return,
+        }
+    }
+}
+
+/// Reads a message straight from the SQLite file through a separate
+/// connection: it is visible there only once committed.
+pub fn committed_body(config: &Config, conversation_id: &str, seq: u64) -> Option<String> {
+    use r2d2_sqlite::rusqlite::{Connection, OpenFlags, OptionalExtension};
+    let connection = Connection::open_with_flags(config.database_path(), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    connection
+        .query_row(
+            "SELECT body FROM messages WHERE conversation_id = ?1 AND seq = ?2",
+            (conversation_id, seq as i64),
+            |row| row.get(0),
+        )
+        .optional()
+        .unwrap()
+}
+
