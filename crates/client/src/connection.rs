@@ -14,7 +14,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use messenger_proto::v1::{self as pb, ClientFrame, client_frame::Frame as OutFrame, server_frame::Frame as InFrame};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status};
+use tonic::{Code, Status, Streaming};
 use tracing::debug;
 
 use crate::{Api, Error, Event, Options, model::Model};
@@ -244,11 +244,11 @@ impl Task {
                     }
                     Some(Command::Online) => {}
                     Some(Command::Offline) => {
-                        self.flush_acks(&outbound).await;
+                        self.close_gracefully(outbound, &mut inbound).await;
                         return End::Offline;
                     }
                     Some(Command::Close) | None => {
-                        self.flush_acks(&outbound).await;
+                        self.close_gracefully(outbound, &mut inbound).await;
                         return End::Closed;
                     }
                 },
@@ -319,6 +319,26 @@ impl Task {
             InFrame::Pong(_) | InFrame::Ready(_) => {}
         }
         None
+    }
+
+    /// Flushes acks and reads, half-closes the stream and lets the server
+    /// finish what it was asked (bounded), so nothing already sent is cut off.
+    async fn close_gracefully(
+        &mut self,
+        outbound: mpsc::Sender<ClientFrame>,
+        inbound: &mut Streaming<pb::ServerFrame>,
+    ) {
+        self.flush_acks(&outbound).await;
+        drop(outbound);
+        let timeout = self.options.connect_timeout;
+        let drain = async {
+            while let Ok(Some(frame)) = inbound.message().await {
+                if self.handle(frame).await.is_some() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, drain).await;
     }
 
     /// Fetches members, title and cursors of conversations in the background.

@@ -33,7 +33,7 @@ enum End {
 }
 
 enum Completion {
-    Frame(ServerFrame),
+    Frame(Box<ServerFrame>),
     Nothing,
     AcksFlushed(Result<(), Status>),
 }
@@ -64,7 +64,7 @@ fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conv
 fn answer_or_error<T>(result: Result<T, Status>, conversation_id: &str) -> Completion {
     match result {
         Ok(_) => Completion::Nothing,
-        Err(status) => Completion::Frame(error_frame(status.code(), status.message(), "", conversation_id)),
+        Err(status) => Completion::Frame(Box::new(error_frame(status.code(), status.message(), "", conversation_id))),
     }
 }
 
@@ -189,12 +189,25 @@ impl Session {
                 () = resync.notified() => self.sync(None).await,
                 frame = inbound.message(), if inflight.len() < max_inflight => match frame {
                     Ok(Some(frame)) => self.handle(frame, &mut inflight).await,
-                    Ok(None) | Err(_) => return End::ClientGone,
+                    Ok(None) | Err(_) => {
+                        self.finish_inflight(&mut inflight).await;
+                        return End::ClientGone;
+                    }
                 },
             };
             if let Err(end) = step {
                 return end;
             }
+        }
+    }
+
+    /// The client closed its side: let what it already asked for (sends, read
+    /// marks, acks) complete, within the slow-consumer timeout, before closing.
+    async fn finish_inflight(&mut self, inflight: &mut FuturesUnordered<BoxFuture<'static, Completion>>) {
+        let deadline = tokio::time::Instant::now() + self.context.options.slow_consumer_timeout;
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, inflight.next()).await {
+            // The client may still be reading its side: answers go out when they can.
+            let _ = self.complete(done, inflight).await;
         }
     }
 
@@ -323,7 +336,7 @@ impl Session {
                                 error_frame(status.code(), status.message(), &send.client_msg_id, &send.conversation_id)
                             }
                         };
-                        Completion::Frame(frame)
+                        Completion::Frame(Box::new(frame))
                     }
                     .boxed(),
                 );
@@ -412,7 +425,7 @@ impl Session {
         inflight: &mut FuturesUnordered<BoxFuture<'static, Completion>>,
     ) -> Result<(), End> {
         match done {
-            Completion::Frame(frame) => self.emit(frame).await,
+            Completion::Frame(frame) => self.emit(*frame).await,
             Completion::Nothing => Ok(()),
             Completion::AcksFlushed(result) => {
                 self.ack_in_flight = false;

@@ -205,7 +205,10 @@ async fn edits_reactions_replies_and_deletes_replay_on_sync() {
     assert_eq!(state.title, "renamed trio");
     let first_state = &state.messages[&first];
     assert_eq!((first_state.body.as_str(), first_state.edited), ("final text", true));
-    assert_eq!(first_state.reactions.iter().map(|(u, e)| (u.as_str(), e.as_str())).collect::<Vec<_>>(), [("carol", "👍")]);
+    assert_eq!(
+        first_state.reactions.iter().map(|(u, e)| (u.as_str(), e.as_str())).collect::<Vec<_>>(),
+        [("carol", "👍")]
+    );
     let doomed_state = &state.messages[&doomed];
     assert!(doomed_state.deleted && doomed_state.body.is_empty() && doomed_state.reactions.is_empty());
     assert_eq!(state.messages[&reply].reply_to_seq, first);

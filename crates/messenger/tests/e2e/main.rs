@@ -4,4 +4,5 @@
 
 mod conversations;
 mod core;
+mod model;
 mod support;

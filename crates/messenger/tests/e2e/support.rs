@@ -122,4 +122,3 @@ pub fn committed_body(config: &Config, conversation_id: &str, seq: u64) -> Optio
         .optional()
         .unwrap()
 }
-

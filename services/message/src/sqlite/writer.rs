@@ -16,8 +16,12 @@ type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
 /// One write. It runs inside its own savepoint (given `None` when no
 /// transaction could start) and says whether to keep its changes.
 pub(super) struct Command {
-    run: Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>,
+    run: Run,
 }
+
+/// Runs the write (given no connection when no transaction could start);
+/// returns whether to keep its changes, and what to answer.
+type Run = Box<dyn FnOnce(Option<&Connection>) -> (bool, Reply) + Send>;
 
 impl Command {
     pub fn new<T: Send + 'static>(
