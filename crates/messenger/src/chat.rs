@@ -255,8 +255,12 @@ pub async fn run(options: ChatOptions) -> anyhow::Result<()> {
             },
             event = events.next() => match event {
                 Some(Event::Message(message)) => {
+                    let kind = MessageKind::try_from(message.kind);
+                    if matches!(kind, Ok(MessageKind::GroupCreated | MessageKind::Renamed)) {
+                        state.labels.insert(message.conversation_id.clone(), message.title.clone());
+                    }
                     // Our own sends come back too (other devices need them); the ack already showed it.
-                    let text = MessageKind::try_from(message.kind) == Ok(MessageKind::Text);
+                    let text = kind == Ok(MessageKind::Text);
                     if message.sender_id != state.client.user_id() || !text {
                         print_message(&state, &message);
                     }
