@@ -127,7 +127,8 @@ impl Client {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(options.ping_interval)
             .keep_alive_timeout(options.connect_timeout)
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            .local_address(options.local_address);
         let bearer = format!("Bearer {}", options.token)
             .parse()
             .map_err(|_| Error::InvalidArgument("token contains invalid characters".into()))?;

@@ -31,6 +31,9 @@ pub struct Options {
     /// server's `server.max_message_bytes`. A bigger frame would cost the whole
     /// stream, so it is refused locally with `InvalidArgument`.
     pub max_frame_bytes: usize,
+    /// Source address for the connection (None: the system picks). Load tools
+    /// use several loopback addresses to get past one address's ephemeral ports.
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl Options {
@@ -49,6 +52,7 @@ impl Options {
             max_pending_sends: 1024,
             max_response_bytes: 16 * 1024 * 1024,
             max_frame_bytes: 256 * 1024,
+            local_address: None,
         }
     }
 

@@ -5,11 +5,13 @@
 //! - [`config`]: the whole system's configuration (every service's `Options`).
 //! - [`system`]: `up` (all services in one process) and `serve` (one role),
 //!   both returning a [`system::Running`] handle.
+//! - [`bench`]: `messenger bench`, the benchmark (clients made with the SDK).
 //! - `chat.rs`: the interactive terminal client, built on the SDK.
 //! - `main.rs`: command-line parsing only.
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod system;

@@ -58,6 +58,8 @@ enum Command {
     },
     /// Print the effective configuration as TOML.
     Config,
+    /// Measure throughput, latency and memory with simulated SDK clients.
+    Bench(messenger::bench::BenchOptions),
 }
 
 /// The flags layer: only what was given on the command line.
@@ -73,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
     let config: Config = messenger_platform::config::load(cli.config.as_deref(), &Flags { data_dir: cli.data_dir })?;
     match cli.command {
         Command::Config => print!("{}", messenger_platform::config::render(&config)?),
+        Command::Bench(options) => {
+            messenger::bench::run(options, &config.auth).await?;
+        }
         Command::Token { user, ttl } => {
             println!("{}", messenger_platform::auth::mint_hs256(&config.auth, &user, ttl)?);
         }

@@ -1,0 +1,117 @@
+//! `messenger bench`: how fast and how lean the system is, measured the same
+//! way every time. It starts `messenger up` as a child process on loopback
+//! (or drives `--target`), drives it with simulated clients made with the
+//! client SDK, reads the server's CPU and memory from `/proc`, and prints a
+//! table plus JSON for comparing runs.
+//!
+//! Layout: `bench/server.rs` (the system under test and its /proc figures),
+//! `bench/clients.rs` (client fleets, latency stamps, histograms),
+//! `bench/scenarios.rs` (idle, direct, group, history, reconnect),
+//! `bench/report.rs` (results, table, JSON).
+
+mod clients;
+mod report;
+mod scenarios;
+mod server;
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+use messenger_platform::auth::AuthOptions;
+
+pub use report::Report;
+
+/// Which scenarios to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    Idle,
+    Direct,
+    Group,
+    History,
+    Reconnect,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchOptions {
+    /// Scenarios to run, in order.
+    #[arg(long, value_delimiter = ',', default_values = ["idle", "direct", "group", "history", "reconnect"])]
+    pub scenarios: Vec<Scenario>,
+    /// Drive this running gateway instead of starting one (server figures need --server-pid).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Process id of the --target server, for its CPU and memory figures.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// SQLite durability of the server it starts: full (default) or normal.
+    #[arg(long, default_value = "full")]
+    pub synchronous: String,
+    /// Idle: connected clients.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_clients: usize,
+    /// Idle: how long to measure idle CPU.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub idle_window: Duration,
+    /// Direct: sender/receiver pairs.
+    #[arg(long, default_value_t = 100)]
+    pub pairs: usize,
+    /// Direct: offered loads in messages per second (open loop), ascending.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000u32, 2_000, 5_000, 10_000, 20_000, 40_000])]
+    pub rates: Vec<u32>,
+    /// Length of each measured run.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Message body size in bytes (the first 20 carry the send time).
+    #[arg(long, default_value_t = 100)]
+    pub body_size: usize,
+    /// Group: member counts.
+    #[arg(long, value_delimiter = ',', default_values_t = [10usize, 100, 1000])]
+    pub group_sizes: Vec<usize>,
+    /// Group: messages per second the sender offers.
+    #[arg(long, default_value_t = 100)]
+    pub group_rate: u32,
+    /// History: messages in the conversation, and page reads measured.
+    #[arg(long, default_value_t = 5_000)]
+    pub history_messages: usize,
+    #[arg(long, default_value_t = 2_000)]
+    pub history_reads: usize,
+    /// Reconnect: conversations, and messages missed in each.
+    #[arg(long, default_value_t = 100)]
+    pub reconnect_conversations: usize,
+    #[arg(long, default_value_t = 100)]
+    pub reconnect_messages: usize,
+    /// Write the JSON report here (it is also printed).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Report> {
+    let wanted_files = (options.idle_clients as u64 * 2 + 10_000).max(65_536);
+    match rlimit::increase_nofile_limit(wanted_files) {
+        Ok(limit) if limit < wanted_files => eprintln!("bench: open-file limit is {limit}; idle clients may be capped"),
+        Ok(_) => {}
+        Err(error) => eprintln!("bench: cannot raise the open-file limit: {error}"),
+    }
+    let server = server::Server::start(&options).await?;
+    eprintln!("bench: server at {} (pid {:?})", server.endpoint, server.pid);
+    let mut report = Report::new(&options, &server);
+    for scenario in &options.scenarios {
+        eprintln!("bench: {scenario:?} ...");
+        match scenario {
+            Scenario::Idle => report.idle = Some(scenarios::idle(&options, &server, auth).await?),
+            Scenario::Direct => report.direct = Some(scenarios::direct(&options, &server, auth).await?),
+            Scenario::Group => report.group = scenarios::group(&options, &server, auth).await?,
+            Scenario::History => report.history = Some(scenarios::history(&options, &server, auth).await?),
+            Scenario::Reconnect => report.reconnect = Some(scenarios::reconnect(&options, &server, auth).await?),
+        }
+    }
+    server.stop().await;
+    print!("{}", report.table());
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(path) = &options.json {
+        std::fs::write(path, &json)?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,187 @@
+//! Results: one struct per scenario, a table for people and JSON for
+//! comparing runs.
+
+use serde::Serialize;
+
+use super::{BenchOptions, Scenario, server::Server};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenarios: Vec<Scenario>,
+    pub machine: Machine,
+    pub synchronous: String,
+    pub idle: Option<Idle>,
+    pub direct: Option<Direct>,
+    pub group: Vec<Group>,
+    pub history: Option<History>,
+    pub reconnect: Option<Reconnect>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub server_started_here: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Idle {
+    pub clients: usize,
+    pub connect_seconds: f64,
+    pub server_rss_before_mib: f64,
+    pub server_rss_after_mib: f64,
+    pub server_bytes_per_client: f64,
+    pub idle_server_cpu_percent: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DirectRun {
+    pub offered_per_sec: u32,
+    pub sent: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub delivered: u64,
+    pub delivered_per_sec: f64,
+    pub server_cpu_cores: f64,
+    pub server_cpu_seconds_per_1000: f64,
+    pub delivered_per_server_cpu_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Direct {
+    pub pairs: usize,
+    pub body_size: usize,
+    pub runs: Vec<DirectRun>,
+    /// Highest delivered rate seen.
+    pub saturation_per_sec: f64,
+    /// A run at half of saturation.
+    pub half_saturation: Option<DirectRun>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Group {
+    pub members: usize,
+    pub offered_messages_per_sec: u32,
+    pub messages: u64,
+    pub deliveries: u64,
+    pub deliveries_per_sec: f64,
+    pub deliveries_per_server_cpu_second: f64,
+    pub messages_reaching_everyone: u64,
+    pub last_member_p50_ms: f64,
+    pub last_member_p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct History {
+    pub messages: usize,
+    pub reads: usize,
+    pub page_size: u32,
+    /// The read path measured: there is no read cache yet, so every read is a store read.
+    pub path: String,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Reconnect {
+    pub conversations: usize,
+    pub missed_messages: usize,
+    pub seconds_to_caught_up: f64,
+}
+
+impl Report {
+    pub fn new(options: &BenchOptions, server: &Server) -> Self {
+        let memory_gib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|info| info.lines().next()?.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+        Report {
+            scenarios: options.scenarios.clone(),
+            machine: Machine {
+                cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                memory_gib: (memory_gib * 10.0).round() / 10.0,
+                server_started_here: options.target.is_none() && server.pid.is_some(),
+            },
+            synchronous: options.synchronous.clone(),
+            idle: None,
+            direct: None,
+            group: Vec::new(),
+            history: None,
+            reconnect: None,
+        }
+    }
+
+    /// The human-readable summary.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let machine = &self.machine;
+        out += &format!(
+            "\nmessenger bench — {} cores, {} GiB, server and clients on this machine, sqlite synchronous={}\n",
+            machine.cores, machine.memory_gib, self.synchronous
+        );
+        if let Some(idle) = &self.idle {
+            out += &format!(
+                "\nidle     {} clients connected in {:.1} s: server RSS {:.0} -> {:.0} MiB = {:.1} KB per client; idle server CPU {:.1}%\n",
+                idle.clients,
+                idle.connect_seconds,
+                idle.server_rss_before_mib,
+                idle.server_rss_after_mib,
+                idle.server_bytes_per_client / 1000.0,
+                idle.idle_server_cpu_percent
+            );
+        }
+        if let Some(direct) = &self.direct {
+            out += &format!("\ndirect   {} pairs, {}-byte bodies, open loop\n", direct.pairs, direct.body_size);
+            out += "  offered/s  delivered/s  server cores  cpu-s/1000  per cpu-s     p50 ms    p99 ms   p999 ms  skipped  failed\n";
+            let runs = direct.runs.iter().chain(direct.half_saturation.iter());
+            for run in runs {
+                out += &format!(
+                    "  {:>9}  {:>11.0}  {:>12.2}  {:>10.3}  {:>9.0}  {:>9.2}  {:>8.2}  {:>8.2}  {:>7}  {:>6}\n",
+                    run.offered_per_sec,
+                    run.delivered_per_sec,
+                    run.server_cpu_cores,
+                    run.server_cpu_seconds_per_1000,
+                    run.delivered_per_server_cpu_second,
+                    run.p50_ms,
+                    run.p99_ms,
+                    run.p999_ms,
+                    run.skipped,
+                    run.failed
+                );
+            }
+            out += &format!("  saturation: {:.0} delivered/s (last row: half of it)\n", direct.saturation_per_sec);
+        }
+        if !self.group.is_empty() {
+            out += "\ngroup    members  msgs/s offered  deliveries/s  per cpu-s  reached all  last member p50 ms  p99 ms\n";
+            for group in &self.group {
+                out += &format!(
+                    "         {:>7}  {:>14}  {:>12.0}  {:>9.0}  {:>5}/{:<5}  {:>17.2}  {:>6.2}\n",
+                    group.members,
+                    group.offered_messages_per_sec,
+                    group.deliveries_per_sec,
+                    group.deliveries_per_server_cpu_second,
+                    group.messages_reaching_everyone,
+                    group.messages,
+                    group.last_member_p50_ms,
+                    group.last_member_p99_ms
+                );
+            }
+        }
+        if let Some(history) = &self.history {
+            out += &format!(
+                "\nhistory  {} reads of {}-message pages from {} messages ({}): p50 {:.2} ms, p99 {:.2} ms\n",
+                history.reads, history.page_size, history.messages, history.path, history.p50_ms, history.p99_ms
+            );
+        }
+        if let Some(reconnect) = &self.reconnect {
+            out += &format!(
+                "\nreconnect  {} missed messages over {} conversations: caught up in {:.2} s\n",
+                reconnect.missed_messages, reconnect.conversations, reconnect.seconds_to_caught_up
+            );
+        }
+        out
+    }
+}

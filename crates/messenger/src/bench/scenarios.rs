@@ -1,0 +1,321 @@
+//! The five scenarios. Each uses users of its own (prefixed with a run id),
+//! so scenarios never see each other's traffic.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{FutureExt, StreamExt, future::join_all, stream};
+use messenger_client::{Client, Event};
+use messenger_platform::auth::AuthOptions;
+
+use super::{
+    BenchOptions,
+    clients::{Recorder, connect_all, drain, histogram, millis, open_loop, stamped_body},
+    report::{Direct, DirectRun, Group, History, Idle, Reconnect},
+    server::Server,
+};
+
+const CONNECT_CONCURRENCY: usize = 256;
+const MAX_INFLIGHT: usize = 50_000;
+/// How long a run may take to deliver what it sent after its schedule ends.
+const DRAIN: Duration = Duration::from_secs(10);
+
+fn run_id() -> String {
+    format!("{:x}", messenger_platform::ids::now_ms())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1024.0 / 1024.0
+}
+
+/// Waits until `done()` or `within` passes; returns when it stopped waiting.
+async fn wait_until(within: Duration, done: impl Fn() -> bool) -> Instant {
+    let deadline = Instant::now() + within;
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Instant::now()
+}
+
+pub async fn idle(options: &BenchOptions, server: &Server, auth: &AuthOptions) -> anyhow::Result<Idle> {
+    let id = run_id();
+    let users: Vec<String> = (0..options.idle_clients).map(|i| format!("idle-{id}-{i}")).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.sample();
+    let started = Instant::now();
+    let fleet = connect_all(&server.endpoint, auth, &users, CONNECT_CONCURRENCY).await?;
+    let connect_seconds = started.elapsed().as_secs_f64();
+    let mut clients = Vec::with_capacity(fleet.len());
+    for (client, events) in fleet {
+        drain(events);
+        clients.push(client);
+    }
+    // Let connection setup finish (sync, presence) before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = server.sample();
+    let window_start = server.sample();
+    tokio::time::sleep(options.idle_window).await;
+    let window_end = server.sample();
+    join_all(clients.iter().map(Client::close)).await;
+    drop(clients);
+    Ok(Idle {
+        clients: users.len(),
+        connect_seconds,
+        server_rss_before_mib: mib(before.rss_bytes),
+        server_rss_after_mib: mib(after.rss_bytes),
+        server_bytes_per_client: after.rss_bytes.saturating_sub(before.rss_bytes) as f64 / users.len().max(1) as f64,
+        idle_server_cpu_percent: (window_end.cpu_seconds - window_start.cpu_seconds)
+            / options.idle_window.as_secs_f64()
+            * 100.0,
+    })
+}
+
+/// One open-loop run of direct messages at `rate`.
+async fn direct_run(
+    options: &BenchOptions,
+    server: &Server,
+    senders: &Arc<Vec<(Client, String)>>,
+    recorder: &Recorder,
+    rate: u32,
+) -> DirectRun {
+    recorder.reset();
+    let before = server.sample();
+    let started = Instant::now();
+    let body_size = options.body_size;
+    let senders_for_loop = senders.clone();
+    let load = open_loop(rate, options.duration, MAX_INFLIGHT, move |k| {
+        let (client, conversation) = &senders_for_loop[k as usize % senders_for_loop.len()];
+        let (client, conversation) = (client.clone(), conversation.clone());
+        async move { client.send(&conversation, &stamped_body(body_size)).await.is_ok() }.boxed()
+    })
+    .await;
+    let issued = load.issued;
+    let finished = wait_until(DRAIN, || recorder.count() >= issued).await;
+    let failed = load.finish(Duration::from_secs(1)).await;
+    let after = server.sample();
+    let latencies = recorder.settle().await;
+    let delivered = recorder.count();
+    let elapsed = (finished - started).as_secs_f64();
+    let cpu = after.cpu_seconds - before.cpu_seconds;
+    let run = DirectRun {
+        offered_per_sec: rate,
+        sent: issued,
+        skipped: load.skipped,
+        failed,
+        delivered,
+        delivered_per_sec: delivered as f64 / elapsed,
+        server_cpu_cores: cpu / elapsed,
+        server_cpu_seconds_per_1000: if delivered > 0 { cpu / delivered as f64 * 1000.0 } else { 0.0 },
+        delivered_per_server_cpu_second: if cpu > 0.0 { delivered as f64 / cpu } else { 0.0 },
+        p50_ms: millis(&latencies, 0.5),
+        p99_ms: millis(&latencies, 0.99),
+        p999_ms: millis(&latencies, 0.999),
+    };
+    eprintln!(
+        "bench:   offered {rate}/s -> delivered {:.0}/s ({} of {}, {} failed, {} skipped), p99 {:.2} ms, server {:.2} cores",
+        run.delivered_per_sec, run.delivered, run.sent, run.failed, run.skipped, run.p99_ms, run.server_cpu_cores
+    );
+    run
+}
+
+pub async fn direct(options: &BenchOptions, server: &Server, auth: &AuthOptions) -> anyhow::Result<Direct> {
+    let id = run_id();
+    let sender_users: Vec<String> = (0..options.pairs).map(|i| format!("direct-{id}-s{i}")).collect();
+    let receiver_users: Vec<String> = (0..options.pairs).map(|i| format!("direct-{id}-r{i}")).collect();
+    let senders = connect_all(&server.endpoint, auth, &sender_users, CONNECT_CONCURRENCY).await?;
+    let receivers = connect_all(&server.endpoint, auth, &receiver_users, CONNECT_CONCURRENCY).await?;
+    let recorder = Recorder::new(false);
+    // Keep the receiving clients: dropping a client closes its stream.
+    let mut receiving = Vec::with_capacity(receivers.len());
+    for (client, events) in receivers {
+        recorder.spawn(events);
+        receiving.push(client);
+    }
+    let mut pairs = Vec::with_capacity(options.pairs);
+    for ((client, events), receiver) in senders.into_iter().zip(&receiver_users) {
+        drain(events);
+        let conversation = client.direct(receiver).await?.conversation_id;
+        pairs.push((client, conversation));
+    }
+    let senders = Arc::new(pairs);
+    let mut runs = Vec::new();
+    let mut saturation: f64 = 0.0;
+    for &rate in &options.rates {
+        let run = direct_run(options, server, &senders, &recorder, rate).await;
+        saturation = saturation.max(run.delivered_per_sec);
+        let saturated = run.delivered_per_sec < 0.9 * rate as f64 || run.skipped > 0 || run.p99_ms > 2_000.0;
+        runs.push(run);
+        if saturated {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let half = (saturation / 2.0).round() as u32;
+    let half_saturation = if half > 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Some(direct_run(options, server, &senders, &recorder, half).await)
+    } else {
+        None
+    };
+    join_all(receiving.iter().chain(senders.iter().map(|(client, _)| client)).map(Client::close)).await;
+    Ok(Direct {
+        pairs: options.pairs,
+        body_size: options.body_size,
+        runs,
+        saturation_per_sec: saturation,
+        half_saturation,
+    })
+}
+
+pub async fn group(options: &BenchOptions, server: &Server, auth: &AuthOptions) -> anyhow::Result<Vec<Group>> {
+    let mut results = Vec::new();
+    for &size in &options.group_sizes {
+        let id = run_id();
+        let users: Vec<String> = (0..size.max(2)).map(|i| format!("group-{id}-{i}")).collect();
+        eprintln!("bench:   group of {size}: connecting");
+        let mut fleet = connect_all(&server.endpoint, auth, &users, CONNECT_CONCURRENCY).await?;
+        let (owner, owner_events) = fleet.remove(0);
+        drain(owner_events);
+        let members: Vec<&str> = users[1..].iter().map(String::as_str).collect();
+        let conversation = owner.create_group(&format!("bench {size}"), &members).await?.conversation_id;
+        let recorder = Recorder::new(true);
+        let mut clients = Vec::with_capacity(fleet.len());
+        for (client, events) in fleet {
+            recorder.spawn(events);
+            clients.push(client);
+        }
+        // The creation entry reaches everyone first; then measure.
+        let recipients = (users.len() - 1) as u64;
+        wait_until(DRAIN, || recorder.count() >= recipients).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        recorder.reset();
+        let before = server.sample();
+        let started = Instant::now();
+        let body_size = options.body_size;
+        let (sender, target) = (owner.clone(), conversation.clone());
+        let load = open_loop(options.group_rate, options.duration, MAX_INFLIGHT, move |_| {
+            let (sender, target) = (sender.clone(), target.clone());
+            async move { sender.send(&target, &stamped_body(body_size)).await.is_ok() }.boxed()
+        })
+        .await;
+        let expected = load.issued * recipients;
+        let finished = wait_until(DRAIN, || recorder.count() >= expected).await;
+        load.finish(Duration::from_secs(1)).await;
+        let after = server.sample();
+        recorder.settle().await;
+        let elapsed = (finished - started).as_secs_f64();
+        let cpu = after.cpu_seconds - before.cpu_seconds;
+        let deliveries = recorder.count();
+        let mut last_member = histogram();
+        let per_message = recorder.per_message.as_ref().expect("per-message recording");
+        let mut reached_all = 0;
+        for (count, slowest) in per_message.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            if u64::from(*count) >= recipients {
+                reached_all += 1;
+                let _ = last_member.record(*slowest);
+            }
+        }
+        let result = Group {
+            members: users.len(),
+            offered_messages_per_sec: options.group_rate,
+            messages: load.issued,
+            deliveries,
+            deliveries_per_sec: deliveries as f64 / elapsed,
+            deliveries_per_server_cpu_second: if cpu > 0.0 { deliveries as f64 / cpu } else { 0.0 },
+            messages_reaching_everyone: reached_all,
+            last_member_p50_ms: millis(&last_member, 0.5),
+            last_member_p99_ms: millis(&last_member, 0.99),
+        };
+        eprintln!(
+            "bench:   group of {size}: {:.0} deliveries/s, last member p99 {:.2} ms",
+            result.deliveries_per_sec, result.last_member_p99_ms
+        );
+        results.push(result);
+        join_all(clients.iter().chain([&owner]).map(Client::close)).await;
+    }
+    Ok(results)
+}
+
+pub async fn history(options: &BenchOptions, server: &Server, auth: &AuthOptions) -> anyhow::Result<History> {
+    let id = run_id();
+    let users = vec![format!("history-{id}-a"), format!("history-{id}-b")];
+    let mut fleet = connect_all(&server.endpoint, auth, &users, 2).await?;
+    let (reader, reader_events) = fleet.pop().expect("two clients");
+    let (writer, writer_events) = fleet.pop().expect("two clients");
+    drain(reader_events);
+    drain(writer_events);
+    let conversation = writer.direct(&users[1]).await?.conversation_id;
+    let body = "h".repeat(options.body_size);
+    let sends = stream::iter(0..options.history_messages)
+        .map(|_| writer.send(&conversation, &body))
+        .buffer_unordered(512)
+        .collect::<Vec<_>>()
+        .await;
+    sends.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let page_size = 50;
+    let mut latencies = histogram();
+    let mut position = 0u64;
+    for _ in 0..options.history_reads {
+        // Spread reads over the whole conversation (a cheap deterministic walk).
+        position = (position + 7_919) % options.history_messages as u64;
+        let before_seq = position + 1 + page_size as u64;
+        let started = Instant::now();
+        let page = reader.history(&conversation, before_seq, page_size).await?;
+        let _ = latencies.record((started.elapsed().as_micros() as u64).max(1));
+        anyhow::ensure!(!page.messages.is_empty(), "history page came back empty");
+    }
+    Ok(History {
+        messages: options.history_messages,
+        reads: options.history_reads,
+        page_size,
+        path: "store (no read cache yet)".into(),
+        p50_ms: millis(&latencies, 0.5),
+        p99_ms: millis(&latencies, 0.99),
+    })
+}
+
+pub async fn reconnect(options: &BenchOptions, server: &Server, auth: &AuthOptions) -> anyhow::Result<Reconnect> {
+    let id = run_id();
+    let late_user = format!("reconnect-{id}-late");
+    let senders: Vec<String> = (0..options.reconnect_conversations).map(|i| format!("reconnect-{id}-s{i}")).collect();
+    let fleet = connect_all(&server.endpoint, auth, &senders, CONNECT_CONCURRENCY).await?;
+    let body = "r".repeat(options.body_size);
+    let per = options.reconnect_messages;
+    let work = fleet.into_iter().map(|(client, events)| {
+        drain(events);
+        let (late_user, body) = (late_user.clone(), body.clone());
+        async move {
+            let conversation = client.direct(&late_user).await?.conversation_id;
+            let sends = stream::iter(0..per).map(|_| client.send(&conversation, &body)).buffer_unordered(64);
+            sends.collect::<Vec<_>>().await.into_iter().collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, messenger_client::Error>(client)
+        }
+    });
+    let clients = join_all(work).await.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let missed = options.reconnect_conversations * per;
+    let started = Instant::now();
+    let mut late = connect_all(&server.endpoint, auth, std::slice::from_ref(&late_user), 1).await?;
+    let (late_client, mut events) = late.pop().expect("one client");
+    let mut received = 0;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while received < missed {
+            match events.next().await {
+                Some(Event::Message(_)) => received += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("reconnect: only {received} of {missed} messages within 120 s"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    late_client.close().await;
+    join_all(clients.iter().map(Client::close)).await;
+    Ok(Reconnect {
+        conversations: options.reconnect_conversations,
+        missed_messages: missed,
+        seconds_to_caught_up: seconds,
+    })
+}

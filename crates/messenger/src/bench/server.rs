@@ -1,0 +1,120 @@
+//! The system under test: a `messenger up` child process on loopback ports
+//! (or a given target), and its CPU seconds and resident memory from /proc.
+
+use std::{process::Stdio, time::Duration};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+use super::BenchOptions;
+
+pub struct Server {
+    pub endpoint: String,
+    pub pid: Option<u32>,
+    child: Option<Child>,
+    _data: Option<tempfile::TempDir>,
+    clock_ticks: f64,
+}
+
+/// CPU time and memory of the server at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+impl Server {
+    pub async fn start(options: &BenchOptions) -> anyhow::Result<Server> {
+        let clock_ticks = clock_ticks();
+        if let Some(target) = &options.target {
+            return Ok(Server {
+                endpoint: target.clone(),
+                pid: options.server_pid,
+                child: None,
+                _data: None,
+                clock_ticks,
+            });
+        }
+        let data = tempfile::tempdir()?;
+        let executable = std::env::current_exe()?;
+        let mut child = Command::new(executable)
+            .arg("up")
+            .arg("--data-dir")
+            .arg(data.path())
+            .env("MESSENGER_GATEWAY__LISTEN", "127.0.0.1:0")
+            .env("MESSENGER_GATEWAY__INTERNAL_LISTEN", "127.0.0.1:0")
+            .env("MESSENGER_MESSAGE__LISTEN", "127.0.0.1:0")
+            .env("MESSENGER_PRESENCE__LISTEN", "127.0.0.1:0")
+            // The benchmark measures capacity, not the per-user abuse limits.
+            .env("MESSENGER_GATEWAY__SENDS_PER_SECOND", "10000000")
+            .env("MESSENGER_GATEWAY__SEND_BURST", "10000000")
+            .env("MESSENGER_GATEWAY__MAX_SESSIONS", "1000000")
+            .env("MESSENGER_MESSAGE__SQLITE__SYNCHRONOUS", &options.synchronous)
+            .env("MESSENGER_LOG__FILTER", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start `messenger up`")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let endpoint = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("messenger is up: gateway ") {
+                    return Ok(rest.split(',').next().unwrap_or_default().to_owned());
+                }
+            }
+            bail!("`messenger up` exited before it was up")
+        })
+        .await
+        .context("`messenger up` did not come up in 30 s")??;
+        // Keep draining its stdout so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let pid = child.id();
+        Ok(Server { endpoint, pid, child: Some(child), _data: Some(data), clock_ticks })
+    }
+
+    /// The server's figures now (zeros when its pid is unknown).
+    pub fn sample(&self) -> Sample {
+        let Some(pid) = self.pid else { return Sample::default() };
+        let cpu_seconds = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+                let after = stat.rsplit_once(')')?.1;
+                let fields: Vec<&str> = after.split_whitespace().collect();
+                let utime: f64 = fields.get(11)?.parse().ok()?;
+                let stime: f64 = fields.get(12)?.parse().ok()?;
+                Some((utime + stime) / self.clock_ticks)
+            })
+            .unwrap_or_default();
+        let rss_bytes = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib * 1024)
+            })
+            .unwrap_or_default();
+        Sample { cpu_seconds, rss_bytes }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100.0)
+}
