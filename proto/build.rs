@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // with the `Connect` rpc; clients are built from a `Channel` instead.
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path("crate::codec::LeanCodec")
         .file_descriptor_set_path(out_dir.join("messenger_descriptor.bin"))
         .compile_protos(&protos, &["."])?;
     for proto in protos {

@@ -7,9 +7,12 @@
 //!   unary calls) and the internal `GatewayInternalService::Deliver`.
 //! - `message.proto`, `presence.proto`: internal APIs of those services.
 //!
-//! [`FILE_DESCRIPTOR_SET`] feeds gRPC reflection on every server.
+//! [`FILE_DESCRIPTOR_SET`] feeds gRPC reflection on every server; [`codec`] is the
+//! prost codec with small initial buffers that every generated stub uses.
 
 #![forbid(unsafe_code)]
+
+pub mod codec;
 
 /// Generated code for `messenger.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -88,6 +88,8 @@ pub struct BenchOptions {
 /// Runs the benchmark and prints its report.
 pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Report> {
     let wanted_files = (options.idle_clients as u64 * 2 + 10_000).max(65_536);
+    // Root may raise the hard limit too (the child server inherits both).
+    let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, wanted_files, wanted_files);
     match rlimit::increase_nofile_limit(wanted_files) {
         Ok(limit) if limit < wanted_files => eprintln!("bench: open-file limit is {limit}; idle clients may be capped"),
         Ok(_) => {}

@@ -5,9 +5,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::service::Routes;
+use tonic::{service::Routes, transport::server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -135,7 +134,13 @@ pub async fn serve(
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        // Accepted sockets need TCP_NODELAY themselves: the builder's setting
+        // applies only to listeners tonic binds. Without it small frames wait
+        // for delayed ACKs (tens of milliseconds).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(options.keepalive_interval)),
+            signal,
+        );
     tokio::pin!(server);
     let grace = options.drain_grace;
     let deadline = async {

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use messenger_platform::auth::caller;
 use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
 use tokio::sync::mpsc;
@@ -18,7 +19,8 @@ pub(crate) struct Adapter {
 
 #[tonic::async_trait]
 impl GatewayService for Adapter {
-    type ConnectStream = ReceiverStream<Result<ServerFrame, Status>>;
+    type ConnectStream =
+        futures::stream::Map<ReceiverStream<session::Outbound>, fn(session::Outbound) -> Result<ServerFrame, Status>>;
 
     async fn connect(&self, request: Request<Streaming<ClientFrame>>) -> Result<Response<Self::ConnectStream>, Status> {
         let user = caller(&request)?.0.clone();
@@ -30,7 +32,8 @@ impl GatewayService for Adapter {
         }
         let (out, frames) = mpsc::channel(self.context.options.session_queue_depth);
         tokio::spawn(session::run(self.context.clone(), user, request.into_inner(), out));
-        Ok(Response::new(ReceiverStream::new(frames)))
+        let unbox: fn(session::Outbound) -> Result<ServerFrame, Status> = |item| item.map(|f| *f).map_err(|s| *s);
+        Ok(Response::new(ReceiverStream::new(frames).map(unbox)))
     }
 
     async fn get_or_create_direct(

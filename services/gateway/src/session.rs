@@ -24,6 +24,10 @@ use tracing::{debug, info, warn};
 
 use crate::{Context, registry::SessionHandle};
 
+/// What a session queues for its client. Boxed so the queue's blocks stay
+/// small: they are allocated per session and live as long as it does.
+pub(crate) type Outbound = Result<Box<ServerFrame>, Box<Status>>;
+
 /// Why a session ended early.
 #[derive(Debug)]
 enum End {
@@ -43,7 +47,7 @@ struct Session {
     user: String,
     device: String,
     session_id: String,
-    out: mpsc::Sender<Result<ServerFrame, Status>>,
+    out: mpsc::Sender<Outbound>,
     last_sent: HashMap<String, u64>,
     pending_acks: HashMap<String, u64>,
     ack_in_flight: bool,
@@ -74,23 +78,23 @@ pub(crate) async fn run(
     context: Arc<Context>,
     user: String,
     mut inbound: Streaming<ClientFrame>,
-    out: mpsc::Sender<Result<ServerFrame, Status>>,
+    out: mpsc::Sender<Outbound>,
 ) {
     let hello = tokio::time::timeout(context.options.hello_timeout, inbound.message()).await;
     let device = match hello {
         Ok(Ok(Some(ClientFrame { frame: Some(In::Hello(hello)) }))) => hello.device_id,
         Ok(Ok(Some(_))) => {
-            let _ = out.send(Err(Status::failed_precondition("the first frame must be Hello"))).await;
+            let _ = out.send(Err(Box::new(Status::failed_precondition("the first frame must be Hello")))).await;
             return;
         }
         Ok(Ok(None)) | Ok(Err(_)) => return,
         Err(_) => {
-            let _ = out.send(Err(Status::deadline_exceeded("no Hello received in time"))).await;
+            let _ = out.send(Err(Box::new(Status::deadline_exceeded("no Hello received in time")))).await;
             return;
         }
     };
     if device.is_empty() || device.len() > 128 || device.chars().any(char::is_control) {
-        let _ = out.send(Err(Status::invalid_argument("device_id must be 1 to 128 printable bytes"))).await;
+        let _ = out.send(Err(Box::new(Status::invalid_argument("device_id must be 1 to 128 printable bytes")))).await;
         return;
     }
     let session_id = ids::new_id().to_string();
@@ -114,7 +118,7 @@ pub(crate) async fn run(
         .await;
     if let Err(status) = registered {
         context.registry.remove(&session_id);
-        let _ = out.send(Err(status)).await;
+        let _ = out.send(Err(Box::new(status))).await;
         return;
     }
     info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");
@@ -137,7 +141,7 @@ pub(crate) async fn run(
         }
         End::Upstream(status) => {
             warn!(session_id = %session.session_id, code = ?status.code(), "session ended: upstream failure");
-            let _ = session.out.try_send(Err(status.clone()));
+            let _ = session.out.try_send(Err(Box::new(status.clone())));
         }
     }
     session.flush_acks_now().await;
@@ -172,7 +176,7 @@ impl Session {
                 biased;
                 () = shutdown.cancelled() => {
                     let frame = error_frame(Code::Unavailable, "gateway shutting down; reconnect", "", "");
-                    let _ = self.out.try_send(Ok(frame));
+                    let _ = self.out.try_send(Ok(Box::new(frame)));
                     return End::ClientGone;
                 }
                 Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done, &mut inflight).await,
@@ -212,7 +216,8 @@ impl Session {
     }
 
     async fn emit(&self, frame: ServerFrame) -> Result<(), End> {
-        match tokio::time::timeout(self.context.options.slow_consumer_timeout, self.out.send(Ok(frame))).await {
+        match tokio::time::timeout(self.context.options.slow_consumer_timeout, self.out.send(Ok(Box::new(frame)))).await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::ClientGone),
             Err(_) => Err(End::SlowConsumer),

@@ -56,6 +56,7 @@ struct Worker {
     presence: PresenceServiceClient<Channel>,
     gateways: ChannelPool,
     max_batch: usize,
+    linger: std::time::Duration,
     delivered_receipts_max_members: usize,
 }
 
@@ -75,6 +76,7 @@ impl Fanout {
                     presence: presence.clone(),
                     gateways: gateways.clone(),
                     max_batch: options.max_batch,
+                    linger: options.linger,
                     delivered_receipts_max_members,
                 };
                 tokio::spawn(worker.run(rx));
@@ -158,6 +160,17 @@ impl Worker {
     async fn run(mut self, mut queue: mpsc::Receiver<Outgoing>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while queue.recv_many(&mut batch, self.max_batch).await > 0 {
+            // A short linger lets a busy system share one Locate and one Deliver
+            // per gateway among many items; an idle one pays at most `linger`.
+            if !self.linger.is_zero() && batch.len() < self.max_batch {
+                tokio::time::sleep(self.linger).await;
+                while batch.len() < self.max_batch {
+                    match queue.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+            }
             self.fan_out(&batch).await;
             batch.clear();
         }
@@ -184,15 +197,15 @@ impl Worker {
     }
 
     async fn fan_out(&mut self, batch: &[Outgoing]) {
-        let mut active: HashMap<Uuid, Vec<String>> = HashMap::new();
+        let mut active: HashMap<Uuid, Arc<Vec<String>>> = HashMap::new();
         for item in batch {
             let id = item.conversation_id();
             if active.contains_key(&id) {
                 continue;
             }
-            match self.store.members(id).await {
+            match self.store.active_member_ids(id).await {
                 Ok(members) => {
-                    active.insert(id, members.into_iter().filter(|m| m.is_active()).map(|m| m.user_id).collect());
+                    active.insert(id, members);
                 }
                 Err(error) => warn!(%error, conversation_id = %id, "fan-out skipped: members unavailable"),
             }

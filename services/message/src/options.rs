@@ -53,11 +53,15 @@ pub struct FanoutOptions {
     pub queue_depth: usize,
     /// Most messages fanned out together in one Locate + one Deliver per gateway.
     pub max_batch: usize,
+    /// How long a worker waits for more items before fanning out a partial
+    /// batch: fewer calls under load, at most this much added latency.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
 }
 
 impl Default for FanoutOptions {
     fn default() -> Self {
-        Self { workers: 4, queue_depth: 4096, max_batch: 256 }
+        Self { workers: 4, queue_depth: 4096, max_batch: 256, linger: Duration::from_millis(1) }
     }
 }
 

@@ -9,7 +9,14 @@ mod schema;
 mod writer;
 mod writes;
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use r2d2_sqlite::{
@@ -23,7 +30,7 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     store::{
-        ChangeRequest, Conversation, HistoryRange, InboxCursor, Member, MessageStore, NewGroup, NewMessage,
+        Change, ChangeRequest, Conversation, HistoryRange, InboxCursor, Member, MessageStore, NewGroup, NewMessage,
         SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
@@ -51,17 +58,42 @@ pub struct SqliteOptions {
     pub queue_depth: usize,
     /// Read connections.
     pub readers: u32,
+    /// Conversations whose member list is kept in memory.
+    pub member_cache_entries: u64,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
-        Self { synchronous: Synchronous::Full, max_batch: 512, queue_depth: 8192, readers: 4 }
+        Self {
+            synchronous: Synchronous::Full,
+            max_batch: 512,
+            queue_depth: 8192,
+            readers: 4,
+            member_cache_entries: 100_000,
+        }
     }
 }
 
 pub struct SqliteStore {
     writes: mpsc::Sender<Command>,
     reads: r2d2::Pool<SqliteConnectionManager>,
+    members: MemberCache,
+}
+
+/// Active member ids per conversation, in memory. Every membership write
+/// bumps `epoch` and invalidates its conversation after the commit; a reader
+/// caches what it read only if no membership write committed meanwhile, so a
+/// read from an older snapshot can never be cached after the invalidation.
+struct MemberCache {
+    cache: moka::sync::Cache<Uuid, Arc<Vec<String>>>,
+    epoch: AtomicU64,
+}
+
+impl MemberCache {
+    fn invalidate(&self, id: Uuid) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.cache.invalidate(&id);
+    }
 }
 
 fn configure(connection: &Connection, synchronous: Synchronous) -> r2d2_sqlite::rusqlite::Result<()> {
@@ -100,7 +132,11 @@ impl SqliteStore {
             .name("sqlite-writer".into())
             .spawn(move || writer::run(connection, commands, max_batch))
             .map_err(|e| Error::Storage(format!("cannot start writer: {e}")))?;
-        Ok(Self { writes, reads })
+        let members = MemberCache {
+            cache: moka::sync::Cache::builder().max_capacity(options.member_cache_entries).build(),
+            epoch: AtomicU64::new(0),
+        };
+        Ok(Self { writes, reads, members })
     }
 
     async fn write<T: Send + 'static>(
@@ -149,7 +185,9 @@ impl MessageStore for SqliteStore {
 
     async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
         let (id, creator) = (group.id, group.creator.clone());
-        let created = self.write(move |tx| writes::create_group(tx, &group, max_group_size)).await?;
+        let created = self.write(move |tx| writes::create_group(tx, &group, max_group_size)).await;
+        self.members.invalidate(id);
+        let created = created?;
         let conversation = self.conversation_for_member(id, &creator).await?.ok_or(Error::ConversationNotFound)?;
         Ok((conversation, created))
     }
@@ -168,12 +206,32 @@ impl MessageStore for SqliteStore {
         self.read(move |c| rows::members(c, &id.to_string())).await
     }
 
+    async fn active_member_ids(&self, id: Uuid) -> Result<Arc<Vec<String>>> {
+        if let Some(ids) = self.members.cache.get(&id) {
+            return Ok(ids);
+        }
+        let epoch = self.members.epoch.load(Ordering::SeqCst);
+        let ids = Arc::new(self.read(move |c| rows::active_member_ids(c, &id.to_string())).await?);
+        // Cache only what no membership write can have overtaken; never cache
+        // a conversation that does not exist (yet).
+        if !ids.is_empty() && self.members.epoch.load(Ordering::SeqCst) == epoch {
+            self.members.cache.insert(id, ids.clone());
+        }
+        Ok(ids)
+    }
+
     async fn send(&self, message: NewMessage) -> Result<SendOutcome> {
         self.write(move |tx| writes::send(tx, &message)).await
     }
 
     async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
-        self.write(move |tx| writes::apply(tx, &request)).await
+        let id = request.conversation_id;
+        let membership = matches!(request.change, Change::AddMembers(_) | Change::RemoveMember(_) | Change::Leave);
+        let result = self.write(move |tx| writes::apply(tx, &request)).await;
+        if membership {
+            self.members.invalidate(id);
+        }
+        result
     }
 
     async fn history(

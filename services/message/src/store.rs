@@ -2,6 +2,8 @@
 //! one interface with an embedded implementation ([`crate::sqlite`]) and, later,
 //! a production one. One contract suite (`store/contract.rs`) runs against each.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use uuid::Uuid;
 
@@ -100,7 +102,8 @@ pub struct Member {
     /// The entry that ended the membership (removal or leaving), if it ended.
     pub removed_seq: Option<u64>,
     pub read_seq: u64,
-    /// Highest delivered cursor over the member's devices.
+    /// Highest delivered cursor over the member's devices (read by
+    /// `MessageStore::members` only).
     pub delivered_seq: u64,
 }
 
@@ -310,7 +313,12 @@ pub trait MessageStore: Send + Sync + 'static {
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>>;
 
     /// One membership, current or ended; None if `user` never was a member.
+    /// Its `delivered_seq` is not read (0): use `members` for cursors.
     async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>>;
+
+    /// The ids of the active members: what fan-out needs for every entry,
+    /// receipt and typing hint, so stores serve it from memory when they can.
+    async fn active_member_ids(&self, id: Uuid) -> Result<Arc<Vec<String>>>;
 
     /// Every membership of the conversation, current and ended, with cursors.
     async fn members(&self, id: Uuid) -> Result<Vec<Member>>;

@@ -74,9 +74,17 @@ fn row_to_member(row: &Row<'_>) -> Result<Member> {
     })
 }
 
+/// One membership without its delivered cursor (`delivered_seq` reads 0):
+/// the hot paths (every send and ack) need only role and visibility, and the
+/// delivered cursor costs a scan of the member's devices.
 pub(super) fn member(connection: &Connection, conversation: &str, user: &str) -> Result<Option<Member>> {
-    let sql = format!("SELECT {MEMBER_COLUMNS} FROM members m WHERE m.conversation_id = ?1 AND m.user_id = ?2");
-    connection.prepare_cached(&sql)?.query_row(params![conversation, user], row_to_member).optional()
+    connection
+        .prepare_cached(
+            "SELECT user_id, role, joined_seq, removed_seq, read_seq, 0 FROM members
+             WHERE conversation_id = ?1 AND user_id = ?2",
+        )?
+        .query_row(params![conversation, user], row_to_member)
+        .optional()
 }
 
 pub(super) fn members(connection: &Connection, conversation: &str) -> Result<Vec<Member>> {

@@ -270,9 +270,19 @@ async fn removed_members_see_only_their_time(store: &dyn MessageStore) {
     let (a, b, c) = users("removed");
     let conversation = group(store, &a, &[&b]).await;
     send(store, conversation.id, &a, "before", "before c").await.unwrap(); // 2
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+    let ids = store.active_member_ids(conversation.id).await.unwrap();
+    assert_eq!(*ids, sorted(vec![a.clone(), b.clone()]));
     change(store, conversation.id, &a, Change::AddMembers(vec![c.clone()])).await.unwrap(); // 3
+    let ids = store.active_member_ids(conversation.id).await.unwrap();
+    assert_eq!(*ids, sorted(vec![a.clone(), b.clone(), c.clone()]), "a cached member list outlived an add");
     send(store, conversation.id, &a, "with", "with c").await.unwrap(); // 4
     change(store, conversation.id, &a, Change::RemoveMember(c.clone())).await.unwrap(); // 5
+    let ids = store.active_member_ids(conversation.id).await.unwrap();
+    assert_eq!(*ids, sorted(vec![a.clone(), b.clone()]), "a cached member list outlived a removal");
     send(store, conversation.id, &a, "after", "after c").await.unwrap(); // 6
     let member = store.member(conversation.id, &c).await.unwrap().unwrap();
     assert_eq!((member.joined_seq, member.removed_seq), (3, Some(5)));
