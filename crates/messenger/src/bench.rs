@@ -99,6 +99,7 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
     eprintln!("bench: server at {} (pid {:?})", server.endpoint, server.pid);
     let mut report = Report::new(&options, &server);
     for scenario in &options.scenarios {
+        server.settle().await;
         eprintln!("bench: {scenario:?} ...");
         match scenario {
             Scenario::Idle => report.idle = Some(scenarios::idle(&options, &server, auth).await?),

@@ -102,6 +102,21 @@ impl Server {
         Sample { cpu_seconds, rss_bytes }
     }
 
+    /// Waits (at most 30 s) until the server is quiet: under 5% of a core
+    /// over half a second, so one scenario's teardown doesn't count in the next.
+    pub async fn settle(&self) {
+        if self.pid.is_none() {
+            return;
+        }
+        for _ in 0..60 {
+            let before = self.sample();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if (self.sample().cpu_seconds - before.cpu_seconds) / 0.5 < 0.05 {
+                return;
+            }
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(child) = &mut self.child {
             let _ = child.kill().await;
