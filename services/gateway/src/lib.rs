@@ -10,12 +10,14 @@
 //! - `session.rs`: one Connect stream: Hello, backlog sync, live push with gap
 //!   fill, sends, acks, slow-consumer handling.
 //! - `registry.rs`: session id -> session inbox, used by `Deliver`.
+//! - `acks.rs`: every session's delivered acks, sent in one call per interval.
 //! - `internal.rs`: `GatewayInternalService::Deliver`.
 //!
 //! [`serve`] runs both listeners until the shutdown token is cancelled.
 
 #![forbid(unsafe_code)]
 
+mod acks;
 mod api;
 mod internal;
 mod options;
@@ -53,6 +55,8 @@ pub(crate) struct Context {
     presence: PresenceServiceClient<Channel>,
     /// Per-user send rate, shared by all of a user's sessions on this instance.
     send_limiter: DefaultKeyedRateLimiter<String>,
+    /// Delivered acks of all sessions, flushed together.
+    acks: Arc<acks::AckBatcher>,
     /// Per-user typing-indicator rate.
     typing_limiter: DefaultKeyedRateLimiter<String>,
     shutdown: CancellationToken,
@@ -90,6 +94,7 @@ pub async fn serve(
             .max_decoding_message_size(server_options.internal_max_message_bytes),
         presence: PresenceServiceClient::new(channel(Role::Presence)?),
         send_limiter: RateLimiter::keyed(quota),
+        acks: Arc::default(),
         typing_limiter: RateLimiter::keyed(
             Quota::per_second(nonzero(options.typing_per_second)).allow_burst(nonzero(options.typing_per_second * 2)),
         ),
@@ -97,6 +102,8 @@ pub async fn serve(
         options,
     });
     tokio::spawn(forget_idle_rate_limits(context.clone()));
+    let ack_flush =
+        context.acks.clone().run(context.message.clone(), context.options.ack_flush_interval, shutdown.clone());
     let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
         .max_decoding_message_size(server_options.max_message_bytes);
     let public_api = tonic::service::interceptor::InterceptedService::new(public_api, deps.verifier.interceptor());
@@ -119,7 +126,7 @@ pub async fn serve(
         &[gateway_internal_service_server::SERVICE_NAME],
         shutdown,
     );
-    let (public_result, internal_result) = tokio::join!(public_server, internal_server);
+    let (public_result, internal_result, ()) = tokio::join!(public_server, internal_server, ack_flush);
     public_result.and(internal_result)
 }
 

@@ -32,6 +32,9 @@ pub struct Options {
     pub slow_consumer_timeout: Duration,
     /// Messages fetched per sync call.
     pub sync_page: u32,
+    /// How often the sessions' delivered acks go to the message service, together.
+    #[serde(with = "humantime_serde")]
+    pub ack_flush_interval: Duration,
     /// Sustained sends per second one user may make through this gateway
     /// (all of the user's devices together); beyond it a send is answered
     /// with RESOURCE_EXHAUSTED and the stream stays open.
@@ -57,6 +60,7 @@ impl Default for Options {
             hello_timeout: Duration::from_secs(10),
             slow_consumer_timeout: Duration::from_secs(10),
             sync_page: 200,
+            ack_flush_interval: Duration::from_millis(20),
             sends_per_second: 20,
             send_burst: 50,
             typing_per_second: 2,
@@ -81,7 +85,7 @@ impl Options {
                 return Err(format!("{key} must be positive"));
             }
         }
-        if self.hello_timeout.is_zero() || self.slow_consumer_timeout.is_zero() {
+        if self.hello_timeout.is_zero() || self.slow_consumer_timeout.is_zero() || self.ack_flush_interval.is_zero() {
             return Err("gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into());
         }
         Ok(())

@@ -39,7 +39,6 @@ enum End {
 enum Completion {
     Frame(Box<ServerFrame>),
     Nothing,
-    AcksFlushed(Result<(), Status>),
 }
 
 struct Session {
@@ -49,8 +48,6 @@ struct Session {
     session_id: String,
     out: mpsc::Sender<Outbound>,
     last_sent: HashMap<String, u64>,
-    pending_acks: HashMap<String, u64>,
-    ack_in_flight: bool,
 }
 
 fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
@@ -123,16 +120,7 @@ pub(crate) async fn run(
     }
     info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");
 
-    let mut session = Session {
-        context: context.clone(),
-        user,
-        device,
-        session_id,
-        out,
-        last_sent: HashMap::new(),
-        pending_acks: HashMap::new(),
-        ack_in_flight: false,
-    };
+    let mut session = Session { context: context.clone(), user, device, session_id, out, last_sent: HashMap::new() };
     let end = session.serve(&mut inbound, inbox, resync).await;
     match &end {
         End::ClientGone => {}
@@ -144,7 +132,7 @@ pub(crate) async fn run(
             let _ = session.out.try_send(Err(Box::new(status.clone())));
         }
     }
-    session.flush_acks_now().await;
+    context.acks.flush_device(&context.message, &session.user, &session.device).await;
     context.registry.remove(&session.session_id);
     let _ = context
         .presence
@@ -179,7 +167,7 @@ impl Session {
                     let _ = self.out.try_send(Ok(Box::new(frame)));
                     return End::ClientGone;
                 }
-                Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done, &mut inflight).await,
+                Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done).await,
                 event = inbox.recv() => match event.as_deref() {
                     Some(delivery::Event::Message(message)) => self.deliver_live(message).await,
                     Some(delivery::Event::Receipt(receipt)) => {
@@ -211,7 +199,7 @@ impl Session {
         let deadline = tokio::time::Instant::now() + self.context.options.slow_consumer_timeout;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline, inflight.next()).await {
             // The client may still be reading its side: answers go out when they can.
-            let _ = self.complete(done, inflight).await;
+            let _ = self.complete(done).await;
         }
     }
 
@@ -348,9 +336,7 @@ impl Session {
                 Ok(())
             }
             Some(In::Ack(ack)) => {
-                let cursor = self.pending_acks.entry(ack.conversation_id).or_insert(0);
-                *cursor = (*cursor).max(ack.seq);
-                self.start_ack_flush(inflight);
+                self.context.acks.add(&self.user, &self.device, ack.conversation_id, ack.seq);
                 Ok(())
             }
             Some(In::Read(read)) => {
@@ -390,57 +376,10 @@ impl Session {
         }
     }
 
-    /// At most one AckDelivered call per session at a time; acks that arrive
-    /// meanwhile are merged into the next one.
-    fn start_ack_flush(&mut self, inflight: &mut FuturesUnordered<BoxFuture<'static, Completion>>) {
-        if self.ack_in_flight || self.pending_acks.is_empty() {
-            return;
-        }
-        self.ack_in_flight = true;
-        let request = self.ack_request();
-        let mut client = self.context.message.clone();
-        inflight.push(async move { Completion::AcksFlushed(client.ack_delivered(request).await.map(|_| ())) }.boxed());
-    }
-
-    fn ack_request(&mut self) -> pb::AckDeliveredRequest {
-        pb::AckDeliveredRequest {
-            user_id: self.user.clone(),
-            device_id: self.device.clone(),
-            cursors: self
-                .pending_acks
-                .drain()
-                .map(|(conversation_id, seq)| pb::DeliveredCursor { conversation_id, seq })
-                .collect(),
-        }
-    }
-
-    async fn flush_acks_now(&mut self) {
-        if self.pending_acks.is_empty() {
-            return;
-        }
-        let request = self.ack_request();
-        if let Err(status) = self.context.message.clone().ack_delivered(request).await {
-            warn!(code = ?status.code(), "final ack flush failed; the device may receive some messages again");
-        }
-    }
-
-    async fn complete(
-        &mut self,
-        done: Completion,
-        inflight: &mut FuturesUnordered<BoxFuture<'static, Completion>>,
-    ) -> Result<(), End> {
+    async fn complete(&mut self, done: Completion) -> Result<(), End> {
         match done {
             Completion::Frame(frame) => self.emit(*frame).await,
             Completion::Nothing => Ok(()),
-            Completion::AcksFlushed(result) => {
-                self.ack_in_flight = false;
-                if let Err(status) = result {
-                    // Acks are hints for resume: losing one costs a duplicate that the SDK drops.
-                    warn!(code = ?status.code(), "ack flush failed");
-                }
-                self.start_ack_flush(inflight);
-                Ok(())
-            }
         }
     }
 }

@@ -148,12 +148,27 @@ impl MessageService for Adapter {
         request: Request<pb::AckDeliveredRequest>,
     ) -> Result<Response<pb::AckDeliveredResponse>, Status> {
         let request = request.into_inner();
-        let cursors = request.cursors.into_iter().map(|c| (c.conversation_id, c.seq)).collect();
-        let stored = self.service.ack_delivered(&request.user_id, &request.device_id, cursors).await?;
+        let cursors = |list: Vec<pb::DeliveredCursor>| list.into_iter().map(|c| (c.conversation_id, c.seq)).collect();
+        let mut acks = Vec::with_capacity(request.devices.len() + 1);
+        if !request.user_id.is_empty() || !request.cursors.is_empty() {
+            acks.push((request.user_id, request.device_id, cursors(request.cursors)));
+        }
+        for device in request.devices {
+            acks.push((device.user_id, device.device_id, cursors(device.cursors)));
+        }
+        let stored = self.service.ack_delivered(acks).await?;
         Ok(Response::new(pb::AckDeliveredResponse {
-            cursors: stored
+            devices: stored
                 .into_iter()
-                .map(|(id, seq)| pb::DeliveredCursor { conversation_id: id.to_string(), seq })
+                .map(|device| pb::DeviceAck {
+                    user_id: device.user,
+                    device_id: device.device,
+                    cursors: device
+                        .cursors
+                        .into_iter()
+                        .map(|(id, seq)| pb::DeliveredCursor { conversation_id: id.to_string(), seq })
+                        .collect(),
+                })
                 .collect(),
         }))
     }

@@ -13,8 +13,8 @@ use crate::{
     fanout::{Fanout, Outgoing},
     options::Options,
     store::{
-        Change, ChangeRequest, Conversation, HistoryRange, InboxCursor, Limits, Member, MessageStore, NewGroup,
-        NewMessage, SendOutcome, StoredMessage, SyncCursor,
+        Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Limits, Member, MessageStore,
+        NewGroup, NewMessage, SendOutcome, StoredMessage, SyncCursor,
     },
 };
 
@@ -40,6 +40,9 @@ pub struct SendInput<'a> {
     pub body: String,
     pub reply_to_seq: u64,
 }
+
+/// One device's acks as received: (user, device, [(conversation id, seq)]).
+pub type DeviceAckInput = (String, String, Vec<(String, u64)>);
 
 /// Who has a message: members other than the asker.
 pub struct Receipts {
@@ -307,28 +310,30 @@ impl Service {
         Ok((conversations, next))
     }
 
-    /// Moves delivered cursors and tells the other members (small conversations).
-    pub async fn ack_delivered(
-        &self,
-        user: &str,
-        device: &str,
-        cursors: Vec<(String, u64)>,
-    ) -> Result<Vec<(Uuid, u64)>> {
-        check_id("user_id", user)?;
-        check_id("device_id", device)?;
-        let cursors = cursors
-            .into_iter()
-            .map(|(conversation, seq)| Ok((parse_conversation(&conversation)?, seq)))
-            .collect::<Result<Vec<_>>>()?;
-        let stored = self.store.ack_delivered(user, device, cursors).await?;
-        for (id, seq) in &stored {
-            let receipt = pb::Receipt {
-                conversation_id: id.to_string(),
-                user_id: user.to_owned(),
-                read_seq: 0,
-                delivered_seq: *seq,
-            };
-            self.fanout.publish_hint(Outgoing::Receipt(*id, receipt));
+    /// Moves delivered cursors of many devices and tells the other members
+    /// (small conversations).
+    pub async fn ack_delivered(&self, acks: Vec<DeviceAckInput>) -> Result<Vec<DeviceCursors>> {
+        let mut parsed = Vec::with_capacity(acks.len());
+        for (user, device, cursors) in acks {
+            check_id("user_id", &user)?;
+            check_id("device_id", &device)?;
+            let cursors = cursors
+                .into_iter()
+                .map(|(conversation, seq)| Ok((parse_conversation(&conversation)?, seq)))
+                .collect::<Result<Vec<_>>>()?;
+            parsed.push(DeviceCursors { user, device, cursors });
+        }
+        let stored = self.store.ack_delivered_many(parsed).await?;
+        for device in &stored {
+            for (id, seq) in &device.cursors {
+                let receipt = pb::Receipt {
+                    conversation_id: id.to_string(),
+                    user_id: device.user.clone(),
+                    read_seq: 0,
+                    delivered_seq: *seq,
+                };
+                self.fanout.publish_hint(Outgoing::Receipt(*id, receipt));
+            }
         }
         Ok(stored)
     }

@@ -30,8 +30,8 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     store::{
-        Change, ChangeRequest, Conversation, HistoryRange, InboxCursor, Member, MessageStore, NewGroup, NewMessage,
-        SendOutcome, SeqBounds, StoredMessage, SyncCursor,
+        Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member, MessageStore, NewGroup,
+        NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
 use rows::{CONVERSATION_COLUMNS, MESSAGE_COLUMNS, row_to_conversation, row_to_message};
@@ -306,6 +306,18 @@ impl MessageStore for SqliteStore {
     async fn ack_delivered(&self, user: &str, device: &str, cursors: Vec<(Uuid, u64)>) -> Result<Vec<(Uuid, u64)>> {
         let (user, device) = (user.to_owned(), device.to_owned());
         self.write(move |tx| writes::ack(tx, &user, &device, &cursors)).await
+    }
+
+    async fn ack_delivered_many(&self, acks: Vec<DeviceCursors>) -> Result<Vec<DeviceCursors>> {
+        self.write(move |tx| {
+            acks.into_iter()
+                .map(|ack| {
+                    let cursors = writes::ack(tx, &ack.user, &ack.device, &ack.cursors)?;
+                    Ok(DeviceCursors { user: ack.user, device: ack.device, cursors })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64> {

@@ -211,6 +211,14 @@ impl StoredMessage {
     }
 }
 
+/// Delivered cursors of one device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceCursors {
+    pub user: String,
+    pub device: String,
+    pub cursors: Vec<(Uuid, u64)>,
+}
+
 /// A new group: `creator` becomes its owner.
 #[derive(Clone, Debug)]
 pub struct NewGroup {
@@ -356,6 +364,17 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Cursors never move back and never pass what the user may see;
     /// conversations the user never belonged to are ignored.
     async fn ack_delivered(&self, user: &str, device: &str, cursors: Vec<(Uuid, u64)>) -> Result<Vec<(Uuid, u64)>>;
+
+    /// Many devices' acks at once (a gateway batches its sessions' acks).
+    /// Stores may do it in one transaction; the default does one call each.
+    async fn ack_delivered_many(&self, acks: Vec<DeviceCursors>) -> Result<Vec<DeviceCursors>> {
+        let mut stored = Vec::with_capacity(acks.len());
+        for ack in acks {
+            let cursors = self.ack_delivered(&ack.user, &ack.device, ack.cursors).await?;
+            stored.push(DeviceCursors { user: ack.user, device: ack.device, cursors });
+        }
+        Ok(stored)
+    }
 
     /// Moves an active member's read cursor forward (clamped to the head);
     /// returns the stored value.
