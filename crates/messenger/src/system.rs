@@ -119,9 +119,13 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         tasks.spawn(messenger_presence::serve(options, server_options, store, listener, token));
     }
     if let Some(listener) = listeners.message {
-        let store = SqliteStore::open(&config.database_path(), &config.message.sqlite)?;
+        let mut store: Arc<dyn messenger_message::store::MessageStore> =
+            Arc::new(SqliteStore::open(&config.database_path(), &config.message.sqlite)?);
+        if config.message.cache.enabled {
+            store = Arc::new(messenger_message::cache::CachedStore::new(store, &config.message.cache));
+        }
         let deps = messenger_message::Deps {
-            store: Arc::new(store),
+            store,
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
         };

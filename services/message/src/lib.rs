@@ -6,6 +6,7 @@
 //! - [`store`]: the `MessageStore` trait and its domain types; `store/contract.rs`
 //!   is the test suite every backend must pass.
 //! - [`sqlite`]: the embedded backend (WAL, one writer thread with group commit).
+//! - [`cache`]: the read-through cache any store can sit behind (newest pages, memberships).
 //! - `service.rs`: domain logic (validation, membership, send then fan-out).
 //! - `policy.rs`: who may do what in a group; used by every store inside its transaction.
 //! - `fanout.rs`: presence `Locate` + one gateway `Deliver` per gateway and batch.
@@ -15,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 mod error;
 mod fanout;
 mod grpc;

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sqlite::SqliteOptions;
+use crate::{cache::CacheOptions, sqlite::SqliteOptions};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +40,8 @@ pub struct Options {
     /// larger groups ask with GetReceipts. Read receipts are always pushed.
     pub delivered_receipts_max_members: usize,
     pub sqlite: SqliteOptions,
+    /// The read-through cache in front of the store.
+    pub cache: CacheOptions,
     pub fanout: FanoutOptions,
 }
 
@@ -83,6 +85,7 @@ impl Default for Options {
             typing_ttl: Duration::from_secs(5),
             delivered_receipts_max_members: 32,
             sqlite: SqliteOptions::default(),
+            cache: CacheOptions::default(),
             fanout: FanoutOptions::default(),
         }
     }
