@@ -255,6 +255,10 @@ pub async fn run(options: ChatOptions) -> anyhow::Result<()> {
             },
             event = events.next() => match event {
                 Some(Event::Message(message)) => {
+                    if !state.labels.contains_key(&message.conversation_id) {
+                        // A conversation that started after this chat did: learn its name.
+                        let _ = label_conversations(&mut state).await;
+                    }
                     let kind = MessageKind::try_from(message.kind);
                     if matches!(kind, Ok(MessageKind::GroupCreated | MessageKind::Renamed)) {
                         state.labels.insert(message.conversation_id.clone(), message.title.clone());

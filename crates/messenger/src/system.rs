@@ -106,7 +106,9 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         addresses.gateway = Some(local_addr(public));
         addresses.gateway_internal = Some(local_addr(internal));
     }
-    if config.auth.hs256_secret.as_deref() == Some(messenger_platform::auth::DEV_SECRET) {
+    if roles.contains(&Role::Gateway)
+        && config.auth.hs256_secret.as_deref() == Some(messenger_platform::auth::DEV_SECRET)
+    {
         warn!("auth uses the built-in development secret; set auth.hs256_secret or a public key outside a laptop");
     }
     let discovery = Arc::new(StaticDiscovery::new(config.discovery.clone()));
