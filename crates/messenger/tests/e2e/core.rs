@@ -462,3 +462,29 @@ async fn health_and_reflection_are_served_on_every_port() {
         assert!(names.iter().any(|n| n == service), "{service} missing from {names:?}");
     }
 }
+
+#[tokio::test]
+async fn services_started_one_role_at_a_time_find_each_other() {
+    use messenger::system;
+    use messenger_platform::discovery::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let base = messenger::Config::for_loopback(dir.path());
+    // As `messenger serve --service NAME` does, one role per start, wired by static discovery.
+    let presence = system::start(base.clone(), &[Role::Presence]).await.unwrap();
+    let mut config = base.clone();
+    config.discovery.presence = vec![presence.addresses.presence.unwrap().to_string()];
+    let message = system::start(config.clone(), &[Role::Message]).await.unwrap();
+    config.discovery.message = vec![message.addresses.message.unwrap().to_string()];
+    let gateway = system::start(config.clone(), &[Role::Gateway]).await.unwrap();
+
+    let token = |user: &str| auth::mint_hs256(&config.auth, user, Duration::from_secs(600)).unwrap();
+    let options = |user: &str| messenger_client::Options::new(gateway.endpoint(), token(user), "phone");
+    let (alice, _a) = Client::connect(options("alice")).await.unwrap();
+    let (_bob, mut bob_events) = Client::connect(options("bob")).await.unwrap();
+    let conversation = alice.direct("bob").await.unwrap();
+    alice.send(&conversation.conversation_id, "across three servers").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.body, "across three servers");
+    for running in [gateway, message, presence] {
+        running.stop().await.unwrap();
+    }
+}
