@@ -488,3 +488,55 @@ async fn services_started_one_role_at_a_time_find_each_other() {
         running.stop().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn concurrent_stream_limit_holds_per_connection() {
+    let system = TestSystem::start_with(|config| config.server.max_concurrent_streams = 2).await;
+    use messenger_proto::v1::{self as pb, client_frame::Frame};
+    // One HTTP/2 connection, shared by every call below.
+    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
+    let open_stream = |user: &str| {
+        let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel.clone());
+        let (frames, frames_rx) = tokio::sync::mpsc::channel(4);
+        let hello = pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "raw".into() })) };
+        frames.try_send(hello).unwrap();
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(frames_rx));
+        request.metadata_mut().insert("authorization", format!("Bearer {}", system.token(user)).parse().unwrap());
+        async move { (frames, raw.connect(request).await.unwrap().into_inner()) }
+    };
+    let (first_frames, mut first) = open_stream("alice").await;
+    let _second = open_stream("bob").await;
+    // A third call on the same connection waits for a free stream slot...
+    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel.clone());
+    let mut request = tonic::Request::new(pb::ListConversationsRequest::default());
+    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("carol")).parse().unwrap());
+    let third = tokio::spawn(async move { raw.list_conversations(request).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!third.is_finished(), "a third stream ran beside two on a 2-stream connection");
+    // ...and runs as soon as one closes (the client ends its side, the server ends its own).
+    drop(first_frames);
+    while let Ok(Some(_)) = first.message().await {}
+    let answer = tokio::time::timeout(WAIT, third).await.expect("the waiting call never ran").unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+}
+
+#[tokio::test]
+async fn history_pages_are_clamped_to_the_configured_maximum() {
+    let system = TestSystem::start_with(|config| {
+        config.message.history_page_default = 3;
+        config.message.history_page_max = 5;
+    })
+    .await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let id = alice.direct("bob").await.unwrap().conversation_id;
+    for i in 0..8 {
+        alice.send(&id, &format!("m{i}")).await.unwrap();
+    }
+    assert_eq!(alice.history(&id, 0, 0).await.unwrap().messages.len(), 3, "default page size");
+    let capped = alice.history(&id, 0, 1000).await.unwrap();
+    assert_eq!(capped.messages.len(), 5, "page size above the maximum");
+    assert!(capped.has_more);
+    let rest = alice.history(&id, capped.messages[0].seq, 1000).await.unwrap();
+    assert_eq!(rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(!rest.has_more);
+}
