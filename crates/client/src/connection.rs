@@ -6,7 +6,7 @@
 //! is a duplicate from resume and is dropped), and acks not yet flushed.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
 };
 
@@ -49,7 +49,12 @@ pub(crate) struct Task {
     api: Api,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
-    pending: HashMap<String, Pending>,
+    /// Sends awaiting their ack, in the order the app made them (resent in that order).
+    pending: BTreeMap<u64, Pending>,
+    pending_ids: HashMap<String, u64>,
+    next_order: u64,
+    /// Frames waiting for room on the stream; the loop never blocks on sending.
+    backlog: VecDeque<ClientFrame>,
     highest: HashMap<String, u64>,
     acks: HashMap<String, u64>,
     reads: HashMap<String, u64>,
@@ -81,7 +86,10 @@ impl Task {
             api,
             commands,
             events,
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
+            pending_ids: HashMap::new(),
+            next_order: 0,
+            backlog: VecDeque::new(),
             highest: HashMap::new(),
             acks: HashMap::new(),
             reads: HashMap::new(),
@@ -94,7 +102,7 @@ impl Task {
     fn offline_command(&mut self, command: Option<Command>) -> Option<bool> {
         match command {
             Some(Command::Send { frame, reply }) => {
-                self.pending.insert(frame.client_msg_id.clone(), Pending { frame, reply });
+                self.insert_pending(frame, reply);
                 Some(false)
             }
             Some(Command::Read { conversation_id, seq }) => {
@@ -141,7 +149,8 @@ impl Task {
                     if let Some(ready) = ready.take() {
                         let _ = ready.send(Err(error.clone()));
                     }
-                    for (_, pending) in self.pending.drain() {
+                    self.pending_ids.clear();
+                    for (_, pending) in std::mem::take(&mut self.pending) {
                         let _ = pending.reply.send(Err(error.clone()));
                     }
                     let _ =
@@ -212,63 +221,99 @@ impl Task {
             self.model.lock().unwrap_or_else(|e| e.into_inner()).conversations.keys().cloned().collect();
         self.refresh(known);
 
-        // Whatever was in flight when the last stream dropped goes again, same ids.
-        self.pending.retain(|_, p| !p.reply.is_closed());
-        for pending in self.pending.values() {
-            let frame = ClientFrame { frame: Some(OutFrame::Send(pending.frame.clone())) };
-            if outbound.send(frame).await.is_err() {
-                return lost("stream closed");
-            }
-        }
+        // Whatever was in flight when the last stream dropped goes again, same
+        // ids, in the order the app sent it.
+        self.drop_abandoned();
+        self.backlog.clear();
+        let resend: Vec<ClientFrame> =
+            self.pending.values().map(|p| ClientFrame { frame: Some(OutFrame::Send(p.frame.clone())) }).collect();
+        self.backlog.extend(resend);
         let mut ack_tick = tokio::time::interval(self.options.ack_interval);
         let mut ping_tick = tokio::time::interval(self.options.ping_interval);
         let mut nonce = 0u64;
+        let backlog_limit = self.options.max_pending_sends.max(16);
         loop {
-            tokio::select! {
-                command = self.commands.recv() => match command {
+            let closing = tokio::select! {
+                permit = outbound.reserve(), if !self.backlog.is_empty() => match permit {
+                    Ok(permit) => {
+                        permit.send(self.backlog.pop_front().expect("backlog is not empty"));
+                        None
+                    }
+                    Err(_) => return lost("stream closed"),
+                },
+                command = self.commands.recv(), if self.backlog.len() < backlog_limit => match command {
                     Some(Command::Send { frame, reply }) => {
-                        let id = frame.client_msg_id.clone();
                         let out = ClientFrame { frame: Some(OutFrame::Send(frame.clone())) };
-                        self.pending.insert(id, Pending { frame, reply });
-                        if outbound.send(out).await.is_err() {
-                            return lost("stream closed");
-                        }
+                        self.insert_pending(frame, reply);
+                        self.backlog.push_back(out);
+                        None
                     }
                     Some(Command::Read { conversation_id, seq }) => {
                         let read = self.reads.entry(conversation_id).or_insert(0);
                         *read = (*read).max(seq);
+                        None
                     }
                     Some(Command::Typing { conversation_id, typing }) => {
                         let frame = OutFrame::Typing(pb::TypingFrame { conversation_id, typing });
-                        let _ = outbound.try_send(ClientFrame { frame: Some(frame) });
+                        self.backlog.push_back(ClientFrame { frame: Some(frame) });
+                        None
                     }
-                    Some(Command::Online) => {}
-                    Some(Command::Offline) => {
-                        self.close_gracefully(outbound, &mut inbound).await;
-                        return End::Offline;
-                    }
-                    Some(Command::Close) | None => {
-                        self.close_gracefully(outbound, &mut inbound).await;
-                        return End::Closed;
-                    }
+                    Some(Command::Online) => None,
+                    Some(Command::Offline) => Some(End::Offline),
+                    Some(Command::Close) | None => Some(End::Closed),
                 },
                 frame = inbound.message() => match frame {
                     Ok(Some(frame)) => {
                         if let Some(end) = self.handle(frame).await {
                             return end;
                         }
+                        None
                     }
                     Ok(None) => return lost("server closed the stream"),
                     Err(status) => return lost_or_fatal(status, true),
                 },
-                _ = ack_tick.tick() => self.flush_acks(&outbound).await,
+                _ = ack_tick.tick() => {
+                    self.flush_acks();
+                    None
+                }
                 _ = ping_tick.tick() => {
                     nonce += 1;
-                    let _ = outbound.send(ClientFrame { frame: Some(OutFrame::Ping(pb::Ping { nonce })) }).await;
-                    self.pending.retain(|_, p| !p.reply.is_closed());
+                    self.backlog.push_back(ClientFrame { frame: Some(OutFrame::Ping(pb::Ping { nonce })) });
+                    self.drop_abandoned();
+                    None
                 }
+            };
+            if let Some(end) = closing {
+                self.close_gracefully(outbound, &mut inbound).await;
+                return end;
             }
         }
+    }
+
+    fn insert_pending(&mut self, frame: pb::SendRequestFrame, reply: oneshot::Sender<Result<pb::SendAck, Error>>) {
+        // A retry of an id still pending replaces the older request in place.
+        let order = match self.pending_ids.get(&frame.client_msg_id) {
+            Some(order) => *order,
+            None => {
+                self.next_order += 1;
+                self.pending_ids.insert(frame.client_msg_id.clone(), self.next_order);
+                self.next_order
+            }
+        };
+        self.pending.insert(order, Pending { frame, reply });
+    }
+
+    fn take_pending(&mut self, client_msg_id: &str) -> Option<Pending> {
+        let order = self.pending_ids.remove(client_msg_id)?;
+        self.pending.remove(&order)
+    }
+
+    /// Forgets sends whose caller stopped waiting (timed out, dropped).
+    fn drop_abandoned(&mut self) {
+        self.pending.retain(|_, p| !p.reply.is_closed());
+        let live: std::collections::HashSet<String> =
+            self.pending.values().map(|p| p.frame.client_msg_id.clone()).collect();
+        self.pending_ids.retain(|id, _| live.contains(id));
     }
 
     async fn handle(&mut self, frame: pb::ServerFrame) -> Option<End> {
@@ -292,14 +337,19 @@ impl Task {
                 *ack = (*ack).max(seq);
             }
             InFrame::SendAck(ack) => {
-                if let Some(pending) = self.pending.remove(&ack.client_msg_id) {
+                if let Some(pending) = self.take_pending(&ack.client_msg_id) {
                     let _ = pending.reply.send(Ok(ack));
                 }
             }
             InFrame::Error(error) => {
                 let code = Code::from_i32(error.code);
-                if !error.client_msg_id.is_empty() {
-                    if let Some(pending) = self.pending.remove(&error.client_msg_id) {
+                let retriable = matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Aborted);
+                if !error.client_msg_id.is_empty() && retriable {
+                    // The server could not tell whether it stored it: keep it
+                    // pending and resend with the same id after reconnecting.
+                    return Some(lost(&error.message));
+                } else if !error.client_msg_id.is_empty() {
+                    if let Some(pending) = self.take_pending(&error.client_msg_id) {
                         let _ = pending.reply.send(Err(Error::Rejected { code, message: error.message }));
                     }
                 } else if code == Code::Unavailable {
@@ -328,9 +378,18 @@ impl Task {
         outbound: mpsc::Sender<ClientFrame>,
         inbound: &mut Streaming<pb::ServerFrame>,
     ) {
-        self.flush_acks(&outbound).await;
-        drop(outbound);
+        self.flush_acks();
         let timeout = self.options.connect_timeout;
+        let backlog = std::mem::take(&mut self.backlog);
+        let send_rest = async {
+            for frame in backlog {
+                if outbound.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(timeout, send_rest).await;
+        drop(outbound);
         let drain = async {
             while let Ok(Some(frame)) = inbound.message().await {
                 if self.handle(frame).await.is_some() {
@@ -359,21 +418,13 @@ impl Task {
         });
     }
 
-    async fn flush_acks(&mut self, outbound: &mpsc::Sender<ClientFrame>) {
-        let reads: Vec<(String, u64)> = self.reads.drain().collect();
-        for (index, (conversation_id, seq)) in reads.iter().enumerate() {
-            let read = pb::Read { conversation_id: conversation_id.clone(), seq: *seq };
-            if outbound.send(ClientFrame { frame: Some(OutFrame::Read(read)) }).await.is_err() {
-                // Not sent: keep for the next stream.
-                self.reads.extend(reads[index..].iter().cloned());
-                return;
-            }
+    /// Queues read marks and acks (coalesced per conversation) for sending.
+    fn flush_acks(&mut self) {
+        for (conversation_id, seq) in self.reads.drain() {
+            self.backlog.push_back(ClientFrame { frame: Some(OutFrame::Read(pb::Read { conversation_id, seq })) });
         }
         for (conversation_id, seq) in self.acks.drain() {
-            let frame = ClientFrame { frame: Some(OutFrame::Ack(pb::Ack { conversation_id, seq })) };
-            if outbound.send(frame).await.is_err() {
-                return;
-            }
+            self.backlog.push_back(ClientFrame { frame: Some(OutFrame::Ack(pb::Ack { conversation_id, seq })) });
         }
     }
 }

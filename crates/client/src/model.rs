@@ -203,15 +203,19 @@ impl Model {
     }
 
     /// Takes what the server says about a conversation (members, title, cursors).
+    /// Members and title only from a snapshot at least as new as the model, so
+    /// a slow answer cannot undo entries applied meanwhile; cursors only move forward.
     pub fn refresh(&mut self, conversation: &pb::Conversation) {
         let state = self.conversation(&conversation.conversation_id);
-        state.kind = conversation.kind;
-        state.title = conversation.title.clone();
-        state.members = conversation
-            .members
-            .iter()
-            .map(|m| (m.user_id.clone(), Role::try_from(m.role).unwrap_or(Role::Member)))
-            .collect();
+        if conversation.last_seq >= state.last_seq {
+            state.kind = conversation.kind;
+            state.title = conversation.title.clone();
+            state.members = conversation
+                .members
+                .iter()
+                .map(|m| (m.user_id.clone(), Role::try_from(m.role).unwrap_or(Role::Member)))
+                .collect();
+        }
         for member in &conversation.members {
             let read = state.read_seq.entry(member.user_id.clone()).or_default();
             *read = (*read).max(member.read_seq);

@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::warn;
 
+/// Bound on one device's acks waiting for a flush (memory per device).
+const MAX_CONVERSATIONS_PER_DEVICE: usize = 1024;
+
 /// (user, device) -> conversation -> highest acked seq.
 type Pending = HashMap<(String, String), HashMap<String, u64>>;
 
@@ -23,11 +26,17 @@ pub(crate) struct AckBatcher {
 }
 
 impl AckBatcher {
-    pub fn add(&self, user: &str, device: &str, conversation_id: String, seq: u64) {
+    /// Records an ack; false when this device already has
+    /// `MAX_CONVERSATIONS_PER_DEVICE` conversations waiting for the next flush.
+    pub fn add(&self, user: &str, device: &str, conversation_id: String, seq: u64) -> bool {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let cursors = pending.entry((user.to_owned(), device.to_owned())).or_default();
+        if cursors.len() >= MAX_CONVERSATIONS_PER_DEVICE && !cursors.contains_key(&conversation_id) {
+            return false;
+        }
         let cursor = cursors.entry(conversation_id).or_insert(0);
         *cursor = (*cursor).max(seq);
+        true
     }
 
     /// Sends one device's pending acks now: a session that ends flushes its

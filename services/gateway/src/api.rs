@@ -24,14 +24,20 @@ impl GatewayService for Adapter {
 
     async fn connect(&self, request: Request<Streaming<ClientFrame>>) -> Result<Response<Self::ConnectStream>, Status> {
         let user = caller(&request)?.0.clone();
-        let limit = self.context.options.max_sessions;
-        if self.context.registry.len() >= limit {
+        // Counted from acceptance, so streams still waiting for Hello count too.
+        let Some(slot) = StreamSlot::take(&self.context) else {
+            let limit = self.context.options.max_sessions;
             return Err(Status::resource_exhausted(format!(
                 "this gateway holds its limit of {limit} sessions; retry later or elsewhere"
             )));
-        }
+        };
         let (out, frames) = mpsc::channel(self.context.options.session_queue_depth);
-        tokio::spawn(session::run(self.context.clone(), user, request.into_inner(), out));
+        let context = self.context.clone();
+        let inbound = request.into_inner();
+        tokio::spawn(async move {
+            session::run(context, user, inbound, out).await;
+            drop(slot);
+        });
         let unbox: fn(session::Outbound) -> Result<ServerFrame, Status> = |item| item.map(|f| *f).map_err(|s| *s);
         Ok(Response::new(ReceiverStream::new(frames).map(unbox)))
     }
@@ -137,6 +143,27 @@ impl GatewayService for Adapter {
         let (user_id, request) = authenticated(request)?;
         let request = pb::MessageModifyMessageRequest { user_id, request: Some(request) };
         Ok(Response::new(self.context.message.clone().modify_message(request).await?.into_inner()))
+    }
+}
+
+/// One of the gateway's `max_sessions` stream slots, given back on drop.
+struct StreamSlot(Arc<Context>);
+
+impl StreamSlot {
+    fn take(context: &Arc<Context>) -> Option<StreamSlot> {
+        let limit = context.options.max_sessions;
+        let previous = context.open_streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if previous >= limit {
+            context.open_streams.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return None;
+        }
+        Some(StreamSlot(context.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -55,6 +55,8 @@ pub(crate) struct Context {
     presence: PresenceServiceClient<Channel>,
     /// Per-user send rate, shared by all of a user's sessions on this instance.
     send_limiter: DefaultKeyedRateLimiter<String>,
+    /// Connect streams accepted and not yet finished (bounded by `max_sessions`).
+    open_streams: std::sync::atomic::AtomicUsize,
     /// Delivered acks of all sessions, flushed together.
     acks: Arc<acks::AckBatcher>,
     /// Per-user typing-indicator rate.
@@ -95,6 +97,7 @@ pub async fn serve(
         presence: PresenceServiceClient::new(channel(Role::Presence)?),
         send_limiter: RateLimiter::keyed(quota),
         acks: Arc::default(),
+        open_streams: std::sync::atomic::AtomicUsize::new(0),
         typing_limiter: RateLimiter::keyed(
             Quota::per_second(nonzero(options.typing_per_second)).allow_burst(nonzero(options.typing_per_second * 2)),
         ),

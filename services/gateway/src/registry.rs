@@ -37,10 +37,6 @@ impl Registry {
         self.sessions.write().unwrap_or_else(|e| e.into_inner()).remove(session_id);
     }
 
-    pub fn len(&self) -> usize {
-        self.sessions.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     pub fn deliver(&self, session_id: &str, event: &Arc<Event>) -> Delivered {
         let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
         let Some(handle) = sessions.get(session_id) else {

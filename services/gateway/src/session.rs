@@ -48,6 +48,8 @@ struct Session {
     session_id: String,
     out: mpsc::Sender<Outbound>,
     last_sent: HashMap<String, u64>,
+    /// Conversations this user was removed from (or left) during this session.
+    ended: std::collections::HashSet<String>,
 }
 
 fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
@@ -120,7 +122,15 @@ pub(crate) async fn run(
     }
     info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");
 
-    let mut session = Session { context: context.clone(), user, device, session_id, out, last_sent: HashMap::new() };
+    let mut session = Session {
+        context: context.clone(),
+        user,
+        device,
+        session_id,
+        out,
+        last_sent: HashMap::new(),
+        ended: std::collections::HashSet::new(),
+    };
     let end = session.serve(&mut inbound, inbox, resync).await;
     match &end {
         End::ClientGone => {}
@@ -161,7 +171,7 @@ impl Session {
         let mut inflight: FuturesUnordered<BoxFuture<'static, Completion>> = FuturesUnordered::new();
         loop {
             let step = tokio::select! {
-                biased;
+                // Not biased: client frames, completions and live events get fair turns.
                 () = shutdown.cancelled() => {
                     let frame = error_frame(Code::Unavailable, "gateway shutting down; reconnect", "", "");
                     let _ = self.out.try_send(Ok(Box::new(frame)));
@@ -212,13 +222,28 @@ impl Session {
         }
     }
 
-    /// Pushes a message unless this session already sent it.
+    /// Pushes a message unless this session already sent it, or it comes
+    /// after the entry that ended this user's membership (defence in depth:
+    /// fan-out and history already stop there).
     async fn push(&mut self, message: pb::Message) -> Result<(), End> {
         let last = self.last_sent.entry(message.conversation_id.clone()).or_insert(0);
         if message.seq <= *last {
             return Ok(());
         }
+        let kind = pb::MessageKind::try_from(message.kind).unwrap_or(pb::MessageKind::Text);
+        let concerns_me = message.member_ids.contains(&self.user);
+        let rejoined = kind == pb::MessageKind::MembersAdded && concerns_me;
+        if self.ended.contains(&message.conversation_id) && !rejoined {
+            return Ok(());
+        }
         *last = message.seq;
+        let ends_membership = (kind == pb::MessageKind::MemberRemoved && concerns_me)
+            || (kind == pb::MessageKind::MemberLeft && message.sender_id == self.user);
+        if ends_membership {
+            self.ended.insert(message.conversation_id.clone());
+        } else if rejoined {
+            self.ended.remove(&message.conversation_id);
+        }
         self.emit(ServerFrame { frame: Some(Out::Message(message)) }).await
     }
 
@@ -336,7 +361,21 @@ impl Session {
                 Ok(())
             }
             Some(In::Ack(ack)) => {
-                self.context.acks.add(&self.user, &self.device, ack.conversation_id, ack.seq);
+                if messenger_platform::ids::parse(&ack.conversation_id).is_none() {
+                    return self
+                        .emit(error_frame(Code::InvalidArgument, "ack conversation_id must be a UUID", "", ""))
+                        .await;
+                }
+                if !self.context.acks.add(&self.user, &self.device, ack.conversation_id, ack.seq) {
+                    return self
+                        .emit(error_frame(
+                            Code::ResourceExhausted,
+                            "too many acked conversations at once; retry",
+                            "",
+                            "",
+                        ))
+                        .await;
+                }
                 Ok(())
             }
             Some(In::Read(read)) => {

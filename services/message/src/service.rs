@@ -113,25 +113,31 @@ impl Service {
         check_id("client_msg_id", input.client_msg_id)?;
         let conversation_id = parse_conversation(input.conversation_id)?;
         self.check_body(&input.body)?;
-        let outcome = self
-            .store
-            .send(NewMessage {
-                conversation_id,
-                message_id: ids::new_id(),
-                sender: input.sender.to_owned(),
-                client_msg_id: input.client_msg_id.to_owned(),
-                body: input.body,
-                reply_to_seq: input.reply_to_seq,
-                sent_at_ms: ids::now_ms(),
-            })
-            .await?;
-        match outcome {
-            SendOutcome::Created(message) => {
-                self.fanout.publish(message.clone()).await;
-                Ok((message, true))
+        let message = NewMessage {
+            conversation_id,
+            message_id: ids::new_id(),
+            sender: input.sender.to_owned(),
+            client_msg_id: input.client_msg_id.to_owned(),
+            body: input.body,
+            reply_to_seq: input.reply_to_seq,
+            sent_at_ms: ids::now_ms(),
+        };
+        let (store, fanout) = (self.store.clone(), self.fanout.clone());
+        detached(async move {
+            match store.send(message).await? {
+                SendOutcome::Created(message) => {
+                    fanout.publish(message.clone()).await;
+                    Ok((message, true))
+                }
+                // Published again: if the first fan-out was lost (a crash between
+                // commit and publish), a retry repairs it; gateways drop repeats.
+                SendOutcome::Duplicate(original) => {
+                    fanout.publish(original.clone()).await;
+                    Ok((original, false))
+                }
             }
-            SendOutcome::Duplicate(original) => Ok((original, false)),
-        }
+        })
+        .await
     }
 
     pub async fn get_or_create_direct(&self, user: &str, peer: &str) -> Result<Conversation> {
@@ -160,9 +166,13 @@ impl Service {
             members,
             now_ms: ids::now_ms(),
         };
-        let (conversation, created) = self.store.create_group(group, self.options.max_group_size).await?;
-        self.fanout.publish(created).await;
-        Ok(conversation)
+        let (store, fanout, max) = (self.store.clone(), self.fanout.clone(), self.options.max_group_size);
+        detached(async move {
+            let (conversation, created) = store.create_group(group, max).await?;
+            fanout.publish(created).await;
+            Ok(conversation)
+        })
+        .await
     }
 
     async fn apply(&self, user: &str, conversation_id: &str, change: Change) -> Result<Vec<StoredMessage>> {
@@ -175,11 +185,15 @@ impl Service {
             now_ms: ids::now_ms(),
             limits: self.limits(),
         };
-        let entries = self.store.apply(request).await?;
-        for entry in &entries {
-            self.fanout.publish(entry.clone()).await;
-        }
-        Ok(entries)
+        let (store, fanout) = (self.store.clone(), self.fanout.clone());
+        detached(async move {
+            let entries = store.apply(request).await?;
+            for entry in &entries {
+                fanout.publish(entry.clone()).await;
+            }
+            Ok(entries)
+        })
+        .await
     }
 
     /// Applies a membership, title or role change; returns the entry recording it.
@@ -313,15 +327,18 @@ impl Service {
     /// Moves delivered cursors of many devices and tells the other members
     /// (small conversations).
     pub async fn ack_delivered(&self, acks: Vec<DeviceAckInput>) -> Result<Vec<DeviceCursors>> {
+        // One device's bad ack must not cost every other device in the batch:
+        // invalid entries are skipped one by one.
         let mut parsed = Vec::with_capacity(acks.len());
         for (user, device, cursors) in acks {
-            check_id("user_id", &user)?;
-            check_id("device_id", &device)?;
-            let cursors = cursors
-                .into_iter()
-                .map(|(conversation, seq)| Ok((parse_conversation(&conversation)?, seq)))
-                .collect::<Result<Vec<_>>>()?;
-            parsed.push(DeviceCursors { user, device, cursors });
+            if check_id("user_id", &user).is_err() || check_id("device_id", &device).is_err() {
+                continue;
+            }
+            let cursors: Vec<(Uuid, u64)> =
+                cursors.into_iter().filter_map(|(conversation, seq)| Some((ids::parse(&conversation)?, seq))).collect();
+            if !cursors.is_empty() {
+                parsed.push(DeviceCursors { user, device, cursors });
+            }
         }
         let stored = self.store.ack_delivered_many(parsed).await?;
         for device in &stored {
@@ -342,7 +359,8 @@ impl Service {
     pub async fn mark_read(&self, user: &str, conversation_id: &str, seq: u64) -> Result<u64> {
         check_id("user_id", user)?;
         let id = parse_conversation(conversation_id)?;
-        let read_seq = self.store.mark_read(id, user, seq).await?;
+        let (store, owned_user) = (self.store.clone(), user.to_owned());
+        let read_seq = detached(async move { store.mark_read(id, &owned_user, seq).await }).await?;
         let receipt =
             pb::Receipt { conversation_id: id.to_string(), user_id: user.to_owned(), read_seq, delivered_seq: 0 };
         self.fanout.publish_hint(Outgoing::Receipt(id, receipt));
@@ -384,6 +402,13 @@ impl Service {
             .flatten();
         Ok((messages, next))
     }
+}
+
+/// Runs a write and what must follow its commit (fan-out, cache generations)
+/// as its own task, so a caller that gives up (a closed stream, a deadline)
+/// cannot cut the work off between the commit and its effects.
+async fn detached<T: Send + 'static>(work: impl std::future::Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    tokio::spawn(work).await.map_err(|e| Error::Unavailable(format!("write task failed: {e}")))?
 }
 
 fn check_seq(seq: u64) -> Result<()> {

@@ -77,7 +77,7 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     writes: mpsc::Sender<Command>,
     reads: r2d2::Pool<SqliteConnectionManager>,
-    members: MemberCache,
+    members: Arc<MemberCache>,
 }
 
 /// Active member ids per conversation, in memory. Every membership write
@@ -87,12 +87,25 @@ pub struct SqliteStore {
 struct MemberCache {
     cache: moka::sync::Cache<Uuid, Arc<Vec<String>>>,
     epoch: AtomicU64,
+    /// Makes "epoch unchanged, then insert" atomic with "bump, then invalidate".
+    guard: std::sync::Mutex<()>,
 }
 
 impl MemberCache {
-    fn invalidate(&self, id: Uuid) {
+    /// Called by the writer thread after COMMIT, before it answers anyone.
+    fn invalidate(&self, ids: &[Uuid]) {
+        let _guard = self.guard.lock().unwrap_or_else(|e| e.into_inner());
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.cache.invalidate(&id);
+        for id in ids {
+            self.cache.invalidate(id);
+        }
+    }
+
+    fn insert_if_unchanged(&self, id: Uuid, ids: Arc<Vec<String>>, epoch: u64) {
+        let _guard = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        if self.epoch.load(Ordering::SeqCst) == epoch {
+            self.cache.insert(id, ids);
+        }
     }
 }
 
@@ -126,16 +139,19 @@ impl SqliteStore {
             .build(manager)
             .map_err(|e| Error::Storage(format!("cannot open read pool: {e}")))?;
 
-        let (writes, commands) = mpsc::channel(options.queue_depth.max(1));
-        let max_batch = options.max_batch.max(1);
-        std::thread::Builder::new()
-            .name("sqlite-writer".into())
-            .spawn(move || writer::run(connection, commands, max_batch))
-            .map_err(|e| Error::Storage(format!("cannot start writer: {e}")))?;
-        let members = MemberCache {
+        let members = Arc::new(MemberCache {
             cache: moka::sync::Cache::builder().max_capacity(options.member_cache_entries).build(),
             epoch: AtomicU64::new(0),
-        };
+            guard: std::sync::Mutex::new(()),
+        });
+        let (writes, commands) = mpsc::channel(options.queue_depth.max(1));
+        let max_batch = options.max_batch.max(1);
+        let cache = members.clone();
+        let on_commit: writer::OnCommit = Box::new(move |ids| cache.invalidate(ids));
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer::run(connection, commands, max_batch, on_commit))
+            .map_err(|e| Error::Storage(format!("cannot start writer: {e}")))?;
         Ok(Self { writes, reads, members })
     }
 
@@ -143,12 +159,23 @@ impl SqliteStore {
         &self,
         body: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.submit(body, None).await
+    }
+
+    /// Queues a write; `membership_of` names a conversation whose member list
+    /// the write may change (the member cache forgets it at commit).
+    async fn submit<T: Send + 'static>(
+        &self,
+        body: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        membership_of: Option<Uuid>,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
+        let mut command = Command::new(body, tx);
+        if let Some(id) = membership_of {
+            command = command.changing_membership_of(id);
+        }
         // `send` waits only when the queue is full: that is the backpressure.
-        self.writes
-            .send(Command::new(body, tx))
-            .await
-            .map_err(|_| Error::Unavailable("store writer stopped".into()))?;
+        self.writes.send(command).await.map_err(|_| Error::Unavailable("store writer stopped".into()))?;
         rx.await.map_err(|_| Error::Unavailable("store writer stopped".into()))?
     }
 
@@ -185,9 +212,7 @@ impl MessageStore for SqliteStore {
 
     async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
         let (id, creator) = (group.id, group.creator.clone());
-        let created = self.write(move |tx| writes::create_group(tx, &group, max_group_size)).await;
-        self.members.invalidate(id);
-        let created = created?;
+        let created = self.submit(move |tx| writes::create_group(tx, &group, max_group_size), Some(id)).await?;
         let conversation = self.conversation_for_member(id, &creator).await?.ok_or(Error::ConversationNotFound)?;
         Ok((conversation, created))
     }
@@ -214,8 +239,8 @@ impl MessageStore for SqliteStore {
         let ids = Arc::new(self.read(move |c| rows::active_member_ids(c, &id.to_string())).await?);
         // Cache only what no membership write can have overtaken; never cache
         // a conversation that does not exist (yet).
-        if !ids.is_empty() && self.members.epoch.load(Ordering::SeqCst) == epoch {
-            self.members.cache.insert(id, ids.clone());
+        if !ids.is_empty() {
+            self.members.insert_if_unchanged(id, ids.clone(), epoch);
         }
         Ok(ids)
     }
@@ -227,11 +252,7 @@ impl MessageStore for SqliteStore {
     async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
         let id = request.conversation_id;
         let membership = matches!(request.change, Change::AddMembers(_) | Change::RemoveMember(_) | Change::Leave);
-        let result = self.write(move |tx| writes::apply(tx, &request)).await;
-        if membership {
-            self.members.invalidate(id);
-        }
-        result
+        self.submit(move |tx| writes::apply(tx, &request), membership.then_some(id)).await
     }
 
     async fn history(

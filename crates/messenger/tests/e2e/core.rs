@@ -540,3 +540,40 @@ async fn history_pages_are_clamped_to_the_configured_maximum() {
     assert_eq!(rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
     assert!(!rest.has_more);
 }
+
+#[tokio::test]
+async fn a_malformed_ack_is_refused_alone() {
+    let system = TestSystem::start().await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let id = alice.direct("bob").await.unwrap().conversation_id;
+    alice.send(&id, "one").await.unwrap();
+    // Bob's raw device acks garbage first, then the real conversation.
+    use messenger_proto::v1::{self as pb, client_frame::Frame};
+    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
+    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
+    let (frames, frames_rx) = tokio::sync::mpsc::channel(8);
+    frames
+        .send(pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "bob-phone".into() })) })
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(frames_rx));
+    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("bob")).parse().unwrap());
+    let mut stream = raw.connect(request).await.unwrap().into_inner();
+    let mut refused = None;
+    let ack = |conversation_id: &str| pb::ClientFrame {
+        frame: Some(Frame::Ack(pb::Ack { conversation_id: conversation_id.into(), seq: 1 })),
+    };
+    frames.send(ack("not-a-uuid")).await.unwrap();
+    frames.send(ack(&id)).await.unwrap();
+    while let Ok(Ok(Some(frame))) = tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+        if let Some(pb::server_frame::Frame::Error(error)) = frame.frame {
+            refused = Some(error.code);
+        }
+    }
+    assert_eq!(refused, Some(Code::InvalidArgument as i32));
+    drop(frames);
+    while let Ok(Some(_)) = stream.message().await {}
+    // The valid ack was stored: the same device gets nothing again.
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    assert_quiet(&mut bob_events).await;
+}

@@ -17,6 +17,9 @@ type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
 /// transaction could start) and says whether to keep its changes.
 pub(super) struct Command {
     run: Run,
+    /// A conversation whose membership this write may change: the writer tells
+    /// `on_commit` after COMMIT and before answering anyone.
+    membership_of: Option<uuid::Uuid>,
 }
 
 /// Runs the write (given no connection when no transaction could start);
@@ -44,15 +47,29 @@ impl Command {
             });
             (keep, reply)
         };
-        Self { run: Box::new(run) }
+        Self { run: Box::new(run), membership_of: None }
+    }
+
+    pub fn changing_membership_of(mut self, conversation: uuid::Uuid) -> Self {
+        self.membership_of = Some(conversation);
+        self
     }
 }
 
-pub(super) fn run(mut connection: Connection, mut commands: mpsc::Receiver<Command>, max_batch: usize) {
+/// Called with the conversations whose membership a committed batch may have changed.
+pub(super) type OnCommit = Box<dyn Fn(&[uuid::Uuid]) + Send>;
+
+pub(super) fn run(
+    mut connection: Connection,
+    mut commands: mpsc::Receiver<Command>,
+    max_batch: usize,
+    on_commit: OnCommit,
+) {
     let mut batch = Vec::with_capacity(max_batch);
     while commands.blocking_recv_many(&mut batch, max_batch) > 0 {
         let size = batch.len();
         let mut replies = Vec::with_capacity(size);
+        let memberships: Vec<uuid::Uuid> = batch.iter().filter_map(|c| c.membership_of).collect();
         let outcome = match connection.transaction() {
             Ok(mut transaction) => {
                 for command in batch.drain(..) {
@@ -60,10 +77,13 @@ pub(super) fn run(mut connection: Connection, mut commands: mpsc::Receiver<Comma
                     match transaction.savepoint() {
                         Ok(savepoint) => {
                             let (keep, reply) = (command.run)(Some(&savepoint));
-                            let kept = if keep { savepoint.commit() } else { Ok(()) };
-                            replies.push(reply);
-                            if let Err(error) = kept {
-                                error!(%error, "savepoint release failed");
+                            match if keep { savepoint.commit() } else { Ok(()) } {
+                                Ok(()) => replies.push(reply),
+                                // Its writes were rolled back with the savepoint: say so.
+                                Err(error) => {
+                                    error!(%error, "savepoint release failed");
+                                    reply(Some(&error.to_string()));
+                                }
                             }
                         }
                         Err(_) => replies.push((command.run)(None).1),
@@ -79,6 +99,9 @@ pub(super) fn run(mut connection: Connection, mut commands: mpsc::Receiver<Comma
         match outcome {
             Ok(()) => {
                 debug!(size, "write batch committed");
+                if !memberships.is_empty() {
+                    on_commit(&memberships);
+                }
                 replies.into_iter().for_each(|reply| reply(None));
             }
             Err(error) => {
