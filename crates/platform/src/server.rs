@@ -78,6 +78,8 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cannot reach a dependency: {0}")]
+    Discovery(#[from] crate::discovery::Error),
 }
 
 /// Binds a listener; `port 0` picks a free port (what tests do).

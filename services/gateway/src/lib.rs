@@ -81,10 +81,7 @@ pub async fn serve(
     internal: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
-    let channel = |role| {
-        discovery::channel(deps.discovery.as_ref(), role, &deps.discovery_options)
-            .map_err(|e| server::Error::Bind { address: role.to_string(), source: std::io::Error::other(e) })
-    };
+    let channel = |role| discovery::channel(deps.discovery.as_ref(), role, &deps.discovery_options);
     let internal_bound = server::local_addr(&internal).to_string();
     let nonzero = |value: u32| NonZeroU32::new(value.max(1)).expect("positive");
     let quota = Quota::per_second(nonzero(options.sends_per_second)).allow_burst(nonzero(options.send_burst));

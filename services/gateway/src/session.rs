@@ -48,8 +48,6 @@ struct Session {
     session_id: String,
     out: mpsc::Sender<Outbound>,
     last_sent: HashMap<String, u64>,
-    /// Conversations this user was removed from (or left) during this session.
-    ended: std::collections::HashSet<String>,
 }
 
 fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
@@ -122,15 +120,7 @@ pub(crate) async fn run(
     }
     info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");
 
-    let mut session = Session {
-        context: context.clone(),
-        user,
-        device,
-        session_id,
-        out,
-        last_sent: HashMap::new(),
-        ended: std::collections::HashSet::new(),
-    };
+    let mut session = Session { context: context.clone(), user, device, session_id, out, last_sent: HashMap::new() };
     let end = session.serve(&mut inbound, inbox, resync).await;
     match &end {
         End::ClientGone => {}
@@ -222,28 +212,13 @@ impl Session {
         }
     }
 
-    /// Pushes a message unless this session already sent it, or it comes
-    /// after the entry that ended this user's membership (defence in depth:
-    /// fan-out and history already stop there).
+    /// Pushes a message unless this session already sent it.
     async fn push(&mut self, message: pb::Message) -> Result<(), End> {
         let last = self.last_sent.entry(message.conversation_id.clone()).or_insert(0);
         if message.seq <= *last {
             return Ok(());
         }
-        let kind = pb::MessageKind::try_from(message.kind).unwrap_or(pb::MessageKind::Text);
-        let concerns_me = message.member_ids.contains(&self.user);
-        let rejoined = kind == pb::MessageKind::MembersAdded && concerns_me;
-        if self.ended.contains(&message.conversation_id) && !rejoined {
-            return Ok(());
-        }
         *last = message.seq;
-        let ends_membership = (kind == pb::MessageKind::MemberRemoved && concerns_me)
-            || (kind == pb::MessageKind::MemberLeft && message.sender_id == self.user);
-        if ends_membership {
-            self.ended.insert(message.conversation_id.clone());
-        } else if rejoined {
-            self.ended.remove(&message.conversation_id);
-        }
         self.emit(ServerFrame { frame: Some(Out::Message(message)) }).await
     }
 

@@ -59,8 +59,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
-    let presence = discovery::channel(deps.discovery.as_ref(), Role::Presence, &deps.discovery_options)
-        .map_err(|e| server::Error::Bind { address: "presence".into(), source: std::io::Error::other(e) })?;
+    let presence = discovery::channel(deps.discovery.as_ref(), Role::Presence, &deps.discovery_options)?;
     let fanout = fanout::Fanout::start(
         &options.fanout,
         options.delivered_receipts_max_members,
