@@ -130,8 +130,7 @@ async fn bad_tokens_are_unauthenticated() {
         }
     }
     // Unary calls are guarded too.
-    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
-    let mut raw = messenger_proto::v1::gateway_service_client::GatewayServiceClient::new(channel);
+    let mut raw = RawClient::new(system.raw_channel().await);
     let status = raw.list_conversations(messenger_proto::v1::ListConversationsRequest::default()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
 }
@@ -223,9 +222,7 @@ async fn frames_over_the_message_size_limit_are_refused() {
 
     // A raw client that ignores the limit loses only its own stream.
     use messenger_proto::v1::{self as pb, client_frame::Frame};
-    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
-    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
-    let hello = pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "raw".into() })) };
+    let mut raw = RawClient::new(system.raw_channel().await);
     let oversized = pb::ClientFrame {
         frame: Some(Frame::Send(pb::SendRequestFrame {
             conversation_id: conversation.conversation_id.clone(),
@@ -234,9 +231,8 @@ async fn frames_over_the_message_size_limit_are_refused() {
             reply_to_seq: 0,
         })),
     };
-    let mut request = tonic::Request::new(futures::stream::iter([hello, oversized]).chain(futures::stream::pending()));
-    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("alice")).parse().unwrap());
-    let mut stream = raw.connect(request).await.unwrap().into_inner();
+    let frames = futures::stream::iter([hello("raw"), oversized]).chain(futures::stream::pending());
+    let mut stream = raw.connect(system.authorized("alice", frames)).await.unwrap().into_inner();
     let outcome = tokio::time::timeout(WAIT, async {
         loop {
             match stream.message().await {
@@ -315,7 +311,7 @@ async fn slow_consumer_is_disconnected_and_resumes_without_loss() {
     let conversation = alice.direct("bob").await.unwrap();
 
     // Bob's device opens a raw stream and then stops reading.
-    use messenger_proto::v1::{self as pb, client_frame::Frame};
+    use messenger_proto::v1 as pb;
     // Small HTTP/2 windows, so transport buffers cannot hide the stall.
     let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone())
         .unwrap()
@@ -324,15 +320,7 @@ async fn slow_consumer_is_disconnected_and_resumes_without_loss() {
         .connect()
         .await
         .unwrap();
-    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
-    let (frames, frames_rx) = tokio::sync::mpsc::channel(4);
-    frames
-        .send(pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "bob-phone".into() })) })
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(frames_rx));
-    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("bob")).parse().unwrap());
-    let mut stalled = raw.connect(request).await.unwrap().into_inner();
+    let (frames, mut stalled) = system.raw_stream(channel, "bob", "bob-phone").await;
     assert!(matches!(stalled.message().await.unwrap().unwrap().frame, Some(pb::server_frame::Frame::Ready(_))));
 
     // Far more than the queue and HTTP/2 windows hold.
@@ -408,12 +396,9 @@ async fn session_limit_refuses_connects_beyond_it() {
 #[tokio::test]
 async fn a_stream_without_hello_is_closed() {
     let system = TestSystem::start_with(|config| config.gateway.hello_timeout = Duration::from_millis(300)).await;
-    use messenger_proto::v1 as pb;
-    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
-    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
-    let mut request = tonic::Request::new(futures::stream::pending::<pb::ClientFrame>());
-    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("alice")).parse().unwrap());
-    let mut stream = raw.connect(request).await.unwrap().into_inner();
+    let mut raw = RawClient::new(system.raw_channel().await);
+    let silent = futures::stream::pending::<messenger_proto::v1::ClientFrame>();
+    let mut stream = raw.connect(system.authorized("alice", silent)).await.unwrap().into_inner();
     let status = tokio::time::timeout(WAIT, stream.message()).await.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
@@ -492,24 +477,13 @@ async fn services_started_one_role_at_a_time_find_each_other() {
 #[tokio::test]
 async fn concurrent_stream_limit_holds_per_connection() {
     let system = TestSystem::start_with(|config| config.server.max_concurrent_streams = 2).await;
-    use messenger_proto::v1::{self as pb, client_frame::Frame};
     // One HTTP/2 connection, shared by every call below.
-    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
-    let open_stream = |user: &str| {
-        let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel.clone());
-        let (frames, frames_rx) = tokio::sync::mpsc::channel(4);
-        let hello = pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "raw".into() })) };
-        frames.try_send(hello).unwrap();
-        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(frames_rx));
-        request.metadata_mut().insert("authorization", format!("Bearer {}", system.token(user)).parse().unwrap());
-        async move { (frames, raw.connect(request).await.unwrap().into_inner()) }
-    };
-    let (first_frames, mut first) = open_stream("alice").await;
-    let _second = open_stream("bob").await;
+    let channel = system.raw_channel().await;
+    let (first_frames, mut first) = system.raw_stream(channel.clone(), "alice", "raw").await;
+    let _second = system.raw_stream(channel.clone(), "bob", "raw").await;
     // A third call on the same connection waits for a free stream slot...
-    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel.clone());
-    let mut request = tonic::Request::new(pb::ListConversationsRequest::default());
-    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("carol")).parse().unwrap());
+    let mut raw = RawClient::new(channel);
+    let request = system.authorized("carol", messenger_proto::v1::ListConversationsRequest::default());
     let third = tokio::spawn(async move { raw.list_conversations(request).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!third.is_finished(), "a third stream ran beside two on a 2-stream connection");
@@ -549,16 +523,7 @@ async fn a_malformed_ack_is_refused_alone() {
     alice.send(&id, "one").await.unwrap();
     // Bob's raw device acks garbage first, then the real conversation.
     use messenger_proto::v1::{self as pb, client_frame::Frame};
-    let channel = tonic::transport::Endpoint::from_shared(system.endpoint.clone()).unwrap().connect().await.unwrap();
-    let mut raw = pb::gateway_service_client::GatewayServiceClient::new(channel);
-    let (frames, frames_rx) = tokio::sync::mpsc::channel(8);
-    frames
-        .send(pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: "bob-phone".into() })) })
-        .await
-        .unwrap();
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(frames_rx));
-    request.metadata_mut().insert("authorization", format!("Bearer {}", system.token("bob")).parse().unwrap());
-    let mut stream = raw.connect(request).await.unwrap().into_inner();
+    let (frames, mut stream) = system.raw_stream(system.raw_channel().await, "bob", "bob-phone").await;
     let mut refused = None;
     let ack = |conversation_id: &str| pb::ClientFrame {
         frame: Some(Frame::Ack(pb::Ack { conversation_id: conversation_id.into(), seq: 1 })),

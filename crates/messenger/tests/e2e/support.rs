@@ -122,3 +122,41 @@ pub fn committed_body(config: &Config, conversation_id: &str, seq: u64) -> Optio
         .optional()
         .unwrap()
 }
+
+/// A gateway client without the SDK, on `channel`: for tests that misbehave on purpose.
+pub type RawClient = messenger_proto::v1::gateway_service_client::GatewayServiceClient<tonic::transport::Channel>;
+
+impl TestSystem {
+    /// A fresh HTTP/2 connection to the gateway.
+    pub async fn raw_channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.endpoint.clone()).unwrap().connect().await.unwrap()
+    }
+
+    /// `message` with `user`'s bearer token attached.
+    pub fn authorized<T>(&self, user: &str, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.metadata_mut().insert("authorization", format!("Bearer {}", self.token(user)).parse().unwrap());
+        request
+    }
+
+    /// Opens a Connect stream whose first frame is Hello: the sender feeds
+    /// further client frames (drop it to end the client's side).
+    pub async fn raw_stream(
+        &self,
+        channel: tonic::transport::Channel,
+        user: &str,
+        device: &str,
+    ) -> (tokio::sync::mpsc::Sender<messenger_proto::v1::ClientFrame>, tonic::Streaming<messenger_proto::v1::ServerFrame>)
+    {
+        let (frames, frames_rx) = tokio::sync::mpsc::channel(8);
+        frames.send(hello(device)).await.unwrap();
+        let request = self.authorized(user, tokio_stream::wrappers::ReceiverStream::new(frames_rx));
+        let stream = RawClient::new(channel).connect(request).await.unwrap().into_inner();
+        (frames, stream)
+    }
+}
+
+pub fn hello(device: &str) -> messenger_proto::v1::ClientFrame {
+    use messenger_proto::v1::{self as pb, client_frame::Frame};
+    pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: device.into() })) }
+}
