@@ -46,6 +46,9 @@ pub struct BenchOptions {
     /// SQLite durability of the server it starts: full (default) or normal.
     #[arg(long, default_value = "full")]
     pub synchronous: String,
+    /// Put the server's cache in this Redis (`redis://host:port`) instead of in process.
+    #[arg(long)]
+    pub redis_cache: Option<String>,
     /// Idle: connected clients.
     #[arg(long, default_value_t = 10_000)]
     pub idle_clients: usize,

@@ -124,7 +124,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         let mut store: Arc<dyn messenger_message::store::MessageStore> =
             Arc::new(SqliteStore::open(&config.database_path(), &config.message.sqlite)?);
         if config.message.cache.enabled {
-            store = Arc::new(messenger_message::cache::CachedStore::new(store, &config.message.cache));
+            store = Arc::new(messenger_message::cache::CachedStore::from_options(store, &config.message.cache).await?);
         }
         let deps = messenger_message::Deps {
             store,

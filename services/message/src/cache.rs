@@ -1,16 +1,31 @@
 //! A read-through cache in front of any `MessageStore`: the newest history
-//! page of a conversation (what opening a chat reads) and memberships (what
-//! every history call checks). The embedded default keeps it in process
-//! (moka); the trait keeps the door open for a shared cache.
+//! page of a conversation (what opening a chat reads), conversation metadata
+//! as a member sees it, memberships (what every history call checks) and the
+//! first inbox page of a user (what every app start reads).
 //!
-//! Consistency: every key carries its conversation's *generation*. A write
-//! that changes what a key reads bumps the generation after it commits, so
-//! later reads use new keys and never see the old entry; a read that raced
-//! the write can only fill a key of the old generation, which nobody reads
-//! again (it ages out). Generations come from one process-wide counter, so a
-//! generation forgotten under memory pressure is replaced by a never-used one:
-//! a miss, never a stale hit. Concurrent misses for one key share one store
-//! read (moka's `get_with` runs one initializer per key).
+//! Two tiers. The *near* tier is an in-process moka cache; it is the whole
+//! cache in the embedded default. With `backend = "redis"`, generations and
+//! entries are shared through Redis ([`redis`]) so every message-service
+//! instance sees every other's invalidations, and the near tier keeps hot
+//! entries without a second round trip.
+//!
+//! Consistency: every key carries the *generations* of what it was read from
+//! (a conversation's content, its memberships, a user's inbox). A write bumps
+//! the generations of exactly what it changed after it commits and before it
+//! returns, so later reads build new keys and never see the old entry; a read
+//! that raced the write can only fill a key of the old generation, which
+//! nobody reads again (it ages out). Generations are never reused: in process
+//! they come from one counter, in Redis they are random, so a generation lost
+//! to eviction or a flush is replaced by a never-used one: a miss, never a
+//! stale hit. Concurrent misses for one key share one store read (moka's
+//! `try_get_with` runs one loader per key).
+//!
+//! When Redis fails the cache is bypassed, not the request: reads go to the
+//! store and writes skip their bumps but remember that they did; before the
+//! shared tier is used again, one *epoch* bump retires every key written
+//! before (see [`redis`]).
+
+mod redis;
 
 use std::{
     sync::{
@@ -25,6 +40,8 @@ use moka::future::Cache;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use self::redis::RedisCacheOptions;
+use self::redis::RedisTier;
 use crate::{
     error::{Error, Result},
     store::{
@@ -33,92 +50,217 @@ use crate::{
     },
 };
 
+/// Where shared generations and entries live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    /// In process only: right for one message-service instance.
+    #[default]
+    Memory,
+    /// Redis, shared by every instance, with the in-process tier in front.
+    Redis,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheOptions {
     pub enabled: bool,
-    /// Most cached pages and memberships (each is one entry).
+    pub backend: CacheBackend,
+    /// Most entries kept in process (the near tier).
     pub max_entries: u64,
-    /// Entries also expire after this long.
+    /// Entries expire after this long, in process and in Redis.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Used when `backend = "redis"`.
+    pub redis: RedisCacheOptions,
 }
 
 impl Default for CacheOptions {
     fn default() -> Self {
-        Self { enabled: true, max_entries: 200_000, ttl: Duration::from_secs(600) }
+        Self {
+            enabled: true,
+            backend: CacheBackend::Memory,
+            max_entries: 200_000,
+            ttl: Duration::from_secs(600),
+            redis: RedisCacheOptions::default(),
+        }
     }
 }
 
-/// What a generation covers: entries (history) or memberships (roles, cursors).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Scope {
-    Content,
-    Membership,
+impl CacheOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_entries == 0 {
+            return Err("message.cache.max_entries must be positive".into());
+        }
+        if self.ttl < Duration::from_millis(1) {
+            return Err("message.cache.ttl must be at least 1ms".into());
+        }
+        if self.backend == CacheBackend::Redis {
+            self.redis.validate()?;
+        }
+        Ok(())
+    }
 }
 
+/// What one generation covers; a write bumps each subject it changed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Key {
-    NewestPage { conversation: Uuid, generation: u64, from: u64, to: Option<u64>, limit: usize },
-    Member { conversation: Uuid, generation: u64, user: String },
+enum Subject {
+    /// A conversation's entries and head (history pages, title, last message).
+    Content(Uuid),
+    /// A conversation's memberships (roles, visible ranges, read cursors).
+    Membership(Uuid),
+    /// A user's inbox listing.
+    Inbox(String),
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 enum Value {
     Page(Arc<Vec<StoredMessage>>),
     Member(Option<Member>),
+    Conversation(Option<Box<Conversation>>),
+    Inbox(Arc<Vec<Conversation>>),
 }
 
-/// Cache hits and misses, for the benchmark and for operators.
+/// Counters for operators and the benchmark.
 #[derive(Debug, Default)]
 pub struct CacheStats {
+    /// Reads answered from the near tier or from Redis.
     pub hits: AtomicU64,
+    /// Reads that went to the store and filled the cache.
     pub misses: AtomicU64,
+    /// Reads that went to the store because the shared tier was unusable.
+    pub bypassed: AtomicU64,
+    /// Failed Redis calls (each one degrades the cache until Redis answers again).
+    pub errors: AtomicU64,
+}
+
+/// Generations kept in process: one counter, so none is ever reused.
+struct LocalGenerations {
+    current: Cache<Subject, u64>,
+    next: AtomicU64,
+}
+
+enum Shared {
+    Local(LocalGenerations),
+    Redis(RedisTier),
 }
 
 pub struct CachedStore {
     inner: Arc<dyn MessageStore>,
-    entries: Cache<Key, Value>,
-    generations: Cache<(Uuid, Scope), u64>,
-    next_generation: AtomicU64,
+    near: Cache<String, Value>,
+    shared: Shared,
     pub stats: Arc<CacheStats>,
 }
 
 impl CachedStore {
+    /// The in-process cache (`backend = "memory"`).
     pub fn new(inner: Arc<dyn MessageStore>, options: &CacheOptions) -> Self {
-        Self {
-            inner,
-            entries: Cache::builder().max_capacity(options.max_entries).time_to_live(options.ttl).build(),
-            generations: Cache::builder().max_capacity(options.max_entries).build(),
-            next_generation: AtomicU64::new(1),
-            stats: Arc::default(),
+        let local = LocalGenerations {
+            current: Cache::builder().max_capacity(options.max_entries).build(),
+            next: AtomicU64::new(1),
+        };
+        Self::with_shared(inner, options, Shared::Local(local), Arc::default())
+    }
+
+    /// The shared cache (`backend = "redis"`). Never fails on an unreachable
+    /// Redis: the cache starts bypassed and takes over once Redis answers.
+    pub async fn redis(inner: Arc<dyn MessageStore>, options: &CacheOptions) -> Result<Self> {
+        let stats = Arc::new(CacheStats::default());
+        let tier = RedisTier::connect(&options.redis, options.ttl, stats.clone()).await?;
+        Ok(Self::with_shared(inner, options, Shared::Redis(tier), stats))
+    }
+
+    /// The backend `options` name.
+    pub async fn from_options(inner: Arc<dyn MessageStore>, options: &CacheOptions) -> Result<Self> {
+        match options.backend {
+            CacheBackend::Memory => Ok(Self::new(inner, options)),
+            CacheBackend::Redis => Self::redis(inner, options).await,
         }
     }
 
-    async fn generation(&self, conversation: Uuid, scope: Scope) -> u64 {
-        self.generations
-            .get_with((conversation, scope), async { self.next_generation.fetch_add(1, Ordering::Relaxed) })
-            .await
+    fn with_shared(
+        inner: Arc<dyn MessageStore>,
+        options: &CacheOptions,
+        shared: Shared,
+        stats: Arc<CacheStats>,
+    ) -> Self {
+        let near = Cache::builder().max_capacity(options.max_entries).time_to_live(options.ttl).build();
+        Self { inner, near, shared, stats }
     }
 
-    /// After a committed write: later reads of `scope` use fresh keys.
-    async fn bump(&self, conversation: Uuid, scope: Scope) {
-        let fresh = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        self.generations.insert((conversation, scope), fresh).await;
+    /// True while the shared tier is unusable and reads go to the store.
+    pub fn is_bypassed(&self) -> bool {
+        match &self.shared {
+            Shared::Local(_) => false,
+            Shared::Redis(tier) => tier.is_degraded(),
+        }
     }
 
-    async fn cached(&self, key: Key, load: impl std::future::Future<Output = Result<Value>>) -> Result<Value> {
-        if let Some(value) = self.entries.get(&key).await {
+    /// The current generation of each subject, or None when the cache must be bypassed.
+    async fn generations(&self, subjects: &[Subject]) -> Option<Vec<u64>> {
+        match &self.shared {
+            Shared::Local(local) => {
+                let mut generations = Vec::with_capacity(subjects.len());
+                for subject in subjects {
+                    let fresh = async { local.next.fetch_add(1, Ordering::Relaxed) };
+                    generations.push(local.current.get_with(subject.clone(), fresh).await);
+                }
+                Some(generations)
+            }
+            Shared::Redis(tier) => tier.generations(subjects).await,
+        }
+    }
+
+    /// After a committed write: later reads of `subjects` use fresh keys.
+    async fn bump(&self, subjects: Vec<Subject>) {
+        match &self.shared {
+            Shared::Local(local) => {
+                for subject in subjects {
+                    local.current.insert(subject, local.next.fetch_add(1, Ordering::Relaxed)).await;
+                }
+            }
+            Shared::Redis(tier) => tier.bump(&subjects).await,
+        }
+    }
+
+    /// `key` names what is read (the subjects' generations are prefixed to it).
+    async fn cached(
+        &self,
+        subjects: &[Subject],
+        key: String,
+        load: impl std::future::Future<Output = Result<Value>>,
+    ) -> Result<Value> {
+        let Some(generations) = self.generations(subjects).await else {
+            self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+            return load.await;
+        };
+        let mut full = String::with_capacity(key.len() + 21 * generations.len());
+        for generation in &generations {
+            full.push_str(&generation.to_string());
+            full.push(':');
+        }
+        full.push_str(&key);
+        if let Some(value) = self.near.get(&full).await {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(value);
         }
-        // One store read per key however many callers miss at once; an error
-        // is returned to every waiter and cached for none.
+        // One load per key however many callers miss at once; an error is
+        // returned to every waiter and cached for none.
         let loaded = self
-            .entries
-            .try_get_with(key, async {
+            .near
+            .try_get_with(full.clone(), async {
+                if let Shared::Redis(tier) = &self.shared
+                    && let Some(value) = tier.fetch(&full).await
+                {
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(value);
+                }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                load.await
+                let value = load.await?;
+                if let Shared::Redis(tier) = &self.shared {
+                    tier.fill(&full, &value).await;
+                }
+                Ok(value)
             })
             .await;
         loaded.map_err(|shared: Arc<Error>| match Arc::try_unwrap(shared) {
@@ -126,34 +268,59 @@ impl CachedStore {
             Err(shared) => Error::Unavailable(shared.to_string()),
         })
     }
+
+    /// Inbox subjects of everyone who is a member after a write, plus `extra`
+    /// (members the write removed). A failed read bumps what it can.
+    async fn inboxes(&self, id: Uuid, extra: &[&str]) -> Vec<Subject> {
+        let mut users: Vec<String> = self.inner.active_member_ids(id).await.map(|ids| ids.to_vec()).unwrap_or_default();
+        users.extend(extra.iter().map(|user| (*user).to_owned()));
+        users.into_iter().map(Subject::Inbox).collect()
+    }
+}
+
+fn wrong_kind() -> Error {
+    Error::Storage("cache key held the wrong kind of value".into())
 }
 
 #[async_trait]
 impl MessageStore for CachedStore {
     async fn get_or_create_direct(&self, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Conversation> {
-        self.inner.get_or_create_direct(user, peer, id, now_ms).await
+        let conversation = self.inner.get_or_create_direct(user, peer, id, now_ms).await;
+        if conversation.is_ok() {
+            // It may have been created just now: both inboxes list it.
+            self.bump(vec![Subject::Inbox(user.to_owned()), Subject::Inbox(peer.to_owned())]).await;
+        }
+        conversation
     }
 
     async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
         let id = group.id;
+        let mut subjects = vec![Subject::Content(id), Subject::Membership(id), Subject::Inbox(group.creator.clone())];
+        subjects.extend(group.members.iter().cloned().map(Subject::Inbox));
         let created = self.inner.create_group(group, max_group_size).await;
-        self.bump(id, Scope::Membership).await;
+        self.bump(subjects).await;
         created
     }
 
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>> {
-        self.inner.conversation_for_member(id, user).await
-    }
-
-    async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>> {
-        let generation = self.generation(id, Scope::Membership).await;
-        let key = Key::Member { conversation: id, generation, user: user.to_owned() };
-        match self.cached(key, async { Ok(Value::Member(self.inner.member(id, user).await?)) }).await? {
-            Value::Member(member) => Ok(member),
-            Value::Page(_) => Err(Error::Storage("cache key held the wrong kind of value".into())),
+        let subjects = [Subject::Content(id), Subject::Membership(id)];
+        let load = async { Ok(Value::Conversation(self.inner.conversation_for_member(id, user).await?.map(Box::new))) };
+        match self.cached(&subjects, format!("conversation:{id}:{user}"), load).await? {
+            Value::Conversation(conversation) => Ok(conversation.map(|boxed| *boxed)),
+            _ => Err(wrong_kind()),
         }
     }
 
+    async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>> {
+        let load = async { Ok(Value::Member(self.inner.member(id, user).await?)) };
+        match self.cached(&[Subject::Membership(id)], format!("member:{id}:{user}"), load).await? {
+            Value::Member(member) => Ok(member),
+            _ => Err(wrong_kind()),
+        }
+    }
+
+    /// Not cached here: fan-out needs the member list exact at commit, which
+    /// the store guarantees (the SQLite writer invalidates it inside the commit).
     async fn active_member_ids(&self, id: Uuid) -> Result<Arc<Vec<String>>> {
         self.inner.active_member_ids(id).await
     }
@@ -166,25 +333,28 @@ impl MessageStore for CachedStore {
         let id = message.conversation_id;
         let outcome = self.inner.send(message).await;
         if let Ok(SendOutcome::Created(_)) = &outcome {
-            // The sender's read cursor moved too.
-            self.bump(id, Scope::Content).await;
-            self.bump(id, Scope::Membership).await;
+            // The sender's read cursor moved too, and every member's inbox.
+            let mut subjects = vec![Subject::Content(id), Subject::Membership(id)];
+            subjects.extend(self.inboxes(id, &[]).await);
+            self.bump(subjects).await;
         }
         outcome
     }
 
     async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
         let id = request.conversation_id;
-        let membership = matches!(
-            request.change,
-            Change::AddMembers(_) | Change::RemoveMember(_) | Change::Leave | Change::SetRole(..)
-        );
+        let leaving = match &request.change {
+            Change::RemoveMember(user) => Some(user.clone()),
+            Change::Leave => Some(request.actor.clone()),
+            _ => None,
+        };
         let applied = self.inner.apply(request).await;
         if applied.as_ref().is_ok_and(|entries| !entries.is_empty()) {
-            self.bump(id, Scope::Content).await;
-            if membership {
-                self.bump(id, Scope::Membership).await;
-            }
+            // Every entry moves the head and may change roles or ranges.
+            let mut subjects = vec![Subject::Content(id), Subject::Membership(id)];
+            let leaving: Vec<&str> = leaving.iter().map(String::as_str).collect();
+            subjects.extend(self.inboxes(id, &leaving).await);
+            self.bump(subjects).await;
         }
         applied
     }
@@ -200,12 +370,12 @@ impl MessageStore for CachedStore {
         if range != HistoryRange::Before(None) {
             return self.inner.history(id, range, visible, limit).await;
         }
-        let generation = self.generation(id, Scope::Content).await;
-        let key = Key::NewestPage { conversation: id, generation, from: visible.from, to: visible.to, limit };
+        let to = visible.to.map_or_else(|| "-".to_owned(), |to| to.to_string());
+        let key = format!("page:{id}:{}:{to}:{limit}", visible.from);
         let load = async { Ok(Value::Page(Arc::new(self.inner.history(id, range, visible, limit).await?))) };
-        match self.cached(key, load).await? {
+        match self.cached(&[Subject::Content(id)], key, load).await? {
             Value::Page(page) => Ok(page.as_ref().clone()),
-            Value::Member(_) => Err(Error::Storage("cache key held the wrong kind of value".into())),
+            _ => Err(wrong_kind()),
         }
     }
 
@@ -215,7 +385,15 @@ impl MessageStore for CachedStore {
         after: Option<InboxCursor>,
         limit: usize,
     ) -> Result<Vec<Conversation>> {
-        self.inner.list_conversations(user, after, limit).await
+        // Only the first page is cached: it is what an app shows on start.
+        if after.is_some() {
+            return self.inner.list_conversations(user, after, limit).await;
+        }
+        let load = async { Ok(Value::Inbox(Arc::new(self.inner.list_conversations(user, None, limit).await?))) };
+        match self.cached(&[Subject::Inbox(user.to_owned())], format!("inbox:{limit}:{user}"), load).await? {
+            Value::Inbox(page) => Ok(page.as_ref().clone()),
+            _ => Err(wrong_kind()),
+        }
     }
 
     async fn ack_delivered(&self, user: &str, device: &str, cursors: Vec<(Uuid, u64)>) -> Result<Vec<(Uuid, u64)>> {
@@ -229,7 +407,8 @@ impl MessageStore for CachedStore {
     async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64> {
         let read = self.inner.mark_read(id, user, seq).await;
         if read.is_ok() {
-            self.bump(id, Scope::Membership).await;
+            // The reader's cursor (membership) and unread count (its inbox).
+            self.bump(vec![Subject::Membership(id), Subject::Inbox(user.to_owned())]).await;
         }
         read
     }

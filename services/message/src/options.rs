@@ -114,6 +114,7 @@ impl Options {
                 return Err(format!("{key} must be positive"));
             }
         }
+        self.cache.validate()?;
         if self.max_group_size < 2 {
             return Err("message.max_group_size must be at least 2".into());
         }

@@ -5,18 +5,19 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::Result;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConversationKind {
     Direct,
     Group,
 }
 
 /// What a seq'd entry is; see `MessageKind` in `common.proto`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
     Text,
     Edit,
@@ -66,7 +67,7 @@ impl Kind {
 }
 
 /// Who may do what in a group; see `policy.rs`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Role {
     Member,
     Admin,
@@ -93,7 +94,7 @@ impl Role {
 }
 
 /// A membership, current or ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub user_id: String,
     pub role: Role,
@@ -133,7 +134,7 @@ impl SeqBounds {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conversation {
     pub id: Uuid,
     pub kind: ConversationKind,
@@ -165,7 +166,7 @@ pub struct NewMessage {
 }
 
 /// A seq'd entry: a TEXT message with its current state, or an event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMessage {
     pub conversation_id: Uuid,
     pub seq: u64,

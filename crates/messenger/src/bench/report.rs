@@ -10,6 +10,8 @@ pub struct Report {
     pub scenarios: Vec<Scenario>,
     pub machine: Machine,
     pub synchronous: String,
+    /// Where the server's cache lives: "memory" or the Redis URL.
+    pub cache: String,
     pub idle: Option<Idle>,
     pub direct: Option<Direct>,
     pub group: Vec<Group>,
@@ -108,6 +110,7 @@ impl Report {
                 server_started_here: options.target.is_none() && server.pid.is_some(),
             },
             synchronous: options.synchronous.clone(),
+            cache: options.redis_cache.clone().unwrap_or_else(|| "memory".into()),
             idle: None,
             direct: None,
             group: Vec::new(),
@@ -121,8 +124,8 @@ impl Report {
         let mut out = String::new();
         let machine = &self.machine;
         out += &format!(
-            "\nmessenger bench — {} cores, {} GiB, server and clients on this machine, sqlite synchronous={}\n",
-            machine.cores, machine.memory_gib, self.synchronous
+            "\nmessenger bench — {} cores, {} GiB, server and clients on this machine, sqlite synchronous={}, cache {}\n",
+            machine.cores, machine.memory_gib, self.synchronous, self.cache
         );
         if let Some(idle) = &self.idle {
             out += &format!(

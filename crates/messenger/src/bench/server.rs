@@ -40,7 +40,11 @@ impl Server {
         }
         let data = tempfile::tempdir()?;
         let executable = std::env::current_exe()?;
-        let mut child = Command::new(executable)
+        let mut command = Command::new(executable);
+        if let Some(url) = &options.redis_cache {
+            command.env("MESSENGER_MESSAGE__CACHE__BACKEND", "redis").env("MESSENGER_MESSAGE__CACHE__REDIS__URL", url);
+        }
+        let mut child = command
             .arg("up")
             .arg("--data-dir")
             .arg(data.path())

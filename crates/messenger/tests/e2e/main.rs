@@ -2,6 +2,7 @@
 //! service on its own port, talking gRPC), driven through the client SDK as
 //! an app would. One test binary; one module per area.
 
+mod cache;
 mod conversations;
 mod core;
 mod model;

@@ -35,6 +35,28 @@ async fn concurrent_misses_share_one_store_read_and_hits_follow() {
     assert!(store.stats.hits.load(Ordering::Relaxed) >= 1);
 }
 
+/// A new group of "owner" and "member".
+fn owner_and_member() -> NewGroup {
+    NewGroup {
+        id: Uuid::now_v7(),
+        creator: "owner".into(),
+        title: "t".into(),
+        members: vec!["member".into()],
+        now_ms: messenger_platform::ids::now_ms(),
+    }
+}
+
+/// A change by `actor` now, under generous limits.
+fn change(id: Uuid, actor: &str, change: Change) -> ChangeRequest {
+    ChangeRequest {
+        conversation_id: id,
+        actor: actor.into(),
+        change,
+        now_ms: messenger_platform::ids::now_ms(),
+        limits: Limits { max_group_size: 10, edit_window_ms: 60_000 },
+    }
+}
+
 async fn newest(store: &CachedStore, id: Uuid) -> Vec<StoredMessage> {
     store.history(id, HistoryRange::Before(None), SeqBounds::ALL, 50).await.unwrap()
 }
@@ -44,33 +66,225 @@ async fn writes_are_visible_through_the_cache_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = cached(&dir);
 
-    let group = NewGroup {
-        id: Uuid::now_v7(),
-        creator: "owner".into(),
-        title: "t".into(),
-        members: vec!["member".into()],
-        now_ms: messenger_platform::ids::now_ms(),
-    };
-    let (conversation, _) = store.create_group(group, 10).await.unwrap();
+    let (conversation, _) = store.create_group(owner_and_member(), 10).await.unwrap();
     assert_eq!(conversation.kind, ConversationKind::Group);
     let id = conversation.id;
     assert_eq!(newest(&store, id).await.len(), 1);
     let sent = contract::send(&store, id, "member", "m", "draft").await.unwrap().message().seq;
     assert_eq!(newest(&store, id).await.last().unwrap().body, "draft", "a send was hidden by the cache");
-    let limits = Limits { max_group_size: 10, edit_window_ms: 60_000 };
-    let request = |actor: &str, change| ChangeRequest {
-        conversation_id: id,
-        actor: actor.into(),
-        change,
-        now_ms: messenger_platform::ids::now_ms(),
-        limits,
-    };
-    store.apply(request("member", Change::Edit { target_seq: sent, body: "final".into() })).await.unwrap();
+    store.apply(change(id, "member", Change::Edit { target_seq: sent, body: "final".into() })).await.unwrap();
     let page = newest(&store, id).await;
     assert_eq!(page.iter().find(|m| m.seq == sent).unwrap().body, "final", "an edit was hidden by the cache");
     assert!(store.member(id, "member").await.unwrap().unwrap().is_active());
-    store.apply(request("owner", Change::RemoveMember("member".into()))).await.unwrap();
+    store.apply(change(id, "owner", Change::RemoveMember("member".into()))).await.unwrap();
     assert!(!store.member(id, "member").await.unwrap().unwrap().is_active(), "a removal was hidden by the cache");
     store.mark_read(id, "owner", 3).await.unwrap();
     assert_eq!(store.member(id, "owner").await.unwrap().unwrap().read_seq, 3, "a read cursor was hidden by the cache");
+}
+
+/// The shared tier against a real `redis-server`.
+mod on_redis {
+    use std::time::{Duration, Instant};
+
+    use messenger_testkit::RedisServer;
+
+    use super::*;
+
+    fn options(redis: &RedisServer) -> CacheOptions {
+        CacheOptions {
+            backend: CacheBackend::Redis,
+            redis: RedisCacheOptions {
+                url: redis.url(),
+                command_timeout: Duration::from_millis(100),
+                probe_interval: Duration::from_millis(50),
+                ..RedisCacheOptions::default()
+            },
+            ..CacheOptions::default()
+        }
+    }
+
+    /// Two message-service instances over one database, sharing one Redis,
+    /// and the database itself (the truth every cached read must match).
+    async fn instances(
+        dir: &tempfile::TempDir,
+        redis: &RedisServer,
+    ) -> (Arc<dyn MessageStore>, CachedStore, CachedStore) {
+        let store: Arc<dyn MessageStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("messages.db"), &SqliteOptions::default()).unwrap());
+        let a = CachedStore::redis(store.clone(), &options(redis)).await.unwrap();
+        let b = CachedStore::redis(store.clone(), &options(redis)).await.unwrap();
+        (store, a, b)
+    }
+
+    async fn wait_in_use(stores: &[&CachedStore]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stores.iter().any(|store| store.is_bypassed()) {
+            assert!(Instant::now() < deadline, "the cache did not use redis again within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn count(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_cache_passes_the_contract_suite() {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store, _) = instances(&dir, &redis).await;
+        wait_in_use(&[&store]).await;
+        let cases = contract::run_all(&store).await;
+        assert!(count(&store.stats.misses) > 0, "the suite never went through the cache");
+        assert_eq!((count(&store.stats.errors), count(&store.stats.bypassed)), (0, 0));
+        eprintln!("message store contract: {cases} cases passed on sqlite behind the redis cache");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hits_misses_and_invalidation_across_instances() {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (_, a, b) = instances(&dir, &redis).await;
+        wait_in_use(&[&a, &b]).await;
+        let id = a.create_group(owner_and_member(), 10).await.unwrap().0.id;
+        let sent = contract::send(&a, id, "member", "m1", "draft").await.unwrap().message().seq;
+
+        // A miss on one instance fills Redis; the other instance hits it.
+        assert_eq!(newest(&a, id).await.len(), 2);
+        assert_eq!((count(&a.stats.misses), count(&a.stats.hits)), (1, 0));
+        assert_eq!(newest(&b, id).await.len(), 2);
+        assert_eq!((count(&b.stats.misses), count(&b.stats.hits)), (0, 1), "b did not read a's entry from redis");
+        assert_eq!(b.list_conversations("owner", None, 10).await.unwrap()[0].last_seq, 2);
+
+        // Each write on `a` invalidates exactly what `b` reads next.
+        contract::send(&a, id, "owner", "m2", "second").await.unwrap();
+        assert_eq!(newest(&b, id).await.last().unwrap().body, "second", "a send was hidden by the cache");
+        assert_eq!(b.list_conversations("owner", None, 10).await.unwrap()[0].last_seq, 3, "stale inbox after send");
+        assert_eq!(b.list_conversations("member", None, 10).await.unwrap()[0].unread_count, 1);
+
+        a.apply(change(id, "member", Change::Edit { target_seq: sent, body: "final".into() })).await.unwrap();
+        let page = newest(&b, id).await;
+        assert_eq!(page.iter().find(|m| m.seq == sent).unwrap().body, "final", "an edit was hidden by the cache");
+
+        a.mark_read(id, "member", 4).await.unwrap();
+        assert_eq!(b.member(id, "member").await.unwrap().unwrap().read_seq, 4, "a read cursor was hidden");
+        assert_eq!(b.list_conversations("member", None, 10).await.unwrap()[0].unread_count, 0, "stale unread count");
+
+        assert!(b.conversation_for_member(id, "member").await.unwrap().is_some());
+        a.apply(change(id, "owner", Change::RemoveMember("member".into()))).await.unwrap();
+        assert!(!b.member(id, "member").await.unwrap().unwrap().is_active(), "a removal was hidden by the cache");
+        assert!(b.conversation_for_member(id, "member").await.unwrap().is_none(), "stale conversation after removal");
+        assert!(b.list_conversations("member", None, 10).await.unwrap().is_empty(), "stale inbox after removal");
+        assert_eq!(count(&a.stats.errors) + count(&b.stats.errors), 0);
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Outage {
+        /// SIGTERM, then started again with its data (the append-only file).
+        Stop,
+        /// SIGSTOP, then SIGCONT: every call times out meanwhile.
+        Pause,
+    }
+
+    /// Sends and reads keep working through the outage, and afterwards both
+    /// instances serve exactly what the database holds.
+    async fn survives(outage: Outage) {
+        let mut redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (truth, a, b) = instances(&dir, &redis).await;
+        wait_in_use(&[&a, &b]).await;
+        let id = a.get_or_create_direct("alice", "bob", Uuid::now_v7(), 1).await.unwrap().id;
+        let first = contract::send(&a, id, "alice", "m0", "before").await.unwrap().message().seq;
+        // Warm every kind of entry in Redis.
+        for store in [&a, &b] {
+            newest(store, id).await;
+            store.list_conversations("bob", None, 10).await.unwrap();
+            store.member(id, "bob").await.unwrap();
+            store.conversation_for_member(id, "bob").await.unwrap();
+        }
+
+        match outage {
+            Outage::Stop => redis.stop(),
+            Outage::Pause => redis.pause(),
+        }
+        // Reads notice the outage first, so the writes below skip their bumps
+        // (a bump that timed out may still land when Redis wakes up; a skipped
+        // one never does): only the epoch can retire what they made stale.
+        for store in [&a, &b] {
+            assert_eq!(newest(store, id).await.len(), 1);
+            assert!(store.is_bypassed(), "a read into a dead redis did not degrade the cache");
+        }
+        let edit = Change::Edit { target_seq: first, body: "edited during the outage".into() };
+        a.apply(change(id, "alice", edit)).await.expect("an edit failed while redis was down");
+        for i in 0..30 {
+            contract::send(&a, id, "alice", &format!("m{}", i + 1), "during").await.expect("a send failed");
+            a.mark_read(id, "bob", 1 + i).await.expect("a read mark failed");
+            for store in [&a, &b] {
+                assert_eq!(newest(store, id).await, newest_of(&*truth, id).await, "stale page during the outage");
+            }
+            // Long enough for several probes to fail too.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(a.is_bypassed() && count(&a.stats.bypassed) > 0, "the outage was never noticed");
+        assert!(count(&a.stats.errors) >= 2, "no probe ran during the outage");
+
+        match outage {
+            Outage::Stop => redis.restart(),
+            Outage::Pause => redis.resume(),
+        }
+        wait_in_use(&[&a, &b]).await;
+        for store in [&a, &b] {
+            assert_eq!(newest(store, id).await, newest_of(&*truth, id).await, "stale page after the outage");
+            let inbox = store.list_conversations("bob", None, 10).await.unwrap();
+            assert_eq!(inbox, truth.list_conversations("bob", None, 10).await.unwrap(), "stale inbox after the outage");
+            let member = store.member(id, "bob").await.unwrap();
+            assert_eq!(member, truth.member(id, "bob").await.unwrap(), "stale member after the outage");
+            let conversation = store.conversation_for_member(id, "bob").await.unwrap();
+            assert_eq!(conversation, truth.conversation_for_member(id, "bob").await.unwrap(), "stale conversation");
+        }
+        // And the cache is used again: the second read of a page hits.
+        let hits = count(&b.stats.hits);
+        newest(&b, id).await;
+        newest(&b, id).await;
+        assert!(count(&b.stats.hits) > hits, "the cache was not used after redis came back");
+    }
+
+    async fn newest_of(store: &dyn MessageStore, id: Uuid) -> Vec<StoredMessage> {
+        store.history(id, HistoryRange::Before(None), SeqBounds::ALL, 50).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_continue_while_redis_is_stopped_and_nothing_stale_follows() {
+        survives(Outage::Stop).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_continue_while_redis_is_paused_and_nothing_stale_follows() {
+        survives(Outage::Pause).await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_at_start_is_bypassed_not_fatal() {
+        let port = messenger_testkit::free_port();
+        let options = CacheOptions {
+            backend: CacheBackend::Redis,
+            redis: RedisCacheOptions {
+                url: format!("redis://127.0.0.1:{port}"),
+                connect_timeout: Duration::from_millis(200),
+                ..RedisCacheOptions::default()
+            },
+            ..CacheOptions::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = CachedStore::redis(
+            Arc::new(SqliteStore::open(&dir.path().join("messages.db"), &SqliteOptions::default()).unwrap()),
+            &options,
+        )
+        .await
+        .unwrap();
+        assert!(store.is_bypassed());
+        let id = store.get_or_create_direct("a", "b", Uuid::now_v7(), 1).await.unwrap().id;
+        contract::send(&store, id, "a", "m", "hello").await.unwrap();
+        assert_eq!(newest(&store, id).await.len(), 1);
+    }
 }
