@@ -58,6 +58,8 @@ enum Command {
     },
     /// Print the effective configuration as TOML.
     Config,
+    /// Create or upgrade the message store's schema (SQLite file or Scylla keyspace), then exit.
+    Migrate,
     /// Measure throughput, latency and memory with simulated SDK clients.
     Bench(messenger::bench::BenchOptions),
 }
@@ -75,6 +77,11 @@ async fn main() -> anyhow::Result<()> {
     let config: Config = messenger_platform::config::load(cli.config.as_deref(), &Flags { data_dir: cli.data_dir })?;
     match cli.command {
         Command::Config => print!("{}", messenger_platform::config::render(&config)?),
+        Command::Migrate => {
+            telemetry::init(&config.log);
+            system::migrate(&config).await?;
+            println!("message store schema is up to date ({:?})", config.message.store);
+        }
         Command::Bench(options) => {
             messenger::bench::run(options, &config.auth).await?;
         }

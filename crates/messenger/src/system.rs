@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use messenger_message::sqlite::SqliteStore;
+use messenger_message::{StoreBackend, sqlite::SqliteStore};
 use messenger_platform::{
     auth::Verifier,
     discovery::{Role, StaticDiscovery},
@@ -121,8 +121,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         tasks.spawn(messenger_presence::serve(options, server_options, store, listener, token));
     }
     if let Some(listener) = listeners.message {
-        let mut store: Arc<dyn messenger_message::store::MessageStore> =
-            Arc::new(SqliteStore::open(&config.database_path(), &config.message.sqlite)?);
+        let mut store = open_store(&config).await?;
         if config.message.cache.enabled {
             store = Arc::new(messenger_message::cache::CachedStore::from_options(store, &config.message.cache).await?);
         }
@@ -144,6 +143,27 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, token));
     }
     Ok(Running { addresses, shutdown, tasks })
+}
+
+/// The configured message store (migrated first when it is Scylla and
+/// `message.scylla.migrate_on_start` is set).
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn messenger_message::store::MessageStore>> {
+    Ok(match config.message.store {
+        StoreBackend::Sqlite => Arc::new(SqliteStore::open(&config.database_path(), &config.message.sqlite)?),
+        StoreBackend::Scylla => {
+            Arc::new(messenger_message::scylla::ScyllaStore::connect(&config.message.scylla).await?)
+        }
+    })
+}
+
+/// Creates or upgrades the configured message store's schema (`messenger migrate`).
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    match config.message.store {
+        // Opening a SQLite database runs its migrations.
+        StoreBackend::Sqlite => drop(SqliteStore::open(&config.database_path(), &config.message.sqlite)?),
+        StoreBackend::Scylla => messenger_message::scylla::migrate(&config.message.scylla).await?,
+    }
+    Ok(())
 }
 
 /// Every role: what `messenger up` runs.

@@ -6,7 +6,8 @@
 //! - [`store`]: the `MessageStore` trait and its domain types; `store/contract.rs`
 //!   is the test suite every backend must pass.
 //! - [`sqlite`]: the embedded backend (WAL, one writer thread with group commit).
-//! - [`cache`]: the read-through cache any store can sit behind (newest pages, memberships).
+//! - [`scylla`]: the production backend (LWT-reserved seq ranges, bucketed partitions).
+//! - [`cache`]: the read-through cache any store can sit behind (in process or Redis).
 //! - `service.rs`: domain logic (validation, membership, send then fan-out).
 //! - `policy.rs`: who may do what in a group; used by every store inside its transaction.
 //! - `fanout.rs`: presence `Locate` + one gateway `Deliver` per gateway and batch.
@@ -22,6 +23,7 @@ mod fanout;
 mod grpc;
 mod options;
 mod policy;
+pub mod scylla;
 mod service;
 pub mod sqlite;
 pub mod store;
@@ -41,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use error::Error;
-pub use options::{FanoutOptions, Options};
+pub use options::{FanoutOptions, Options, StoreBackend};
 pub use service::Service;
 
 /// What the message service needs from the outside.

@@ -4,7 +4,18 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{cache::CacheOptions, sqlite::SqliteOptions};
+use crate::{cache::CacheOptions, scylla::ScyllaOptions, sqlite::SqliteOptions};
+
+/// Which `MessageStore` holds conversations and messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One SQLite file (`database`): the embedded default, one writer process.
+    #[default]
+    Sqlite,
+    /// A ScyllaDB cluster (`scylla`): several message-service instances.
+    Scylla,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -39,7 +50,9 @@ pub struct Options {
     /// members (every device's ack would otherwise fan out to every member);
     /// larger groups ask with GetReceipts. Read receipts are always pushed.
     pub delivered_receipts_max_members: usize,
+    pub store: StoreBackend,
     pub sqlite: SqliteOptions,
+    pub scylla: ScyllaOptions,
     /// The read-through cache in front of the store.
     pub cache: CacheOptions,
     pub fanout: FanoutOptions,
@@ -84,7 +97,9 @@ impl Default for Options {
             max_reaction_bytes: 64,
             typing_ttl: Duration::from_secs(5),
             delivered_receipts_max_members: 32,
+            store: StoreBackend::Sqlite,
             sqlite: SqliteOptions::default(),
+            scylla: ScyllaOptions::default(),
             cache: CacheOptions::default(),
             fanout: FanoutOptions::default(),
         }
@@ -115,6 +130,9 @@ impl Options {
             }
         }
         self.cache.validate()?;
+        if self.store == StoreBackend::Scylla {
+            self.scylla.validate()?;
+        }
         if self.max_group_size < 2 {
             return Err("message.max_group_size must be at least 2".into());
         }

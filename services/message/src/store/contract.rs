@@ -47,6 +47,7 @@ pub(crate) async fn run_all(store: &dyn MessageStore) -> usize {
         ("non_member_cannot_send_or_read", Box::pin(non_member_cannot_send_or_read(store))),
         ("concurrent_sends_are_dense", Box::pin(concurrent_sends_are_dense(store))),
         ("history_pages_both_ways", Box::pin(history_pages_both_ways(store))),
+        ("history_pages_across_buckets", Box::pin(history_pages_across_buckets(store))),
         ("inbox_orders_by_activity", Box::pin(inbox_orders_by_activity(store))),
         ("cursors_only_move_forward", Box::pin(cursors_only_move_forward(store))),
         ("sync_returns_unacked_in_order", Box::pin(sync_returns_unacked_in_order(store))),
@@ -149,6 +150,36 @@ async fn history_pages_both_ways(store: &dyn MessageStore) {
     let forward = store.history(conversation.id, HistoryRange::After(20), SeqBounds::ALL, 3).await.unwrap();
     assert_eq!(forward.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![21, 22, 23]);
     assert!(store.history(conversation.id, HistoryRange::After(25), SeqBounds::ALL, 3).await.unwrap().is_empty());
+}
+
+/// Past 4,096 entries: Scylla partitions messages by `seq >> 12`, so pages,
+/// sync and the newest page must read across partitions without a seam.
+async fn history_pages_across_buckets(store: &dyn MessageStore) {
+    const TOTAL: u64 = 4096 + 120;
+    let (a, b, _) = users("buckets");
+    let conversation = direct(store, &a, &b).await;
+    let a = &a;
+    for chunk in (1..=TOTAL).collect::<Vec<_>>().chunks(256) {
+        let sends = chunk.iter().map(|i| async move { send(store, conversation.id, a, &format!("k{i}"), "x").await });
+        for outcome in join_all(sends).await {
+            outcome.unwrap();
+        }
+    }
+    let seqs = |page: Vec<StoredMessage>| page.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let newest = store.history(conversation.id, HistoryRange::Before(None), SeqBounds::ALL, 200).await.unwrap();
+    assert_eq!(seqs(newest), ((TOTAL - 199)..=TOTAL).collect::<Vec<_>>());
+    let seam = store.history(conversation.id, HistoryRange::Before(Some(4100)), SeqBounds::ALL, 10).await.unwrap();
+    assert_eq!(seqs(seam), (4090..=4099).collect::<Vec<_>>());
+    let forward = store.history(conversation.id, HistoryRange::After(4090), SeqBounds::ALL, 10).await.unwrap();
+    assert_eq!(seqs(forward), (4091..=4100).collect::<Vec<_>>());
+    let synced = store.sync(
+        &b,
+        "phone",
+        Some(conversation.id),
+        Some(SyncCursor { conversation_id: conversation.id, seq: 4093 }),
+        5,
+    );
+    assert_eq!(seqs(synced.await.unwrap()), (4094..=4098).collect::<Vec<_>>());
 }
 
 async fn inbox_orders_by_activity(store: &dyn MessageStore) {

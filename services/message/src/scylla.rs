@@ -1,0 +1,396 @@
+//! The production `MessageStore` on ScyllaDB (the `scylla` driver).
+//!
+//! Layout: `options.rs` ([`ScyllaOptions`]), `schema.cql` (the tables,
+//! applied by [`migrate`]), `statements.rs` (every CQL statement, prepared
+//! once at connect), `rows.rs` (row mapping, buckets, error mapping), `send.rs` (the per-conversation send batcher),
+//! `apply.rs` (conversation creation and changes), `reads.rs` (history,
+//! inbox, sync, members, cursors).
+//!
+//! # How seqs stay dense
+//!
+//! Each conversation has a head row (`conversations`) whose `last_seq` is
+//! only ever changed by a lightweight transaction (Paxos):
+//! `UPDATE ... SET last_seq = ? ... IF last_seq = ?`. Whoever's LWT applies
+//! owns the seqs between the old and the new value. Sends to one conversation
+//! that arrive together at one instance queue up behind one task, which takes
+//! up to `max_reservation` of them and reserves their whole range with ONE
+//! LWT; on conflict (another instance won) it re-reads the head and retries,
+//! up to `lwt_max_retries` times, then answers `Unavailable`. Only after the
+//! message rows are written (at LOCAL_QUORUM) does `send` return: durable
+//! before ack.
+//!
+//! # Idempotent sends across instances
+//!
+//! Before reserving, each send claims `(conversation, sender, client_msg_id)`
+//! in `send_dedupe` with `INSERT ... IF NOT EXISTS USING TTL dedupe_ttl`. The
+//! claim gets its seq in the same logged batch that writes the message row,
+//! so the two land together. A retry that finds a claim with a seq answers
+//! `Duplicate` with the stored original; one that finds a claim without a seq
+//! (the first attempt is in flight, maybe on another instance) answers
+//! `Unavailable` and the client retries. A claim left without a seq for
+//! `lock_timeout` (its instance died before reserving) may be taken over.
+//!
+//! Costs per batch of sends: one LWT on the head (plus one serial read of
+//! the head), one claim LWT per message (distinct partitions, run in
+//! parallel, so latency is one LWT round, not N), and one logged batch per
+//! bucket chunk of rows.
+//!
+//! # Known gaps
+//!
+//! - A crash (or a write failing past its retries) between the reservation
+//!   and the row write leaves seqs with no row. Readers skip the hole:
+//!   history, sync and gap fill return the entries that exist, so a client
+//!   sees a seq number missing but nothing out of order or duplicated; the
+//!   sender got no ack and retries, which gives the message a new seq.
+//! - An LWT whose outcome is unknown (timeout) is resolved by re-reading the
+//!   head at SERIAL: `last_reservation` names the LWT that last moved it. If
+//!   another reservation already followed, the outcome cannot be told and the
+//!   range is treated as not ours (at worst a hole as above, never two
+//!   writers on one seq).
+//! - Past `dedupe_ttl` a retry is a new message (SQLite dedupes forever).
+//! - Unread counts look at the newest `UNREAD_SCAN` entries after the read
+//!   cursor only, and the inbox's last message at the newest
+//!   `LAST_MESSAGE_SCAN` entries (`reads.rs`).
+//!
+//! # Policy state
+//!
+//! The active roster (user -> role), kind and title live in the head row, so
+//! the head LWT that reserves a seq also proves that the state the policy was
+//! checked against has not changed (`IF last_seq = <the seq read with it>`).
+//! Changes that read message or member rows (edits, deletes, reactions,
+//! membership) additionally hold the head's `applying` lock from their
+//! reservation until their rows are written, so the next change reads the
+//! rows of every earlier one (see `apply.rs`).
+//!
+//! `active_member_ids` reads the roster from the head each call (one
+//! single-partition read at LOCAL_QUORUM; no in-process cache, so fan-out is
+//! never stale). Read and delivered cursors are written `USING TIMESTAMP
+//! <cursor>`, so the largest value wins without a read-modify-write.
+
+mod apply;
+mod options;
+mod reads;
+mod rows;
+mod send;
+mod statements;
+
+use std::{sync::Arc, time::Duration};
+
+use ::scylla::{
+    client::{execution_profile::ExecutionProfile, session::Session, session_builder::SessionBuilder},
+    deserialize::row::DeserializeRow,
+    policies::{load_balancing::DefaultPolicy, retry::DefaultRetryPolicy},
+    response::query_result::QueryResult,
+    serialize::{batch::BatchValues, row::SerializeRow},
+    statement::batch::{Batch, BatchType},
+};
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use tracing::info;
+use uuid::Uuid;
+
+use crate::{
+    error::{Error, Result},
+    store::{
+        ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member, MessageStore, NewGroup,
+        NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
+    },
+};
+use rows::{Lwt, execution_error, other, pager_error, session_error};
+use statements::{Arity, Prepared, Statements};
+
+#[cfg(test)]
+use options::valid_identifier;
+pub use options::{ConsistencyLevel, Replication, ScyllaOptions, SerialLevel};
+
+/// The schema, with `{keyspace}` and `{replication}` placeholders.
+pub(crate) const SCHEMA: &str = include_str!("scylla/schema.cql");
+
+/// The schema's statements for these options, comments removed.
+pub(crate) fn schema_statements(options: &ScyllaOptions) -> Vec<String> {
+    let text: String =
+        SCHEMA.lines().map(|line| line.split_once("--").map_or(line, |(code, _)| code)).collect::<Vec<_>>().join("\n");
+    text.split(';')
+        .map(str::trim)
+        .filter(|statement| !statement.is_empty())
+        .map(|statement| {
+            statement.replace("{keyspace}", &options.keyspace).replace("{replication}", &options.replication.to_cql())
+        })
+        .collect()
+}
+
+async fn open_session(options: &ScyllaOptions) -> Result<Session> {
+    options.validate().map_err(Error::InvalidArgument)?;
+    let mut balancing = DefaultPolicy::builder().token_aware(true).permit_dc_failover(false);
+    if let Some(datacenter) = &options.local_datacenter {
+        balancing = balancing.prefer_datacenter(datacenter.clone());
+    }
+    let profile = ExecutionProfile::builder()
+        .consistency(options.consistency.into())
+        .serial_consistency(Some(options.serial_consistency.serial()))
+        .request_timeout(Some(options.request_timeout))
+        .retry_policy(Arc::new(DefaultRetryPolicy::new()))
+        .load_balancing_policy(balancing.build())
+        .build();
+    let mut builder = SessionBuilder::new()
+        .known_nodes(&options.nodes)
+        .connection_timeout(options.connect_timeout)
+        .default_execution_profile_handle(profile.into_handle());
+    if let (Some(username), Some(password)) = (&options.username, &options.password) {
+        builder = builder.user(username, password);
+    }
+    builder.build().await.map_err(session_error)
+}
+
+/// Creates the keyspace and tables if missing (idempotent) and waits until
+/// every node agrees on the schema. For `messenger migrate`.
+pub async fn migrate(options: &ScyllaOptions) -> Result<()> {
+    let session = open_session(options).await?;
+    migrate_with(&session, options).await
+}
+
+async fn migrate_with(session: &Session, options: &ScyllaOptions) -> Result<()> {
+    for statement in schema_statements(options) {
+        session.query_unpaged(statement, ()).await.map_err(execution_error)?;
+    }
+    session.await_schema_agreement().await.map_err(|e| other("schema agreement", e))?;
+    info!(keyspace = %options.keyspace, "scylla schema migrated");
+    Ok(())
+}
+
+/// The Scylla store. Cheap to share: everything lives behind one `Arc`.
+pub struct ScyllaStore {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    session: Session,
+    statements: Statements,
+    options: ScyllaOptions,
+    batcher: send::Batcher,
+}
+
+impl ScyllaStore {
+    /// Connects, optionally migrates, and prepares every statement.
+    pub async fn connect(options: &ScyllaOptions) -> Result<ScyllaStore> {
+        let session = open_session(options).await?;
+        if options.migrate_on_start {
+            migrate_with(&session, options).await?;
+        }
+        let statements = Statements::prepare(&session, &options.keyspace, options.serial_consistency.read()).await?;
+        let inner = Inner { session, statements, options: options.clone(), batcher: send::Batcher::default() };
+        Ok(ScyllaStore { inner: Arc::new(inner) })
+    }
+}
+
+impl Inner {
+    async fn execute<const N: usize>(
+        &self,
+        statement: &Prepared<N>,
+        values: impl SerializeRow + Arity<N>,
+    ) -> Result<QueryResult, ::scylla::errors::ExecutionError> {
+        self.session.execute_unpaged(&statement.0, values).await
+    }
+
+    /// Runs an idempotent write or a single-page read.
+    async fn run<const N: usize>(&self, statement: &Prepared<N>, values: impl SerializeRow + Arity<N>) -> Result<()> {
+        self.execute(statement, values).await.map(drop).map_err(execution_error)
+    }
+
+    /// All rows of a query whose result is bounded by the statement (a key
+    /// lookup or a LIMIT).
+    async fn rows<const N: usize, R>(
+        &self,
+        statement: &Prepared<N>,
+        values: impl SerializeRow + Arity<N>,
+    ) -> Result<Vec<R>>
+    where
+        R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata>,
+    {
+        let result = self.execute(statement, values).await.map_err(execution_error)?;
+        let rows = result.into_rows_result().map_err(|e| other("expected rows", e))?;
+        rows.rows::<R>()
+            .map_err(|e| other("unexpected row type", e))?
+            .collect::<Result<Vec<R>, _>>()
+            .map_err(|e| other("cannot read a row", e))
+    }
+
+    async fn first<const N: usize, R>(
+        &self,
+        statement: &Prepared<N>,
+        values: impl SerializeRow + Arity<N>,
+    ) -> Result<Option<R>>
+    where
+        R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata>,
+    {
+        Ok(self.rows(statement, values).await?.into_iter().next())
+    }
+
+    /// Every row of a partition that may be large, read page by page.
+    async fn paged<const N: usize, R>(
+        &self,
+        statement: &Prepared<N>,
+        values: impl SerializeRow + Arity<N>,
+    ) -> Result<Vec<R>>
+    where
+        R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata> + Send + Unpin + 'static,
+    {
+        let pager = self.session.execute_iter(statement.0.clone(), values).await.map_err(pager_error)?;
+        let stream = pager.rows_stream::<R>().map_err(|e| other("unexpected row type", e))?;
+        stream.try_collect().await.map_err(|e| Error::Unavailable(format!("scylla: {e}")))
+    }
+
+    /// A conditional statement: the raw error is kept so callers can tell
+    /// an unknown outcome from a refusal.
+    async fn lwt<const N: usize>(
+        &self,
+        statement: &Prepared<N>,
+        values: impl SerializeRow + Arity<N>,
+    ) -> Result<Result<Lwt, ::scylla::errors::ExecutionError>> {
+        match self.execute(statement, values).await {
+            Ok(result) => Ok(Ok(Lwt::from_result(result)?)),
+            Err(error) => Ok(Err(error)),
+        }
+    }
+
+    /// Runs a batch of idempotent writes, retrying a few times: rows are
+    /// upserts of fixed values, so writing them twice is harmless.
+    async fn write_batch(&self, mut batch: Batch, values: impl BatchValues) -> Result<()> {
+        batch.set_is_idempotent(true);
+        let mut attempt = 0;
+        loop {
+            match self.session.batch(&batch, &values).await {
+                Ok(_) => return Ok(()),
+                Err(error) if attempt < WRITE_ATTEMPTS && rows::outcome_unknown(&error) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                }
+                Err(error) => return Err(execution_error(error)),
+            }
+        }
+    }
+}
+
+/// Extra attempts of an idempotent batch after a timeout.
+const WRITE_ATTEMPTS: u32 = 3;
+
+/// Statements and values collected for one batch.
+pub(crate) struct BatchBuilder {
+    batch: Batch,
+    values: Vec<Box<dyn SerializeRow + Send + Sync>>,
+}
+
+impl BatchBuilder {
+    fn new(batch_type: BatchType) -> Self {
+        Self { batch: Batch::new(batch_type), values: Vec::new() }
+    }
+
+    fn push<const N: usize>(
+        &mut self,
+        statement: &Prepared<N>,
+        values: impl SerializeRow + Arity<N> + Send + Sync + 'static,
+    ) {
+        self.batch.append_statement(statement.0.clone());
+        self.values.push(Box::new(values));
+    }
+
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    async fn write(self, inner: &Inner) -> Result<()> {
+        if self.values.is_empty() {
+            return Ok(());
+        }
+        inner.write_batch(self.batch, self.values).await
+    }
+}
+
+#[async_trait]
+impl MessageStore for ScyllaStore {
+    async fn get_or_create_direct(&self, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Conversation> {
+        apply::get_or_create_direct(&self.inner, user, peer, id, now_ms).await
+    }
+
+    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
+        apply::create_group(&self.inner, group, max_group_size).await
+    }
+
+    async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>> {
+        reads::conversation_for_member(&self.inner, id, user).await
+    }
+
+    async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>> {
+        let mut member = reads::member(&self.inner, id, user).await?;
+        if let Some(member) = &mut member {
+            member.delivered_seq = 0;
+        }
+        Ok(member)
+    }
+
+    async fn active_member_ids(&self, id: Uuid) -> Result<Arc<Vec<String>>> {
+        let head = reads::head(&self.inner, id, false).await?;
+        Ok(Arc::new(head.map(|head| head.roster.into_keys().collect()).unwrap_or_default()))
+    }
+
+    async fn members(&self, id: Uuid) -> Result<Vec<Member>> {
+        reads::members(&self.inner, id).await
+    }
+
+    async fn send(&self, message: NewMessage) -> Result<SendOutcome> {
+        send::send(&self.inner, message).await
+    }
+
+    async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
+        apply::apply(&self.inner, request).await
+    }
+
+    async fn history(
+        &self,
+        id: Uuid,
+        range: HistoryRange,
+        visible: SeqBounds,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        reads::history(&self.inner, id, range, visible, limit).await
+    }
+
+    async fn list_conversations(
+        &self,
+        user: &str,
+        after: Option<InboxCursor>,
+        limit: usize,
+    ) -> Result<Vec<Conversation>> {
+        reads::list_conversations(&self.inner, user, after, limit).await
+    }
+
+    async fn ack_delivered(&self, user: &str, device: &str, cursors: Vec<(Uuid, u64)>) -> Result<Vec<(Uuid, u64)>> {
+        reads::ack_delivered(&self.inner, user, device, cursors).await
+    }
+
+    async fn ack_delivered_many(&self, acks: Vec<DeviceCursors>) -> Result<Vec<DeviceCursors>> {
+        let acks = acks.into_iter().map(|ack| async move {
+            let cursors = reads::ack_delivered(&self.inner, &ack.user, &ack.device, ack.cursors).await?;
+            Ok::<_, Error>(DeviceCursors { user: ack.user, device: ack.device, cursors })
+        });
+        futures::future::try_join_all(acks).await
+    }
+
+    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64> {
+        reads::mark_read(&self.inner, id, user, seq).await
+    }
+
+    async fn sync(
+        &self,
+        user: &str,
+        device: &str,
+        only: Option<Uuid>,
+        after: Option<SyncCursor>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        reads::sync(&self.inner, user, device, only, after, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

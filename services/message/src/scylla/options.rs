@@ -1,0 +1,224 @@
+//! `ScyllaOptions`: where the cluster is, how the keyspace is replicated,
+//! consistency levels, timeouts and the limits of the send path.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use ::scylla::statement::{Consistency, SerialConsistency};
+use serde::{Deserialize, Serialize};
+
+/// How the keyspace is replicated. Development uses `SimpleStrategy` with
+/// one replica; production uses `NetworkTopologyStrategy` with (at least)
+/// three replicas in each datacenter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "strategy", deny_unknown_fields)]
+pub enum Replication {
+    SimpleStrategy { factor: u32 },
+    NetworkTopologyStrategy { datacenters: BTreeMap<String, u32> },
+}
+
+impl Replication {
+    /// The CQL map literal for `CREATE KEYSPACE` (after `validate`).
+    pub(super) fn to_cql(&self) -> String {
+        match self {
+            Replication::SimpleStrategy { factor } => {
+                format!("{{'class': 'SimpleStrategy', 'replication_factor': {factor}}}")
+            }
+            Replication::NetworkTopologyStrategy { datacenters } => {
+                let mut text = String::from("{'class': 'NetworkTopologyStrategy'");
+                for (datacenter, factor) in datacenters {
+                    text.push_str(&format!(", '{datacenter}': {factor}"));
+                }
+                text.push('}');
+                text
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ConsistencyLevel {
+    One,
+    Two,
+    Three,
+    Quorum,
+    All,
+    LocalQuorum,
+    EachQuorum,
+    LocalOne,
+}
+
+impl From<ConsistencyLevel> for Consistency {
+    fn from(level: ConsistencyLevel) -> Self {
+        match level {
+            ConsistencyLevel::One => Consistency::One,
+            ConsistencyLevel::Two => Consistency::Two,
+            ConsistencyLevel::Three => Consistency::Three,
+            ConsistencyLevel::Quorum => Consistency::Quorum,
+            ConsistencyLevel::All => Consistency::All,
+            ConsistencyLevel::LocalQuorum => Consistency::LocalQuorum,
+            ConsistencyLevel::EachQuorum => Consistency::EachQuorum,
+            ConsistencyLevel::LocalOne => Consistency::LocalOne,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SerialLevel {
+    Serial,
+    LocalSerial,
+}
+
+impl SerialLevel {
+    pub(super) fn serial(self) -> SerialConsistency {
+        match self {
+            SerialLevel::Serial => SerialConsistency::Serial,
+            SerialLevel::LocalSerial => SerialConsistency::LocalSerial,
+        }
+    }
+
+    /// The consistency of a read that must see every committed LWT.
+    pub(super) fn read(self) -> Consistency {
+        match self {
+            SerialLevel::Serial => Consistency::Serial,
+            SerialLevel::LocalSerial => Consistency::LocalSerial,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScyllaOptions {
+    /// Contact points, `host:port`.
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    /// Used by `migrate` when it creates the keyspace.
+    pub replication: Replication,
+    /// Prefer (and stay in) this datacenter; None treats every node as local.
+    pub local_datacenter: Option<String>,
+    pub consistency: ConsistencyLevel,
+    /// Paxos consistency of LWTs and of the reads policy decisions use.
+    pub serial_consistency: SerialLevel,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Create the keyspace and tables at start (also `messenger migrate`).
+    pub migrate_on_start: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Conflicting head LWTs one batch retries before answering UNAVAILABLE.
+    pub lwt_max_retries: u32,
+    /// Most seqs reserved by one LWT (most sends batched together).
+    pub max_reservation: usize,
+    /// How long a send's dedupe claim is kept.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_ttl: Duration,
+    /// How long a send claim without seq, or a conversation's apply lock, may
+    /// be held before another instance takes it over (its holder is presumed dead).
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
+}
+
+impl Default for ScyllaOptions {
+    fn default() -> Self {
+        Self {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "messenger".into(),
+            replication: Replication::SimpleStrategy { factor: 1 },
+            local_datacenter: None,
+            consistency: ConsistencyLevel::LocalQuorum,
+            serial_consistency: SerialLevel::LocalSerial,
+            request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+            migrate_on_start: false,
+            username: None,
+            password: None,
+            lwt_max_retries: 20,
+            max_reservation: 256,
+            dedupe_ttl: Duration::from_secs(7 * 24 * 3600),
+            lock_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Scylla's longest TTL (20 years).
+const MAX_TTL_SECONDS: u64 = 630_720_000;
+
+/// A keyspace name this store accepts: `[a-z_][a-z0-9_]{0,47}`.
+pub(crate) fn valid_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.len() <= 48
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn valid_datacenter(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+impl ScyllaOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.nodes.is_empty() || self.nodes.iter().any(|node| node.trim().is_empty()) {
+            return Err("message.scylla.nodes must list at least one non-empty host:port".into());
+        }
+        if !valid_identifier(&self.keyspace) {
+            return Err(format!("message.scylla.keyspace {:?} must match [a-z_][a-z0-9_]{{0,47}}", self.keyspace));
+        }
+        match &self.replication {
+            Replication::SimpleStrategy { factor } if *factor == 0 => {
+                return Err("message.scylla.replication.factor must be positive".into());
+            }
+            Replication::NetworkTopologyStrategy { datacenters } => {
+                if datacenters.is_empty() {
+                    return Err("message.scylla.replication.datacenters must name at least one datacenter".into());
+                }
+                for (datacenter, factor) in datacenters {
+                    if !valid_datacenter(datacenter) {
+                        return Err(format!("message.scylla.replication: bad datacenter name {datacenter:?}"));
+                    }
+                    if *factor == 0 {
+                        return Err(format!("message.scylla.replication: datacenter {datacenter} has factor 0"));
+                    }
+                }
+            }
+            Replication::SimpleStrategy { .. } => {}
+        }
+        if let Some(datacenter) = &self.local_datacenter
+            && !valid_datacenter(datacenter)
+        {
+            return Err(format!("message.scylla.local_datacenter: bad datacenter name {datacenter:?}"));
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return Err("message.scylla.username and message.scylla.password go together".into());
+        }
+        let durations = [
+            ("request_timeout", self.request_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("dedupe_ttl", self.dedupe_ttl),
+            ("lock_timeout", self.lock_timeout),
+        ];
+        for (key, value) in durations {
+            if value.is_zero() {
+                return Err(format!("message.scylla.{key} must be positive"));
+            }
+        }
+        if self.dedupe_ttl.as_secs() < 1 || self.dedupe_ttl.as_secs() > MAX_TTL_SECONDS {
+            return Err(format!("message.scylla.dedupe_ttl must be between 1 s and {MAX_TTL_SECONDS} s"));
+        }
+        if self.lwt_max_retries == 0 {
+            return Err("message.scylla.lwt_max_retries must be positive".into());
+        }
+        if self.max_reservation == 0 || self.max_reservation > 4096 {
+            return Err("message.scylla.max_reservation must be between 1 and 4096".into());
+        }
+        Ok(())
+    }
+
+    pub(super) fn dedupe_ttl_seconds(&self) -> i32 {
+        self.dedupe_ttl.as_secs().min(MAX_TTL_SECONDS) as i32
+    }
+}

@@ -1,0 +1,300 @@
+//! Reads (history, inbox, sync, members) and the cursor writes.
+//!
+//! Messages are spread over buckets of 4096 seqs, so every range read walks
+//! the buckets of its range in order and stops once it has enough rows. The
+//! head's `last_seq` bounds every walk. Missing seqs (see the known gaps in
+//! `scylla.rs`) are skipped, never waited for.
+
+use std::collections::HashMap;
+
+use futures::{StreamExt, TryStreamExt, stream};
+use uuid::Uuid;
+
+use super::{
+    Inner,
+    rows::{FlagsRow, Head, HeadRow, InboxRow, MemberRow, MessageRow, bucket, bucket_span, seq_value, spans},
+};
+use crate::{
+    error::{Error, Result},
+    store::{Conversation, HistoryRange, InboxCursor, Member, SeqBounds, StoredMessage, SyncCursor},
+};
+
+/// An unread count looks at this many entries after the read cursor at most
+/// (the newest ones); beyond it the count is a lower bound ("999+").
+pub(super) const UNREAD_SCAN: u64 = 1000;
+/// The inbox's newest message is searched among this many newest entries.
+pub(super) const LAST_MESSAGE_SCAN: u64 = 1000;
+/// Heads read at once when listing a user's conversations.
+const PARALLEL_READS: usize = 16;
+
+pub(super) async fn head(inner: &Inner, id: Uuid, serial: bool) -> Result<Option<Head>> {
+    let statement = if serial { &inner.statements.head_read_serial } else { &inner.statements.head_read };
+    let row: Option<HeadRow> = inner.first(statement, (id,)).await?;
+    Ok(row.and_then(HeadRow::into_head))
+}
+
+/// One membership, current or ended, with its cursors.
+pub(super) async fn member(inner: &Inner, id: Uuid, user: &str) -> Result<Option<Member>> {
+    let row: Option<MemberRow> = inner.first(&inner.statements.member_read, (id, user)).await?;
+    Ok(row.and_then(MemberRow::into_member))
+}
+
+pub(super) async fn members(inner: &Inner, id: Uuid) -> Result<Vec<Member>> {
+    let rows: Vec<MemberRow> = inner.paged(&inner.statements.members_read, (id,)).await?;
+    let mut members: Vec<Member> = rows.into_iter().filter_map(MemberRow::into_member).collect();
+    members.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    Ok(members)
+}
+
+/// The entry at `seq`, with the seqs of its edits.
+pub(super) async fn message_at(inner: &Inner, id: Uuid, seq: u64) -> Result<Option<(StoredMessage, Vec<u64>)>> {
+    let row: Option<MessageRow> =
+        inner.first(&inner.statements.message_read, (id, bucket(seq), seq_value(seq))).await?;
+    Ok(row.and_then(MessageRow::into_message))
+}
+
+/// Entries with seq in `from..=to`, ascending or descending, at most `limit`.
+async fn range(
+    inner: &Inner,
+    id: Uuid,
+    from: u64,
+    to: u64,
+    limit: usize,
+    descending: bool,
+) -> Result<Vec<StoredMessage>> {
+    let mut found = Vec::new();
+    if from > to || limit == 0 {
+        return Ok(found);
+    }
+    for (index, low, high) in spans(from, to, descending) {
+        let want = i32::try_from(limit - found.len()).unwrap_or(i32::MAX);
+        let statement =
+            if descending { &inner.statements.messages_descending } else { &inner.statements.messages_ascending };
+        let rows: Vec<MessageRow> = inner.rows(statement, (id, index, seq_value(low), seq_value(high), want)).await?;
+        found.extend(rows.into_iter().filter_map(|row| row.into_message().map(|(message, _)| message)));
+        if found.len() >= limit {
+            found.truncate(limit);
+            break;
+        }
+    }
+    Ok(found)
+}
+
+pub(super) async fn history(
+    inner: &Inner,
+    id: Uuid,
+    range_wanted: HistoryRange,
+    visible: SeqBounds,
+    limit: usize,
+) -> Result<Vec<StoredMessage>> {
+    let Some(head) = head(inner, id, false).await? else { return Ok(Vec::new()) };
+    let top = visible.to.map_or(head.last_seq, |to| to.min(head.last_seq));
+    match range_wanted {
+        HistoryRange::Before(before) => {
+            let upper = match before {
+                Some(0) => return Ok(Vec::new()),
+                Some(before) => top.min(before - 1),
+                None => top,
+            };
+            let mut page = range(inner, id, visible.from.max(1), upper, limit, true).await?;
+            page.reverse();
+            Ok(page)
+        }
+        HistoryRange::After(after) => {
+            let lower = visible.from.max(after.saturating_add(1)).max(1);
+            range(inner, id, lower, top, limit, false).await
+        }
+    }
+}
+
+/// Fills the active members, the unread count and the newest TEXT message for `user`.
+async fn complete(inner: &Inner, head: &Head, user: &str, read_seq: u64) -> Result<Conversation> {
+    let mut conversation = Conversation {
+        id: head.id,
+        kind: head.kind,
+        title: head.title.clone(),
+        created_by: head.created_by.clone(),
+        members: head.roster.keys().cloned().collect(),
+        last_seq: head.last_seq,
+        created_at_ms: head.created_at_ms,
+        last_activity_ms: head.last_activity_ms,
+        read_seq,
+        unread_count: 0,
+        last_message: None,
+    };
+    if head.last_seq > read_seq {
+        let from = (read_seq + 1).max(head.last_seq.saturating_sub(UNREAD_SCAN - 1));
+        for index in bucket(from)..=bucket(head.last_seq) {
+            let (low, high) = bucket_span(index, from, head.last_seq);
+            let rows: Vec<FlagsRow> =
+                inner.rows(&inner.statements.message_flags, (head.id, index, seq_value(low), seq_value(high))).await?;
+            conversation.unread_count += rows.iter().filter(|row| row.unread_for(user)).count() as u64;
+        }
+    }
+    conversation.last_message = last_text(inner, head).await?;
+    Ok(conversation)
+}
+
+/// The newest TEXT message among the newest `LAST_MESSAGE_SCAN` entries.
+async fn last_text(inner: &Inner, head: &Head) -> Result<Option<StoredMessage>> {
+    const PAGE: usize = 50;
+    let floor = head.last_seq.saturating_sub(LAST_MESSAGE_SCAN - 1).max(1);
+    let mut top = head.last_seq;
+    while top >= floor && top > 0 {
+        let page = range(inner, head.id, floor, top, PAGE, true).await?;
+        if let Some(text) = page.iter().find(|m| m.kind == crate::store::Kind::Text) {
+            return Ok(Some(text.clone()));
+        }
+        match page.last() {
+            Some(oldest) if page.len() == PAGE && oldest.seq > floor => top = oldest.seq - 1,
+            _ => break,
+        }
+    }
+    Ok(None)
+}
+
+pub(super) async fn conversation_for_member(inner: &Inner, id: Uuid, user: &str) -> Result<Option<Conversation>> {
+    let Some(head) = head(inner, id, false).await? else { return Ok(None) };
+    if !head.roster.contains_key(user) {
+        return Ok(None);
+    }
+    let read_seq = member(inner, id, user).await?.map_or(0, |m| m.read_seq);
+    Ok(Some(complete(inner, &head, user, read_seq).await?))
+}
+
+/// The user's memberships as recorded by user (current and ended).
+async fn memberships(inner: &Inner, user: &str) -> Result<Vec<InboxRow>> {
+    let mut rows: Vec<InboxRow> = inner.paged(&inner.statements.inbox_read, (user,)).await?;
+    // Scylla orders uuid clustering keys by version and time, not by bytes:
+    // the contract orders by id as the other stores do.
+    rows.sort_by_key(|row| row.conversation_id);
+    Ok(rows)
+}
+
+/// The heads of `ids`, in order, read a few at a time.
+async fn heads(inner: &Inner, ids: Vec<Uuid>) -> Result<Vec<Option<Head>>> {
+    stream::iter(ids).map(|id| head(inner, id, false)).buffered(PARALLEL_READS).try_collect().await
+}
+
+/// The user's active conversations, newest activity first. Reads every
+/// active membership's head and sorts in memory: bounded by how many
+/// conversations one user belongs to, which the product keeps in the
+/// hundreds; a per-user activity index would replace it beyond that.
+pub(super) async fn list_conversations(
+    inner: &Inner,
+    user: &str,
+    after: Option<InboxCursor>,
+    limit: usize,
+) -> Result<Vec<Conversation>> {
+    let active: Vec<Uuid> = memberships(inner, user)
+        .await?
+        .into_iter()
+        .filter(|row| row.removed_seq.is_none())
+        .map(|row| row.conversation_id)
+        .collect();
+    let mut listed: Vec<Head> = heads(inner, active)
+        .await?
+        .into_iter()
+        .flatten()
+        .filter(|head| head.roster.contains_key(user))
+        .filter(|head| {
+            after.as_ref().is_none_or(|cursor| {
+                (head.last_activity_ms, head.id) < (cursor.last_activity_ms, cursor.conversation_id)
+            })
+        })
+        .collect();
+    listed.sort_by_key(|head| std::cmp::Reverse((head.last_activity_ms, head.id)));
+    listed.truncate(limit);
+    stream::iter(listed)
+        .map(|head| async move {
+            let read_seq = member(inner, head.id, user).await?.map_or(0, |m| m.read_seq);
+            complete(inner, &head, user, read_seq).await
+        })
+        .buffered(PARALLEL_READS)
+        .try_collect()
+        .await
+}
+
+/// Moves one device's cursors forward, clamped to what the user may see.
+pub(super) async fn ack_delivered(
+    inner: &Inner,
+    user: &str,
+    device: &str,
+    cursors: Vec<(Uuid, u64)>,
+) -> Result<Vec<(Uuid, u64)>> {
+    let mut stored = Vec::with_capacity(cursors.len());
+    for (id, seq) in cursors {
+        let Some(membership) = member(inner, id, user).await? else { continue };
+        let limit = match membership.removed_seq {
+            Some(removed) => removed,
+            None => head(inner, id, false).await?.map_or(0, |head| head.last_seq),
+        };
+        let wanted = seq_value(seq.min(limit));
+        // The value is its own timestamp: the largest cursor wins, whatever the order of writes.
+        inner.run(&inner.statements.cursor_advance, (wanted, wanted, user, device, id)).await?;
+        inner.run(&inner.statements.member_delivered, (wanted, wanted, id, user)).await?;
+        let value: Option<(Option<i64>,)> = inner.first(&inner.statements.cursor_read, (user, device, id)).await?;
+        let value = value.and_then(|(value,)| value).unwrap_or(wanted).max(0) as u64;
+        stored.push((id, value));
+    }
+    Ok(stored)
+}
+
+pub(super) async fn mark_read(inner: &Inner, id: Uuid, user: &str, seq: u64) -> Result<u64> {
+    let head = head(inner, id, false).await?.ok_or(Error::ConversationNotFound)?;
+    let membership = member(inner, id, user).await?;
+    if !head.roster.contains_key(user) {
+        return Err(if membership.is_some() { Error::NoLongerMember } else { Error::ConversationNotFound });
+    }
+    let wanted = seq_value(seq.min(head.last_seq));
+    inner.run(&inner.statements.member_read_seq, (wanted, wanted, id, user)).await?;
+    let stored = member(inner, id, user).await?.map_or(0, |m| m.read_seq);
+    Ok(stored.max(wanted as u64))
+}
+
+/// Entries after the device's cursor in each membership (current or ended),
+/// within what the member may see, ordered by (conversation, seq).
+pub(super) async fn sync(
+    inner: &Inner,
+    user: &str,
+    device: &str,
+    only: Option<Uuid>,
+    after: Option<SyncCursor>,
+    limit: usize,
+) -> Result<Vec<StoredMessage>> {
+    let mut found = Vec::new();
+    if limit == 0 {
+        return Ok(found);
+    }
+    let rows: Vec<(Uuid, Option<i64>)> = inner.paged(&inner.statements.device_cursors_read, (user, device)).await?;
+    let delivered: HashMap<Uuid, u64> =
+        rows.into_iter().map(|(id, seq)| (id, seq.unwrap_or(0).max(0) as u64)).collect();
+    let memberships: Vec<InboxRow> = memberships(inner, user)
+        .await?
+        .into_iter()
+        .filter(|row| only.is_none_or(|id| row.conversation_id == id))
+        .filter(|row| after.is_none_or(|cursor| row.conversation_id >= cursor.conversation_id))
+        .collect();
+    for chunk in memberships.chunks(PARALLEL_READS) {
+        let chunk_heads = heads(inner, chunk.iter().map(|row| row.conversation_id).collect()).await?;
+        for (membership, head) in chunk.iter().zip(chunk_heads) {
+            let Some(head) = head else { continue };
+            let cursor = delivered.get(&membership.conversation_id).copied().unwrap_or(0);
+            let upper = membership.removed().unwrap_or(head.last_seq).min(head.last_seq);
+            if upper <= cursor {
+                continue;
+            }
+            let mut lower = (cursor + 1).max(membership.joined());
+            if let Some(position) = after
+                && position.conversation_id == membership.conversation_id
+            {
+                lower = lower.max(position.seq.saturating_add(1));
+            }
+            found.extend(range(inner, head.id, lower.max(1), upper, limit - found.len(), false).await?);
+            if found.len() >= limit {
+                return Ok(found);
+            }
+        }
+    }
+    Ok(found)
+}

@@ -1,0 +1,410 @@
+//! Sends: a per-conversation batcher in front of one head LWT per batch.
+//!
+//! Concurrent sends to one conversation queue up here; one task per
+//! conversation drains the queue, up to `max_reservation` sends at a time:
+//! membership check against the head's roster, a dedupe claim per message
+//! (in parallel), reply checks, ONE LWT reserving the whole seq range, then
+//! the rows (message + dedupe seq in logged batches), and only then the
+//! answers. The task is detached from the callers, so a caller that gives up
+//! cannot interrupt a batch between its reservation and its rows.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ::scylla::statement::batch::BatchType;
+use futures::future::join_all;
+use tokio::sync::oneshot;
+use tracing::warn;
+use uuid::Uuid;
+
+use super::{
+    BatchBuilder, Inner,
+    reads::{self, head, member, message_at},
+    rows::{Head, NewRow, chunks, copy_error, execution_error, outcome_unknown, seq_value},
+};
+use crate::{
+    error::{Error, Result},
+    policy,
+    store::{Kind, NewMessage, SendOutcome, StoredMessage},
+};
+
+/// Most messages written in one logged batch, and their body bytes (Scylla
+/// warns about batches past 128 KiB and refuses them past 1 MiB).
+const BATCH_ROWS: usize = 64;
+const BATCH_BYTES: usize = 64 * 1024;
+
+struct Pending {
+    message: NewMessage,
+    reply: oneshot::Sender<Result<SendOutcome>>,
+}
+
+/// Queued sends per conversation. A conversation has an entry exactly while
+/// a task drains it, so a send either joins a running task's queue or starts one.
+#[derive(Default)]
+pub(crate) struct Batcher {
+    queues: Mutex<HashMap<Uuid, VecDeque<Pending>>>,
+}
+
+pub(super) async fn send(inner: &Arc<Inner>, message: NewMessage) -> Result<SendOutcome> {
+    let id = message.conversation_id;
+    let (reply, answer) = oneshot::channel();
+    let start = {
+        let mut queues = inner.batcher.queues.lock().unwrap_or_else(|e| e.into_inner());
+        match queues.get_mut(&id) {
+            Some(queue) => {
+                queue.push_back(Pending { message, reply });
+                false
+            }
+            None => {
+                queues.insert(id, VecDeque::from([Pending { message, reply }]));
+                true
+            }
+        }
+    };
+    if start {
+        let inner = inner.clone();
+        tokio::spawn(async move { drain(inner, id).await });
+    }
+    answer.await.map_err(|_| Error::Unavailable("the send was dropped; retry".into()))?
+}
+
+/// Removes the conversation's queue if the draining task ends early (a
+/// panic): its waiters are answered by their dropped senders.
+struct DrainGuard {
+    inner: Arc<Inner>,
+    id: Uuid,
+    done: bool,
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.inner.batcher.queues.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        }
+    }
+}
+
+async fn drain(inner: Arc<Inner>, id: Uuid) {
+    let mut guard = DrainGuard { inner: inner.clone(), id, done: false };
+    loop {
+        let batch: Vec<Pending> = {
+            let mut queues = inner.batcher.queues.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(queue) = queues.get_mut(&id) else { break };
+            if queue.is_empty() {
+                queues.remove(&id);
+                break;
+            }
+            let take = queue.len().min(inner.options.max_reservation);
+            queue.drain(..take).collect()
+        };
+        send_batch(&inner, id, batch).await;
+    }
+    guard.done = true;
+}
+
+/// What the dedupe claim found.
+enum Claim {
+    Ours,
+    Duplicate(Box<StoredMessage>),
+}
+
+/// One distinct (sender, client_msg_id) of a batch, and the waiters for it
+/// (a client may resend before its first attempt was answered).
+struct Send {
+    message: NewMessage,
+    waiters: Vec<oneshot::Sender<Result<SendOutcome>>>,
+}
+
+impl Send {
+    fn answer(self, outcome: Result<StoredMessage, Error>, created: bool) {
+        let mut first = true;
+        for waiter in self.waiters {
+            let answer = match &outcome {
+                Ok(message) if created && first => Ok(SendOutcome::Created(message.clone())),
+                Ok(message) => Ok(SendOutcome::Duplicate(message.clone())),
+                Err(error) => Err(copy_error(error)),
+            };
+            first = false;
+            // A caller that gave up no longer listens; the message is stored all the same.
+            let _ = waiter.send(answer);
+        }
+    }
+
+    fn fail(self, error: Error) {
+        self.answer(Err(error), false);
+    }
+}
+
+async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
+    let started = Instant::now();
+    let mut sends: Vec<Send> = Vec::with_capacity(batch.len());
+    for pending in batch {
+        let key = (&pending.message.sender, &pending.message.client_msg_id);
+        match sends.iter_mut().find(|s| (&s.message.sender, &s.message.client_msg_id) == key) {
+            Some(same) => same.waiters.push(pending.reply),
+            None => sends.push(Send { message: pending.message, waiters: vec![pending.reply] }),
+        }
+    }
+    let head = match head(inner, id, true).await {
+        Ok(Some(head)) => head,
+        Ok(None) => return sends.into_iter().for_each(|s| s.fail(Error::ConversationNotFound)),
+        Err(error) => return sends.into_iter().for_each(|s| s.fail(copy_error(&error))),
+    };
+    // Membership first, so a non-member never leaves a claim behind.
+    let mut members = Vec::with_capacity(sends.len());
+    for send in sends {
+        match sender_error(inner, &head, &send.message.sender).await {
+            None => members.push(send),
+            Some(error) => send.fail(error),
+        }
+    }
+    // Claims, in parallel: distinct partitions.
+    let claims = join_all(members.iter().map(|s| claim(inner, &s.message))).await;
+    let mut accepted = Vec::with_capacity(members.len());
+    for (send, claim) in members.into_iter().zip(claims) {
+        match claim {
+            Ok(Claim::Ours) => accepted.push(send),
+            Ok(Claim::Duplicate(original)) => send.answer(Ok(*original), false),
+            Err(error) => send.fail(error),
+        }
+    }
+    let mut checked = Vec::with_capacity(accepted.len());
+    for send in accepted {
+        match check_reply(inner, id, &send.message).await {
+            Ok(()) => checked.push(send),
+            Err(error) => {
+                release(inner, &send.message).await;
+                send.fail(error);
+            }
+        }
+    }
+    if checked.is_empty() {
+        return;
+    }
+    let (first_seq, checked) = match reserve(inner, head, checked, started).await {
+        Ok(reserved) => reserved,
+        Err((sends, error)) => return give_up(inner, sends, error).await,
+    };
+    let entries: Vec<(StoredMessage, Send)> = checked
+        .into_iter()
+        .enumerate()
+        .map(|(offset, send)| (entry(&send.message, first_seq + offset as u64), send))
+        .collect();
+    write_and_answer(inner, entries).await;
+}
+
+/// Why `user` may not send, judged by the roster in the head.
+async fn sender_error(inner: &Inner, head: &Head, user: &str) -> Option<Error> {
+    if head.roster.contains_key(user) {
+        return None;
+    }
+    match member(inner, head.id, user).await {
+        Ok(Some(_)) => Some(Error::NoLongerMember),
+        Ok(None) => Some(Error::ConversationNotFound),
+        Err(error) => Some(error),
+    }
+}
+
+async fn claim(inner: &Inner, message: &NewMessage) -> Result<Claim> {
+    let s = &inner.statements;
+    let ttl = inner.options.dedupe_ttl_seconds();
+    let (id, sender, client) = (message.conversation_id, message.sender.as_str(), message.client_msg_id.as_str());
+    let mut attempts = 0;
+    loop {
+        let now = messenger_platform::ids::now_ms();
+        let outcome = inner.lwt(&s.dedupe_claim, (id, sender, client, message.message_id, now, ttl)).await?;
+        let lwt = match outcome {
+            Ok(lwt) => lwt,
+            // Retrying is safe: a claim carrying our own message id is ours.
+            Err(error) if outcome_unknown(&error) && attempts < 3 => {
+                attempts += 1;
+                continue;
+            }
+            Err(error) => return Err(execution_error(error)),
+        };
+        if lwt.applied {
+            return Ok(Claim::Ours);
+        }
+        let holder = lwt.uuid("message_id");
+        if let Some(seq) = lwt.bigint("seq") {
+            let original = message_at(inner, id, seq.max(0) as u64).await?.map(|(message, _)| message);
+            return match original {
+                Some(original) if original.sender == sender && original.client_msg_id == client => {
+                    Ok(Claim::Duplicate(Box::new(original)))
+                }
+                // The claim's batch has not landed everywhere yet.
+                _ => Err(Error::Unavailable("the original of this message is being stored; retry".into())),
+            };
+        }
+        if holder == Some(message.message_id) {
+            return Ok(Claim::Ours);
+        }
+        let claimed_at = lwt.bigint("claimed_at_ms").unwrap_or(0);
+        let stale = now.saturating_sub(claimed_at) > inner.options.lock_timeout.as_millis() as i64;
+        if !stale || attempts >= 3 {
+            return Err(Error::Unavailable("an earlier attempt of this message is in flight; retry".into()));
+        }
+        attempts += 1;
+        // Its holder stopped before reserving a seq: take the claim over.
+        let takeover = (ttl, message.message_id, now, id, sender, client, holder);
+        if let Ok(lwt) = inner.lwt(&s.dedupe_takeover, takeover).await?
+            && lwt.applied
+        {
+            return Ok(Claim::Ours);
+        }
+    }
+}
+
+/// Gives a claim up (the send failed before its seq was reserved), so the
+/// client's retry is not refused as in flight. Best effort: a claim left
+/// behind is taken over after `lock_timeout`.
+async fn release(inner: &Inner, message: &NewMessage) {
+    let values = (message.conversation_id, message.sender.as_str(), message.client_msg_id.as_str(), message.message_id);
+    match inner.lwt(&inner.statements.dedupe_release, values).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => warn!(%error, conversation_id = %message.conversation_id, "cannot release a send claim"),
+        Err(error) => warn!(%error, conversation_id = %message.conversation_id, "cannot release a send claim"),
+    }
+}
+
+async fn check_reply(inner: &Inner, id: Uuid, message: &NewMessage) -> Result<()> {
+    if message.reply_to_seq == 0 {
+        return Ok(());
+    }
+    let Some(sender) = member(inner, id, &message.sender).await? else {
+        return Err(Error::Unavailable("the membership is being stored; retry".into()));
+    };
+    let target = message_at(inner, id, message.reply_to_seq).await?.map(|(message, _)| message);
+    policy::target(&sender, target.as_ref(), message.reply_to_seq).map_err(|_| {
+        Error::InvalidArgument(format!("reply_to_seq {} is not a message you can see", message.reply_to_seq))
+    })?;
+    Ok(())
+}
+
+/// Reserves one seq per send with the head LWT; returns the first seq and
+/// the sends still accepted. Sends refused on the way are answered here;
+/// on failure the rest come back with the error to answer them with.
+async fn reserve(
+    inner: &Inner,
+    mut head: Head,
+    mut sends: Vec<Send>,
+    started: Instant,
+) -> Result<(u64, Vec<Send>), (Vec<Send>, Error)> {
+    let token = Uuid::now_v7();
+    let budget = inner.options.lock_timeout / 2;
+    let mut attempt = 0;
+    loop {
+        if sends.is_empty() {
+            return Err((sends, Error::NoLongerMember));
+        }
+        if attempt >= inner.options.lwt_max_retries || started.elapsed() > budget {
+            let error = Error::Unavailable("the conversation is too busy; retry".into());
+            return Err((sends, error));
+        }
+        attempt += 1;
+        let count = sends.len() as u64;
+        let last = head.last_seq + count;
+        let activity = sends.iter().map(|s| s.message.sent_at_ms).max().unwrap_or(0).max(head.last_activity_ms);
+        let values = (seq_value(last), activity, token, head.id, seq_value(head.last_seq));
+        let applied = match inner.lwt(&inner.statements.head_reserve, values).await {
+            Ok(Ok(lwt)) => lwt.applied,
+            Ok(Err(error)) if outcome_unknown(&error) => false,
+            Ok(Err(error)) => return Err((sends, execution_error(error))),
+            Err(error) => return Err((sends, error)),
+        };
+        if applied {
+            return Ok((head.last_seq + 1, sends));
+        }
+        // Lost to another writer, or the outcome is unknown: the serial read
+        // completes any LWT in progress and tells which.
+        let current = match reads::head(inner, head.id, true).await {
+            Ok(Some(current)) => current,
+            Ok(None) => return Err((sends, Error::ConversationNotFound)),
+            Err(error) => return Err((sends, error)),
+        };
+        if current.last_reservation == Some(token) && current.last_seq == last {
+            return Ok((head.last_seq + 1, sends));
+        }
+        if current.last_seq > head.last_seq && current.last_reservation != Some(token) {
+            tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)))).await;
+        }
+        head = current;
+        // Senders removed meanwhile are refused now, as the head says.
+        let mut still = Vec::with_capacity(sends.len());
+        for send in sends {
+            if head.roster.contains_key(&send.message.sender) {
+                still.push(send);
+            } else {
+                release(inner, &send.message).await;
+                send.fail(Error::NoLongerMember);
+            }
+        }
+        sends = still;
+    }
+}
+
+async fn give_up(inner: &Inner, sends: Vec<Send>, error: Error) {
+    join_all(sends.iter().map(|s| release(inner, &s.message))).await;
+    sends.into_iter().for_each(|s| s.fail(copy_error(&error)));
+}
+
+fn entry(message: &NewMessage, seq: u64) -> StoredMessage {
+    let mut entry = StoredMessage::event(message.conversation_id, &message.sender, Kind::Text, message.sent_at_ms);
+    entry.seq = seq;
+    entry.message_id = message.message_id;
+    entry.client_msg_id = message.client_msg_id.clone();
+    entry.body = message.body.clone();
+    entry.reply_to_seq = message.reply_to_seq;
+    entry
+}
+
+/// Writes the reserved entries (each with its dedupe seq, in logged batches
+/// per bucket chunk), moves the senders' read cursors, then answers.
+async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>) {
+    let ttl = inner.options.dedupe_ttl_seconds();
+    let s = &inner.statements;
+    let groups = chunks(entries, |(entry, _)| entry.seq, |(entry, _)| entry.body.len(), BATCH_ROWS, BATCH_BYTES);
+    let writes = groups.into_iter().map(|group| async move {
+        let mut batch = BatchBuilder::new(BatchType::Logged);
+        for (entry, _) in &group {
+            batch.push(&s.message_insert, NewRow::from(entry));
+            let key = (entry.conversation_id, entry.sender.clone(), entry.client_msg_id.clone());
+            batch.push(&s.dedupe_commit, (ttl, seq_value(entry.seq), key.0, key.1, key.2));
+        }
+        let result = batch.write(inner).await;
+        (group, result)
+    });
+    let mut stored = Vec::new();
+    for (group, result) in join_all(writes).await {
+        match result {
+            Ok(()) => stored.extend(group),
+            Err(error) => {
+                let seqs: Vec<u64> = group.iter().map(|(entry, _)| entry.seq).collect();
+                warn!(%error, ?seqs, "reserved seqs left without rows");
+                group.into_iter().for_each(|(_, send)| send.fail(copy_error(&error)));
+            }
+        }
+    }
+    // Whoever sends has read up to its own message.
+    let mut read: HashMap<&str, u64> = HashMap::new();
+    for (entry, _) in &stored {
+        let seq = read.entry(entry.sender.as_str()).or_default();
+        *seq = (*seq).max(entry.seq);
+    }
+    let cursors = read.iter().map(|(user, seq)| {
+        let value = seq_value(*seq);
+        inner.run(&s.member_read_seq, (value, value, stored[0].0.conversation_id, *user))
+    });
+    for result in join_all(cursors).await {
+        if let Err(error) = result {
+            warn!(%error, "cannot move a sender's read cursor");
+        }
+    }
+    drop(read);
+    for (entry, send) in stored {
+        send.answer(Ok(entry), true);
+    }
+}

@@ -1,0 +1,704 @@
+//! Checks that need no server (every statement against the schema text,
+//! options, bucket arithmetic) and the contract suite against a live node
+//! when `MESSENGER_TEST_SCYLLA` names one.
+//!
+//! The CQL checks use a small parser written here: the CQL parser crates on
+//! crates.io either lack DELETE/BATCH support (`cqlparser` 0.1) or build a
+//! tree-sitter grammar in C (`cql3-parser`), and none knows Scylla's
+//! `USING TIMESTAMP`/`IF ... = null` forms we use. The parser understands
+//! exactly the subset `schema.cql` and `statements.rs` use and fails loudly
+//! on anything else.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{
+    Replication, SCHEMA, ScyllaOptions,
+    rows::{bucket, chunks, spans},
+    schema_statements,
+    statements::{Mode, STATEMENTS},
+    valid_identifier,
+};
+
+#[derive(Clone, Debug, PartialEq)]
+enum Token {
+    Word(String),
+    Marker,
+    Literal(String),
+    Symbol(String),
+}
+
+fn tokenize(text: &str) -> Vec<Token> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut tokens = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == '-' && chars.get(i + 1) == Some(&'-') {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '?' {
+            tokens.push(Token::Marker);
+            i += 1;
+        } else if c == '\'' {
+            let start = i;
+            i += 1;
+            while i < chars.len() && chars[i] != '\'' {
+                i += 1;
+            }
+            i += 1;
+            tokens.push(Token::Literal(chars[start..i.min(chars.len())].iter().collect()));
+        } else if c.is_ascii_digit() {
+            let start = i;
+            while i < chars.len() && chars[i].is_ascii_digit() {
+                i += 1;
+            }
+            tokens.push(Token::Literal(chars[start..i].iter().collect()));
+        } else if c.is_ascii_alphabetic()
+            || c == '_'
+            || (c == '{' && chars.get(i + 1).is_some_and(|n| n.is_ascii_alphabetic()))
+        {
+            // `{keyspace}` reads as one word.
+            let start = i;
+            i += 1;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == '}') {
+                i += 1;
+            }
+            tokens.push(Token::Word(chars[start..i].iter().collect::<String>().to_lowercase()));
+        } else if c == '[' {
+            // `[applied]`-style names do not occur in statements; keep brackets as symbols.
+            tokens.push(Token::Symbol(c.to_string()));
+            i += 1;
+        } else if matches!(c, '<' | '>') && chars.get(i + 1) == Some(&'=') {
+            tokens.push(Token::Symbol(format!("{c}=")));
+            i += 2;
+        } else {
+            tokens.push(Token::Symbol(c.to_string()));
+            i += 1;
+        }
+    }
+    tokens
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    columns: BTreeMap<String, String>,
+    partition_key: Vec<String>,
+    clustering: Vec<String>,
+    statics: Vec<String>,
+}
+
+impl Table {
+    fn is_key(&self, column: &str) -> bool {
+        self.partition_key.iter().chain(&self.clustering).any(|c| c == column)
+    }
+}
+
+/// A cursor over tokens with the few helpers the parsers need.
+struct Parser {
+    tokens: Vec<Token>,
+    at: usize,
+}
+
+impl Parser {
+    fn new(text: &str) -> Self {
+        Parser { tokens: tokenize(text), at: 0 }
+    }
+
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.at)
+    }
+
+    fn next(&mut self) -> Token {
+        let token = self.tokens.get(self.at).cloned().unwrap_or_else(|| panic!("unexpected end of statement"));
+        self.at += 1;
+        token
+    }
+
+    fn word(&mut self) -> String {
+        match self.next() {
+            Token::Word(word) => word,
+            other => panic!("expected a word, found {other:?}"),
+        }
+    }
+
+    fn is_word(&self, word: &str) -> bool {
+        matches!(self.peek(), Some(Token::Word(w)) if w == word)
+    }
+
+    fn is_symbol(&self, symbol: &str) -> bool {
+        matches!(self.peek(), Some(Token::Symbol(s)) if s == symbol)
+    }
+
+    fn eat_word(&mut self, word: &str) -> bool {
+        let found = self.is_word(word);
+        if found {
+            self.at += 1;
+        }
+        found
+    }
+
+    fn eat_symbol(&mut self, symbol: &str) -> bool {
+        let found = self.is_symbol(symbol);
+        if found {
+            self.at += 1;
+        }
+        found
+    }
+
+    fn expect_word(&mut self, word: &str) {
+        assert!(self.eat_word(word), "expected {word:?} at {:?}", self.peek());
+    }
+
+    fn expect_symbol(&mut self, symbol: &str) {
+        assert!(self.eat_symbol(symbol), "expected {symbol:?} at {:?}", self.peek());
+    }
+
+    /// `{keyspace}.name`: every table is qualified by the placeholder.
+    fn table_name(&mut self) -> String {
+        assert_eq!(self.word(), "{keyspace}", "tables must be qualified with {{keyspace}}");
+        self.expect_symbol(".");
+        self.word()
+    }
+
+    fn names_in_parens(&mut self) -> Vec<String> {
+        self.expect_symbol("(");
+        let mut names = vec![self.word()];
+        while self.eat_symbol(",") {
+            names.push(self.word());
+        }
+        self.expect_symbol(")");
+        names
+    }
+
+    fn done(&self) -> bool {
+        self.at >= self.tokens.len()
+    }
+}
+
+fn parse_schema(text: &str) -> HashMap<String, Table> {
+    let mut tables = HashMap::new();
+    // Comments first: a `;` inside one must not split a statement.
+    let code: Vec<&str> = text.lines().map(|line| line.split_once("--").map_or(line, |(code, _)| code)).collect();
+    let code = code.join("\n").replace("{replication}", "{'class': 'SimpleStrategy', 'replication_factor': 1}");
+    for statement in code.split(';').map(str::trim).filter(|s| !tokenize(s).is_empty()) {
+        let mut p = Parser::new(statement);
+        p.expect_word("create");
+        if p.eat_word("keyspace") {
+            continue;
+        }
+        p.expect_word("table");
+        p.expect_word("if");
+        p.expect_word("not");
+        p.expect_word("exists");
+        let name = p.table_name();
+        let mut table = Table::default();
+        p.expect_symbol("(");
+        loop {
+            if p.eat_word("primary") {
+                p.expect_word("key");
+                p.expect_symbol("(");
+                table.partition_key = if p.is_symbol("(") { p.names_in_parens() } else { vec![p.word()] };
+                while p.eat_symbol(",") {
+                    table.clustering.push(p.word());
+                }
+                p.expect_symbol(")");
+            } else {
+                let column = p.word();
+                let mut kind = String::new();
+                let mut depth = 0;
+                while depth > 0 || !(p.is_symbol(",") || p.is_symbol(")") || p.is_word("static")) {
+                    match p.next() {
+                        Token::Word(w) => kind.push_str(&w),
+                        Token::Symbol(s) => {
+                            depth += i32::from(s == "<") - i32::from(s == ">");
+                            kind.push_str(&s);
+                        }
+                        other => panic!("unexpected {other:?} in the type of {column}"),
+                    }
+                }
+                if p.eat_word("static") {
+                    table.statics.push(column.clone());
+                }
+                assert!(table.columns.insert(column.clone(), kind).is_none(), "{name}.{column} declared twice");
+            }
+            if !p.eat_symbol(",") {
+                break;
+            }
+        }
+        p.expect_symbol(")");
+        for key in table.partition_key.iter().chain(&table.clustering) {
+            assert!(table.columns.contains_key(key), "{name}: key column {key} is not declared");
+        }
+        assert!(!table.partition_key.is_empty(), "{name} has no partition key");
+        for column in &table.statics {
+            assert!(!table.clustering.is_empty(), "{name}.{column}: static column in a table without clustering");
+            assert!(!table.is_key(column), "{name}.{column}: a key column cannot be static");
+        }
+        tables.insert(name, table);
+    }
+    tables
+}
+
+/// One `column op value` restriction.
+#[derive(Debug)]
+struct Restriction {
+    column: String,
+    operator: String,
+}
+
+/// What a statement touches.
+#[derive(Debug, Default)]
+struct Parsed {
+    verb: String,
+    table: String,
+    /// Selected, inserted, set or deleted columns.
+    columns: Vec<String>,
+    /// Columns appearing on the right side of a SET (`c = c + ?`).
+    collection_updates: Vec<String>,
+    restrictions: Vec<Restriction>,
+    conditions: Vec<String>,
+    order_by: Vec<String>,
+    using_timestamp: bool,
+    if_not_exists: bool,
+    inserted_values: usize,
+}
+
+fn value(p: &mut Parser, what: &str) {
+    match p.next() {
+        Token::Marker => {}
+        Token::Word(w) if w == "null" => {}
+        // Reported by `check` as a literal value.
+        Token::Literal(_) => {}
+        other => panic!("{what}: only bind markers (or null) may stand for values, found {other:?}"),
+    }
+}
+
+fn restrictions(p: &mut Parser, parsed: &mut Parsed) {
+    loop {
+        let column = p.word();
+        let operator = match p.next() {
+            Token::Symbol(s) if ["=", "<", ">", "<=", ">="].contains(&s.as_str()) => s,
+            Token::Word(w) if w == "in" => "in".to_owned(),
+            other => panic!("unexpected operator {other:?} after {column}"),
+        };
+        if operator == "in" {
+            p.expect_symbol("(");
+            value(p, &column);
+            while p.eat_symbol(",") {
+                value(p, &column);
+            }
+            p.expect_symbol(")");
+        } else {
+            value(p, &column);
+        }
+        parsed.restrictions.push(Restriction { column, operator });
+        if !p.eat_word("and") {
+            break;
+        }
+    }
+}
+
+fn using(p: &mut Parser, parsed: &mut Parsed) {
+    if p.eat_word("using") {
+        loop {
+            match p.word().as_str() {
+                "ttl" => {}
+                "timestamp" => parsed.using_timestamp = true,
+                other => panic!("unknown USING {other}"),
+            }
+            value(p, "using");
+            if !p.eat_word("and") {
+                break;
+            }
+        }
+    }
+}
+
+fn conditions(p: &mut Parser, parsed: &mut Parsed) {
+    if !p.eat_word("if") {
+        return;
+    }
+    if p.eat_word("not") {
+        p.expect_word("exists");
+        parsed.if_not_exists = true;
+        return;
+    }
+    loop {
+        let column = p.word();
+        p.expect_symbol("=");
+        value(p, "condition");
+        parsed.conditions.push(column);
+        if !p.eat_word("and") {
+            break;
+        }
+    }
+}
+
+fn parse_statement(text: &str) -> Parsed {
+    let mut p = Parser::new(text);
+    let mut parsed = Parsed { verb: p.word(), ..Parsed::default() };
+    match parsed.verb.as_str() {
+        "select" => {
+            parsed.columns.push(p.word());
+            while p.eat_symbol(",") {
+                parsed.columns.push(p.word());
+            }
+            p.expect_word("from");
+            parsed.table = p.table_name();
+            if p.eat_word("where") {
+                restrictions(&mut p, &mut parsed);
+            }
+            if p.eat_word("order") {
+                p.expect_word("by");
+                loop {
+                    parsed.order_by.push(p.word());
+                    assert!(p.eat_word("asc") || p.eat_word("desc"), "ORDER BY needs a direction");
+                    if !p.eat_symbol(",") {
+                        break;
+                    }
+                }
+            }
+            if p.eat_word("limit") {
+                value(&mut p, "limit");
+            }
+            if p.is_word("if") {
+                panic!("a SELECT cannot carry a condition");
+            }
+        }
+        "insert" => {
+            p.expect_word("into");
+            parsed.table = p.table_name();
+            parsed.columns = p.names_in_parens();
+            p.expect_word("values");
+            p.expect_symbol("(");
+            loop {
+                value(&mut p, "values");
+                parsed.inserted_values += 1;
+                if !p.eat_symbol(",") {
+                    break;
+                }
+            }
+            p.expect_symbol(")");
+            conditions(&mut p, &mut parsed);
+            using(&mut p, &mut parsed);
+        }
+        "update" => {
+            parsed.table = p.table_name();
+            using(&mut p, &mut parsed);
+            p.expect_word("set");
+            loop {
+                let column = p.word();
+                p.expect_symbol("=");
+                if p.is_word(&column) {
+                    // `c = c + ?`: a collection update.
+                    p.word();
+                    assert!(p.eat_symbol("+") || p.eat_symbol("-"), "{column}: expected + or -");
+                    parsed.collection_updates.push(column.clone());
+                }
+                value(&mut p, &column);
+                parsed.columns.push(column);
+                if !p.eat_symbol(",") {
+                    break;
+                }
+            }
+            p.expect_word("where");
+            restrictions(&mut p, &mut parsed);
+            conditions(&mut p, &mut parsed);
+        }
+        "delete" => {
+            while !p.is_word("from") {
+                parsed.columns.push(p.word());
+                p.eat_symbol(",");
+            }
+            p.expect_word("from");
+            parsed.table = p.table_name();
+            using(&mut p, &mut parsed);
+            p.expect_word("where");
+            restrictions(&mut p, &mut parsed);
+            conditions(&mut p, &mut parsed);
+        }
+        other => panic!("unsupported statement {other}"),
+    }
+    assert!(p.done(), "trailing tokens from {:?}", p.peek());
+    parsed
+}
+
+/// Checks one statement against the schema; returns what is wrong.
+fn check(tables: &HashMap<String, Table>, name: &str, mode: Mode, text: &str, binds: usize) -> Vec<String> {
+    let mut problems = Vec::new();
+    let markers = tokenize(text).iter().filter(|t| **t == Token::Marker).count();
+    if markers != binds {
+        problems.push(format!("{markers} bind markers, but the code binds {binds} values"));
+    }
+    if let Some(literal) = tokenize(text).iter().find(|t| matches!(t, Token::Literal(_))) {
+        problems.push(format!("literal value {literal:?}"));
+    }
+    let parsed = parse_statement(text);
+    let Some(table) = tables.get(&parsed.table) else {
+        return vec![format!("table {} is not in schema.cql", parsed.table)];
+    };
+    let known = |column: &String| table.columns.contains_key(column);
+    let referenced = parsed
+        .columns
+        .iter()
+        .chain(parsed.restrictions.iter().map(|r| &r.column))
+        .chain(&parsed.conditions)
+        .chain(&parsed.order_by);
+    for column in referenced {
+        if !known(column) {
+            problems.push(format!("column {}.{column} does not exist", parsed.table));
+        }
+    }
+    let restricted = |column: &String| parsed.restrictions.iter().filter(|r| &r.column == column).collect::<Vec<_>>();
+    let select = parsed.verb == "select";
+    if parsed.verb != "insert" {
+        for key in &table.partition_key {
+            let on_key = restricted(key);
+            if on_key.is_empty() || on_key.iter().any(|r| r.operator != "=" && r.operator != "in") {
+                problems.push(format!("partition key column {key} must be restricted with = or IN"));
+            }
+        }
+        for restriction in &parsed.restrictions {
+            if !table.is_key(&restriction.column) {
+                problems.push(format!("WHERE on non-key column {} (needs ALLOW FILTERING)", restriction.column));
+            }
+        }
+        // Clustering restrictions: a prefix, equalities before the one range.
+        let mut range_seen = false;
+        let mut gap = false;
+        for column in &table.clustering {
+            let on_column = restricted(column);
+            if on_column.is_empty() {
+                gap = true;
+                continue;
+            }
+            if gap || range_seen {
+                problems.push(format!("clustering column {column} restricted after an unrestricted or ranged one"));
+            }
+            if on_column.iter().any(|r| r.operator != "=" && r.operator != "in") {
+                range_seen = true;
+            }
+        }
+        let full_key = table.clustering.iter().all(|c| restricted(c).iter().any(|r| r.operator == "="));
+        if parsed.verb == "update" && !full_key {
+            problems.push("UPDATE must name the full primary key".into());
+        }
+        if parsed.verb == "delete" && !parsed.columns.is_empty() && !full_key {
+            problems.push("deleting columns needs the full primary key".into());
+        }
+    } else {
+        if parsed.columns.len() != parsed.inserted_values {
+            problems.push(format!("{} columns but {} values", parsed.columns.len(), parsed.inserted_values));
+        }
+        for key in table.partition_key.iter().chain(&table.clustering) {
+            if !parsed.columns.contains(key) {
+                problems.push(format!("INSERT misses key column {key}"));
+            }
+        }
+    }
+    if matches!(parsed.verb.as_str(), "update" | "delete") || parsed.verb == "insert" {
+        for column in &parsed.columns {
+            if parsed.verb != "insert" && table.is_key(column) {
+                problems.push(format!("{} cannot set or delete key column {column}", parsed.verb));
+            }
+        }
+    }
+    for column in &parsed.collection_updates {
+        let kind = table.columns.get(column).map(String::as_str).unwrap_or("");
+        if !(kind.starts_with("set<") || kind.starts_with("list<") || kind.starts_with("map<")) {
+            problems.push(format!("{column} is updated as a collection but is {kind}"));
+        }
+    }
+    for column in &parsed.conditions {
+        if table.is_key(column) {
+            problems.push(format!("condition on key column {column}"));
+        }
+    }
+    for column in &parsed.order_by {
+        if !table.clustering.contains(column) {
+            problems.push(format!("ORDER BY on non-clustering column {column}"));
+        }
+    }
+    let conditional = parsed.if_not_exists || !parsed.conditions.is_empty();
+    if conditional && parsed.using_timestamp {
+        problems.push("a conditional statement cannot use USING TIMESTAMP".into());
+    }
+    match mode {
+        Mode::Read | Mode::SerialRead if !select => problems.push("declared as a read but writes".into()),
+        Mode::Write | Mode::Lwt if select => problems.push("declared as a write but reads".into()),
+        Mode::Lwt if !conditional => problems.push("declared as an LWT but has no IF".into()),
+        Mode::Write if conditional => problems.push("has IF but is not declared as an LWT".into()),
+        _ => {}
+    }
+    problems.into_iter().map(|problem| format!("{name}: {problem}")).collect()
+}
+
+#[test]
+fn every_statement_matches_the_schema() {
+    let tables = parse_schema(SCHEMA);
+    assert_eq!(tables.len(), 8, "{:?}", tables.keys().collect::<Vec<_>>());
+    let problems: Vec<String> = STATEMENTS
+        .iter()
+        .flat_map(|statement| check(&tables, statement.name, statement.mode, statement.text, statement.binds))
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let mut names: Vec<&str> = STATEMENTS.iter().map(|s| s.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), STATEMENTS.len(), "statement names are unique");
+    eprintln!("{} statements checked against {} tables", STATEMENTS.len(), tables.len());
+}
+
+#[test]
+fn the_checker_catches_mistakes() {
+    let tables = parse_schema(SCHEMA);
+    let wrong = [
+        ("SELECT nope FROM {keyspace}.members WHERE conversation_id = ?", Mode::Read, 1),
+        ("SELECT role FROM {keyspace}.members WHERE user_id = ?", Mode::Read, 1),
+        ("SELECT role FROM {keyspace}.members WHERE conversation_id = ? AND role = ?", Mode::Read, 2),
+        ("SELECT role FROM {keyspace}.members WHERE conversation_id = ?", Mode::Read, 2),
+        ("UPDATE {keyspace}.members SET role = ? WHERE conversation_id = ?", Mode::Write, 2),
+        (
+            "UPDATE {keyspace}.members SET role = ? WHERE conversation_id = ? AND user_id = ? IF role = ?",
+            Mode::Write,
+            4,
+        ),
+        ("UPDATE {keyspace}.members SET role = 3 WHERE conversation_id = ? AND user_id = ?", Mode::Write, 2),
+        ("INSERT INTO {keyspace}.members (conversation_id, role) VALUES (?, ?)", Mode::Write, 2),
+        (
+            "SELECT seq FROM {keyspace}.messages WHERE conversation_id = ? AND bucket = ? ORDER BY body ASC",
+            Mode::Read,
+            2,
+        ),
+        (
+            "UPDATE {keyspace}.conversations USING TIMESTAMP ? SET last_seq = ? WHERE conversation_id = ? IF last_seq = ?",
+            Mode::Lwt,
+            4,
+        ),
+        (
+            "UPDATE {keyspace}.messages SET body = body + ? WHERE conversation_id = ? AND bucket = ? AND seq = ?",
+            Mode::Write,
+            4,
+        ),
+        (
+            "SELECT delivered_seq FROM {keyspace}.device_cursors WHERE user_id = ? AND conversation_id = ?",
+            Mode::Read,
+            2,
+        ),
+        ("SELECT kind FROM {keyspace}.nowhere WHERE conversation_id = ?", Mode::Read, 1),
+    ];
+    for (text, mode, binds) in wrong {
+        assert!(!check(&tables, "wrong", mode, text, binds).is_empty(), "not caught: {text}");
+    }
+}
+
+#[test]
+fn schema_substitutes_keyspace_and_replication() {
+    let mut options = ScyllaOptions { keyspace: "chat_test".into(), ..ScyllaOptions::default() };
+    options.replication =
+        Replication::NetworkTopologyStrategy { datacenters: BTreeMap::from([("dc-1".into(), 3), ("dc2".into(), 3)]) };
+    let statements = schema_statements(&options);
+    assert_eq!(statements.len(), 9);
+    assert!(statements[0].contains("{'class': 'NetworkTopologyStrategy', 'dc-1': 3, 'dc2': 3}"), "{}", statements[0]);
+    assert!(statements.iter().all(|s| !s.contains('{') || s.starts_with("CREATE KEYSPACE")));
+    assert!(statements[1..].iter().all(|s| s.contains("chat_test.")));
+}
+
+#[test]
+fn options_are_validated() {
+    assert!(ScyllaOptions::default().validate().is_ok());
+    let bad = [
+        ScyllaOptions { nodes: Vec::new(), ..ScyllaOptions::default() },
+        ScyllaOptions { nodes: vec![" ".into()], ..ScyllaOptions::default() },
+        ScyllaOptions { keyspace: "Messenger".into(), ..ScyllaOptions::default() },
+        ScyllaOptions { keyspace: "1messenger".into(), ..ScyllaOptions::default() },
+        ScyllaOptions { keyspace: "a;drop".into(), ..ScyllaOptions::default() },
+        ScyllaOptions { keyspace: "a".repeat(49), ..ScyllaOptions::default() },
+        ScyllaOptions { replication: Replication::SimpleStrategy { factor: 0 }, ..ScyllaOptions::default() },
+        ScyllaOptions {
+            replication: Replication::NetworkTopologyStrategy { datacenters: BTreeMap::new() },
+            ..ScyllaOptions::default()
+        },
+        ScyllaOptions {
+            replication: Replication::NetworkTopologyStrategy { datacenters: BTreeMap::from([("dc'1".into(), 3)]) },
+            ..ScyllaOptions::default()
+        },
+        ScyllaOptions { local_datacenter: Some("dc 1".into()), ..ScyllaOptions::default() },
+        ScyllaOptions { username: Some("u".into()), ..ScyllaOptions::default() },
+        ScyllaOptions { lwt_max_retries: 0, ..ScyllaOptions::default() },
+        ScyllaOptions { max_reservation: 0, ..ScyllaOptions::default() },
+        ScyllaOptions { max_reservation: 5000, ..ScyllaOptions::default() },
+        ScyllaOptions { dedupe_ttl: std::time::Duration::ZERO, ..ScyllaOptions::default() },
+        ScyllaOptions { dedupe_ttl: std::time::Duration::from_secs(700_000_000), ..ScyllaOptions::default() },
+        ScyllaOptions { request_timeout: std::time::Duration::ZERO, ..ScyllaOptions::default() },
+    ];
+    for options in bad {
+        assert!(options.validate().is_err(), "accepted {options:?}");
+    }
+    assert!(valid_identifier("_a1") && valid_identifier(&"a".repeat(48)) && !valid_identifier(""));
+}
+
+#[test]
+fn options_read_from_toml() {
+    let options: ScyllaOptions = toml::from_str(
+        r#"
+        nodes = ["10.0.0.1:9042", "10.0.0.2:9042"]
+        local_datacenter = "dc1"
+        consistency = "LOCAL_QUORUM"
+        serial_consistency = "SERIAL"
+        request_timeout = "500ms"
+        [replication]
+        strategy = "NetworkTopologyStrategy"
+        datacenters = { dc1 = 3, dc2 = 3 }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(options.request_timeout, std::time::Duration::from_millis(500));
+    assert_eq!(options.keyspace, "messenger");
+    assert!(options.validate().is_ok());
+    assert!(toml::from_str::<ScyllaOptions>("unknown = 1").is_err());
+}
+
+#[test]
+fn buckets_split_ranges_at_4096() {
+    assert_eq!((bucket(0), bucket(4095), bucket(4096), bucket(8191), bucket(8192)), (0, 0, 1, 1, 2));
+    assert_eq!(spans(4090, 4100, false), vec![(0, 4090, 4095), (1, 4096, 4100)]);
+    assert_eq!(spans(4090, 4100, true), vec![(1, 4096, 4100), (0, 4090, 4095)]);
+    assert_eq!(spans(1, 10_000, false), vec![(0, 1, 4095), (1, 4096, 8191), (2, 8192, 10_000)]);
+    assert_eq!(spans(4096, 4096, true), vec![(1, 4096, 4096)]);
+    assert!(spans(11, 10, false).is_empty());
+}
+
+#[test]
+fn reserved_ranges_split_by_bucket_rows_and_bytes() {
+    let seqs: Vec<u64> = (4094..=4099).collect();
+    let split = chunks(seqs.clone(), |s| *s, |_| 10, 64, 1024);
+    assert_eq!(split, vec![vec![4094, 4095], vec![4096, 4097, 4098, 4099]]);
+    let split = chunks(seqs.clone(), |s| *s, |_| 10, 3, 1024);
+    assert_eq!(split, vec![vec![4094, 4095], vec![4096, 4097, 4098], vec![4099]]);
+    // An item larger than the byte budget still goes, alone.
+    let split = chunks(seqs, |s| *s, |s| if *s == 4097 { 5000 } else { 10 }, 64, 1024);
+    assert_eq!(split, vec![vec![4094, 4095], vec![4096], vec![4097], vec![4098, 4099]]);
+    assert!(chunks(Vec::<u64>::new(), |s| *s, |_| 1, 1, 1).is_empty());
+}
+
+#[tokio::test]
+async fn scylla_passes_the_contract_suite() {
+    let Ok(node) = std::env::var("MESSENGER_TEST_SCYLLA") else {
+        eprintln!("scylla contract suite not run: set MESSENGER_TEST_SCYLLA=host:port to run it");
+        return;
+    };
+    let keyspace = format!("messenger_test_{}", uuid::Uuid::now_v7().simple());
+    let options = ScyllaOptions {
+        nodes: vec![node],
+        keyspace: keyspace[..48.min(keyspace.len())].to_owned(),
+        migrate_on_start: true,
+        ..ScyllaOptions::default()
+    };
+    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let cases = crate::store::contract::run_all(&store).await;
+    eprintln!("message store contract: {cases} cases passed on scylla (keyspace {})", options.keyspace);
+}
