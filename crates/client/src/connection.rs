@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 use tracing::debug;
 
-use crate::{Api, Error, Event, Options, model::Model};
+use crate::{Error, Event, Gateways, Options, model::Model};
 
 pub(crate) enum Command {
     Send {
@@ -46,7 +46,7 @@ struct Pending {
 
 pub(crate) struct Task {
     options: Arc<Options>,
-    api: Api,
+    api: Gateways,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
     /// Sends awaiting their ack, in the order the app made them (resent in that order).
@@ -76,7 +76,7 @@ enum End {
 impl Task {
     pub fn new(
         options: Arc<Options>,
-        api: Api,
+        api: Gateways,
         commands: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
         model: Arc<Mutex<Model>>,
@@ -128,6 +128,8 @@ impl Task {
     pub async fn run(mut self, ready: oneshot::Sender<Result<String, Error>>) {
         let mut ready = Some(ready);
         let mut delays = self.backoff();
+        // Before the first session, each gateway gets one try before `connect` fails.
+        let mut first_attempts = 1;
         loop {
             let end = self.stream(&mut ready).await;
             let reason = match end {
@@ -158,6 +160,12 @@ impl Task {
                     return;
                 }
                 End::Lost { error, was_ready } => {
+                    // The next attempt goes to the next gateway, if there are several.
+                    let other_gateway = self.api.fail_over();
+                    if ready.is_some() && other_gateway && first_attempts < self.api.len() {
+                        first_attempts += 1;
+                        continue;
+                    }
                     if let Some(ready) = ready.take() {
                         // Never connected: let `connect` report it instead of retrying silently.
                         let _ = ready.send(Err(error));
@@ -195,7 +203,7 @@ impl Task {
         let (outbound, frames) = mpsc::channel::<ClientFrame>(self.options.max_pending_sends.max(16));
         let hello = OutFrame::Hello(pb::Hello { device_id: self.options.device_id.clone() });
         let _ = outbound.try_send(ClientFrame { frame: Some(hello) });
-        let response = match self.api.clone().connect(ReceiverStream::new(frames)).await {
+        let response = match self.api.current().connect(ReceiverStream::new(frames)).await {
             Ok(response) => response,
             Err(status) => return lost_or_fatal(status, false),
         };
@@ -405,7 +413,7 @@ impl Task {
         if conversation_ids.is_empty() {
             return;
         }
-        let (mut api, model) = (self.api.clone(), self.model.clone());
+        let (mut api, model) = (self.api.current(), self.model.clone());
         tokio::spawn(async move {
             for conversation_id in conversation_ids {
                 let request = pb::GetConversationRequest { conversation_id };

@@ -106,11 +106,36 @@ impl Interceptor for Bearer {
 
 pub(crate) type Api = GatewayServiceClient<InterceptedService<Channel, Bearer>>;
 
+/// The gateway endpoints, in the order they are tried: the one in use, and
+/// the next one after a lost connection.
+#[derive(Clone)]
+pub(crate) struct Gateways {
+    apis: std::sync::Arc<Vec<Api>>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gateways {
+    pub(crate) fn current(&self) -> Api {
+        let index = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.apis.len();
+        self.apis[index].clone()
+    }
+
+    /// Moves on to the next endpoint; false when there is only one.
+    pub(crate) fn fail_over(&self) -> bool {
+        self.current.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.apis.len() > 1
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.apis.len()
+    }
+}
+
 /// A connected device. Cheap to clone; the connection closes when every clone is dropped.
 #[derive(Clone)]
 pub struct Client {
     commands: mpsc::Sender<connection::Command>,
-    api: Api,
+    api: Gateways,
     user_id: String,
     options: std::sync::Arc<Options>,
     model: std::sync::Arc<std::sync::Mutex<model::Model>>,
@@ -121,19 +146,25 @@ impl Client {
     /// Fails at once on a refused token; later drops are retried in the background.
     pub async fn connect(options: Options) -> Result<(Client, Events), Error> {
         options.validate()?;
-        let endpoint = Endpoint::from_shared(options.endpoint.clone())
-            .map_err(|e| Error::InvalidArgument(format!("endpoint: {e}")))?
-            .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(options.ping_interval)
-            .keep_alive_timeout(options.connect_timeout)
-            .keep_alive_while_idle(true)
-            .local_address(options.local_address);
-        let bearer = format!("Bearer {}", options.token)
+        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", options.token)
             .parse()
             .map_err(|_| Error::InvalidArgument("token contains invalid characters".into()))?;
-        let api = GatewayServiceClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer))
-            .max_decoding_message_size(options.max_response_bytes);
+        let mut apis = Vec::new();
+        for address in std::iter::once(&options.endpoint).chain(&options.fallback_endpoints) {
+            let endpoint = Endpoint::from_shared(address.clone())
+                .map_err(|e| Error::InvalidArgument(format!("endpoint {address}: {e}")))?
+                .connect_timeout(options.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(options.ping_interval)
+                .keep_alive_timeout(options.connect_timeout)
+                .keep_alive_while_idle(true)
+                .local_address(options.local_address);
+            apis.push(
+                GatewayServiceClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer.clone()))
+                    .max_decoding_message_size(options.max_response_bytes),
+            );
+        }
+        let api = Gateways { apis: std::sync::Arc::new(apis), current: std::sync::Arc::default() };
         let (commands, command_rx) = mpsc::channel(options.max_pending_sends);
         let (events_tx, receiver) = mpsc::channel(options.event_buffer);
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -200,20 +231,20 @@ impl Client {
     /// The 1:1 conversation with `peer_id`, created on first use.
     pub async fn direct(&self, peer_id: &str) -> Result<Conversation, Error> {
         let request = pb::GetOrCreateDirectRequest { peer_id: peer_id.to_owned() };
-        let response = self.api.clone().get_or_create_direct(request).await?.into_inner();
+        let response = self.api.current().get_or_create_direct(request).await?.into_inner();
         response.conversation.ok_or_else(|| Error::Protocol("response without conversation".into()))
     }
 
     /// Messages before `before_seq` (0: the newest), ascending.
     pub async fn history(&self, conversation_id: &str, before_seq: u64, limit: u32) -> Result<HistoryResponse, Error> {
         let request = pb::HistoryRequest { conversation_id: conversation_id.to_owned(), before_seq, limit };
-        Ok(self.api.clone().history(request).await?.into_inner())
+        Ok(self.api.current().history(request).await?.into_inner())
     }
 
     /// The inbox, most recent activity first; pass `next_page_token` for the next page.
     pub async fn conversations(&self, page_token: &str, limit: u32) -> Result<ListConversationsResponse, Error> {
         let request = pb::ListConversationsRequest { page_token: page_token.to_owned(), limit };
-        Ok(self.api.clone().list_conversations(request).await?.into_inner())
+        Ok(self.api.current().list_conversations(request).await?.into_inner())
     }
 
     /// Marks everything up to `seq` read; sent with the next acks (kept while offline).
@@ -235,7 +266,7 @@ impl Client {
             title: title.to_owned(),
             member_ids: member_ids.iter().map(|m| m.to_string()).collect(),
         };
-        let response = self.api.clone().create_group(request).await?.into_inner();
+        let response = self.api.current().create_group(request).await?.into_inner();
         response.conversation.ok_or_else(|| Error::Protocol("response without conversation".into()))
     }
 
@@ -245,7 +276,7 @@ impl Client {
         change: pb::update_group_request::Change,
     ) -> Result<Option<Message>, Error> {
         let request = pb::UpdateGroupRequest { conversation_id: conversation_id.to_owned(), change: Some(change) };
-        Ok(self.api.clone().update_group(request).await?.into_inner().event)
+        Ok(self.api.current().update_group(request).await?.into_inner().event)
     }
 
     pub async fn add_members(&self, conversation_id: &str, user_ids: &[&str]) -> Result<Option<Message>, Error> {
@@ -278,7 +309,7 @@ impl Client {
     ) -> Result<Option<Message>, Error> {
         let request =
             pb::ModifyMessageRequest { conversation_id: conversation_id.to_owned(), target_seq, change: Some(change) };
-        Ok(self.api.clone().modify_message(request).await?.into_inner().event)
+        Ok(self.api.current().modify_message(request).await?.into_inner().event)
     }
 
     /// Replaces the body of one's own message (within the server's edit window).
@@ -301,7 +332,7 @@ impl Client {
         let request = pb::GetConversationRequest { conversation_id: conversation_id.to_owned() };
         let conversation = self
             .api
-            .clone()
+            .current()
             .get_conversation(request)
             .await?
             .into_inner()
@@ -314,7 +345,7 @@ impl Client {
     /// Who (besides the caller) has received and read the message at `seq`.
     pub async fn receipts(&self, conversation_id: &str, seq: u64) -> Result<GetReceiptsResponse, Error> {
         let request = pb::GetReceiptsRequest { conversation_id: conversation_id.to_owned(), seq };
-        Ok(self.api.clone().get_receipts(request).await?.into_inner())
+        Ok(self.api.current().get_receipts(request).await?.into_inner())
     }
 
     /// This device's current view of a conversation.

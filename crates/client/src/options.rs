@@ -7,6 +7,10 @@ use crate::Error;
 pub struct Options {
     /// Gateway URL, e.g. `http://127.0.0.1:7700`.
     pub endpoint: String,
+    /// Further gateways: after a lost connection the client reconnects to the
+    /// next one (round robin), so a dead gateway costs one reconnect. Empty
+    /// when `endpoint` is a load balancer.
+    pub fallback_endpoints: Vec<String>,
     /// JWT bearer token; its `sub` is the user.
     pub token: String,
     /// Stable per installation; the server keeps this device's delivered cursor.
@@ -40,6 +44,7 @@ impl Options {
     pub fn new(endpoint: impl Into<String>, token: impl Into<String>, device_id: impl Into<String>) -> Self {
         Self {
             endpoint: endpoint.into(),
+            fallback_endpoints: Vec::new(),
             token: token.into(),
             device_id: device_id.into(),
             reconnect_min: Duration::from_millis(100),

@@ -46,6 +46,7 @@ impl Validate for Config {
         self.gateway.validate()?;
         self.message.validate()?;
         self.presence.validate()?;
+        self.gateway.validate_renewal(self.presence.session_ttl)?;
         messenger_platform::auth::Verifier::from_options(&self.auth).map_err(|e| format!("auth: {e}"))?;
         Ok(())
     }

@@ -8,10 +8,9 @@ use std::{net::SocketAddr, sync::Arc};
 use messenger_message::{StoreBackend, sqlite::SqliteStore};
 use messenger_platform::{
     auth::Verifier,
-    discovery::{Role, StaticDiscovery},
+    discovery::{Discovery, DiscoveryBackend, EtcdDiscovery, Role, StaticDiscovery, etcd},
     server::{self, bind, local_addr},
 };
-use messenger_presence::MemoryStore;
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -111,12 +110,39 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     {
         warn!("auth uses the built-in development secret; set auth.hs256_secret or a public key outside a laptop");
     }
-    let discovery = Arc::new(StaticDiscovery::new(config.discovery.clone()));
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let discovery: Arc<dyn Discovery> = match config.discovery.backend {
+        DiscoveryBackend::Static => Arc::new(StaticDiscovery::new(config.discovery.clone())),
+        DiscoveryBackend::Etcd => {
+            let mut registrations = Vec::new();
+            if let Some(address) = addresses.presence {
+                registrations.push((Role::Presence, config.discovery.advertised(address)));
+            }
+            if let Some(address) = addresses.message {
+                registrations.push((Role::Message, config.discovery.advertised(address)));
+            }
+            if let Some(address) = addresses.gateway_internal {
+                let advertised = config.discovery.advertised(address);
+                if config.gateway.advertise_internal.is_none() {
+                    config.gateway.advertise_internal = Some(advertised.clone().map_err(anyhow::Error::msg)?);
+                }
+                registrations.push((Role::Gateway, advertised));
+            }
+            for (role, advertised) in registrations {
+                let advertised = advertised.map_err(anyhow::Error::msg)?;
+                let registration = etcd::register(config.discovery.etcd.clone(), role, advertised, shutdown.clone());
+                tasks.spawn(async move {
+                    registration.await;
+                    Ok(())
+                });
+            }
+            EtcdDiscovery::start(config.discovery.etcd.clone(), shutdown.clone()).await
+        }
+    };
 
     if let Some(listener) = listeners.presence {
-        let store = Arc::new(MemoryStore::default());
+        let store = messenger_presence::open_store(&config.presence).await?;
         let (options, server_options, token) = (config.presence.clone(), config.server.clone(), shutdown.clone());
         tasks.spawn(messenger_presence::serve(options, server_options, store, listener, token));
     }

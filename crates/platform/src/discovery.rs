@@ -1,14 +1,31 @@
 //! Where each role's instances listen.
 //!
-//! [`Discovery`] answers "which addresses serve role R right now"; [`StaticDiscovery`]
-//! reads them from configuration (the embedded default). Callers build channels with
-//! [`channel`] for a role, or go through [`ChannelPool`] when they must reach one
-//! specific instance (a gateway that holds a session).
+//! [`Discovery`] answers "which addresses serve role R right now";
+//! [`StaticDiscovery`] reads them from configuration (the embedded default),
+//! [`EtcdDiscovery`] watches leased registrations in etcd ([`etcd`]). Callers
+//! reach a role through a [`RoleChannel`] (per call: rendezvous by route key,
+//! or round robin; unreachable instances passed over), or go through
+//! [`ChannelPool`] when they must reach one specific instance (a gateway that
+//! holds a session).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+pub mod etcd;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    codegen::http,
+    transport::{Channel, Endpoint},
+};
+
+pub use self::etcd::{EtcdDiscovery, EtcdOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,42 +63,84 @@ impl std::str::FromStr for Role {
     }
 }
 
-/// Static addresses of the internal APIs, as `host:port`.
+/// Where the addresses of other instances come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryBackend {
+    /// `message` / `presence` below: right for one host or a fixed fleet.
+    #[default]
+    Static,
+    /// Instances register in etcd with a lease and are watched ([`etcd`]).
+    Etcd,
+}
+
+/// How instances find each other.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DiscoveryOptions {
+    pub backend: DiscoveryBackend,
+    /// Static addresses of the internal APIs, as `host:port` (backend = "static").
     pub message: Vec<String>,
     pub presence: Vec<String>,
+    pub etcd: EtcdOptions,
+    /// The host other instances reach this one at, registered in etcd with each
+    /// bound port. Default: the IP the service listens on (which must then not
+    /// be a wildcard such as 0.0.0.0).
+    pub advertise_host: Option<String>,
     /// Timeout for establishing a connection to another service.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Deadline of each internal unary call.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// An instance a call could not reach is passed over for this long (unless
+    /// no other is known), so retries go elsewhere before its lease expires.
+    #[serde(with = "humantime_serde")]
+    pub unhealthy_for: Duration,
 }
 
 impl Default for DiscoveryOptions {
     fn default() -> Self {
         Self {
+            backend: DiscoveryBackend::Static,
             message: vec!["127.0.0.1:7710".into()],
             presence: vec!["127.0.0.1:7720".into()],
+            etcd: EtcdOptions::default(),
+            advertise_host: None,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            unhealthy_for: Duration::from_secs(5),
         }
     }
 }
 
 impl DiscoveryOptions {
     pub fn validate(&self) -> Result<(), String> {
-        for (role, list) in [("discovery.message", &self.message), ("discovery.presence", &self.presence)] {
-            if list.is_empty() {
-                return Err(format!("{role} needs at least one address"));
+        match self.backend {
+            DiscoveryBackend::Static => {
+                for (role, list) in [("discovery.message", &self.message), ("discovery.presence", &self.presence)] {
+                    if list.is_empty() {
+                        return Err(format!("{role} needs at least one address"));
+                    }
+                    for address in list {
+                        endpoint(address, self).map_err(|e| format!("{role}: {e}"))?;
+                    }
+                }
             }
-            for address in list {
-                endpoint(address, self).map_err(|e| format!("{role}: {e}"))?;
-            }
+            DiscoveryBackend::Etcd => self.etcd.validate()?,
         }
         Ok(())
+    }
+
+    /// The address this instance registers for a server bound to `bound`.
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> Result<String, String> {
+        match &self.advertise_host {
+            Some(host) => Ok(format!("{host}:{}", bound.port())),
+            None if bound.ip().is_unspecified() => Err(format!(
+                "listening on {bound} with etcd discovery needs discovery.advertise_host (the address others reach)"
+            )),
+            None => Ok(bound.to_string()),
+        }
     }
 }
 
@@ -93,7 +152,7 @@ pub enum Error {
     InvalidAddress { address: String, reason: String },
 }
 
-/// Answers which addresses serve a role.
+/// Answers which addresses serve a role, now.
 pub trait Discovery: Send + Sync + 'static {
     fn endpoints(&self, role: Role) -> Vec<String>;
 }
@@ -134,15 +193,130 @@ fn endpoint(address: &str, options: &DiscoveryOptions) -> Result<Endpoint, Error
         .keep_alive_while_idle(true))
 }
 
-/// A lazily connecting channel balanced over every instance of `role`.
-pub fn channel(discovery: &dyn Discovery, role: Role, options: &DiscoveryOptions) -> Result<Channel, Error> {
-    let endpoints =
-        discovery.endpoints(role).iter().map(|address| endpoint(address, options)).collect::<Result<Vec<_>, _>>()?;
-    match endpoints.len() {
-        0 => Err(Error::NoInstances(role)),
-        1 => Ok(endpoints.into_iter().next().expect("one endpoint").connect_lazy()),
-        _ => Ok(Channel::balance_list(endpoints.into_iter())),
+/// The gRPC metadata key whose value routes a call ([`route`]).
+pub const ROUTE_KEY: &str = "messenger-route";
+
+/// Routes `request` by `key` (a conversation id): every caller sends calls
+/// with one key to the same live instance while membership is unchanged.
+pub fn route<T>(request: &mut tonic::Request<T>, key: &str) {
+    if let Ok(value) = key.parse() {
+        request.metadata_mut().insert(ROUTE_KEY, value);
     }
+}
+
+/// Rendezvous (highest random weight) order of `addresses` for `key`: adding
+/// or removing an instance moves only the keys it wins or owned.
+pub fn rank(key: &[u8], addresses: &[String]) -> Vec<String> {
+    let mut weighted: Vec<(u64, &String)> = addresses.iter().map(|a| (weight(key, a.as_bytes()), a)).collect();
+    weighted.sort_unstable_by(|x, y| y.cmp(x));
+    weighted.into_iter().map(|(_, address)| address.clone()).collect()
+}
+
+/// FNV-1a over key and address, then a 64-bit finalizer (splitmix64): stable
+/// across processes and builds, which std's hasher does not promise.
+fn weight(key: &[u8], address: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.iter().chain([0xffu8].iter()).chain(address) {
+        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A channel to "some instance of a role", chosen per call from what
+/// discovery knows now: by rendezvous over the [`ROUTE_KEY`] when the call
+/// carries one, round robin otherwise. An instance a call could not reach is
+/// passed over for `unhealthy_for`. Calls are never retried here (their
+/// bodies are streams); callers retry idempotent calls.
+#[derive(Clone)]
+pub struct RoleChannel {
+    role: Role,
+    discovery: Arc<dyn Discovery>,
+    pool: ChannelPool,
+    next: Arc<AtomicUsize>,
+    unhealthy: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
+    unhealthy_for: Duration,
+}
+
+impl RoleChannel {
+    pub fn new(discovery: Arc<dyn Discovery>, role: Role, options: &DiscoveryOptions) -> Self {
+        Self {
+            role,
+            discovery,
+            pool: ChannelPool::new(options.clone()),
+            next: Arc::default(),
+            unhealthy: Arc::default(),
+            unhealthy_for: options.unhealthy_for,
+        }
+    }
+
+    /// The instance a call with `key` goes to now.
+    pub fn pick(&self, key: Option<&[u8]>) -> Result<String, Error> {
+        let mut addresses = self.discovery.endpoints(self.role);
+        if addresses.is_empty() {
+            return Err(Error::NoInstances(self.role));
+        }
+        match key {
+            Some(key) => addresses = rank(key, &addresses),
+            None => {
+                addresses.sort_unstable();
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % addresses.len();
+                addresses.rotate_left(start);
+            }
+        }
+        let now = Instant::now();
+        let mut unhealthy = self.unhealthy.lock().unwrap_or_else(|e| e.into_inner());
+        unhealthy.retain(|_, until| *until > now);
+        let healthy = addresses.iter().find(|address| !unhealthy.contains_key(*address));
+        Ok(healthy.unwrap_or(&addresses[0]).clone())
+    }
+
+    fn mark_unhealthy(&self, address: String) {
+        let until = Instant::now() + self.unhealthy_for;
+        self.unhealthy.lock().unwrap_or_else(|e| e.into_inner()).insert(address, until);
+    }
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RoleChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        // Each call readies the instance channel it picks.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let key = request.headers().get(ROUTE_KEY).map(|value| value.as_bytes().to_vec());
+            let unavailable = |error: Error| BoxError::from(tonic::Status::unavailable(error.to_string()));
+            let address = this.pick(key.as_deref()).map_err(unavailable)?;
+            let mut channel = this.pool.get(&address).map_err(unavailable)?;
+            let result = async {
+                futures::future::poll_fn(|cx| tonic::codegen::Service::poll_ready(&mut channel, cx)).await?;
+                tonic::codegen::Service::call(&mut channel, request).await
+            }
+            .await;
+            // Every error here is the transport's (the server's own errors
+            // arrive as responses): the instance is unreachable, or the call's
+            // fate unknown. UNAVAILABLE tells callers to retry idempotent calls.
+            result.map_err(|error| {
+                tracing::warn!(role = %this.role, %address, %error, "call failed; passing over this instance for a while");
+                this.mark_unhealthy(address.clone());
+                BoxError::from(tonic::Status::unavailable(format!("{} instance {address}: {error}", this.role)))
+            })
+        })
+    }
+}
+
+/// A channel to the instances of `role`, following discovery as it changes.
+pub fn channel(discovery: Arc<dyn Discovery>, role: Role, options: &DiscoveryOptions) -> RoleChannel {
+    RoleChannel::new(discovery, role, options)
 }
 
 /// One lazily connecting channel per instance address, reused across calls.
@@ -165,5 +339,51 @@ impl ChannelPool {
         let channel = endpoint(address, &self.options)?.connect_lazy();
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addresses(count: usize) -> Vec<String> {
+        (0..count).map(|i| format!("10.0.0.{i}:7710")).collect()
+    }
+
+    #[test]
+    fn rendezvous_spreads_keys_and_moves_only_the_leavers_keys() {
+        let five = addresses(5);
+        let keys: Vec<String> = (0..5000).map(|i| format!("conversation-{i}")).collect();
+        let owner = |key: &String, set: &[String]| rank(key.as_bytes(), set)[0].clone();
+        let mut load: HashMap<String, usize> = HashMap::new();
+        for key in &keys {
+            *load.entry(owner(key, &five)).or_default() += 1;
+        }
+        assert!(load.values().all(|&n| (700..=1300).contains(&n)), "uneven spread: {load:?}");
+        let four = &five[..4];
+        for key in &keys {
+            let before = owner(key, &five);
+            if before != five[4] {
+                assert_eq!(owner(key, four), before, "a key moved that the leaver did not own");
+            }
+        }
+    }
+
+    #[test]
+    fn role_channel_routes_by_key_and_passes_over_unreachable_instances() {
+        let options = DiscoveryOptions { message: addresses(3), ..DiscoveryOptions::default() };
+        let channel = RoleChannel::new(Arc::new(StaticDiscovery::new(options.clone())), Role::Message, &options);
+        let first = channel.pick(Some(b"c-1")).unwrap();
+        assert_eq!(channel.pick(Some(b"c-1")).unwrap(), first, "one key, one instance");
+        channel.mark_unhealthy(first.clone());
+        let second = channel.pick(Some(b"c-1")).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(second, rank(b"c-1", &options.message)[1], "the next in rendezvous order");
+        // Without a key: round robin over all three.
+        let picks: std::collections::HashSet<String> = (0..3).map(|_| channel.pick(None).unwrap()).collect();
+        assert_eq!(picks.len(), 2, "the unhealthy instance is passed over while others exist");
+        let empty = DiscoveryOptions { message: Vec::new(), ..DiscoveryOptions::default() };
+        let none = RoleChannel::new(Arc::new(StaticDiscovery::new(empty.clone())), Role::Message, &empty);
+        assert!(matches!(none.pick(None), Err(Error::NoInstances(Role::Message))));
     }
 }

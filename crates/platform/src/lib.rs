@@ -19,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod discovery;
 pub mod ids;
+pub mod redis;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

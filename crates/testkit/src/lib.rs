@@ -31,10 +31,37 @@ fn signal(child: &Child, name: &str) {
     assert!(status.is_ok_and(|status| status.success()), "kill -{name} {} failed", child.id());
 }
 
+/// A server process: stopped gracefully on request, killed when dropped.
+#[derive(Default)]
+struct Process(Option<Child>);
+
+impl Process {
+    fn running(&self) -> &Child {
+        self.0.as_ref().expect("the server is running")
+    }
+
+    /// SIGTERM and wait: the server keeps its data.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            signal(&child, "TERM");
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A `redis-server` with an append-only file, so data survives a restart
 /// (what makes a stale entry after an outage possible at all).
 pub struct RedisServer {
-    child: Option<Child>,
+    process: Process,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -42,7 +69,7 @@ pub struct RedisServer {
 impl RedisServer {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let mut server = Self { child: None, port: free_port(), dir };
+        let mut server = Self { process: Process::default(), port: free_port(), dir };
         server.spawn();
         server
     }
@@ -57,7 +84,7 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server not found: run scripts/setup.sh");
-        self.child = Some(child);
+        self.process = Process(Some(child));
         wait_listening(self.port, "redis-server");
     }
 
@@ -71,10 +98,7 @@ impl RedisServer {
 
     /// Stops it the way an operator does (SIGTERM, which keeps the data).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, "TERM");
-            let _ = child.wait();
-        }
+        self.process.stop();
     }
 
     /// Starts it again on the same port with the same data.
@@ -85,19 +109,61 @@ impl RedisServer {
 
     /// Freezes it (SIGSTOP): connections stay open and nothing answers.
     pub fn pause(&self) {
-        signal(self.child.as_ref().expect("redis-server is running"), "STOP");
+        signal(self.process.running(), "STOP");
     }
 
     pub fn resume(&self) {
-        signal(self.child.as_ref().expect("redis-server is running"), "CONT");
+        signal(self.process.running(), "CONT");
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+/// A single-member `etcd` with its own data directory, so a restart keeps
+/// registrations and leases the way a real cluster's restart does.
+pub struct EtcdServer {
+    process: Process,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut server = Self { process: Process::default(), client_port: free_port(), peer_port: free_port(), dir };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--log-level", "error"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd not found: run scripts/setup.sh");
+        self.process = Process(Some(child));
+        wait_listening(self.client_port, "etcd");
+    }
+
+    /// `host:port` for clients.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Starts it again with the same data, on the same ports.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
     }
 }

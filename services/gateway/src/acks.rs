@@ -9,9 +9,9 @@ use std::{
     time::Duration,
 };
 
+use messenger_platform::discovery::RoleChannel;
 use messenger_proto::v1::{self as pb, message_service_client::MessageServiceClient};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::warn;
 
 /// Bound on one device's acks waiting for a flush (memory per device).
@@ -42,7 +42,7 @@ impl AckBatcher {
     /// Sends one device's pending acks now: a session that ends flushes its
     /// own, so a device that closes and reconnects at once is not re-sent
     /// what it already acked.
-    pub async fn flush_device(&self, message: &MessageServiceClient<Channel>, user: &str, device: &str) {
+    pub async fn flush_device(&self, message: &MessageServiceClient<RoleChannel>, user: &str, device: &str) {
         let key = (user.to_owned(), device.to_owned());
         let Some(cursors) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key) else { return };
         let request = pb::AckDeliveredRequest {
@@ -66,7 +66,7 @@ impl AckBatcher {
     /// Flushes every `interval` until `shutdown`, then once more.
     pub async fn run(
         self: Arc<Self>,
-        mut message: MessageServiceClient<Channel>,
+        mut message: MessageServiceClient<RoleChannel>,
         interval: Duration,
         shutdown: CancellationToken,
     ) {

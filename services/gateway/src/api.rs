@@ -65,13 +65,16 @@ impl GatewayService for Adapter {
             .context
             .message
             .clone()
-            .history(pb::MessageHistoryRequest {
-                user_id: user,
-                conversation_id: request.conversation_id,
-                before_seq: request.before_seq,
-                after_seq: None,
-                limit: request.limit,
-            })
+            .history(routed(
+                &request.conversation_id.clone(),
+                pb::MessageHistoryRequest {
+                    user_id: user,
+                    conversation_id: request.conversation_id,
+                    before_seq: request.before_seq,
+                    after_seq: None,
+                    limit: request.limit,
+                },
+            ))
             .await?
             .into_inner();
         Ok(Response::new(pb::HistoryResponse { messages: response.messages, has_more: response.has_more }))
@@ -105,7 +108,10 @@ impl GatewayService for Adapter {
         request: Request<pb::GetConversationRequest>,
     ) -> Result<Response<pb::GetConversationResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
-        let request = pb::MessageGetConversationRequest { user_id, request: Some(request) };
+        let request = routed(
+            &request.conversation_id.clone(),
+            pb::MessageGetConversationRequest { user_id, request: Some(request) },
+        );
         Ok(Response::new(self.context.message.clone().get_conversation(request).await?.into_inner()))
     }
 
@@ -114,7 +120,8 @@ impl GatewayService for Adapter {
         request: Request<pb::GetReceiptsRequest>,
     ) -> Result<Response<pb::GetReceiptsResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
-        let request = pb::MessageGetReceiptsRequest { user_id, request: Some(request) };
+        let request =
+            routed(&request.conversation_id.clone(), pb::MessageGetReceiptsRequest { user_id, request: Some(request) });
         Ok(Response::new(self.context.message.clone().get_receipts(request).await?.into_inner()))
     }
 
@@ -132,7 +139,8 @@ impl GatewayService for Adapter {
         request: Request<pb::UpdateGroupRequest>,
     ) -> Result<Response<pb::UpdateGroupResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
-        let request = pb::MessageUpdateGroupRequest { user_id, request: Some(request) };
+        let request =
+            routed(&request.conversation_id.clone(), pb::MessageUpdateGroupRequest { user_id, request: Some(request) });
         Ok(Response::new(self.context.message.clone().update_group(request).await?.into_inner()))
     }
 
@@ -141,9 +149,20 @@ impl GatewayService for Adapter {
         request: Request<pb::ModifyMessageRequest>,
     ) -> Result<Response<pb::ModifyMessageResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
-        let request = pb::MessageModifyMessageRequest { user_id, request: Some(request) };
+        let request = routed(
+            &request.conversation_id.clone(),
+            pb::MessageModifyMessageRequest { user_id, request: Some(request) },
+        );
         Ok(Response::new(self.context.message.clone().modify_message(request).await?.into_inner()))
     }
+}
+
+/// A message-service request routed by its conversation, so one instance
+/// usually serves a conversation (its caches stay warm); any instance is correct.
+pub(crate) fn routed<T>(conversation_id: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    messenger_platform::discovery::route(&mut request, conversation_id);
+    request
 }
 
 /// One of the gateway's `max_sessions` stream slots, given back on drop.

@@ -12,6 +12,8 @@
 //! - `registry.rs`: session id -> session inbox, used by `Deliver`.
 //! - `acks.rs`: every session's delivered acks, sent in one call per interval.
 //! - `internal.rs`: `GatewayInternalService::Deliver`.
+//! - `leases.rs`: renews every session's presence lease in one `Renew` per
+//!   interval; re-registers the sessions presence no longer knows.
 //!
 //! [`serve`] runs both listeners until the shutdown token is cancelled.
 
@@ -20,6 +22,7 @@
 mod acks;
 mod api;
 mod internal;
+mod leases;
 mod options;
 mod registry;
 mod session;
@@ -28,6 +31,7 @@ use std::{num::NonZeroU32, sync::Arc, time::Duration};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+use messenger_platform::discovery::RoleChannel;
 use messenger_platform::{
     auth::Verifier,
     discovery::{self, Discovery, DiscoveryOptions, Role},
@@ -41,7 +45,7 @@ use messenger_proto::v1::{
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{service::Routes, transport::Channel};
+use tonic::service::Routes;
 
 pub use options::Options;
 
@@ -51,8 +55,8 @@ pub(crate) struct Context {
     gateway_id: String,
     advertise_internal: String,
     registry: registry::Registry,
-    message: MessageServiceClient<Channel>,
-    presence: PresenceServiceClient<Channel>,
+    message: MessageServiceClient<RoleChannel>,
+    presence: PresenceServiceClient<RoleChannel>,
     /// Per-user send rate, shared by all of a user's sessions on this instance.
     send_limiter: DefaultKeyedRateLimiter<String>,
     /// Connect streams accepted and not yet finished (bounded by `max_sessions`).
@@ -81,7 +85,7 @@ pub async fn serve(
     internal: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
-    let channel = |role| discovery::channel(deps.discovery.as_ref(), role, &deps.discovery_options);
+    let channel = |role| discovery::channel(deps.discovery.clone(), role, &deps.discovery_options);
     let internal_bound = server::local_addr(&internal).to_string();
     let nonzero = |value: u32| NonZeroU32::new(value.max(1)).expect("positive");
     let quota = Quota::per_second(nonzero(options.sends_per_second)).allow_burst(nonzero(options.send_burst));
@@ -89,9 +93,9 @@ pub async fn serve(
         gateway_id: options.gateway_id.clone().unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
         advertise_internal: options.advertise_internal.clone().unwrap_or(internal_bound),
         registry: registry::Registry::default(),
-        message: MessageServiceClient::new(channel(Role::Message)?)
+        message: MessageServiceClient::new(channel(Role::Message))
             .max_decoding_message_size(server_options.internal_max_message_bytes),
-        presence: PresenceServiceClient::new(channel(Role::Presence)?),
+        presence: PresenceServiceClient::new(channel(Role::Presence)),
         send_limiter: RateLimiter::keyed(quota),
         acks: Arc::default(),
         open_streams: std::sync::atomic::AtomicUsize::new(0),
@@ -102,6 +106,7 @@ pub async fn serve(
         options,
     });
     tokio::spawn(forget_idle_rate_limits(context.clone()));
+    tokio::spawn(leases::run(context.clone()));
     let ack_flush =
         context.acks.clone().run(context.message.clone(), context.options.ack_flush_interval, shutdown.clone());
     let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Renewing more often than this only loads presence.
+const MIN_PRESENCE_RENEW_INTERVAL: Duration = Duration::from_millis(10);
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Options {
@@ -44,6 +47,11 @@ pub struct Options {
     /// Typing indicators one user may send per second (burst twice that);
     /// extra ones are dropped: they are hints, not data.
     pub typing_per_second: u32,
+    /// How often this gateway renews the presence leases of all its sessions
+    /// (one call). Must be well below `presence.session_ttl`, or sessions of a
+    /// healthy gateway expire between renewals.
+    #[serde(with = "humantime_serde")]
+    pub presence_renew_interval: Duration,
 }
 
 impl Default for Options {
@@ -64,6 +72,7 @@ impl Default for Options {
             sends_per_second: 20,
             send_burst: 50,
             typing_per_second: 2,
+            presence_renew_interval: Duration::from_secs(10),
         }
     }
 }
@@ -87,6 +96,26 @@ impl Options {
         }
         if self.hello_timeout.is_zero() || self.slow_consumer_timeout.is_zero() || self.ack_flush_interval.is_zero() {
             return Err("gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into());
+        }
+        if self.presence_renew_interval < MIN_PRESENCE_RENEW_INTERVAL {
+            return Err(format!(
+                "gateway.presence_renew_interval must be at least {}ms",
+                MIN_PRESENCE_RENEW_INTERVAL.as_millis()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the renewal interval against presence's lease length (the
+    /// whole-system config knows both; a gateway also warns at run time when
+    /// presence reports a shorter lease).
+    pub fn validate_renewal(&self, session_ttl: Duration) -> Result<(), String> {
+        if self.presence_renew_interval >= session_ttl {
+            return Err(format!(
+                "gateway.presence_renew_interval ({}ms) must be shorter than presence.session_ttl ({}ms)",
+                self.presence_renew_interval.as_millis(),
+                session_ttl.as_millis()
+            ));
         }
         Ok(())
     }

@@ -5,15 +5,19 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use messenger_proto::v1::delivery::Event;
+use messenger_proto::v1::{self as pb, delivery::Event};
 use tokio::sync::{Notify, mpsc};
 
 #[derive(Clone)]
 pub(crate) struct SessionHandle {
+    /// The registry holds the only sender: removing the handle ends the session.
     pub inbox: mpsc::Sender<Arc<Event>>,
     /// Signalled when a live event could not be queued: the session re-syncs
     /// (receipts and typing hints are simply dropped).
     pub resync: Arc<Notify>,
+    /// What the session registered with presence: its lease is renewed, and
+    /// registered again if presence lost it (`leases.rs`).
+    pub presence: Arc<pb::Session>,
 }
 
 #[derive(Clone, Default)]
@@ -35,6 +39,22 @@ impl Registry {
 
     pub fn remove(&self, session_id: &str) {
         self.sessions.write().unwrap_or_else(|e| e.into_inner()).remove(session_id);
+    }
+
+    pub fn contains(&self, session_id: &str) -> bool {
+        self.sessions.read().unwrap_or_else(|e| e.into_inner()).contains_key(session_id)
+    }
+
+    /// Makes a session catch up from its cursor (it may have missed live pushes);
+    /// false if it is not held here.
+    pub fn resync(&self, session_id: &str) -> bool {
+        let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
+        sessions.get(session_id).map(|handle| handle.resync.notify_one()).is_some()
+    }
+
+    /// The presence registrations of every session held now.
+    pub fn leases(&self) -> Vec<Arc<pb::Session>> {
+        self.sessions.read().unwrap_or_else(|e| e.into_inner()).values().map(|h| h.presence.clone()).collect()
     }
 
     pub fn deliver(&self, session_id: &str, event: &Arc<Event>) -> Delivered {

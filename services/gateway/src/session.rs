@@ -14,9 +14,10 @@
 use std::{collections::HashMap, sync::Arc};
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
-use messenger_platform::ids;
+use messenger_platform::{discovery::RoleChannel, ids};
 use messenger_proto::v1::{
-    self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery, server_frame::Frame as Out,
+    self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery,
+    message_service_client::MessageServiceClient, server_frame::Frame as Out,
 };
 use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Status, Streaming};
@@ -97,21 +98,21 @@ pub(crate) async fn run(
     let session_id = ids::new_id().to_string();
     let (inbox_tx, inbox) = mpsc::channel(context.options.inbox_depth);
     let resync = Arc::new(Notify::new());
-    context.registry.insert(session_id.clone(), SessionHandle { inbox: inbox_tx, resync: resync.clone() });
+    let registration = Arc::new(pb::Session {
+        user_id: user.clone(),
+        device_id: device.clone(),
+        session_id: session_id.clone(),
+        gateway_id: context.gateway_id.clone(),
+        gateway_addr: context.advertise_internal.clone(),
+        connected_at_ms: ids::now_ms(),
+    });
+    let handle = SessionHandle { inbox: inbox_tx, resync: resync.clone(), presence: registration.clone() };
+    context.registry.insert(session_id.clone(), handle);
 
     let registered = context
         .presence
         .clone()
-        .register(pb::RegisterRequest {
-            session: Some(pb::Session {
-                user_id: user.clone(),
-                device_id: device.clone(),
-                session_id: session_id.clone(),
-                gateway_id: context.gateway_id.clone(),
-                gateway_addr: context.advertise_internal.clone(),
-                connected_at_ms: ids::now_ms(),
-            }),
-        })
+        .register(pb::RegisterRequest { session: Some((*registration).clone()), restore: false })
         .await;
     if let Err(status) = registered {
         context.registry.remove(&session_id);
@@ -270,7 +271,7 @@ impl Session {
                 after_seq: Some(last),
                 limit: (upto - last - 1).min(self.context.options.sync_page as u64) as u32,
             };
-            let page = self.context.message.clone().history(request).await;
+            let page = self.context.message.clone().history(crate::api::routed(conversation_id, request)).await;
             let messages = match page {
                 Ok(page) => page.into_inner().messages,
                 // Removed from the conversation meanwhile, say: nothing more to show.
@@ -304,7 +305,7 @@ impl Session {
                         error_frame(Code::ResourceExhausted, message, &send.client_msg_id, &send.conversation_id);
                     return self.emit(frame).await;
                 }
-                let mut client = self.context.message.clone();
+                let client = self.context.message.clone();
                 let request = pb::SendRequest {
                     sender_id: self.user.clone(),
                     device_id: self.device.clone(),
@@ -315,7 +316,7 @@ impl Session {
                 };
                 inflight.push(
                     async move {
-                        let frame = match client.send(request).await {
+                        let frame = match send_once_more_if_unavailable(client, request).await {
                             Ok(response) => match response.into_inner().ack {
                                 Some(ack) => ServerFrame { frame: Some(Out::SendAck(ack)) },
                                 None => error_frame(
@@ -395,5 +396,22 @@ impl Session {
             Completion::Frame(frame) => self.emit(*frame).await,
             Completion::Nothing => Ok(()),
         }
+    }
+}
+
+/// A send, tried a second time if its instance could not be reached (the
+/// channel now passes that instance over). The same `client_msg_id` makes the
+/// retry return the original if the first attempt did commit: one seq, never two.
+async fn send_once_more_if_unavailable(
+    client: MessageServiceClient<RoleChannel>,
+    request: pb::SendRequest,
+) -> Result<tonic::Response<pb::SendResponse>, Status> {
+    let routed = |request: pb::SendRequest| crate::api::routed(&request.conversation_id.clone(), request);
+    match client.clone().send(routed(request.clone())).await {
+        Err(status) if status.code() == Code::Unavailable => {
+            warn!(message = status.message(), "send could not reach its message-service instance; retrying once");
+            client.clone().send(routed(request)).await
+        }
+        answered => answered,
     }
 }

@@ -11,16 +11,18 @@
 use std::{
     collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
-use messenger_platform::discovery::ChannelPool;
+use messenger_platform::discovery::{ChannelPool, RoleChannel};
 use messenger_proto::v1::{
     self as pb, DeliverRequest, Delivery, LocateRequest, delivery,
     gateway_internal_service_client::GatewayInternalServiceClient, presence_service_client::PresenceServiceClient,
 };
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
@@ -46,6 +48,12 @@ impl Outgoing {
     }
 }
 
+/// Deliver calls retried after an unreachable gateway, and live deliveries
+/// dropped after the retry failed (their devices catch up by sync).
+pub(crate) static DELIVER_RETRIES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static DELIVERIES_DROPPED: AtomicU64 = AtomicU64::new(0);
+const DELIVER_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+
 #[derive(Clone)]
 pub struct Fanout {
     workers: Arc<Vec<mpsc::Sender<Outgoing>>>,
@@ -53,7 +61,7 @@ pub struct Fanout {
 
 struct Worker {
     store: Arc<dyn MessageStore>,
-    presence: PresenceServiceClient<Channel>,
+    presence: PresenceServiceClient<RoleChannel>,
     gateways: ChannelPool,
     max_batch: usize,
     linger: std::time::Duration,
@@ -65,7 +73,7 @@ impl Fanout {
         options: &FanoutOptions,
         delivered_receipts_max_members: usize,
         store: Arc<dyn MessageStore>,
-        presence: PresenceServiceClient<Channel>,
+        presence: PresenceServiceClient<RoleChannel>,
         gateways: ChannelPool,
     ) -> Self {
         let workers = (0..options.workers)
@@ -261,20 +269,35 @@ impl Worker {
                         return;
                     }
                 };
-                let mut client = GatewayInternalServiceClient::new(channel);
-                match client.deliver(DeliverRequest { deliveries }).await {
+                let client = GatewayInternalServiceClient::new(channel);
+                let deliver = |deliveries| {
+                    let mut client = client.clone();
+                    async move { client.deliver(DeliverRequest { deliveries }).await }
+                };
+                let mut answer = deliver(deliveries.clone()).await;
+                // One retry for a gateway that was unreachable for a moment; a
+                // dead gateway's sessions expire and their devices resume
+                // elsewhere from their cursors, so nothing is lost by dropping.
+                if matches!(&answer, Err(status) if status.code() == tonic::Code::Unavailable) {
+                    DELIVER_RETRIES.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(DELIVER_RETRY_DELAY).await;
+                    answer = deliver(deliveries).await;
+                }
+                match answer {
                     Ok(response) => {
                         let missing = response.into_inner().missing_sessions;
                         debug!(gateway = address, count, missing, "delivered");
                     }
-                    // Not retried here: the devices catch up from their cursors.
-                    Err(status) => warn!(
-                        gateway = address,
-                        count,
-                        code = ?status.code(),
-                        message = status.message(),
-                        "deliver failed; devices will catch up by sync"
-                    ),
+                    Err(status) => {
+                        DELIVERIES_DROPPED.fetch_add(count as u64, Ordering::Relaxed);
+                        warn!(
+                            gateway = address,
+                            count,
+                            code = ?status.code(),
+                            message = status.message(),
+                            "deliver failed; dropped, the devices catch up by sync"
+                        )
+                    }
                 }
             }
         });

@@ -61,7 +61,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
-    let presence = discovery::channel(deps.discovery.as_ref(), Role::Presence, &deps.discovery_options)?;
+    let presence = discovery::channel(deps.discovery.clone(), Role::Presence, &deps.discovery_options);
     let fanout = fanout::Fanout::start(
         &options.fanout,
         options.delivered_receipts_max_members,

@@ -58,7 +58,9 @@ pub struct SqliteOptions {
     pub queue_depth: usize,
     /// Read connections.
     pub readers: u32,
-    /// Conversations whose member list is kept in memory.
+    /// Conversations whose member list is kept in memory. Set 0 when several
+    /// message-service processes share one database file: a process cannot see
+    /// the others' membership writes, so it must read members every time.
     pub member_cache_entries: u64,
 }
 
@@ -78,6 +80,8 @@ pub struct SqliteStore {
     writes: mpsc::Sender<Command>,
     reads: r2d2::Pool<SqliteConnectionManager>,
     members: Arc<MemberCache>,
+    /// False with `member_cache_entries = 0`.
+    cache_members: bool,
 }
 
 /// Active member ids per conversation, in memory. Every membership write
@@ -152,7 +156,7 @@ impl SqliteStore {
             .name("sqlite-writer".into())
             .spawn(move || writer::run(connection, commands, max_batch, on_commit))
             .map_err(|e| Error::Storage(format!("cannot start writer: {e}")))?;
-        Ok(Self { writes, reads, members })
+        Ok(Self { writes, reads, members, cache_members: options.member_cache_entries > 0 })
     }
 
     async fn write<T: Send + 'static>(
@@ -193,11 +197,22 @@ impl SqliteStore {
     }
 }
 
-/// Runs the migrations this file has not seen yet, each in its own transaction.
+/// Runs the migrations this file has not seen yet, each in its own
+/// transaction. IMMEDIATE, with the version read inside it: two processes
+/// opening one file at once run each migration once, one after the other.
 fn migrate(connection: &Connection) -> r2d2_sqlite::rusqlite::Result<()> {
-    let done: i64 = connection.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    for (index, migration) in schema::MIGRATIONS.iter().enumerate().skip(done as usize) {
-        connection.execute_batch(&format!("BEGIN; {migration} PRAGMA user_version = {}; COMMIT;", index + 1))?;
+    for (index, migration) in schema::MIGRATIONS.iter().enumerate() {
+        connection.execute_batch("BEGIN IMMEDIATE")?;
+        let done: i64 = connection.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let step = if done > index as i64 {
+            "COMMIT;".to_owned()
+        } else {
+            format!("{migration} PRAGMA user_version = {}; COMMIT;", index + 1)
+        };
+        if let Err(error) = connection.execute_batch(&step) {
+            let _ = connection.execute_batch("ROLLBACK");
+            return Err(error);
+        }
     }
     Ok(())
 }
@@ -232,6 +247,9 @@ impl MessageStore for SqliteStore {
     }
 
     async fn active_member_ids(&self, id: Uuid) -> Result<Arc<Vec<String>>> {
+        if !self.cache_members {
+            return Ok(Arc::new(self.read(move |c| rows::active_member_ids(c, &id.to_string())).await?));
+        }
         if let Some(ids) = self.members.cache.get(&id) {
             return Ok(ids);
         }

@@ -2,13 +2,12 @@
 
 use std::sync::Arc;
 
-use messenger_platform::ids;
 use messenger_proto::v1::{self as pb, presence_service_server::PresenceService};
 use tonic::{Request, Response, Status};
 
 use crate::{
     Options,
-    store::{Error, PresenceStore, Session},
+    store::{Error, Mode, PresenceStore, Session, SessionRef, ttl_ms},
 };
 
 pub struct Adapter {
@@ -20,16 +19,18 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
             Error::TooManySessions { .. } => Status::resource_exhausted(error.to_string()),
+            Error::Superseded { .. } => Status::failed_precondition(error.to_string()),
+            Error::Unavailable(_) => Status::unavailable(error.to_string()),
+            Error::InvalidConfig(_) => Status::internal(error.to_string()),
         }
     }
 }
 
 impl Adapter {
-    fn check_batch(&self, users: &[String]) -> Result<(), Status> {
-        if users.len() > self.options.max_users_per_call {
+    fn check_batch(&self, what: &str, count: usize) -> Result<(), Status> {
+        if count > self.options.max_users_per_call {
             return Err(Status::invalid_argument(format!(
-                "{} users requested; the limit is {} per call",
-                users.len(),
+                "{count} {what} in one call; the limit is {}",
                 self.options.max_users_per_call
             )));
         }
@@ -51,7 +52,8 @@ fn session_to_proto(session: Session) -> pb::Session {
 #[tonic::async_trait]
 impl PresenceService for Adapter {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        let session = request.into_inner().session.ok_or_else(|| Status::invalid_argument("session is required"))?;
+        let request = request.into_inner();
+        let session = request.session.ok_or_else(|| Status::invalid_argument("session is required"))?;
         if session.user_id.is_empty() || session.session_id.is_empty() || session.gateway_addr.is_empty() {
             return Err(Status::invalid_argument("session needs user_id, session_id and gateway_addr"));
         }
@@ -63,7 +65,8 @@ impl PresenceService for Adapter {
             gateway_addr: session.gateway_addr,
             connected_at_ms: session.connected_at_ms,
         };
-        self.store.register(session, self.options.max_sessions_per_user).await?;
+        let mode = if request.restore { Mode::Restore } else { Mode::Connect };
+        self.store.register(session, self.options.max_sessions_per_user, mode).await?;
         Ok(Response::new(pb::RegisterResponse {}))
     }
 
@@ -72,26 +75,38 @@ impl PresenceService for Adapter {
         request: Request<pb::UnregisterRequest>,
     ) -> Result<Response<pb::UnregisterResponse>, Status> {
         let request = request.into_inner();
-        self.store.unregister(&request.user_id, &request.session_id, ids::now_ms()).await;
+        self.store.unregister(&request.user_id, &request.session_id).await?;
         Ok(Response::new(pb::UnregisterResponse {}))
     }
 
     async fn locate(&self, request: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
         let users = request.into_inner().user_ids;
-        self.check_batch(&users)?;
-        let sessions = self.store.locate(&users).await;
+        self.check_batch("users", users.len())?;
+        let sessions = self.store.locate(&users).await?;
         Ok(Response::new(pb::LocateResponse { sessions: sessions.into_iter().map(session_to_proto).collect() }))
     }
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let users = request.into_inner().user_ids;
-        self.check_batch(&users)?;
-        let statuses = self.store.status(&users).await;
+        self.check_batch("users", users.len())?;
+        let statuses = self.store.status(&users).await?;
         Ok(Response::new(pb::StatusResponse {
             statuses: statuses
                 .into_iter()
                 .map(|s| pb::UserStatus { user_id: s.user_id, online: s.online, last_seen_ms: s.last_seen_ms })
                 .collect(),
         }))
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let request = request.into_inner();
+        if request.gateway_id.is_empty() {
+            return Err(Status::invalid_argument("gateway_id is required"));
+        }
+        self.check_batch("sessions", request.sessions.len())?;
+        let sessions: Vec<SessionRef> =
+            request.sessions.into_iter().map(|s| SessionRef { user_id: s.user_id, session_id: s.session_id }).collect();
+        let unknown_session_ids = self.store.renew(&request.gateway_id, &sessions).await?;
+        Ok(Response::new(pb::RenewResponse { unknown_session_ids, session_ttl_ms: ttl_ms(self.store.session_ttl()) }))
     }
 }

@@ -1,58 +1,51 @@
 //! The presence service: which devices are connected to which gateway, and
 //! when each user was last seen.
 //!
+//! Sessions are leases: a registration lives `session_ttl` unless the gateway
+//! holding it renews it (one `Renew` per gateway per interval for all its
+//! sessions), so the sessions of a gateway that died expire by themselves.
+//!
 //! Layout:
-//! - [`store`]: the `PresenceStore` trait and the in-process implementation.
+//! - [`store`]: the `PresenceStore` trait, the lease rules, and the in-process
+//!   `MemoryStore`; `store/contract.rs` is the test suite every backend runs.
+//! - [`redis`]: `RedisStore`, shared by every presence instance, and its
+//!   Lua scripts (`redis/*.lua`).
+//! - `options.rs`: `Options` (backend, lease length, limits).
 //! - `grpc.rs`: the thin tonic adapter.
 //!
-//! [`serve`] runs the internal gRPC API until the shutdown token is cancelled.
+//! [`open_store`] builds the configured backend; [`serve`] runs the internal
+//! gRPC API until the shutdown token is cancelled.
 
 #![forbid(unsafe_code)]
 
 mod grpc;
+mod options;
+pub mod redis;
 pub mod store;
 
 use std::sync::Arc;
 
 use messenger_platform::server::{self, ServerOptions};
 use messenger_proto::v1::presence_service_server::{PresenceServiceServer, SERVICE_NAME};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use store::{MemoryStore, PresenceStore, Session, UserStatus};
+pub use options::{Backend, Options};
+pub use redis::{RedisOptions, RedisStore};
+pub use store::{Error, MemoryStore, Mode, PresenceStore, Session, SessionRef, UserStatus};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Options {
-    /// Internal gRPC address (never exposed to clients).
-    pub listen: String,
-    /// Most users one Locate or Status call may ask about.
-    pub max_users_per_call: usize,
-    /// Most concurrent sessions (devices) one user may hold.
-    pub max_sessions_per_user: usize,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self { listen: "127.0.0.1:7720".into(), max_users_per_call: 10_000, max_sessions_per_user: 16 }
-    }
-}
-
-impl Options {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_users_per_call == 0 {
-            return Err("presence.max_users_per_call must be positive".into());
-        }
-        if self.max_sessions_per_user == 0 {
-            return Err("presence.max_sessions_per_user must be positive".into());
-        }
-        Ok(())
-    }
+/// The store `options` ask for. Redis that cannot be reached yet is not an
+/// error: calls answer UNAVAILABLE until it can.
+pub async fn open_store(options: &Options) -> Result<Arc<dyn PresenceStore>, Error> {
+    Ok(match options.backend {
+        Backend::Memory => Arc::new(MemoryStore::new(options.session_ttl)),
+        Backend::Redis => Arc::new(RedisStore::connect(&options.redis, options.session_ttl).await?),
+    })
 }
 
 /// Serves the presence service on `listener` until `shutdown` is cancelled.
+/// The lease length is the store's (`open_store` takes it from `options`).
 pub async fn serve(
     options: Options,
     server_options: ServerOptions,

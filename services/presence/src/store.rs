@@ -1,9 +1,26 @@
-//! The `PresenceStore` trait and its in-process implementation.
+//! The `PresenceStore` trait, its domain types, and the in-process
+//! implementation.
+//!
+//! A session is a lease: it lives `session_ttl` from its registration or its
+//! last renewal by the gateway that registered it. An expired session is
+//! never located and does not count as online or against the session limit;
+//! stores drop it lazily, whenever they next touch the user.
+//!
+//! Last seen is "the last time presence knew the user was connected": every
+//! registration, renewal and unregistration moves it forward (never back), so
+//! when a user's sessions expire it already holds the last renewal, and no
+//! write is needed at the moment of expiry.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
+use messenger_platform::ids;
 use tokio::sync::RwLock;
+
+#[cfg(test)]
+pub(crate) mod contract;
+#[cfg(test)]
+mod tests;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
@@ -15,134 +32,219 @@ pub struct Session {
     pub connected_at_ms: i64,
 }
 
+/// One session a gateway holds, as named in a renewal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRef {
+    pub user_id: String,
+    pub session_id: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserStatus {
     pub user_id: String,
     pub online: bool,
-    /// Milliseconds since the epoch of the last disconnect; 0 if never seen.
+    /// Milliseconds since the epoch when the user was last known connected; 0 if never seen.
     pub last_seen_ms: i64,
+}
+
+/// How a registration treats a live session of the same device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A new connection: it replaces the device's older session (the device
+    /// reconnected before its old stream was noticed as closed).
+    Connect,
+    /// A gateway restoring a lease presence no longer knows: it replaces only
+    /// sessions of the same device that connected before it; a newer one wins
+    /// and this one is refused as superseded. Without this, two gateways
+    /// holding a stale and a fresh stream of one device would replace each
+    /// other at every renewal. (Connect times come from the gateways' clocks;
+    /// skew matters only for two connections of one device within it.)
+    Restore,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("user {user} already has {limit} sessions")]
     TooManySessions { user: String, limit: usize },
+    #[error("session {session} was superseded by a newer session of its device")]
+    Superseded { session: String },
+    #[error("presence backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid presence configuration: {0}")]
+    InvalidConfig(String),
 }
 
 #[async_trait]
 pub trait PresenceStore: Send + Sync + 'static {
-    /// Adds a session. A session of the same device replaces the older one
-    /// (the device reconnected before its old stream was noticed as closed).
-    async fn register(&self, session: Session, max_per_user: usize) -> Result<(), Error>;
-    /// Removes a session and records last seen when it was the user's last.
-    async fn unregister(&self, user_id: &str, session_id: &str, now_ms: i64);
-    async fn locate(&self, user_ids: &[String]) -> Vec<Session>;
-    async fn status(&self, user_ids: &[String]) -> Vec<UserStatus>;
+    /// Adds (or refreshes) a session with a fresh lease. Refused when the user
+    /// already holds `max_per_user` other live sessions.
+    async fn register(&self, session: Session, max_per_user: usize, mode: Mode) -> Result<(), Error>;
+    /// Extends the leases of `sessions` that are live and were registered by
+    /// `gateway_id`; returns the ids of the others (unknown, expired,
+    /// replaced, or another gateway's), which the gateway registers again.
+    async fn renew(&self, gateway_id: &str, sessions: &[SessionRef]) -> Result<Vec<String>, Error>;
+    /// Removes a session (a no-op when it is unknown).
+    async fn unregister(&self, user_id: &str, session_id: &str) -> Result<(), Error>;
+    /// The live sessions of `user_ids`.
+    async fn locate(&self, user_ids: &[String]) -> Result<Vec<Session>, Error>;
+    /// One status per user, in the order asked.
+    async fn status(&self, user_ids: &[String]) -> Result<Vec<UserStatus>, Error>;
+    /// The lease length this store applies.
+    fn session_ttl(&self) -> Duration;
+}
+
+pub(crate) fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+struct Lease {
+    session: Session,
+    expires_at_ms: i64,
 }
 
 #[derive(Default)]
 struct State {
-    sessions: HashMap<String, Vec<Session>>,
+    sessions: HashMap<String, Vec<Lease>>,
     last_seen: HashMap<String, i64>,
+    /// When every user's expired leases were last dropped.
+    swept_at_ms: i64,
 }
 
-/// Presence held in this process (`messenger up`).
-#[derive(Default)]
+impl State {
+    fn seen(&mut self, user_id: &str, now_ms: i64) {
+        let last_seen = self.last_seen.entry(user_id.to_owned()).or_default();
+        *last_seen = (*last_seen).max(now_ms);
+    }
+
+    /// Drops expired leases of every user, at most once per `ttl`: memory
+    /// stays proportional to live sessions even for users never asked about
+    /// again (a gateway that died with all its sessions).
+    fn sweep(&mut self, now_ms: i64, ttl_ms: i64) {
+        if now_ms - self.swept_at_ms < ttl_ms {
+            return;
+        }
+        self.swept_at_ms = now_ms;
+        self.sessions.retain(|_, leases| {
+            leases.retain(|lease| lease.expires_at_ms > now_ms);
+            !leases.is_empty()
+        });
+    }
+}
+
+/// Presence held in this process (`messenger up`, or one presence instance).
 pub struct MemoryStore {
     state: RwLock<State>,
+    ttl: Duration,
+}
+
+impl MemoryStore {
+    pub fn new(session_ttl: Duration) -> Self {
+        Self { state: RwLock::default(), ttl: session_ttl }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new(crate::Options::default().session_ttl)
+    }
 }
 
 #[async_trait]
 impl PresenceStore for MemoryStore {
-    async fn register(&self, session: Session, max_per_user: usize) -> Result<(), Error> {
+    async fn register(&self, session: Session, max_per_user: usize, mode: Mode) -> Result<(), Error> {
+        let now = ids::now_ms();
+        let ttl = ttl_ms(self.ttl);
         let mut state = self.state.write().await;
-        let sessions = state.sessions.entry(session.user_id.clone()).or_default();
-        sessions.retain(|s| s.device_id != session.device_id);
-        if sessions.len() >= max_per_user {
+        state.sweep(now, ttl);
+        let leases = state.sessions.entry(session.user_id.clone()).or_default();
+        leases.retain(|lease| lease.expires_at_ms > now);
+        let same_device = |lease: &Lease| {
+            lease.session.device_id == session.device_id && lease.session.session_id != session.session_id
+        };
+        let newer = |lease: &Lease| same_device(lease) && lease.session.connected_at_ms >= session.connected_at_ms;
+        if mode == Mode::Restore && leases.iter().any(newer) {
+            return Err(Error::Superseded { session: session.session_id });
+        }
+        leases.retain(|lease| !same_device(lease) && lease.session.session_id != session.session_id);
+        if leases.len() >= max_per_user {
             return Err(Error::TooManySessions { user: session.user_id, limit: max_per_user });
         }
-        sessions.push(session);
+        let user_id = session.user_id.clone();
+        leases.push(Lease { session, expires_at_ms: now + ttl });
+        state.seen(&user_id, now);
         Ok(())
     }
 
-    async fn unregister(&self, user_id: &str, session_id: &str, now_ms: i64) {
+    async fn renew(&self, gateway_id: &str, sessions: &[SessionRef]) -> Result<Vec<String>, Error> {
+        let now = ids::now_ms();
+        let ttl = ttl_ms(self.ttl);
         let mut state = self.state.write().await;
-        let Some(sessions) = state.sessions.get_mut(user_id) else {
-            return;
-        };
-        let before = sessions.len();
-        sessions.retain(|s| s.session_id != session_id);
-        if sessions.len() < before {
-            if sessions.is_empty() {
-                state.sessions.remove(user_id);
+        state.sweep(now, ttl);
+        let mut unknown = Vec::new();
+        for reference in sessions {
+            let lease = state.sessions.get_mut(&reference.user_id).and_then(|leases| {
+                leases.iter_mut().find(|lease| {
+                    lease.session.session_id == reference.session_id
+                        && lease.session.gateway_id == gateway_id
+                        && lease.expires_at_ms > now
+                })
+            });
+            match lease {
+                Some(lease) => {
+                    lease.expires_at_ms = now + ttl;
+                    state.seen(&reference.user_id, now);
+                }
+                None => unknown.push(reference.session_id.clone()),
             }
-            state.last_seen.insert(user_id.to_owned(), now_ms);
         }
+        Ok(unknown)
     }
 
-    async fn locate(&self, user_ids: &[String]) -> Vec<Session> {
-        let state = self.state.read().await;
-        user_ids.iter().filter_map(|u| state.sessions.get(u)).flatten().cloned().collect()
+    async fn unregister(&self, user_id: &str, session_id: &str) -> Result<(), Error> {
+        let now = ids::now_ms();
+        let mut state = self.state.write().await;
+        let Some(leases) = state.sessions.get_mut(user_id) else {
+            return Ok(());
+        };
+        // An expired lease being unregistered still means the user was
+        // connected until now: the gateway held the stream all along.
+        let removed = leases.iter().any(|lease| lease.session.session_id == session_id);
+        leases.retain(|lease| lease.session.session_id != session_id && lease.expires_at_ms > now);
+        if leases.is_empty() {
+            state.sessions.remove(user_id);
+        }
+        if removed {
+            state.seen(user_id, now);
+        }
+        Ok(())
     }
 
-    async fn status(&self, user_ids: &[String]) -> Vec<UserStatus> {
+    async fn locate(&self, user_ids: &[String]) -> Result<Vec<Session>, Error> {
+        let now = ids::now_ms();
         let state = self.state.read().await;
-        user_ids
+        Ok(user_ids
+            .iter()
+            .filter_map(|user| state.sessions.get(user))
+            .flatten()
+            .filter(|lease| lease.expires_at_ms > now)
+            .map(|lease| lease.session.clone())
+            .collect())
+    }
+
+    async fn status(&self, user_ids: &[String]) -> Result<Vec<UserStatus>, Error> {
+        let now = ids::now_ms();
+        let state = self.state.read().await;
+        Ok(user_ids
             .iter()
             .map(|user| UserStatus {
                 user_id: user.clone(),
-                online: state.sessions.get(user).is_some_and(|s| !s.is_empty()),
+                online: state.sessions.get(user).is_some_and(|leases| leases.iter().any(|l| l.expires_at_ms > now)),
                 last_seen_ms: state.last_seen.get(user).copied().unwrap_or_default(),
             })
-            .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn session(user: &str, device: &str, id: &str) -> Session {
-        Session {
-            user_id: user.into(),
-            device_id: device.into(),
-            session_id: id.into(),
-            gateway_id: "g1".into(),
-            gateway_addr: "127.0.0.1:1".into(),
-            connected_at_ms: 1,
-        }
+            .collect())
     }
 
-    #[tokio::test]
-    async fn sessions_are_located_and_last_seen_recorded() {
-        let store = MemoryStore::default();
-        store.register(session("alice", "phone", "s1"), 4).await.unwrap();
-        store.register(session("alice", "laptop", "s2"), 4).await.unwrap();
-        let users = vec!["alice".to_owned(), "bob".to_owned()];
-        assert_eq!(store.locate(&users).await.len(), 2);
-        store.unregister("alice", "s1", 100).await;
-        let status = store.status(&users).await;
-        assert!(status[0].online);
-        assert!(!status[1].online);
-        store.unregister("alice", "s2", 200).await;
-        let status = store.status(&users).await;
-        assert!(!status[0].online);
-        assert_eq!(status[0].last_seen_ms, 200);
-        assert_eq!(status[1].last_seen_ms, 0);
-    }
-
-    #[tokio::test]
-    async fn reconnecting_device_replaces_its_old_session_and_limit_holds() {
-        let store = MemoryStore::default();
-        store.register(session("bob", "phone", "s1"), 2).await.unwrap();
-        store.register(session("bob", "phone", "s2"), 2).await.unwrap();
-        let located = store.locate(&["bob".to_owned()]).await;
-        assert_eq!(located.iter().map(|s| s.session_id.as_str()).collect::<Vec<_>>(), vec!["s2"]);
-        // A stale unregister of the replaced session changes nothing.
-        store.unregister("bob", "s1", 5).await;
-        assert_eq!(store.locate(&["bob".to_owned()]).await.len(), 1);
-        store.register(session("bob", "laptop", "s3"), 2).await.unwrap();
-        let refused = store.register(session("bob", "tablet", "s4"), 2).await;
-        assert!(matches!(refused, Err(Error::TooManySessions { limit: 2, .. })));
+    fn session_ttl(&self) -> Duration {
+        self.ttl
     }
 }

@@ -3,6 +3,7 @@
 //! an app would. One test binary; one module per area.
 
 mod cache;
+mod cluster;
 mod conversations;
 mod core;
 mod model;

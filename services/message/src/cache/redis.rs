@@ -40,10 +40,7 @@ use std::{
 use fred::{
     clients::Client,
     interfaces::{ClientLike, KeysInterface},
-    types::{
-        Expiration, SetOptions,
-        config::{Config, ReconnectPolicy},
-    },
+    types::{Expiration, SetOptions, config::Config},
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -154,20 +151,8 @@ fn generation_ttl(ttl: Duration) -> Expiration {
 
 impl RedisTier {
     pub(super) async fn connect(options: &RedisCacheOptions, ttl: Duration, stats: Arc<CacheStats>) -> Result<Self> {
-        let config = Config::from_url(&options.url)
+        let client = messenger_platform::redis::client(&options.url, options.command_timeout, options.connect_timeout)
             .map_err(|error| Error::InvalidArgument(format!("message.cache.redis.url: {error}")))?;
-        let client = fred::types::Builder::from_config(config)
-            .with_performance_config(|performance| performance.default_command_timeout = options.command_timeout)
-            .with_connection_config(|connection| {
-                connection.connection_timeout = options.connect_timeout;
-                connection.internal_command_timeout = options.connect_timeout;
-                connection.max_command_attempts = 1;
-            })
-            // Reconnect forever, 50 ms doubling to 2 s.
-            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
-            .build()
-            .map_err(|error| Error::InvalidArgument(format!("message.cache.redis: {error}")))?;
-        client.connect();
         let health = Arc::new(Health {
             degraded: AtomicBool::new(true),
             state: Mutex::new(State { degraded: true, dirty: true }),

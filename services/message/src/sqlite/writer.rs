@@ -70,7 +70,10 @@ pub(super) fn run(
         let size = batch.len();
         let mut replies = Vec::with_capacity(size);
         let memberships: Vec<uuid::Uuid> = batch.iter().filter_map(|c| c.membership_of).collect();
-        let outcome = match connection.transaction() {
+        // IMMEDIATE: the write lock is taken up front, so seqs stay dense even when
+        // another process writes the same file (it waits, up to busy_timeout).
+        let outcome = match connection.transaction_with_behavior(r2d2_sqlite::rusqlite::TransactionBehavior::Immediate)
+        {
             Ok(mut transaction) => {
                 for command in batch.drain(..) {
                     // A savepoint per command: one command's failure rolls back only its own writes.

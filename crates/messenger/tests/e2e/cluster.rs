@@ -1,0 +1,461 @@
+//! Distributed mode, as separate OS processes of the `messenger` binary: a
+//! real etcd and redis-server, one presence, two message services sharing
+//! one database, two gateways. Clients chat across gateways, and instances
+//! are killed (`kill -9`), paused (SIGSTOP) and etcd restarted under them;
+//! every check is a count.
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use messenger_client::{Client, Events, Options};
+use messenger_platform::discovery::{Discovery, EtcdDiscovery, EtcdOptions, Role, rank};
+use messenger_testkit::{EtcdServer, RedisServer, free_port};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+/// How long a registration outlives its instance in these tests.
+const LEASE_TTL: Duration = Duration::from_secs(2);
+
+struct Node {
+    name: String,
+    role: Role,
+    config: PathBuf,
+    child: Option<Child>,
+    /// The port others reach it at (for a gateway: its public port).
+    port: u16,
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    etcd: EtcdServer,
+    _redis: RedisServer,
+    nodes: Vec<Node>,
+    discovery: Arc<EtcdDiscovery>,
+    watching: CancellationToken,
+    auth: messenger_platform::auth::AuthOptions,
+}
+
+impl Cluster {
+    /// One presence, two message services, two gateways, all registered.
+    async fn start() -> Self {
+        let etcd = EtcdServer::start();
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let watching = CancellationToken::new();
+        let discovery = EtcdDiscovery::start(etcd_options(&etcd), watching.clone()).await;
+        let mut cluster = Self {
+            dir,
+            etcd,
+            _redis: redis,
+            nodes: Vec::new(),
+            discovery,
+            watching,
+            auth: messenger_platform::auth::AuthOptions::default(),
+        };
+        for (name, role) in [
+            ("presence", Role::Presence),
+            ("message-1", Role::Message),
+            ("message-2", Role::Message),
+            ("gateway-1", Role::Gateway),
+            ("gateway-2", Role::Gateway),
+        ] {
+            cluster.add(name, role);
+        }
+        cluster.wait_registered(Role::Presence, 1).await;
+        cluster.wait_registered(Role::Message, 2).await;
+        cluster.wait_registered(Role::Gateway, 2).await;
+        cluster
+    }
+
+    fn add(&mut self, name: &str, role: Role) {
+        let (port, internal) = (free_port(), free_port());
+        let dir = self.dir.path();
+        let listen = |of: Role| match (of == role, of) {
+            (false, _) => String::new(),
+            (true, Role::Gateway) => {
+                format!("listen = \"127.0.0.1:{port}\"\ninternal_listen = \"127.0.0.1:{internal}\"\n")
+            }
+            (true, _) => format!("listen = \"127.0.0.1:{port}\"\n"),
+        };
+        let config = format!(
+            r#"data_dir = "{data}"
+[log]
+filter = "info"
+[discovery]
+backend = "etcd"
+request_timeout = "2s"
+unhealthy_for = "5s"
+[discovery.etcd]
+endpoints = ["{etcd}"]
+lease_ttl = "2s"
+retry_interval = "200ms"
+[message]
+{message_listen}database = "{database}"
+[message.sqlite]
+member_cache_entries = 0
+[message.cache]
+backend = "redis"
+[message.cache.redis]
+url = "{redis}"
+probe_interval = "200ms"
+[presence]
+{presence_listen}backend = "redis"
+session_ttl = "3s"
+[presence.redis]
+url = "{redis}"
+[gateway]
+{gateway_listen}presence_renew_interval = "1s"
+sends_per_second = 100000
+send_burst = 100000
+"#,
+            message_listen = listen(Role::Message),
+            presence_listen = listen(Role::Presence),
+            gateway_listen = listen(Role::Gateway),
+            data = dir.join(name).display(),
+            etcd = self.etcd.endpoint(),
+            database = dir.join("messages.db").display(),
+            redis = self._redis.url(),
+        );
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let mut node = Node { name: name.to_owned(), role, config: path, child: None, port };
+        spawn(&mut node, dir);
+        self.nodes.push(node);
+    }
+
+    fn etcd_options(&self) -> EtcdOptions {
+        etcd_options(&self.etcd)
+    }
+
+    fn node(&mut self, name: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|node| node.name == name).expect("no such node")
+    }
+
+    fn gateway(&self, name: &str) -> String {
+        let node = self.nodes.iter().find(|node| node.name == name).expect("no such gateway");
+        format!("http://127.0.0.1:{}", node.port)
+    }
+
+    fn address(&self, name: &str) -> String {
+        let node = self.nodes.iter().find(|node| node.name == name).expect("no such node");
+        format!("127.0.0.1:{}", node.port)
+    }
+
+    fn kill(&mut self, name: &str) {
+        let mut child = self.node(name).child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn signal(&mut self, name: &str, signal: &str) {
+        let pid = self.node(name).child.as_ref().expect("running").id();
+        assert!(Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap().success());
+    }
+
+    fn respawn(&mut self, name: &str) {
+        let dir = self.dir.path().to_owned();
+        spawn(self.node(name), &dir);
+    }
+
+    async fn wait_registered(&self, role: Role, count: usize) {
+        self.wait_until(&format!("{count} {role} instance(s) registered"), || {
+            self.discovery.endpoints(role).len() == count
+        })
+        .await;
+    }
+
+    async fn wait_until(&self, what: &str, condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}; logs in {}", self.dir.path().display());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client on `gateway` that fails over to the other one.
+    async fn connect(&self, user: &str, gateway: &str) -> (Client, Events) {
+        let other = if gateway == "gateway-1" { "gateway-2" } else { "gateway-1" };
+        let token = messenger_platform::auth::mint_hs256(&self.auth, user, Duration::from_secs(3600)).unwrap();
+        let mut options = Options::new(self.gateway(gateway), token, format!("{user}-phone"));
+        options.fallback_endpoints = vec![self.gateway(other)];
+        options.reconnect_min = Duration::from_millis(50);
+        options.reconnect_max = Duration::from_millis(500);
+        options.ack_interval = Duration::from_millis(10);
+        options.send_timeout = Duration::from_secs(30);
+        options.connect_timeout = Duration::from_secs(2);
+        // Gateways come up before they serve: retry the first connect briefly.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match Client::connect(options.clone()).await {
+                Ok(connected) => return connected,
+                Err(error) if Instant::now() < deadline => {
+                    eprintln!("connect {user} to {gateway}: {error}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => panic!("{user} could not connect to {gateway}: {error}"),
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.watching.cancel();
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let path = self.dir.path().join(format!("{}.log", node.name));
+                let log = std::fs::read(&path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+                let log = log.unwrap_or_else(|error| format!("cannot read {}: {error}", path.display()));
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- {} (last lines) ----", node.name);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = Command::new("kill").arg("-CONT").arg(child.id().to_string()).status();
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn etcd_options(etcd: &EtcdServer) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        lease_ttl: LEASE_TTL,
+        retry_interval: Duration::from_millis(200),
+        ..EtcdOptions::default()
+    }
+}
+
+fn spawn(node: &mut Node, dir: &std::path::Path) {
+    let log = File::options().create(true).append(true).open(dir.join(format!("{}.log", node.name))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_messenger"))
+        .arg("--config")
+        .arg(&node.config)
+        .args(["serve", "--service", node.role.as_str()])
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("cannot start the messenger binary");
+    node.child = Some(child);
+}
+
+/// Exactly `expected` bodies, in order, each once.
+fn assert_exactly_once_in_order(received: &[messenger_client::Message], expected: &[String]) {
+    let bodies: Vec<&str> = received.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, expected.iter().map(String::as_str).collect::<Vec<_>>(), "not every message exactly once");
+    let seqs: Vec<u64> = received.iter().map(|m| m.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "seqs not dense and ascending: {seqs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_two_gateways_chat_and_survive_a_gateway_kill() {
+    let mut cluster = Cluster::start().await;
+    let (alice, mut alice_events) = cluster.connect("alice", "gateway-1").await;
+    let (bob, mut bob_events) = cluster.connect("bob", "gateway-2").await;
+    let (carol, mut carol_events) = cluster.connect("carol", "gateway-1").await;
+
+    // 1:1 across gateways, both ways.
+    let direct = alice.direct("bob").await.unwrap().conversation_id;
+    let to_bob: Vec<String> = (0..20).map(|i| format!("to bob {i}")).collect();
+    for body in &to_bob {
+        alice.send(&direct, body).await.unwrap();
+    }
+    assert_exactly_once_in_order(&sent_by(&mut bob_events, "alice", &direct, 20).await, &to_bob);
+    bob.send(&direct, "hi alice").await.unwrap();
+    assert_eq!(next_from(&mut alice_events, "bob").await.body, "hi alice");
+
+    // A group spanning both gateways.
+    let group = alice.create_group("trio", &["bob", "carol"]).await.unwrap().conversation_id;
+    for (client, name) in [(&alice, "alice"), (&bob, "bob"), (&carol, "carol")] {
+        client.send(&group, &format!("{name} in the group")).await.unwrap();
+    }
+    for events in [&mut alice_events, &mut bob_events, &mut carol_events] {
+        let texts: HashSet<String> = group_texts(events, 3).await;
+        assert_eq!(texts.len(), 3, "a group member missed a message: {texts:?}");
+    }
+
+    // Kill gateway-1 (alice's and carol's) in the middle of a stream of sends.
+    let stream: Vec<String> = (0..200).map(|i| format!("stream {i}")).collect();
+    let sender = {
+        let (alice, direct, stream) = (alice.clone(), direct.clone(), stream.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for body in &stream {
+                acked.push(alice.send(&direct, body).await.expect("a send failed across the gateway kill").seq);
+            }
+            acked
+        })
+    };
+    let before_kill = sent_by(&mut bob_events, "alice", &direct, 50).await;
+    cluster.kill("gateway-1");
+    let after_kill = sent_by(&mut bob_events, "alice", &direct, 150).await;
+    let acked = sender.await.unwrap();
+    let received: Vec<_> = before_kill.into_iter().chain(after_kill).collect();
+    assert_exactly_once_in_order(&received, &stream);
+    assert_eq!(acked, received.iter().map(|m| m.seq).collect::<Vec<_>>(), "acks and deliveries disagree");
+    assert_quiet(&mut bob_events).await;
+
+    // Carol was on the dead gateway too: she is back through gateway-2 and
+    // gets what the group says now.
+    bob.send(&group, "after the kill").await.unwrap();
+    assert_eq!(next_group_text(&mut carol_events, &group).await, "after the kill");
+    cluster.wait_registered(Role::Gateway, 1).await;
+}
+
+/// The next message from `sender` (a device also receives its user's own sends).
+async fn next_from(events: &mut Events, sender: &str) -> messenger_client::Message {
+    loop {
+        let message = next_message(events).await;
+        if message.sender_id == sender {
+            return message;
+        }
+    }
+}
+
+/// The next `count` messages `sender` sent in `conversation`.
+async fn sent_by(
+    events: &mut Events,
+    sender: &str,
+    conversation: &str,
+    count: usize,
+) -> Vec<messenger_client::Message> {
+    let mut received = Vec::with_capacity(count);
+    while received.len() < count {
+        let message = next_message(events).await;
+        if message.sender_id == sender && message.conversation_id == conversation {
+            received.push(message);
+        }
+    }
+    received
+}
+
+async fn group_texts(events: &mut Events, count: usize) -> HashSet<String> {
+    let mut texts = HashSet::new();
+    while texts.len() < count {
+        let message = next_message(events).await;
+        if message.body.ends_with("in the group") {
+            texts.insert(message.body);
+        }
+    }
+    texts
+}
+
+async fn next_group_text(events: &mut Events, group: &str) -> String {
+    loop {
+        let message = next_message(events).await;
+        if message.conversation_id == group && !message.body.is_empty() {
+            return message.body;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_instances_fail_over_without_duplicates_and_leave_discovery_when_paused() {
+    let mut cluster = Cluster::start().await;
+    let (alice, _alice_events) = cluster.connect("alice", "gateway-1").await;
+    let (_bob, mut bob_events) = cluster.connect("bob", "gateway-2").await;
+    let direct = alice.direct("bob").await.unwrap().conversation_id;
+    let instances = cluster.discovery.endpoints(Role::Message);
+    let owner = rank(direct.as_bytes(), &instances)[0].clone();
+    let (owner_name, other_name) =
+        if owner == cluster.address("message-1") { ("message-1", "message-2") } else { ("message-2", "message-1") };
+
+    // kill -9 the instance that owns the conversation in the middle of the sends.
+    let stream: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    let sender = {
+        let (alice, direct, stream) = (alice.clone(), direct.clone(), stream.clone());
+        tokio::spawn(async move {
+            for body in &stream {
+                alice.send(&direct, body).await.expect("a send failed across the message-service kill");
+            }
+        })
+    };
+    let before = sent_by(&mut bob_events, "alice", &direct, 100).await;
+    cluster.kill(owner_name);
+    let after = sent_by(&mut bob_events, "alice", &direct, 200).await;
+    sender.await.unwrap();
+    let received: Vec<_> = before.into_iter().chain(after).collect();
+    assert_exactly_once_in_order(&received, &stream);
+    let history = alice.history(&direct, 0, 200).await.unwrap().messages;
+    assert_eq!(history.last().unwrap().seq, 300, "a retried send took a second seq");
+    cluster.wait_registered(Role::Message, 1).await;
+
+    // Back, then paused: gone from discovery within the lease, traffic flows
+    // through the other instance meanwhile.
+    cluster.respawn(owner_name);
+    cluster.wait_registered(Role::Message, 2).await;
+    cluster.signal(other_name, "STOP");
+    let paused = Instant::now();
+    let other_address = cluster.address(other_name);
+    cluster
+        .wait_until("the paused instance left discovery", || {
+            !cluster.discovery.endpoints(Role::Message).contains(&other_address)
+        })
+        .await;
+    assert!(paused.elapsed() < LEASE_TTL + Duration::from_secs(2), "took {:?}", paused.elapsed());
+    for i in 0..20 {
+        alice.send(&direct, &format!("while paused {i}")).await.unwrap();
+    }
+    assert_eq!(messages(&mut bob_events, 20).await.last().unwrap().body, "while paused 19");
+
+    // Resumed: it registers again and takes traffic again (the other is killed,
+    // so every send below can only be served by it).
+    cluster.signal(other_name, "CONT");
+    cluster.wait_registered(Role::Message, 2).await;
+    cluster.kill(owner_name);
+    cluster.wait_registered(Role::Message, 1).await;
+    assert_eq!(cluster.discovery.endpoints(Role::Message), vec![other_address]);
+    for i in 0..10 {
+        alice.send(&direct, &format!("after resume {i}")).await.unwrap();
+    }
+    assert_eq!(messages(&mut bob_events, 10).await.last().unwrap().body, "after resume 9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_restart_costs_clients_nothing_and_registrations_come_back() {
+    let mut cluster = Cluster::start().await;
+    let (alice, _alice_events) = cluster.connect("alice", "gateway-1").await;
+    let (_bob, mut bob_events) = cluster.connect("bob", "gateway-2").await;
+    let direct = alice.direct("bob").await.unwrap().conversation_id;
+    // Converged first: the conversation's message instance has seen presence
+    // and both gateways in etcd (a live delivery needs all three).
+    alice.send(&direct, "before").await.unwrap();
+    assert_eq!(next_from(&mut bob_events, "alice").await.body, "before");
+
+    cluster.etcd.stop();
+    // Longer than a lease: routing keeps working from what was last seen.
+    for i in 0..30 {
+        alice.send(&direct, &format!("during {i}")).await.expect("a send failed while etcd was down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sent_by(&mut bob_events, "alice", &direct, 30).await.len(), 30);
+    cluster.etcd.restart();
+    // A fresh watcher sees what etcd holds now, not what anyone remembered.
+    // Registrations stay, kept alive again, past several leases.
+    tokio::time::sleep(LEASE_TTL * 3).await;
+    let fresh = EtcdDiscovery::start(cluster.etcd_options(), cluster.watching.clone()).await;
+    cluster
+        .wait_until("every registration is back in etcd", || {
+            [(Role::Presence, 1), (Role::Message, 2), (Role::Gateway, 2)]
+                .iter()
+                .all(|(role, count)| fresh.endpoints(*role).len() == *count)
+        })
+        .await;
+    alice.send(&direct, "after").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.body, "after");
+}

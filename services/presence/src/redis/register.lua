@@ -1,0 +1,54 @@
+-- Registers (or refreshes) one session, atomically with the per-user limit,
+-- so two presence instances registering the same user at once cannot both
+-- take the last slot.
+--
+-- KEYS[1]: the user's sessions hash (session id -> "<expires_at_ms> <json>")
+-- KEYS[2]: the user's last-seen time
+-- ARGV: session id, device id, "<expires_at_ms> <json>", now ms, ttl ms,
+--       limit, restore ("1": replace only sessions of the same device that
+--       connected earlier), connected_at ms
+-- Returns 1 when registered, -1 over the limit, -2 superseded.
+local sessions, last_seen = KEYS[1], KEYS[2]
+local id, device, value = ARGV[1], ARGV[2], ARGV[3]
+local now, ttl, limit, restore = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
+local connected_at = tonumber(ARGV[8])
+
+local stale, live = {}, 0
+local fields = redis.call('HGETALL', sessions)
+for i = 1, #fields, 2 do
+  local other = fields[i]
+  local expires, body = string.match(fields[i + 1], '^(%d+) (.*)$')
+  local ok, decoded = false, nil
+  if expires and tonumber(expires) > now then
+    ok, decoded = pcall(cjson.decode, body)
+  end
+  if not ok or type(decoded) ~= 'table' then
+    -- Expired (or unreadable): dropped below, never counted.
+    table.insert(stale, other)
+  elseif other ~= id then
+    if decoded.device_id == device then
+      if restore and (tonumber(decoded.connected_at_ms) or 0) >= connected_at then
+        return -2
+      end
+      table.insert(stale, other)
+    else
+      live = live + 1
+    end
+  end
+end
+if live >= limit then
+  return -1
+end
+for _, other in ipairs(stale) do
+  redis.call('HDEL', sessions, other)
+end
+redis.call('HSET', sessions, id, value)
+-- The new lease is the newest: the key lives at least as long.
+if redis.call('PTTL', sessions) < ttl then
+  redis.call('PEXPIRE', sessions, ttl)
+end
+local seen = tonumber(redis.call('GET', last_seen) or '0') or 0
+if seen < now then
+  redis.call('SET', last_seen, ARGV[4])
+end
+return 1
