@@ -374,6 +374,10 @@ impl Task {
                 self.model.lock().unwrap_or_else(|e| e.into_inner()).apply_typing(&typing);
                 let _ = self.events.send(Event::Typing(typing)).await;
             }
+            InFrame::Presence(update) => {
+                self.model.lock().unwrap_or_else(|e| e.into_inner()).apply_presence(&update);
+                let _ = self.events.send(Event::Presence(update)).await;
+            }
             InFrame::Pong(_) | InFrame::Ready(_) => {}
         }
         None

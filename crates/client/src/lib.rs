@@ -50,8 +50,8 @@ use tonic::{
 
 pub use error::Error;
 pub use messenger_proto::v1::{
-    Conversation, GetReceiptsResponse, HistoryResponse, ListConversationsResponse, Message, MessageKind, Receipt, Role,
-    SendAck, Typing,
+    Conversation, GetReceiptsResponse, HistoryResponse, ListConversationsResponse, Message, MessageKind,
+    PresenceUpdate, Receipt, Role, SendAck, Typing,
 };
 pub use model::{ConversationState, MessageState};
 pub use options::Options;
@@ -72,6 +72,9 @@ pub enum Event {
     Receipt(Receipt),
     /// A member started or stopped typing (already applied to the model).
     Typing(Typing),
+    /// A contact (someone in a small conversation with this user) came online
+    /// or went offline (already applied: see [`Client::presence`]).
+    Presence(PresenceUpdate),
 }
 
 /// The app's side of the event stream. Reading it is what lets the client
@@ -351,6 +354,11 @@ impl Client {
     /// This device's current view of a conversation.
     pub fn conversation_state(&self, conversation_id: &str) -> Option<ConversationState> {
         self.model.lock().unwrap_or_else(|e| e.into_inner()).conversations.get(conversation_id).cloned()
+    }
+
+    /// The last presence update received for `user_id` (None: none yet).
+    pub fn presence(&self, user_id: &str) -> Option<PresenceUpdate> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner()).presence.get(user_id).cloned()
     }
 
     /// Members typing in a conversation right now.

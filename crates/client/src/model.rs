@@ -70,6 +70,8 @@ pub(crate) struct Model {
     pub conversations: HashMap<String, ConversationState>,
     /// (conversation, user) -> typing until.
     pub typing: HashMap<(String, String), Instant>,
+    /// user -> the newest presence update (by `last_seen_ms`).
+    pub presence: HashMap<String, pb::PresenceUpdate>,
 }
 
 impl Model {
@@ -180,6 +182,13 @@ impl Model {
         if receipt.delivered_seq > 0 {
             let delivered = state.delivered_seq.entry(receipt.user_id.clone()).or_default();
             *delivered = (*delivered).max(receipt.delivered_seq);
+        }
+    }
+
+    pub fn apply_presence(&mut self, update: &pb::PresenceUpdate) {
+        let newer = self.presence.get(&update.user_id).is_none_or(|known| update.last_seen_ms >= known.last_seen_ms);
+        if newer {
+            self.presence.insert(update.user_id.clone(), update.clone());
         }
     }
 

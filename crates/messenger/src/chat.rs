@@ -291,6 +291,10 @@ pub async fn run(options: ChatOptions) -> anyhow::Result<()> {
                         break;
                     }
                 }
+                Some(Event::Presence(update)) => {
+                    let state = if update.online { "online" } else { "offline" };
+                    println!("({} is {state})", update.user_id);
+                }
                 Some(Event::Connected { .. }) => {}
                 Some(Event::ServerError { code, message }) => println!("server error {code:?}: {message}"),
                 None => break,

@@ -114,10 +114,19 @@ pub(crate) async fn run(
         .clone()
         .register(pb::RegisterRequest { session: Some((*registration).clone()), restore: false })
         .await;
-    if let Err(status) = registered {
-        context.registry.remove(&session_id);
-        let _ = out.send(Err(Box::new(status))).await;
-        return;
+    let came_online = match registered {
+        Ok(response) => response.into_inner().came_online,
+        Err(status) => {
+            context.registry.remove(&session_id);
+            let _ = out.send(Err(Box::new(status))).await;
+            return;
+        }
+    };
+    if came_online {
+        presence_changed(
+            &context,
+            pb::PresenceUpdate { user_id: user.clone(), online: true, last_seen_ms: ids::now_ms() },
+        );
     }
     info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");
 
@@ -135,12 +144,28 @@ pub(crate) async fn run(
     }
     context.acks.flush_device(&context.message, &session.user, &session.device).await;
     context.registry.remove(&session.session_id);
-    let _ = context
+    let unregistered = context
         .presence
         .clone()
         .unregister(pb::UnregisterRequest { user_id: session.user.clone(), session_id: session.session_id.clone() })
         .await;
+    if let Ok(response) = unregistered
+        && let pb::UnregisterResponse { went_offline: true, last_seen_ms } = response.into_inner()
+    {
+        presence_changed(&context, pb::PresenceUpdate { user_id: session.user.clone(), online: false, last_seen_ms });
+    }
     debug!(session_id = %session.session_id, "session closed");
+}
+
+/// Tells the user's contacts, in the background: a hint, never worth a wait.
+fn presence_changed(context: &Context, update: pb::PresenceUpdate) {
+    let mut message = context.message.clone();
+    tokio::spawn(async move {
+        let request = pb::PresenceChangedRequest { update: Some(update) };
+        if let Err(status) = message.presence_changed(request).await {
+            debug!(code = ?status.code(), "presence update not sent");
+        }
+    });
 }
 
 impl Session {
@@ -176,6 +201,9 @@ impl Session {
                     }
                     Some(delivery::Event::Typing(typing)) => {
                         self.emit(ServerFrame { frame: Some(Out::Typing(typing.clone())) }).await
+                    }
+                    Some(delivery::Event::Presence(update)) => {
+                        self.emit(ServerFrame { frame: Some(Out::Presence(update.clone())) }).await
                     }
                     None => return End::ClientGone,
                 },

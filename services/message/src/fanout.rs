@@ -37,14 +37,28 @@ pub enum Outgoing {
     Entry(StoredMessage),
     Receipt(Uuid, pb::Receipt),
     Typing(Uuid, pb::Typing),
+    /// To these users (the changed user's contacts), not to a conversation.
+    Presence(Arc<Vec<String>>, pb::PresenceUpdate),
 }
 
 impl Outgoing {
-    fn conversation_id(&self) -> Uuid {
+    /// The conversation whose active members receive it (None: explicit recipients).
+    fn conversation_id(&self) -> Option<Uuid> {
         match self {
-            Outgoing::Entry(message) => message.conversation_id,
-            Outgoing::Receipt(id, _) | Outgoing::Typing(id, _) => *id,
+            Outgoing::Entry(message) => Some(message.conversation_id),
+            Outgoing::Receipt(id, _) | Outgoing::Typing(id, _) => Some(*id),
+            Outgoing::Presence(..) => None,
         }
+    }
+
+    /// What picks the worker: items of one conversation (or user) stay in order.
+    fn worker_key(&self) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        match self {
+            Outgoing::Presence(_, update) => update.user_id.hash(&mut hasher),
+            _ => self.conversation_id().hash(&mut hasher),
+        }
+        hasher.finish()
     }
 }
 
@@ -94,23 +108,21 @@ impl Fanout {
         Self { workers: Arc::new(workers) }
     }
 
-    fn worker(&self, conversation_id: Uuid) -> &mpsc::Sender<Outgoing> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        conversation_id.hash(&mut hasher);
-        &self.workers[(hasher.finish() % self.workers.len() as u64) as usize]
+    fn worker(&self, item: &Outgoing) -> &mpsc::Sender<Outgoing> {
+        &self.workers[(item.worker_key() % self.workers.len() as u64) as usize]
     }
 
     /// Queues a committed entry; waits when the worker's queue is full (backpressure).
     pub async fn publish(&self, message: StoredMessage) {
-        let worker = self.worker(message.conversation_id);
-        if worker.send(Outgoing::Entry(message)).await.is_err() {
+        let item = Outgoing::Entry(message);
+        if self.worker(&item).send(item).await.is_err() {
             warn!("fan-out worker stopped; devices will catch up by sync");
         }
     }
 
     /// Queues a live-only hint; dropped when the worker is saturated.
     pub fn publish_hint(&self, hint: Outgoing) {
-        if self.worker(hint.conversation_id()).try_send(hint).is_err() {
+        if self.worker(&hint).try_send(hint).is_err() {
             debug!("fan-out saturated; live hint dropped");
         }
     }
@@ -200,6 +212,7 @@ impl Worker {
                 }
             }
             Outgoing::Typing(_, typing) => users.retain(|u| *u != typing.user_id),
+            Outgoing::Presence(..) => {}
         }
         users
     }
@@ -207,7 +220,7 @@ impl Worker {
     async fn fan_out(&mut self, batch: &[Outgoing]) {
         let mut active: HashMap<Uuid, Arc<Vec<String>>> = HashMap::new();
         for item in batch {
-            let id = item.conversation_id();
+            let Some(id) = item.conversation_id() else { continue };
             if active.contains_key(&id) {
                 continue;
             }
@@ -220,7 +233,14 @@ impl Worker {
         }
         let recipients: Vec<Vec<&str>> = batch
             .iter()
-            .map(|item| active.get(&item.conversation_id()).map(|a| self.recipients(item, a)).unwrap_or_default())
+            .map(|item| match item {
+                Outgoing::Presence(users, _) => users.iter().map(String::as_str).collect(),
+                _ => item
+                    .conversation_id()
+                    .and_then(|id| active.get(&id))
+                    .map(|members| self.recipients(item, members))
+                    .unwrap_or_default(),
+            })
             .collect();
         let users: HashSet<&str> = recipients.iter().flatten().copied().collect();
         if users.is_empty() {
@@ -253,6 +273,7 @@ impl Worker {
                 Outgoing::Entry(entry) => delivery::Event::Message(to_proto(entry)),
                 Outgoing::Receipt(_, receipt) => delivery::Event::Receipt(receipt.clone()),
                 Outgoing::Typing(_, typing) => delivery::Event::Typing(typing.clone()),
+                Outgoing::Presence(_, update) => delivery::Event::Presence(update.clone()),
             };
             for (gateway, session_ids) in per_gateway {
                 by_gateway.entry(gateway).or_default().push(Delivery { event: Some(event.clone()), session_ids });

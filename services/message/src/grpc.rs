@@ -188,6 +188,15 @@ impl MessageService for Adapter {
         Ok(Response::new(pb::NotifyTypingResponse {}))
     }
 
+    async fn presence_changed(
+        &self,
+        request: Request<pb::PresenceChangedRequest>,
+    ) -> Result<Response<pb::PresenceChangedResponse>, Status> {
+        let update = request.into_inner().update.ok_or_else(|| Status::invalid_argument("update is required"))?;
+        self.service.presence_changed(update).await?;
+        Ok(Response::new(pb::PresenceChangedResponse {}))
+    }
+
     async fn get_conversation(
         &self,
         request: Request<pb::MessageGetConversationRequest>,

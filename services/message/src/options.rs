@@ -50,6 +50,11 @@ pub struct Options {
     /// members (every device's ack would otherwise fan out to every member);
     /// larger groups ask with GetReceipts. Read receipts are always pushed.
     pub delivered_receipts_max_members: usize,
+    /// Presence updates (online / offline) go to the members of a user's
+    /// conversations up to this size, among its `presence_updates_max_conversations`
+    /// most recent ones; larger groups do not show who is online.
+    pub presence_updates_max_members: usize,
+    pub presence_updates_max_conversations: usize,
     pub store: StoreBackend,
     pub sqlite: SqliteOptions,
     pub scylla: ScyllaOptions,
@@ -97,6 +102,8 @@ impl Default for Options {
             max_reaction_bytes: 64,
             typing_ttl: Duration::from_secs(5),
             delivered_receipts_max_members: 32,
+            presence_updates_max_members: 32,
+            presence_updates_max_conversations: 200,
             store: StoreBackend::Sqlite,
             sqlite: SqliteOptions::default(),
             scylla: ScyllaOptions::default(),
@@ -123,6 +130,7 @@ impl Options {
             ("message.fanout.workers", self.fanout.workers),
             ("message.fanout.queue_depth", self.fanout.queue_depth),
             ("message.fanout.max_batch", self.fanout.max_batch),
+            ("message.presence_updates_max_conversations", self.presence_updates_max_conversations),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -382,6 +382,23 @@ impl Service {
         Ok(())
     }
 
+    /// Tells the users `update.user_id` shares a small conversation with; stores nothing.
+    pub async fn presence_changed(&self, update: pb::PresenceUpdate) -> Result<()> {
+        check_id("user_id", &update.user_id)?;
+        let limit = self.options.presence_updates_max_conversations;
+        let conversations = self.store.list_conversations(&update.user_id, None, limit).await?;
+        let contacts: std::collections::BTreeSet<String> = conversations
+            .into_iter()
+            .filter(|conversation| conversation.members.len() <= self.options.presence_updates_max_members)
+            .flat_map(|conversation| conversation.members)
+            .filter(|member| *member != update.user_id)
+            .collect();
+        if !contacts.is_empty() {
+            self.fanout.publish_hint(Outgoing::Presence(Arc::new(contacts.into_iter().collect()), update));
+        }
+        Ok(())
+    }
+
     /// One sync page and the token of the next (None when caught up).
     pub async fn sync(
         &self,

@@ -66,8 +66,12 @@ impl PresenceService for Adapter {
             connected_at_ms: session.connected_at_ms,
         };
         let mode = if request.restore { Mode::Restore } else { Mode::Connect };
+        // Online before? A hint only: two first sessions registering at once
+        // may both report it (an update sent twice), never neither.
+        let user = [session.user_id.clone()];
+        let was_online = self.store.status(&user).await?.first().is_some_and(|status| status.online);
         self.store.register(session, self.options.max_sessions_per_user, mode).await?;
-        Ok(Response::new(pb::RegisterResponse {}))
+        Ok(Response::new(pb::RegisterResponse { came_online: !was_online && mode == Mode::Connect }))
     }
 
     async fn unregister(
@@ -76,7 +80,13 @@ impl PresenceService for Adapter {
     ) -> Result<Response<pb::UnregisterResponse>, Status> {
         let request = request.into_inner();
         self.store.unregister(&request.user_id, &request.session_id).await?;
-        Ok(Response::new(pb::UnregisterResponse {}))
+        let status = self.store.status(&[request.user_id]).await?.into_iter().next();
+        Ok(Response::new(match status {
+            Some(status) if !status.online => {
+                pb::UnregisterResponse { went_offline: true, last_seen_ms: status.last_seen_ms }
+            }
+            _ => pb::UnregisterResponse::default(),
+        }))
     }
 
     async fn locate(&self, request: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {

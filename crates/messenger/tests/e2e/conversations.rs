@@ -218,3 +218,44 @@ async fn edits_reactions_replies_and_deletes_replay_on_sync() {
     let edit_error = alice.edit(id, doomed, "resurrect").await.unwrap_err();
     assert_eq!(edit_error.code(), Code::FailedPrecondition, "{edit_error:?}");
 }
+
+/// The next presence update, skipping other events; None if none comes soon.
+async fn presence_update(events: &mut Events) -> Option<messenger_client::PresenceUpdate> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Event::Presence(update))) => return Some(update),
+            Ok(Some(_)) => continue,
+            Err(_) | Ok(None) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_updates_reach_only_contacts_in_small_conversations() {
+    let system = TestSystem::start_with(|config| config.message.presence_updates_max_members = 2).await;
+    let (alice, mut alice_events) = system.connect("alice", "alice-phone").await;
+    let (_carol, mut carol_events) = system.connect("carol", "carol-phone").await;
+    let (_erin, mut erin_events) = system.connect("erin", "erin-phone").await;
+    alice.direct("bob").await.unwrap();
+    // Three members: over the limit of two, so erin is no contact of bob's.
+    alice.create_group("big", &["bob", "erin"]).await.unwrap();
+
+    let (bob_phone, _bob_phone_events) = system.connect("bob", "bob-phone").await;
+    let online = presence_update(&mut alice_events).await.expect("alice was not told bob came online");
+    assert_eq!((online.user_id.as_str(), online.online), ("bob", true));
+    assert!(alice.presence("bob").unwrap().online);
+    assert!(presence_update(&mut carol_events).await.is_none(), "carol shares no conversation with bob");
+    assert!(presence_update(&mut erin_events).await.is_none(), "erin shares only a group over the limit");
+
+    // A second device is no news; only the last one leaving is.
+    let (bob_laptop, _bob_laptop_events) = system.connect("bob", "bob-laptop").await;
+    assert!(presence_update(&mut alice_events).await.is_none(), "a second device announced bob again");
+    bob_laptop.close().await;
+    assert!(presence_update(&mut alice_events).await.is_none(), "bob went offline with a device still connected");
+    bob_phone.close().await;
+    let offline = presence_update(&mut alice_events).await.expect("alice was not told bob went offline");
+    assert_eq!((offline.user_id.as_str(), offline.online), ("bob", false));
+    assert!(offline.last_seen_ms >= online.last_seen_ms);
+    assert!(!alice.presence("bob").unwrap().online);
+}
