@@ -112,30 +112,21 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     }
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let mut registrations = Vec::new();
     let discovery: Arc<dyn Discovery> = match config.discovery.backend {
         DiscoveryBackend::Static => Arc::new(StaticDiscovery::new(config.discovery.clone())),
         DiscoveryBackend::Etcd => {
-            let mut registrations = Vec::new();
+            let advertised = |address| config.discovery.advertised(address).map_err(anyhow::Error::msg);
             if let Some(address) = addresses.presence {
-                registrations.push((Role::Presence, config.discovery.advertised(address)));
+                registrations.push((Role::Presence, advertised(address)?));
             }
             if let Some(address) = addresses.message {
-                registrations.push((Role::Message, config.discovery.advertised(address)));
+                registrations.push((Role::Message, advertised(address)?));
             }
             if let Some(address) = addresses.gateway_internal {
-                let advertised = config.discovery.advertised(address);
-                if config.gateway.advertise_internal.is_none() {
-                    config.gateway.advertise_internal = Some(advertised.clone().map_err(anyhow::Error::msg)?);
-                }
-                registrations.push((Role::Gateway, advertised));
-            }
-            for (role, advertised) in registrations {
-                let advertised = advertised.map_err(anyhow::Error::msg)?;
-                let registration = etcd::register(config.discovery.etcd.clone(), role, advertised, shutdown.clone());
-                tasks.spawn(async move {
-                    registration.await;
-                    Ok(())
-                });
+                let address = advertised(address)?;
+                config.gateway.advertise_internal.get_or_insert_with(|| address.clone());
+                registrations.push((Role::Gateway, address));
             }
             EtcdDiscovery::start(config.discovery.etcd.clone(), shutdown.clone()).await
         }
@@ -167,6 +158,15 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         };
         let (options, server_options, token) = (config.gateway.clone(), config.server.clone(), shutdown.clone());
         tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, token));
+    }
+    // Registered last, once every store is open and every server is serving:
+    // nobody is routed to an instance that cannot answer yet.
+    for (role, address) in registrations {
+        let registration = etcd::register(config.discovery.etcd.clone(), role, address, shutdown.clone());
+        tasks.spawn(async move {
+            registration.await;
+            Ok(())
+        });
     }
     Ok(Running { addresses, shutdown, tasks })
 }

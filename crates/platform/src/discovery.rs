@@ -303,15 +303,35 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RoleChannel {
             }
             .await;
             // Every error here is the transport's (the server's own errors
-            // arrive as responses): the instance is unreachable, or the call's
-            // fate unknown. UNAVAILABLE tells callers to retry idempotent calls.
+            // arrive as responses). A call past its deadline says the call
+            // was slow, not that the instance is gone: DEADLINE_EXCEEDED, and
+            // the instance keeps its traffic. Anything else (refused, reset)
+            // means unreachable, or the call's fate unknown: UNAVAILABLE, which
+            // tells callers to retry idempotent calls, and the instance is
+            // passed over for a while.
             result.map_err(|error| {
+                let what = format!("{} instance {address}: {error}", this.role);
+                if timed_out(&error) {
+                    return BoxError::from(tonic::Status::deadline_exceeded(what));
+                }
                 tracing::warn!(role = %this.role, %address, %error, "call failed; passing over this instance for a while");
                 this.mark_unhealthy(address.clone());
-                BoxError::from(tonic::Status::unavailable(format!("{} instance {address}: {error}", this.role)))
+                BoxError::from(tonic::Status::unavailable(what))
             })
         })
     }
+}
+
+/// Whether a transport error is the per-call deadline expiring.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// A channel to the instances of `role`, following discovery as it changes.

@@ -49,6 +49,9 @@ struct Session {
     session_id: String,
     out: mpsc::Sender<Outbound>,
     last_sent: HashMap<String, u64>,
+    /// Per conversation, the newest live message held back behind seqs that
+    /// history could not supply yet.
+    deferred: HashMap<String, u64>,
 }
 
 fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
@@ -130,7 +133,15 @@ pub(crate) async fn run(
     }
     info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");
 
-    let mut session = Session { context: context.clone(), user, device, session_id, out, last_sent: HashMap::new() };
+    let mut session = Session {
+        context: context.clone(),
+        user,
+        device,
+        session_id,
+        out,
+        last_sent: HashMap::new(),
+        deferred: HashMap::new(),
+    };
     let end = session.serve(&mut inbound, inbox, resync).await;
     match &end {
         End::ClientGone => {}
@@ -283,14 +294,35 @@ impl Session {
             Some(last) if message.seq <= last => Ok(()),
             Some(last) if message.seq == last + 1 => self.push(message.clone()).await,
             Some(last) => {
-                self.fill_gap(&message.conversation_id, last, message.seq).await?;
-                self.push(message.clone()).await
+                if self.fill_gap(&message.conversation_id, last, message.seq).await? {
+                    self.push(message.clone()).await?;
+                } else {
+                    // Earlier seqs are not readable yet (a store whose
+                    // concurrent writers land out of order): never push past
+                    // them, or the device's cursor would skip them. Fetched
+                    // once they are, when the next live message arrives.
+                    let deferred = self.deferred.entry(message.conversation_id.clone()).or_insert(0);
+                    *deferred = (*deferred).max(message.seq);
+                }
+                Ok(())
             }
-        }
+        }?;
+        self.catch_up_deferred(&message.conversation_id).await
     }
 
-    /// Fetches and pushes (last, upto) exclusive, from history.
-    async fn fill_gap(&mut self, conversation_id: &str, mut last: u64, upto: u64) -> Result<(), End> {
+    /// Pushes live messages held back behind a gap, once the gap is readable.
+    async fn catch_up_deferred(&mut self, conversation_id: &str) -> Result<(), End> {
+        let Some(&deferred) = self.deferred.get(conversation_id) else { return Ok(()) };
+        let last = self.last_sent.get(conversation_id).copied().unwrap_or(0);
+        if deferred <= last || self.fill_gap(conversation_id, last, deferred + 1).await? {
+            self.deferred.remove(conversation_id);
+        }
+        Ok(())
+    }
+
+    /// Fetches and pushes (last, upto) exclusive, from history; false if
+    /// history could not (yet) supply all of it.
+    async fn fill_gap(&mut self, conversation_id: &str, mut last: u64, upto: u64) -> Result<bool, End> {
         while last + 1 < upto {
             let request = pb::MessageHistoryRequest {
                 user_id: self.user.clone(),
@@ -303,18 +335,18 @@ impl Session {
             let messages = match page {
                 Ok(page) => page.into_inner().messages,
                 // Removed from the conversation meanwhile, say: nothing more to show.
-                Err(status) if status.code() == Code::NotFound => return Ok(()),
+                Err(status) if status.code() == Code::NotFound => return Ok(true),
                 Err(status) => return Err(End::Upstream(status)),
             };
             if messages.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             for message in messages {
                 last = last.max(message.seq);
                 self.push(message).await?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn handle(

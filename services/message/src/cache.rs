@@ -270,11 +270,31 @@ impl CachedStore {
     }
 
     /// Inbox subjects of everyone who is a member after a write, plus `extra`
-    /// (members the write removed). A failed read bumps what it can.
+    /// (members the write removed). When the members cannot be read, whose
+    /// inboxes changed is unknown: every key is retired instead.
     async fn inboxes(&self, id: Uuid, extra: &[&str]) -> Vec<Subject> {
-        let mut users: Vec<String> = self.inner.active_member_ids(id).await.map(|ids| ids.to_vec()).unwrap_or_default();
+        let mut users: Vec<String> = match self.inner.active_member_ids(id).await {
+            Ok(ids) => ids.to_vec(),
+            Err(error) => {
+                self.retire_everything(&error).await;
+                Vec::new()
+            }
+        };
         users.extend(extra.iter().map(|user| (*user).to_owned()));
         users.into_iter().map(Subject::Inbox).collect()
+    }
+
+    /// Makes every key written so far unreachable.
+    async fn retire_everything(&self, cause: &Error) {
+        tracing::warn!(%cause, "cache cannot tell what a write changed; retiring every entry");
+        match &self.shared {
+            Shared::Local(local) => {
+                // Fresh generations come from the counter: none repeats an old one.
+                local.current.invalidate_all();
+                self.near.invalidate_all();
+            }
+            Shared::Redis(tier) => tier.retire_everything(cause).await,
+        }
     }
 }
 

@@ -38,10 +38,14 @@
 //! # Known gaps
 //!
 //! - A crash (or a write failing past its retries) between the reservation
-//!   and the row write leaves seqs with no row. Readers skip the hole:
-//!   history, sync and gap fill return the entries that exist, so a client
-//!   sees a seq number missing but nothing out of order or duplicated; the
-//!   sender got no ack and retries, which gives the message a new seq.
+//!   and the row write leaves seqs with no row. Rows of concurrent writers
+//!   also land out of order, so forward reads (gap fill, sync) stop at a
+//!   missing seq until the next present row is older than twice
+//!   `lock_timeout`, then skip it as lost (`reads.rs`): no device's cursor
+//!   passes a seq that may still arrive, and a lost one delays what follows
+//!   by at most that long. The sender of a lost seq got no ack and retries,
+//!   which gives the message a new seq; clients see a seq number missing but
+//!   nothing out of order or duplicated.
 //! - An LWT whose outcome is unknown (timeout) is resolved by re-reading the
 //!   head at SERIAL: `last_reservation` names the LWT that last moved it. If
 //!   another reservation already followed, the outcome cannot be told and the

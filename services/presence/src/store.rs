@@ -165,10 +165,13 @@ impl PresenceStore for MemoryStore {
         if mode == Mode::Restore && leases.iter().any(newer) {
             return Err(Error::Superseded { session: session.session_id });
         }
-        leases.retain(|lease| !same_device(lease) && lease.session.session_id != session.session_id);
-        if leases.len() >= max_per_user {
+        // Count what would remain before removing anything: a refused
+        // registration must not cost the device its live session.
+        let replaced = |lease: &Lease| same_device(lease) || lease.session.session_id == session.session_id;
+        if leases.iter().filter(|lease| !replaced(lease)).count() >= max_per_user {
             return Err(Error::TooManySessions { user: session.user_id, limit: max_per_user });
         }
+        leases.retain(|lease| !replaced(lease));
         let user_id = session.user_id.clone();
         leases.push(Lease { session, expires_at_ms: now + ttl });
         state.seen(&user_id, now);

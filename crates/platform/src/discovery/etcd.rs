@@ -100,7 +100,10 @@ async fn connect(options: &EtcdOptions) -> Result<Client, etcd_client::Error> {
         .with_connect_timeout(options.connect_timeout)
         .with_timeout(options.request_timeout)
         .with_keep_alive(Duration::from_secs(2), options.connect_timeout)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the leader refuses instead of serving a
+        // watch that never fires.
+        .with_require_leader(true);
     Client::connect(&options.endpoints, Some(connect)).await
 }
 

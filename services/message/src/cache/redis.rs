@@ -20,6 +20,9 @@
 //! lock only to mark the tier dirty; the probe holds it only for the epoch
 //! write, never for a ping into a dead server. A process also starts dirty: it
 //! cannot know whether its predecessor died between a commit and its bump.
+//! Every reconnection makes it dirty too: the server on the other end may
+//! have restarted from an older snapshot (or be a promoted replica), bringing
+//! back generations that bumps had already replaced.
 //! Transitions happen under one lock, so a failure racing the recovery is
 //! never lost.
 //!
@@ -39,7 +42,7 @@ use std::{
 
 use fred::{
     clients::Client,
-    interfaces::{ClientLike, KeysInterface},
+    interfaces::{ClientLike, EventInterface, KeysInterface},
     types::{Expiration, SetOptions, config::Config},
 };
 use serde::{Deserialize, Serialize};
@@ -263,6 +266,11 @@ impl RedisTier {
         }
     }
 
+    /// Off until a new epoch is set (by the probe, at once if Redis answers).
+    pub(super) async fn retire_everything(&self, cause: &Error) {
+        self.health.fail("invalidation", cause, true).await;
+    }
+
     pub(super) async fn fetch(&self, key: &str) -> Option<Value> {
         let bytes: Option<Vec<u8>> = match self.client.get(format!("{}e:{key}", self.prefix)).await {
             Ok(bytes) => bytes,
@@ -318,10 +326,19 @@ impl Handle {
 async fn probe(handle: Handle, interval: Duration, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconnects = handle.client.reconnect_rx();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = ticks.tick() => {}
+            // A new connection may be to a Redis restarted from an older
+            // snapshot, or a promoted replica that missed recent bumps: old
+            // generations with their entries could be back. Retire them all.
+            reconnected = reconnects.recv() => {
+                if !matches!(reconnected, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    handle.health.fail("connection", &"redis reconnected", true).await;
+                }
+            }
         }
         if handle.health.degraded.load(Ordering::SeqCst)
             && let Err(error) = handle.recover().await

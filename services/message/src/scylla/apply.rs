@@ -346,7 +346,7 @@ async fn plan(inner: &Inner, head: &Head, actor: &Member, request: &ChangeReques
 pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
     let id = request.conversation_id;
     let token = Uuid::now_v7();
-    let lock_timeout_ms = inner.options.lock_timeout.as_millis() as i64;
+    let lock_timeout_ms = super::send::takeover_after_ms(inner);
     let mut wait = Duration::from_millis(5);
     for _ in 0..inner.options.lwt_max_retries {
         let head = head(inner, id, true).await?.ok_or(Error::ConversationNotFound)?;

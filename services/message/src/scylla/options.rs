@@ -115,8 +115,12 @@ pub struct ScyllaOptions {
     /// How long a send's dedupe claim is kept.
     #[serde(with = "humantime_serde")]
     pub dedupe_ttl: Duration,
-    /// How long a send claim without seq, or a conversation's apply lock, may
-    /// be held before another instance takes it over (its holder is presumed dead).
+    /// A writer's budget: a send reserves its seqs within half of it, and its
+    /// row writes (three attempts of `request_timeout`) end well within it.
+    /// Another instance takes over a send claim without seq, or a
+    /// conversation's apply lock, only after twice it (its holder is then
+    /// surely gone), and forward reads treat a missing seq as lost only when
+    /// the next present row is older than twice it.
     #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
 }

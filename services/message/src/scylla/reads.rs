@@ -2,8 +2,16 @@
 //!
 //! Messages are spread over buckets of 4096 seqs, so every range read walks
 //! the buckets of its range in order and stops once it has enough rows. The
-//! head's `last_seq` bounds every walk. Missing seqs (see the known gaps in
-//! `scylla.rs`) are skipped, never waited for.
+//! head's `last_seq` bounds every walk.
+//!
+//! Missing seqs: rows of concurrent writers land out of order, so a seq
+//! missing below a present one may still be written. Forward reads (gap fill,
+//! sync) stop at such a gap, so no device's cursor passes a seq that could
+//! still arrive, unless the next present row is older than twice
+//! `lock_timeout`: every writer that reserved before it has given up by then
+//! (reservation and row writes both run under `lock_timeout / 2` budgets), so
+//! the seq is lost for good (see the known gaps in `scylla.rs`) and skipped.
+//! Backward reads (the newest page) show what exists.
 
 use std::collections::HashMap;
 
@@ -66,18 +74,43 @@ async fn range(
     if from > to || limit == 0 {
         return Ok(found);
     }
+    // Forward reads: the next seq due, and when a gap counts as lost for good.
+    let mut expected = from;
+    let settled = messenger_platform::ids::now_ms() - 2 * inner.options.lock_timeout.as_millis() as i64;
     for (index, low, high) in spans(from, to, descending) {
         let want = i32::try_from(limit - found.len()).unwrap_or(i32::MAX);
         let statement =
             if descending { &inner.statements.messages_descending } else { &inner.statements.messages_ascending };
         let rows: Vec<MessageRow> = inner.rows(statement, (id, index, seq_value(low), seq_value(high), want)).await?;
+        let before = found.len();
         found.extend(rows.into_iter().filter_map(|row| row.into_message().map(|(message, _)| message)));
+        if !descending {
+            let readable = readable_prefix(&found[before..], expected, settled);
+            if readable < found.len() - before {
+                found.truncate(before + readable);
+                break;
+            }
+            expected = found.last().map_or(expected, |row| row.seq + 1);
+        }
         if found.len() >= limit {
             found.truncate(limit);
             break;
         }
     }
     Ok(found)
+}
+
+/// How many of `rows` (ascending, the first expected at `expected`) can be
+/// handed out: up to the first gap that may still fill, i.e. whose next
+/// present row was sent after `settled`.
+pub(super) fn readable_prefix(rows: &[StoredMessage], mut expected: u64, settled: i64) -> usize {
+    for (index, row) in rows.iter().enumerate() {
+        if row.seq > expected && row.sent_at_ms > settled {
+            return index;
+        }
+        expected = row.seq + 1;
+    }
+    rows.len()
 }
 
 pub(super) async fn history(

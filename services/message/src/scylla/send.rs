@@ -243,7 +243,11 @@ async fn claim(inner: &Inner, message: &NewMessage) -> Result<Claim> {
             return Ok(Claim::Ours);
         }
         let claimed_at = lwt.bigint("claimed_at_ms").unwrap_or(0);
-        let stale = now.saturating_sub(claimed_at) > inner.options.lock_timeout.as_millis() as i64;
+        // Twice the holder's budget: a holder reserves within `lock_timeout / 2`
+        // and its row writes (three attempts, each bounded by the request and
+        // the server's write timeout) end well before, so a claim taken over
+        // here can no longer get a row from its first holder.
+        let stale = now.saturating_sub(claimed_at) > takeover_after_ms(inner);
         if !stale || attempts >= 3 {
             return Err(Error::Unavailable("an earlier attempt of this message is in flight; retry".into()));
         }
@@ -256,6 +260,11 @@ async fn claim(inner: &Inner, message: &NewMessage) -> Result<Claim> {
             return Ok(Claim::Ours);
         }
     }
+}
+
+/// How long a claim or apply lock without progress stays its holder's.
+pub(super) fn takeover_after_ms(inner: &Inner) -> i64 {
+    2 * inner.options.lock_timeout.as_millis() as i64
 }
 
 /// Gives a claim up (the send failed before its seq was reserved), so the

@@ -702,3 +702,23 @@ async fn scylla_passes_the_contract_suite() {
     let cases = crate::store::contract::run_all(&store).await;
     eprintln!("message store contract: {cases} cases passed on scylla (keyspace {})", options.keyspace);
 }
+
+#[test]
+fn forward_reads_stop_at_gaps_that_may_still_fill() {
+    use super::reads::readable_prefix;
+    let row = |seq: u64, sent_at_ms: i64| {
+        let mut message =
+            crate::store::StoredMessage::event(uuid::Uuid::nil(), "a", crate::store::Kind::Text, sent_at_ms);
+        message.seq = seq;
+        message
+    };
+    let settled = 1_000;
+    // Contiguous: everything.
+    assert_eq!(readable_prefix(&[row(5, 2_000), row(6, 2_000)], 5, settled), 2);
+    // Seq 7 missing and 8 is recent: 7 may still land, stop before 8.
+    assert_eq!(readable_prefix(&[row(5, 2_000), row(6, 2_000), row(8, 2_000)], 5, settled), 2);
+    // The same gap behind an old row: lost for good, skipped.
+    assert_eq!(readable_prefix(&[row(5, 500), row(6, 500), row(8, 900)], 5, settled), 3);
+    // A gap before the first row counts too.
+    assert_eq!(readable_prefix(&[row(7, 2_000)], 5, settled), 0);
+}
