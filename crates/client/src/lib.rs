@@ -132,6 +132,32 @@ impl Gateways {
     pub(crate) fn len(&self) -> usize {
         self.apis.len()
     }
+
+    /// A call that is safe to repeat: tried once more on the next gateway if
+    /// this one was unreachable.
+    async fn retried<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(Api) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        match call(self.current()).await {
+            Err(status) if status.code() == tonic::Code::Unavailable && self.fail_over() => call(self.current()).await,
+            answered => answered,
+        }
+    }
+
+    /// A call that must not be repeated (it may have taken effect): the next
+    /// call goes to the next gateway if this one was unreachable.
+    async fn once<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let answer = call.await;
+        if matches!(&answer, Err(status) if status.code() == tonic::Code::Unavailable) {
+            self.fail_over();
+        }
+        answer
+    }
 }
 
 /// A connected device. Cheap to clone; the connection closes when every clone is dropped.
@@ -234,20 +260,41 @@ impl Client {
     /// The 1:1 conversation with `peer_id`, created on first use.
     pub async fn direct(&self, peer_id: &str) -> Result<Conversation, Error> {
         let request = pb::GetOrCreateDirectRequest { peer_id: peer_id.to_owned() };
-        let response = self.api.current().get_or_create_direct(request).await?.into_inner();
+        let response = self
+            .api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.get_or_create_direct(request).await }
+            })
+            .await?
+            .into_inner();
         response.conversation.ok_or_else(|| Error::Protocol("response without conversation".into()))
     }
 
     /// Messages before `before_seq` (0: the newest), ascending.
     pub async fn history(&self, conversation_id: &str, before_seq: u64, limit: u32) -> Result<HistoryResponse, Error> {
         let request = pb::HistoryRequest { conversation_id: conversation_id.to_owned(), before_seq, limit };
-        Ok(self.api.current().history(request).await?.into_inner())
+        Ok(self
+            .api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.history(request).await }
+            })
+            .await?
+            .into_inner())
     }
 
     /// The inbox, most recent activity first; pass `next_page_token` for the next page.
     pub async fn conversations(&self, page_token: &str, limit: u32) -> Result<ListConversationsResponse, Error> {
         let request = pb::ListConversationsRequest { page_token: page_token.to_owned(), limit };
-        Ok(self.api.current().list_conversations(request).await?.into_inner())
+        Ok(self
+            .api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.list_conversations(request).await }
+            })
+            .await?
+            .into_inner())
     }
 
     /// Marks everything up to `seq` read; sent with the next acks (kept while offline).
@@ -269,7 +316,7 @@ impl Client {
             title: title.to_owned(),
             member_ids: member_ids.iter().map(|m| m.to_string()).collect(),
         };
-        let response = self.api.current().create_group(request).await?.into_inner();
+        let response = self.api.once(self.api.current().create_group(request)).await?.into_inner();
         response.conversation.ok_or_else(|| Error::Protocol("response without conversation".into()))
     }
 
@@ -279,7 +326,7 @@ impl Client {
         change: pb::update_group_request::Change,
     ) -> Result<Option<Message>, Error> {
         let request = pb::UpdateGroupRequest { conversation_id: conversation_id.to_owned(), change: Some(change) };
-        Ok(self.api.current().update_group(request).await?.into_inner().event)
+        Ok(self.api.once(self.api.current().update_group(request)).await?.into_inner().event)
     }
 
     pub async fn add_members(&self, conversation_id: &str, user_ids: &[&str]) -> Result<Option<Message>, Error> {
@@ -312,7 +359,7 @@ impl Client {
     ) -> Result<Option<Message>, Error> {
         let request =
             pb::ModifyMessageRequest { conversation_id: conversation_id.to_owned(), target_seq, change: Some(change) };
-        Ok(self.api.current().modify_message(request).await?.into_inner().event)
+        Ok(self.api.once(self.api.current().modify_message(request)).await?.into_inner().event)
     }
 
     /// Replaces the body of one's own message (within the server's edit window).
@@ -348,7 +395,14 @@ impl Client {
     /// Who (besides the caller) has received and read the message at `seq`.
     pub async fn receipts(&self, conversation_id: &str, seq: u64) -> Result<GetReceiptsResponse, Error> {
         let request = pb::GetReceiptsRequest { conversation_id: conversation_id.to_owned(), seq };
-        Ok(self.api.current().get_receipts(request).await?.into_inner())
+        Ok(self
+            .api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.get_receipts(request).await }
+            })
+            .await?
+            .into_inner())
     }
 
     /// This device's current view of a conversation.

@@ -61,6 +61,9 @@ pub(crate) async fn run(context: Arc<Context>) {
 async fn renew(context: &Context, warned: &mut bool) -> Result<(), Status> {
     let held = context.registry.leases();
     let mut unknown = Vec::new();
+    // A failed chunk does not cost the others their restores: it is reported
+    // after them, and retried at the next renewal.
+    let mut failed = None;
     for chunk in held.chunks(MAX_SESSIONS_PER_RENEW) {
         let request = pb::RenewRequest {
             gateway_id: context.gateway_id.clone(),
@@ -69,21 +72,27 @@ async fn renew(context: &Context, warned: &mut bool) -> Result<(), Status> {
                 .map(|s| pb::SessionRef { user_id: s.user_id.clone(), session_id: s.session_id.clone() })
                 .collect(),
         };
-        let response = context.presence.clone().renew(request).await?.into_inner();
+        let response = match context.presence.clone().renew(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                failed = Some(status);
+                continue;
+            }
+        };
         if !*warned {
             *warned = !interval_fits(context, response.session_ttl_ms);
         }
         unknown.extend(response.unknown_session_ids);
     }
     if unknown.is_empty() {
-        return Ok(());
+        return failed.map_or(Ok(()), Err);
     }
     let by_id: HashMap<&str, &Arc<pb::Session>> = held.iter().map(|s| (s.session_id.as_str(), s)).collect();
     let lost: Vec<Arc<pb::Session>> =
         unknown.iter().filter_map(|id| by_id.get(id.as_str()).copied().cloned()).collect();
     info!(sessions = lost.len(), "presence no longer knew some sessions; registering them again");
     futures::stream::iter(lost).for_each_concurrent(CONCURRENT_RESTORES, |session| restore(context, session)).await;
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Registers a session presence reported unknown, if this gateway still holds it.

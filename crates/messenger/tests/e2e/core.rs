@@ -542,3 +542,16 @@ async fn a_malformed_ack_is_refused_alone() {
     let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
     assert_quiet(&mut bob_events).await;
 }
+
+#[tokio::test]
+async fn sdk_moves_on_to_a_fallback_gateway() {
+    let system = TestSystem::start().await;
+    let dead = format!("http://127.0.0.1:{}", messenger_testkit::free_port());
+    let mut options = system.options("alice", "alice-phone");
+    options.fallback_endpoints = vec![std::mem::replace(&mut options.endpoint, dead)];
+    let (alice, _events) = messenger_client::Client::connect(options).await.expect("the fallback was not tried");
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    alice.send(&conversation, "through the fallback").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.body, "through the fallback");
+}
