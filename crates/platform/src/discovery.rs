@@ -256,13 +256,16 @@ impl RoleChannel {
     /// The instance a call with `key` goes to now.
     pub fn pick(&self, key: Option<&[u8]>) -> Result<String, Error> {
         let mut addresses = self.discovery.endpoints(self.role);
-        if addresses.is_empty() {
-            return Err(Error::NoInstances(self.role));
+        match addresses.len() {
+            0 => return Err(Error::NoInstances(self.role)),
+            // Nothing to choose, nothing to pass over.
+            1 => return Ok(addresses.swap_remove(0)),
+            _ => {}
         }
         match key {
             Some(key) => addresses = rank(key, &addresses),
             None => {
-                addresses.sort_unstable();
+                // Discovery lists instances in a stable order.
                 let start = self.next.fetch_add(1, Ordering::Relaxed) % addresses.len();
                 addresses.rotate_left(start);
             }
