@@ -62,11 +62,9 @@ impl Outgoing {
     }
 }
 
-/// Deliver calls retried after an unreachable gateway, and live deliveries
-/// dropped after the retry failed (their devices catch up by sync).
-pub(crate) static DELIVER_RETRIES: AtomicU64 = AtomicU64::new(0);
+/// Live deliveries dropped because their gateway could not take them (their
+/// devices catch up by gap fill or sync).
 pub(crate) static DELIVERIES_DROPPED: AtomicU64 = AtomicU64::new(0);
-const DELIVER_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Clone)]
 pub struct Fanout {
@@ -290,21 +288,12 @@ impl Worker {
                         return;
                     }
                 };
-                let client = GatewayInternalServiceClient::new(channel);
-                let deliver = |deliveries| {
-                    let mut client = client.clone();
-                    async move { client.deliver(DeliverRequest { deliveries }).await }
-                };
-                let mut answer = deliver(deliveries.clone()).await;
-                // One retry for a gateway that was unreachable for a moment; a
-                // dead gateway's sessions expire and their devices resume
-                // elsewhere from their cursors, so nothing is lost by dropping.
-                if matches!(&answer, Err(status) if status.code() == tonic::Code::Unavailable) {
-                    DELIVER_RETRIES.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(DELIVER_RETRY_DELAY).await;
-                    answer = deliver(deliveries).await;
-                }
-                match answer {
+                // Not retried: a retry would need a copy of every batch, and it
+                // is not needed. A dropped entry reaches its devices by gap fill
+                // (the next live entry) or by sync; a dead gateway's devices
+                // reconnect elsewhere and resume from their cursors.
+                let mut client = GatewayInternalServiceClient::new(channel);
+                match client.deliver(DeliverRequest { deliveries }).await {
                     Ok(response) => {
                         let missing = response.into_inner().missing_sessions;
                         debug!(gateway = address, count, missing, "delivered");
