@@ -36,11 +36,11 @@ use std::{
 };
 
 use async_trait::async_trait;
+use messenger_platform::redis::RedisOptions;
 use moka::future::Cache;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-pub use self::redis::RedisCacheOptions;
 use self::redis::RedisTier;
 use crate::{
     error::{Error, Result},
@@ -71,8 +71,15 @@ pub struct CacheOptions {
     /// Entries expire after this long, in process and in Redis.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// Used when `backend = "redis"`.
-    pub redis: RedisCacheOptions,
+    /// Used when `backend = "redis"`: where it is, and a command timeout
+    /// beyond which a call counts as failed and the cache is bypassed.
+    pub redis: RedisOptions,
+    /// How often a bypassed Redis cache checks whether Redis is back.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// At most one warning per this interval while Redis keeps failing.
+    #[serde(with = "humantime_serde")]
+    pub warn_interval: Duration,
 }
 
 impl Default for CacheOptions {
@@ -82,7 +89,13 @@ impl Default for CacheOptions {
             backend: CacheBackend::Memory,
             max_entries: 200_000,
             ttl: Duration::from_secs(600),
-            redis: RedisCacheOptions::default(),
+            redis: RedisOptions {
+                key_prefix: "messenger:cache:".into(),
+                command_timeout: Duration::from_millis(100),
+                ..RedisOptions::default()
+            },
+            probe_interval: Duration::from_secs(1),
+            warn_interval: Duration::from_secs(10),
         }
     }
 }
@@ -96,7 +109,10 @@ impl CacheOptions {
             return Err("message.cache.ttl must be at least 1ms".into());
         }
         if self.backend == CacheBackend::Redis {
-            self.redis.validate()?;
+            self.redis.validate("message.cache.redis")?;
+            if self.probe_interval.is_zero() {
+                return Err("message.cache.probe_interval must be positive".into());
+            }
         }
         Ok(())
     }
@@ -166,7 +182,7 @@ impl CachedStore {
     /// Redis: the cache starts bypassed and takes over once Redis answers.
     pub async fn redis(inner: Arc<dyn MessageStore>, options: &CacheOptions) -> Result<Self> {
         let stats = Arc::new(CacheStats::default());
-        let tier = RedisTier::connect(&options.redis, options.ttl, stats.clone()).await?;
+        let tier = RedisTier::connect(options, stats.clone()).await?;
         Ok(Self::with_shared(inner, options, Shared::Redis(tier), stats))
     }
 

@@ -31,8 +31,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+pub use messenger_platform::redis::RedisOptions;
 pub use options::{Backend, Options};
-pub use redis::{RedisOptions, RedisStore};
+pub use redis::RedisStore;
 pub use store::{Error, MemoryStore, Mode, PresenceStore, Session, SessionRef, UserStatus};
 
 /// The store `options` ask for. Redis that cannot be reached yet is not an

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::redis::RedisOptions;
+use messenger_platform::redis::RedisOptions;
 
 /// Where sessions and last-seen times live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,7 +48,7 @@ impl Default for Options {
             max_sessions_per_user: 16,
             session_ttl: Duration::from_secs(30),
             backend: Backend::Memory,
-            redis: RedisOptions::default(),
+            redis: RedisOptions { key_prefix: "messenger:presence:".into(), ..RedisOptions::default() },
         }
     }
 }
@@ -65,7 +65,7 @@ impl Options {
             return Err(format!("presence.session_ttl must be at least {}ms", MIN_SESSION_TTL.as_millis()));
         }
         if self.backend == Backend::Redis {
-            self.redis.validate()?;
+            self.redis.validate("presence.redis")?;
         }
         Ok(())
     }

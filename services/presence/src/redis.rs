@@ -31,9 +31,9 @@ use async_trait::async_trait;
 use fred::{
     clients::{Client, Pipeline},
     interfaces::{ClientLike, HashesInterface, KeysInterface},
-    types::{ClusterHash, CustomCommand, Value, config::Config},
+    types::{ClusterHash, CustomCommand, Value},
 };
-use messenger_platform::ids;
+use messenger_platform::{ids, redis::RedisOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
@@ -42,46 +42,6 @@ use crate::store::{Error, Mode, PresenceStore, Session, SessionRef, UserStatus, 
 
 #[cfg(test)]
 mod tests;
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisOptions {
-    /// `redis://[user:password@]host:port[/db]`.
-    pub url: String,
-    /// Every key starts with this, so several deployments can share a Redis.
-    pub key_prefix: String,
-    /// A call slower than this fails with UNAVAILABLE (the gateway retries).
-    #[serde(with = "humantime_serde")]
-    pub command_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-}
-
-impl Default for RedisOptions {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            key_prefix: "messenger:presence:".into(),
-            command_timeout: Duration::from_millis(500),
-            connect_timeout: Duration::from_secs(1),
-        }
-    }
-}
-
-impl RedisOptions {
-    pub fn validate(&self) -> Result<(), String> {
-        Config::from_url(&self.url).map_err(|error| format!("presence.redis.url: {error}"))?;
-        if self.key_prefix.is_empty() {
-            return Err("presence.redis.key_prefix must not be empty".into());
-        }
-        for (key, value) in [("command_timeout", self.command_timeout), ("connect_timeout", self.connect_timeout)] {
-            if value.is_zero() {
-                return Err(format!("presence.redis.{key} must be positive"));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// A Lua script run by its SHA; loaded on first use and after `NOSCRIPT`.
 struct Script {
@@ -164,8 +124,7 @@ impl RedisStore {
     /// Connects to Redis. An unreachable Redis is not an error here: the
     /// client keeps reconnecting and calls answer UNAVAILABLE until it is back.
     pub async fn connect(options: &RedisOptions, session_ttl: Duration) -> Result<Self, Error> {
-        let client = messenger_platform::redis::client(&options.url, options.command_timeout, options.connect_timeout)
-            .map_err(|error| Error::InvalidConfig(format!("presence.redis.url: {error}")))?;
+        let client = options.client().map_err(|error| Error::InvalidConfig(format!("presence.redis.url: {error}")))?;
         match tokio::time::timeout(options.connect_timeout, client.wait_for_connect()).await {
             Ok(Ok(())) => info!(prefix = %options.key_prefix, "presence uses redis"),
             Ok(Err(error)) => warn!(%error, "redis not reachable yet; presence answers UNAVAILABLE until it is"),

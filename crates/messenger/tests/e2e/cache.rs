@@ -19,7 +19,7 @@ async fn a_paused_redis_costs_clients_no_error_and_no_stale_history() {
     let system = TestSystem::start_with(|config| {
         config.message.cache.backend = CacheBackend::Redis;
         config.message.cache.redis.url = redis.url();
-        config.message.cache.redis.probe_interval = Duration::from_millis(50);
+        config.message.cache.probe_interval = Duration::from_millis(50);
     })
     .await;
     let (alice, _alice_events) = system.connect("alice", "alice-phone").await;

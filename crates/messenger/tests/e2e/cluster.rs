@@ -102,9 +102,9 @@ retry_interval = "200ms"
 member_cache_entries = 0
 [message.cache]
 backend = "redis"
+probe_interval = "200ms"
 [message.cache.redis]
 url = "{redis}"
-probe_interval = "200ms"
 [presence]
 {presence_listen}backend = "redis"
 session_ttl = "3s"

@@ -43,64 +43,14 @@ use std::{
 use fred::{
     clients::Client,
     interfaces::{ClientLike, EventInterface, KeysInterface},
-    types::{Expiration, SetOptions, config::Config},
+    types::{Expiration, SetOptions},
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{info, warn};
 
-use super::{CacheStats, Subject, Value};
+use super::{CacheOptions, CacheStats, Subject, Value};
 use crate::error::{Error, Result};
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RedisCacheOptions {
-    /// `redis://[user:password@]host:port[/db]`.
-    pub url: String,
-    /// Every key starts with this, so several deployments can share a Redis.
-    pub key_prefix: String,
-    /// A call slower than this counts as a failure and degrades the cache.
-    #[serde(with = "humantime_serde")]
-    pub command_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// How often a degraded cache checks whether Redis is back.
-    #[serde(with = "humantime_serde")]
-    pub probe_interval: Duration,
-    /// At most one warning per this interval while Redis keeps failing.
-    #[serde(with = "humantime_serde")]
-    pub warn_interval: Duration,
-}
-
-impl Default for RedisCacheOptions {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            key_prefix: "messenger:cache:".into(),
-            command_timeout: Duration::from_millis(100),
-            connect_timeout: Duration::from_secs(1),
-            probe_interval: Duration::from_secs(1),
-            warn_interval: Duration::from_secs(10),
-        }
-    }
-}
-
-impl RedisCacheOptions {
-    pub fn validate(&self) -> Result<(), String> {
-        Config::from_url(&self.url).map_err(|error| format!("message.cache.redis.url: {error}"))?;
-        for (key, value) in [
-            ("command_timeout", self.command_timeout),
-            ("connect_timeout", self.connect_timeout),
-            ("probe_interval", self.probe_interval),
-        ] {
-            if value.is_zero() {
-                return Err(format!("message.cache.redis.{key} must be positive"));
-            }
-        }
-        Ok(())
-    }
-}
 
 #[derive(Default)]
 struct State {
@@ -153,9 +103,10 @@ fn generation_ttl(ttl: Duration) -> Expiration {
 }
 
 impl RedisTier {
-    pub(super) async fn connect(options: &RedisCacheOptions, ttl: Duration, stats: Arc<CacheStats>) -> Result<Self> {
-        let client = messenger_platform::redis::client(&options.url, options.command_timeout, options.connect_timeout)
-            .map_err(|error| Error::InvalidArgument(format!("message.cache.redis.url: {error}")))?;
+    pub(super) async fn connect(options: &CacheOptions, stats: Arc<CacheStats>) -> Result<Self> {
+        let (redis, ttl) = (&options.redis, options.ttl);
+        let client =
+            redis.client().map_err(|error| Error::InvalidArgument(format!("message.cache.redis.url: {error}")))?;
         let health = Arc::new(Health {
             degraded: AtomicBool::new(true),
             state: Mutex::new(State { degraded: true, dirty: true }),
@@ -166,12 +117,12 @@ impl RedisTier {
         let stop = CancellationToken::new();
         let tier = Self {
             client: client.clone(),
-            prefix: options.key_prefix.clone(),
+            prefix: redis.key_prefix.clone(),
             ttl,
             health: health.clone(),
             _probe: stop.clone().drop_guard(),
         };
-        match tokio::time::timeout(options.connect_timeout, client.wait_for_connect()).await {
+        match tokio::time::timeout(redis.connect_timeout, client.wait_for_connect()).await {
             Ok(Ok(())) => {
                 if let Err(error) = tier.recover().await {
                     health.fail("start", &error, false).await;

@@ -93,12 +93,12 @@ mod on_redis {
     fn options(redis: &RedisServer) -> CacheOptions {
         CacheOptions {
             backend: CacheBackend::Redis,
-            redis: RedisCacheOptions {
+            redis: RedisOptions {
                 url: redis.url(),
                 command_timeout: Duration::from_millis(100),
-                probe_interval: Duration::from_millis(50),
-                ..RedisCacheOptions::default()
+                ..CacheOptions::default().redis
             },
+            probe_interval: Duration::from_millis(50),
             ..CacheOptions::default()
         }
     }
@@ -268,10 +268,10 @@ mod on_redis {
         let port = messenger_testkit::free_port();
         let options = CacheOptions {
             backend: CacheBackend::Redis,
-            redis: RedisCacheOptions {
+            redis: RedisOptions {
                 url: format!("redis://127.0.0.1:{port}"),
                 connect_timeout: Duration::from_millis(200),
-                ..RedisCacheOptions::default()
+                ..CacheOptions::default().redis
             },
             ..CacheOptions::default()
         };
@@ -287,67 +287,45 @@ mod on_redis {
         contract::send(&store, id, "a", "m", "hello").await.unwrap();
         assert_eq!(newest(&store, id).await.len(), 1);
     }
-}
 
-/// A Redis that comes back from an older snapshot brings back replaced
-/// generations and their entries; no call failed meanwhile, so only the
-/// reconnection itself can tell the cache to retire them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_restored_from_an_older_snapshot_serves_nothing_stale() {
-    use std::time::Duration;
-
-    use messenger_testkit::RedisServer;
-
-    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-
-    let mut redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let truth: Arc<dyn MessageStore> =
-        Arc::new(SqliteStore::open(&dir.path().join("messages.db"), &SqliteOptions::default()).unwrap());
-    let mut options = CacheOptions { backend: CacheBackend::Redis, ..CacheOptions::default() };
-    options.redis.url = redis.url();
-    options.redis.probe_interval = Duration::from_millis(50);
-    let store = CachedStore::redis(truth.clone(), &options).await.unwrap();
-    let in_use = async |store: &CachedStore| {
-        for _ in 0..200 {
-            if !store.is_bypassed() {
-                return;
+    /// A Redis that comes back from an older snapshot brings back replaced
+    /// generations and their entries; no call failed meanwhile, so only the
+    /// reconnection itself can tell the cache to retire them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_restored_from_an_older_snapshot_serves_nothing_stale() {
+        fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("the cache did not use redis");
-    };
-    in_use(&store).await;
-    let id = store.get_or_create_direct("a", "b", Uuid::now_v7(), 1).await.unwrap().id;
-    contract::send(&store, id, "a", "m1", "first").await.unwrap();
-    assert_eq!(newest(&store, id).await.len(), 1);
 
-    // The snapshot: generations and the one-message page as they are now.
-    redis.stop();
-    let backup = tempfile::tempdir().unwrap();
-    copy_dir(&redis.dir().join("appendonlydir"), backup.path());
-    redis.restart();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    in_use(&store).await;
-    contract::send(&store, id, "a", "m2", "second").await.unwrap();
-    assert_eq!(newest(&store, id).await.len(), 2);
+        let mut redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (truth, store, _) = instances(&dir, &redis).await;
+        wait_in_use(&[&store]).await;
+        let id = store.get_or_create_direct("a", "b", Uuid::now_v7(), 1).await.unwrap().id;
+        contract::send(&store, id, "a", "m1", "first").await.unwrap();
+        assert_eq!(newest(&store, id).await.len(), 1);
 
-    // Back to the snapshot.
-    redis.stop();
-    std::fs::remove_dir_all(redis.dir().join("appendonlydir")).unwrap();
-    copy_dir(backup.path(), &redis.dir().join("appendonlydir"));
-    redis.restart();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    in_use(&store).await;
-    assert_eq!(newest(&store, id).await, newest_from(&*truth, id).await, "a generation from the snapshot came back");
-}
+        // The snapshot: generations and the one-message page as they are now.
+        redis.stop();
+        let backup = tempfile::tempdir().unwrap();
+        copy_dir(&redis.dir().join("appendonlydir"), backup.path());
+        redis.restart();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_in_use(&[&store]).await;
+        contract::send(&store, id, "a", "m2", "second").await.unwrap();
+        assert_eq!(newest(&store, id).await.len(), 2);
 
-async fn newest_from(store: &dyn MessageStore, id: Uuid) -> Vec<StoredMessage> {
-    store.history(id, HistoryRange::Before(None), SeqBounds::ALL, 50).await.unwrap()
+        // Back to the snapshot.
+        redis.stop();
+        std::fs::remove_dir_all(redis.dir().join("appendonlydir")).unwrap();
+        copy_dir(backup.path(), &redis.dir().join("appendonlydir"));
+        redis.restart();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_in_use(&[&store]).await;
+        assert_eq!(newest(&store, id).await, newest_of(&*truth, id).await, "a generation from the snapshot came back");
+    }
 }
