@@ -231,33 +231,41 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// carries one, round robin otherwise. An instance a call could not reach is
 /// passed over for `unhealthy_for`. Calls are never retried here (their
 /// bodies are streams); callers retry idempotent calls.
+///
+/// Cloning is one reference count: generated clients are cloned per call.
 #[derive(Clone)]
 pub struct RoleChannel {
+    inner: Arc<RoleChannelInner>,
+}
+
+struct RoleChannelInner {
     role: Role,
     discovery: Arc<dyn Discovery>,
     pool: ChannelPool,
-    next: Arc<AtomicUsize>,
-    unhealthy: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
+    next: AtomicUsize,
+    unhealthy: std::sync::Mutex<HashMap<String, Instant>>,
     unhealthy_for: Duration,
 }
 
 impl RoleChannel {
     pub fn new(discovery: Arc<dyn Discovery>, role: Role, options: &DiscoveryOptions) -> Self {
-        Self {
+        let inner = RoleChannelInner {
             role,
             discovery,
             pool: ChannelPool::new(options.clone()),
-            next: Arc::default(),
-            unhealthy: Arc::default(),
+            next: AtomicUsize::new(0),
+            unhealthy: std::sync::Mutex::default(),
             unhealthy_for: options.unhealthy_for,
-        }
+        };
+        Self { inner: Arc::new(inner) }
     }
 
     /// The instance a call with `key` goes to now.
     pub fn pick(&self, key: Option<&[u8]>) -> Result<String, Error> {
-        let mut addresses = self.discovery.endpoints(self.role);
+        let this = &self.inner;
+        let mut addresses = this.discovery.endpoints(this.role);
         match addresses.len() {
-            0 => return Err(Error::NoInstances(self.role)),
+            0 => return Err(Error::NoInstances(this.role)),
             // Nothing to choose, nothing to pass over.
             1 => return Ok(addresses.swap_remove(0)),
             _ => {}
@@ -266,20 +274,20 @@ impl RoleChannel {
             Some(key) => addresses = rank(key, &addresses),
             None => {
                 // Discovery lists instances in a stable order.
-                let start = self.next.fetch_add(1, Ordering::Relaxed) % addresses.len();
+                let start = this.next.fetch_add(1, Ordering::Relaxed) % addresses.len();
                 addresses.rotate_left(start);
             }
         }
         let now = Instant::now();
-        let mut unhealthy = self.unhealthy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unhealthy = this.unhealthy.lock().unwrap_or_else(|e| e.into_inner());
         unhealthy.retain(|_, until| *until > now);
         let healthy = addresses.iter().find(|address| !unhealthy.contains_key(*address));
         Ok(healthy.unwrap_or(&addresses[0]).clone())
     }
 
     fn mark_unhealthy(&self, address: String) {
-        let until = Instant::now() + self.unhealthy_for;
-        self.unhealthy.lock().unwrap_or_else(|e| e.into_inner()).insert(address, until);
+        let until = Instant::now() + self.inner.unhealthy_for;
+        self.inner.unhealthy.lock().unwrap_or_else(|e| e.into_inner()).insert(address, until);
     }
 }
 
@@ -299,7 +307,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RoleChannel {
             let key = request.headers().get(ROUTE_KEY).map(|value| value.as_bytes().to_vec());
             let unavailable = |error: Error| BoxError::from(tonic::Status::unavailable(error.to_string()));
             let address = this.pick(key.as_deref()).map_err(unavailable)?;
-            let mut channel = this.pool.get(&address).map_err(unavailable)?;
+            let mut channel = this.inner.pool.get(&address).map_err(unavailable)?;
             let result = async {
                 futures::future::poll_fn(|cx| tonic::codegen::Service::poll_ready(&mut channel, cx)).await?;
                 tonic::codegen::Service::call(&mut channel, request).await
@@ -313,11 +321,12 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RoleChannel {
             // tells callers to retry idempotent calls, and the instance is
             // passed over for a while.
             result.map_err(|error| {
-                let what = format!("{} instance {address}: {error}", this.role);
+                let role = this.inner.role;
+                let what = format!("{role} instance {address}: {error}");
                 if timed_out(&error) {
                     return BoxError::from(tonic::Status::deadline_exceeded(what));
                 }
-                tracing::warn!(role = %this.role, %address, %error, "call failed; passing over this instance for a while");
+                tracing::warn!(%role, %address, %error, "call failed; passing over this instance for a while");
                 this.mark_unhealthy(address.clone());
                 BoxError::from(tonic::Status::unavailable(what))
             })
@@ -343,15 +352,16 @@ pub fn channel(discovery: Arc<dyn Discovery>, role: Role, options: &DiscoveryOpt
 }
 
 /// One lazily connecting channel per instance address, reused across calls.
+/// Cloning shares the pool (reference counts only).
 #[derive(Clone, Debug)]
 pub struct ChannelPool {
-    options: DiscoveryOptions,
+    options: Arc<DiscoveryOptions>,
     channels: Arc<std::sync::Mutex<HashMap<String, Channel>>>,
 }
 
 impl ChannelPool {
     pub fn new(options: DiscoveryOptions) -> Self {
-        Self { options, channels: Arc::default() }
+        Self { options: Arc::new(options), channels: Arc::default() }
     }
 
     pub fn get(&self, address: &str) -> Result<Channel, Error> {

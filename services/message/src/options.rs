@@ -127,6 +127,7 @@ impl Options {
             ("message.max_reaction_bytes", self.max_reaction_bytes),
             ("message.sqlite.max_batch", self.sqlite.max_batch),
             ("message.sqlite.queue_depth", self.sqlite.queue_depth),
+            ("message.sqlite.wal_autocheckpoint_pages", self.sqlite.wal_autocheckpoint_pages as usize),
             ("message.fanout.workers", self.fanout.workers),
             ("message.fanout.queue_depth", self.fanout.queue_depth),
             ("message.fanout.max_batch", self.fanout.max_batch),

@@ -67,6 +67,8 @@ pub struct Direct {
 pub struct Group {
     pub members: usize,
     pub offered_messages_per_sec: u32,
+    /// A second run, at half of what the first (saturated) one delivered.
+    pub at_half_saturation: bool,
     pub messages: u64,
     pub deliveries: u64,
     pub deliveries_per_sec: f64,
@@ -163,7 +165,7 @@ impl Report {
             out += "\ngroup    members  msgs/s offered  deliveries/s  per cpu-s  reached all  last member p50 ms  p99 ms\n";
             for group in &self.group {
                 out += &format!(
-                    "         {:>7}  {:>14}  {:>12.0}  {:>9.0}  {:>5}/{:<5}  {:>17.2}  {:>6.2}\n",
+                    "         {:>7}  {:>14}  {:>12.0}  {:>9.0}  {:>5}/{:<5}  {:>17.2}  {:>6.2}{}\n",
                     group.members,
                     group.offered_messages_per_sec,
                     group.deliveries_per_sec,
@@ -171,7 +173,8 @@ impl Report {
                     group.messages_reaching_everyone,
                     group.messages,
                     group.last_member_p50_ms,
-                    group.last_member_p99_ms
+                    group.last_member_p99_ms,
+                    if group.at_half_saturation { "  (half of saturation)" } else { "" }
                 );
             }
         }
