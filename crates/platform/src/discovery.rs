@@ -285,7 +285,18 @@ impl RoleChannel {
         Ok(healthy.unwrap_or(&addresses[0]).clone())
     }
 
-    fn mark_unhealthy(&self, address: String) {
+    /// The channel to one instance (for callers that keep their own stream
+    /// per instance); pair with [`RoleChannel::mark_unhealthy`].
+    pub fn instance(&self, address: &str) -> Result<Channel, Error> {
+        self.inner.pool.get(address)
+    }
+
+    pub fn role(&self) -> Role {
+        self.inner.role
+    }
+
+    /// Passes `address` over for `unhealthy_for` (a call could not reach it).
+    pub fn mark_unhealthy(&self, address: String) {
         let until = Instant::now() + self.inner.unhealthy_for;
         self.inner.unhealthy.lock().unwrap_or_else(|e| e.into_inner()).insert(address, until);
     }

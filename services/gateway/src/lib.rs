@@ -11,6 +11,7 @@
 //!   fill, sends, acks, slow-consumer handling.
 //! - `registry.rs`: session id -> session inbox, used by `Deliver`.
 //! - `acks.rs`: every session's delivered acks, sent in one call per interval.
+//! - `sends.rs`: sends, over one `SendStream` per message-service instance.
 //! - `internal.rs`: `GatewayInternalService::Deliver`.
 //! - `leases.rs`: renews every session's presence lease in one `Renew` per
 //!   interval; re-registers the sessions presence no longer knows.
@@ -25,6 +26,7 @@ mod internal;
 mod leases;
 mod options;
 mod registry;
+mod sends;
 mod session;
 
 use std::{num::NonZeroU32, sync::Arc, time::Duration};
@@ -56,6 +58,8 @@ pub(crate) struct Context {
     advertise_internal: String,
     registry: registry::Registry,
     message: MessageServiceClient<RoleChannel>,
+    /// Sends, over one stream per message-service instance.
+    sends: sends::Sends,
     presence: PresenceServiceClient<RoleChannel>,
     /// Per-user send rate, shared by all of a user's sessions on this instance.
     send_limiter: DefaultKeyedRateLimiter<String>,
@@ -95,6 +99,12 @@ pub async fn serve(
         registry: registry::Registry::default(),
         message: MessageServiceClient::new(channel(Role::Message))
             .max_decoding_message_size(server_options.internal_max_message_bytes),
+        sends: sends::Sends::new(
+            channel(Role::Message),
+            options.send_stream_max_inflight,
+            deps.discovery_options.request_timeout,
+            server_options.internal_max_message_bytes,
+        ),
         presence: PresenceServiceClient::new(channel(Role::Presence)),
         send_limiter: RateLimiter::keyed(quota),
         acks: Arc::default(),

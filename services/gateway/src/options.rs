@@ -27,6 +27,9 @@ pub struct Options {
     pub inbox_depth: usize,
     /// Sends a session may have awaiting their ack; more are read only as acks return.
     pub max_inflight_sends: usize,
+    /// Sends this gateway may have in flight on its stream to one
+    /// message-service instance (all sessions together); more wait for a slot.
+    pub send_stream_max_inflight: usize,
     /// A client that sends no Hello within this is disconnected.
     #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
@@ -65,6 +68,7 @@ impl Default for Options {
             session_queue_depth: 256,
             inbox_depth: 1024,
             max_inflight_sends: 64,
+            send_stream_max_inflight: 1024,
             hello_timeout: Duration::from_secs(10),
             slow_consumer_timeout: Duration::from_secs(10),
             sync_page: 200,
@@ -84,6 +88,7 @@ impl Options {
             ("gateway.session_queue_depth", self.session_queue_depth),
             ("gateway.inbox_depth", self.inbox_depth),
             ("gateway.max_inflight_sends", self.max_inflight_sends),
+            ("gateway.send_stream_max_inflight", self.send_stream_max_inflight),
             ("gateway.sync_page", self.sync_page as usize),
             ("gateway.sends_per_second", self.sends_per_second as usize),
             ("gateway.send_burst", self.send_burst as usize),

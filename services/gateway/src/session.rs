@@ -14,10 +14,9 @@
 use std::{collections::HashMap, sync::Arc};
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
-use messenger_platform::{discovery::RoleChannel, ids};
+use messenger_platform::ids;
 use messenger_proto::v1::{
-    self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery,
-    message_service_client::MessageServiceClient, server_frame::Frame as Out,
+    self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery, server_frame::Frame as Out,
 };
 use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Status, Streaming};
@@ -365,7 +364,7 @@ impl Session {
                         error_frame(Code::ResourceExhausted, message, &send.client_msg_id, &send.conversation_id);
                     return self.emit(frame).await;
                 }
-                let client = self.context.message.clone();
+                let context = self.context.clone();
                 let request = pb::SendRequest {
                     sender_id: self.user.clone(),
                     device_id: self.device.clone(),
@@ -376,8 +375,8 @@ impl Session {
                 };
                 inflight.push(
                     async move {
-                        let frame = match send_once_more_if_unavailable(client, request).await {
-                            Ok(response) => match response.into_inner().ack {
+                        let frame = match context.sends.send(request).await {
+                            Ok(response) => match response.ack {
                                 Some(ack) => ServerFrame { frame: Some(Out::SendAck(ack)) },
                                 None => error_frame(
                                     Code::Internal,
@@ -456,22 +455,5 @@ impl Session {
             Completion::Frame(frame) => self.emit(*frame).await,
             Completion::Nothing => Ok(()),
         }
-    }
-}
-
-/// A send, tried a second time if its instance could not be reached (the
-/// channel now passes that instance over). The same `client_msg_id` makes the
-/// retry return the original if the first attempt did commit: one seq, never two.
-async fn send_once_more_if_unavailable(
-    client: MessageServiceClient<RoleChannel>,
-    request: pb::SendRequest,
-) -> Result<tonic::Response<pb::SendResponse>, Status> {
-    let routed = |request: pb::SendRequest| crate::api::routed(&request.conversation_id.clone(), request);
-    match client.clone().send(routed(request.clone())).await {
-        Err(status) if status.code() == Code::Unavailable => {
-            warn!(message = status.message(), "send could not reach its message-service instance; retrying once");
-            client.clone().send(routed(request)).await
-        }
-        answered => answered,
     }
 }

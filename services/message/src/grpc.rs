@@ -2,10 +2,14 @@
 
 use std::sync::Arc;
 
+use futures::{StreamExt, stream::FuturesUnordered};
 use messenger_proto::v1::{
     self as pb, message_service_server::MessageService, modify_message_request, update_group_request,
 };
-use tonic::{Request, Response, Status};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
 
 use crate::{
     fanout::{role_code, to_proto},
@@ -15,6 +19,83 @@ use crate::{
 
 pub struct Adapter {
     pub service: Arc<Service>,
+    /// `message.send_stream_max_inflight`.
+    pub send_stream_max_inflight: usize,
+}
+
+/// One send, as `Send` answers it.
+async fn sent(service: &Service, request: pb::SendRequest) -> Result<pb::SendResponse, Status> {
+    let (message, created) = service
+        .send(SendInput {
+            sender: &request.sender_id,
+            conversation_id: &request.conversation_id,
+            client_msg_id: &request.client_msg_id,
+            body: request.body,
+            reply_to_seq: request.reply_to_seq,
+        })
+        .await?;
+    Ok(pb::SendResponse {
+        ack: Some(pb::SendAck {
+            conversation_id: message.conversation_id.to_string(),
+            client_msg_id: message.client_msg_id,
+            seq: message.seq,
+            message_id: message.message_id.to_string(),
+            server_time_ms: message.sent_at_ms,
+        }),
+        created,
+    })
+}
+
+/// Answers a `SendStream`: up to `max_inflight` sends at once, each answered
+/// with its request's id as soon as it is done. When the caller goes away,
+/// sends already started still commit and fan out (`Service::send` runs
+/// them detached); the caller learns their fate by retrying with the same
+/// `client_msg_id`.
+fn send_stream(
+    service: Arc<Service>,
+    mut incoming: Streaming<pb::SendStreamRequest>,
+    max_inflight: usize,
+) -> ReceiverStream<Result<pb::SendStreamResponse, Status>> {
+    let (answers, stream) = mpsc::channel(max_inflight);
+    tokio::spawn(async move {
+        let mut inflight = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                next = incoming.message(), if open && inflight.len() < max_inflight => match next {
+                    Ok(Some(request)) => {
+                        let service = service.clone();
+                        inflight.push(async move {
+                            let result = match request.send {
+                                Some(send) => sent(&service, send).await,
+                                None => Err(Status::invalid_argument("send is required")),
+                            };
+                            let result = match result {
+                                Ok(sent) => pb::send_stream_response::Result::Sent(sent),
+                                Err(status) => pb::send_stream_response::Result::Error(pb::CallError {
+                                    code: status.code() as i32,
+                                    message: status.message().to_owned(),
+                                }),
+                            };
+                            pb::SendStreamResponse { id: request.id, result: Some(result) }
+                        });
+                    }
+                    Ok(None) => open = false,
+                    Err(status) => {
+                        debug!(code = ?status.code(), message = status.message(), "send stream ended by its caller");
+                        open = false;
+                    }
+                },
+                Some(answer) = inflight.next(), if !inflight.is_empty() => {
+                    if answers.send(Ok(answer)).await.is_err() {
+                        return;
+                    }
+                }
+                else => return,
+            }
+        }
+    });
+    ReceiverStream::new(stream)
 }
 
 pub(crate) fn conversation_to_proto(conversation: Conversation, members: Vec<Member>) -> pb::Conversation {
@@ -68,27 +149,16 @@ fn event_response<T>(
 #[tonic::async_trait]
 impl MessageService for Adapter {
     async fn send(&self, request: Request<pb::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
-        let request = request.into_inner();
-        let (message, created) = self
-            .service
-            .send(SendInput {
-                sender: &request.sender_id,
-                conversation_id: &request.conversation_id,
-                client_msg_id: &request.client_msg_id,
-                body: request.body,
-                reply_to_seq: request.reply_to_seq,
-            })
-            .await?;
-        Ok(Response::new(pb::SendResponse {
-            ack: Some(pb::SendAck {
-                conversation_id: message.conversation_id.to_string(),
-                client_msg_id: message.client_msg_id,
-                seq: message.seq,
-                message_id: message.message_id.to_string(),
-                server_time_ms: message.sent_at_ms,
-            }),
-            created,
-        }))
+        sent(&self.service, request.into_inner()).await.map(Response::new)
+    }
+
+    type SendStreamStream = ReceiverStream<Result<pb::SendStreamResponse, Status>>;
+
+    async fn send_stream(
+        &self,
+        request: Request<Streaming<pb::SendStreamRequest>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        Ok(Response::new(send_stream(self.service.clone(), request.into_inner(), self.send_stream_max_inflight)))
     }
 
     async fn get_or_create_direct(

@@ -69,8 +69,9 @@ pub async fn serve(
         PresenceServiceClient::new(presence),
         ChannelPool::new(deps.discovery_options.clone()),
     );
+    let send_stream_max_inflight = options.send_stream_max_inflight;
     let service = Arc::new(Service::new(options, deps.store, fanout));
-    let api = MessageServiceServer::new(grpc::Adapter { service })
+    let api = MessageServiceServer::new(grpc::Adapter { service, send_stream_max_inflight })
         .max_decoding_message_size(server_options.internal_max_message_bytes);
     server::serve("message", &server_options, listener, Routes::new(api), &[SERVICE_NAME], shutdown).await
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use futures::{StreamExt, future::join_all};
+use futures::{FutureExt, StreamExt, future::join_all};
 use messenger_client::{Client, Error};
 use messenger_platform::auth;
 use tonic::Code;
@@ -371,6 +371,38 @@ async fn send_rate_limit_is_enforced_at_its_edge() {
     // The stream is intact and the budget refills.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(alice.send(id, "later").await.unwrap().seq, 4);
+}
+
+#[tokio::test]
+async fn send_streams_at_one_in_flight_still_deliver_everything_in_order() {
+    // Both ends of the gateway's send stream at their edge: one send in flight.
+    let system = TestSystem::start_with(|config| {
+        config.gateway.send_stream_max_inflight = 1;
+        config.message.send_stream_max_inflight = 1;
+        config.gateway.sends_per_second = 1000;
+        config.gateway.send_burst = 1000;
+    })
+    .await;
+    let (alice, _a) = system.connect("alice", "alice-phone").await;
+    let (carol, _c) = system.connect("carol", "carol-phone").await;
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let with_alice = alice.direct("bob").await.unwrap().conversation_id;
+    let with_carol = carol.direct("bob").await.unwrap().conversation_id;
+    let sends = (0..30).flat_map(|i| {
+        let (alice, carol, with_alice, with_carol) = (&alice, &carol, &with_alice, &with_carol);
+        [
+            async move { alice.send(with_alice, &format!("a{i}")).await }.boxed(),
+            async move { carol.send(with_carol, &format!("c{i}")).await }.boxed(),
+        ]
+    });
+    let acks = join_all(sends).await;
+    assert!(acks.iter().all(Result::is_ok), "a send failed at the in-flight limit: {acks:?}");
+    let received = messages(&mut bob_events, 60).await;
+    for (conversation, prefix) in [(&with_alice, "a"), (&with_carol, "c")] {
+        let seqs: Vec<u64> = received.iter().filter(|m| &m.conversation_id == conversation).map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>(), "{prefix}: dense and in order");
+    }
+    assert_quiet(&mut bob_events).await;
 }
 
 #[tokio::test]
