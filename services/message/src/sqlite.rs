@@ -66,6 +66,10 @@ pub struct SqliteOptions {
     /// (SQLite's `wal_autocheckpoint`). Larger means hot pages are copied once
     /// for many commits (less work per message) and a larger `-wal` file.
     pub wal_autocheckpoint_pages: u32,
+    /// How long the writer waits after the first queued write for more to
+    /// share its commit (fsync and WAL pages); 0 commits at once.
+    #[serde(with = "humantime_serde")]
+    pub commit_linger: Duration,
 }
 
 impl Default for SqliteOptions {
@@ -77,6 +81,7 @@ impl Default for SqliteOptions {
             readers: 4,
             member_cache_entries: 100_000,
             wal_autocheckpoint_pages: 4000,
+            commit_linger: Duration::ZERO,
         }
     }
 }
@@ -155,12 +160,12 @@ impl SqliteStore {
             guard: std::sync::Mutex::new(()),
         });
         let (writes, commands) = mpsc::channel(options.queue_depth.max(1));
-        let max_batch = options.max_batch.max(1);
+        let (max_batch, linger) = (options.max_batch.max(1), options.commit_linger);
         let cache = members.clone();
         let on_commit: writer::OnCommit = Box::new(move |ids| cache.invalidate(ids));
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer::run(connection, commands, max_batch, on_commit))
+            .spawn(move || writer::run(connection, commands, max_batch, linger, on_commit))
             .map_err(|e| Error::Storage(format!("cannot start writer: {e}")))?;
         Ok(Self { writes, reads, members, cache_members: options.member_cache_entries > 0 })
     }
