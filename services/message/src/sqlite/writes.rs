@@ -353,24 +353,31 @@ pub(super) fn apply(tx: &Connection, request: &ChangeRequest) -> Result<Vec<Stor
 }
 
 pub(super) fn ack(tx: &Connection, user: &str, device: &str, cursors: &[(Uuid, u64)]) -> Result<Vec<(Uuid, u64)>> {
+    // One statement per cursor (a group's acks are one per member and
+    // message): the member row and the head clamp the cursor to what the user
+    // may see, and a user who never was a member stores nothing.
+    let mut statement = tx
+        .prepare_cached(
+            "INSERT INTO device_cursors (user_id, device_id, conversation_id, delivered_seq)
+             SELECT ?1, ?2, ?3, min(?4, coalesce(m.removed_seq, c.last_seq))
+             FROM members m JOIN conversations c ON c.id = m.conversation_id
+             WHERE m.conversation_id = ?3 AND m.user_id = ?1
+             ON CONFLICT (user_id, device_id, conversation_id)
+             DO UPDATE SET delivered_seq = max(delivered_seq, excluded.delivered_seq)
+             RETURNING delivered_seq",
+        )
+        .map_err(storage)?;
     let mut stored = Vec::with_capacity(cursors.len());
     for (conversation, seq) in cursors {
-        let text = conversation.to_string();
-        // Clamp to what the user may see: a cursor can't point past it.
-        let Some(member) = rows::member(tx, &text, user).map_err(storage)? else { continue };
-        let limit = member.removed_seq.unwrap_or(head(tx, &text)?);
-        let wanted = (*seq).min(limit) as i64;
-        let value: i64 = tx
-            .prepare_cached(
-                "INSERT INTO device_cursors (user_id, device_id, conversation_id, delivered_seq)
-                 VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (user_id, device_id, conversation_id)
-                 DO UPDATE SET delivered_seq = max(delivered_seq, excluded.delivered_seq)
-                 RETURNING delivered_seq",
-            )
-            .and_then(|mut s| s.query_row(params![user, device, text, wanted], |r| r.get(0)))
+        let value: Option<i64> = statement
+            .query_row(params![user, device, conversation.to_string(), (*seq).min(i64::MAX as u64) as i64], |r| {
+                r.get(0)
+            })
+            .optional()
             .map_err(storage)?;
-        stored.push((*conversation, value as u64));
+        if let Some(value) = value {
+            stored.push((*conversation, value as u64));
+        }
     }
     Ok(stored)
 }

@@ -210,6 +210,8 @@ async fn cursors_only_move_forward(store: &dyn MessageStore) {
     assert_eq!(stored, vec![(conversation.id, 3)], "cursor moved back");
     let stored = store.ack_delivered(&b, "phone", vec![(conversation.id, 99)]).await.unwrap();
     assert_eq!(stored, vec![(conversation.id, 5)], "cursor passed the head");
+    let stored = store.ack_delivered(&b, "tablet", vec![(conversation.id, u64::MAX)]).await.unwrap();
+    assert_eq!(stored, vec![(conversation.id, 5)], "the largest seq a client can send");
     let stored = store.ack_delivered(&c, "phone", vec![(conversation.id, 3)]).await.unwrap();
     assert!(stored.is_empty(), "non-member cursor stored");
 }
