@@ -8,6 +8,7 @@ use messenger_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
@@ -21,6 +22,8 @@ pub struct Adapter {
     pub service: Arc<Service>,
     /// `message.send_stream_max_inflight`.
     pub send_stream_max_inflight: usize,
+    /// Cancelled when the server starts draining: send streams then end.
+    pub shutdown: CancellationToken,
 }
 
 /// One send, as `Send` answers it.
@@ -50,11 +53,14 @@ async fn sent(service: &Service, request: pb::SendRequest) -> Result<pb::SendRes
 /// with its request's id as soon as it is done. When the caller goes away,
 /// sends already started still commit and fan out (`Service::send` runs
 /// them detached); the caller learns their fate by retrying with the same
-/// `client_msg_id`.
+/// `client_msg_id`. When the server starts draining, the stream reads no
+/// more, answers what it started and ends, so the drain does not wait for
+/// the caller (whose unanswered sends fail over to another instance).
 fn send_stream(
     service: Arc<Service>,
     mut incoming: Streaming<pb::SendStreamRequest>,
     max_inflight: usize,
+    shutdown: CancellationToken,
 ) -> ReceiverStream<Result<pb::SendStreamResponse, Status>> {
     let (answers, stream) = mpsc::channel(max_inflight);
     tokio::spawn(async move {
@@ -62,6 +68,7 @@ fn send_stream(
         let mut open = true;
         loop {
             tokio::select! {
+                () = shutdown.cancelled(), if open => open = false,
                 next = incoming.message(), if open && inflight.len() < max_inflight => match next {
                     Ok(Some(request)) => {
                         let service = service.clone();
@@ -158,7 +165,8 @@ impl MessageService for Adapter {
         &self,
         request: Request<Streaming<pb::SendStreamRequest>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
-        Ok(Response::new(send_stream(self.service.clone(), request.into_inner(), self.send_stream_max_inflight)))
+        let (service, max_inflight) = (self.service.clone(), self.send_stream_max_inflight);
+        Ok(Response::new(send_stream(service, request.into_inner(), max_inflight, self.shutdown.clone())))
     }
 
     async fn get_or_create_direct(

@@ -71,7 +71,7 @@ pub async fn serve(
     );
     let send_stream_max_inflight = options.send_stream_max_inflight;
     let service = Arc::new(Service::new(options, deps.store, fanout));
-    let api = MessageServiceServer::new(grpc::Adapter { service, send_stream_max_inflight })
-        .max_decoding_message_size(server_options.internal_max_message_bytes);
+    let adapter = grpc::Adapter { service, send_stream_max_inflight, shutdown: shutdown.clone() };
+    let api = MessageServiceServer::new(adapter).max_decoding_message_size(server_options.internal_max_message_bytes);
     server::serve("message", &server_options, listener, Routes::new(api), &[SERVICE_NAME], shutdown).await
 }

@@ -459,3 +459,39 @@ async fn an_etcd_restart_costs_clients_nothing_and_registrations_come_back() {
     alice.send(&direct, "after").await.unwrap();
     assert_eq!(next_message(&mut bob_events).await.body, "after");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_instance_stopped_gracefully_drains_at_once_and_sends_move_on() {
+    let mut cluster = Cluster::start().await;
+    let (alice, _alice_events) = cluster.connect("alice", "gateway-1").await;
+    let (_bob, mut bob_events) = cluster.connect("bob", "gateway-2").await;
+    let direct = alice.direct("bob").await.unwrap().conversation_id;
+    let owner = rank(direct.as_bytes(), &cluster.discovery.endpoints(Role::Message))[0].clone();
+    let owner_name = if owner == cluster.address("message-1") { "message-1" } else { "message-2" };
+
+    // gateway-1 now holds a send stream to the owner.
+    let first: Vec<String> = (0..20).map(|i| format!("before {i}")).collect();
+    for body in &first {
+        alice.send(&direct, body).await.unwrap();
+    }
+    let before = sent_by(&mut bob_events, "alice", &direct, 20).await;
+
+    // SIGTERM: the stream ends as the drain starts, so the drain need not wait
+    // out its grace period (10s) for a gateway that would never hang up.
+    cluster.signal(owner_name, "TERM");
+    let stopping = Instant::now();
+    let mut child = cluster.node(owner_name).child.take().expect("running");
+    while child.try_wait().unwrap().is_none() {
+        assert!(stopping.elapsed() < Duration::from_secs(5), "the drain waited on the send stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.wait_registered(Role::Message, 1).await;
+
+    let rest: Vec<String> = (0..20).map(|i| format!("after {i}")).collect();
+    for body in &rest {
+        alice.send(&direct, body).await.expect("a send failed after a graceful stop");
+    }
+    let after = sent_by(&mut bob_events, "alice", &direct, 20).await;
+    let received: Vec<_> = before.into_iter().chain(after).collect();
+    assert_exactly_once_in_order(&received, &first.into_iter().chain(rest).collect::<Vec<_>>());
+}
