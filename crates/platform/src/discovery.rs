@@ -295,6 +295,11 @@ impl RoleChannel {
         self.inner.role
     }
 
+    /// The instances discovery knows now.
+    pub fn instances(&self) -> Vec<String> {
+        self.inner.discovery.endpoints(self.inner.role)
+    }
+
     /// Passes `address` over for `unhealthy_for` (a call could not reach it).
     pub fn mark_unhealthy(&self, address: String) {
         let until = Instant::now() + self.inner.unhealthy_for;
@@ -346,7 +351,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RoleChannel {
 }
 
 /// Whether a transport error is the per-call deadline expiring.
-fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+pub fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);
     while let Some(error) = cause {
         if error.is::<tonic::TimeoutExpired>() {

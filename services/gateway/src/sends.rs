@@ -13,7 +13,7 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use messenger_platform::discovery::RoleChannel;
+use messenger_platform::discovery::{RoleChannel, timed_out};
 use messenger_proto::v1::{self as pb, message_service_client::MessageServiceClient, send_stream_response};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -81,6 +81,10 @@ impl Sends {
             return Ok(pipe.clone());
         }
         let channel = self.channel.instance(address).map_err(|error| Status::unavailable(error.to_string()))?;
+        // Pipes of instances that left discovery go (their tasks end once
+        // their last sends are answered).
+        let known = self.channel.instances();
+        pipes.retain(|address, _| known.contains(address));
         let (pipe, queue) = mpsc::channel(self.max_inflight);
         let client = MessageServiceClient::new(channel).max_decoding_message_size(self.max_message_bytes);
         let run =
@@ -124,11 +128,19 @@ impl Pipe {
             let mut answers = match self.client.send_stream(ReceiverStream::new(outgoing)).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => {
-                    let status = if status.code() == Code::Unavailable {
-                        self.role.mark_unhealthy(self.address.clone());
-                        Status::unavailable(format!("message instance {}: {}", self.address, status.message()))
+                    // As `RoleChannel` does for unary calls: slow is not gone
+                    // (DEADLINE_EXCEEDED); anything else means this instance
+                    // cannot take sends now (refused, reset, going away, or
+                    // not serving the stream): UNAVAILABLE, passed over for a
+                    // while, so the session's retry goes elsewhere. Whether
+                    // the first send arrived is unknown; its retry is safe.
+                    let what = format!("message instance {}: {}", self.address, status.message());
+                    let status = if timed_out(&status) {
+                        Status::deadline_exceeded(what)
                     } else {
-                        status
+                        warn!(address = %self.address, code = ?status.code(), message = status.message(), "cannot open a send stream; passing over this instance for a while");
+                        self.role.mark_unhealthy(self.address.clone());
+                        Status::unavailable(what)
                     };
                     fail_all(&mut waiting, || status.clone());
                     continue;
@@ -154,7 +166,13 @@ impl Pipe {
                             };
                             let _ = reply.send(result);
                         }
-                        Ok(None) => break,
+                        // The instance ended the stream: it is draining.
+                        // Its unanswered sends (none, unless they crossed the
+                        // end) and the next ones go elsewhere.
+                        Ok(None) => {
+                            self.role.mark_unhealthy(self.address.clone());
+                            break;
+                        }
                         Err(status) => {
                             warn!(address = %self.address, code = ?status.code(), message = status.message(), "send stream broke");
                             self.role.mark_unhealthy(self.address.clone());

@@ -59,17 +59,17 @@ impl Cluster {
             watching,
             auth: messenger_platform::auth::AuthOptions::default(),
         };
-        for (name, role) in [
-            ("presence", Role::Presence),
-            ("message-1", Role::Message),
-            ("message-2", Role::Message),
-            ("gateway-1", Role::Gateway),
-            ("gateway-2", Role::Gateway),
-        ] {
-            cluster.add(name, role);
-        }
+        // In dependency order, each role registered before the next starts:
+        // an instance lists etcd before it serves, so every instance knows
+        // the roles it calls from its first request on (a message instance
+        // that had not yet seen presence would skip live fan-out).
+        cluster.add("presence", Role::Presence);
         cluster.wait_registered(Role::Presence, 1).await;
+        cluster.add("message-1", Role::Message);
+        cluster.add("message-2", Role::Message);
         cluster.wait_registered(Role::Message, 2).await;
+        cluster.add("gateway-1", Role::Gateway);
+        cluster.add("gateway-2", Role::Gateway);
         cluster.wait_registered(Role::Gateway, 2).await;
         cluster
     }
@@ -469,15 +469,20 @@ async fn a_message_instance_stopped_gracefully_drains_at_once_and_sends_move_on(
     let owner = rank(direct.as_bytes(), &cluster.discovery.endpoints(Role::Message))[0].clone();
     let owner_name = if owner == cluster.address("message-1") { "message-1" } else { "message-2" };
 
-    // gateway-1 now holds a send stream to the owner.
-    let first: Vec<String> = (0..20).map(|i| format!("before {i}")).collect();
-    for body in &first {
-        alice.send(&direct, body).await.unwrap();
-    }
-    let before = sent_by(&mut bob_events, "alice", &direct, 20).await;
-
-    // SIGTERM: the stream ends as the drain starts, so the drain need not wait
-    // out its grace period (10s) for a gateway that would never hang up.
+    // Sends keep coming while the owner (to which gateway-1 holds a send
+    // stream) is stopped with SIGTERM: none may fail, none may be doubled.
+    let stream: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+    let sender = {
+        let (alice, direct, stream) = (alice.clone(), direct.clone(), stream.clone());
+        tokio::spawn(async move {
+            for body in &stream {
+                alice.send(&direct, body).await.expect("a send failed across a graceful stop");
+            }
+        })
+    };
+    let before = sent_by(&mut bob_events, "alice", &direct, 50).await;
+    // The stream ends as the drain starts, so the drain need not wait out its
+    // grace period (10s) for a gateway that would never hang up.
     cluster.signal(owner_name, "TERM");
     let stopping = Instant::now();
     let mut child = cluster.node(owner_name).child.take().expect("running");
@@ -485,13 +490,9 @@ async fn a_message_instance_stopped_gracefully_drains_at_once_and_sends_move_on(
         assert!(stopping.elapsed() < Duration::from_secs(5), "the drain waited on the send stream");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    cluster.wait_registered(Role::Message, 1).await;
-
-    let rest: Vec<String> = (0..20).map(|i| format!("after {i}")).collect();
-    for body in &rest {
-        alice.send(&direct, body).await.expect("a send failed after a graceful stop");
-    }
-    let after = sent_by(&mut bob_events, "alice", &direct, 20).await;
+    let after = sent_by(&mut bob_events, "alice", &direct, 150).await;
+    sender.await.unwrap();
     let received: Vec<_> = before.into_iter().chain(after).collect();
-    assert_exactly_once_in_order(&received, &first.into_iter().chain(rest).collect::<Vec<_>>());
+    assert_exactly_once_in_order(&received, &stream);
+    cluster.wait_registered(Role::Message, 1).await;
 }
