@@ -123,16 +123,38 @@ impl MemberCache {
     }
 }
 
+/// How long a connection waits for another process's lock on the file.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn configure(connection: &Connection, options: &SqliteOptions) -> r2d2_sqlite::rusqlite::Result<()> {
-    connection.busy_timeout(Duration::from_secs(10))?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
     connection.pragma_update(None, "wal_autocheckpoint", options.wal_autocheckpoint_pages)?;
-    connection.pragma_update(None, "journal_mode", "WAL")?;
+    enable_wal(connection)?;
     let mode = match options.synchronous {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
     connection.pragma_update(None, "synchronous", mode)?;
     Ok(())
+}
+
+/// Switches the file to WAL. While another process switches the same fresh
+/// file, SQLite answers SQLITE_BUSY at once instead of calling the busy
+/// handler (two message services sharing one file, started together, failed
+/// ~1 start in 10 with "database is locked"); waited out like a busy timeout.
+fn enable_wal(connection: &Connection) -> r2d2_sqlite::rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match connection.pragma_update(None, "journal_mode", "WAL") {
+            Err(error)
+                if error.sqlite_error_code() == Some(r2d2_sqlite::rusqlite::ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
 }
 
 impl SqliteStore {
@@ -148,7 +170,7 @@ impl SqliteStore {
 
         let manager = SqliteConnectionManager::file(path)
             .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .with_init(|c| c.busy_timeout(Duration::from_secs(10)));
+            .with_init(|c| c.busy_timeout(BUSY_TIMEOUT));
         let reads = r2d2::Pool::builder()
             .max_size(options.readers.max(1))
             .build(manager)
