@@ -93,14 +93,18 @@ pub async fn serve(
     let internal_bound = server::local_addr(&internal).to_string();
     let nonzero = |value: u32| NonZeroU32::new(value.max(1)).expect("positive");
     let quota = Quota::per_second(nonzero(options.sends_per_second)).allow_burst(nonzero(options.send_burst));
+    // One channel to the message role for unary calls and send streams alike:
+    // one connection per instance, and an instance one of them could not
+    // reach is passed over by both.
+    let message = channel(Role::Message);
     let context = Arc::new(Context {
         gateway_id: options.gateway_id.clone().unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
         advertise_internal: options.advertise_internal.clone().unwrap_or(internal_bound),
         registry: registry::Registry::default(),
-        message: MessageServiceClient::new(channel(Role::Message))
+        message: MessageServiceClient::new(message.clone())
             .max_decoding_message_size(server_options.internal_max_message_bytes),
         sends: sends::Sends::new(
-            channel(Role::Message),
+            message,
             options.send_stream_max_inflight,
             deps.discovery_options.request_timeout,
             server_options.internal_max_message_bytes,

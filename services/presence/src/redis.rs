@@ -110,9 +110,10 @@ fn unavailable(error: fred::error::Error) -> Error {
     Error::Unavailable(format!("redis: {error}"))
 }
 
-static REGISTER: Script = Script::new(include_str!("redis/register.lua"));
-static RENEW: Script = Script::new(include_str!("redis/renew.lua"));
-static UNREGISTER: Script = Script::new(include_str!("redis/unregister.lua"));
+// Each script is loaded with the shared helpers (`redis/lease.lua`) in front.
+static REGISTER: Script = Script::new(concat!(include_str!("redis/lease.lua"), include_str!("redis/register.lua")));
+static RENEW: Script = Script::new(concat!(include_str!("redis/lease.lua"), include_str!("redis/renew.lua")));
+static UNREGISTER: Script = Script::new(concat!(include_str!("redis/lease.lua"), include_str!("redis/unregister.lua")));
 
 pub struct RedisStore {
     client: Client,

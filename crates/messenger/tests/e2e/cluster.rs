@@ -179,6 +179,20 @@ send_burst = 100000
         }
     }
 
+    /// Alice on gateway-1 and Bob on gateway-2, with their direct conversation.
+    async fn pair(&self) -> Pair {
+        let (alice, alice_events) = self.connect("alice", "gateway-1").await;
+        let (bob, bob_events) = self.connect("bob", "gateway-2").await;
+        let direct = alice.direct("bob").await.unwrap().conversation_id;
+        Pair { alice, _alice_events: alice_events, _bob: bob, bob_events, direct }
+    }
+
+    /// The message instance that serves `conversation` now, and the other one.
+    fn message_owner(&self, conversation: &str) -> (&'static str, &'static str) {
+        let owner = rank(conversation.as_bytes(), &self.discovery.endpoints(Role::Message))[0].clone();
+        if owner == self.address("message-1") { ("message-1", "message-2") } else { ("message-2", "message-1") }
+    }
+
     /// A client on `gateway` that fails over to the other one.
     async fn connect(&self, user: &str, gateway: &str) -> (Client, Events) {
         let other = if gateway == "gateway-1" { "gateway-2" } else { "gateway-1" };
@@ -203,6 +217,14 @@ send_burst = 100000
             }
         }
     }
+}
+
+struct Pair {
+    alice: Client,
+    _alice_events: Events,
+    _bob: Client,
+    bob_events: Events,
+    direct: String,
 }
 
 impl Drop for Cluster {
@@ -254,6 +276,30 @@ fn spawn(node: &mut Node, dir: &std::path::Path) {
     node.child = Some(child);
 }
 
+/// Sends `count` bodies (`"{prefix}{i}"`) one after another in the
+/// background; every send must succeed across `what`. Returns the bodies and,
+/// once done, their acked seqs.
+fn send_in_background(
+    client: &Client,
+    conversation: &str,
+    prefix: &str,
+    count: usize,
+    what: &'static str,
+) -> (Vec<String>, tokio::task::JoinHandle<Vec<u64>>) {
+    let bodies: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+    let (client, conversation, to_send) = (client.clone(), conversation.to_owned(), bodies.clone());
+    let sender = tokio::spawn(async move {
+        let mut acked = Vec::with_capacity(to_send.len());
+        for body in &to_send {
+            let ack =
+                client.send(&conversation, body).await.unwrap_or_else(|e| panic!("a send failed across {what}: {e}"));
+            acked.push(ack.seq);
+        }
+        acked
+    });
+    (bodies, sender)
+}
+
 /// Exactly `expected` bodies, in order, each once.
 fn assert_exactly_once_in_order(received: &[messenger_client::Message], expected: &[String]) {
     let bodies: Vec<&str> = received.iter().map(|m| m.body.as_str()).collect();
@@ -290,17 +336,7 @@ async fn clients_on_two_gateways_chat_and_survive_a_gateway_kill() {
     }
 
     // Kill gateway-1 (alice's and carol's) in the middle of a stream of sends.
-    let stream: Vec<String> = (0..200).map(|i| format!("stream {i}")).collect();
-    let sender = {
-        let (alice, direct, stream) = (alice.clone(), direct.clone(), stream.clone());
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            for body in &stream {
-                acked.push(alice.send(&direct, body).await.expect("a send failed across the gateway kill").seq);
-            }
-            acked
-        })
-    };
+    let (stream, sender) = send_in_background(&alice, &direct, "stream ", 200, "the gateway kill");
     let before_kill = sent_by(&mut bob_events, "alice", &direct, 50).await;
     cluster.kill("gateway-1");
     let after_kill = sent_by(&mut bob_events, "alice", &direct, 150).await;
@@ -367,24 +403,11 @@ async fn next_group_text(events: &mut Events, group: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_instances_fail_over_without_duplicates_and_leave_discovery_when_paused() {
     let mut cluster = Cluster::start().await;
-    let (alice, _alice_events) = cluster.connect("alice", "gateway-1").await;
-    let (_bob, mut bob_events) = cluster.connect("bob", "gateway-2").await;
-    let direct = alice.direct("bob").await.unwrap().conversation_id;
-    let instances = cluster.discovery.endpoints(Role::Message);
-    let owner = rank(direct.as_bytes(), &instances)[0].clone();
-    let (owner_name, other_name) =
-        if owner == cluster.address("message-1") { ("message-1", "message-2") } else { ("message-2", "message-1") };
+    let Pair { alice, _alice_events, _bob, mut bob_events, direct } = cluster.pair().await;
+    let (owner_name, other_name) = cluster.message_owner(&direct);
 
     // kill -9 the instance that owns the conversation in the middle of the sends.
-    let stream: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
-    let sender = {
-        let (alice, direct, stream) = (alice.clone(), direct.clone(), stream.clone());
-        tokio::spawn(async move {
-            for body in &stream {
-                alice.send(&direct, body).await.expect("a send failed across the message-service kill");
-            }
-        })
-    };
+    let (stream, sender) = send_in_background(&alice, &direct, "m", 300, "the message-service kill");
     let before = sent_by(&mut bob_events, "alice", &direct, 100).await;
     cluster.kill(owner_name);
     let after = sent_by(&mut bob_events, "alice", &direct, 200).await;
@@ -429,9 +452,7 @@ async fn message_instances_fail_over_without_duplicates_and_leave_discovery_when
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_restart_costs_clients_nothing_and_registrations_come_back() {
     let mut cluster = Cluster::start().await;
-    let (alice, _alice_events) = cluster.connect("alice", "gateway-1").await;
-    let (_bob, mut bob_events) = cluster.connect("bob", "gateway-2").await;
-    let direct = alice.direct("bob").await.unwrap().conversation_id;
+    let Pair { alice, _alice_events, _bob, mut bob_events, direct } = cluster.pair().await;
     // Converged first: the conversation's message instance has seen presence
     // and both gateways in etcd (a live delivery needs all three).
     alice.send(&direct, "before").await.unwrap();
@@ -463,23 +484,12 @@ async fn an_etcd_restart_costs_clients_nothing_and_registrations_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_instance_stopped_gracefully_drains_at_once_and_sends_move_on() {
     let mut cluster = Cluster::start().await;
-    let (alice, _alice_events) = cluster.connect("alice", "gateway-1").await;
-    let (_bob, mut bob_events) = cluster.connect("bob", "gateway-2").await;
-    let direct = alice.direct("bob").await.unwrap().conversation_id;
-    let owner = rank(direct.as_bytes(), &cluster.discovery.endpoints(Role::Message))[0].clone();
-    let owner_name = if owner == cluster.address("message-1") { "message-1" } else { "message-2" };
+    let Pair { alice, _alice_events, _bob, mut bob_events, direct } = cluster.pair().await;
+    let (owner_name, _) = cluster.message_owner(&direct);
 
     // Sends keep coming while the owner (to which gateway-1 holds a send
     // stream) is stopped with SIGTERM: none may fail, none may be doubled.
-    let stream: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
-    let sender = {
-        let (alice, direct, stream) = (alice.clone(), direct.clone(), stream.clone());
-        tokio::spawn(async move {
-            for body in &stream {
-                alice.send(&direct, body).await.expect("a send failed across a graceful stop");
-            }
-        })
-    };
+    let (stream, sender) = send_in_background(&alice, &direct, "m", 200, "a graceful stop");
     let before = sent_by(&mut bob_events, "alice", &direct, 50).await;
     // The stream ends as the drain starts, so the drain need not wait out its
     // grace period (10s) for a gateway that would never hang up.

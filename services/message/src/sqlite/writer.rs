@@ -108,19 +108,17 @@ pub(super) fn run(
                     match statement(&transaction, SAVEPOINT) {
                         Ok(()) => {
                             let (keep, reply) = (command.run)(Some(&transaction));
-                            let kept = if keep { statement(&transaction, RELEASE) } else { Ok(()) };
-                            match kept {
-                                Ok(()) if keep => replies.push(reply),
-                                Ok(()) => {
-                                    if let Err(error) = roll_back_command(&transaction) {
-                                        error!(%error, "savepoint rollback failed");
-                                    }
-                                    replies.push(reply);
-                                }
-                                // Its writes are rolled back with the savepoint: say so.
+                            let ended =
+                                if keep { statement(&transaction, RELEASE) } else { roll_back_command(&transaction) };
+                            match ended {
+                                Ok(()) => replies.push(reply),
+                                // Its writes are undone with the savepoint as far as
+                                // SQLite lets: the caller hears of a failure either way.
                                 Err(error) => {
-                                    error!(%error, "savepoint release failed");
-                                    let _ = roll_back_command(&transaction);
+                                    error!(%error, "ending a write's savepoint failed");
+                                    if keep {
+                                        let _ = roll_back_command(&transaction);
+                                    }
                                     reply(Some(&error.to_string()));
                                 }
                             }

@@ -17,12 +17,8 @@ local stale, live = {}, 0
 local fields = redis.call('HGETALL', sessions)
 for i = 1, #fields, 2 do
   local other = fields[i]
-  local expires, body = string.match(fields[i + 1], '^(%d+) (.*)$')
-  local ok, decoded = false, nil
-  if expires and tonumber(expires) > now then
-    ok, decoded = pcall(cjson.decode, body)
-  end
-  if not ok or type(decoded) ~= 'table' then
+  local _, decoded = lease(fields[i + 1], now)
+  if not decoded then
     -- Expired (or unreadable): dropped below, never counted.
     table.insert(stale, other)
   elseif other ~= id then
@@ -44,11 +40,6 @@ for _, other in ipairs(stale) do
 end
 redis.call('HSET', sessions, id, value)
 -- The new lease is the newest: the key lives at least as long.
-if redis.call('PTTL', sessions) < ttl then
-  redis.call('PEXPIRE', sessions, ttl)
-end
-local seen = tonumber(redis.call('GET', last_seen) or '0') or 0
-if seen < now then
-  redis.call('SET', last_seen, ARGV[4])
-end
+outlive(sessions, ttl)
+seen_at(last_seen, ARGV[4])
 return 1

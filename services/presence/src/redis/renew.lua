@@ -11,16 +11,8 @@ local unknown, renewed = {}, false
 for i = 5, #ARGV do
   local id = ARGV[i]
   local stored = redis.call('HGET', sessions, id)
-  local expires, body = nil, nil
-  if stored then
-    expires, body = string.match(stored, '^(%d+) (.*)$')
-  end
-  local live = expires and tonumber(expires) > now
-  local ok, decoded = false, nil
-  if live then
-    ok, decoded = pcall(cjson.decode, body)
-  end
-  if ok and type(decoded) == 'table' and decoded.gateway_id == gateway then
+  local live, decoded, body = lease(stored, now)
+  if decoded and decoded.gateway_id == gateway then
     redis.call('HSET', sessions, id, expires_at .. ' ' .. body)
     renewed = true
   else
@@ -31,12 +23,7 @@ for i = 5, #ARGV do
   end
 end
 if renewed then
-  if redis.call('PTTL', sessions) < ttl then
-    redis.call('PEXPIRE', sessions, ttl)
-  end
-  local seen = tonumber(redis.call('GET', last_seen) or '0') or 0
-  if seen < now then
-    redis.call('SET', last_seen, ARGV[2])
-  end
+  outlive(sessions, ttl)
+  seen_at(last_seen, ARGV[2])
 end
 return unknown

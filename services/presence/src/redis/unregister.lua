@@ -3,9 +3,6 @@
 -- KEYS[1]: the user's sessions hash, KEYS[2]: the user's last-seen time
 -- ARGV: session id, now ms
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
-  local seen = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-  if seen < tonumber(ARGV[2]) then
-    redis.call('SET', KEYS[2], ARGV[2])
-  end
+  seen_at(KEYS[2], ARGV[2])
 end
 return 0
