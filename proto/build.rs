@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "messenger/v1/common.proto",
         "messenger/v1/gateway.proto",
+        "messenger/v1/gateway_internal.proto",
         "messenger/v1/message.proto",
         "messenger/v1/presence.proto",
     ];

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing need on a fresh Debian machine:
 # protoc (tonic code generation), redis-server and etcd-server (the tests
-# start real ones),
+# start real ones), curl (an independent gRPC-over-TLS client in the tests),
 # and cargo-nextest. Safe to run again.
 set -euo pipefail
 
@@ -11,7 +11,7 @@ as_root() {
     fi
 }
 
-debian_packages=(protobuf-compiler redis-server etcd-server)
+debian_packages=(protobuf-compiler redis-server etcd-server curl)
 missing=()
 for package in "${debian_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

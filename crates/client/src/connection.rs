@@ -130,8 +130,27 @@ impl Task {
         let mut delays = self.backoff();
         // Before the first session, each gateway gets one try before `connect` fails.
         let mut first_attempts = 1;
+        // Whether a token was fetched since the last stream that got to Ready.
+        let mut refreshed = false;
         loop {
-            let end = self.stream(&mut ready).await;
+            let end = self.stream(&mut ready, &mut refreshed).await;
+            let end = match end {
+                End::Fatal(Error::Unauthenticated(reason)) if self.options.token_provider.is_some() && !refreshed => {
+                    // Expired (the gateway ends streams at `exp`) or refused:
+                    // one fresh token, then reconnect at once; pending sends
+                    // go again with their ids, so nothing is lost or doubled.
+                    refreshed = true;
+                    match self.refresh_token().await {
+                        Ok(()) => {
+                            debug!(%reason, "token refreshed; reconnecting");
+                            delays = self.backoff();
+                            continue;
+                        }
+                        Err(error) => End::Fatal(error),
+                    }
+                }
+                other => other,
+            };
             let reason = match end {
                 End::Closed => return,
                 End::Offline => {
@@ -198,8 +217,21 @@ impl Task {
         }
     }
 
-    /// Opens one stream and serves it until it ends.
-    async fn stream(&mut self, ready: &mut Option<oneshot::Sender<Result<String, Error>>>) -> End {
+    /// Asks the app's token provider for a fresh token and uses it from now on.
+    async fn refresh_token(&self) -> Result<(), Error> {
+        let provider = self.options.token_provider.as_ref().expect("checked by the caller");
+        let token =
+            provider.fetch().await.map_err(|e| Error::Unauthenticated(format!("token provider failed: {e}")))?;
+        self.api.bearer.set(&token)
+    }
+
+    /// Opens one stream and serves it until it ends. `refreshed` is cleared
+    /// once the server accepts the stream (the token worked).
+    async fn stream(
+        &mut self,
+        ready: &mut Option<oneshot::Sender<Result<String, Error>>>,
+        refreshed: &mut bool,
+    ) -> End {
         let (outbound, frames) = mpsc::channel::<ClientFrame>(self.options.max_pending_sends.max(16));
         let hello = OutFrame::Hello(pb::Hello { device_id: self.options.device_id.clone() });
         let _ = outbound.try_send(ClientFrame { frame: Some(hello) });
@@ -210,6 +242,7 @@ impl Task {
         let mut inbound = response.into_inner();
         let session_id = match inbound.message().await {
             Ok(Some(pb::ServerFrame { frame: Some(InFrame::Ready(ready_frame)) })) => {
+                *refreshed = false;
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Ok(ready_frame.user_id));
                 }

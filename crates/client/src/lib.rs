@@ -54,7 +54,7 @@ pub use messenger_proto::v1::{
     PresenceUpdate, Receipt, Role, SendAck, Typing,
 };
 pub use model::{ConversationState, MessageState};
-pub use options::Options;
+pub use options::{Options, TlsOptions, TokenProvider};
 
 /// Something that happened on the connection.
 #[derive(Debug, Clone)]
@@ -97,12 +97,30 @@ impl futures::Stream for Events {
     }
 }
 
+/// The `authorization` header of every call; replaced when a token provider
+/// hands out a fresh token, for every gateway at once.
 #[derive(Clone)]
-pub(crate) struct Bearer(MetadataValue<Ascii>);
+pub(crate) struct Bearer(std::sync::Arc<std::sync::RwLock<MetadataValue<Ascii>>>);
+
+impl Bearer {
+    fn new(token: &str) -> Result<Self, Error> {
+        Ok(Self(std::sync::Arc::new(std::sync::RwLock::new(bearer_value(token)?))))
+    }
+
+    pub(crate) fn set(&self, token: &str) -> Result<(), Error> {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = bearer_value(token)?;
+        Ok(())
+    }
+}
+
+fn bearer_value(token: &str) -> Result<MetadataValue<Ascii>, Error> {
+    format!("Bearer {token}").parse().map_err(|_| Error::InvalidArgument("token contains invalid characters".into()))
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+        let value = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        request.metadata_mut().insert("authorization", value);
         Ok(request)
     }
 }
@@ -115,6 +133,7 @@ pub(crate) type Api = GatewayServiceClient<InterceptedService<Channel, Bearer>>;
 pub(crate) struct Gateways {
     apis: std::sync::Arc<Vec<Api>>,
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) bearer: Bearer,
 }
 
 impl Gateways {
@@ -175,13 +194,23 @@ impl Client {
     /// Fails at once on a refused token; later drops are retried in the background.
     pub async fn connect(options: Options) -> Result<(Client, Events), Error> {
         options.validate()?;
-        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {}", options.token)
-            .parse()
-            .map_err(|_| Error::InvalidArgument("token contains invalid characters".into()))?;
+        let bearer = Bearer::new(&options.token)?;
         let mut apis = Vec::new();
         for address in std::iter::once(&options.endpoint).chain(&options.fallback_endpoints) {
-            let endpoint = Endpoint::from_shared(address.clone())
-                .map_err(|e| Error::InvalidArgument(format!("endpoint {address}: {e}")))?
+            let invalid = |e: tonic::transport::Error| Error::InvalidArgument(format!("endpoint {address}: {e}"));
+            let mut endpoint = Endpoint::from_shared(address.clone()).map_err(invalid)?;
+            if address.starts_with("https://") {
+                let mut tls = tonic::transport::ClientTlsConfig::new();
+                tls = match &options.tls.ca_pem {
+                    Some(pem) => tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+                    None => tls.with_webpki_roots(),
+                };
+                if let Some(name) = &options.tls.server_name {
+                    tls = tls.domain_name(name.clone());
+                }
+                endpoint = endpoint.tls_config(tls).map_err(invalid)?;
+            }
+            let endpoint = endpoint
                 .connect_timeout(options.connect_timeout)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(options.ping_interval)
@@ -189,11 +218,11 @@ impl Client {
                 .keep_alive_while_idle(true)
                 .local_address(options.local_address);
             apis.push(
-                GatewayServiceClient::with_interceptor(endpoint.connect_lazy(), Bearer(bearer.clone()))
+                GatewayServiceClient::with_interceptor(endpoint.connect_lazy(), bearer.clone())
                     .max_decoding_message_size(options.max_response_bytes),
             );
         }
-        let api = Gateways { apis: std::sync::Arc::new(apis), current: std::sync::Arc::default() };
+        let api = Gateways { apis: std::sync::Arc::new(apis), current: std::sync::Arc::default(), bearer };
         let (commands, command_rx) = mpsc::channel(options.max_pending_sends);
         let (events_tx, receiver) = mpsc::channel(options.event_buffer);
         let (ready_tx, ready_rx) = oneshot::channel();

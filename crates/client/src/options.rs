@@ -1,6 +1,44 @@
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use futures::future::BoxFuture;
 
 use crate::Error;
+
+/// Fetches a fresh token (a callback into the app's sign-in). Called when
+/// the gateway ends the stream because the token expired, or refuses it on
+/// reconnect; the client then reconnects with the new token, resending what
+/// was pending, so nothing is lost or shown twice.
+#[derive(Clone)]
+pub struct TokenProvider(Arc<dyn Fn() -> BoxFuture<'static, Result<String, String>> + Send + Sync>);
+
+impl TokenProvider {
+    pub fn new<F>(fetch: F) -> Self
+    where
+        F: Fn() -> BoxFuture<'static, Result<String, String>> + Send + Sync + 'static,
+    {
+        Self(Arc::new(fetch))
+    }
+
+    pub(crate) async fn fetch(&self) -> Result<String, String> {
+        (self.0)().await
+    }
+}
+
+impl std::fmt::Debug for TokenProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenProvider")
+    }
+}
+
+/// TLS to the gateway (endpoints are `https://`).
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// CA certificate(s), PEM, that signed the gateway's certificate; `None`
+    /// trusts the public web roots (webpki-roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Name the certificate must be valid for; defaults to the endpoint's host.
+    pub server_name: Option<String>,
+}
 
 /// How a client connects. [`Options::new`] fills in production defaults.
 #[derive(Clone, Debug)]
@@ -13,6 +51,11 @@ pub struct Options {
     pub fallback_endpoints: Vec<String>,
     /// JWT bearer token; its `sub` is the user.
     pub token: String,
+    /// Where a fresh token comes from when this one expires (without one,
+    /// an expired token ends the client with `Error::Unauthenticated`).
+    pub token_provider: Option<TokenProvider>,
+    /// TLS settings for `https://` endpoints.
+    pub tls: TlsOptions,
     /// Stable per installation; the server keeps this device's delivered cursor.
     pub device_id: String,
     /// First and longest wait between reconnect attempts (jittered, doubling).
@@ -46,6 +89,8 @@ impl Options {
             endpoint: endpoint.into(),
             fallback_endpoints: Vec::new(),
             token: token.into(),
+            token_provider: None,
+            tls: TlsOptions::default(),
             device_id: device_id.into(),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use messenger_platform::{
     auth::AuthOptions, config::Validate, discovery::DiscoveryOptions, server::ServerOptions, telemetry::LogOptions,
+    tls::TlsOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log: LogOptions,
     pub auth: AuthOptions,
+    pub tls: TlsOptions,
     pub server: ServerOptions,
     pub discovery: DiscoveryOptions,
     pub gateway: messenger_gateway::Options,
@@ -30,6 +32,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             log: LogOptions::default(),
             auth: AuthOptions::default(),
+            tls: TlsOptions::default(),
             server: ServerOptions::default(),
             discovery: DiscoveryOptions::default(),
             gateway: messenger_gateway::Options::default(),
@@ -42,12 +45,16 @@ impl Default for Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
         self.server.validate()?;
+        self.tls.validate()?;
         self.discovery.validate()?;
         self.gateway.validate()?;
         self.message.validate()?;
         self.presence.validate()?;
         self.gateway.validate_renewal(self.presence.session_ttl)?;
-        messenger_platform::auth::Verifier::from_options(&self.auth).map_err(|e| format!("auth: {e}"))?;
+        // Key files must parse; whether any key is configured is checked
+        // where a gateway starts (`messenger up` runs in development mode).
+        messenger_platform::auth::Verifier::from_options(&self.auth.clone().or_development())
+            .map_err(|e| format!("auth: {e}"))?;
         Ok(())
     }
 }
@@ -59,9 +66,10 @@ impl Config {
     }
 
     /// A configuration for tests and benchmarks: every listener on a free
-    /// loopback port, data under `data_dir`.
+    /// loopback port, data under `data_dir`, development keys.
     pub fn for_loopback(data_dir: impl Into<PathBuf>) -> Self {
         let mut config = Config { data_dir: data_dir.into(), ..Config::default() };
+        config.auth.development = true;
         config.gateway.listen = "127.0.0.1:0".into();
         config.gateway.internal_listen = "127.0.0.1:0".into();
         config.message.listen = "127.0.0.1:0".into();

@@ -55,6 +55,25 @@ enum Command {
         /// Device id; defaults to `cli-<user>`.
         #[arg(long)]
         device: Option<String>,
+        /// CA certificate (PEM) that signed the gateway's certificate (an `https://` endpoint).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Name the gateway's certificate must be valid for; defaults to the endpoint's host.
+        #[arg(long)]
+        server_name: Option<String>,
+    },
+    /// Write a development cluster CA, a certificate per role and a public
+    /// certificate for the gateway (PEM files), and print the [tls] settings.
+    Certs {
+        /// Directory to write into.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Names the public certificate is valid for (DNS names or IP addresses).
+        #[arg(long = "public-name", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+        public_names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 90)]
+        days: u32,
     },
     /// Print the effective configuration as TOML.
     Config,
@@ -76,6 +95,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config: Config = messenger_platform::config::load(cli.config.as_deref(), &Flags { data_dir: cli.data_dir })?;
     match cli.command {
+        Command::Certs { out, public_names, days } => {
+            let generated = messenger::certs::generate(&out, &config.tls.cluster_domain, &public_names, days)?;
+            println!("wrote a development CA and certificates to {}", generated.dir.display());
+            println!("a process running every role (messenger up) uses:\n\n{}", generated.config_snippet("all"));
+            println!("one role per process: cluster_cert_file = <role>.pem, cluster_key_file = <role>-key.pem");
+        }
         Command::Config => print!("{}", messenger_platform::config::render(&config)?),
         Command::Migrate => {
             telemetry::init(&config.log);
@@ -83,13 +108,15 @@ async fn main() -> anyhow::Result<()> {
             println!("message store schema is up to date ({:?})", config.message.store);
         }
         Command::Bench(options) => {
-            messenger::bench::run(options, &config.auth).await?;
+            messenger::bench::run(options, &config.auth.clone().or_development()).await?;
         }
         Command::Token { user, ttl } => {
-            println!("{}", messenger_platform::auth::mint_hs256(&config.auth, &user, ttl)?);
+            println!("{}", messenger_platform::auth::mint_hs256(&config.auth.or_development(), &user, ttl)?);
         }
         Command::Up => {
             telemetry::init(&config.log);
+            let mut config = config;
+            config.auth = config.auth.or_development();
             let data_dir = config.data_dir.clone();
             let running = system::start(config, &system::ALL_ROLES).await?;
             let endpoint = running.endpoint();
@@ -104,17 +131,24 @@ async fn main() -> anyhow::Result<()> {
             let running = system::start(config, &[service]).await?;
             run_until_signal(running).await?;
         }
-        Command::Chat { user, token, peer, endpoint, device } => {
+        Command::Chat { user, token, peer, endpoint, device, ca_file, server_name } => {
             let token = match (token, &user) {
                 (Some(token), _) => token,
                 (None, Some(user)) => {
-                    messenger_platform::auth::mint_hs256(&config.auth, user, Duration::from_secs(86_400))?
+                    let auth = config.auth.clone().or_development();
+                    messenger_platform::auth::mint_hs256(&auth, user, Duration::from_secs(86_400))?
                 }
                 (None, None) => anyhow::bail!("give --user (dev token) or --token"),
             };
-            let endpoint = endpoint.unwrap_or_else(|| format!("http://{}", config.gateway.listen));
+            let scheme = if config.tls.public_cert_file.is_some() || ca_file.is_some() { "https" } else { "http" };
+            let endpoint = endpoint.unwrap_or_else(|| format!("{scheme}://{}", config.gateway.listen));
             let device = device.unwrap_or_else(|| format!("cli-{}", user.as_deref().unwrap_or("user")));
-            let client = messenger_client::Options::new(endpoint, token, device);
+            let mut client = messenger_client::Options::new(endpoint, token, device);
+            if let Some(path) = &ca_file {
+                let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+                client.tls.ca_pem = Some(pem);
+            }
+            client.tls.server_name = server_name;
             chat::run(chat::ChatOptions { client, peer }).await.context("chat failed")?;
         }
     }

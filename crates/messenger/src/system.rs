@@ -10,6 +10,7 @@ use messenger_platform::{
     auth::Verifier,
     discovery::{Discovery, DiscoveryBackend, EtcdDiscovery, Role, StaticDiscovery, etcd},
     server::{self, bind, local_addr},
+    tls::{ClientTls, ServerTls},
 };
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,8 @@ pub struct Addresses {
     pub gateway_internal: Option<SocketAddr>,
     pub message: Option<SocketAddr>,
     pub presence: Option<SocketAddr>,
+    /// Whether the gateway's public port speaks TLS.
+    pub public_tls: bool,
 }
 
 /// A running set of services.
@@ -36,7 +39,8 @@ pub struct Running {
 impl Running {
     /// The gateway URL clients connect to.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addresses.gateway.expect("gateway is running"))
+        let scheme = if self.addresses.public_tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addresses.gateway.expect("gateway is running"))
     }
 
     /// A token that cancels every service (graceful drain).
@@ -105,12 +109,9 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         addresses.gateway = Some(local_addr(public));
         addresses.gateway_internal = Some(local_addr(internal));
     }
-    if roles.contains(&Role::Gateway)
-        && config.auth.hs256_secret.as_deref() == Some(messenger_platform::auth::DEV_SECRET)
-    {
-        warn!("auth uses the built-in development secret; set auth.hs256_secret or a public key outside a laptop");
-    }
     let shutdown = CancellationToken::new();
+    let security = Security::open(&mut config, &addresses, roles, &shutdown)?;
+    addresses.public_tls = security.public.is_some();
     let mut tasks = JoinSet::new();
     let mut registrations = Vec::new();
     let discovery: Arc<dyn Discovery> = match config.discovery.backend {
@@ -135,7 +136,8 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     if let Some(listener) = listeners.presence {
         let store = messenger_presence::open_store(&config.presence).await?;
         let (options, server_options, token) = (config.presence.clone(), config.server.clone(), shutdown.clone());
-        tasks.spawn(messenger_presence::serve(options, server_options, store, listener, token));
+        let tls = security.cluster.clone();
+        tasks.spawn(messenger_presence::serve(options, server_options, store, listener, tls, token));
     }
     if let Some(listener) = listeners.message {
         let mut store = open_store(&config).await?;
@@ -146,15 +148,18 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             store,
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
+            tls: security.cluster.clone(),
         };
         let (options, server_options, token) = (config.message.clone(), config.server.clone(), shutdown.clone());
         tasks.spawn(messenger_message::serve(options, server_options, deps, listener, token));
     }
     if let Some((public, internal)) = listeners.gateway {
         let deps = messenger_gateway::Deps {
-            verifier: Verifier::from_options(&config.auth)?,
+            verifier: security.verifier.clone().expect("opened for the gateway role"),
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
+            public_tls: security.public.clone(),
+            cluster_tls: security.cluster.clone(),
         };
         let (options, server_options, token) = (config.gateway.clone(), config.server.clone(), shutdown.clone());
         tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, token));
@@ -169,6 +174,74 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         });
     }
     Ok(Running { addresses, shutdown, tasks })
+}
+
+/// Keys and certificates of this process, loaded before anything serves
+/// and reloaded when their files change.
+struct Security {
+    /// The gateway's token verifier (only where the gateway runs).
+    verifier: Option<Verifier>,
+    public: Option<ServerTls>,
+    cluster: Option<ServerTls>,
+}
+
+impl Security {
+    /// Refuses what must not run: a gateway without keys (outside
+    /// development mode), a non-loopback internal port without mutual TLS
+    /// (unless `tls.insecure_cluster_plaintext`). Puts the cluster client
+    /// TLS into `config.discovery` so every internal channel uses it.
+    fn open(
+        config: &mut Config,
+        addresses: &Addresses,
+        roles: &[Role],
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Security> {
+        let tls = &config.tls;
+        let cluster = ServerTls::cluster(tls)?;
+        let client = ClientTls::cluster(tls)?;
+        let internal = [addresses.message, addresses.presence, addresses.gateway_internal];
+        if cluster.is_none()
+            && !tls.insecure_cluster_plaintext
+            && let Some(exposed) = internal.into_iter().flatten().find(|address| !address.ip().is_loopback())
+        {
+            anyhow::bail!(
+                "internal port {exposed} is not on loopback and mutual TLS is off: anyone who reaches it could \
+                 act as any user. Set tls.cluster_ca_file, tls.cluster_cert_file and tls.cluster_key_file \
+                 (`messenger certs` makes a development set), or tls.insecure_cluster_plaintext = true if \
+                 something else authenticates every hop"
+            );
+        }
+        if let Some(server) = &cluster {
+            server.watch("cluster server certificate", tls.reload_interval, shutdown.clone());
+        }
+        if let Some(client) = &client {
+            client.watch(shutdown.clone());
+        }
+        let (mut verifier, mut public) = (None, None);
+        if roles.contains(&Role::Gateway) {
+            let keys = Verifier::from_options(&config.auth)?;
+            if config.auth.uses_development_secret() {
+                warn!("auth uses the published development secret (development mode): any token it signs is accepted");
+            }
+            let reloading = keys.clone();
+            messenger_platform::reload::watch(
+                "auth keys",
+                config.auth.key_files(),
+                config.auth.reload_interval,
+                shutdown.clone(),
+                move || reloading.reload().map(|count| format!("{count} keys")).map_err(|e| e.to_string()),
+            );
+            verifier = Some(keys);
+            public = ServerTls::public(tls)?;
+            if let Some(server) = &public {
+                server.watch("public certificate", tls.reload_interval, shutdown.clone());
+            } else if let Some(address) = addresses.gateway.filter(|address| !address.ip().is_loopback()) {
+                warn!(%address, "public port without TLS: terminate TLS in front of it, or set tls.public_cert_file");
+            }
+        }
+        config.discovery.tls = client;
+        Ok(Security { verifier, public, cluster })
+    }
 }
 
 /// The configured message store (migrated first when it is Scylla and
@@ -193,4 +266,4 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Every role: what `messenger up` runs.
-pub const ALL_ROLES: [Role; 3] = [Role::Presence, Role::Message, Role::Gateway];
+pub const ALL_ROLES: [Role; 3] = Role::ALL;

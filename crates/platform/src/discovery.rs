@@ -36,6 +36,9 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role, in start-up order (what others call first).
+    pub const ALL: [Role; 3] = [Role::Presence, Role::Message, Role::Gateway];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Gateway => "gateway",
@@ -97,6 +100,10 @@ pub struct DiscoveryOptions {
     /// no other is known), so retries go elsewhere before its lease expires.
     #[serde(with = "humantime_serde")]
     pub unhealthy_for: Duration,
+    /// Mutual TLS for every internal call: set by the binary from `tls.*`,
+    /// never read from configuration itself.
+    #[serde(skip)]
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for DiscoveryOptions {
@@ -110,6 +117,7 @@ impl Default for DiscoveryOptions {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             unhealthy_for: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -252,7 +260,7 @@ impl RoleChannel {
         let inner = RoleChannelInner {
             role,
             discovery,
-            pool: ChannelPool::new(options.clone()),
+            pool: ChannelPool::new(options.clone(), role),
             next: AtomicUsize::new(0),
             unhealthy: std::sync::Mutex::default(),
             unhealthy_for: options.unhealthy_for,
@@ -367,17 +375,19 @@ pub fn channel(discovery: Arc<dyn Discovery>, role: Role, options: &DiscoveryOpt
     RoleChannel::new(discovery, role, options)
 }
 
-/// One lazily connecting channel per instance address, reused across calls.
-/// Cloning shares the pool (reference counts only).
+/// One lazily connecting channel per instance address of `role`, reused
+/// across calls (over mutual TLS when configured, verifying the server as
+/// that role). Cloning shares the pool (reference counts only).
 #[derive(Clone, Debug)]
 pub struct ChannelPool {
     options: Arc<DiscoveryOptions>,
+    role: Role,
     channels: Arc<std::sync::Mutex<HashMap<String, Channel>>>,
 }
 
 impl ChannelPool {
-    pub fn new(options: DiscoveryOptions) -> Self {
-        Self { options: Arc::new(options), channels: Arc::default() }
+    pub fn new(options: DiscoveryOptions, role: Role) -> Self {
+        Self { options: Arc::new(options), role, channels: Arc::default() }
     }
 
     pub fn get(&self, address: &str) -> Result<Channel, Error> {
@@ -385,7 +395,11 @@ impl ChannelPool {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = endpoint(address, &self.options)?.connect_lazy();
+        let endpoint = endpoint(address, &self.options)?;
+        let channel = match &self.options.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(self.role)),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -7,7 +7,11 @@
 //! - [`telemetry`]: structured logging setup (pretty for laptops, JSON for clusters).
 //! - [`discovery`]: where each role's instances listen. Static addresses today,
 //!   behind a trait so etcd can replace it.
-//! - [`auth`]: JWT bearer verification (HS256, RS256, ES256, JWKS) and dev tokens.
+//! - [`auth`]: JWT bearer verification (HS256, RS256, ES256, JWKS, keys
+//!   reloaded on change) and development tokens.
+//! - [`tls`]: TLS on the public port, mutual TLS between services, the roles
+//!   a cluster certificate carries; [`authorize`]: which role may call which
+//!   internal RPC; [`reload`]: key and certificate files read again on change.
 //! - [`ids`]: UUIDv7 ids and wall-clock milliseconds.
 //! - [`server`]: the bootstrap every gRPC server uses: HTTP/2 limits, health,
 //!   reflection, graceful drain.
@@ -16,10 +20,13 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod authorize;
 pub mod config;
 pub mod discovery;
 pub mod ids;
 pub mod redis;
+pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;

@@ -1,5 +1,6 @@
-//! The bootstrap every gRPC server uses: explicit HTTP/2 limits, health and
-//! reflection, and a graceful drain bounded by a grace period.
+//! The bootstrap every gRPC server uses: explicit HTTP/2 limits, TLS or
+//! mutual TLS with per-role authorization, health and reflection, and a
+//! graceful drain bounded by a grace period.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -7,6 +8,11 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{service::Routes, transport::server::TcpIncoming};
+
+use crate::{
+    authorize::{AuthorizeLayer, Callers, Rules},
+    tls::ServerTls,
+};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -92,15 +98,46 @@ pub fn local_addr(listener: &TcpListener) -> SocketAddr {
     listener.local_addr().expect("bound listener has an address")
 }
 
-/// Serves `routes` plus health and reflection on `listener` until `shutdown`
+/// A bound listener and how it is protected.
+pub struct Port {
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    /// `Some` on internal ports: reflection lists every service, and with
+    /// mutual TLS each call is checked against these rules.
+    callers: Option<Callers>,
+    internal: bool,
+}
+
+impl Port {
+    /// The public port: TLS if configured; reflection lists only `public_service`.
+    pub fn public(listener: TcpListener, tls: Option<ServerTls>) -> Self {
+        Self { listener, tls, callers: None, internal: false }
+    }
+
+    /// An internal port: with cluster TLS, only callers whose certificate
+    /// carries a role that `rules` grant may call.
+    pub fn internal(listener: TcpListener, tls: Option<ServerTls>, rules: Rules) -> Self {
+        let callers = tls.as_ref().map(|tls| Callers::new(tls.domain(), rules));
+        Self { listener, tls, callers, internal: true }
+    }
+
+    /// The address the listener bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        local_addr(&self.listener)
+    }
+}
+
+/// Serves `routes` plus health and reflection on `port` until `shutdown`
 /// is cancelled, then drains for at most `options.drain_grace`.
 ///
 /// `service_names` are reported SERVING to health checks while running and
 /// NOT_SERVING once draining starts, so load balancers stop sending work.
+/// On a public port reflection describes only `service_names` (and health):
+/// internal services stay unlisted.
 pub async fn serve(
     name: &'static str,
     options: &ServerOptions,
-    listener: TcpListener,
+    port: Port,
     routes: Routes,
     service_names: &[&'static str],
     shutdown: CancellationToken,
@@ -109,12 +146,24 @@ pub async fn serve(
     for service in service_names {
         health_reporter.set_service_status(*service, ServingStatus::Serving).await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(messenger_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection v1, and v1alpha for older tools (Postman, evans).
+    let descriptors = reflected_descriptors(port.internal, service_names);
+    let reflection = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_file_descriptor_set(descriptors.clone())
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        if !port.internal {
+            for service in service_names {
+                builder = builder.with_service_name(*service);
+            }
+            builder = builder.with_service_name("grpc.health.v1.Health");
+        }
+        builder
+    };
+    let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
+    let Port { listener, tls, callers, .. } = port;
     let address = local_addr(&listener);
-    info!(server = name, %address, "listening");
+    info!(server = name, %address, tls = tls.is_some(), "listening");
 
     let drain_started = shutdown.clone();
     let reporter = health_reporter.clone();
@@ -125,7 +174,8 @@ pub async fn serve(
             reporter.set_service_status(service, ServingStatus::NotServing).await;
         }
     };
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
+        .layer(AuthorizeLayer::new(callers))
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(options.max_concurrent_streams))
         .max_frame_size(Some(options.max_frame_size))
@@ -135,14 +185,21 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
         .add_routes(routes)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    let server: futures::future::BoxFuture<'_, Result<(), tonic::transport::Error>> = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            tls.incoming(listener, options.keepalive_interval, shutdown.clone()),
+            signal,
+        )),
         // Accepted sockets need TCP_NODELAY themselves: the builder's setting
         // applies only to listeners tonic binds. Without it small frames wait
         // for delayed ACKs (tens of milliseconds).
-        .serve_with_incoming_shutdown(
+        None => Box::pin(router.serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(options.keepalive_interval)),
             signal,
-        );
+        )),
+    };
     tokio::pin!(server);
     let grace = options.drain_grace;
     let deadline = async {
@@ -157,4 +214,38 @@ pub async fn serve(
         () = deadline => warn!(server = name, grace_ms = grace.as_millis() as u64, "drain grace elapsed, closing remaining calls"),
     }
     Ok(())
+}
+
+/// The descriptors reflection serves: every messenger file on an internal
+/// port; on a public one only the files that define `service_names` and what
+/// they import, so internal services are neither listed nor described.
+fn reflected_descriptors(internal: bool, service_names: &[&'static str]) -> prost_types::FileDescriptorSet {
+    use prost::Message as _;
+    let all = prost_types::FileDescriptorSet::decode(messenger_proto::FILE_DESCRIPTOR_SET)
+        .expect("the build embeds a valid descriptor set");
+    if internal {
+        return all;
+    }
+    let defines = |file: &prost_types::FileDescriptorProto, service: &str| {
+        file.service.iter().any(|s| format!("{}.{}", file.package(), s.name()) == service)
+    };
+    let mut wanted: Vec<String> = all
+        .file
+        .iter()
+        .filter(|file| service_names.iter().any(|service| defines(file, service)))
+        .map(|file| file.name().to_owned())
+        .collect();
+    let mut index = 0;
+    while index < wanted.len() {
+        let file = all.file.iter().find(|file| file.name() == wanted[index]).expect("listed from the set");
+        for dependency in &file.dependency {
+            if !wanted.contains(dependency) {
+                wanted.push(dependency.clone());
+            }
+        }
+        index += 1;
+    }
+    prost_types::FileDescriptorSet {
+        file: all.file.into_iter().filter(|file| wanted.contains(&file.name().to_owned())).collect(),
+    }
 }

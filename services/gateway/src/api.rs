@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use messenger_platform::auth::caller;
+use messenger_platform::auth::{TokenExpiry, caller};
 use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +24,7 @@ impl GatewayService for Adapter {
 
     async fn connect(&self, request: Request<Streaming<ClientFrame>>) -> Result<Response<Self::ConnectStream>, Status> {
         let user = caller(&request)?.0.clone();
+        let expiry = request.extensions().get::<TokenExpiry>().copied();
         // Counted from acceptance, so streams still waiting for Hello count too.
         let Some(slot) = StreamSlot::take(&self.context) else {
             let limit = self.context.options.max_sessions;
@@ -35,7 +36,7 @@ impl GatewayService for Adapter {
         let context = self.context.clone();
         let inbound = request.into_inner();
         tokio::spawn(async move {
-            session::run(context, user, inbound, out).await;
+            session::run(context, user, expiry, inbound, out).await;
             drop(slot);
         });
         let unbox: fn(session::Outbound) -> Result<ServerFrame, Status> = |item| item.map(|f| *f).map_err(|s| *s);

@@ -36,8 +36,10 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use messenger_platform::discovery::RoleChannel;
 use messenger_platform::{
     auth::Verifier,
+    authorize,
     discovery::{self, Discovery, DiscoveryOptions, Role},
-    server::{self, ServerOptions},
+    server::{self, Port, ServerOptions},
+    tls::ServerTls,
 };
 use messenger_proto::v1::{
     gateway_internal_service_server::{self, GatewayInternalServiceServer},
@@ -69,6 +71,9 @@ pub(crate) struct Context {
     acks: Arc<acks::AckBatcher>,
     /// Per-user typing-indicator rate.
     typing_limiter: DefaultKeyedRateLimiter<String>,
+    /// Clock skew tolerated on a token's `exp` (`auth.leeway`): a stream ends
+    /// when its token would no longer verify.
+    token_leeway: Duration,
     shutdown: CancellationToken,
 }
 
@@ -77,6 +82,15 @@ pub struct Deps {
     pub verifier: Verifier,
     pub discovery: Arc<dyn Discovery>,
     pub discovery_options: DiscoveryOptions,
+    /// TLS on the public port, when configured.
+    pub public_tls: Option<ServerTls>,
+    /// Mutual TLS on the internal port, when the cluster has it.
+    pub cluster_tls: Option<ServerTls>,
+}
+
+/// Who may call the internal port: message instances deliver.
+fn callers() -> authorize::Rules {
+    vec![("/messenger.v1.GatewayInternalService/Deliver", &[Role::Message])]
 }
 
 /// Serves the public API on `public` and `Deliver` on `internal` until
@@ -116,6 +130,7 @@ pub async fn serve(
         typing_limiter: RateLimiter::keyed(
             Quota::per_second(nonzero(options.typing_per_second)).allow_burst(nonzero(options.typing_per_second * 2)),
         ),
+        token_leeway: deps.verifier.options().leeway,
         shutdown: shutdown.clone(),
         options,
     });
@@ -132,7 +147,7 @@ pub async fn serve(
     let public_server = server::serve(
         "gateway",
         &server_options,
-        public,
+        Port::public(public, deps.public_tls),
         Routes::new(public_api),
         &[gateway_service_server::SERVICE_NAME],
         shutdown.clone(),
@@ -140,7 +155,7 @@ pub async fn serve(
     let internal_server = server::serve(
         "gateway-internal",
         &server_options,
-        internal,
+        Port::internal(internal, deps.cluster_tls, callers()),
         Routes::new(internal_api),
         &[gateway_internal_service_server::SERVICE_NAME],
         shutdown,

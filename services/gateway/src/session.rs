@@ -14,7 +14,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
-use messenger_platform::ids;
+use messenger_platform::{auth::TokenExpiry, ids};
 use messenger_proto::v1::{
     self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery, server_frame::Frame as Out,
 };
@@ -34,6 +34,8 @@ enum End {
     ClientGone,
     SlowConsumer,
     Upstream(Status),
+    /// The token the stream was opened with expired.
+    TokenExpired,
 }
 
 enum Completion {
@@ -77,6 +79,7 @@ fn answer_or_error<T>(result: Result<T, Status>, conversation_id: &str) -> Compl
 pub(crate) async fn run(
     context: Arc<Context>,
     user: String,
+    expiry: Option<TokenExpiry>,
     mut inbound: Streaming<ClientFrame>,
     out: mpsc::Sender<Outbound>,
 ) {
@@ -141,7 +144,11 @@ pub(crate) async fn run(
         last_sent: HashMap::new(),
         deferred: HashMap::new(),
     };
-    let end = session.serve(&mut inbound, inbox, resync).await;
+    let expires = expires_at(expiry, context.token_leeway);
+    let end = tokio::select! {
+        end = session.serve(&mut inbound, inbox, resync) => end,
+        () = tokio::time::sleep_until(expires) => End::TokenExpired,
+    };
     match &end {
         End::ClientGone => {}
         End::SlowConsumer => {
@@ -150,6 +157,13 @@ pub(crate) async fn run(
         End::Upstream(status) => {
             warn!(session_id = %session.session_id, code = ?status.code(), "session ended: upstream failure");
             let _ = session.out.try_send(Err(Box::new(status.clone())));
+        }
+        End::TokenExpired => {
+            info!(session_id = %session.session_id, "session ended: token expired");
+            let status = Status::unauthenticated("token expired; reconnect with a fresh token");
+            let _ =
+                tokio::time::timeout(context.options.slow_consumer_timeout, session.out.send(Err(Box::new(status))))
+                    .await;
         }
     }
     context.acks.flush_device(&context.message, &session.user, &session.device).await;
@@ -165,6 +179,16 @@ pub(crate) async fn run(
         presence_changed(&context, pb::PresenceUpdate { user_id: session.user.clone(), online: false, last_seen_ms });
     }
     debug!(session_id = %session.session_id, "session closed");
+}
+
+/// When a stream opened with a token expiring at `expiry` must end: when
+/// the token would stop verifying (`exp` plus the tolerated skew).
+fn expires_at(expiry: Option<TokenExpiry>, leeway: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    // A token always has `exp` (the verifier requires it); without one here, a century.
+    let Some(TokenExpiry(exp)) = expiry else { return now + std::time::Duration::from_secs(100 * 365 * 86_400) };
+    let remaining_ms = (exp.saturating_mul(1000) + leeway.as_millis() as u64).saturating_sub(ids::now_ms() as u64);
+    now + std::time::Duration::from_millis(remaining_ms)
 }
 
 /// Tells the user's contacts, in the background: a hint, never worth a wait.

@@ -31,8 +31,10 @@ pub mod store;
 use std::sync::Arc;
 
 use messenger_platform::{
+    authorize,
     discovery::{self, ChannelPool, Discovery, DiscoveryOptions, Role},
-    server::{self, ServerOptions},
+    server::{self, Port, ServerOptions},
+    tls::ServerTls,
 };
 use messenger_proto::v1::{
     message_service_server::{MessageServiceServer, SERVICE_NAME},
@@ -51,6 +53,13 @@ pub struct Deps {
     pub store: Arc<dyn store::MessageStore>,
     pub discovery: Arc<dyn Discovery>,
     pub discovery_options: DiscoveryOptions,
+    /// Mutual TLS on the internal port, when the cluster has it.
+    pub tls: Option<ServerTls>,
+}
+
+/// Who may call the message service: gateways, on behalf of their users.
+fn callers() -> authorize::Rules {
+    vec![("/messenger.v1.MessageService/", &[Role::Gateway])]
 }
 
 /// Serves the message service on `listener` until `shutdown` is cancelled.
@@ -67,11 +76,12 @@ pub async fn serve(
         options.delivered_receipts_max_members,
         deps.store.clone(),
         PresenceServiceClient::new(presence),
-        ChannelPool::new(deps.discovery_options.clone()),
+        ChannelPool::new(deps.discovery_options.clone(), Role::Gateway),
     );
     let send_stream_max_inflight = options.send_stream_max_inflight;
     let service = Arc::new(Service::new(options, deps.store, fanout));
     let adapter = grpc::Adapter { service, send_stream_max_inflight, shutdown: shutdown.clone() };
     let api = MessageServiceServer::new(adapter).max_decoding_message_size(server_options.internal_max_message_bytes);
-    server::serve("message", &server_options, listener, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    let port = Port::internal(listener, deps.tls, callers());
+    server::serve("message", &server_options, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
 }

@@ -25,7 +25,12 @@ pub mod store;
 
 use std::sync::Arc;
 
-use messenger_platform::server::{self, ServerOptions};
+use messenger_platform::{
+    authorize,
+    discovery::Role,
+    server::{self, Port, ServerOptions},
+    tls::ServerTls,
+};
 use messenger_proto::v1::presence_service_server::{PresenceServiceServer, SERVICE_NAME};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -45,16 +50,29 @@ pub async fn open_store(options: &Options) -> Result<Arc<dyn PresenceStore>, Err
     })
 }
 
-/// Serves the presence service on `listener` until `shutdown` is cancelled.
-/// The lease length is the store's (`open_store` takes it from `options`).
+/// Who may call presence: gateways hold sessions (register, renew,
+/// unregister); message instances locate members for fan-out.
+fn callers() -> authorize::Rules {
+    vec![
+        ("/messenger.v1.PresenceService/", &[Role::Gateway]),
+        ("/messenger.v1.PresenceService/Locate", &[Role::Message]),
+        ("/messenger.v1.PresenceService/Status", &[Role::Message, Role::Gateway]),
+    ]
+}
+
+/// Serves the presence service on `listener` (mutual TLS with `tls`) until
+/// `shutdown` is cancelled. The lease length is the store's (`open_store`
+/// takes it from `options`).
 pub async fn serve(
     options: Options,
     server_options: ServerOptions,
     store: Arc<dyn PresenceStore>,
     listener: TcpListener,
+    tls: Option<ServerTls>,
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
     let api = PresenceServiceServer::new(grpc::Adapter { options, store })
         .max_decoding_message_size(server_options.internal_max_message_bytes);
-    server::serve("presence", &server_options, listener, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    let port = Port::internal(listener, tls, callers());
+    server::serve("presence", &server_options, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
 }

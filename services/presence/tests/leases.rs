@@ -22,7 +22,7 @@ async fn start(options: Options) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(messenger_presence::serve(options, ServerOptions::default(), store, listener, shutdown.clone()));
+    tokio::spawn(messenger_presence::serve(options, ServerOptions::default(), store, listener, None, shutdown.clone()));
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     Running { client: PresenceServiceClient::new(channel), shutdown }

@@ -40,7 +40,12 @@ struct Cluster {
     discovery: Arc<EtcdDiscovery>,
     watching: CancellationToken,
     auth: messenger_platform::auth::AuthOptions,
+    /// Every hop is mutual TLS, each process with its own role's certificate.
+    certs: messenger::certs::Generated,
 }
+
+/// The cluster's own HS256 secret: `messenger serve` refuses to start without a key.
+const CLUSTER_SECRET: &str = "cluster-test-secret-not-the-development-one";
 
 impl Cluster {
     /// One presence, two message services, two gateways, all registered.
@@ -48,6 +53,9 @@ impl Cluster {
         let etcd = EtcdServer::start();
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().unwrap();
+        let certs =
+            messenger::certs::generate(&dir.path().join("certs"), "messenger.internal", &["127.0.0.1".into()], 1)
+                .unwrap();
         let watching = CancellationToken::new();
         let discovery = EtcdDiscovery::start(etcd_options(&etcd), watching.clone()).await;
         let mut cluster = Self {
@@ -57,7 +65,11 @@ impl Cluster {
             nodes: Vec::new(),
             discovery,
             watching,
-            auth: messenger_platform::auth::AuthOptions::default(),
+            auth: messenger_platform::auth::AuthOptions {
+                hs256_secret: Some(CLUSTER_SECRET.into()),
+                ..Default::default()
+            },
+            certs,
         };
         // In dependency order, each role registered before the next starts:
         // an instance lists etcd before it serves, so every instance knows
@@ -84,10 +96,17 @@ impl Cluster {
             }
             (true, _) => format!("listen = \"127.0.0.1:{port}\"\n"),
         };
+        let (cert, key) = self.certs.role(role.as_str()).unwrap();
         let config = format!(
             r#"data_dir = "{data}"
 [log]
 filter = "info"
+[auth]
+hs256_secret = "{CLUSTER_SECRET}"
+[tls]
+cluster_ca_file = "{ca}"
+cluster_cert_file = "{cert}"
+cluster_key_file = "{key}"
 [discovery]
 backend = "etcd"
 request_timeout = "2s"
@@ -122,6 +141,9 @@ send_burst = 100000
             etcd = self.etcd.endpoint(),
             database = dir.join("messages.db").display(),
             redis = self._redis.url(),
+            ca = self.certs.ca.display(),
+            cert = cert.display(),
+            key = key.display(),
         );
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();

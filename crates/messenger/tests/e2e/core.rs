@@ -137,7 +137,8 @@ async fn bad_tokens_are_unauthenticated() {
 
 /// A token signed with the server's own secret that expired an hour ago.
 fn expired_token(options: &auth::AuthOptions, claims: &auth::Claims) -> String {
-    let key = jsonwebtoken::EncodingKey::from_secret(options.hs256_secret.as_ref().unwrap().as_bytes());
+    let secret = options.hs256_secret.as_deref().unwrap_or(auth::DEV_SECRET);
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     jsonwebtoken::encode(&jsonwebtoken::Header::default(), claims, &key).unwrap()
 }
 

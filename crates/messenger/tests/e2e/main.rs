@@ -7,4 +7,5 @@ mod cluster;
 mod conversations;
 mod core;
 mod model;
+mod security;
 mod support;

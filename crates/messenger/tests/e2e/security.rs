@@ -1,0 +1,304 @@
+//! Keys, TLS, mutual TLS between services, and token lifetime on streams,
+//! all through real sockets.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use messenger::{Config, certs, system};
+use messenger_client::{Client, Error, Event, TlsOptions, TokenProvider};
+use messenger_platform::{auth, discovery::Role};
+use messenger_proto::v1::{
+    self as pb, gateway_internal_service_client::GatewayInternalServiceClient,
+    message_service_client::MessageServiceClient, presence_service_client::PresenceServiceClient,
+};
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use crate::support::{TestSystem, WAIT, messages, next_message};
+
+fn testdata(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../platform/src/auth/testdata").join(name)
+}
+
+fn sign(algorithm: jsonwebtoken::Algorithm, kid: &str, private_pem: &str, user: &str) -> String {
+    let pem = std::fs::read(testdata(private_pem)).unwrap();
+    let key = match algorithm {
+        jsonwebtoken::Algorithm::RS256 => jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+        _ => jsonwebtoken::EncodingKey::from_ec_pem(&pem).unwrap(),
+    };
+    let mut header = jsonwebtoken::Header::new(algorithm);
+    header.kid = Some(kid.into());
+    let claims = auth::Claims {
+        sub: user.into(),
+        exp: (messenger_platform::ids::now_ms() / 1000 + 600) as u64,
+        iat: None,
+        iss: None,
+        aud: None,
+    };
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+async fn start_error(config: Config, roles: &[Role]) -> String {
+    match system::start(config, roles).await {
+        Ok(_) => panic!("started, but should have refused"),
+        Err(error) => error.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn serve_refuses_without_keys_with_the_published_secret_and_with_exposed_plaintext_internal_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut no_keys = Config::for_loopback(dir.path());
+    no_keys.auth.development = false;
+    let error = start_error(no_keys.clone(), &[Role::Gateway]).await;
+    assert!(error.contains("auth.jwks_file") && error.contains("auth.development"), "{error}");
+
+    let mut published = no_keys.clone();
+    published.auth.hs256_secret = Some(auth::DEV_SECRET.into());
+    let error = start_error(published, &[Role::Gateway]).await;
+    assert!(error.contains("published development secret"), "{error}");
+
+    // Keys are fine; an internal port on every interface without mutual TLS is not.
+    let mut exposed = Config::for_loopback(dir.path());
+    exposed.message.listen = "0.0.0.0:0".into();
+    let error = start_error(exposed.clone(), &[Role::Message]).await;
+    assert!(error.contains("mutual TLS is off") && error.contains("tls.insecure_cluster_plaintext"), "{error}");
+    exposed.tls.insecure_cluster_plaintext = true;
+    system::start(exposed, &[Role::Message]).await.unwrap().stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn configured_jwks_replaces_the_development_secret_and_rotates_without_restart() {
+    let keys = tempfile::tempdir().unwrap();
+    let jwks = keys.path().join("jwks.json");
+    std::fs::copy(testdata("jwks.json"), &jwks).unwrap();
+    let system = TestSystem::start_with(|config| {
+        // Development mode stays on, as on a laptop that then configures a
+        // JWKS: the published secret must still stop working.
+        config.auth.development = true;
+        config.auth.jwks_file = Some(jwks.clone());
+        config.auth.reload_interval = Duration::from_millis(100);
+    })
+    .await;
+    // Options by hand: with a JWKS configured there is no secret to mint with.
+    let connect =
+        |token: String| Client::connect(messenger_client::Options::new(system.endpoint.clone(), token, "phone"));
+    let dev_token =
+        auth::mint_hs256(&auth::AuthOptions::default().or_development(), "dave", Duration::from_secs(60)).unwrap();
+    assert!(matches!(connect(dev_token).await, Err(Error::Unauthenticated(_))), "development secret accepted");
+    let rsa = sign(jsonwebtoken::Algorithm::RS256, "test-rsa-1", "rs256_private.pem", "dave");
+    let ec = sign(jsonwebtoken::Algorithm::ES256, "test-ec-2", "es256_private.pem", "dave");
+    connect(rsa.clone()).await.expect("a JWKS key verifies");
+    assert!(matches!(connect(ec.clone()).await, Err(Error::Unauthenticated(_))));
+
+    std::fs::copy(testdata("jwks_rotated.json"), &jwks).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match connect(ec.clone()).await {
+            Ok(_) => break,
+            Err(Error::Unauthenticated(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(other) => panic!("rotated key never accepted: {other:?}"),
+        }
+    }
+    assert!(matches!(connect(rsa).await, Err(Error::Unauthenticated(_))), "the retired key still verifies");
+}
+
+/// A system with TLS on the public port and mutual TLS on every internal one.
+async fn tls_system(certs: &certs::Generated) -> TestSystem {
+    let (cert, key) = certs.role("all").unwrap();
+    let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
+    TestSystem::start_with(|config| {
+        config.tls.public_cert_file = Some(certs.public.0.clone());
+        config.tls.public_key_file = Some(certs.public.1.clone());
+        config.tls.cluster_ca_file = Some(certs.ca.clone());
+        config.tls.cluster_cert_file = Some(cert);
+        config.tls.cluster_key_file = Some(key);
+    })
+    .await
+}
+
+/// A channel to an internal port made with tonic's own TLS client (not the
+/// project's connector), presenting `identity` if given.
+async fn internal_channel(
+    certs: &certs::Generated,
+    address: std::net::SocketAddr,
+    server_role: &str,
+    identity: Option<&str>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&certs.ca).unwrap()))
+        .domain_name(format!("{server_role}.messenger.internal"));
+    if let Some(name) = identity {
+        let (cert, key) = certs.role(name).unwrap();
+        tls = tls.identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
+    }
+    Endpoint::from_shared(format!("https://{address}")).unwrap().tls_config(tls).unwrap().connect().await
+}
+
+fn deliver_request() -> pb::DeliverRequest {
+    pb::DeliverRequest { deliveries: Vec::new() }
+}
+
+#[tokio::test]
+async fn internal_ports_take_only_cluster_certificates_whose_role_may_make_the_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs =
+        certs::generate(dir.path(), "messenger.internal", &["localhost".into(), "127.0.0.1".into()], 1).unwrap();
+    let system = tls_system(&certs).await;
+    let addresses = system.running.as_ref().unwrap().addresses.clone();
+    let (gateway_internal, message, presence) =
+        (addresses.gateway_internal.unwrap(), addresses.message.unwrap(), addresses.presence.unwrap());
+
+    // No certificate at all: the handshake is refused, so no call gets through.
+    let anonymous = match internal_channel(&certs, message, "message", None).await {
+        Ok(channel) => MessageServiceClient::new(channel)
+            .list_conversations(pb::MessageListConversationsRequest { user_id: "alice".into(), ..Default::default() })
+            .await
+            .map(|_| ()),
+        Err(_) => Err(tonic::Status::unavailable("handshake refused")),
+    };
+    assert!(anonymous.is_err(), "a caller without a certificate reached the message service");
+    // Plaintext is not spoken at all.
+    let plain = Endpoint::from_shared(format!("http://{presence}")).unwrap().connect().await;
+    if let Ok(channel) = plain {
+        let call = PresenceServiceClient::new(channel).status(pb::StatusRequest::default()).await;
+        assert!(call.is_err(), "a plaintext caller reached presence");
+    }
+
+    // A gateway's certificate may not deliver; a message instance's may.
+    let as_gateway = internal_channel(&certs, gateway_internal, "gateway", Some("gateway")).await.unwrap();
+    let refused = GatewayInternalServiceClient::new(as_gateway).deliver(deliver_request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let as_message = internal_channel(&certs, gateway_internal, "gateway", Some("message")).await.unwrap();
+    GatewayInternalServiceClient::new(as_message).deliver(deliver_request()).await.unwrap();
+
+    // Presence: sessions are registered by gateways, members located by message instances.
+    let session = pb::Session { user_id: "mallory".into(), session_id: "s".into(), ..Default::default() };
+    let register = pb::RegisterRequest { session: Some(session), restore: false };
+    let as_message = internal_channel(&certs, presence, "presence", Some("message")).await.unwrap();
+    let refused = PresenceServiceClient::new(as_message.clone()).register(register).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    PresenceServiceClient::new(as_message).locate(pb::LocateRequest::default()).await.unwrap();
+    let as_gateway = internal_channel(&certs, presence, "presence", Some("gateway")).await.unwrap();
+    let refused = PresenceServiceClient::new(as_gateway).locate(pb::LocateRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // The message service serves gateways only.
+    let as_presence = internal_channel(&certs, message, "message", Some("presence")).await.unwrap();
+    let refused = MessageServiceClient::new(as_presence)
+        .list_conversations(pb::MessageListConversationsRequest { user_id: "alice".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+}
+
+#[tokio::test]
+async fn the_public_port_speaks_tls_to_the_sdk_and_to_an_independent_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs =
+        certs::generate(dir.path(), "messenger.internal", &["localhost".into(), "127.0.0.1".into()], 1).unwrap();
+    let system = tls_system(&certs).await;
+    assert!(system.endpoint.starts_with("https://"), "{}", system.endpoint);
+    let tls = TlsOptions { ca_pem: Some(std::fs::read(&certs.ca).unwrap()), server_name: None };
+    let connect = |user: &str| {
+        let mut options = system.options(user, "phone");
+        options.tls = tls.clone();
+        Client::connect(options)
+    };
+    // Every hop behind the gateway is mutual TLS too: send, fan-out, deliver.
+    let (alice, _alice_events) = connect("alice").await.unwrap();
+    let (_bob, mut bob_events) = connect("bob").await.unwrap();
+    let direct = alice.direct("bob").await.unwrap().conversation_id;
+    alice.send(&direct, "over tls").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.body, "over tls");
+
+    // Without the CA the SDK refuses the server.
+    let mut untrusting = system.options("alice", "laptop");
+    untrusting.tls = TlsOptions::default();
+    assert!(Client::connect(untrusting).await.is_err());
+
+    // curl (OpenSSL, nghttp2) verifying with the CA: a real gRPC health check.
+    let address = system.running.as_ref().unwrap().addresses.gateway.unwrap();
+    // tokio's process API: the server runs on this test's one runtime thread.
+    let mut curl = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "10", "--http2", "--cacert"])
+        .arg(&certs.ca)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary", "@-", "--output", "-"])
+        .arg(format!("https://localhost:{}/grpc.health.v1.Health/Check", address.port()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl runs (scripts/setup.sh installs it)");
+    {
+        use tokio::io::AsyncWriteExt as _;
+        // An empty HealthCheckRequest: uncompressed, length 0.
+        let mut stdin = curl.stdin.take().unwrap();
+        stdin.write_all(&[0, 0, 0, 0, 0]).await.unwrap();
+    }
+    let output = curl.wait_with_output().await.unwrap();
+    assert!(output.status.success(), "curl: {}", String::from_utf8_lossy(&output.stderr));
+    // One message of 2 bytes: field 1 (status) = 1 (SERVING).
+    assert_eq!(output.stdout, [0, 0, 0, 0, 2, 0x08, 0x01], "{:?}", output.stdout);
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_token_expires_and_the_sdk_resumes_with_a_fresh_one() {
+    let system = TestSystem::start_with(|config| config.auth.leeway = Duration::ZERO).await;
+    let auth_options = system.config.auth.clone();
+    let fetched = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut options = system.options("alice", "phone");
+    options.token = auth::mint_hs256(&auth_options, "alice", Duration::from_secs(2)).unwrap();
+    let counter = fetched.clone();
+    options.token_provider = Some(TokenProvider::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let token = auth::mint_hs256(&auth_options, "alice", Duration::from_secs(3600)).map_err(|e| e.to_string());
+        Box::pin(async move { token })
+    }));
+    let (alice, mut alice_events) = Client::connect(options).await.unwrap();
+    let (bob, _bob_events) = system.connect("bob", "phone").await;
+    let direct = bob.direct("alice").await.unwrap().conversation_id;
+    bob.send(&direct, "before expiry").await.unwrap();
+    assert_eq!(next_message(&mut alice_events).await.body, "before expiry");
+
+    // The gateway ends the stream at `exp`; the SDK fetches a token and resumes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut reconnected = false;
+    while !reconnected {
+        match tokio::time::timeout_at(deadline, alice_events.next()).await.expect("no reconnect after expiry") {
+            Some(Event::Disconnected { will_retry, reason }) => {
+                assert!(will_retry, "expiry ended the client: {reason}")
+            }
+            Some(Event::Connected { .. }) => reconnected = true,
+            Some(Event::Message(message)) => panic!("shown twice or out of place: {message:?}"),
+            Some(_) => {}
+            None => panic!("events ended"),
+        }
+    }
+    assert_eq!(fetched.load(std::sync::atomic::Ordering::SeqCst), 1);
+    bob.send(&direct, "after expiry").await.unwrap();
+    let sent = alice.send(&direct, "alice after expiry").await.unwrap();
+    // Each exactly once, her own send included (it reaches her devices too).
+    let received = messages(&mut alice_events, 2).await;
+    assert_eq!(received.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["after expiry", "alice after expiry"]);
+    assert_eq!(sent.seq, 3);
+    crate::support::assert_quiet(&mut alice_events).await;
+
+    // Without a provider the client ends, saying why.
+    let mut raw_options = system.options("carol", "phone");
+    raw_options.token = auth::mint_hs256(&system.config.auth, "carol", Duration::from_secs(1)).unwrap();
+    let (_carol, mut carol_events) = Client::connect(raw_options).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, carol_events.next()).await.expect("no end after expiry") {
+            Some(Event::Disconnected { will_retry: false, reason }) => {
+                assert!(reason.contains("token expired"), "{reason}");
+                break;
+            }
+            Some(_) => {}
+            None => panic!("events ended without a reason"),
+        }
+    }
+}
