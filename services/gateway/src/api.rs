@@ -25,6 +25,14 @@ impl GatewayService for Adapter {
     async fn connect(&self, request: Request<Streaming<ClientFrame>>) -> Result<Response<Self::ConnectStream>, Status> {
         let user = caller(&request)?.0.clone();
         let expiry = request.extensions().get::<TokenExpiry>().copied();
+        let limits = &self.context.limits;
+        // Without a peer address (only in-process transports) the IP limits have no key.
+        let address = request.remote_addr().map(|address| address.ip());
+        if let Some(address) = address {
+            limits.connects_per_address.check(&address.to_string())?;
+        }
+        limits.connects_per_user.check(&user)?;
+        let pre_hello = address.map(|address| limits.pre_hello.take(address)).transpose()?;
         // Counted from acceptance, so streams still waiting for Hello count too.
         let Some(slot) = StreamSlot::take(&self.context) else {
             let limit = self.context.options.max_sessions;
@@ -36,7 +44,7 @@ impl GatewayService for Adapter {
         let context = self.context.clone();
         let inbound = request.into_inner();
         tokio::spawn(async move {
-            session::run(context, user, expiry, inbound, out).await;
+            session::run(context, user, expiry, pre_hello, inbound, out).await;
             drop(slot);
         });
         let unbox: fn(session::Outbound) -> Result<ServerFrame, Status> = |item| item.map(|f| *f).map_err(|s| *s);
@@ -48,6 +56,7 @@ impl GatewayService for Adapter {
         request: Request<pb::GetOrCreateDirectRequest>,
     ) -> Result<Response<pb::GetOrCreateDirectResponse>, Status> {
         let user = caller(&request)?.0.clone();
+        self.context.limits.direct_conversations.check(&user)?;
         let peer_id = request.into_inner().peer_id;
         let response = self
             .context
@@ -61,6 +70,7 @@ impl GatewayService for Adapter {
 
     async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
         let user = caller(&request)?.0.clone();
+        self.context.limits.queries.check(&user)?;
         let request = request.into_inner();
         let response = self
             .context
@@ -86,6 +96,7 @@ impl GatewayService for Adapter {
         request: Request<pb::ListConversationsRequest>,
     ) -> Result<Response<pb::ListConversationsResponse>, Status> {
         let user = caller(&request)?.0.clone();
+        self.context.limits.queries.check(&user)?;
         let request = request.into_inner();
         let response = self
             .context
@@ -109,6 +120,7 @@ impl GatewayService for Adapter {
         request: Request<pb::GetConversationRequest>,
     ) -> Result<Response<pb::GetConversationResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
+        self.context.limits.queries.check(&user_id)?;
         let request = routed(
             &request.conversation_id.clone(),
             pb::MessageGetConversationRequest { user_id, request: Some(request) },
@@ -121,6 +133,7 @@ impl GatewayService for Adapter {
         request: Request<pb::GetReceiptsRequest>,
     ) -> Result<Response<pb::GetReceiptsResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
+        self.context.limits.queries.check(&user_id)?;
         let request =
             routed(&request.conversation_id.clone(), pb::MessageGetReceiptsRequest { user_id, request: Some(request) });
         Ok(Response::new(self.context.message.clone().get_receipts(request).await?.into_inner()))
@@ -131,6 +144,7 @@ impl GatewayService for Adapter {
         request: Request<pb::CreateGroupRequest>,
     ) -> Result<Response<pb::CreateGroupResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
+        self.context.limits.group_changes.check(&user_id)?;
         let request = pb::MessageCreateGroupRequest { user_id, request: Some(request) };
         Ok(Response::new(self.context.message.clone().create_group(request).await?.into_inner()))
     }
@@ -140,6 +154,7 @@ impl GatewayService for Adapter {
         request: Request<pb::UpdateGroupRequest>,
     ) -> Result<Response<pb::UpdateGroupResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
+        self.context.limits.group_changes.check(&user_id)?;
         let request =
             routed(&request.conversation_id.clone(), pb::MessageUpdateGroupRequest { user_id, request: Some(request) });
         Ok(Response::new(self.context.message.clone().update_group(request).await?.into_inner()))
@@ -150,6 +165,7 @@ impl GatewayService for Adapter {
         request: Request<pb::ModifyMessageRequest>,
     ) -> Result<Response<pb::ModifyMessageResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
+        self.context.limits.modifications.check(&user_id)?;
         let request = routed(
             &request.conversation_id.clone(),
             pb::MessageModifyMessageRequest { user_id, request: Some(request) },

@@ -13,6 +13,8 @@
 //! - `acks.rs`: every session's delivered acks, sent in one call per interval.
 //! - `sends.rs`: sends, over one `SendStream` per message-service instance.
 //! - `internal.rs`: `GatewayInternalService::Deliver`.
+//! - `limits.rs`: per-user and per-address rate limits (RESOURCE_EXHAUSTED
+//!   with RetryInfo), and the cap on streams waiting for their Hello.
 //! - `leases.rs`: renews every session's presence lease in one `Renew` per
 //!   interval; re-registers the sessions presence no longer knows.
 //!
@@ -24,6 +26,7 @@ mod acks;
 mod api;
 mod internal;
 mod leases;
+mod limits;
 mod options;
 mod registry;
 mod sends;
@@ -51,7 +54,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use options::Options;
+pub use options::{Options, Rate, RateLimits};
 
 /// What every session and handler of one gateway instance shares.
 pub(crate) struct Context {
@@ -71,6 +74,8 @@ pub(crate) struct Context {
     acks: Arc<acks::AckBatcher>,
     /// Per-user typing-indicator rate.
     typing_limiter: DefaultKeyedRateLimiter<String>,
+    /// Every other public call's limits.
+    limits: limits::Limits,
     /// Clock skew tolerated on a token's `exp` (`auth.leeway`): a stream ends
     /// when its token would no longer verify.
     token_leeway: Duration,
@@ -131,6 +136,7 @@ pub async fn serve(
             Quota::per_second(nonzero(options.typing_per_second)).allow_burst(nonzero(options.typing_per_second * 2)),
         ),
         token_leeway: deps.verifier.options().leeway,
+        limits: limits::Limits::new(&options.rate_limits),
         shutdown: shutdown.clone(),
         options,
     });
@@ -175,6 +181,7 @@ async fn forget_idle_rate_limits(context: Arc<Context>) {
                     limiter.retain_recent();
                     limiter.shrink_to_fit();
                 }
+                context.limits.forget_idle();
             }
         }
     }

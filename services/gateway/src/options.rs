@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::limits::{Rate, RateLimits};
+
 /// Renewing more often than this only loads presence.
 const MIN_PRESENCE_RENEW_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -55,6 +57,8 @@ pub struct Options {
     /// healthy gateway expire between renewals.
     #[serde(with = "humantime_serde")]
     pub presence_renew_interval: Duration,
+    /// Per-user and per-address limits of every other public call.
+    pub rate_limits: RateLimits,
 }
 
 impl Default for Options {
@@ -77,6 +81,7 @@ impl Default for Options {
             send_burst: 50,
             typing_per_second: 2,
             presence_renew_interval: Duration::from_secs(10),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -102,6 +107,7 @@ impl Options {
         if self.hello_timeout.is_zero() || self.slow_consumer_timeout.is_zero() || self.ack_flush_interval.is_zero() {
             return Err("gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into());
         }
+        self.rate_limits.validate()?;
         if self.presence_renew_interval < MIN_PRESENCE_RENEW_INTERVAL {
             return Err(format!(
                 "gateway.presence_renew_interval must be at least {}ms",

@@ -28,6 +28,10 @@ use crate::{Context, registry::SessionHandle};
 /// small: they are allocated per session and live as long as it does.
 pub(crate) type Outbound = Result<Box<ServerFrame>, Box<Status>>;
 
+/// Conversations whose read mark a session remembers (repeats beyond it
+/// are passed on; the message service ignores those that move nothing).
+const MAX_READ_MARKS: usize = 4096;
+
 /// Why a session ended early.
 #[derive(Debug)]
 enum End {
@@ -53,6 +57,10 @@ struct Session {
     /// Per conversation, the newest live message held back behind seqs that
     /// history could not supply yet.
     deferred: HashMap<String, u64>,
+    /// Per conversation, the highest read mark this session passed on: a
+    /// repeat (or an older one) moves nothing, so it costs no call, no write
+    /// and no receipt.
+    read_marks: HashMap<String, u64>,
 }
 
 fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
@@ -80,10 +88,12 @@ pub(crate) async fn run(
     context: Arc<Context>,
     user: String,
     expiry: Option<TokenExpiry>,
+    pre_hello: Option<crate::limits::PreHelloSlot>,
     mut inbound: Streaming<ClientFrame>,
     out: mpsc::Sender<Outbound>,
 ) {
     let hello = tokio::time::timeout(context.options.hello_timeout, inbound.message()).await;
+    drop(pre_hello);
     let device = match hello {
         Ok(Ok(Some(ClientFrame { frame: Some(In::Hello(hello)) }))) => hello.device_id,
         Ok(Ok(Some(_))) => {
@@ -143,6 +153,7 @@ pub(crate) async fn run(
         out,
         last_sent: HashMap::new(),
         deferred: HashMap::new(),
+        read_marks: HashMap::new(),
     };
     let expires = expires_at(expiry, context.token_leeway);
     let end = tokio::select! {
@@ -438,6 +449,15 @@ impl Session {
                 Ok(())
             }
             Some(In::Read(read)) => {
+                if self.read_marks.get(&read.conversation_id).is_some_and(|&marked| read.seq <= marked) {
+                    return Ok(());
+                }
+                if let Err(status) = self.context.limits.reads.check(&self.user) {
+                    return self.emit(error_frame(status.code(), status.message(), "", &read.conversation_id)).await;
+                }
+                if self.read_marks.len() < MAX_READ_MARKS || self.read_marks.contains_key(&read.conversation_id) {
+                    self.read_marks.insert(read.conversation_id.clone(), read.seq);
+                }
                 let mut client = self.context.message.clone();
                 let conversation_id = read.conversation_id.clone();
                 let request = pb::MarkReadRequest {

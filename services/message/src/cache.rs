@@ -459,9 +459,9 @@ impl MessageStore for CachedStore {
         self.inner.ack_delivered_many(acks).await
     }
 
-    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64> {
+    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<crate::store::ReadMark> {
         let read = self.inner.mark_read(id, user, seq).await;
-        if read.is_ok() {
+        if read.as_ref().is_ok_and(|mark| mark.moved) {
             // The reader's cursor (membership) and unread count (its inbox).
             self.bump(vec![Subject::Membership(id), Subject::Inbox(user.to_owned())]).await;
         }

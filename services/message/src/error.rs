@@ -28,7 +28,18 @@ pub enum Error {
 }
 
 impl From<Error> for Status {
+    /// Storage and backend failures reach the client as an error id only: the
+    /// details (SQL, driver and Redis text) go to this service's log under
+    /// that id, where an operator can find them.
     fn from(error: Error) -> Self {
+        if let Error::Storage(detail) | Error::Unavailable(detail) = &error {
+            let error_id = messenger_platform::ids::new_id();
+            tracing::error!(%error_id, %detail, "request failed");
+            return match error {
+                Error::Storage(_) => Status::internal(format!("internal error (error id {error_id})")),
+                _ => Status::unavailable(format!("service unavailable, retry (error id {error_id})")),
+            };
+        }
         let message = error.to_string();
         match error {
             Error::ConversationNotFound | Error::MessageNotFound(_) => Status::not_found(message),
@@ -42,3 +53,21 @@ impl From<Error> for Status {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_and_backend_text_never_reaches_the_client() {
+        let status = Status::from(Error::Storage("disk I/O error in messages_idx".into()));
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.message().contains("disk"), "{}", status.message());
+        assert!(status.message().contains("error id "), "{}", status.message());
+        let status = Status::from(Error::Unavailable("redis: Timeout Error".into()));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(!status.message().contains("redis"), "{}", status.message());
+        let status = Status::from(Error::ConversationNotFound);
+        assert_eq!(status.message(), "conversation not found", "domain errors keep their words");
+    }
+}

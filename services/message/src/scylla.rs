@@ -380,7 +380,7 @@ impl MessageStore for ScyllaStore {
         futures::future::try_join_all(acks).await
     }
 
-    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64> {
+    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<crate::store::ReadMark> {
         reads::mark_read(&self.inner, id, user, seq).await
     }
 

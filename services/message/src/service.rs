@@ -360,11 +360,17 @@ impl Service {
         check_id("user_id", user)?;
         let id = parse_conversation(conversation_id)?;
         let (store, owned_user) = (self.store.clone(), user.to_owned());
-        let read_seq = detached(async move { store.mark_read(id, &owned_user, seq).await }).await?;
-        let receipt =
-            pb::Receipt { conversation_id: id.to_string(), user_id: user.to_owned(), read_seq, delivered_seq: 0 };
-        self.fanout.publish_hint(Outgoing::Receipt(id, receipt));
-        Ok(read_seq)
+        let mark = detached(async move { store.mark_read(id, &owned_user, seq).await }).await?;
+        if mark.moved {
+            let receipt = pb::Receipt {
+                conversation_id: id.to_string(),
+                user_id: user.to_owned(),
+                read_seq: mark.read_seq,
+                delivered_seq: 0,
+            };
+            self.fanout.publish_hint(Outgoing::Receipt(id, receipt));
+        }
+        Ok(mark.read_seq)
     }
 
     /// Tells the other online members; stores nothing.

@@ -392,7 +392,7 @@ impl MessageStore for SqliteStore {
         .await
     }
 
-    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64> {
+    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<crate::store::ReadMark> {
         let user = user.to_owned();
         self.write(move |tx| writes::mark_read(tx, id, &user, seq)).await
     }

@@ -309,6 +309,14 @@ pub struct SyncCursor {
     pub seq: u64,
 }
 
+/// A member's read cursor after a read mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadMark {
+    pub read_seq: u64,
+    /// Whether the mark moved the cursor (only then is there a receipt).
+    pub moved: bool,
+}
+
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
     /// The one direct conversation between two users, created on first use.
@@ -378,8 +386,9 @@ pub trait MessageStore: Send + Sync + 'static {
     }
 
     /// Moves an active member's read cursor forward (clamped to the head);
-    /// returns the stored value.
-    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<u64>;
+    /// returns the stored value and whether it moved. A mark that moves
+    /// nothing writes nothing.
+    async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<ReadMark>;
 
     /// Entries after the device's delivered cursor in each of the user's
     /// conversations (or only `only`), within what the user may see, ordered

@@ -6,6 +6,7 @@ mod cache;
 mod cluster;
 mod conversations;
 mod core;
+mod limits;
 mod model;
 mod security;
 mod support;

@@ -273,16 +273,21 @@ pub(super) async fn ack_delivered(
     Ok(stored)
 }
 
-pub(super) async fn mark_read(inner: &Inner, id: Uuid, user: &str, seq: u64) -> Result<u64> {
+pub(super) async fn mark_read(inner: &Inner, id: Uuid, user: &str, seq: u64) -> Result<crate::store::ReadMark> {
     let head = head(inner, id, false).await?.ok_or(Error::ConversationNotFound)?;
     let membership = member(inner, id, user).await?;
     if !head.roster.contains_key(user) {
         return Err(if membership.is_some() { Error::NoLongerMember } else { Error::ConversationNotFound });
     }
-    let wanted = seq_value(seq.min(head.last_seq));
-    inner.run(&inner.statements.member_read_seq, (wanted, wanted, id, user)).await?;
+    let before = membership.as_ref().map_or(0, |m| m.read_seq);
+    let wanted = seq.min(head.last_seq);
+    if wanted <= before {
+        return Ok(crate::store::ReadMark { read_seq: before, moved: false });
+    }
+    let value = seq_value(wanted);
+    inner.run(&inner.statements.member_read_seq, (value, value, id, user)).await?;
     let stored = member(inner, id, user).await?.map_or(0, |m| m.read_seq);
-    Ok(stored.max(wanted as u64))
+    Ok(crate::store::ReadMark { read_seq: stored.max(wanted), moved: true })
 }
 
 /// Entries after the device's cursor in each membership (current or ended),

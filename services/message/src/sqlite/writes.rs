@@ -382,9 +382,12 @@ pub(super) fn ack(tx: &Connection, user: &str, device: &str, cursors: &[(Uuid, u
     Ok(stored)
 }
 
-pub(super) fn mark_read(tx: &Connection, conversation: Uuid, user: &str, seq: u64) -> Result<u64> {
+pub(super) fn mark_read(tx: &Connection, conversation: Uuid, user: &str, seq: u64) -> Result<crate::store::ReadMark> {
     let text = conversation.to_string();
-    active_member(tx, &text, user)?;
+    let member = active_member(tx, &text, user)?;
     let wanted = seq.min(head(tx, &text)?);
-    set_read(tx, &text, user, wanted)
+    if wanted <= member.read_seq {
+        return Ok(crate::store::ReadMark { read_seq: member.read_seq, moved: false });
+    }
+    Ok(crate::store::ReadMark { read_seq: set_read(tx, &text, user, wanted)?, moved: true })
 }

@@ -406,9 +406,12 @@ async fn read_cursors_and_unread_counts(store: &dyn MessageStore) {
     assert_eq!(inbox[0].unread_count, 3);
     assert_eq!(inbox[0].last_message.as_ref().unwrap().body, "hello 2");
     assert_eq!(store.list_conversations(&a, None, 10).await.unwrap()[0].unread_count, 0, "own messages are read");
-    assert_eq!(store.mark_read(conversation.id, &b, 2).await.unwrap(), 2);
-    assert_eq!(store.mark_read(conversation.id, &b, 1).await.unwrap(), 2, "read cursor moved back");
-    assert_eq!(store.mark_read(conversation.id, &b, 50).await.unwrap(), 3, "read cursor passed the head");
+    let mark = |read_seq, moved| ReadMark { read_seq, moved };
+    assert_eq!(store.mark_read(conversation.id, &b, 2).await.unwrap(), mark(2, true));
+    assert_eq!(store.mark_read(conversation.id, &b, 2).await.unwrap(), mark(2, false), "a repeat moved the cursor");
+    assert_eq!(store.mark_read(conversation.id, &b, 1).await.unwrap(), mark(2, false), "read cursor moved back");
+    assert_eq!(store.mark_read(conversation.id, &b, 50).await.unwrap(), mark(3, true), "read cursor passed the head");
+    assert_eq!(store.mark_read(conversation.id, &b, 50).await.unwrap(), mark(3, false));
     assert_eq!(store.list_conversations(&b, None, 10).await.unwrap()[0].unread_count, 0);
     let members = store.members(conversation.id).await.unwrap();
     assert_eq!(members.iter().find(|m| m.user_id == b).unwrap().read_seq, 3);
