@@ -63,11 +63,15 @@ impl AckBatcher {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Flushes every `interval` until `shutdown`, then once more.
+    /// Flushes every `interval` until `shutdown`, then once more. A flush
+    /// goes out in requests of at most `max_cursors` cursors each, so a
+    /// gateway holding many devices never builds one request beyond the
+    /// message service's size limit (nor one huge write).
     pub async fn run(
         self: Arc<Self>,
         mut message: MessageServiceClient<RoleChannel>,
         interval: Duration,
+        max_cursors: usize,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(interval);
@@ -77,20 +81,7 @@ impl AckBatcher {
                 _ = tick.tick() => false,
                 () = shutdown.cancelled() => true,
             };
-            let pending = self.take();
-            if !pending.is_empty() {
-                let devices = pending
-                    .into_iter()
-                    .map(|((user_id, device_id), cursors)| pb::DeviceAck {
-                        user_id,
-                        device_id,
-                        cursors: cursors
-                            .into_iter()
-                            .map(|(conversation_id, seq)| pb::DeliveredCursor { conversation_id, seq })
-                            .collect(),
-                    })
-                    .collect();
-                let request = pb::AckDeliveredRequest { devices, ..Default::default() };
+            for request in requests(self.take(), max_cursors) {
                 if let Err(status) = message.ack_delivered(request).await {
                     warn!(code = ?status.code(), message = status.message(), "ack flush failed; devices may see duplicates");
                 }
@@ -99,5 +90,73 @@ impl AckBatcher {
                 return;
             }
         }
+    }
+}
+
+/// `pending` as requests of at most `max_cursors` cursors each; a device
+/// with more than that is split across requests (cursors only move forward,
+/// so the parts commute).
+fn requests(pending: Pending, max_cursors: usize) -> Vec<pb::AckDeliveredRequest> {
+    let max_cursors = max_cursors.max(1);
+    let mut requests = Vec::new();
+    let mut current = pb::AckDeliveredRequest::default();
+    let mut in_current = 0;
+    for ((user_id, device_id), cursors) in pending {
+        let mut cursors: Vec<pb::DeliveredCursor> =
+            cursors.into_iter().map(|(conversation_id, seq)| pb::DeliveredCursor { conversation_id, seq }).collect();
+        while !cursors.is_empty() {
+            if in_current == max_cursors {
+                requests.push(std::mem::take(&mut current));
+                in_current = 0;
+            }
+            let take = cursors.len().min(max_cursors - in_current);
+            let rest = cursors.split_off(take);
+            in_current += cursors.len();
+            current.devices.push(pb::DeviceAck { user_id: user_id.clone(), device_id: device_id.clone(), cursors });
+            cursors = rest;
+        }
+    }
+    if in_current > 0 {
+        requests.push(current);
+    }
+    requests
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(devices: usize, per_device: usize) -> Pending {
+        (0..devices)
+            .map(|d| {
+                let cursors = (0..per_device).map(|c| (format!("conversation-{c}"), (c + 1) as u64)).collect();
+                ((format!("user-{d}"), format!("device-{d}")), cursors)
+            })
+            .collect()
+    }
+
+    fn cursors(requests: &[pb::AckDeliveredRequest]) -> usize {
+        requests.iter().flat_map(|r| &r.devices).map(|d| d.cursors.len()).sum()
+    }
+
+    #[test]
+    fn a_flush_splits_at_the_cursor_limit_and_loses_nothing() {
+        let requests = requests(pending(7, 1), 3);
+        let sizes: Vec<usize> = requests.iter().map(|r| cursors(std::slice::from_ref(r))).collect();
+        assert_eq!(sizes, [3, 3, 1]);
+        // One device with more cursors than a request holds is split too.
+        let requests = super::requests(pending(1, 5), 2);
+        assert_eq!(requests.iter().map(|r| r.devices[0].cursors.len()).collect::<Vec<_>>(), [2, 2, 1]);
+        assert!(super::requests(Pending::new(), 3).is_empty());
+    }
+
+    #[test]
+    fn three_hundred_thousand_devices_fit_the_internal_message_limit() {
+        use prost::Message as _;
+        let requests = requests(pending(300_000, 1), crate::Options::default().ack_flush_max_cursors);
+        assert_eq!(cursors(&requests), 300_000, "every device's ack is sent");
+        let limit = messenger_platform::server::ServerOptions::default().internal_max_message_bytes;
+        let largest = requests.iter().map(|r| r.encoded_len()).max().unwrap();
+        assert!(largest < limit / 16, "a request of {largest} bytes is too close to the {limit}-byte limit");
     }
 }

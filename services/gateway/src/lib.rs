@@ -142,8 +142,12 @@ pub async fn serve(
     });
     tokio::spawn(forget_idle_rate_limits(context.clone()));
     tokio::spawn(leases::run(context.clone()));
-    let ack_flush =
-        context.acks.clone().run(context.message.clone(), context.options.ack_flush_interval, shutdown.clone());
+    let ack_flush = context.acks.clone().run(
+        context.message.clone(),
+        context.options.ack_flush_interval,
+        context.options.ack_flush_max_cursors,
+        shutdown.clone(),
+    );
     let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
         .max_decoding_message_size(server_options.max_message_bytes);
     let public_api = tonic::service::interceptor::InterceptedService::new(public_api, deps.verifier.interceptor());

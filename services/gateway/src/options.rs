@@ -43,6 +43,8 @@ pub struct Options {
     /// How often the sessions' delivered acks go to the message service, together.
     #[serde(with = "humantime_serde")]
     pub ack_flush_interval: Duration,
+    /// Cursors per ack-flush request; a larger flush goes out in several.
+    pub ack_flush_max_cursors: usize,
     /// Sustained sends per second one user may make through this gateway
     /// (all of the user's devices together); beyond it a send is answered
     /// with RESOURCE_EXHAUSTED and the stream stays open.
@@ -77,6 +79,7 @@ impl Default for Options {
             slow_consumer_timeout: Duration::from_secs(10),
             sync_page: 200,
             ack_flush_interval: Duration::from_millis(20),
+            ack_flush_max_cursors: 4096,
             sends_per_second: 20,
             send_burst: 50,
             typing_per_second: 2,
@@ -95,6 +98,7 @@ impl Options {
             ("gateway.max_inflight_sends", self.max_inflight_sends),
             ("gateway.send_stream_max_inflight", self.send_stream_max_inflight),
             ("gateway.sync_page", self.sync_page as usize),
+            ("gateway.ack_flush_max_cursors", self.ack_flush_max_cursors),
             ("gateway.sends_per_second", self.sends_per_second as usize),
             ("gateway.send_burst", self.send_burst as usize),
             ("gateway.typing_per_second", self.typing_per_second as usize),
