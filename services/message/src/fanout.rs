@@ -78,6 +78,7 @@ struct Worker {
     max_batch: usize,
     linger: std::time::Duration,
     delivered_receipts_max_members: usize,
+    locate_max_users: usize,
 }
 
 impl Fanout {
@@ -98,6 +99,7 @@ impl Fanout {
                     max_batch: options.max_batch,
                     linger: options.linger,
                     delivered_receipts_max_members,
+                    locate_max_users: options.locate_max_users.max(1),
                 };
                 tokio::spawn(worker.run(rx));
                 tx
@@ -244,14 +246,28 @@ impl Worker {
         if users.is_empty() {
             return;
         }
-        let request = LocateRequest { user_ids: users.into_iter().map(str::to_owned).collect() };
-        let sessions = match self.presence.locate(request).await {
-            Ok(response) => response.into_inner().sessions,
-            Err(status) => {
-                warn!(code = ?status.code(), message = status.message(), "fan-out skipped: presence unavailable");
-                return;
+        // Presence answers at most `max_users_per_call` users a call: a batch
+        // with more recipients (11 groups of 1,000, say) is located in parts,
+        // concurrently; a part that fails skips only its users (they catch up
+        // by gap fill or sync).
+        let users: Vec<String> = users.into_iter().map(str::to_owned).collect();
+        let parts = users.chunks(self.locate_max_users).map(|part| {
+            let mut presence = self.presence.clone();
+            let request = LocateRequest { user_ids: part.to_vec() };
+            async move { presence.locate(request).await }
+        });
+        let mut sessions = Vec::new();
+        for answer in futures::future::join_all(parts).await {
+            match answer {
+                Ok(response) => sessions.extend(response.into_inner().sessions),
+                Err(status) => {
+                    warn!(code = ?status.code(), message = status.message(), "fan-out skipped some users: presence unavailable")
+                }
             }
-        };
+        }
+        if sessions.is_empty() {
+            return;
+        }
         let mut by_user: HashMap<&str, Vec<&pb::Session>> = HashMap::new();
         for session in &sessions {
             by_user.entry(session.user_id.as_str()).or_default().push(session);

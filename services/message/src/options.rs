@@ -80,11 +80,14 @@ pub struct FanoutOptions {
     /// batch: fewer calls under load, at most this much added latency.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// Users per presence `Locate` call; a batch with more recipients is
+    /// located in several calls. Keep it at or below `presence.max_users_per_call`.
+    pub locate_max_users: usize,
 }
 
 impl Default for FanoutOptions {
     fn default() -> Self {
-        Self { workers: 4, queue_depth: 4096, max_batch: 256, linger: Duration::from_millis(1) }
+        Self { workers: 4, queue_depth: 4096, max_batch: 256, linger: Duration::from_millis(1), locate_max_users: 5000 }
     }
 }
 

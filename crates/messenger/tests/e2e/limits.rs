@@ -129,3 +129,27 @@ async fn one_address_holds_no_more_streams_before_hello_than_its_cap() {
     let (_fourth_frames, fourth) = silent();
     RawClient::new(channel).connect(fourth).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_fan_out_to_more_users_than_one_locate_call_takes_is_delivered_whole() {
+    // Presence answers 3 users a call; fan-out asks 2 at a time.
+    let system = TestSystem::start_with(|config| {
+        config.presence.max_users_per_call = 3;
+        config.message.fanout.locate_max_users = 2;
+    })
+    .await;
+    let members = ["bob", "carol", "dave", "erin", "frank"];
+    let (alice, _alice_events) = system.connect("alice", "phone").await;
+    let group = alice.create_group("big", &members).await.unwrap().conversation_id;
+    let mut devices = Vec::new();
+    for member in members {
+        let (client, mut events) = system.connect(member, "phone").await;
+        // The group's creation entry first (synced), then live.
+        next_message(&mut events).await;
+        devices.push((client, events));
+    }
+    alice.send(&group, "to all six").await.unwrap();
+    for (_, events) in &mut devices {
+        assert_eq!(next_message(events).await.body, "to all six");
+    }
+}
