@@ -120,11 +120,6 @@ impl Port {
         let callers = tls.as_ref().map(|tls| Callers::new(tls.domain(), rules));
         Self { listener, tls, callers, internal: true }
     }
-
-    /// The address the listener bound.
-    pub fn local_addr(&self) -> SocketAddr {
-        local_addr(&self.listener)
-    }
 }
 
 /// Serves `routes` plus health and reflection on `port` until `shutdown`

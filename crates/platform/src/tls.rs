@@ -15,7 +15,6 @@
 //! were made with.
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
@@ -410,9 +409,4 @@ pub fn roles_of(certificate: &CertificateDer<'_>, domain: &str) -> Vec<Role> {
                 .is_ok_and(|name| end_entity.verify_is_valid_for_subject_name(&name).is_ok())
         })
         .collect()
-}
-
-/// Whether `address` (a bound socket address) is on loopback.
-pub fn is_loopback(address: SocketAddr) -> bool {
-    address.ip().is_loopback()
 }

@@ -32,9 +32,7 @@ mod registry;
 mod sends;
 mod session;
 
-use std::{num::NonZeroU32, sync::Arc, time::Duration};
-
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use std::{sync::Arc, time::Duration};
 
 use messenger_platform::discovery::RoleChannel;
 use messenger_platform::{
@@ -66,15 +64,12 @@ pub(crate) struct Context {
     /// Sends, over one stream per message-service instance.
     sends: sends::Sends,
     presence: PresenceServiceClient<RoleChannel>,
-    /// Per-user send rate, shared by all of a user's sessions on this instance.
-    send_limiter: DefaultKeyedRateLimiter<String>,
     /// Connect streams accepted and not yet finished (bounded by `max_sessions`).
     open_streams: std::sync::atomic::AtomicUsize,
     /// Delivered acks of all sessions, flushed together.
     acks: Arc<acks::AckBatcher>,
-    /// Per-user typing-indicator rate.
-    typing_limiter: DefaultKeyedRateLimiter<String>,
-    /// Every other public call's limits.
+    /// Every public call's rate limits, per user (shared by all of a user's
+    /// sessions on this instance) and per client address.
     limits: limits::Limits,
     /// Clock skew tolerated on a token's `exp` (`auth.leeway`): a stream ends
     /// when its token would no longer verify.
@@ -110,8 +105,6 @@ pub async fn serve(
 ) -> Result<(), server::Error> {
     let channel = |role| discovery::channel(deps.discovery.clone(), role, &deps.discovery_options);
     let internal_bound = server::local_addr(&internal).to_string();
-    let nonzero = |value: u32| NonZeroU32::new(value.max(1)).expect("positive");
-    let quota = Quota::per_second(nonzero(options.sends_per_second)).allow_burst(nonzero(options.send_burst));
     // One channel to the message role for unary calls and send streams alike:
     // one connection per instance, and an instance one of them could not
     // reach is passed over by both.
@@ -129,14 +122,10 @@ pub async fn serve(
             server_options.internal_max_message_bytes,
         ),
         presence: PresenceServiceClient::new(channel(Role::Presence)),
-        send_limiter: RateLimiter::keyed(quota),
         acks: Arc::default(),
         open_streams: std::sync::atomic::AtomicUsize::new(0),
-        typing_limiter: RateLimiter::keyed(
-            Quota::per_second(nonzero(options.typing_per_second)).allow_burst(nonzero(options.typing_per_second * 2)),
-        ),
         token_leeway: deps.verifier.options().leeway,
-        limits: limits::Limits::new(&options.rate_limits),
+        limits: limits::Limits::new(&options),
         shutdown: shutdown.clone(),
         options,
     });
@@ -181,10 +170,6 @@ async fn forget_idle_rate_limits(context: Arc<Context>) {
         tokio::select! {
             () = context.shutdown.cancelled() => return,
             _ = tick.tick() => {
-                for limiter in [&context.send_limiter, &context.typing_limiter] {
-                    limiter.retain_recent();
-                    limiter.shrink_to_fit();
-                }
                 context.limits.forget_idle();
             }
         }

@@ -36,7 +36,7 @@ impl Rate {
 }
 
 /// `gateway.rate_limits`: every public call beyond sends and typing (which
-/// have their own settings).
+/// keep their own settings, `gateway.sends_per_second` and friends).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimits {
@@ -113,15 +113,16 @@ impl Limit {
     }
 
     /// `Ok`, or how long until the next call for `key` would pass.
-    pub(crate) fn wait(&self, key: &str) -> Result<(), Duration> {
-        // Keys are owned in the map; a lookup clones once per call.
-        self.limiter
-            .check_key(&key.to_owned())
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    // `&String`, not `&str`: the limiter's map is keyed by `String`, and a
+    // `&str` would cost an allocation per call (sends are the hot path).
+    #[allow(clippy::ptr_arg)]
+    pub(crate) fn wait(&self, key: &String) -> Result<(), Duration> {
+        self.limiter.check_key(key).map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
     /// `Ok`, or RESOURCE_EXHAUSTED with RetryInfo.
-    pub(crate) fn check(&self, key: &str) -> Result<(), Status> {
+    #[allow(clippy::ptr_arg)]
+    pub(crate) fn check(&self, key: &String) -> Result<(), Status> {
         self.wait(key).map_err(|wait| self.exhausted(wait))
     }
 
@@ -145,6 +146,9 @@ impl Limit {
 
 /// Every limit of one gateway instance.
 pub(crate) struct Limits {
+    pub sends: Limit,
+    /// Typing indicators beyond it are dropped: hints, not data.
+    pub typing: Limit,
     pub reads: Limit,
     pub modifications: Limit,
     pub group_changes: Limit,
@@ -156,8 +160,14 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    pub(crate) fn new(options: &RateLimits) -> Self {
+    pub(crate) fn new(options: &crate::Options) -> Self {
+        let sends = Rate::new(options.sends_per_second, options.send_burst);
+        let typing = options.typing_per_second;
+        let typing = Rate::new(typing, typing.saturating_mul(2));
+        let options = &options.rate_limits;
         Self {
+            sends: Limit::new("sends", sends),
+            typing: Limit::new("typing indicators", typing),
             reads: Limit::new("read marks", options.reads),
             modifications: Limit::new("message modifications", options.modifications),
             group_changes: Limit::new("group changes", options.group_changes),
@@ -171,6 +181,8 @@ impl Limits {
 
     pub(crate) fn forget_idle(&self) {
         for limit in [
+            &self.sends,
+            &self.typing,
             &self.reads,
             &self.modifications,
             &self.group_changes,

@@ -390,13 +390,9 @@ impl Session {
     ) -> Result<(), End> {
         match frame.frame {
             Some(In::Send(send)) => {
-                if self.context.send_limiter.check_key(&self.user).is_err() {
-                    let message = format!(
-                        "send rate limit of {} per second (burst {}) exceeded; retry later",
-                        self.context.options.sends_per_second, self.context.options.send_burst
-                    );
+                if let Err(status) = self.context.limits.sends.check(&self.user) {
                     let frame =
-                        error_frame(Code::ResourceExhausted, message, &send.client_msg_id, &send.conversation_id);
+                        error_frame(status.code(), status.message(), &send.client_msg_id, &send.conversation_id);
                     return self.emit(frame).await;
                 }
                 let context = self.context.clone();
@@ -470,7 +466,7 @@ impl Session {
                 Ok(())
             }
             Some(In::Typing(typing)) => {
-                if self.context.typing_limiter.check_key(&self.user).is_ok() {
+                if self.context.limits.typing.wait(&self.user).is_ok() {
                     let mut client = self.context.message.clone();
                     let conversation_id = typing.conversation_id.clone();
                     let request = pb::NotifyTypingRequest {
