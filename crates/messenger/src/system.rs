@@ -10,6 +10,7 @@ use messenger_platform::{
     auth::Verifier,
     discovery::{Discovery, DiscoveryBackend, EtcdDiscovery, Role, StaticDiscovery, etcd},
     server::{self, bind, local_addr},
+    supervise::Supervisor,
     tls::{ClientTls, ServerTls},
 };
 use tokio::{net::TcpListener, task::JoinSet};
@@ -33,6 +34,7 @@ pub struct Addresses {
 pub struct Running {
     pub addresses: Addresses,
     shutdown: CancellationToken,
+    supervisor: Supervisor,
     tasks: JoinSet<Result<(), server::Error>>,
 }
 
@@ -48,7 +50,13 @@ impl Running {
         self.shutdown.clone()
     }
 
-    /// Waits until every service has stopped; returns the first failure.
+    /// Starts and watches this process's background tasks.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Waits until every service has stopped; returns the first failure
+    /// (a background task's panic counts: the process must exit non-zero).
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut first_error = None;
         while let Some(result) = self.tasks.join_next().await {
@@ -60,6 +68,9 @@ impl Running {
             error!(error = %failure, "service stopped with an error; stopping the others");
             self.shutdown.cancel();
             first_error.get_or_insert(failure);
+        }
+        if let Some(failure) = self.supervisor.failure() {
+            first_error.get_or_insert(anyhow::anyhow!("{failure}"));
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -110,6 +121,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         addresses.gateway_internal = Some(local_addr(internal));
     }
     let shutdown = CancellationToken::new();
+    let supervisor = Supervisor::new(shutdown.clone());
     let security = Security::open(&mut config, &addresses, roles, &shutdown)?;
     addresses.public_tls = security.public.is_some();
     let mut tasks = JoinSet::new();
@@ -140,7 +152,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         tasks.spawn(messenger_presence::serve(options, server_options, store, listener, tls, token));
     }
     if let Some(listener) = listeners.message {
-        let mut store = open_store(&config).await?;
+        let mut store = open_store(&config, &supervisor).await?;
         if config.message.cache.enabled {
             store = Arc::new(messenger_message::cache::CachedStore::from_options(store, &config.message.cache).await?);
         }
@@ -149,6 +161,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
             tls: security.cluster.clone(),
+            supervisor: supervisor.clone(),
         };
         let (options, server_options, token) = (config.message.clone(), config.server.clone(), shutdown.clone());
         tasks.spawn(messenger_message::serve(options, server_options, deps, listener, token));
@@ -160,6 +173,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             discovery_options: config.discovery.clone(),
             public_tls: security.public.clone(),
             cluster_tls: security.cluster.clone(),
+            supervisor: supervisor.clone(),
         };
         let (options, server_options, token) = (config.gateway.clone(), config.server.clone(), shutdown.clone());
         tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, token));
@@ -173,7 +187,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             Ok(())
         });
     }
-    Ok(Running { addresses, shutdown, tasks })
+    Ok(Running { addresses, shutdown, supervisor, tasks })
 }
 
 /// Keys and certificates of this process, loaded before anything serves
@@ -246,9 +260,14 @@ impl Security {
 
 /// The configured message store (migrated first when it is Scylla and
 /// `message.scylla.migrate_on_start` is set).
-async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn messenger_message::store::MessageStore>> {
+async fn open_store(
+    config: &Config,
+    supervisor: &Supervisor,
+) -> anyhow::Result<Arc<dyn messenger_message::store::MessageStore>> {
     Ok(match config.message.store {
-        StoreBackend::Sqlite => Arc::new(SqliteStore::open(&config.database_path(), &config.message.sqlite)?),
+        StoreBackend::Sqlite => {
+            Arc::new(SqliteStore::open_supervised(&config.database_path(), &config.message.sqlite, supervisor)?)
+        }
         StoreBackend::Scylla => {
             Arc::new(messenger_message::scylla::ScyllaStore::connect(&config.message.scylla).await?)
         }

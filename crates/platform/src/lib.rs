@@ -15,7 +15,8 @@
 //! - [`ids`]: UUIDv7 ids and wall-clock milliseconds.
 //! - [`server`]: the bootstrap every gRPC server uses: HTTP/2 limits, health,
 //!   reflection, graceful drain.
-//! - [`shutdown`]: the one shutdown-signal future.
+//! - [`shutdown`]: the one shutdown-signal future; [`supervise`]: background
+//!   tasks whose panic stops the process (health NOT_SERVING, exit non-zero).
 
 #![forbid(unsafe_code)]
 
@@ -28,5 +29,6 @@ pub mod redis;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod supervise;
 pub mod telemetry;
 pub mod tls;

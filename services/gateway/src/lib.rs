@@ -40,6 +40,7 @@ use messenger_platform::{
     authorize,
     discovery::{self, Discovery, DiscoveryOptions, Role},
     server::{self, Port, ServerOptions},
+    supervise::Supervisor,
     tls::ServerTls,
 };
 use messenger_proto::v1::{
@@ -86,6 +87,8 @@ pub struct Deps {
     pub public_tls: Option<ServerTls>,
     /// Mutual TLS on the internal port, when the cluster has it.
     pub cluster_tls: Option<ServerTls>,
+    /// Runs send pipes, lease renewal and ack flushes; a panic in any stops the process.
+    pub supervisor: Supervisor,
 }
 
 /// Who may call the internal port: message instances deliver.
@@ -120,6 +123,7 @@ pub async fn serve(
             options.send_stream_max_inflight,
             deps.discovery_options.request_timeout,
             server_options.internal_max_message_bytes,
+            deps.supervisor.clone(),
         ),
         presence: PresenceServiceClient::new(channel(Role::Presence)),
         acks: Arc::default(),
@@ -129,8 +133,8 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         options,
     });
-    tokio::spawn(forget_idle_rate_limits(context.clone()));
-    tokio::spawn(leases::run(context.clone()));
+    deps.supervisor.spawn("rate-limit sweep", forget_idle_rate_limits(context.clone()));
+    deps.supervisor.spawn("lease renewal", leases::run(context.clone()));
     let ack_flush = context.acks.clone().run(
         context.message.clone(),
         context.options.ack_flush_interval,

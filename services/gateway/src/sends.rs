@@ -13,7 +13,10 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use messenger_platform::discovery::{RoleChannel, timed_out};
+use messenger_platform::{
+    discovery::{RoleChannel, timed_out},
+    supervise::Supervisor,
+};
 use messenger_proto::v1::{self as pb, message_service_client::MessageServiceClient, send_stream_response};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -33,11 +36,19 @@ pub(crate) struct Sends {
     max_inflight: usize,
     timeout: Duration,
     max_message_bytes: usize,
+    /// Runs the pipes; a pipe's panic stops the process.
+    supervisor: Supervisor,
 }
 
 impl Sends {
-    pub fn new(channel: RoleChannel, max_inflight: usize, timeout: Duration, max_message_bytes: usize) -> Self {
-        Self { channel, pipes: Mutex::default(), max_inflight, timeout, max_message_bytes }
+    pub fn new(
+        channel: RoleChannel,
+        max_inflight: usize,
+        timeout: Duration,
+        max_message_bytes: usize,
+        supervisor: Supervisor,
+    ) -> Self {
+        Self { channel, pipes: Mutex::default(), max_inflight, timeout, max_message_bytes, supervisor }
     }
 
     /// Sends, trying a second time if its instance could not be reached (the
@@ -89,7 +100,7 @@ impl Sends {
         let client = MessageServiceClient::new(channel).max_decoding_message_size(self.max_message_bytes);
         let run =
             Pipe { address: address.to_owned(), role: self.channel.clone(), client, max_inflight: self.max_inflight };
-        tokio::spawn(run.run(queue));
+        self.supervisor.spawn("send pipe", run.run(queue));
         pipes.insert(address.to_owned(), pipe.clone());
         Ok(pipe)
     }

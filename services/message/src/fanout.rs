@@ -17,7 +17,10 @@ use std::{
     },
 };
 
-use messenger_platform::discovery::{ChannelPool, RoleChannel};
+use messenger_platform::{
+    discovery::{ChannelPool, RoleChannel},
+    supervise::Supervisor,
+};
 use messenger_proto::v1::{
     self as pb, DeliverRequest, Delivery, LocateRequest, delivery,
     gateway_internal_service_client::GatewayInternalServiceClient, presence_service_client::PresenceServiceClient,
@@ -88,6 +91,7 @@ impl Fanout {
         store: Arc<dyn MessageStore>,
         presence: PresenceServiceClient<RoleChannel>,
         gateways: ChannelPool,
+        supervisor: &Supervisor,
     ) -> Self {
         let workers = (0..options.workers)
             .map(|_| {
@@ -101,7 +105,7 @@ impl Fanout {
                     delivered_receipts_max_members,
                     locate_max_users: options.locate_max_users.max(1),
                 };
-                tokio::spawn(worker.run(rx));
+                supervisor.spawn("fan-out worker", worker.run(rx));
                 tx
             })
             .collect();

@@ -34,6 +34,7 @@ use messenger_platform::{
     authorize,
     discovery::{self, ChannelPool, Discovery, DiscoveryOptions, Role},
     server::{self, Port, ServerOptions},
+    supervise::Supervisor,
     tls::ServerTls,
 };
 use messenger_proto::v1::{
@@ -55,6 +56,8 @@ pub struct Deps {
     pub discovery_options: DiscoveryOptions,
     /// Mutual TLS on the internal port, when the cluster has it.
     pub tls: Option<ServerTls>,
+    /// Runs the fan-out workers; their panic stops the process.
+    pub supervisor: Supervisor,
 }
 
 /// Who may call the message service: gateways, on behalf of their users.
@@ -77,6 +80,7 @@ pub async fn serve(
         deps.store.clone(),
         PresenceServiceClient::new(presence),
         ChannelPool::new(deps.discovery_options.clone(), Role::Gateway),
+        &deps.supervisor,
     );
     let send_stream_max_inflight = options.send_stream_max_inflight;
     let service = Arc::new(Service::new(options, deps.store, fanout));

@@ -19,6 +19,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use messenger_platform::supervise::Supervisor;
 use r2d2_sqlite::{
     SqliteConnectionManager,
     rusqlite::{Connection, OpenFlags, params},
@@ -158,8 +159,16 @@ fn enable_wal(connection: &Connection) -> r2d2_sqlite::rusqlite::Result<()> {
 }
 
 impl SqliteStore {
-    /// Opens (creating and migrating when needed) the database at `path`.
+    /// Opens (creating and migrating when needed) the database at `path`,
+    /// outside a service process: a writer panic is only logged (every
+    /// later write then fails with UNAVAILABLE).
     pub fn open(path: &Path, options: &SqliteOptions) -> Result<Self> {
+        Self::open_supervised(path, options, &Supervisor::detached())
+    }
+
+    /// Opens the database at `path` with its writer thread under
+    /// `supervisor`: a panic in it stops the process.
+    pub fn open_supervised(path: &Path, options: &SqliteOptions, supervisor: &Supervisor) -> Result<Self> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| Error::Storage(format!("cannot create {}: {e}", parent.display())))?;
@@ -185,9 +194,11 @@ impl SqliteStore {
         let (max_batch, linger) = (options.max_batch.max(1), options.commit_linger);
         let cache = members.clone();
         let on_commit: writer::OnCommit = Box::new(move |ids| cache.invalidate(ids));
-        std::thread::Builder::new()
-            .name("sqlite-writer".into())
-            .spawn(move || writer::run(connection, commands, max_batch, linger, on_commit))
+        // A panic unwinds the open transaction (rolled back) and drops every
+        // queued caller's reply (they hear UNAVAILABLE, never an ack) before
+        // the supervisor stops the process.
+        supervisor
+            .thread("sqlite-writer", move || writer::run(connection, commands, max_batch, linger, on_commit))
             .map_err(|e| Error::Storage(format!("cannot start writer: {e}")))?;
         Ok(Self { writes, reads, members, cache_members: options.member_cache_entries > 0 })
     }
@@ -466,5 +477,44 @@ mod tests {
         let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
         let outcome = crate::store::contract::send(&store, conversation.id, "b", "m2", "again").await.unwrap();
         assert_eq!(outcome.message().seq, 2);
+    }
+
+    /// A panic in the writer thread stops the process (the supervisor's token
+    /// is the process's shutdown, which turns health NOT_SERVING), and a send
+    /// in the batch the panic broke is answered with an error, never an ack,
+    /// because it never committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_panic_stops_the_process_and_acks_nothing_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("messages.db");
+        // A long linger puts the send and the panic into one batch.
+        let options = SqliteOptions { commit_linger: Duration::from_millis(300), ..SqliteOptions::default() };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let supervisor = Supervisor::new(stop.clone());
+        let store = Arc::new(SqliteStore::open_supervised(&path, &options, &supervisor).unwrap());
+        let id = store.get_or_create_direct("a", "b", Uuid::now_v7(), 1).await.unwrap().id;
+        let before = store.history(id, HistoryRange::Before(None), SeqBounds::ALL, 10).await.unwrap().len();
+
+        let sending = store.clone();
+        let send = tokio::spawn(async move { crate::store::contract::send(&*sending, id, "a", "m1", "lost").await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let broken = store.write(|_| -> Result<()> { panic!("injected writer panic") });
+        let panicked_at = std::time::Instant::now();
+        assert!(matches!(broken.await, Err(Error::Unavailable(_))));
+        tokio::time::timeout(Duration::from_secs(1), stop.cancelled())
+            .await
+            .expect("the process was not stopped within a second of the writer's panic");
+        assert!(panicked_at.elapsed() < Duration::from_secs(1));
+        assert!(supervisor.failure().unwrap().contains("sqlite-writer"), "{:?}", supervisor.failure());
+        let answer = send.await.unwrap();
+        assert!(matches!(answer, Err(Error::Unavailable(_))), "a send that did not commit was answered {answer:?}");
+        // Later writes fail at once instead of waiting.
+        let later = crate::store::contract::send(&*store, id, "a", "m2", "after").await;
+        assert!(matches!(later, Err(Error::Unavailable(_))), "{later:?}");
+
+        drop(store);
+        let reopened = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+        let stored = reopened.history(id, HistoryRange::Before(None), SeqBounds::ALL, 10).await.unwrap();
+        assert_eq!(stored.len(), before, "the uncommitted send was stored");
     }
 }

@@ -481,6 +481,49 @@ async fn health_and_reflection_are_served_on_every_port() {
     }
 }
 
+/// A background task's panic (the SQLite writer, a fan-out worker, a send
+/// pipe) turns every port NOT_SERVING at once and the process exits with an
+/// error naming the task, so the orchestrator starts a fresh one.
+#[tokio::test]
+async fn a_background_task_panic_turns_every_port_not_serving_and_fails_the_process() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let mut system = TestSystem::start().await;
+    let running = system.running.take().unwrap();
+    let addresses = &running.addresses;
+    let ports = [
+        (addresses.gateway.unwrap(), "messenger.v1.GatewayService"),
+        (addresses.gateway_internal.unwrap(), "messenger.v1.GatewayInternalService"),
+        (addresses.message.unwrap(), "messenger.v1.MessageService"),
+        (addresses.presence.unwrap(), "messenger.v1.PresenceService"),
+    ];
+    let mut watches = Vec::new();
+    for (address, service) in ports {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let mut watch = HealthClient::new(channel)
+            .watch(HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap().status;
+        assert_eq!(first, ServingStatus::Serving as i32, "{service}");
+        watches.push((service, watch));
+    }
+
+    running.supervisor().spawn("injected", async { panic!("injected failure") });
+    let panicked_at = std::time::Instant::now();
+    for (service, mut watch) in watches {
+        let next = tokio::time::timeout(Duration::from_secs(1), watch.message())
+            .await
+            .unwrap_or_else(|_| panic!("{service} still reported SERVING a second after the panic"));
+        assert_eq!(next.unwrap().unwrap().status, ServingStatus::NotServing as i32, "{service}");
+    }
+    assert!(panicked_at.elapsed() < Duration::from_secs(1));
+    let exit = tokio::time::timeout(WAIT, running.wait()).await.expect("the process did not stop");
+    let error = exit.expect_err("the process ended successfully after a background task panicked");
+    assert!(error.to_string().contains("background task injected failed: panicked: injected failure"), "{error}");
+}
+
 #[tokio::test]
 async fn services_started_one_role_at_a_time_find_each_other() {
     use messenger::system;
