@@ -160,6 +160,27 @@ pub enum Error {
     InvalidAddress { address: String, reason: String },
 }
 
+/// A failed call to an instance as callers see it: DEADLINE_EXCEEDED when
+/// it was slow, UNAVAILABLE otherwise, naming the role and an error id. The
+/// instance's address and the transport's own text go only to the log, with
+/// that id: the gateway passes these statuses on to clients, who must not
+/// learn the cluster's internal addresses.
+pub fn transport_status(
+    role: Role,
+    address: &str,
+    error: &(dyn std::fmt::Display + Sync),
+    slow: bool,
+) -> tonic::Status {
+    let error_id = crate::ids::new_id();
+    if slow {
+        tracing::warn!(%error_id, %role, %address, %error, "call timed out");
+        tonic::Status::deadline_exceeded(format!("the {role} service did not answer in time (error id {error_id})"))
+    } else {
+        tracing::warn!(%error_id, %role, %address, %error, "call failed; passing over this instance for a while");
+        tonic::Status::unavailable(format!("the {role} service is unavailable, retry (error id {error_id})"))
+    }
+}
+
 /// Answers which addresses serve a role, now.
 pub trait Discovery: Send + Sync + 'static {
     fn endpoints(&self, role: Role) -> Vec<String>;
@@ -331,7 +352,11 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RoleChannel {
             let key = request.headers().get(ROUTE_KEY).map(|value| value.as_bytes().to_vec());
             let unavailable = |error: Error| BoxError::from(tonic::Status::unavailable(error.to_string()));
             let address = this.pick(key.as_deref()).map_err(unavailable)?;
-            let mut channel = this.inner.pool.get(&address).map_err(unavailable)?;
+            let mut channel = this
+                .inner
+                .pool
+                .get(&address)
+                .map_err(|error| BoxError::from(transport_status(this.inner.role, &address, &error, false)))?;
             let result = async {
                 futures::future::poll_fn(|cx| tonic::codegen::Service::poll_ready(&mut channel, cx)).await?;
                 tonic::codegen::Service::call(&mut channel, request).await
@@ -346,13 +371,11 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RoleChannel {
             // passed over for a while.
             result.map_err(|error| {
                 let role = this.inner.role;
-                let what = format!("{role} instance {address}: {error}");
-                if timed_out(&error) {
-                    return BoxError::from(tonic::Status::deadline_exceeded(what));
+                let slow = timed_out(&error);
+                if !slow {
+                    this.mark_unhealthy(address.clone());
                 }
-                tracing::warn!(%role, %address, %error, "call failed; passing over this instance for a while");
-                this.mark_unhealthy(address.clone());
-                BoxError::from(tonic::Status::unavailable(what))
+                BoxError::from(transport_status(role, &address, &error, slow))
             })
         })
     }

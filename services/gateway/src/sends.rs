@@ -14,7 +14,7 @@
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use messenger_platform::{
-    discovery::{RoleChannel, timed_out},
+    discovery::{Role, RoleChannel, timed_out, transport_status},
     supervise::Supervisor,
 };
 use messenger_proto::v1::{self as pb, message_service_client::MessageServiceClient, send_stream_response};
@@ -78,10 +78,8 @@ impl Sends {
         })
         .await;
         waited.unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(format!(
-                "message instance {address} did not answer the send within {:?}",
-                self.timeout
-            )))
+            let waited = format!("no answer to a send within {:?}", self.timeout);
+            Err(transport_status(Role::Message, &address, &waited, true))
         })
     }
 
@@ -91,7 +89,8 @@ impl Sends {
         if let Some(pipe) = pipes.get(address) {
             return Ok(pipe.clone());
         }
-        let channel = self.channel.instance(address).map_err(|error| Status::unavailable(error.to_string()))?;
+        let channel =
+            self.channel.instance(address).map_err(|error| transport_status(Role::Message, address, &error, false))?;
         // Pipes of instances that left discovery go (their tasks end once
         // their last sends are answered).
         let known = self.channel.instances();
@@ -106,8 +105,9 @@ impl Sends {
     }
 }
 
+/// The send's fate is unknown: its retry with the same `client_msg_id` settles it.
 fn closed(address: &str) -> Status {
-    Status::unavailable(format!("the send stream to message instance {address} closed; the send's fate is unknown"))
+    transport_status(Role::Message, address, &"the send stream closed before the send was answered", false)
 }
 
 /// The task behind one instance's pipe.
@@ -145,14 +145,12 @@ impl Pipe {
                     // not serving the stream): UNAVAILABLE, passed over for a
                     // while, so the session's retry goes elsewhere. Whether
                     // the first send arrived is unknown; its retry is safe.
-                    let what = format!("message instance {}: {}", self.address, status.message());
-                    let status = if timed_out(&status) {
-                        Status::deadline_exceeded(what)
-                    } else {
-                        warn!(address = %self.address, code = ?status.code(), message = status.message(), "cannot open a send stream; passing over this instance for a while");
+                    let slow = timed_out(&status);
+                    if !slow {
                         self.role.mark_unhealthy(self.address.clone());
-                        Status::unavailable(what)
-                    };
+                    }
+                    let what = format!("cannot open a send stream: {status}");
+                    let status = transport_status(Role::Message, &self.address, &what, slow);
                     fail_all(&mut waiting, || status.clone());
                     continue;
                 }

@@ -302,3 +302,46 @@ async fn a_stream_ends_when_its_token_expires_and_the_sdk_resumes_with_a_fresh_o
         }
     }
 }
+
+/// A client never learns the cluster's internal addresses: when the message
+/// service cannot be reached, unary calls and the stream answer UNAVAILABLE
+/// naming the role and an error id (the log has the address).
+#[tokio::test]
+async fn unreachable_instances_are_not_named_to_clients() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_loopback(dir.path());
+    config.discovery.message = vec![dead.to_string()];
+    let running = system::start(config.clone(), &[Role::Gateway, Role::Presence]).await.unwrap();
+    let token = auth::mint_hs256(&config.auth, "alice", Duration::from_secs(600)).unwrap();
+    fn authorized<T>(token: &str, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    }
+    let channel = Endpoint::from_shared(running.endpoint()).unwrap().connect().await.unwrap();
+    let mut gateway = pb::gateway_service_client::GatewayServiceClient::new(channel);
+    let leaks = |status: &tonic::Status| {
+        let text = status.message();
+        text.contains(&dead.port().to_string()) || text.contains("127.0.0.1") || !text.contains("error id")
+    };
+
+    let unary =
+        gateway.list_conversations(authorized(&token, pb::ListConversationsRequest::default())).await.unwrap_err();
+    assert_eq!(unary.code(), Code::Unavailable, "{unary:?}");
+    assert!(!leaks(&unary), "{}", unary.message());
+
+    let hello =
+        pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(pb::Hello { device_id: "phone".into() })) };
+    let mut stream = gateway.connect(authorized(&token, futures::stream::iter([hello]))).await.unwrap().into_inner();
+    let ended = loop {
+        match tokio::time::timeout(WAIT, stream.message()).await.expect("the stream neither failed nor ended") {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(!leaks(&ended), "{}", ended.message());
+    running.stop().await.unwrap();
+}
