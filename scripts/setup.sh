@@ -2,7 +2,8 @@
 # Installs what building and testing need on a fresh Debian machine:
 # protoc (tonic code generation), redis-server and etcd-server (the tests
 # start real ones), curl (an independent gRPC-over-TLS client in the tests),
-# and cargo-nextest. Safe to run again.
+# and the cargo tools the checks use: cargo-nextest, cargo-deny (licenses,
+# bans, sources) and cargo-fuzz (libFuzzer targets). Safe to run again.
 set -euo pipefail
 
 as_root() {
@@ -22,7 +23,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if ! cargo nextest --version >/dev/null 2>&1; then
-    echo "setup: installing cargo-nextest"
-    cargo install cargo-nextest --locked
-fi
+# From crates.io, built here (about 15, 5 and 1 minutes on 2 cores the first time).
+cargo_tools=("nextest:cargo-nextest" "deny:cargo-deny" "fuzz:cargo-fuzz")
+for tool in "${cargo_tools[@]}"; do
+    subcommand="${tool%%:*}" crate="${tool#*:}"
+    if ! cargo "$subcommand" --version >/dev/null 2>&1; then
+        echo "setup: installing $crate"
+        cargo install "$crate" --locked
+    fi
+done

@@ -58,6 +58,18 @@ where
     Ok(value)
 }
 
+/// Reads one TOML document over the defaults and validates the result, as
+/// [`load`] does with a file (no environment, no flags): what the config
+/// fuzz target drives.
+pub fn parse<T>(toml: &str) -> Result<T, Error>
+where
+    T: DeserializeOwned + Serialize + Default + Validate,
+{
+    let value: T = Figment::from(Serialized::defaults(T::default())).merge(Toml::string(toml)).extract()?;
+    value.validate().map_err(Error::Invalid)?;
+    Ok(value)
+}
+
 /// Renders the effective configuration as TOML (what `messenger config` prints).
 pub fn render<T: Serialize>(value: &T) -> Result<String, Error> {
     Ok(toml::to_string_pretty(value)?)
@@ -132,5 +144,14 @@ mod tests {
             assert!(matches!(error, Error::MissingFile { .. }));
             Ok(())
         });
+    }
+
+    #[test]
+    fn parse_reads_one_document_over_the_defaults_and_validates() {
+        let sample: Sample = parse("limit = 7\n").unwrap();
+        assert_eq!((sample.limit, sample.name.as_str()), (7, Sample::default().name.as_str()));
+        assert!(parse::<Sample>("limit = 0\n").unwrap_err().to_string().contains("limit must be positive"));
+        assert!(parse::<Sample>("limt = 3\n").unwrap_err().to_string().contains("limt"));
+        assert!(parse::<Sample>("limit = \"seven\"\n").is_err());
     }
 }
