@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo deny --locked check licenses bans sources
+cargo deny --locked check --hide-inclusion-graph licenses bans sources
 # A short run: it replays the kept corpus and explores for a few seconds.
 bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
 cargo test --doc --workspace --locked
