@@ -33,7 +33,7 @@ pub struct Addresses {
 /// A running set of services.
 pub struct Running {
     pub addresses: Addresses,
-    shutdown: CancellationToken,
+    /// Holds the process's shutdown token: a failed task cancels it too.
     supervisor: Supervisor,
     tasks: JoinSet<Result<(), server::Error>>,
 }
@@ -47,7 +47,7 @@ impl Running {
 
     /// A token that cancels every service (graceful drain).
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.supervisor.stopping()
     }
 
     /// Starts and watches this process's background tasks.
@@ -66,7 +66,7 @@ impl Running {
                 Err(join) => anyhow::anyhow!("service task failed: {join}"),
             };
             error!(error = %failure, "service stopped with an error; stopping the others");
-            self.shutdown.cancel();
+            self.supervisor.stopping().cancel();
             first_error.get_or_insert(failure);
         }
         if let Some(failure) = self.supervisor.failure() {
@@ -77,7 +77,7 @@ impl Running {
 
     /// Starts a graceful drain and waits for it.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
+        self.supervisor.stopping().cancel();
         self.wait().await
     }
 }
@@ -187,7 +187,7 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             Ok(())
         });
     }
-    Ok(Running { addresses, shutdown, supervisor, tasks })
+    Ok(Running { addresses, supervisor, tasks })
 }
 
 /// Keys and certificates of this process, loaded before anything serves
