@@ -50,7 +50,7 @@ use tonic::{
 
 pub use error::Error;
 pub use messenger_proto::v1::{
-    Conversation, GetReceiptsResponse, HistoryResponse, ListConversationsResponse, Message, MessageKind,
+    BlockedUser, Conversation, GetReceiptsResponse, HistoryResponse, ListConversationsResponse, Message, MessageKind,
     PresenceUpdate, Receipt, Role, SendAck, Typing,
 };
 pub use model::{ConversationState, MessageState};
@@ -432,6 +432,46 @@ impl Client {
             })
             .await?
             .into_inner())
+    }
+
+    /// Blocks `user_id`: they can no longer open a direct conversation with
+    /// this user nor send in one, and no longer see this user's presence.
+    /// Returns false when they were blocked already. Idempotent, so retried.
+    pub async fn block(&self, user_id: &str) -> Result<bool, Error> {
+        let request = pb::BlockUserRequest { user_id: user_id.to_owned() };
+        Ok(self
+            .api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.block_user(request).await }
+            })
+            .await?
+            .into_inner()
+            .changed)
+    }
+
+    /// Unblocks `user_id`; false when they were not blocked.
+    pub async fn unblock(&self, user_id: &str) -> Result<bool, Error> {
+        let request = pb::UnblockUserRequest { user_id: user_id.to_owned() };
+        Ok(self
+            .api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.unblock_user(request).await }
+            })
+            .await?
+            .into_inner()
+            .changed)
+    }
+
+    /// Everyone this user has blocked, oldest block first.
+    pub async fn blocked_users(&self) -> Result<Vec<BlockedUser>, Error> {
+        Ok(self
+            .api
+            .retried(|mut api| async move { api.list_blocked_users(pb::ListBlockedUsersRequest {}).await })
+            .await?
+            .into_inner()
+            .users)
     }
 
     /// This device's current view of a conversation.

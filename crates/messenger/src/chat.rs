@@ -19,6 +19,8 @@ const HELP: &str = "commands:
   /reply SEQ TEXT | /edit SEQ TEXT | /delete SEQ | /react SEQ EMOJI | /unreact SEQ
   /who SEQ                 who has received and read message SEQ
   /typing                  tell the others you are typing
+  /block USER | /unblock USER | /blocked   your block list (blocked users cannot
+                           message you nor see when you are online)
   /help                    this text
   /quit                    leave
 anything else is sent to the current conversation";
@@ -142,6 +144,26 @@ async fn handle_line(state: &mut State, line: &str) -> anyhow::Result<bool> {
             None => println!("usage: /to USER"),
         },
         Some("/list") => list(state).await?,
+        Some(command @ ("/block" | "/unblock")) => match words.next() {
+            Some(user) => {
+                let changed = match command {
+                    "/block" => state.client.block(user).await?,
+                    _ => state.client.unblock(user).await?,
+                };
+                let done = if command == "/block" { "blocked" } else { "unblocked" };
+                println!("{user} {}", if changed { done } else { "unchanged" });
+            }
+            None => println!("usage: {command} USER"),
+        },
+        Some("/blocked") => {
+            let blocked = state.client.blocked_users().await?;
+            if blocked.is_empty() {
+                println!("you have blocked nobody");
+            }
+            for entry in blocked {
+                println!("  {}", entry.user_id);
+            }
+        }
         Some("/open") => {
             let index: Option<usize> = words.next().and_then(|n| n.parse().ok());
             match index.and_then(|n| state.listed.get(n.wrapping_sub(1)).cloned()) {

@@ -172,6 +172,36 @@ impl GatewayService for Adapter {
         );
         Ok(Response::new(self.context.message.clone().modify_message(request).await?.into_inner()))
     }
+
+    async fn block_user(
+        &self,
+        request: Request<pb::BlockUserRequest>,
+    ) -> Result<Response<pb::BlockUserResponse>, Status> {
+        let (user_id, request) = authenticated(request)?;
+        self.context.limits.blocks.check(&user_id)?;
+        let request = pb::MessageBlockUserRequest { user_id, request: Some(request) };
+        Ok(Response::new(self.context.message.clone().block_user(request).await?.into_inner()))
+    }
+
+    async fn unblock_user(
+        &self,
+        request: Request<pb::UnblockUserRequest>,
+    ) -> Result<Response<pb::UnblockUserResponse>, Status> {
+        let (user_id, request) = authenticated(request)?;
+        self.context.limits.blocks.check(&user_id)?;
+        let request = pb::MessageUnblockUserRequest { user_id, request: Some(request) };
+        Ok(Response::new(self.context.message.clone().unblock_user(request).await?.into_inner()))
+    }
+
+    async fn list_blocked_users(
+        &self,
+        request: Request<pb::ListBlockedUsersRequest>,
+    ) -> Result<Response<pb::ListBlockedUsersResponse>, Status> {
+        let (user_id, _) = authenticated(request)?;
+        self.context.limits.queries.check(&user_id)?;
+        let request = pb::MessageListBlockedUsersRequest { user_id };
+        Ok(Response::new(self.context.message.clone().list_blocked_users(request).await?.into_inner()))
+    }
 }
 
 /// A message-service request routed by its conversation, so one instance

@@ -50,7 +50,10 @@ pub struct RateLimits {
     pub group_changes: Rate,
     /// `GetOrCreateDirect`.
     pub direct_conversations: Rate,
-    /// `History`, `ListConversations`, `GetConversation`, `GetReceipts` together.
+    /// `BlockUser` and `UnblockUser` together.
+    pub blocks: Rate,
+    /// `History`, `ListConversations`, `GetConversation`, `GetReceipts`,
+    /// `ListBlockedUsers` together.
     pub queries: Rate,
     /// `Connect` attempts per user.
     pub connects_per_user: Rate,
@@ -67,6 +70,7 @@ impl Default for RateLimits {
             modifications: Rate::new(10, 30),
             group_changes: Rate::new(2, 10),
             direct_conversations: Rate::new(2, 20),
+            blocks: Rate::new(1, 20),
             queries: Rate::new(50, 100),
             connects_per_user: Rate::new(2, 10),
             connects_per_address: Rate::new(50, 200),
@@ -82,6 +86,7 @@ impl RateLimits {
             ("modifications", self.modifications),
             ("group_changes", self.group_changes),
             ("direct_conversations", self.direct_conversations),
+            ("blocks", self.blocks),
             ("queries", self.queries),
             ("connects_per_user", self.connects_per_user),
             ("connects_per_address", self.connects_per_address),
@@ -153,6 +158,7 @@ pub(crate) struct Limits {
     pub modifications: Limit,
     pub group_changes: Limit,
     pub direct_conversations: Limit,
+    pub blocks: Limit,
     pub queries: Limit,
     pub connects_per_user: Limit,
     pub connects_per_address: Limit,
@@ -172,6 +178,7 @@ impl Limits {
             modifications: Limit::new("message modifications", options.modifications),
             group_changes: Limit::new("group changes", options.group_changes),
             direct_conversations: Limit::new("direct conversations", options.direct_conversations),
+            blocks: Limit::new("block list changes", options.blocks),
             queries: Limit::new("queries", options.queries),
             connects_per_user: Limit::new("connects per user", options.connects_per_user),
             connects_per_address: Limit::new("connects per address", options.connects_per_address),
@@ -187,6 +194,7 @@ impl Limits {
             &self.modifications,
             &self.group_changes,
             &self.direct_conversations,
+            &self.blocks,
             &self.queries,
             &self.connects_per_user,
             &self.connects_per_address,

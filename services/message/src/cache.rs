@@ -45,8 +45,8 @@ use self::redis::RedisTier;
 use crate::{
     error::{Error, Result},
     store::{
-        Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member, MessageStore, NewGroup,
-        NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
+        BlockedUser, Blocks, Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
+        MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
 
@@ -477,6 +477,23 @@ impl MessageStore for CachedStore {
         limit: usize,
     ) -> Result<Vec<StoredMessage>> {
         self.inner.sync(user, device, only, after, limit).await
+    }
+
+    /// Block lists are not cached: a block must hold on every instance at once.
+    async fn block(&self, user: &str, target: &str, now_ms: i64) -> Result<bool> {
+        self.inner.block(user, target, now_ms).await
+    }
+
+    async fn unblock(&self, user: &str, target: &str) -> Result<bool> {
+        self.inner.unblock(user, target).await
+    }
+
+    async fn blocked_users(&self, user: &str, limit: usize) -> Result<Vec<BlockedUser>> {
+        self.inner.blocked_users(user, limit).await
+    }
+
+    async fn blocks_between(&self, a: &str, b: &str) -> Result<Blocks> {
+        self.inner.blocks_between(a, b).await
     }
 }
 

@@ -7,6 +7,9 @@ pub enum Error {
     /// Also returned to non-members, so a conversation's existence never leaks.
     #[error("conversation not found")]
     ConversationNotFound,
+    /// A user who blocked the caller, as the caller sees it.
+    #[error("user not found")]
+    UserNotFound,
     /// A message the caller cannot see (or that does not exist).
     #[error("message {0} not found")]
     MessageNotFound(u64),
@@ -42,7 +45,7 @@ impl From<Error> for Status {
         }
         let message = error.to_string();
         match error {
-            Error::ConversationNotFound | Error::MessageNotFound(_) => Status::not_found(message),
+            Error::ConversationNotFound | Error::UserNotFound | Error::MessageNotFound(_) => Status::not_found(message),
             Error::NoLongerMember | Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::InvalidArgument(_) | Error::BodyTooLarge { .. } => Status::invalid_argument(message),
             Error::FailedPrecondition(_) => Status::failed_precondition(message),

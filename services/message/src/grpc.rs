@@ -349,4 +349,34 @@ impl MessageService for Adapter {
         let event = self.service.modify_message(&request.user_id, &inner.conversation_id, change).await?;
         Ok(event_response(event, |event| pb::ModifyMessageResponse { event }))
     }
+
+    async fn block_user(
+        &self,
+        request: Request<pb::MessageBlockUserRequest>,
+    ) -> Result<Response<pb::BlockUserResponse>, Status> {
+        let request = request.into_inner();
+        let changed = self.service.block(&request.user_id, &inner(request.request)?.user_id).await?;
+        Ok(Response::new(pb::BlockUserResponse { changed }))
+    }
+
+    async fn unblock_user(
+        &self,
+        request: Request<pb::MessageUnblockUserRequest>,
+    ) -> Result<Response<pb::UnblockUserResponse>, Status> {
+        let request = request.into_inner();
+        let changed = self.service.unblock(&request.user_id, &inner(request.request)?.user_id).await?;
+        Ok(Response::new(pb::UnblockUserResponse { changed }))
+    }
+
+    async fn list_blocked_users(
+        &self,
+        request: Request<pb::MessageListBlockedUsersRequest>,
+    ) -> Result<Response<pb::ListBlockedUsersResponse>, Status> {
+        let users = self.service.blocked_users(&request.into_inner().user_id).await?;
+        let users = users
+            .into_iter()
+            .map(|entry| pb::BlockedUser { user_id: entry.user_id, blocked_at_ms: entry.blocked_at_ms })
+            .collect();
+        Ok(Response::new(pb::ListBlockedUsersResponse { users }))
+    }
 }

@@ -55,6 +55,9 @@ pub struct Options {
     /// most recent ones; larger groups do not show who is online.
     pub presence_updates_max_members: usize,
     pub presence_updates_max_conversations: usize,
+    /// Longest block list one user may have; blocking one more answers
+    /// FAILED_PRECONDITION naming the limit (unblock someone first).
+    pub max_blocked_users: usize,
     /// Sends one `SendStream` (one gateway) may have in progress; the stream
     /// is read no further until some finish (HTTP/2 flow control holds the rest).
     pub send_stream_max_inflight: usize,
@@ -110,6 +113,7 @@ impl Default for Options {
             delivered_receipts_max_members: 32,
             presence_updates_max_members: 32,
             presence_updates_max_conversations: 200,
+            max_blocked_users: 1000,
             send_stream_max_inflight: 1024,
             store: StoreBackend::Sqlite,
             sqlite: SqliteOptions::default(),
@@ -139,6 +143,7 @@ impl Options {
             ("message.fanout.queue_depth", self.fanout.queue_depth),
             ("message.fanout.max_batch", self.fanout.max_batch),
             ("message.presence_updates_max_conversations", self.presence_updates_max_conversations),
+            ("message.max_blocked_users", self.max_blocked_users),
             ("message.send_stream_max_inflight", self.send_stream_max_inflight),
         ];
         for (key, value) in positive {

@@ -127,7 +127,15 @@ mod tests {
     use super::*;
 
     fn member(user: &str, role: Role) -> Member {
-        Member { user_id: user.into(), role, joined_seq: 1, removed_seq: None, read_seq: 0, delivered_seq: 0 }
+        Member {
+            user_id: user.into(),
+            role,
+            joined_seq: 1,
+            removed_seq: None,
+            read_seq: 0,
+            delivered_seq: 0,
+            took_part: false,
+        }
     }
 
     #[test]

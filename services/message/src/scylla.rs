@@ -96,8 +96,8 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     store::{
-        ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member, MessageStore, NewGroup,
-        NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
+        BlockedUser, Blocks, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
+        MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
 use rows::{Lwt, execution_error, other, pager_error, session_error};
@@ -393,6 +393,26 @@ impl MessageStore for ScyllaStore {
         limit: usize,
     ) -> Result<Vec<StoredMessage>> {
         reads::sync(&self.inner, user, device, only, after, limit).await
+    }
+
+    /// An outcome left unknown by a timeout answers UNAVAILABLE; the retry
+    /// then finds the block in place and answers "unchanged".
+    async fn block(&self, user: &str, target: &str, now_ms: i64) -> Result<bool> {
+        let values = (user.to_owned(), target.to_owned(), now_ms);
+        Ok(self.inner.lwt(&self.inner.statements.block_claim, values).await?.map_err(execution_error)?.applied)
+    }
+
+    async fn unblock(&self, user: &str, target: &str) -> Result<bool> {
+        let values = (user.to_owned(), target.to_owned());
+        Ok(self.inner.lwt(&self.inner.statements.block_release, values).await?.map_err(execution_error)?.applied)
+    }
+
+    async fn blocked_users(&self, user: &str, limit: usize) -> Result<Vec<BlockedUser>> {
+        reads::blocked_users(&self.inner, user, limit).await
+    }
+
+    async fn blocks_between(&self, a: &str, b: &str) -> Result<Blocks> {
+        reads::blocks_between(&self.inner, a, b).await
     }
 }
 

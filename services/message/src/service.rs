@@ -13,8 +13,8 @@ use crate::{
     fanout::{Fanout, Outgoing},
     options::Options,
     store::{
-        Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Limits, Member, MessageStore,
-        NewGroup, NewMessage, SendOutcome, StoredMessage, SyncCursor,
+        BlockedUser, Change, ChangeRequest, Conversation, ConversationKind, DeviceCursors, HistoryRange, InboxCursor,
+        Limits, Member, MessageStore, NewGroup, NewMessage, SendOutcome, StoredMessage, SyncCursor,
     },
 };
 
@@ -25,7 +25,13 @@ pub struct Service {
     options: Options,
     store: Arc<dyn MessageStore>,
     fanout: Fanout,
+    /// Conversation id -> its two members if it is a direct conversation,
+    /// None for a group. Both facts never change, so entries never go stale.
+    directs: moka::sync::Cache<Uuid, Option<Arc<[String; 2]>>>,
 }
+
+/// Conversations whose kind `Service::directs` remembers.
+const DIRECTS_CACHED: u64 = 100_000;
 
 /// One page of history.
 pub struct HistoryPage {
@@ -73,7 +79,43 @@ fn clamp(requested: u32, default: u32, max: u32) -> usize {
 
 impl Service {
     pub fn new(options: Options, store: Arc<dyn MessageStore>, fanout: Fanout) -> Self {
-        Self { options, store, fanout }
+        Self { options, store, fanout, directs: moka::sync::Cache::new(DIRECTS_CACHED) }
+    }
+
+    /// Refuses a write by `user` in a direct conversation where a block
+    /// stands: the blocked side gets NOT_FOUND (as if the conversation were
+    /// gone), the blocking side FAILED_PRECONDITION. Groups pass; so do
+    /// non-members, whom the store refuses itself.
+    async fn check_not_blocked(&self, conversation_id: Uuid, user: &str) -> Result<()> {
+        let pair = match self.directs.get(&conversation_id) {
+            Some(pair) => pair,
+            None => {
+                let Some(conversation) = self.store.conversation_for_member(conversation_id, user).await? else {
+                    return Ok(());
+                };
+                let pair = match (conversation.kind, conversation.members.as_slice()) {
+                    (ConversationKind::Direct, [a, b]) => Some(Arc::new([a.clone(), b.clone()])),
+                    _ => None,
+                };
+                self.directs.insert(conversation_id, pair.clone());
+                pair
+            }
+        };
+        let Some(pair) = pair else { return Ok(()) };
+        let Some(peer) = pair.iter().find(|member| *member != user) else { return Ok(()) };
+        self.check_blocks(user, peer).await
+    }
+
+    /// Whether `user` may talk to `peer`, in the words `check_not_blocked` uses.
+    async fn check_blocks(&self, user: &str, peer: &str) -> Result<()> {
+        let blocks = self.store.blocks_between(user, peer).await?;
+        if blocks.b_blocked_a {
+            return Err(Error::ConversationNotFound);
+        }
+        if blocks.a_blocked_b {
+            return Err(Error::FailedPrecondition(format!("you blocked {peer}; unblock them to message them")));
+        }
+        Ok(())
     }
 
     fn check_body(&self, body: &str) -> Result<()> {
@@ -113,6 +155,7 @@ impl Service {
         check_id("client_msg_id", input.client_msg_id)?;
         let conversation_id = parse_conversation(input.conversation_id)?;
         self.check_body(&input.body)?;
+        self.check_not_blocked(conversation_id, input.sender).await?;
         let message = NewMessage {
             conversation_id,
             message_id: ids::new_id(),
@@ -146,6 +189,10 @@ impl Service {
         if user == peer {
             return Err(Error::InvalidArgument("peer_id must be another user".into()));
         }
+        self.check_blocks(user, peer).await.map_err(|error| match error {
+            Error::ConversationNotFound => Error::UserNotFound,
+            other => other,
+        })?;
         self.store.get_or_create_direct(user, peer, ids::new_id(), ids::now_ms()).await
     }
 
@@ -247,6 +294,7 @@ impl Service {
             }
             _ => return Err(Error::InvalidArgument("not a message change".into())),
         }
+        self.check_not_blocked(parse_conversation(conversation_id)?, user).await?;
         Ok(self.apply(user, conversation_id, change).await?.into_iter().next())
     }
 
@@ -378,6 +426,7 @@ impl Service {
         check_id("user_id", user)?;
         let id = parse_conversation(conversation_id)?;
         self.active_membership(id, user).await?;
+        self.check_not_blocked(id, user).await?;
         let indicator = pb::Typing {
             conversation_id: id.to_string(),
             user_id: user.to_owned(),
@@ -388,21 +437,64 @@ impl Service {
         Ok(())
     }
 
-    /// Tells the users `update.user_id` shares a small conversation with; stores nothing.
+    /// Tells the users `update.user_id` shares a small conversation with,
+    /// among those it took part in (created, or sent in: a stranger who opens
+    /// a conversation learns nothing until it is answered), except users it
+    /// blocked; stores nothing.
     pub async fn presence_changed(&self, update: pb::PresenceUpdate) -> Result<()> {
         check_id("user_id", &update.user_id)?;
         let limit = self.options.presence_updates_max_conversations;
-        let conversations = self.store.list_conversations(&update.user_id, None, limit).await?;
+        let user = &update.user_id;
+        let (conversations, blocked) = futures::future::try_join(
+            self.store.list_conversations(user, None, limit),
+            self.store.blocked_users(user, self.options.max_blocked_users),
+        )
+        .await?;
+        let blocked: std::collections::HashSet<String> = blocked.into_iter().map(|b| b.user_id).collect();
         let contacts: std::collections::BTreeSet<String> = conversations
             .into_iter()
+            .filter(|conversation| conversation.took_part)
             .filter(|conversation| conversation.members.len() <= self.options.presence_updates_max_members)
             .flat_map(|conversation| conversation.members)
-            .filter(|member| *member != update.user_id)
+            .filter(|member| member != user && !blocked.contains(member))
             .collect();
         if !contacts.is_empty() {
             self.fanout.publish_hint(Outgoing::Presence(Arc::new(contacts.into_iter().collect()), update));
         }
         Ok(())
+    }
+
+    /// Adds `target` to `user`'s block list; false when it was there already.
+    pub async fn block(&self, user: &str, target: &str) -> Result<bool> {
+        check_id("user_id", user)?;
+        check_id("target user_id", target)?;
+        if user == target {
+            return Err(Error::InvalidArgument("you cannot block yourself".into()));
+        }
+        let max = self.options.max_blocked_users;
+        let listed = self.store.blocked_users(user, max).await?;
+        if listed.iter().any(|entry| entry.user_id == target) {
+            return Ok(false);
+        }
+        if listed.len() >= max {
+            return Err(Error::FailedPrecondition(format!(
+                "your block list holds its limit of {max} users; unblock someone first"
+            )));
+        }
+        self.store.block(user, target, ids::now_ms()).await
+    }
+
+    /// Removes `target` from `user`'s block list; false when it was not there.
+    pub async fn unblock(&self, user: &str, target: &str) -> Result<bool> {
+        check_id("user_id", user)?;
+        check_id("target user_id", target)?;
+        self.store.unblock(user, target).await
+    }
+
+    /// `user`'s whole block list (at most `max_blocked_users`), oldest first.
+    pub async fn blocked_users(&self, user: &str) -> Result<Vec<BlockedUser>> {
+        check_id("user_id", user)?;
+        self.store.blocked_users(user, self.options.max_blocked_users).await
     }
 
     /// One sync page and the token of the next (None when caught up).

@@ -31,8 +31,8 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     store::{
-        Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member, MessageStore, NewGroup,
-        NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
+        BlockedUser, Blocks, Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
+        MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
 use rows::{CONVERSATION_COLUMNS, MESSAGE_COLUMNS, row_to_conversation, row_to_message};
@@ -446,6 +446,46 @@ impl MessageStore for SqliteStore {
             let rows = statement
                 .query_map(params![user, device, only, after_conversation, after_seq, limit as i64], row_to_message)?;
             rows.collect()
+        })
+        .await
+    }
+
+    async fn block(&self, user: &str, target: &str, now_ms: i64) -> Result<bool> {
+        let (user, target) = (user.to_owned(), target.to_owned());
+        self.write(move |tx| writes::block(tx, &user, &target, now_ms)).await
+    }
+
+    async fn unblock(&self, user: &str, target: &str) -> Result<bool> {
+        let (user, target) = (user.to_owned(), target.to_owned());
+        self.write(move |tx| writes::unblock(tx, &user, &target)).await
+    }
+
+    async fn blocked_users(&self, user: &str, limit: usize) -> Result<Vec<BlockedUser>> {
+        let user = user.to_owned();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT blocked_id, blocked_at_ms FROM blocks WHERE user_id = ?1
+                 ORDER BY blocked_at_ms, blocked_id LIMIT ?2",
+            )?
+            .query_map(params![user, limit as i64], |r| {
+                Ok(BlockedUser { user_id: r.get(0)?, blocked_at_ms: r.get(1)? })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn blocks_between(&self, a: &str, b: &str) -> Result<Blocks> {
+        let (a, b) = (a.to_owned(), b.to_owned());
+        self.read(move |c| {
+            let blockers: Vec<String> = c
+                .prepare_cached(
+                    "SELECT user_id FROM blocks
+                     WHERE (user_id = ?1 AND blocked_id = ?2) OR (user_id = ?2 AND blocked_id = ?1)",
+                )?
+                .query_map(params![a, b], |r| r.get(0))?
+                .collect::<r2d2_sqlite::rusqlite::Result<_>>()?;
+            Ok(Blocks { a_blocked_b: blockers.contains(&a), b_blocked_a: blockers.contains(&b) })
         })
         .await
     }

@@ -106,6 +106,9 @@ pub struct Member {
     /// Highest delivered cursor over the member's devices (read by
     /// `MessageStore::members` only).
     pub delivered_seq: u64,
+    /// Whether the member has sent a message in the conversation.
+    #[serde(default)]
+    pub took_part: bool,
 }
 
 impl Member {
@@ -150,6 +153,10 @@ pub struct Conversation {
     pub read_seq: u64,
     pub unread_count: u64,
     pub last_message: Option<StoredMessage>,
+    /// Whether that member created the conversation or has sent in it: only
+    /// then does its presence reach the other members.
+    #[serde(default)]
+    pub took_part: bool,
 }
 
 /// A message as the service hands it to the store; the store assigns `seq`.
@@ -309,6 +316,20 @@ pub struct SyncCursor {
     pub seq: u64,
 }
 
+/// One entry of a user's block list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockedUser {
+    pub user_id: String,
+    pub blocked_at_ms: i64,
+}
+
+/// Blocks between two users `a` and `b`, in each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Blocks {
+    pub a_blocked_b: bool,
+    pub b_blocked_a: bool,
+}
+
 /// A member's read cursor after a read mark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadMark {
@@ -401,6 +422,20 @@ pub trait MessageStore: Send + Sync + 'static {
         after: Option<SyncCursor>,
         limit: usize,
     ) -> Result<Vec<StoredMessage>>;
+
+    /// Adds `target` to `user`'s block list; false when it was there already
+    /// (its `blocked_at_ms` is kept).
+    async fn block(&self, user: &str, target: &str, now_ms: i64) -> Result<bool>;
+
+    /// Removes `target` from `user`'s block list; false when it was not there.
+    async fn unblock(&self, user: &str, target: &str) -> Result<bool>;
+
+    /// Up to `limit` entries of `user`'s block list, oldest block first
+    /// (ties by user id).
+    async fn blocked_users(&self, user: &str, limit: usize) -> Result<Vec<BlockedUser>>;
+
+    /// Whether `a` blocked `b` and whether `b` blocked `a`.
+    async fn blocks_between(&self, a: &str, b: &str) -> Result<Blocks>;
 }
 
 #[cfg(test)]

@@ -219,27 +219,22 @@ async fn edits_reactions_replies_and_deletes_replay_on_sync() {
     assert_eq!(edit_error.code(), Code::FailedPrecondition, "{edit_error:?}");
 }
 
-/// The next presence update, skipping other events; None if none comes soon.
-async fn presence_update(events: &mut Events) -> Option<messenger_client::PresenceUpdate> {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
-    loop {
-        match tokio::time::timeout_at(deadline, events.next()).await {
-            Ok(Some(Event::Presence(update))) => return Some(update),
-            Ok(Some(_)) => continue,
-            Err(_) | Ok(None) => return None,
-        }
-    }
-}
-
 #[tokio::test]
 async fn presence_updates_reach_only_contacts_in_small_conversations() {
     let system = TestSystem::start_with(|config| config.message.presence_updates_max_members = 2).await;
     let (alice, mut alice_events) = system.connect("alice", "alice-phone").await;
     let (_carol, mut carol_events) = system.connect("carol", "carol-phone").await;
     let (_erin, mut erin_events) = system.connect("erin", "erin-phone").await;
-    alice.direct("bob").await.unwrap();
+    let direct = alice.direct("bob").await.unwrap().conversation_id;
     // Three members: over the limit of two, so erin is no contact of bob's.
-    alice.create_group("big", &["bob", "erin"]).await.unwrap();
+    let big = alice.create_group("big", &["bob", "erin"]).await.unwrap().conversation_id;
+    // Bob answers in both: his presence goes only where he took part.
+    let (bob_tablet, _bob_tablet_events) = system.connect("bob", "bob-tablet").await;
+    bob_tablet.send(&direct, "hi alice").await.unwrap();
+    bob_tablet.send(&big, "hi all").await.unwrap();
+    bob_tablet.close().await;
+    let offline = presence_update(&mut alice_events).await.expect("alice was not told bob's tablet left");
+    assert_eq!((offline.user_id.as_str(), offline.online), ("bob", false));
 
     let (bob_phone, _bob_phone_events) = system.connect("bob", "bob-phone").await;
     let online = presence_update(&mut alice_events).await.expect("alice was not told bob came online");

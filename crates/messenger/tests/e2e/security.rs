@@ -15,7 +15,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::support::{TestSystem, WAIT, messages, next_message};
+use crate::support::{RawClient, TestSystem, WAIT, messages, next_message, presence_update};
 
 fn testdata(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../platform/src/auth/testdata").join(name)
@@ -344,4 +344,77 @@ async fn unreachable_instances_are_not_named_to_clients() {
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     assert!(!leaks(&ended), "{}", ended.message());
     running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn blocked_users_get_no_direct_conversation_no_sends_and_no_presence() {
+    let system = TestSystem::start_with(|config| {
+        config.message.max_blocked_users = 2;
+        config.gateway.rate_limits.blocks = messenger_gateway::Rate { per_second: 1, burst: 6 };
+    })
+    .await;
+    let (mallory, mut mallory_events) = system.connect("mallory", "phone").await;
+    let (bob, mut bob_events) = system.connect("bob", "phone").await;
+    let stranger = mallory.direct("alice").await.unwrap().conversation_id;
+    let with_bob = bob.direct("alice").await.unwrap().conversation_id;
+
+    // A stranger who opened a conversation learns nothing until it is answered.
+    let (alice, _alice_events) = system.connect("alice", "phone").await;
+    alice.send(&with_bob, "hi bob").await.unwrap();
+    alice.close().await;
+    let offline = presence_update(&mut bob_events).await.expect("bob, answered, sees alice leave");
+    assert_eq!((offline.user_id.as_str(), offline.online), ("alice", false));
+    assert!(presence_update(&mut mallory_events).await.is_none(), "mallory was never answered");
+    let (alice, alice_events) = system.connect("alice", "phone").await;
+    assert!(presence_update(&mut bob_events).await.is_some_and(|update| update.online));
+    assert!(presence_update(&mut mallory_events).await.is_none(), "mallory was never answered");
+    alice.send(&stranger, "who are you?").await.unwrap();
+    next_message(&mut mallory_events).await;
+
+    // Alice blocks mallory: mallory can no longer write to her in any way.
+    assert!(alice.block("mallory").await.unwrap());
+    assert!(!alice.block("mallory").await.unwrap(), "blocking twice changes nothing");
+    let listed: Vec<String> = alice.blocked_users().await.unwrap().into_iter().map(|b| b.user_id).collect();
+    assert_eq!(listed, ["mallory"]);
+    let error = mallory.send(&stranger, "let me in").await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    let error = mallory.react(&stranger, 1, "👍").await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    let error = mallory.direct("alice").await.unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+    let error = alice.send(&stranger, "one last word").await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "the blocker is told why: {error:?}");
+    let history = alice.history(&stranger, 0, 50).await.unwrap().messages;
+    let bodies: Vec<&str> = history.iter().map(|m| m.body.as_str()).collect();
+    assert_eq!(bodies, ["who are you?"], "nothing refused was stored");
+
+    // Alice's presence reaches bob, never mallory, even after mallory was answered.
+    alice.close().await;
+    assert!(presence_update(&mut bob_events).await.is_some_and(|update| !update.online));
+    assert!(presence_update(&mut mallory_events).await.is_none(), "mallory saw alice go offline");
+    let (alice, mut alice_events_again) = system.connect("alice", "phone").await;
+    assert!(presence_update(&mut bob_events).await.is_some_and(|update| update.online));
+    assert!(presence_update(&mut mallory_events).await.is_none(), "mallory saw alice come online");
+    drop(alice_events);
+
+    // The block list has a size limit, and unblocking restores everything.
+    assert!(alice.block("spammer").await.unwrap());
+    let error = alice.block("another").await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "a third block passes max_blocked_users = 2: {error:?}");
+    assert!(alice.unblock("mallory").await.unwrap());
+    assert!(!alice.unblock("mallory").await.unwrap(), "unblocking twice changes nothing");
+    mallory.send(&stranger, "sorry").await.unwrap();
+    assert_eq!(next_message(&mut alice_events_again).await.body, "sorry");
+
+    // Block list changes are rate limited like every public write: burst 6.
+    let mut raw = RawClient::new(system.raw_channel().await);
+    for round in 0..3 {
+        let block = system.authorized("carol", pb::BlockUserRequest { user_id: "dave".into() });
+        assert!(raw.block_user(block).await.unwrap().into_inner().changed, "round {round}");
+        let unblock = system.authorized("carol", pb::UnblockUserRequest { user_id: "dave".into() });
+        assert!(raw.unblock_user(unblock).await.unwrap().into_inner().changed, "round {round}");
+    }
+    let block = system.authorized("carol", pb::BlockUserRequest { user_id: "dave".into() });
+    let status = raw.block_user(block).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "the seventh change: {status:?}");
 }

@@ -160,3 +160,15 @@ pub fn hello(device: &str) -> messenger_proto::v1::ClientFrame {
     use messenger_proto::v1::{self as pb, client_frame::Frame};
     pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: device.into() })) }
 }
+
+/// The next presence update, skipping other events; None if none comes soon.
+pub async fn presence_update(events: &mut Events) -> Option<messenger_client::PresenceUpdate> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Event::Presence(update))) => return Some(update),
+            Ok(Some(_)) => continue,
+            Err(_) | Ok(None) => return None,
+        }
+    }
+}

@@ -24,7 +24,9 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    store::{Conversation, HistoryRange, InboxCursor, Member, SeqBounds, StoredMessage, SyncCursor},
+    store::{
+        BlockedUser, Blocks, Conversation, HistoryRange, InboxCursor, Member, SeqBounds, StoredMessage, SyncCursor,
+    },
 };
 
 /// An unread count looks at this many entries after the read cursor at most
@@ -141,7 +143,8 @@ pub(super) async fn history(
 }
 
 /// Fills the active members, the unread count and the newest TEXT message for `user`.
-async fn complete(inner: &Inner, head: &Head, user: &str, read_seq: u64) -> Result<Conversation> {
+async fn complete(inner: &Inner, head: &Head, user: &str, member: Option<Member>) -> Result<Conversation> {
+    let read_seq = member.as_ref().map_or(0, |m| m.read_seq);
     let mut conversation = Conversation {
         id: head.id,
         kind: head.kind,
@@ -154,6 +157,7 @@ async fn complete(inner: &Inner, head: &Head, user: &str, read_seq: u64) -> Resu
         read_seq,
         unread_count: 0,
         last_message: None,
+        took_part: head.created_by == user || member.is_some_and(|m| m.took_part),
     };
     if head.last_seq > read_seq {
         let from = (read_seq + 1).max(head.last_seq.saturating_sub(UNREAD_SCAN - 1));
@@ -191,8 +195,8 @@ pub(super) async fn conversation_for_member(inner: &Inner, id: Uuid, user: &str)
     if !head.roster.contains_key(user) {
         return Ok(None);
     }
-    let read_seq = member(inner, id, user).await?.map_or(0, |m| m.read_seq);
-    Ok(Some(complete(inner, &head, user, read_seq).await?))
+    let member = member(inner, id, user).await?;
+    Ok(Some(complete(inner, &head, user, member).await?))
 }
 
 /// The user's memberships as recorded by user (current and ended).
@@ -240,8 +244,8 @@ pub(super) async fn list_conversations(
     listed.truncate(limit);
     stream::iter(listed)
         .map(|head| async move {
-            let read_seq = member(inner, head.id, user).await?.map_or(0, |m| m.read_seq);
-            complete(inner, &head, user, read_seq).await
+            let member = member(inner, head.id, user).await?;
+            complete(inner, &head, user, member).await
         })
         .buffered(PARALLEL_READS)
         .try_collect()
@@ -335,4 +339,25 @@ pub(super) async fn sync(
         }
     }
     Ok(found)
+}
+
+pub(super) async fn blocked_users(inner: &Inner, user: &str, limit: usize) -> Result<Vec<BlockedUser>> {
+    let rows: Vec<(String, Option<i64>)> = inner.paged(&inner.statements.blocks_read, (user,)).await?;
+    let mut users: Vec<BlockedUser> =
+        rows.into_iter().map(|(user_id, at)| BlockedUser { user_id, blocked_at_ms: at.unwrap_or_default() }).collect();
+    users.sort_by(|a, b| (a.blocked_at_ms, &a.user_id).cmp(&(b.blocked_at_ms, &b.user_id)));
+    users.truncate(limit);
+    Ok(users)
+}
+
+pub(super) async fn blocks_between(inner: &Inner, a: &str, b: &str) -> Result<Blocks> {
+    let read = |user: &str, target: &str| {
+        let (user, target) = (user.to_owned(), target.to_owned());
+        async move {
+            let found: Option<(String,)> = inner.first(&inner.statements.block_read, (user, target)).await?;
+            Ok::<_, Error>(found.is_some())
+        }
+    };
+    let (a_blocked_b, b_blocked_a) = futures::future::try_join(read(a, b), read(b, a)).await?;
+    Ok(Blocks { a_blocked_b, b_blocked_a })
 }

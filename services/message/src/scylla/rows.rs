@@ -172,6 +172,7 @@ pub(super) struct MemberRow {
     removed_seq: Option<i64>,
     read_seq: Option<i64>,
     delivered_seq: Option<i64>,
+    took_part: Option<bool>,
 }
 
 impl MemberRow {
@@ -184,6 +185,7 @@ impl MemberRow {
             removed_seq: self.removed_seq.map(|s| s.max(0) as u64),
             read_seq: seq_from(self.read_seq),
             delivered_seq: seq_from(self.delivered_seq),
+            took_part: self.took_part.unwrap_or(false),
         })
     }
 }
@@ -428,6 +430,7 @@ pub(super) fn session_error(error: NewSessionError) -> Error {
 pub(super) fn copy_error(error: &Error) -> Error {
     match error {
         Error::ConversationNotFound => Error::ConversationNotFound,
+        Error::UserNotFound => Error::UserNotFound,
         Error::MessageNotFound(seq) => Error::MessageNotFound(*seq),
         Error::NoLongerMember => Error::NoLongerMember,
         Error::InvalidArgument(text) => Error::InvalidArgument(text.clone()),

@@ -397,7 +397,7 @@ async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>) {
             }
         }
     }
-    // Whoever sends has read up to its own message.
+    // Whoever sends has read up to its own message, and has taken part.
     let mut read: HashMap<&str, u64> = HashMap::new();
     for (entry, _) in &stored {
         let seq = read.entry(entry.sender.as_str()).or_default();
@@ -405,7 +405,7 @@ async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>) {
     }
     let cursors = read.iter().map(|(user, seq)| {
         let value = seq_value(*seq);
-        inner.run(&s.member_read_seq, (value, value, stored[0].0.conversation_id, *user))
+        inner.run(&s.member_sent, (value, value, true, stored[0].0.conversation_id, *user))
     });
     for result in join_all(cursors).await {
         if let Err(error) = result {

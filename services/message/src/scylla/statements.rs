@@ -81,7 +81,7 @@ macro_rules! head_columns {
 
 macro_rules! member_columns {
     () => {
-        "user_id, role, joined_seq, removed_seq, read_seq, delivered_seq"
+        "user_id, role, joined_seq, removed_seq, read_seq, delivered_seq, took_part"
     };
 }
 
@@ -163,6 +163,9 @@ statements! {
     /// (timestamp = value, value, conversation, user): the largest read cursor wins.
     member_read_seq: Write, 4 =
         "UPDATE {keyspace}.members USING TIMESTAMP ? SET read_seq = ? WHERE conversation_id = ? AND user_id = ?";
+    /// (timestamp = value, value, true, conversation, user): a sender's read cursor, and it took part.
+    member_sent: Write, 5 = "UPDATE {keyspace}.members USING TIMESTAMP ? SET read_seq = ?, took_part = ? \
+        WHERE conversation_id = ? AND user_id = ?";
     /// (timestamp = value, value, conversation, user): the largest delivered cursor of any device wins.
     member_delivered: Write, 4 = "UPDATE {keyspace}.members USING TIMESTAMP ? SET delivered_seq = ? \
         WHERE conversation_id = ? AND user_id = ?";
@@ -235,6 +238,14 @@ statements! {
         "UPDATE {keyspace}.reactions SET emoji = ? WHERE conversation_id = ? AND seq = ? AND user_id = ?";
     reaction_delete: Write, 3 = "DELETE FROM {keyspace}.reactions WHERE conversation_id = ? AND seq = ? AND user_id = ?";
     reactions_clear: Write, 2 = "DELETE FROM {keyspace}.reactions WHERE conversation_id = ? AND seq = ?";
+
+    // blocks
+    /// (user, blocked, blocked_at_ms).
+    block_claim: Lwt, 3 =
+        "INSERT INTO {keyspace}.blocks (user_id, blocked_id, blocked_at_ms) VALUES (?, ?, ?) IF NOT EXISTS";
+    block_release: Lwt, 2 = "DELETE FROM {keyspace}.blocks WHERE user_id = ? AND blocked_id = ? IF EXISTS";
+    block_read: Read, 2 = "SELECT blocked_id FROM {keyspace}.blocks WHERE user_id = ? AND blocked_id = ?";
+    blocks_read: Read, 1 = "SELECT blocked_id, blocked_at_ms FROM {keyspace}.blocks WHERE user_id = ?";
 
     // device_cursors
     /// (timestamp = value, value, user, device, conversation).

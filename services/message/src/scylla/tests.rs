@@ -263,6 +263,7 @@ struct Parsed {
     order_by: Vec<String>,
     using_timestamp: bool,
     if_not_exists: bool,
+    if_exists: bool,
     inserted_values: usize,
 }
 
@@ -324,6 +325,10 @@ fn conditions(p: &mut Parser, parsed: &mut Parsed) {
     if p.eat_word("not") {
         p.expect_word("exists");
         parsed.if_not_exists = true;
+        return;
+    }
+    if p.eat_word("exists") {
+        parsed.if_exists = true;
         return;
     }
     loop {
@@ -522,7 +527,7 @@ fn check(tables: &HashMap<String, Table>, name: &str, mode: Mode, text: &str, bi
             problems.push(format!("ORDER BY on non-clustering column {column}"));
         }
     }
-    let conditional = parsed.if_not_exists || !parsed.conditions.is_empty();
+    let conditional = parsed.if_not_exists || parsed.if_exists || !parsed.conditions.is_empty();
     if conditional && parsed.using_timestamp {
         problems.push("a conditional statement cannot use USING TIMESTAMP".into());
     }
@@ -539,7 +544,7 @@ fn check(tables: &HashMap<String, Table>, name: &str, mode: Mode, text: &str, bi
 #[test]
 fn every_statement_matches_the_schema() {
     let tables = parse_schema(SCHEMA);
-    assert_eq!(tables.len(), 8, "{:?}", tables.keys().collect::<Vec<_>>());
+    assert_eq!(tables.len(), 9, "{:?}", tables.keys().collect::<Vec<_>>());
     let problems: Vec<String> = STATEMENTS
         .iter()
         .flat_map(|statement| check(&tables, statement.name, statement.mode, statement.text, statement.binds))
@@ -601,7 +606,7 @@ fn schema_substitutes_keyspace_and_replication() {
     options.replication =
         Replication::NetworkTopologyStrategy { datacenters: BTreeMap::from([("dc-1".into(), 3), ("dc2".into(), 3)]) };
     let statements = schema_statements(&options);
-    assert_eq!(statements.len(), 9);
+    assert_eq!(statements.len(), 10);
     assert!(statements[0].contains("{'class': 'NetworkTopologyStrategy', 'dc-1': 3, 'dc2': 3}"), "{}", statements[0]);
     assert!(statements.iter().all(|s| !s.contains('{') || s.starts_with("CREATE KEYSPACE")));
     assert!(statements[1..].iter().all(|s| s.contains("chat_test.")));

@@ -61,7 +61,7 @@ pub(super) fn message_at(connection: &Connection, conversation: &str, seq: u64) 
 
 const MEMBER_COLUMNS: &str = "m.user_id, m.role, m.joined_seq, m.removed_seq, m.read_seq, \
      coalesce((SELECT max(d.delivered_seq) FROM device_cursors d
-               WHERE d.conversation_id = m.conversation_id AND d.user_id = m.user_id), 0)";
+               WHERE d.conversation_id = m.conversation_id AND d.user_id = m.user_id), 0), m.took_part";
 
 fn row_to_member(row: &Row<'_>) -> Result<Member> {
     Ok(Member {
@@ -71,6 +71,7 @@ fn row_to_member(row: &Row<'_>) -> Result<Member> {
         removed_seq: row.get::<_, Option<i64>>(3)?.map(|s| s as u64),
         read_seq: row.get::<_, i64>(4)? as u64,
         delivered_seq: row.get::<_, i64>(5)? as u64,
+        took_part: row.get(6)?,
     })
 }
 
@@ -80,7 +81,7 @@ fn row_to_member(row: &Row<'_>) -> Result<Member> {
 pub(super) fn member(connection: &Connection, conversation: &str, user: &str) -> Result<Option<Member>> {
     connection
         .prepare_cached(
-            "SELECT user_id, role, joined_seq, removed_seq, read_seq, 0 FROM members
+            "SELECT user_id, role, joined_seq, removed_seq, read_seq, 0, took_part FROM members
              WHERE conversation_id = ?1 AND user_id = ?2",
         )?
         .query_row(params![conversation, user], row_to_member)
@@ -101,8 +102,8 @@ pub(super) fn active_member_ids(connection: &Connection, conversation: &str) -> 
         .collect()
 }
 
-pub(super) const CONVERSATION_COLUMNS: &str =
-    "c.id, c.kind, c.title, c.created_by, c.last_seq, c.created_at_ms, c.last_activity_ms, m.read_seq";
+pub(super) const CONVERSATION_COLUMNS: &str = "c.id, c.kind, c.title, c.created_by, c.last_seq, c.created_at_ms, c.last_activity_ms, m.read_seq, \
+     m.took_part OR m.user_id = c.created_by";
 
 /// Reads `CONVERSATION_COLUMNS` (joined with the caller's `members` row as `m`).
 pub(super) fn row_to_conversation(row: &Row<'_>) -> Result<Conversation> {
@@ -118,6 +119,7 @@ pub(super) fn row_to_conversation(row: &Row<'_>) -> Result<Conversation> {
         read_seq: row.get::<_, i64>(7)? as u64,
         unread_count: 0,
         last_message: None,
+        took_part: row.get(8)?,
     })
 }
 

@@ -6,7 +6,7 @@
 //! lookup; messages are not bucketed because a B-tree has no partition limit.
 
 /// Migrations in order; `PRAGMA user_version` records how many have run.
-pub const MIGRATIONS: [&str; 2] = [V1, V2];
+pub const MIGRATIONS: [&str; 3] = [V1, V2, V3];
 
 const V1: &str = "
 CREATE TABLE IF NOT EXISTS conversations (
@@ -83,4 +83,22 @@ CREATE TABLE IF NOT EXISTS reactions (
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS device_cursors_by_conversation ON device_cursors (conversation_id, user_id);
+";
+
+/// Block lists, and whether a member has taken part (sent; creators count
+/// without it) so its presence reaches the others. Existing senders are
+/// backfilled from `messages` (its dedupe index covers the lookup).
+const V3: &str = "
+CREATE TABLE IF NOT EXISTS blocks (
+    user_id TEXT NOT NULL,
+    blocked_id TEXT NOT NULL,
+    blocked_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (user_id, blocked_id)
+) WITHOUT ROWID;
+
+ALTER TABLE members ADD COLUMN took_part INTEGER NOT NULL DEFAULT 0;
+UPDATE members SET took_part = 1 WHERE EXISTS (
+    SELECT 1 FROM messages WHERE messages.conversation_id = members.conversation_id
+        AND messages.sender = members.user_id AND messages.kind = 1
+);
 ";

@@ -139,8 +139,14 @@ pub(super) fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome>
     entry.body = message.body.clone();
     entry.reply_to_seq = message.reply_to_seq;
     let entry = append(tx, entry)?;
-    // Whoever sends has read up to its own message.
+    // Whoever sends has read up to its own message, and has taken part.
     set_read(tx, &conversation, &message.sender, entry.seq)?;
+    if !sender.took_part {
+        // Once per member: the flag only ever turns on.
+        tx.prepare_cached("UPDATE members SET took_part = 1 WHERE conversation_id = ?1 AND user_id = ?2")
+            .and_then(|mut s| s.execute(params![conversation, message.sender]))
+            .map_err(storage)?;
+    }
     Ok(SendOutcome::Created(entry))
 }
 
@@ -390,4 +396,21 @@ pub(super) fn mark_read(tx: &Connection, conversation: Uuid, user: &str, seq: u6
         return Ok(crate::store::ReadMark { read_seq: member.read_seq, moved: false });
     }
     Ok(crate::store::ReadMark { read_seq: set_read(tx, &text, user, wanted)?, moved: true })
+}
+
+pub(super) fn block(tx: &Connection, user: &str, target: &str, now_ms: i64) -> Result<bool> {
+    tx.prepare_cached(
+        "INSERT INTO blocks (user_id, blocked_id, blocked_at_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT (user_id, blocked_id) DO NOTHING",
+    )
+    .and_then(|mut s| s.execute(params![user, target, now_ms]))
+    .map(|changed| changed > 0)
+    .map_err(storage)
+}
+
+pub(super) fn unblock(tx: &Connection, user: &str, target: &str) -> Result<bool> {
+    tx.prepare_cached("DELETE FROM blocks WHERE user_id = ?1 AND blocked_id = ?2")
+        .and_then(|mut s| s.execute(params![user, target]))
+        .map(|changed| changed > 0)
+        .map_err(storage)
 }

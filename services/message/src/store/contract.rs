@@ -57,6 +57,8 @@ pub(crate) async fn run_all(store: &dyn MessageStore) -> usize {
         ("edits_deletes_and_reactions", Box::pin(edits_deletes_and_reactions(store))),
         ("read_cursors_and_unread_counts", Box::pin(read_cursors_and_unread_counts(store))),
         ("replies_must_point_at_visible_messages", Box::pin(replies_must_point_at_visible_messages(store))),
+        ("block_lists", Box::pin(block_lists(store))),
+        ("taking_part_is_creating_or_sending", Box::pin(taking_part_is_creating_or_sending(store))),
     ];
     let count = cases.len();
     for (name, case) in cases {
@@ -446,4 +448,54 @@ async fn replies_must_point_at_visible_messages(store: &dyn MessageStore) {
         })
         .await;
     assert!(matches!(dangling, Err(Error::InvalidArgument(_))), "{dangling:?}");
+}
+
+async fn block_lists(store: &dyn MessageStore) {
+    let (a, b, c) = users("blocks");
+    assert_eq!(store.blocks_between(&a, &b).await.unwrap(), Blocks::default());
+    assert!(store.block(&a, &b, 1_000).await.unwrap(), "a new block changes the list");
+    assert!(!store.block(&a, &b, 5_000).await.unwrap(), "blocking again changes nothing");
+    assert!(store.block(&a, &c, 2_000).await.unwrap());
+    let blocks = store.blocks_between(&a, &b).await.unwrap();
+    assert_eq!(blocks, Blocks { a_blocked_b: true, b_blocked_a: false });
+    let reverse = store.blocks_between(&b, &a).await.unwrap();
+    assert_eq!(reverse, Blocks { a_blocked_b: false, b_blocked_a: true }, "the same block seen from b");
+    let listed = store.blocked_users(&a, 10).await.unwrap();
+    let expected = vec![
+        BlockedUser { user_id: b.clone(), blocked_at_ms: 1_000 },
+        BlockedUser { user_id: c.clone(), blocked_at_ms: 2_000 },
+    ];
+    assert_eq!(listed, expected, "oldest first, the first block's time kept");
+    assert_eq!(store.blocked_users(&a, 1).await.unwrap(), expected[..1], "the limit holds");
+    assert!(store.blocked_users(&b, 10).await.unwrap().is_empty(), "blocks are one-way lists");
+    assert!(store.unblock(&a, &b).await.unwrap());
+    assert!(!store.unblock(&a, &b).await.unwrap(), "unblocking again changes nothing");
+    assert_eq!(store.blocks_between(&a, &b).await.unwrap(), Blocks::default());
+    assert_eq!(store.blocked_users(&a, 10).await.unwrap(), expected[1..]);
+}
+
+async fn taking_part_is_creating_or_sending(store: &dyn MessageStore) {
+    let (a, b, c) = users("took-part");
+    let conversation = direct(store, &a, &b).await;
+    let took_part = |user: String| async move {
+        let listed = store.list_conversations(&user, None, 10).await.unwrap();
+        let as_listed = listed.iter().find(|c| c.id == conversation.id).unwrap().took_part;
+        let single = store.conversation_for_member(conversation.id, &user).await.unwrap().unwrap().took_part;
+        assert_eq!(as_listed, single, "inbox and conversation agree for {user}");
+        let member = store.member(conversation.id, &user).await.unwrap().unwrap();
+        (single, member.took_part)
+    };
+    assert_eq!(took_part(a.clone()).await, (true, false), "the creator takes part without sending");
+    assert_eq!(took_part(b.clone()).await, (false, false), "the other side has not answered");
+    send(store, conversation.id, &b, "1", "hello").await.unwrap();
+    assert_eq!(took_part(b.clone()).await, (true, true), "an answer is taking part");
+    let group = group(store, &a, &[&b, &c]).await;
+    let members = store.members(group.id).await.unwrap();
+    assert!(members.iter().all(|m| !m.took_part), "nobody has sent in the new group");
+    let listed = store.list_conversations(&c, None, 10).await.unwrap();
+    assert!(!listed.iter().find(|x| x.id == group.id).unwrap().took_part, "an added member has not taken part");
+    send(store, group.id, &c, "1", "hi all").await.unwrap();
+    let members = store.members(group.id).await.unwrap();
+    let sent: Vec<&str> = members.iter().filter(|m| m.took_part).map(|m| m.user_id.as_str()).collect();
+    assert_eq!(sent, vec![c.as_str()]);
 }
