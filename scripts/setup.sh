@@ -2,8 +2,10 @@
 # Installs what building and testing need on a fresh Debian machine:
 # protoc (tonic code generation), redis-server and etcd-server (the tests
 # start real ones), curl (an independent gRPC-over-TLS client in the tests),
-# and the cargo tools the checks use: cargo-nextest, cargo-deny (licenses,
-# bans, sources) and cargo-fuzz (libFuzzer targets). Safe to run again.
+# JDK 17 and Maven with Apache Cassandra 5.0's jars (the CQL node the Scylla
+# store's tests run against), and the cargo tools the checks use:
+# cargo-nextest, cargo-deny (licenses, bans, sources) and cargo-fuzz
+# (libFuzzer targets). Safe to run again.
 set -euo pipefail
 
 as_root() {
@@ -12,7 +14,7 @@ as_root() {
     fi
 }
 
-debian_packages=(protobuf-compiler redis-server etcd-server curl)
+debian_packages=(protobuf-compiler redis-server etcd-server curl openjdk-17-jre-headless maven)
 missing=()
 for package in "${debian_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -21,6 +23,20 @@ if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Cassandra from Maven Central, cached outside the checkout so clean clones
+# (and CI) reuse it: about 70 MB, 10 s the first time. crates/testkit finds
+# it at the same path (the version comes from the pom).
+root="$(cd "$(dirname "$0")/.." && pwd)"
+pom="$root/scripts/cassandra/pom.xml"
+cassandra_version="$(sed -n 's:.*<cassandra.version>\(.*\)</cassandra.version>.*:\1:p' "$pom")"
+cassandra_lib="${MESSENGER_CACHE:-$HOME/.cache/messenger}/cassandra-$cassandra_version/lib"
+if [ ! -f "$cassandra_lib/.complete" ]; then
+    echo "setup: fetching Apache Cassandra $cassandra_version from Maven Central"
+    rm -rf "$cassandra_lib"
+    mvn -q -B -f "$pom" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$cassandra_lib" >/dev/null
+    touch "$cassandra_lib/.complete"
 fi
 
 # From crates.io, built here (about 15, 5 and 1 minutes on 2 cores the first time).

@@ -3,9 +3,20 @@
 #   scripts/test.sh
 # It installs what is missing (scripts/setup.sh), checks formatting, lints and
 # dependencies (cargo deny), runs each fuzz target briefly from its corpus,
-# then the whole workspace suite with nextest, plus doc tests.
+# then the whole workspace suite with nextest, plus doc tests. The Scylla
+# store's tests run on one Apache Cassandra 5.0 node the first of them starts
+# (crates/testkit/src/cassandra.rs); it is stopped when this script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+stop_shared_cassandra() {
+    local pid_file=target/cassandra-shared/pid
+    if [ -f "$pid_file" ]; then
+        kill "$(cat "$pid_file")" 2>/dev/null || true
+        rm -f "$pid_file"
+    fi
+}
+trap stop_shared_cassandra EXIT
 
 bash scripts/setup.sh
 cargo fmt --all -- --check
@@ -14,5 +25,11 @@ cargo deny --locked check --hide-inclusion-graph licenses bans sources
 # A short run: it replays the kept corpus and explores for a few seconds.
 bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
 cargo test --doc --workspace --locked
-# Last, so its summary line closes the run.
-cargo nextest run --workspace --locked --no-fail-fast "$@"
+status=0
+cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
+# The end-to-end suite again with the message store on the Cassandra node
+# (in-process systems and the multi-process cluster, each on a keyspace of
+# its own), one test at a time: the node shares the two cores.
+MESSENGER_TEST_STORE=scylla cargo nextest run -p messenger --test e2e --locked --no-fail-fast --test-threads 1 "$@" \
+    || status=$?
+exit "$status"

@@ -152,16 +152,28 @@ impl Gateways {
         self.apis.len()
     }
 
-    /// A call that is safe to repeat: tried once more on the next gateway if
-    /// this one was unreachable.
+    /// A call that is safe to repeat: on UNAVAILABLE (a gateway unreachable,
+    /// or a service behind it briefly unable to answer) it is tried again up
+    /// to `RETRIES` times, on the next gateway when there is one, after a
+    /// short growing pause.
     async fn retried<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
     where
         F: Fn(Api) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        match call(self.current()).await {
-            Err(status) if status.code() == tonic::Code::Unavailable && self.fail_over() => call(self.current()).await,
-            answered => answered,
+        const RETRIES: u32 = 3;
+        let mut attempt = 0;
+        loop {
+            match call(self.current()).await {
+                Err(status) if status.code() == tonic::Code::Unavailable && attempt < RETRIES => {
+                    // Straight on to another gateway; the same one after a pause.
+                    if !self.fail_over() || attempt > 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(100 << attempt)).await;
+                    }
+                    attempt += 1;
+                }
+                answered => return answered,
+            }
         }
     }
 

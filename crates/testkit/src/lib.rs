@@ -1,8 +1,12 @@
-//! Real dependency servers for tests, started from the binaries
-//! `scripts/setup.sh` installs, each on its own loopback port and directory,
+//! Real dependency servers for tests (redis-server, etcd, Cassandra),
+//! started from what `scripts/setup.sh` installs, each on its own loopback port and directory,
 //! and controllable the way outages happen: stopped, restarted, paused.
 
 #![forbid(unsafe_code)]
+
+pub mod cassandra;
+
+pub use cassandra::{CassandraNode, shared_node as shared_cassandra};
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -26,22 +30,22 @@ fn wait_listening(port: u16, what: &str) {
     }
 }
 
-fn signal(child: &Child, name: &str) {
+pub(crate) fn signal(child: &Child, name: &str) {
     let status = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status();
     assert!(status.is_ok_and(|status| status.success()), "kill -{name} {} failed", child.id());
 }
 
 /// A server process: stopped gracefully on request, killed when dropped.
 #[derive(Default)]
-struct Process(Option<Child>);
+pub(crate) struct Process(pub(crate) Option<Child>);
 
 impl Process {
-    fn running(&self) -> &Child {
+    pub(crate) fn running(&self) -> &Child {
         self.0.as_ref().expect("the server is running")
     }
 
     /// SIGTERM and wait: the server keeps its data.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.0.take() {
             signal(&child, "TERM");
             let _ = child.wait();

@@ -153,8 +153,14 @@ pub async fn migrate(options: &ScyllaOptions) -> Result<()> {
     migrate_with(&session, options).await
 }
 
+/// Schema changes flush and replicate; they can take far longer than a
+/// request (`request_timeout`) on a busy cluster.
+const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn migrate_with(session: &Session, options: &ScyllaOptions) -> Result<()> {
-    for statement in schema_statements(options) {
+    for text in schema_statements(options) {
+        let mut statement = ::scylla::statement::unprepared::Statement::new(text);
+        statement.set_request_timeout(Some(SCHEMA_TIMEOUT));
         session.query_unpaged(statement, ()).await.map_err(execution_error)?;
     }
     session.await_schema_agreement().await.map_err(|e| other("schema agreement", e))?;

@@ -42,6 +42,9 @@ struct Cluster {
     auth: messenger_platform::auth::AuthOptions,
     /// Every hop is mutual TLS, each process with its own role's certificate.
     certs: messenger::certs::Generated,
+    /// With `MESSENGER_TEST_STORE=scylla`: the keyspace both message
+    /// instances share on the CQL node (else they share one SQLite file).
+    scylla: Option<messenger_message::scylla::ScyllaOptions>,
 }
 
 /// The cluster's own HS256 secret: `messenger serve` refuses to start without a key.
@@ -58,6 +61,7 @@ impl Cluster {
                 .unwrap();
         let watching = CancellationToken::new();
         let discovery = EtcdDiscovery::start(etcd_options(&etcd), watching.clone()).await;
+        let scylla = if on_scylla() { Some(scylla_options().await) } else { None };
         let mut cluster = Self {
             dir,
             etcd,
@@ -70,6 +74,7 @@ impl Cluster {
                 ..Default::default()
             },
             certs,
+            scylla,
         };
         // In dependency order, each role registered before the next starts:
         // an instance lists etcd before it serves, so every instance knows
@@ -117,7 +122,7 @@ lease_ttl = "2s"
 retry_interval = "200ms"
 [message]
 {message_listen}database = "{database}"
-[message.sqlite]
+{store}[message.sqlite]
 member_cache_entries = 0
 [message.cache]
 backend = "redis"
@@ -140,6 +145,13 @@ send_burst = 100000
             data = dir.join(name).display(),
             etcd = self.etcd.endpoint(),
             database = dir.join("messages.db").display(),
+            store = self.scylla.as_ref().map_or_else(String::new, |scylla| format!(
+                // A killed instance's in-flight sends are taken over after
+                // 2 x lock_timeout: within the SDK's send timeout here.
+                "store = \"scylla\"\n[message.scylla]\nnodes = [\"{}\"]\nkeyspace = \"{}\"\n\
+                 migrate_on_start = true\nrequest_timeout = \"1s\"\nlock_timeout = \"6s\"\n",
+                scylla.nodes[0], scylla.keyspace
+            )),
             redis = self._redis.url(),
             ca = self.certs.ca.display(),
             cert = cert.display(),
@@ -224,7 +236,8 @@ send_burst = 100000
         options.reconnect_min = Duration::from_millis(50);
         options.reconnect_max = Duration::from_millis(500);
         options.ack_interval = Duration::from_millis(10);
-        options.send_timeout = Duration::from_secs(30);
+        // Cassandra: a killed instance's claim is taken over after 12 s.
+        options.send_timeout = Duration::from_secs(if on_scylla() { 60 } else { 30 });
         options.connect_timeout = Duration::from_secs(2);
         // Gateways come up before they serve: retry the first connect briefly.
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -271,6 +284,9 @@ impl Drop for Cluster {
                 let _ = child.wait();
             }
         }
+        if let Some(scylla) = &self.scylla {
+            drop_keyspace(scylla);
+        }
     }
 }
 
@@ -290,6 +306,9 @@ fn spawn(node: &mut Node, dir: &std::path::Path) {
         .arg(&node.config)
         .args(["serve", "--service", node.role.as_str()])
         .env_remove("RUST_LOG")
+        // The tests' own settings, not the binary's (it reads `MESSENGER_*` as configuration).
+        .env_remove("MESSENGER_TEST_STORE")
+        .env_remove("MESSENGER_TEST_SCYLLA")
         .env("RUST_BACKTRACE", "0")
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log))

@@ -21,7 +21,7 @@ async fn live_message_reaches_peer_and_ack_follows_commit() {
     let ack = alice.send(&conversation.conversation_id, "hi bob").await.unwrap();
     assert_eq!(ack.seq, 1);
     assert_eq!(
-        committed_body(&system.config, &conversation.conversation_id, ack.seq).as_deref(),
+        committed_body(&system.config, &conversation.conversation_id, ack.seq).await.as_deref(),
         Some("hi bob"),
         "SendAck arrived before the row was committed"
     );

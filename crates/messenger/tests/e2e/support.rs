@@ -10,12 +10,59 @@ use tempfile::TempDir;
 
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// Whether this run puts the message store on the suite's CQL node
+/// (`MESSENGER_TEST_STORE=scylla`, as `scripts/test.sh` runs the suite a
+/// second time) instead of SQLite.
+pub fn on_scylla() -> bool {
+    std::env::var("MESSENGER_TEST_STORE").is_ok_and(|store| store == "scylla")
+}
+
+/// A fresh keyspace on the shared Cassandra node (or `MESSENGER_TEST_SCYLLA`).
+pub async fn scylla_options() -> messenger_message::scylla::ScyllaOptions {
+    let node = tokio::task::spawn_blocking(messenger_testkit::shared_cassandra).await.unwrap();
+    let keyspace = format!("e2e_{}", uuid::Uuid::now_v7().simple());
+    messenger_message::scylla::ScyllaOptions {
+        nodes: vec![node],
+        keyspace,
+        migrate_on_start: true,
+        ..Default::default()
+    }
+}
+
+/// Drops a test's keyspace (hundreds of them would fill the node's heap).
+/// Blocking: called from `Drop`, on a thread of its own with its own runtime.
+pub fn drop_keyspace(options: &messenger_message::scylla::ScyllaOptions) {
+    let (nodes, keyspace) = (options.nodes.clone(), options.keyspace.clone());
+    let dropped = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let session = scylla::client::session_builder::SessionBuilder::new().known_nodes(&nodes).build().await?;
+            let mut drop = scylla::statement::unprepared::Statement::new(format!("DROP KEYSPACE IF EXISTS {keyspace}"));
+            drop.set_request_timeout(Some(Duration::from_secs(60)));
+            session.query_unpaged(drop, &[]).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        })
+    })
+    .join();
+    if let Ok(Err(error)) = dropped {
+        eprintln!("could not drop keyspace {}: {error}", options.keyspace);
+    }
+}
+
 pub struct TestSystem {
     pub running: Option<system::Running>,
     /// The configuration with every port pinned to what was bound, so a restart reuses them.
     pub config: Config,
     pub endpoint: String,
     _dir: TempDir,
+}
+
+impl Drop for TestSystem {
+    fn drop(&mut self) {
+        if self.config.message.store == messenger_message::StoreBackend::Scylla {
+            drop_keyspace(&self.config.message.scylla);
+        }
+    }
 }
 
 impl TestSystem {
@@ -31,6 +78,10 @@ impl TestSystem {
         // Tests that push volume are not about the rate limit; the one that is sets its own.
         config.gateway.sends_per_second = 100_000;
         config.gateway.send_burst = 100_000;
+        if on_scylla() {
+            config.message.store = messenger_message::StoreBackend::Scylla;
+            config.message.scylla = scylla_options().await;
+        }
         adjust(&mut config);
         let running = system::start(config.clone(), &system::ALL_ROLES).await.unwrap();
         let bound = &running.addresses;
@@ -67,7 +118,9 @@ impl TestSystem {
         options.reconnect_min = Duration::from_millis(50);
         options.reconnect_max = Duration::from_millis(300);
         options.ack_interval = Duration::from_millis(10);
-        options.send_timeout = Duration::from_secs(20);
+        // Cassandra's LWTs (one per send to claim its id) are several times
+        // slower than ScyllaDB's: bursts of thousands take longer there.
+        options.send_timeout = Duration::from_secs(if on_scylla() { 60 } else { 20 });
         options
     }
 
@@ -79,7 +132,10 @@ impl TestSystem {
 /// The next message event, skipping connection events.
 pub async fn next_message(events: &mut Events) -> Message {
     loop {
-        match tokio::time::timeout(WAIT, events.next()).await.expect("no message in time") {
+        // On Cassandra a killed instance's in-flight send is taken over only
+        // after 2 x lock_timeout (12 s in the cluster tests), under load.
+        let wait = if on_scylla() { WAIT * 3 } else { WAIT };
+        match tokio::time::timeout(wait, events.next()).await.expect("no message in time") {
             Some(Event::Message(message)) => return message,
             Some(_) => continue,
             None => panic!("event stream ended"),
@@ -108,9 +164,17 @@ pub async fn assert_quiet(events: &mut Events) {
     }
 }
 
-/// Reads a message straight from the SQLite file through a separate
-/// connection: it is visible there only once committed.
-pub fn committed_body(config: &Config, conversation_id: &str, seq: u64) -> Option<String> {
+/// Reads a message straight from the store through a connection of its own
+/// (a separate SQLite connection, or a new CQL session): it is visible
+/// there only once committed.
+pub async fn committed_body(config: &Config, conversation_id: &str, seq: u64) -> Option<String> {
+    if on_scylla() {
+        use messenger_message::store::{HistoryRange, MessageStore, SeqBounds};
+        let store = messenger_message::scylla::ScyllaStore::connect(&config.message.scylla).await.unwrap();
+        let id = conversation_id.parse().unwrap();
+        let page = store.history(id, HistoryRange::After(seq - 1), SeqBounds::ALL, 1).await.unwrap();
+        return page.into_iter().find(|m| m.seq == seq).map(|m| m.body);
+    }
     use r2d2_sqlite::rusqlite::{Connection, OpenFlags, OptionalExtension};
     let connection = Connection::open_with_flags(config.database_path(), OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     connection

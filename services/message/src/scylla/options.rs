@@ -123,6 +123,11 @@ pub struct ScyllaOptions {
     /// the next present row is older than twice it.
     #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
+    /// Most bytes of messages one logged batch of sends writes (bodies plus
+    /// a fixed allowance per row). Keep it under the cluster's
+    /// `batch_size_fail_threshold`: Cassandra refuses batches past 50 KiB by
+    /// default, ScyllaDB past 1 MiB. A single larger message goes alone.
+    pub batch_max_bytes: usize,
 }
 
 impl Default for ScyllaOptions {
@@ -143,6 +148,7 @@ impl Default for ScyllaOptions {
             max_reservation: 256,
             dedupe_ttl: Duration::from_secs(7 * 24 * 3600),
             lock_timeout: Duration::from_secs(15),
+            batch_max_bytes: 40 * 1024,
         }
     }
 }
@@ -215,6 +221,19 @@ impl ScyllaOptions {
         }
         if self.lwt_max_retries == 0 {
             return Err("message.scylla.lwt_max_retries must be positive".into());
+        }
+        // A writer reserves within `lock_timeout / 2`, then writes its rows
+        // (up to three attempts of `request_timeout`) within the other half:
+        // others treat its claims and locks as abandoned only after that.
+        if self.lock_timeout < self.request_timeout * 6 {
+            return Err(format!(
+                "message.scylla.lock_timeout ({:?}) must be at least 6 x request_timeout ({:?}): a writer's \
+                 row writes (three attempts) must end within half of it",
+                self.lock_timeout, self.request_timeout
+            ));
+        }
+        if self.batch_max_bytes < 1024 {
+            return Err("message.scylla.batch_max_bytes must be at least 1024".into());
         }
         if self.max_reservation == 0 || self.max_reservation > 4096 {
             return Err("message.scylla.max_reservation must be between 1 and 4096".into());

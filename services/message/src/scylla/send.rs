@@ -31,10 +31,11 @@ use crate::{
     store::{Kind, NewMessage, SendOutcome, StoredMessage},
 };
 
-/// Most messages written in one logged batch, and their body bytes (Scylla
-/// warns about batches past 128 KiB and refuses them past 1 MiB).
+/// Most messages written in one logged batch; their bytes are bounded by
+/// `batch_max_bytes`, counting each row's body plus `ROW_BYTES` for its
+/// other columns (ids, sender, client message id) and its dedupe update.
 const BATCH_ROWS: usize = 64;
-const BATCH_BYTES: usize = 64 * 1024;
+pub(super) const ROW_BYTES: usize = 400;
 
 struct Pending {
     message: NewMessage,
@@ -375,7 +376,8 @@ fn entry(message: &NewMessage, seq: u64) -> StoredMessage {
 async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>) {
     let ttl = inner.options.dedupe_ttl_seconds();
     let s = &inner.statements;
-    let groups = chunks(entries, |(entry, _)| entry.seq, |(entry, _)| entry.body.len(), BATCH_ROWS, BATCH_BYTES);
+    let size = |(entry, _): &(StoredMessage, Send)| entry.body.len() + ROW_BYTES;
+    let groups = chunks(entries, |(entry, _)| entry.seq, size, BATCH_ROWS, inner.options.batch_max_bytes);
     let writes = groups.into_iter().map(|group| async move {
         let mut batch = BatchBuilder::new(BatchType::Logged);
         for (entry, _) in &group {

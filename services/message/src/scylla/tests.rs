@@ -1,6 +1,7 @@
 //! Checks that need no server (every statement against the schema text,
-//! options, bucket arithmetic) and the contract suite against a live node
-//! when `MESSENGER_TEST_SCYLLA` names one.
+//! options, bucket arithmetic) and the contract suite against a real CQL
+//! node: the suite's shared Cassandra node, or the ScyllaDB cluster
+//! `MESSENGER_TEST_SCYLLA` names.
 //!
 //! The CQL checks use a small parser written here: the CQL parser crates on
 //! crates.io either lack DELETE/BATCH support (`cqlparser` 0.1) or build a
@@ -639,10 +640,24 @@ fn options_are_validated() {
         ScyllaOptions { dedupe_ttl: std::time::Duration::ZERO, ..ScyllaOptions::default() },
         ScyllaOptions { dedupe_ttl: std::time::Duration::from_secs(700_000_000), ..ScyllaOptions::default() },
         ScyllaOptions { request_timeout: std::time::Duration::ZERO, ..ScyllaOptions::default() },
+        ScyllaOptions { batch_max_bytes: 1023, ..ScyllaOptions::default() },
+        // Row writes of three 3 s attempts do not fit half of 17 s.
+        ScyllaOptions {
+            request_timeout: std::time::Duration::from_secs(3),
+            lock_timeout: std::time::Duration::from_millis(17_999),
+            ..ScyllaOptions::default()
+        },
     ];
     for options in bad {
         assert!(options.validate().is_err(), "accepted {options:?}");
     }
+    let edge = ScyllaOptions {
+        request_timeout: std::time::Duration::from_secs(3),
+        lock_timeout: std::time::Duration::from_secs(18),
+        batch_max_bytes: 1024,
+        ..ScyllaOptions::default()
+    };
+    assert!(edge.validate().is_ok(), "the edges themselves are accepted");
     assert!(valid_identifier("_a1") && valid_identifier(&"a".repeat(48)) && !valid_identifier(""));
 }
 
@@ -690,22 +705,32 @@ fn reserved_ranges_split_by_bucket_rows_and_bytes() {
     assert!(chunks(Vec::<u64>::new(), |s| *s, |_| 1, 1, 1).is_empty());
 }
 
-#[tokio::test]
-async fn scylla_passes_the_contract_suite() {
-    let Ok(node) = std::env::var("MESSENGER_TEST_SCYLLA") else {
-        eprintln!("scylla contract suite not run: set MESSENGER_TEST_SCYLLA=host:port to run it");
-        return;
-    };
+/// Options for a fresh keyspace on the suite's shared node.
+pub(crate) fn test_options() -> ScyllaOptions {
+    let node = messenger_testkit::shared_cassandra();
     let keyspace = format!("messenger_test_{}", uuid::Uuid::now_v7().simple());
-    let options = ScyllaOptions {
+    ScyllaOptions {
         nodes: vec![node],
         keyspace: keyspace[..48.min(keyspace.len())].to_owned(),
         migrate_on_start: true,
         ..ScyllaOptions::default()
-    };
+    }
+}
+
+#[tokio::test]
+async fn scylla_passes_the_contract_suite() {
+    let options = tokio::task::spawn_blocking(test_options).await.unwrap();
     let store = super::ScyllaStore::connect(&options).await.unwrap();
     let cases = crate::store::contract::run_all(&store).await;
-    eprintln!("message store contract: {cases} cases passed on scylla (keyspace {})", options.keyspace);
+    eprintln!("message store contract: {cases} cases passed on {} (keyspace {})", options.nodes[0], options.keyspace);
+    drop_keyspace(&store, &options).await;
+}
+
+/// Drops a test's keyspace: hundreds left behind would fill the node's heap.
+async fn drop_keyspace(store: &super::ScyllaStore, options: &ScyllaOptions) {
+    let mut drop = ::scylla::statement::unprepared::Statement::new(format!("DROP KEYSPACE {}", options.keyspace));
+    drop.set_request_timeout(Some(std::time::Duration::from_secs(60)));
+    store.inner.session.query_unpaged(drop, &[]).await.unwrap();
 }
 
 #[test]
@@ -726,4 +751,27 @@ fn forward_reads_stop_at_gaps_that_may_still_fill() {
     assert_eq!(readable_prefix(&[row(5, 500), row(6, 500), row(8, 900)], 5, settled), 3);
     // A gap before the first row counts too.
     assert_eq!(readable_prefix(&[row(7, 2_000)], 5, settled), 0);
+}
+
+/// A burst of sends to one conversation is written in logged batches kept
+/// under Cassandra's default 50 KiB `batch_size_fail_threshold` (the node
+/// runs with the defaults): each send commits, seqs dense. Before
+/// `batch_max_bytes`, batches of 64 KiB of bodies were refused (INTERNAL).
+#[tokio::test]
+async fn a_burst_of_large_sends_stays_under_the_batch_size_threshold() {
+    let options = tokio::task::spawn_blocking(test_options).await.unwrap();
+    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let (a, b) = ("burst-a", "burst-b");
+    let conversation =
+        crate::store::MessageStore::get_or_create_direct(&store, a, b, uuid::Uuid::now_v7(), 0).await.unwrap();
+    let body = "x".repeat(2000);
+    let sends = (0..300).map(|i| {
+        let (store, body) = (&store, &body);
+        async move { crate::store::contract::send(store, conversation.id, a, &format!("m{i}"), body).await }
+    });
+    let mut seqs: Vec<u64> =
+        futures::future::join_all(sends).await.into_iter().map(|sent| sent.unwrap().message().seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+    drop_keyspace(&store, &options).await;
 }
