@@ -178,6 +178,10 @@ pub(crate) struct Inner {
     statements: Statements,
     options: ScyllaOptions,
     batcher: send::Batcher,
+    /// Tests: every change fails after its LWT, before its rows (a writer
+    /// that stopped there).
+    #[cfg(test)]
+    fail_plan_writes: std::sync::atomic::AtomicBool,
 }
 
 impl ScyllaStore {
@@ -188,7 +192,14 @@ impl ScyllaStore {
             migrate_with(&session, options).await?;
         }
         let statements = Statements::prepare(&session, &options.keyspace, options.serial_consistency.read()).await?;
-        let inner = Inner { session, statements, options: options.clone(), batcher: send::Batcher::default() };
+        let inner = Inner {
+            session,
+            statements,
+            options: options.clone(),
+            batcher: send::Batcher::default(),
+            #[cfg(test)]
+            fail_plan_writes: Default::default(),
+        };
         Ok(ScyllaStore { inner: Arc::new(inner) })
     }
 }
@@ -331,7 +342,7 @@ impl MessageStore for ScyllaStore {
     }
 
     async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>> {
-        let mut member = reads::member(&self.inner, id, user).await?;
+        let mut member = reads::current_member(&self.inner, id, user).await?;
         if let Some(member) = &mut member {
             member.delivered_seq = 0;
         }
@@ -344,7 +355,7 @@ impl MessageStore for ScyllaStore {
     }
 
     async fn members(&self, id: Uuid) -> Result<Vec<Member>> {
-        reads::members(&self.inner, id).await
+        reads::current_members(&self.inner, id).await
     }
 
     async fn send(&self, message: NewMessage) -> Result<SendOutcome> {

@@ -8,8 +8,18 @@
 //! every change reads the rows of every earlier change: rows are written at
 //! LOCAL_QUORUM before the release, and read at LOCAL_QUORUM after. Sends do
 //! not take the lock; they depend only on the roster, which the LWT guards.
+//!
+//! Changes roll forward, never stay half applied: the LWT that takes the
+//! lock also records the rows the change will write (`Pending`, in the
+//! head's `pending`), and the lock is released only once they are written.
+//! A writer that fails or stops leaves both; the next change or send that
+//! finds the lock stale writes the recorded rows (idempotent upserts) and
+//! releases it. Until then readers take the roster as the truth: a member
+//! the roster no longer lists sees nothing past the removal's seq.
 
 use std::{collections::BTreeMap, time::Duration};
+
+use serde::{Deserialize, Serialize};
 
 use ::scylla::statement::batch::BatchType;
 use tracing::warn;
@@ -157,6 +167,7 @@ pub(super) async fn create_group(
 }
 
 /// Row changes a plan makes once its entries have seqs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 enum Effect {
     /// Starts a membership at the first entry's seq.
     Join(String, Role),
@@ -192,6 +203,51 @@ impl Plan {
     fn none() -> Self {
         Plan { entries: Vec::new(), state: None, effects: Vec::new() }
     }
+}
+
+/// What a change that holds the apply lock still has to write: its entries
+/// (with seqs) and row effects, recorded in the head by the lock's LWT.
+#[derive(Serialize, Deserialize)]
+pub(super) struct Pending {
+    entries: Vec<StoredMessage>,
+    effects: Vec<Effect>,
+    now_ms: i64,
+}
+
+impl Pending {
+    pub(super) fn of(head: &Head) -> Option<Pending> {
+        let text = head.pending.as_deref()?;
+        match serde_json::from_str(text) {
+            Ok(pending) => Some(pending),
+            Err(error) => {
+                warn!(%error, conversation_id = %head.id, "unreadable pending change");
+                None
+            }
+        }
+    }
+
+    /// The seq at which this change ends `user`'s membership, if it does.
+    pub(super) fn ends(&self, user: &str) -> Option<u64> {
+        let ends = self.effects.iter().any(|effect| matches!(effect, Effect::End(ended) if ended == user));
+        ends.then(|| self.entries.first().map(|entry| entry.seq)).flatten()
+    }
+}
+
+/// Completes the change of a holder that stopped (its lock is past the
+/// takeover time): writes what it recorded, then releases its lock.
+pub(super) async fn roll_forward(inner: &Inner, head: &Head) -> Result<()> {
+    let Some((holder, _)) = head.applying else { return Ok(()) };
+    if let Some(pending) = Pending::of(head) {
+        warn!(conversation_id = %head.id, seqs = pending.entries.len(), "completing a change its writer left unfinished");
+        write_plan(inner, head.id, &pending.entries, pending.effects, pending.now_ms).await?;
+    }
+    release(inner, head.id, holder).await;
+    Ok(())
+}
+
+/// Whether the apply lock in `head` outlived its holder's budget.
+pub(super) fn stale_lock(inner: &Inner, head: &Head, now_ms: i64) -> bool {
+    head.applying.is_some_and(|(_, since)| now_ms.saturating_sub(since) >= super::send::takeover_after_ms(inner))
 }
 
 /// The actor's membership: role from the roster (exact), seqs from its row.
@@ -350,32 +406,40 @@ pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<S
     let mut wait = Duration::from_millis(5);
     for _ in 0..inner.options.lwt_max_retries {
         let head = head(inner, id, true).await?.ok_or(Error::ConversationNotFound)?;
-        let actor = actor(inner, &head, &request.actor).await?;
         let now = messenger_platform::ids::now_ms();
         if let Some((holder, since)) = head.applying
             && holder != token
-            && now.saturating_sub(since) < lock_timeout_ms
         {
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(200));
+            if now.saturating_sub(since) < lock_timeout_ms {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(200));
+            } else {
+                roll_forward(inner, &head).await?;
+            }
             continue;
         }
-        let plan = plan(inner, &head, &actor, &request).await?;
+        let actor = actor(inner, &head, &request.actor).await?;
+        let mut plan = plan(inner, &head, &actor, &request).await?;
         if plan.entries.is_empty() {
             return Ok(Vec::new());
         }
+        for (offset, entry) in plan.entries.iter_mut().enumerate() {
+            entry.seq = head.last_seq + 1 + offset as u64;
+        }
+        let pending = Pending { entries: plan.entries.clone(), effects: plan.effects.clone(), now_ms: request.now_ms };
+        let pending = serde_json::to_string(&pending).map_err(|e| Error::Storage(format!("pending change: {e}")))?;
         let last = head.last_seq + plan.entries.len() as u64;
         let activity = head.last_activity_ms.max(request.now_ms);
         let (expected, new_last) = (seq_value(head.last_seq), seq_value(last));
         let outcome = match &plan.state {
             Some((roster, title)) => {
-                let values = (new_last, activity, token, token, now, roster_value(roster), title.clone(), id, expected);
+                let (roster, title) = (roster_value(roster), title.clone());
+                let values = (new_last, activity, token, token, now, pending, roster, title, id, expected);
                 inner.lwt(&inner.statements.head_reserve_state, values).await?
             }
             None => {
-                inner
-                    .lwt(&inner.statements.head_reserve_locked, (new_last, activity, token, token, now, id, expected))
-                    .await?
+                let values = (new_last, activity, token, token, now, pending, id, expected);
+                inner.lwt(&inner.statements.head_reserve_locked, values).await?
             }
         };
         let applied = match outcome {
@@ -388,13 +452,16 @@ pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<S
         if !applied {
             continue;
         }
-        let mut entries = plan.entries;
-        for (offset, entry) in entries.iter_mut().enumerate() {
-            entry.seq = head.last_seq + 1 + offset as u64;
+        let entries = plan.entries;
+        #[cfg(test)]
+        if inner.fail_plan_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Unavailable("injected: the change's rows were not written".into()));
         }
-        let written = write_plan(inner, id, &entries, plan.effects, request.now_ms).await;
+        // On failure the lock and the recorded rows stay: the change is
+        // committed (the roster already says so) and the next writer
+        // completes it. Released only once everything is written.
+        write_plan(inner, id, &entries, plan.effects, request.now_ms).await?;
         release(inner, id, token).await;
-        written?;
         return Ok(entries);
     }
     Err(Error::Unavailable("the conversation is too busy; retry".into()))

@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::{
     Inner,
+    apply::Pending,
     rows::{FlagsRow, Head, HeadRow, InboxRow, MemberRow, MessageRow, bucket, bucket_span, seq_value, spans},
 };
 use crate::{
@@ -37,14 +38,43 @@ pub(super) const LAST_MESSAGE_SCAN: u64 = 1000;
 /// Heads read at once when listing a user's conversations.
 const PARALLEL_READS: usize = 16;
 
-pub(super) async fn head(inner: &Inner, id: Uuid, serial: bool) -> Result<Option<Head>> {
+pub(crate) async fn head(inner: &Inner, id: Uuid, serial: bool) -> Result<Option<Head>> {
     let statement = if serial { &inner.statements.head_read_serial } else { &inner.statements.head_read };
     let row: Option<HeadRow> = inner.first(statement, (id,)).await?;
     Ok(row.and_then(HeadRow::into_head))
 }
 
 /// One membership, current or ended, with its cursors.
-pub(super) async fn member(inner: &Inner, id: Uuid, user: &str) -> Result<Option<Member>> {
+/// A membership row as the head has it: a member the roster no longer lists
+/// ends at its removal's seq even while the removal's rows are still being
+/// written (they are recorded in the head's pending change).
+pub(super) fn as_of_head(mut member: Member, head: &Head) -> Member {
+    if member.removed_seq.is_none() && !head.roster.contains_key(&member.user_id) {
+        let ends = Pending::of(head).and_then(|pending| pending.ends(&member.user_id));
+        member.removed_seq = Some(ends.unwrap_or(head.last_seq));
+    }
+    member
+}
+
+/// One membership as readers must see it (`as_of_head`).
+pub(super) async fn current_member(inner: &Inner, id: Uuid, user: &str) -> Result<Option<Member>> {
+    let (row, head) = futures::future::try_join(member(inner, id, user), head(inner, id, false)).await?;
+    Ok(match head {
+        Some(head) => row.map(|member| as_of_head(member, &head)),
+        None => row,
+    })
+}
+
+/// Every membership as readers must see it (`as_of_head`).
+pub(super) async fn current_members(inner: &Inner, id: Uuid) -> Result<Vec<Member>> {
+    let (rows, head) = futures::future::try_join(members(inner, id), head(inner, id, false)).await?;
+    Ok(match head {
+        Some(head) => rows.into_iter().map(|member| as_of_head(member, &head)).collect(),
+        None => rows,
+    })
+}
+
+pub(crate) async fn member(inner: &Inner, id: Uuid, user: &str) -> Result<Option<Member>> {
     let row: Option<MemberRow> = inner.first(&inner.statements.member_read, (id, user)).await?;
     Ok(row.and_then(MemberRow::into_member))
 }
@@ -322,7 +352,12 @@ pub(super) async fn sync(
         for (membership, head) in chunk.iter().zip(chunk_heads) {
             let Some(head) = head else { continue };
             let cursor = delivered.get(&membership.conversation_id).copied().unwrap_or(0);
-            let upper = membership.removed().unwrap_or(head.last_seq).min(head.last_seq);
+            let removed = membership.removed().or_else(|| {
+                // Removed by a change whose rows are still being written.
+                (!head.roster.contains_key(user))
+                    .then(|| Pending::of(&head).and_then(|pending| pending.ends(user)).unwrap_or(head.last_seq))
+            });
+            let upper = removed.unwrap_or(head.last_seq).min(head.last_seq);
             if upper <= cursor {
                 continue;
             }

@@ -118,6 +118,7 @@ pub(super) struct HeadRow {
     roster: Option<BTreeMap<String, i32>>,
     applying: Option<Uuid>,
     applying_since_ms: Option<i64>,
+    pending: Option<String>,
 }
 
 /// A conversation's head: everything the LWT on `last_seq` guards.
@@ -135,6 +136,9 @@ pub(super) struct Head {
     pub roster: BTreeMap<String, Role>,
     /// The apply lock: holder and since when (ms).
     pub applying: Option<(Uuid, i64)>,
+    /// The rows the lock holder's change has yet to write (JSON of
+    /// `apply::Pending`), present exactly while the lock is held.
+    pub pending: Option<String>,
 }
 
 impl HeadRow {
@@ -160,6 +164,7 @@ impl HeadRow {
                 .map(|(user, role)| (user, Role::from_code(role.into())))
                 .collect(),
             applying: self.applying.map(|holder| (holder, self.applying_since_ms.unwrap_or(0))),
+            pending: self.pending,
         })
     }
 }

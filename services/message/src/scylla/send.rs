@@ -154,6 +154,12 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
         Ok(None) => return sends.into_iter().for_each(|s| s.fail(Error::ConversationNotFound)),
         Err(error) => return sends.into_iter().for_each(|s| s.fail(copy_error(&error))),
     };
+    // A change whose writer stopped is completed by whoever comes next.
+    if super::apply::stale_lock(inner, &head, messenger_platform::ids::now_ms())
+        && let Err(error) = super::apply::roll_forward(inner, &head).await
+    {
+        warn!(%error, conversation_id = %id, "cannot complete an unfinished change yet");
+    }
     // Membership first, so a non-member never leaves a claim behind.
     let mut members = Vec::with_capacity(sends.len());
     for send in sends {

@@ -75,7 +75,7 @@ macro_rules! message_columns {
 macro_rules! head_columns {
     () => {
         "conversation_id, kind, title, created_by, created_at_ms, last_activity_ms, last_seq, last_reservation, \
-         roster, applying, applying_since_ms"
+         roster, applying, applying_since_ms, pending"
     };
 }
 
@@ -139,16 +139,18 @@ statements! {
     /// Reserves seqs for sends: (new last_seq, activity, reservation, id, expected last_seq).
     head_reserve: Lwt, 5 = "UPDATE {keyspace}.conversations SET last_seq = ?, last_activity_ms = ?, \
         last_reservation = ? WHERE conversation_id = ? IF last_seq = ?";
-    /// Reserves seqs for a message modification and takes the apply lock.
-    head_reserve_locked: Lwt, 7 = "UPDATE {keyspace}.conversations SET last_seq = ?, last_activity_ms = ?, \
-        last_reservation = ?, applying = ?, applying_since_ms = ? WHERE conversation_id = ? IF last_seq = ?";
-    /// Like `head_reserve_locked`, also replacing the roster and the title.
-    head_reserve_state: Lwt, 9 = "UPDATE {keyspace}.conversations SET last_seq = ?, last_activity_ms = ?, \
-        last_reservation = ?, applying = ?, applying_since_ms = ?, roster = ?, title = ? \
+    /// Reserves seqs for a message modification, takes the apply lock and
+    /// records the rows the change will write.
+    head_reserve_locked: Lwt, 8 = "UPDATE {keyspace}.conversations SET last_seq = ?, last_activity_ms = ?, \
+        last_reservation = ?, applying = ?, applying_since_ms = ?, pending = ? \
         WHERE conversation_id = ? IF last_seq = ?";
-    /// Releases the apply lock if still held by the given token.
-    head_release: Lwt, 2 =
-        "DELETE applying, applying_since_ms FROM {keyspace}.conversations WHERE conversation_id = ? IF applying = ?";
+    /// Like `head_reserve_locked`, also replacing the roster and the title.
+    head_reserve_state: Lwt, 10 = "UPDATE {keyspace}.conversations SET last_seq = ?, last_activity_ms = ?, \
+        last_reservation = ?, applying = ?, applying_since_ms = ?, pending = ?, roster = ?, title = ? \
+        WHERE conversation_id = ? IF last_seq = ?";
+    /// Releases the apply lock (and its pending rows, written) if still held by the given token.
+    head_release: Lwt, 2 = "DELETE applying, applying_since_ms, pending FROM {keyspace}.conversations \
+        WHERE conversation_id = ? IF applying = ?";
 
     // members
     member_read: Read, 2 =

@@ -775,3 +775,70 @@ async fn a_burst_of_large_sends_stays_under_the_batch_size_threshold() {
     assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
     drop_keyspace(&store, &options).await;
 }
+
+/// A change whose writer stops after its LWT (the roster already changed)
+/// and before its rows: readers take the roster's word (a removed member
+/// sees nothing later, sends nothing), and once the lock is past its
+/// takeover time the next change writes the recorded rows and frees the lock.
+#[tokio::test]
+async fn a_change_left_half_written_is_completed_and_leaks_nothing() {
+    use crate::store::{Change, ChangeRequest, HistoryRange, Kind, MessageStore, NewGroup};
+    use std::sync::atomic::Ordering;
+    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
+    options.request_timeout = std::time::Duration::from_millis(500);
+    options.lock_timeout = std::time::Duration::from_secs(3);
+    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let now = messenger_platform::ids::now_ms();
+    let group = NewGroup {
+        id: uuid::Uuid::now_v7(),
+        creator: "owner".into(),
+        title: "team".into(),
+        members: vec!["bob".into(), "carol".into()],
+        now_ms: now,
+    };
+    let id = store.create_group(group, 10).await.unwrap().0.id;
+    let send = |user: &'static str, body: &'static str| {
+        let store = &store;
+        async move { crate::store::contract::send(store, id, user, body, body).await }
+    };
+    send("owner", "before").await.unwrap();
+    let limits = crate::store::contract::LIMITS;
+    let change = |change: Change| ChangeRequest {
+        conversation_id: id,
+        actor: "owner".into(),
+        change,
+        now_ms: messenger_platform::ids::now_ms(),
+        limits,
+    };
+
+    store.inner.fail_plan_writes.store(true, Ordering::SeqCst);
+    let removal = store.apply(change(Change::RemoveMember("carol".into()))).await;
+    assert!(removal.is_err(), "the writer stopped before its rows: {removal:?}");
+    store.inner.fail_plan_writes.store(false, Ordering::SeqCst);
+    let removed_at = 3;
+
+    send("owner", "secret").await.unwrap();
+    let carol = store.member(id, "carol").await.unwrap().unwrap();
+    assert_eq!(carol.removed_seq, Some(removed_at), "the roster decides, not the unwritten row");
+    let seen = store.history(id, HistoryRange::Before(None), carol.visible(), 50).await.unwrap();
+    assert!(seen.iter().all(|m| m.body != "secret"), "a removed member read a later message");
+    let synced = store.sync("carol", "phone", None, None, 100).await.unwrap();
+    assert!(synced.iter().all(|m| m.body != "secret" && m.seq <= removed_at), "{synced:?}");
+    assert!(matches!(send("carol", "still here?").await, Err(crate::error::Error::NoLongerMember)));
+    let active = store.members(id).await.unwrap().into_iter().filter(|m| m.is_active()).count();
+    assert_eq!(active, 2);
+
+    // Past the takeover time (2 x lock_timeout) the next change completes it.
+    tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
+    let renamed = store.apply(change(Change::Rename("team 2".into()))).await.unwrap();
+    assert_eq!(renamed.len(), 1);
+    let row = super::reads::member(&store.inner, id, "carol").await.unwrap().unwrap();
+    assert_eq!(row.removed_seq, Some(removed_at), "the removal's own rows were written");
+    let entry = store.history(id, HistoryRange::After(removed_at - 1), crate::store::SeqBounds::ALL, 1).await.unwrap();
+    assert_eq!((entry[0].seq, entry[0].kind), (removed_at, Kind::MemberRemoved));
+    let head = super::reads::head(&store.inner, id, true).await.unwrap().unwrap();
+    assert!(head.applying.is_none() && head.pending.is_none(), "the lock and its record are gone");
+    // A retried removal now finds carol gone, as on SQLite.
+    assert!(store.apply(change(Change::RemoveMember("carol".into()))).await.is_err());
+    drop_keyspace(&store, &options).await;
+}

@@ -247,7 +247,7 @@ async fn sync_returns_unacked_in_order(store: &dyn MessageStore) {
     assert!(store.sync(&a, "phone", None, None, 100).await.unwrap().iter().all(|m| m.conversation_id == with_a.id));
 }
 
-const LIMITS: Limits = Limits { max_group_size: 5, edit_window_ms: 60_000 };
+pub(crate) const LIMITS: Limits = Limits { max_group_size: 5, edit_window_ms: 60_000 };
 
 async fn group(store: &dyn MessageStore, creator: &str, members: &[&str]) -> Conversation {
     let new = NewGroup {
