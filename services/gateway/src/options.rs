@@ -40,6 +40,12 @@ pub struct Options {
     pub slow_consumer_timeout: Duration,
     /// Messages fetched per sync call.
     pub sync_page: u32,
+    /// How often a session looks again for seqs it holds live messages back
+    /// behind (a store whose concurrent writers land out of order, or a
+    /// writer that died after taking a seq): the gap fills, or is declared
+    /// lost, without waiting for the conversation's next message.
+    #[serde(with = "humantime_serde")]
+    pub gap_retry_interval: Duration,
     /// How often the sessions' delivered acks go to the message service, together.
     #[serde(with = "humantime_serde")]
     pub ack_flush_interval: Duration,
@@ -78,6 +84,7 @@ impl Default for Options {
             hello_timeout: Duration::from_secs(10),
             slow_consumer_timeout: Duration::from_secs(10),
             sync_page: 200,
+            gap_retry_interval: Duration::from_millis(500),
             ack_flush_interval: Duration::from_millis(20),
             ack_flush_max_cursors: 4096,
             sends_per_second: 20,
@@ -110,6 +117,9 @@ impl Options {
         }
         if self.hello_timeout.is_zero() || self.slow_consumer_timeout.is_zero() || self.ack_flush_interval.is_zero() {
             return Err("gateway.hello_timeout and gateway.slow_consumer_timeout must be positive".into());
+        }
+        if self.gap_retry_interval.is_zero() {
+            return Err("gateway.gap_retry_interval must be positive".into());
         }
         self.rate_limits.validate()?;
         if self.presence_renew_interval < MIN_PRESENCE_RENEW_INTERVAL {

@@ -57,6 +57,10 @@ struct Session {
     /// Per conversation, the newest live message held back behind seqs that
     /// history could not supply yet.
     deferred: HashMap<String, u64>,
+    /// Conversations whose first sync in this session stopped before the
+    /// live message that started it (a seq right after the device's cursor
+    /// not readable yet): synced again until it moves, with that message's seq.
+    unsynced: HashMap<String, u64>,
     /// Per conversation, the highest read mark this session passed on: a
     /// repeat (or an older one) moves nothing, so it costs no call, no write
     /// and no receipt.
@@ -153,6 +157,7 @@ pub(crate) async fn run(
         out,
         last_sent: HashMap::new(),
         deferred: HashMap::new(),
+        unsynced: HashMap::new(),
         read_marks: HashMap::new(),
     };
     let expires = expires_at(expiry, context.token_leeway);
@@ -230,7 +235,10 @@ impl Session {
         let shutdown = self.context.shutdown.clone();
         let max_inflight = self.context.options.max_inflight_sends;
         let mut inflight: FuturesUnordered<BoxFuture<'static, Completion>> = FuturesUnordered::new();
+        let mut gap_retry = tokio::time::interval(self.context.options.gap_retry_interval);
+        gap_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let held_back = !self.deferred.is_empty() || !self.unsynced.is_empty();
             let step = tokio::select! {
                 // Not biased: client frames, completions and live events get fair turns.
                 () = shutdown.cancelled() => {
@@ -253,6 +261,7 @@ impl Session {
                     None => return End::ClientGone,
                 },
                 () = resync.notified() => self.sync(None).await,
+                _ = gap_retry.tick(), if held_back => self.retry_held_back().await,
                 frame = inbound.message(), if inflight.len() < max_inflight => match frame {
                     Ok(Some(frame)) => self.handle(frame, &mut inflight).await,
                     Ok(None) | Err(_) => {
@@ -319,12 +328,24 @@ impl Session {
     }
 
     async fn deliver_live(&mut self, message: &pb::Message) -> Result<(), End> {
-        match self.last_sent.get(&message.conversation_id).copied() {
-            // First message of this conversation in this session: start from the cursor.
-            None => {
-                self.sync(Some(&message.conversation_id)).await?;
-                self.push(message.clone()).await
+        let id = &message.conversation_id;
+        if let Some(waiting) = self.unsynced.get_mut(id) {
+            *waiting = (*waiting).max(message.seq);
+            return Ok(());
+        }
+        if !self.last_sent.contains_key(id) {
+            // First message of this conversation in this session: start from
+            // the cursor. The message is committed, so sync returns it too
+            // unless a seq between the cursor and it is not readable yet;
+            // then it waits, never pushed past that seq.
+            self.sync(Some(id)).await?;
+            if !self.last_sent.contains_key(id) {
+                self.unsynced.insert(id.clone(), message.seq);
+                return Ok(());
             }
+        }
+        match self.last_sent.get(id).copied() {
+            None => Ok(()),
             Some(last) if message.seq <= last => Ok(()),
             Some(last) if message.seq == last + 1 => self.push(message.clone()).await,
             Some(last) => {
@@ -342,6 +363,29 @@ impl Session {
             }
         }?;
         self.catch_up_deferred(&message.conversation_id).await
+    }
+
+    /// Looks again at every conversation with live messages held back.
+    async fn retry_held_back(&mut self) -> Result<(), End> {
+        let unsynced: Vec<(String, u64)> = self.unsynced.drain().collect();
+        for (id, newest) in unsynced {
+            self.sync(Some(&id)).await?;
+            match self.last_sent.get(&id).copied() {
+                None => {
+                    self.unsynced.insert(id, newest);
+                }
+                Some(last) if last < newest => {
+                    let deferred = self.deferred.entry(id).or_insert(0);
+                    *deferred = (*deferred).max(newest);
+                }
+                Some(_) => {}
+            }
+        }
+        let deferred: Vec<String> = self.deferred.keys().cloned().collect();
+        for id in deferred {
+            self.catch_up_deferred(&id).await?;
+        }
+        Ok(())
     }
 
     /// Pushes live messages held back behind a gap, once the gap is readable.
