@@ -226,6 +226,15 @@ impl Pending {
         }
     }
 
+    /// How many of `rows` come before the first seq this change will still
+    /// write at or after `from` (`rows.len()` if none).
+    pub(super) fn first_row_after(&self, rows: &[StoredMessage], from: u64) -> usize {
+        let Some(first) = self.entries.iter().map(|entry| entry.seq).filter(|seq| *seq >= from).min() else {
+            return rows.len();
+        };
+        rows.iter().position(|row| row.seq > first).unwrap_or(rows.len())
+    }
+
     /// The seq at which this change ends `user`'s membership, if it does.
     pub(super) fn ends(&self, user: &str) -> Option<u64> {
         let ends = self.effects.iter().any(|effect| matches!(effect, Effect::End(ended) if ended == user));
@@ -425,6 +434,8 @@ pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<S
         }
         for (offset, entry) in plan.entries.iter_mut().enumerate() {
             entry.seq = head.last_seq + 1 + offset as u64;
+            // As for sends: stamped at the reservation, not the request.
+            entry.sent_at_ms = now;
         }
         let pending = Pending { entries: plan.entries.clone(), effects: plan.effects.clone(), now_ms: request.now_ms };
         let pending = serde_json::to_string(&pending).map_err(|e| Error::Storage(format!("pending change: {e}")))?;

@@ -120,7 +120,12 @@ pub struct ScyllaOptions {
     /// Another instance takes over a send claim without seq, or a
     /// conversation's apply lock, only after twice it (its holder is then
     /// surely gone), and forward reads treat a missing seq as lost only when
-    /// the next present row is older than twice it.
+    /// the next present row is older than twice it. Rows are stamped at their
+    /// reservation on the writer's clock and judged on the reader's, so the
+    /// instances' clocks must agree within `lock_timeout` (NTP keeps them
+    /// within milliseconds): a reader ahead by more could skip a seq whose
+    /// writer is still within its budget. Changes recorded in the head are
+    /// never skipped, however old.
     #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
     /// Most bytes of messages one logged batch of sends writes (bodies plus

@@ -87,7 +87,7 @@ pub(super) async fn members(inner: &Inner, id: Uuid) -> Result<Vec<Member>> {
 }
 
 /// The entry at `seq`, with the seqs of its edits.
-pub(super) async fn message_at(inner: &Inner, id: Uuid, seq: u64) -> Result<Option<(StoredMessage, Vec<u64>)>> {
+pub(crate) async fn message_at(inner: &Inner, id: Uuid, seq: u64) -> Result<Option<(StoredMessage, Vec<u64>)>> {
     let row: Option<MessageRow> =
         inner.first(&inner.statements.message_read, (id, bucket(seq), seq_value(seq))).await?;
     Ok(row.and_then(MessageRow::into_message))
@@ -117,7 +117,15 @@ async fn range(
         let before = found.len();
         found.extend(rows.into_iter().filter_map(|row| row.into_message().map(|(message, _)| message)));
         if !descending {
-            let readable = readable_prefix(&found[before..], expected, settled);
+            let mut readable = readable_prefix(&found[before..], expected, settled);
+            // A gap old enough to count as lost may belong to a change whose
+            // writer stopped: recorded in the head, it will be written.
+            if let Some(gap) = first_gap(&found[before..before + readable], expected)
+                && let Some(head) = head(inner, id, false).await?
+                && let Some(pending) = Pending::of(&head)
+            {
+                readable = readable.min(pending.first_row_after(&found[before..], gap));
+            }
             if readable < found.len() - before {
                 found.truncate(before + readable);
                 break;
@@ -135,6 +143,17 @@ async fn range(
 /// How many of `rows` (ascending, the first expected at `expected`) can be
 /// handed out: up to the first gap that may still fill, i.e. whose next
 /// present row was sent after `settled`.
+/// The first missing seq among `rows` (ascending, the first expected at `expected`).
+fn first_gap(rows: &[StoredMessage], mut expected: u64) -> Option<u64> {
+    for row in rows {
+        if row.seq > expected {
+            return Some(expected);
+        }
+        expected = row.seq + 1;
+    }
+    None
+}
+
 pub(super) fn readable_prefix(rows: &[StoredMessage], mut expected: u64, settled: i64) -> usize {
     for (index, row) in rows.iter().enumerate() {
         if row.seq > expected && row.sent_at_ms > settled {

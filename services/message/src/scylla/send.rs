@@ -195,10 +195,18 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
         Ok(reserved) => reserved,
         Err((sends, error)) => return give_up(inner, sends, error).await,
     };
+    // Stamped now, after the reservation, on this instance's clock: readers
+    // judge a missing seq lost by the age of the next row, and a stamp from
+    // before queueing could be older than the reservation by any queue wait.
+    let reserved_at = messenger_platform::ids::now_ms();
     let entries: Vec<(StoredMessage, Send)> = checked
         .into_iter()
         .enumerate()
-        .map(|(offset, send)| (entry(&send.message, first_seq + offset as u64), send))
+        .map(|(offset, send)| {
+            let mut entry = entry(&send.message, first_seq + offset as u64);
+            entry.sent_at_ms = reserved_at;
+            (entry, send)
+        })
         .collect();
     write_and_answer(inner, entries).await;
 }

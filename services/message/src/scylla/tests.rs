@@ -842,3 +842,72 @@ async fn a_change_left_half_written_is_completed_and_leaks_nothing() {
     assert!(store.apply(change(Change::RemoveMember("carol".into()))).await.is_err());
     drop_keyspace(&store, &options).await;
 }
+
+/// Readers judge a missing seq lost by the age of the next row, so rows are
+/// stamped when their seqs are reserved, not when the send was received: a
+/// send that waited in a queue must not look old enough to skip a gap that
+/// a slower writer is still filling.
+#[tokio::test]
+async fn rows_are_stamped_at_their_reservation_not_at_receipt() {
+    use crate::store::{MessageStore, NewMessage, SendOutcome};
+    let options = tokio::task::spawn_blocking(test_options).await.unwrap();
+    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let id = store.get_or_create_direct("stamp-a", "stamp-b", uuid::Uuid::now_v7(), 0).await.unwrap().id;
+    let before = messenger_platform::ids::now_ms();
+    let queued_long_ago = NewMessage {
+        conversation_id: id,
+        message_id: uuid::Uuid::now_v7(),
+        sender: "stamp-a".into(),
+        client_msg_id: "1".into(),
+        body: "late".into(),
+        reply_to_seq: 0,
+        sent_at_ms: before - 60_000,
+    };
+    let SendOutcome::Created(stored) = store.send(queued_long_ago).await.unwrap() else { panic!("not created") };
+    assert!(stored.sent_at_ms >= before, "stamped {} before the reservation at {before}", stored.sent_at_ms);
+    let row = super::reads::message_at(&store.inner, id, stored.seq).await.unwrap().unwrap().0;
+    assert_eq!(row.sent_at_ms, stored.sent_at_ms);
+    drop_keyspace(&store, &options).await;
+}
+
+/// A seq whose change is recorded in the head but not yet written (its
+/// writer stopped) is never skipped as lost, however old the rows after it:
+/// sync stops before it until the change is completed, then delivers both.
+#[tokio::test]
+async fn a_recorded_change_is_never_skipped_as_lost() {
+    use crate::store::{Change, ChangeRequest, MessageStore, NewGroup};
+    use std::sync::atomic::Ordering;
+    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
+    options.request_timeout = std::time::Duration::from_millis(500);
+    options.lock_timeout = std::time::Duration::from_secs(3);
+    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let group = NewGroup {
+        id: uuid::Uuid::now_v7(),
+        creator: "owner".into(),
+        title: "team".into(),
+        members: vec!["bob".into()],
+        now_ms: messenger_platform::ids::now_ms(),
+    };
+    let id = store.create_group(group, 10).await.unwrap().0.id;
+    store.ack_delivered("bob", "phone", vec![(id, 1)]).await.unwrap();
+    let rename = ChangeRequest {
+        conversation_id: id,
+        actor: "owner".into(),
+        change: Change::Rename("renamed".into()),
+        now_ms: messenger_platform::ids::now_ms(),
+        limits: crate::store::contract::LIMITS,
+    };
+    store.inner.fail_plan_writes.store(true, Ordering::SeqCst);
+    assert!(store.apply(rename).await.is_err());
+    store.inner.fail_plan_writes.store(false, Ordering::SeqCst);
+    crate::store::contract::send(&store, id, "owner", "after", "after the rename").await.unwrap();
+    // Older than 2 x lock_timeout: a gap with no record would count as lost.
+    tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
+    let synced = store.sync("bob", "phone", None, None, 10).await.unwrap();
+    assert!(synced.is_empty(), "sync passed the unwritten rename: {synced:?}");
+    // The next send completes the rename; then sync has everything, in order.
+    crate::store::contract::send(&store, id, "owner", "next", "next").await.unwrap();
+    let synced: Vec<u64> = store.sync("bob", "phone", None, None, 10).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(synced, vec![2, 3, 4]);
+    drop_keyspace(&store, &options).await;
+}
