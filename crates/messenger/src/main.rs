@@ -104,8 +104,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Config => print!("{}", messenger_platform::config::render(&config)?),
         Command::Migrate => {
             telemetry::init(&config.log);
-            system::migrate(&config).await?;
-            println!("message store schema is up to date ({:?})", config.message.store);
+            println!("{}", system::migrate(&config).await?);
         }
         Command::Bench(options) => {
             messenger::bench::run(options, &config.auth.clone().or_development()).await?;

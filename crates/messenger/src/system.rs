@@ -274,14 +274,17 @@ async fn open_store(
     })
 }
 
-/// Creates or upgrades the configured message store's schema (`messenger migrate`).
-pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    match config.message.store {
+/// Creates or upgrades the configured message store's schema (`messenger
+/// migrate`); returns what it did, for the operator.
+pub async fn migrate(config: &Config) -> anyhow::Result<String> {
+    Ok(match config.message.store {
         // Opening a SQLite database runs its migrations.
-        StoreBackend::Sqlite => drop(SqliteStore::open(&config.database_path(), &config.message.sqlite)?),
-        StoreBackend::Scylla => messenger_message::scylla::migrate(&config.message.scylla).await?,
-    }
-    Ok(())
+        StoreBackend::Sqlite => {
+            drop(SqliteStore::open(&config.database_path(), &config.message.sqlite)?);
+            format!("sqlite {}: schema up to date", config.database_path().display())
+        }
+        StoreBackend::Scylla => messenger_message::scylla::migrate(&config.message.scylla).await?.to_string(),
+    })
 }
 
 /// Every role: what `messenger up` runs.

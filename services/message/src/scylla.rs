@@ -72,6 +72,7 @@
 //! <cursor>`, so the largest value wins without a read-modify-write.
 
 mod apply;
+pub(crate) mod migrate;
 mod options;
 mod reads;
 mod rows;
@@ -103,6 +104,7 @@ use crate::{
 use rows::{Lwt, execution_error, other, pager_error, session_error};
 use statements::{Arity, Prepared, Statements};
 
+pub use migrate::MigrationReport;
 #[cfg(test)]
 use options::valid_identifier;
 pub use options::{ConsistencyLevel, Replication, ScyllaOptions, SerialLevel};
@@ -146,26 +148,12 @@ async fn open_session(options: &ScyllaOptions) -> Result<Session> {
     builder.build().await.map_err(session_error)
 }
 
-/// Creates the keyspace and tables if missing (idempotent) and waits until
-/// every node agrees on the schema. For `messenger migrate`.
-pub async fn migrate(options: &ScyllaOptions) -> Result<()> {
+/// Brings the keyspace to the newest schema version (creating it if
+/// missing), safe to run from several processes at once; says what it did.
+/// For `messenger migrate` (and `migrate_on_start`).
+pub async fn migrate(options: &ScyllaOptions) -> Result<MigrationReport> {
     let session = open_session(options).await?;
-    migrate_with(&session, options).await
-}
-
-/// Schema changes flush and replicate; they can take far longer than a
-/// request (`request_timeout`) on a busy cluster.
-const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn migrate_with(session: &Session, options: &ScyllaOptions) -> Result<()> {
-    for text in schema_statements(options) {
-        let mut statement = ::scylla::statement::unprepared::Statement::new(text);
-        statement.set_request_timeout(Some(SCHEMA_TIMEOUT));
-        session.query_unpaged(statement, ()).await.map_err(execution_error)?;
-    }
-    session.await_schema_agreement().await.map_err(|e| other("schema agreement", e))?;
-    info!(keyspace = %options.keyspace, "scylla schema migrated");
-    Ok(())
+    migrate::run(&session, options).await
 }
 
 /// The Scylla store. Cheap to share: everything lives behind one `Arc`.
@@ -189,7 +177,8 @@ impl ScyllaStore {
     pub async fn connect(options: &ScyllaOptions) -> Result<ScyllaStore> {
         let session = open_session(options).await?;
         if options.migrate_on_start {
-            migrate_with(&session, options).await?;
+            let report = migrate::run(&session, options).await?;
+            info!(%report, "scylla schema");
         }
         let statements = Statements::prepare(&session, &options.keyspace, options.serial_consistency.read()).await?;
         let inner = Inner {

@@ -911,3 +911,27 @@ async fn a_recorded_change_is_never_skipped_as_lost() {
     assert_eq!(synced, vec![2, 3, 4]);
     drop_keyspace(&store, &options).await;
 }
+
+/// `messenger migrate` from several pods at once: one applies the schema,
+/// the others wait for it and say so; a later run has nothing to do.
+#[tokio::test]
+async fn concurrent_migrations_apply_the_schema_once_and_report_it() {
+    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
+    options.migrate_on_start = false;
+    let runs = (0..3).map(|_| super::migrate(&options));
+    let reports: Vec<super::MigrationReport> =
+        futures::future::join_all(runs).await.into_iter().map(|report| report.unwrap()).collect();
+    let target = super::migrate::versions(&options).len() as u32;
+    assert!(reports.iter().all(|report| report.to == target), "{reports:?}");
+    let applying: Vec<&super::MigrationReport> = reports.iter().filter(|report| !report.applied.is_empty()).collect();
+    assert_eq!(applying.len(), 1, "exactly one migrator applies: {reports:?}");
+    assert_eq!(applying[0].from, 0);
+    assert!(applying[0].to_string().contains("applied: CREATE TABLE IF NOT EXISTS"), "{}", applying[0]);
+    let again = super::migrate(&options).await.unwrap();
+    assert_eq!((again.from, again.to, again.applied.len()), (target, target, 0));
+    assert!(again.to_string().contains("nothing to do"), "{again}");
+    // The store works on the migrated keyspace.
+    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    crate::store::MessageStore::get_or_create_direct(&store, "m-a", "m-b", uuid::Uuid::now_v7(), 0).await.unwrap();
+    drop_keyspace(&store, &options).await;
+}
