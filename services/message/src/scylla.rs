@@ -1,7 +1,7 @@
 //! The production `MessageStore` on ScyllaDB (the `scylla` driver).
 //!
-//! Layout: `options.rs` ([`ScyllaOptions`]), `schema.cql` (the tables,
-//! applied by [`migrate`]), `statements.rs` (every CQL statement, prepared
+//! Layout: `options.rs` ([`ScyllaOptions`]), `schema.cql` (the tables),
+//! `migrate.rs` (versioned schema changes under an LWT lock, [`migrate`]), `statements.rs` (every CQL statement, prepared
 //! once at connect), `rows.rs` (row mapping, buckets, error mapping), `send.rs` (the per-conversation send batcher),
 //! `apply.rs` (conversation creation and changes), `reads.rs` (history,
 //! inbox, sync, members, cursors).
@@ -45,7 +45,17 @@
 //!   passes a seq that may still arrive, and a lost one delays what follows
 //!   by at most that long. The sender of a lost seq got no ack and retries,
 //!   which gives the message a new seq; clients see a seq number missing but
-//!   nothing out of order or duplicated.
+//!   nothing out of order or duplicated. Rows are stamped at their
+//!   reservation, and instances' clocks must agree within `lock_timeout`.
+//!   Seqs of group changes and modifications never become such holes: their
+//!   rows are recorded in the head with the reservation and written by the
+//!   next writer if theirs stopped (`apply.rs`), and readers never skip them.
+//! - A logged batch of sends that timed out on the client may still land
+//!   later (Cassandra's batchlog replays it). If its claim was taken over by
+//!   then (after 2 x `lock_timeout`), the message has two seqs. Closing this
+//!   needs the reserved seq recorded with the claim before the rows, so the
+//!   taker fills that seq instead of a new one; but readers may already have
+//!   skipped an old gap as lost, so both rules must change together.
 //! - An LWT whose outcome is unknown (timeout) is resolved by re-reading the
 //!   head at SERIAL: `last_reservation` names the LWT that last moved it. If
 //!   another reservation already followed, the outcome cannot be told and the
