@@ -21,6 +21,15 @@ use messenger_platform::auth::AuthOptions;
 
 pub use report::Report;
 
+/// Which message store the server it starts uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Store {
+    Sqlite,
+    /// A CQL cluster (`--scylla`): ScyllaDB, or Cassandra.
+    Scylla,
+}
+
 /// Which scenarios to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,6 +58,14 @@ pub struct BenchOptions {
     /// Put the server's cache in this Redis (`redis://host:port`) instead of in process.
     #[arg(long)]
     pub redis_cache: Option<String>,
+    /// Message stores to measure, each scenario on each in turn (side by
+    /// side in one run: the machine's noise hits both alike).
+    #[arg(long, value_delimiter = ',', default_values = ["sqlite"])]
+    pub stores: Vec<Store>,
+    /// The CQL node (`host:port`) for `--stores scylla`; each server started
+    /// migrates a fresh keyspace `bench_<id>` there.
+    #[arg(long)]
+    pub scylla: Option<String>,
     /// Idle: connected clients.
     #[arg(long, default_value_t = 10_000)]
     pub idle_clients: usize,
@@ -98,34 +115,62 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
         Ok(_) => {}
         Err(error) => eprintln!("bench: cannot raise the open-file limit: {error}"),
     }
-    let mut server = server::Server::start(&options).await?;
-    eprintln!("bench: server at {} (pid {:?})", server.endpoint, server.pid);
-    let mut report = Report::new(&options, &server);
+    // A --target server is what it is: one store, shared by every scenario.
+    let stores = if options.target.is_some() { vec![options.stores[0]] } else { options.stores.clone() };
+    if stores.contains(&Store::Scylla) && options.scylla.is_none() && options.target.is_none() {
+        anyhow::bail!("--stores scylla needs --scylla host:port (a ScyllaDB or Cassandra node)");
+    }
+    let mut reports: Vec<Report> = Vec::new();
+    let mut shared: Option<server::Server> = None;
     for (index, scenario) in options.scenarios.iter().enumerate() {
-        // A server started here is started afresh for each scenario, so none
-        // pays for another's leftovers (after 10,000 idle connections close,
-        // the allocator keeps their memory and `direct` measured 9-14% more
-        // server CPU). A --target server is shared; only quiet is awaited.
-        if index > 0 && options.target.is_none() {
-            server.stop().await;
-            server = server::Server::start(&options).await?;
-        }
-        server.settle().await;
-        eprintln!("bench: {scenario:?} ...");
-        match scenario {
-            Scenario::Idle => report.idle = Some(scenarios::idle(&options, &server, auth).await?),
-            Scenario::Direct => report.direct = Some(scenarios::direct(&options, &server, auth).await?),
-            Scenario::Group => report.group = scenarios::group(&options, &server, auth).await?,
-            Scenario::History => report.history = Some(scenarios::history(&options, &server, auth).await?),
-            Scenario::Reconnect => report.reconnect = Some(scenarios::reconnect(&options, &server, auth).await?),
+        for (slot, store) in stores.iter().enumerate() {
+            // A server started here is started afresh for each scenario and
+            // store, so none pays for another's leftovers (after 10,000 idle
+            // connections close, the allocator keeps their memory and
+            // `direct` measured 9-14% more server CPU). A --target server
+            // is shared; only quiet is awaited.
+            let server = match shared.take() {
+                Some(server) => server,
+                None => server::Server::start(&options, *store).await?,
+            };
+            if index == 0 {
+                eprintln!("bench: {store:?} server at {} (pid {:?})", server.endpoint, server.pid);
+                reports.push(Report::new(&options, &server, *store));
+            }
+            let report = &mut reports[slot];
+            server.settle().await;
+            eprintln!("bench: {scenario:?} on {store:?} ...");
+            match scenario {
+                Scenario::Idle => report.idle = Some(scenarios::idle(&options, &server, auth).await?),
+                Scenario::Direct => report.direct = Some(scenarios::direct(&options, &server, auth).await?),
+                Scenario::Group => report.group = scenarios::group(&options, &server, auth).await?,
+                Scenario::History => report.history = Some(scenarios::history(&options, &server, auth).await?),
+                Scenario::Reconnect => report.reconnect = Some(scenarios::reconnect(&options, &server, auth).await?),
+            }
+            if options.target.is_some() {
+                shared = Some(server);
+            } else {
+                server.stop().await;
+            }
         }
     }
-    server.stop().await;
-    print!("{}", report.table());
-    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(server) = shared {
+        server.stop().await;
+    }
+    for report in &reports {
+        print!("{}", report.table());
+    }
+    if reports.len() > 1 {
+        print!("{}", report::side_by_side(&reports));
+    }
+    let json = if reports.len() == 1 {
+        serde_json::to_string_pretty(&reports[0])?
+    } else {
+        serde_json::to_string_pretty(&reports)?
+    };
     println!("{json}");
     if let Some(path) = &options.json {
         std::fs::write(path, &json)?;
     }
-    Ok(report)
+    Ok(reports.into_iter().next().expect("at least one store"))
 }

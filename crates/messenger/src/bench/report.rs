@@ -3,11 +3,12 @@
 
 use serde::Serialize;
 
-use super::{BenchOptions, Scenario, server::Server};
+use super::{BenchOptions, Scenario, Store, server::Server};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub scenarios: Vec<Scenario>,
+    pub store: Store,
     pub machine: Machine,
     pub synchronous: String,
     /// Where the server's cache lives: "memory" or the Redis URL.
@@ -99,13 +100,14 @@ pub struct Reconnect {
 }
 
 impl Report {
-    pub fn new(options: &BenchOptions, server: &Server) -> Self {
+    pub fn new(options: &BenchOptions, server: &Server, store: Store) -> Self {
         let memory_gib = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|info| info.lines().next()?.split_whitespace().nth(1)?.parse::<f64>().ok())
             .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
         Report {
             scenarios: options.scenarios.clone(),
+            store,
             machine: Machine {
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 memory_gib: (memory_gib * 10.0).round() / 10.0,
@@ -126,8 +128,8 @@ impl Report {
         let mut out = String::new();
         let machine = &self.machine;
         out += &format!(
-            "\nmessenger bench — {} cores, {} GiB, server and clients on this machine, sqlite synchronous={}, cache {}\n",
-            machine.cores, machine.memory_gib, self.synchronous, self.cache
+            "\nmessenger bench — {:?} store, {} cores, {} GiB, server and clients on this machine, sqlite synchronous={}, cache {}\n",
+            self.store, machine.cores, machine.memory_gib, self.synchronous, self.cache
         );
         if let Some(idle) = &self.idle {
             out += &format!(
@@ -198,4 +200,40 @@ impl Report {
         }
         out
     }
+}
+
+/// Key figures of each store in one table, with each store's ratio to the first.
+pub fn side_by_side(reports: &[Report]) -> String {
+    type Figure = (&'static str, fn(&Report) -> Option<f64>);
+    let figures: [Figure; 7] = [
+        ("direct saturation, delivered/s", |r| r.direct.as_ref().map(|d| d.saturation_per_sec)),
+        ("direct p50 ms at half saturation", |r| r.direct.as_ref()?.half_saturation.as_ref().map(|h| h.p50_ms)),
+        ("group deliveries/s (first size)", |r| r.group.first().map(|g| g.deliveries_per_sec)),
+        ("history hit p50 ms", |r| r.history.as_ref().map(|h| h.hit_p50_ms)),
+        ("history miss p50 ms", |r| r.history.as_ref().map(|h| h.miss_p50_ms)),
+        ("history miss p99 ms", |r| r.history.as_ref().map(|h| h.miss_p99_ms)),
+        ("reconnect catch-up s", |r| r.reconnect.as_ref().map(|c| c.seconds_to_caught_up)),
+    ];
+    let mut out = String::from("\nside by side (ratio to the first store)\n");
+    out += &format!("  {:<36}", "");
+    for report in reports {
+        out += &format!("  {:>18}", format!("{:?}", report.store));
+    }
+    out += "\n";
+    for (name, figure) in figures {
+        let values: Vec<Option<f64>> = reports.iter().map(figure).collect();
+        if values.iter().all(Option::is_none) {
+            continue;
+        }
+        out += &format!("  {name:<36}");
+        for value in &values {
+            out += &match (value, values[0]) {
+                (Some(value), Some(first)) if first > 0.0 => format!("  {value:>10.2} ({:>4.2}x)", value / first),
+                (Some(value), _) => format!("  {value:>18.2}"),
+                (None, _) => format!("  {:>18}", "-"),
+            };
+        }
+        out += "\n";
+    }
+    out
 }

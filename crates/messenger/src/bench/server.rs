@@ -27,7 +27,7 @@ pub struct Sample {
 }
 
 impl Server {
-    pub async fn start(options: &BenchOptions) -> anyhow::Result<Server> {
+    pub async fn start(options: &BenchOptions, store: super::Store) -> anyhow::Result<Server> {
         let clock_ticks = clock_ticks();
         if let Some(target) = &options.target {
             return Ok(Server {
@@ -44,6 +44,31 @@ impl Server {
         if let Some(url) = &options.redis_cache {
             command.env("MESSENGER_MESSAGE__CACHE__BACKEND", "redis").env("MESSENGER_MESSAGE__CACHE__REDIS__URL", url);
         }
+        if store == super::Store::Scylla {
+            let node = options.scylla.as_deref().context("--stores scylla needs --scylla host:port")?;
+            let keyspace = format!("bench_{}", messenger_platform::ids::new_id().simple());
+            command
+                .env("MESSENGER_MESSAGE__STORE", "scylla")
+                .env("MESSENGER_MESSAGE__SCYLLA__NODES", format!("[\"{node}\"]"))
+                .env("MESSENGER_MESSAGE__SCYLLA__KEYSPACE", keyspace)
+                .env("MESSENGER_MESSAGE__SCYLLA__MIGRATE_ON_START", "true");
+        }
+        // Every client connects from this one address, and one user reads
+        // history thousands of times: no per-user or per-address limit applies.
+        for limit in [
+            "READS",
+            "MODIFICATIONS",
+            "GROUP_CHANGES",
+            "DIRECT_CONVERSATIONS",
+            "BLOCKS",
+            "QUERIES",
+            "CONNECTS_PER_USER",
+            "CONNECTS_PER_ADDRESS",
+        ] {
+            for field in ["PER_SECOND", "BURST"] {
+                command.env(format!("MESSENGER_GATEWAY__RATE_LIMITS__{limit}__{field}"), "10000000");
+            }
+        }
         let mut child = command
             .arg("up")
             .arg("--data-dir")
@@ -56,6 +81,7 @@ impl Server {
             .env("MESSENGER_GATEWAY__SENDS_PER_SECOND", "10000000")
             .env("MESSENGER_GATEWAY__SEND_BURST", "10000000")
             .env("MESSENGER_GATEWAY__MAX_SESSIONS", "1000000")
+            .env("MESSENGER_GATEWAY__RATE_LIMITS__MAX_PRE_HELLO_STREAMS_PER_ADDRESS", "1000000")
             .env("MESSENGER_MESSAGE__SQLITE__SYNCHRONOUS", &options.synchronous)
             .env("MESSENGER_LOG__FILTER", "warn")
             .stdout(Stdio::piped())
