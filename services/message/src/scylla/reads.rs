@@ -44,15 +44,19 @@ pub(crate) async fn head(inner: &Inner, id: Uuid, serial: bool) -> Result<Option
     Ok(row.and_then(HeadRow::into_head))
 }
 
-/// One membership, current or ended, with its cursors.
-/// A membership row as the head has it: a member the roster no longer lists
-/// ends at its removal's seq even while the removal's rows are still being
-/// written (they are recorded in the head's pending change).
-pub(super) fn as_of_head(mut member: Member, head: &Head) -> Member {
-    if member.removed_seq.is_none() && !head.roster.contains_key(&member.user_id) {
-        let ends = Pending::of(head).and_then(|pending| pending.ends(&member.user_id));
-        member.removed_seq = Some(ends.unwrap_or(head.last_seq));
-    }
+/// Where `user`'s membership ends as the head has it: a member the roster
+/// no longer lists ends at its removal's seq even while the removal's rows
+/// (recorded in the head's pending change) are still being written.
+fn removed_as_of_head(removed: Option<u64>, user: &str, head: &Head) -> Option<u64> {
+    removed.or_else(|| {
+        (!head.roster.contains_key(user))
+            .then(|| Pending::of(head).and_then(|pending| pending.ends(user)).unwrap_or(head.last_seq))
+    })
+}
+
+/// A membership row as the head has it (`removed_as_of_head`).
+fn as_of_head(mut member: Member, head: &Head) -> Member {
+    member.removed_seq = removed_as_of_head(member.removed_seq, &member.user_id, head);
     member
 }
 
@@ -74,6 +78,7 @@ pub(super) async fn current_members(inner: &Inner, id: Uuid) -> Result<Vec<Membe
     })
 }
 
+/// One membership row, current or ended, with its cursors.
 pub(crate) async fn member(inner: &Inner, id: Uuid, user: &str) -> Result<Option<Member>> {
     let row: Option<MemberRow> = inner.first(&inner.statements.member_read, (id, user)).await?;
     Ok(row.and_then(MemberRow::into_member))
@@ -371,11 +376,7 @@ pub(super) async fn sync(
         for (membership, head) in chunk.iter().zip(chunk_heads) {
             let Some(head) = head else { continue };
             let cursor = delivered.get(&membership.conversation_id).copied().unwrap_or(0);
-            let removed = membership.removed().or_else(|| {
-                // Removed by a change whose rows are still being written.
-                (!head.roster.contains_key(user))
-                    .then(|| Pending::of(&head).and_then(|pending| pending.ends(user)).unwrap_or(head.last_seq))
-            });
+            let removed = removed_as_of_head(membership.removed(), user, &head);
             let upper = removed.unwrap_or(head.last_seq).min(head.last_seq);
             if upper <= cursor {
                 continue;
