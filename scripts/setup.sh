@@ -2,6 +2,8 @@
 # Installs what building and testing need on a fresh Debian machine:
 # protoc (tonic code generation), redis-server and etcd-server (the tests
 # start real ones), curl (an independent gRPC-over-TLS client in the tests),
+# openssl (verifies CloudFront signatures independently), nginx with its njs
+# module (the CDN edge the media tests fetch through),
 # JDK 17 and Maven with Apache Cassandra 5.0's jars (the CQL node the Scylla
 # store's tests run against), and the cargo tools the checks use:
 # cargo-nextest, cargo-deny (licenses, bans, sources) and cargo-fuzz
@@ -14,7 +16,7 @@ as_root() {
     fi
 }
 
-debian_packages=(protobuf-compiler redis-server etcd-server curl openjdk-17-jre-headless maven)
+debian_packages=(protobuf-compiler redis-server etcd-server curl openssl nginx libnginx-mod-http-js openjdk-17-jre-headless maven)
 missing=()
 for package in "${debian_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

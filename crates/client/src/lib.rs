@@ -12,6 +12,8 @@
 //! - `options.rs`: [`Options`], every knob with its default.
 //! - `connection.rs`: the background task that owns the stream.
 //! - `error.rs`: [`Error`].
+//! - `media.rs`: [`Client::send_file`], uploads (resumable, in parts above a
+//!   threshold) and downloads through the URLs the server signs.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), messenger_client::Error> {
@@ -32,6 +34,7 @@
 
 mod connection;
 mod error;
+mod media;
 mod model;
 mod options;
 
@@ -49,6 +52,8 @@ use tonic::{
 };
 
 pub use error::Error;
+pub use media::{File, Progress};
+pub use messenger_proto::v1::Attachment;
 pub use messenger_proto::v1::{
     BlockedUser, Conversation, GetReceiptsResponse, HistoryResponse, ListConversationsResponse, Message, MessageKind,
     PresenceUpdate, Receipt, Role, SendAck, Typing,
@@ -58,6 +63,9 @@ pub use options::{Options, TlsOptions, TokenProvider};
 
 /// Something that happened on the connection.
 #[derive(Debug, Clone)]
+// Messages are nearly every event: boxing them would cost an allocation each
+// to shrink the rare others.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
     /// The stream is (again) open; backlog sync follows.
     Connected { session_id: String },
@@ -265,6 +273,7 @@ impl Client {
             client_msg_id: client_msg_id.to_owned(),
             body: body.to_owned(),
             reply_to_seq: 0,
+            media_ids: Vec::new(),
         })
         .await
     }
@@ -276,6 +285,7 @@ impl Client {
             client_msg_id: uuid::Uuid::now_v7().to_string(),
             body: body.to_owned(),
             reply_to_seq,
+            media_ids: Vec::new(),
         })
         .await
     }

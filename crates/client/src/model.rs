@@ -25,6 +25,8 @@ pub struct MessageState {
     pub reactions: BTreeMap<String, String>,
     /// Sent by this user (from this device or another of its devices).
     pub own: bool,
+    /// Photos, videos and files it carries (fetch with `Client::download`); empty once deleted.
+    pub attachments: Vec<pb::Attachment>,
 }
 
 /// A conversation as this device knows it.
@@ -103,6 +105,7 @@ impl Model {
                         deleted: entry.deleted,
                         reactions: BTreeMap::new(),
                         own: entry.sender_id == me,
+                        attachments: entry.attachments.clone(),
                     },
                 );
                 // Sending implies having read up to it.
@@ -122,6 +125,7 @@ impl Model {
                     target.body.clear();
                     target.deleted = true;
                     target.reactions.clear();
+                    target.attachments.clear();
                 }
             }
             MessageKind::Reaction => {

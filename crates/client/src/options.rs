@@ -81,6 +81,15 @@ pub struct Options {
     /// Source address for the connection (None: the system picks). Load tools
     /// use several loopback addresses to get past one address's ephemeral ports.
     pub local_address: Option<std::net::IpAddr>,
+    /// Files above this size are uploaded in parts (keep it equal to the
+    /// server's `media.multipart_threshold_bytes`).
+    pub multipart_threshold_bytes: u64,
+    /// Size of each part (at least 5 MiB, at most the server's `media.max_part_bytes`).
+    pub multipart_part_bytes: u64,
+    /// Attempts per upload or download request to storage before giving up.
+    pub transfer_attempts: u32,
+    /// Deadline of one request to storage (one PUT, one part, one GET).
+    pub transfer_timeout: Duration,
 }
 
 impl Options {
@@ -103,6 +112,10 @@ impl Options {
             max_response_bytes: 16 * 1024 * 1024,
             max_frame_bytes: 256 * 1024,
             local_address: None,
+            multipart_threshold_bytes: 16 * 1024 * 1024,
+            multipart_part_bytes: 8 * 1024 * 1024,
+            transfer_attempts: 4,
+            transfer_timeout: Duration::from_secs(300),
         }
     }
 
@@ -115,6 +128,9 @@ impl Options {
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return Err(Error::InvalidArgument("need 0 < reconnect_min <= reconnect_max".into()));
+        }
+        if self.multipart_part_bytes < 5 * 1024 * 1024 || self.transfer_attempts == 0 {
+            return Err(Error::InvalidArgument("need multipart_part_bytes >= 5 MiB and transfer_attempts > 0".into()));
         }
         Ok(())
     }

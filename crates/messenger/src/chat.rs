@@ -18,6 +18,8 @@ const HELP: &str = "commands:
   /add USER... | /remove USER | /leave | /rename TITLE | /admin USER
   /reply SEQ TEXT | /edit SEQ TEXT | /delete SEQ | /react SEQ EMOJI | /unreact SEQ
   /who SEQ                 who has received and read message SEQ
+  /file PATH [CAPTION]     send a photo, video or file (its type from its bytes)
+  /save SEQ [DIR]          save the attachments of message SEQ (default: this folder)
   /typing                  tell the others you are typing
   /block USER | /unblock USER | /blocked   your block list (blocked users cannot
                            message you nor see when you are online)
@@ -65,6 +67,74 @@ fn print_message(state: &State, message: &Message) {
         }
     };
     println!("[{label} #{}] {who}: {text}", message.seq);
+    for attachment in &message.attachments {
+        let size = attachment.size as f64 / 1024.0;
+        let dimensions =
+            if attachment.width > 0 { format!(", {}x{}", attachment.width, attachment.height) } else { String::new() };
+        println!(
+            "    [file] {} ({}, {size:.0} KiB{dimensions}): /save {}",
+            attachment.file_name, attachment.mime_type, message.seq
+        );
+    }
+}
+
+/// The MIME type of a file to send: from its bytes, else from its extension.
+fn mime_of(path: &std::path::Path, bytes: &[u8]) -> String {
+    if let Some(kind) = infer::get(bytes) {
+        return kind.mime_type().to_owned();
+    }
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+    match extension.as_str() {
+        "txt" => "text/plain",
+        _ => "application/octet-stream",
+    }
+    .to_owned()
+}
+
+/// A one-line progress bar on stderr.
+fn progress_bar(progress: messenger_client::Progress) {
+    let fraction = progress.sent_bytes as f64 / progress.total_bytes.max(1) as f64;
+    let filled = (fraction * 30.0) as usize;
+    eprint!(
+        "\r[{}{}] {:>3.0}% of {} KiB",
+        "#".repeat(filled),
+        ".".repeat(30 - filled.min(30)),
+        fraction * 100.0,
+        progress.total_bytes / 1024
+    );
+    if progress.sent_bytes >= progress.total_bytes {
+        eprintln!();
+    }
+}
+
+async fn send_file(state: &State, id: &str, path: &str, caption: &str) -> anyhow::Result<()> {
+    let path = std::path::Path::new(path);
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file").to_owned();
+    let file = messenger_client::File::new(mime_of(path, &bytes), name, bytes);
+    let ack = state.client.send_file(id, caption, file, progress_bar).await?;
+    println!("(sent #{})", ack.seq);
+    Ok(())
+}
+
+async fn save(state: &State, id: &str, seq: u64, dir: &str) -> anyhow::Result<()> {
+    let page = state.client.history(id, seq + 1, 1).await?;
+    let Some(message) = page.messages.into_iter().find(|m| m.seq == seq) else {
+        println!("no message #{seq} here");
+        return Ok(());
+    };
+    if message.attachments.is_empty() {
+        println!("message #{seq} carries no file");
+    }
+    for attachment in &message.attachments {
+        let bytes = state.client.download(id, seq, &attachment.media_id, false).await?;
+        // The name is the sender's: keep only its last component.
+        let name = std::path::Path::new(&attachment.file_name).file_name().map_or("file".into(), |n| n.to_owned());
+        let target = std::path::Path::new(dir).join(name);
+        std::fs::write(&target, &bytes).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", target.display()))?;
+        println!("saved {} ({} bytes)", target.display(), bytes.len());
+    }
+    Ok(())
 }
 
 fn edited(message: &Message) -> &'static str {
@@ -233,6 +303,20 @@ async fn handle_line(state: &mut State, line: &str) -> anyhow::Result<bool> {
                     println!("  received by: {}", receipts.delivered_to.join(", "));
                     println!("  read by: {}", receipts.read_by.join(", "));
                 }
+            }
+        }
+        Some(command @ ("/file" | "/save")) => {
+            let Some((id, _)) = state.current.clone() else {
+                println!("no conversation selected");
+                return Ok(true);
+            };
+            match (command, words.next()) {
+                ("/file", Some(path)) => send_file(state, &id, path, &words.collect::<Vec<_>>().join(" ")).await?,
+                ("/save", Some(seq)) => match seq.parse() {
+                    Ok(seq) => save(state, &id, seq, words.next().unwrap_or(".")).await?,
+                    Err(_) => println!("usage: /save SEQ [DIR]"),
+                },
+                _ => println!("usage: /file PATH [CAPTION] | /save SEQ [DIR]"),
             }
         }
         Some("/history") => {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where embedded backends keep their files (`messages.db`).
+    /// Where embedded backends keep their files (`messages.db`, `media.db`, `objects/`).
     pub data_dir: PathBuf,
     pub log: LogOptions,
     pub auth: AuthOptions,
@@ -24,6 +24,7 @@ pub struct Config {
     pub gateway: messenger_gateway::Options,
     pub message: messenger_message::Options,
     pub presence: messenger_presence::Options,
+    pub media: messenger_media::Options,
 }
 
 impl Default for Config {
@@ -38,6 +39,7 @@ impl Default for Config {
             gateway: messenger_gateway::Options::default(),
             message: messenger_message::Options::default(),
             presence: messenger_presence::Options::default(),
+            media: messenger_media::Options::default(),
         }
     }
 }
@@ -50,6 +52,7 @@ impl Validate for Config {
         self.gateway.validate()?;
         self.message.validate()?;
         self.presence.validate()?;
+        self.media.validate()?;
         self.gateway.validate_renewal(self.presence.session_ttl)?;
         // Key files must parse; whether any key is configured is checked
         // where a gateway starts (`messenger up` runs in development mode).
@@ -74,6 +77,9 @@ impl Config {
         config.gateway.internal_listen = "127.0.0.1:0".into();
         config.message.listen = "127.0.0.1:0".into();
         config.presence.listen = "127.0.0.1:0".into();
+        config.media.listen = "127.0.0.1:0".into();
+        config.media.s3.embedded = true;
+        config.media.s3.embedded_listen = "127.0.0.1:0".into();
         config
     }
 }

@@ -116,6 +116,10 @@ async fn main() -> anyhow::Result<()> {
             telemetry::init(&config.log);
             let mut config = config;
             config.auth = config.auth.or_development();
+            // No object storage configured: the one in this process.
+            if config.media.s3.endpoint.is_empty() {
+                config.media.s3.embedded = true;
+            }
             let data_dir = config.data_dir.clone();
             let running = system::start(config, &system::ALL_ROLES).await?;
             let endpoint = running.endpoint();

@@ -26,6 +26,9 @@ pub struct Addresses {
     pub gateway_internal: Option<SocketAddr>,
     pub message: Option<SocketAddr>,
     pub presence: Option<SocketAddr>,
+    pub media: Option<SocketAddr>,
+    /// The embedded object store's endpoint, when this process runs one.
+    pub objects: Option<String>,
     /// Whether the gateway's public port speaks TLS.
     pub public_tls: bool,
 }
@@ -36,6 +39,8 @@ pub struct Running {
     /// Holds the process's shutdown token: a failed task cancels it too.
     supervisor: Supervisor,
     tasks: JoinSet<Result<(), server::Error>>,
+    /// Serves until dropped.
+    _objects: Option<messenger_media::embedded::EmbeddedS3>,
 }
 
 impl Running {
@@ -88,6 +93,7 @@ struct Listeners {
     gateway: Option<(TcpListener, TcpListener)>,
     message: Option<TcpListener>,
     presence: Option<TcpListener>,
+    media: Option<TcpListener>,
 }
 
 async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners> {
@@ -98,7 +104,8 @@ async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners
     };
     let message = if roles.contains(&Role::Message) { Some(bind(&config.message.listen).await?) } else { None };
     let presence = if roles.contains(&Role::Presence) { Some(bind(&config.presence.listen).await?) } else { None };
-    Ok(Listeners { gateway, message, presence })
+    let media = if roles.contains(&Role::Media) { Some(bind(&config.media.listen).await?) } else { None };
+    Ok(Listeners { gateway, message, presence, media })
 }
 
 /// Starts `roles` in this process. Roles started here are reached at their
@@ -115,6 +122,11 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         let address = local_addr(listener);
         addresses.presence = Some(address);
         config.discovery.presence = vec![address.to_string()];
+    }
+    if let Some(listener) = &listeners.media {
+        let address = local_addr(listener);
+        addresses.media = Some(address);
+        config.discovery.media = vec![address.to_string()];
     }
     if let Some((public, internal)) = &listeners.gateway {
         addresses.gateway = Some(local_addr(public));
@@ -135,6 +147,9 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             }
             if let Some(address) = addresses.message {
                 registrations.push((Role::Message, advertised(address)?));
+            }
+            if let Some(address) = addresses.media {
+                registrations.push((Role::Media, advertised(address)?));
             }
             if let Some(address) = addresses.gateway_internal {
                 let address = advertised(address)?;
@@ -166,6 +181,21 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         let (options, server_options, token) = (config.message.clone(), config.server.clone(), shutdown.clone());
         tasks.spawn(messenger_message::serve(options, server_options, deps, listener, token));
     }
+    let mut objects = None;
+    if let Some(listener) = listeners.media {
+        let (endpoint, embedded) = media_objects(&mut config).await?;
+        addresses.objects = embedded.as_ref().map(|embedded| embedded.endpoint());
+        objects = embedded;
+        let store = messenger_media::open_store(&config.media, &config.data_dir)?;
+        let client = messenger_media::Objects::connect(&config.media.s3, &endpoint).await?;
+        let service =
+            messenger_media::service(config.media.clone(), store, client, discovery.clone(), &config.discovery)?;
+        let (server_options, tls, token) = (config.server.clone(), security.cluster.clone(), shutdown.clone());
+        let supervisor = supervisor.clone();
+        tasks.spawn(
+            async move { messenger_media::serve(service, server_options, listener, tls, &supervisor, token).await },
+        );
+    }
     if let Some((public, internal)) = listeners.gateway {
         let deps = messenger_gateway::Deps {
             verifier: security.verifier.clone().expect("opened for the gateway role"),
@@ -187,7 +217,32 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             Ok(())
         });
     }
-    Ok(Running { addresses, supervisor, tasks })
+    Ok(Running { addresses, supervisor, tasks, _objects: objects })
+}
+
+/// The object store's endpoint: the configured one, or an S3-compatible
+/// server started here (`media.s3.embedded`, what `messenger up` uses), with
+/// data under `<data_dir>/objects` and keys made for this run.
+async fn media_objects(config: &mut Config) -> anyhow::Result<(String, Option<messenger_media::embedded::EmbeddedS3>)> {
+    let s3 = &mut config.media.s3;
+    if !s3.embedded {
+        return Ok((s3.endpoint.clone(), None));
+    }
+    if s3.access_key_id.is_empty() {
+        s3.access_key_id = format!("embedded-{}", messenger_platform::ids::new_id().simple());
+        s3.secret_access_key = messenger_platform::ids::new_id().simple().to_string();
+    }
+    s3.create_bucket = true;
+    let options = messenger_media::embedded::EmbeddedOptions {
+        root: config.data_dir.join("objects"),
+        listen: s3.embedded_listen.clone(),
+        access_key_id: s3.access_key_id.clone(),
+        secret_access_key: s3.secret_access_key.clone(),
+        origin_secret: (!s3.embedded_origin_secret.is_empty()).then(|| s3.embedded_origin_secret.clone()),
+        max_body_bytes: config.media.multipart_threshold_bytes.max(config.media.max_part_bytes),
+    };
+    let embedded = messenger_media::embedded::EmbeddedS3::start(options).await?;
+    Ok((embedded.endpoint(), Some(embedded)))
 }
 
 /// Keys and certificates of this process, loaded before anything serves
@@ -213,7 +268,7 @@ impl Security {
         let tls = &config.tls;
         let cluster = ServerTls::cluster(tls)?;
         let client = ClientTls::cluster(tls)?;
-        let internal = [addresses.message, addresses.presence, addresses.gateway_internal];
+        let internal = [addresses.message, addresses.presence, addresses.media, addresses.gateway_internal];
         if cluster.is_none()
             && !tls.insecure_cluster_plaintext
             && let Some(exposed) = internal.into_iter().flatten().find(|address| !address.ip().is_loopback())
@@ -288,4 +343,4 @@ pub async fn migrate(config: &Config) -> anyhow::Result<String> {
 }
 
 /// Every role: what `messenger up` runs.
-pub const ALL_ROLES: [Role; 3] = Role::ALL;
+pub const ALL_ROLES: [Role; 4] = Role::ALL;

@@ -33,17 +33,19 @@ pub enum Role {
     Gateway,
     Message,
     Presence,
+    Media,
 }
 
 impl Role {
     /// Every role, in start-up order (what others call first).
-    pub const ALL: [Role; 3] = [Role::Presence, Role::Message, Role::Gateway];
+    pub const ALL: [Role; 4] = [Role::Presence, Role::Message, Role::Media, Role::Gateway];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Gateway => "gateway",
             Role::Message => "message",
             Role::Presence => "presence",
+            Role::Media => "media",
         }
     }
 }
@@ -61,7 +63,8 @@ impl std::str::FromStr for Role {
             "gateway" => Ok(Role::Gateway),
             "message" => Ok(Role::Message),
             "presence" => Ok(Role::Presence),
-            other => Err(format!("unknown service {other:?} (expected gateway, message or presence)")),
+            "media" => Ok(Role::Media),
+            other => Err(format!("unknown service {other:?} (expected gateway, message, presence or media)")),
         }
     }
 }
@@ -85,6 +88,7 @@ pub struct DiscoveryOptions {
     /// Static addresses of the internal APIs, as `host:port` (backend = "static").
     pub message: Vec<String>,
     pub presence: Vec<String>,
+    pub media: Vec<String>,
     pub etcd: EtcdOptions,
     /// The host other instances reach this one at, registered in etcd with each
     /// bound port. Default: the IP the service listens on (which must then not
@@ -112,6 +116,7 @@ impl Default for DiscoveryOptions {
             backend: DiscoveryBackend::Static,
             message: vec!["127.0.0.1:7710".into()],
             presence: vec!["127.0.0.1:7720".into()],
+            media: vec!["127.0.0.1:7730".into()],
             etcd: EtcdOptions::default(),
             advertise_host: None,
             connect_timeout: Duration::from_secs(2),
@@ -203,6 +208,7 @@ impl Discovery for StaticDiscovery {
         match role {
             Role::Message => self.options.message.clone(),
             Role::Presence => self.options.presence.clone(),
+            Role::Media => self.options.media.clone(),
             // Gateways are reached one by one, at the address each registers with presence.
             Role::Gateway => Vec::new(),
         }

@@ -1,12 +1,16 @@
-//! Real dependency servers for tests (redis-server, etcd, Cassandra),
+//! Real dependency servers for tests (redis-server, etcd, Cassandra), and
+//! the test files media tests upload (`media.rs`),
 //! started from what `scripts/setup.sh` installs, each on its own loopback port and directory,
 //! and controllable the way outages happen: stopped, restarted, paused.
 
 #![forbid(unsafe_code)]
 
 pub mod cassandra;
+pub mod media;
+pub mod nginx;
 
 pub use cassandra::{CassandraNode, shared_node as shared_cassandra};
+pub use nginx::CdnEdge;
 
 use std::{
     net::{TcpListener, TcpStream},

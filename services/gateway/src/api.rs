@@ -202,10 +202,56 @@ impl GatewayService for Adapter {
         let request = pb::MessageListBlockedUsersRequest { user_id };
         Ok(Response::new(self.context.message.clone().list_blocked_users(request).await?.into_inner()))
     }
+
+    async fn create_upload(
+        &self,
+        request: Request<pb::CreateUploadRequest>,
+    ) -> Result<Response<pb::CreateUploadResponse>, Status> {
+        let user_id = self.media_caller(&request)?;
+        let upload = Some(request.into_inner());
+        let request = pb::MediaCreateUploadRequest { user_id, upload };
+        Ok(Response::new(self.context.media.clone().create_upload(request).await?.into_inner()))
+    }
+
+    async fn get_upload(
+        &self,
+        request: Request<pb::GetUploadRequest>,
+    ) -> Result<Response<pb::CreateUploadResponse>, Status> {
+        let user_id = self.media_caller(&request)?;
+        let request = pb::MediaGetUploadRequest { user_id, media_id: request.into_inner().media_id };
+        Ok(Response::new(self.context.media.clone().get_upload(request).await?.into_inner()))
+    }
+
+    async fn complete_upload(
+        &self,
+        request: Request<pb::CompleteUploadRequest>,
+    ) -> Result<Response<pb::CompleteUploadResponse>, Status> {
+        let user_id = self.media_caller(&request)?;
+        let request = pb::MediaCompleteUploadRequest { user_id, media_id: request.into_inner().media_id };
+        Ok(Response::new(self.context.media.clone().complete_upload(request).await?.into_inner()))
+    }
+
+    async fn get_media_url(
+        &self,
+        request: Request<pb::GetMediaUrlRequest>,
+    ) -> Result<Response<pb::GetMediaUrlResponse>, Status> {
+        let user_id = self.media_caller(&request)?;
+        let request = pb::MediaGetMediaUrlRequest { user_id, request: Some(request.into_inner()) };
+        Ok(Response::new(self.context.media.clone().get_media_url(request).await?.into_inner()))
+    }
 }
 
 /// A message-service request routed by its conversation, so one instance
 /// usually serves a conversation (its caches stay warm); any instance is correct.
+impl Adapter {
+    /// The caller, within the media calls' rate limit.
+    fn media_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let user = caller(request)?.0.clone();
+        self.context.limits.media.check(&user)?;
+        Ok(user)
+    }
+}
+
 pub(crate) fn routed<T>(conversation_id: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
     messenger_platform::discovery::route(&mut request, conversation_id);

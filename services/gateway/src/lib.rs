@@ -46,6 +46,7 @@ use messenger_platform::{
 use messenger_proto::v1::{
     gateway_internal_service_server::{self, GatewayInternalServiceServer},
     gateway_service_server::{self, GatewayServiceServer},
+    media_service_client::MediaServiceClient,
     message_service_client::MessageServiceClient,
     presence_service_client::PresenceServiceClient,
 };
@@ -54,6 +55,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use options::{Options, Rate, RateLimits};
+
+/// Deadline of calls to the media service: completing an upload reads and
+/// re-encodes a whole image, or assembles a multipart upload.
+const MEDIA_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What every session and handler of one gateway instance shares.
 pub(crate) struct Context {
@@ -65,6 +70,7 @@ pub(crate) struct Context {
     /// Sends, over one stream per message-service instance.
     sends: sends::Sends,
     presence: PresenceServiceClient<RoleChannel>,
+    media: MediaServiceClient<RoleChannel>,
     /// Connect streams accepted and not yet finished (bounded by `max_sessions`).
     open_streams: std::sync::atomic::AtomicUsize,
     /// Delivered acks of all sessions, flushed together.
@@ -126,6 +132,14 @@ pub async fn serve(
             deps.supervisor.clone(),
         ),
         presence: PresenceServiceClient::new(channel(Role::Presence)),
+        media: MediaServiceClient::new(discovery::channel(
+            deps.discovery.clone(),
+            Role::Media,
+            &DiscoveryOptions {
+                request_timeout: deps.discovery_options.request_timeout.max(MEDIA_CALL_TIMEOUT),
+                ..deps.discovery_options.clone()
+            },
+        )),
         acks: Arc::default(),
         open_streams: std::sync::atomic::AtomicUsize::new(0),
         token_leeway: deps.verifier.options().leeway,

@@ -55,6 +55,9 @@ pub struct RateLimits {
     /// `History`, `ListConversations`, `GetConversation`, `GetReceipts`,
     /// `ListBlockedUsers` together.
     pub queries: Rate,
+    /// `CreateUpload`, `GetUpload`, `CompleteUpload` and `GetMediaUrl` together
+    /// (the media service adds its own per-user ticket rate and quota).
+    pub media: Rate,
     /// `Connect` attempts per user.
     pub connects_per_user: Rate,
     /// `Connect` attempts per client IP address (generous: many users share a NAT).
@@ -72,6 +75,7 @@ impl Default for RateLimits {
             direct_conversations: Rate::new(2, 20),
             blocks: Rate::new(1, 20),
             queries: Rate::new(50, 100),
+            media: Rate::new(20, 100),
             connects_per_user: Rate::new(2, 10),
             connects_per_address: Rate::new(50, 200),
             max_pre_hello_streams_per_address: 64,
@@ -88,6 +92,7 @@ impl RateLimits {
             ("direct_conversations", self.direct_conversations),
             ("blocks", self.blocks),
             ("queries", self.queries),
+            ("media", self.media),
             ("connects_per_user", self.connects_per_user),
             ("connects_per_address", self.connects_per_address),
         ];
@@ -160,6 +165,7 @@ pub(crate) struct Limits {
     pub direct_conversations: Limit,
     pub blocks: Limit,
     pub queries: Limit,
+    pub media: Limit,
     pub connects_per_user: Limit,
     pub connects_per_address: Limit,
     pub pre_hello: PreHello,
@@ -180,6 +186,7 @@ impl Limits {
             direct_conversations: Limit::new("direct conversations", options.direct_conversations),
             blocks: Limit::new("block list changes", options.blocks),
             queries: Limit::new("queries", options.queries),
+            media: Limit::new("media calls", options.media),
             connects_per_user: Limit::new("connects per user", options.connects_per_user),
             connects_per_address: Limit::new("connects per address", options.connects_per_address),
             pre_hello: PreHello::new(options.max_pre_hello_streams_per_address),
@@ -196,6 +203,7 @@ impl Limits {
             &self.direct_conversations,
             &self.blocks,
             &self.queries,
+            &self.media,
             &self.connects_per_user,
             &self.connects_per_address,
         ] {

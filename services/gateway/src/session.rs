@@ -447,6 +447,7 @@ impl Session {
                     client_msg_id: send.client_msg_id.clone(),
                     body: send.body,
                     reply_to_seq: send.reply_to_seq,
+                    media_ids: send.media_ids,
                 };
                 inflight.push(
                     async move {

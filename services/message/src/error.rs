@@ -28,6 +28,9 @@ pub enum Error {
     Storage(String),
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// The media service refused a send's media (not found, not complete): its answer, passed on.
+    #[error("{}", .0.message())]
+    Media(Status),
 }
 
 impl From<Error> for Status {
@@ -51,6 +54,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Status::failed_precondition(message),
             Error::Storage(_) => Status::internal(message),
             Error::Unavailable(_) => Status::unavailable(message),
+            Error::Media(status) => status,
         }
     }
 }

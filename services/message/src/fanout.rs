@@ -159,6 +159,32 @@ pub(crate) fn role_code(role: Role) -> i32 {
     role_to_proto(role) as i32
 }
 
+pub(crate) fn attachment_to_proto(attachment: &crate::store::Attachment) -> pb::Attachment {
+    pb::Attachment {
+        media_id: attachment.media_id.clone(),
+        mime_type: attachment.mime_type.clone(),
+        size: attachment.size,
+        file_name: attachment.file_name.clone(),
+        width: attachment.width,
+        height: attachment.height,
+        blurhash: attachment.blurhash.clone(),
+        has_thumbnail: attachment.has_thumbnail,
+    }
+}
+
+pub(crate) fn attachment_from_proto(attachment: pb::Attachment) -> crate::store::Attachment {
+    crate::store::Attachment {
+        media_id: attachment.media_id,
+        mime_type: attachment.mime_type,
+        size: attachment.size,
+        file_name: attachment.file_name,
+        width: attachment.width,
+        height: attachment.height,
+        blurhash: attachment.blurhash,
+        has_thumbnail: attachment.has_thumbnail,
+    }
+}
+
 pub(crate) fn to_proto(message: &StoredMessage) -> pb::Message {
     pb::Message {
         conversation_id: message.conversation_id.to_string(),
@@ -177,6 +203,7 @@ pub(crate) fn to_proto(message: &StoredMessage) -> pb::Message {
         role: message.role.map_or(0, role_code),
         edited_at_ms: message.edited_at_ms,
         deleted: message.deleted,
+        attachments: message.attachments.iter().map(attachment_to_proto).collect(),
     }
 }
 

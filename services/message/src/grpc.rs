@@ -35,6 +35,7 @@ async fn sent(service: &Service, request: pb::SendRequest) -> Result<pb::SendRes
             client_msg_id: &request.client_msg_id,
             body: request.body,
             reply_to_seq: request.reply_to_seq,
+            media_ids: request.media_ids,
         })
         .await?;
     Ok(pb::SendResponse {
@@ -378,5 +379,14 @@ impl MessageService for Adapter {
             .map(|entry| pb::BlockedUser { user_id: entry.user_id, blocked_at_ms: entry.blocked_at_ms })
             .collect();
         Ok(Response::new(pb::ListBlockedUsersResponse { users }))
+    }
+
+    async fn check_access(
+        &self,
+        request: Request<pb::CheckAccessRequest>,
+    ) -> Result<Response<pb::CheckAccessResponse>, Status> {
+        let request = request.into_inner();
+        self.service.check_access(&request.user_id, &request.conversation_id, request.seq, &request.media_id).await?;
+        Ok(Response::new(pb::CheckAccessResponse {}))
     }
 }

@@ -62,7 +62,11 @@ pub struct Deps {
 
 /// Who may call the message service: gateways, on behalf of their users.
 fn callers() -> authorize::Rules {
-    vec![("/messenger.v1.MessageService/", &[Role::Gateway])]
+    vec![
+        ("/messenger.v1.MessageService/", &[Role::Gateway]),
+        // The media service asks who may upload to and fetch from a conversation.
+        ("/messenger.v1.MessageService/CheckAccess", &[Role::Media]),
+    ]
 }
 
 /// Serves the message service on `listener` until `shutdown` is cancelled.
@@ -83,7 +87,8 @@ pub async fn serve(
         &deps.supervisor,
     );
     let send_stream_max_inflight = options.send_stream_max_inflight;
-    let service = Arc::new(Service::new(options, deps.store, fanout));
+    let media = discovery::channel(deps.discovery.clone(), Role::Media, &deps.discovery_options);
+    let service = Arc::new(Service::new(options, deps.store, fanout, media));
     let adapter = grpc::Adapter { service, send_stream_max_inflight, shutdown: shutdown.clone() };
     let api = MessageServiceServer::new(adapter).max_decoding_message_size(server_options.internal_max_message_bytes);
     let port = Port::internal(listener, deps.tls, callers());

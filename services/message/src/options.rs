@@ -58,6 +58,8 @@ pub struct Options {
     /// Longest block list one user may have; blocking one more answers
     /// FAILED_PRECONDITION naming the limit (unblock someone first).
     pub max_blocked_users: usize,
+    /// Most media one message may carry.
+    pub max_attachments: usize,
     /// Sends one `SendStream` (one gateway) may have in progress; the stream
     /// is read no further until some finish (HTTP/2 flow control holds the rest).
     pub send_stream_max_inflight: usize,
@@ -114,6 +116,7 @@ impl Default for Options {
             presence_updates_max_members: 32,
             presence_updates_max_conversations: 200,
             max_blocked_users: 1000,
+            max_attachments: 10,
             send_stream_max_inflight: 1024,
             store: StoreBackend::Sqlite,
             sqlite: SqliteOptions::default(),
@@ -144,6 +147,7 @@ impl Options {
             ("message.fanout.max_batch", self.fanout.max_batch),
             ("message.presence_updates_max_conversations", self.presence_updates_max_conversations),
             ("message.max_blocked_users", self.max_blocked_users),
+            ("message.max_attachments", self.max_attachments),
             ("message.send_stream_max_inflight", self.send_stream_max_inflight),
         ];
         for (key, value) in positive {

@@ -4,17 +4,17 @@
 
 use std::sync::Arc;
 
-use messenger_platform::ids;
-use messenger_proto::v1 as pb;
+use messenger_platform::{discovery::RoleChannel, ids};
+use messenger_proto::v1::{self as pb, media_service_client::MediaServiceClient};
 use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    fanout::{Fanout, Outgoing},
+    fanout::{Fanout, Outgoing, attachment_from_proto},
     options::Options,
     store::{
-        BlockedUser, Change, ChangeRequest, Conversation, ConversationKind, DeviceCursors, HistoryRange, InboxCursor,
-        Limits, Member, MessageStore, NewGroup, NewMessage, SendOutcome, StoredMessage, SyncCursor,
+        Attachment, BlockedUser, Change, ChangeRequest, Conversation, ConversationKind, DeviceCursors, HistoryRange,
+        InboxCursor, Limits, Member, MessageStore, NewGroup, NewMessage, SendOutcome, StoredMessage, SyncCursor,
     },
 };
 
@@ -25,6 +25,7 @@ pub struct Service {
     options: Options,
     store: Arc<dyn MessageStore>,
     fanout: Fanout,
+    media: MediaServiceClient<RoleChannel>,
     /// Conversation id -> its two members if it is a direct conversation,
     /// None for a group. Both facts never change, so entries never go stale.
     directs: moka::sync::Cache<Uuid, Option<Arc<[String; 2]>>>,
@@ -45,6 +46,8 @@ pub struct SendInput<'a> {
     pub client_msg_id: &'a str,
     pub body: String,
     pub reply_to_seq: u64,
+    /// Completed uploads to attach (the media service checks each).
+    pub media_ids: Vec<String>,
 }
 
 /// One device's acks as received: (user, device, [(conversation id, seq)]).
@@ -78,8 +81,90 @@ fn clamp(requested: u32, default: u32, max: u32) -> usize {
 }
 
 impl Service {
-    pub fn new(options: Options, store: Arc<dyn MessageStore>, fanout: Fanout) -> Self {
-        Self { options, store, fanout, directs: moka::sync::Cache::new(DIRECTS_CACHED) }
+    pub fn new(options: Options, store: Arc<dyn MessageStore>, fanout: Fanout, media: RoleChannel) -> Self {
+        let media = MediaServiceClient::new(media);
+        Self { options, store, fanout, media, directs: moka::sync::Cache::new(DIRECTS_CACHED) }
+    }
+
+    /// The attachments for a send's media ids, as the media service vouches for them.
+    async fn attachments(
+        &self,
+        sender: &str,
+        conversation_id: &str,
+        media_ids: Vec<String>,
+    ) -> Result<Vec<Attachment>> {
+        if media_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        if media_ids.len() > self.options.max_attachments {
+            return Err(Error::InvalidArgument(format!(
+                "{} attachments; a message carries at most {}",
+                media_ids.len(),
+                self.options.max_attachments
+            )));
+        }
+        let mut unique = media_ids.clone();
+        unique.sort();
+        unique.dedup();
+        if unique.len() != media_ids.len() {
+            return Err(Error::InvalidArgument("a media id is attached twice".into()));
+        }
+        let request = pb::DescribeMediaRequest {
+            sender_id: sender.to_owned(),
+            conversation_id: conversation_id.to_owned(),
+            media_ids,
+        };
+        let described = self.media.clone().describe_media(request).await.map_err(|status| match status.code() {
+            tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
+                Error::Media(status)
+            }
+            _ => Error::Unavailable(format!("media service: {status}")),
+        })?;
+        Ok(described.into_inner().attachments.into_iter().map(attachment_from_proto).collect())
+    }
+
+    /// For the media service: may `user` (an active member) see the
+    /// conversation, or the message at `seq` carrying `media_id`?
+    pub async fn check_access(&self, user: &str, conversation_id: &str, seq: u64, media_id: &str) -> Result<()> {
+        check_id("user_id", user)?;
+        let conversation_id = parse_conversation(conversation_id)?;
+        let member = self.store.member(conversation_id, user).await?.ok_or(Error::ConversationNotFound)?;
+        if !member.is_active() {
+            return Err(Error::ConversationNotFound);
+        }
+        if seq == 0 {
+            return Ok(());
+        }
+        let visible = member.visible();
+        if !visible.contains(seq) {
+            return Err(Error::MessageNotFound(seq));
+        }
+        let page = self.store.history(conversation_id, HistoryRange::Before(Some(seq + 1)), visible, 1).await?;
+        match page.first() {
+            Some(message)
+                if message.seq == seq
+                    && !message.deleted
+                    && message.attachments.iter().any(|attachment| attachment.media_id == media_id) =>
+            {
+                Ok(())
+            }
+            _ => Err(Error::MessageNotFound(seq)),
+        }
+    }
+
+    /// The media of the message at `seq` as `user` sees it (none when it cannot).
+    async fn media_of(&self, user: &str, conversation_id: Uuid, seq: u64) -> Vec<String> {
+        let Ok(Some(member)) = self.store.member(conversation_id, user).await else { return Vec::new() };
+        let visible = member.visible();
+        match self.store.history(conversation_id, HistoryRange::Before(Some(seq + 1)), visible, 1).await {
+            Ok(page) => page
+                .into_iter()
+                .filter(|message| message.seq == seq)
+                .flat_map(|message| message.attachments)
+                .map(|attachment| attachment.media_id)
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Refuses a write by `user` in a direct conversation where a block
@@ -154,8 +239,11 @@ impl Service {
         check_id("sender_id", input.sender)?;
         check_id("client_msg_id", input.client_msg_id)?;
         let conversation_id = parse_conversation(input.conversation_id)?;
-        self.check_body(&input.body)?;
+        if input.media_ids.is_empty() || !input.body.is_empty() {
+            self.check_body(&input.body)?;
+        }
         self.check_not_blocked(conversation_id, input.sender).await?;
+        let attachments = self.attachments(input.sender, input.conversation_id, input.media_ids).await?;
         let message = NewMessage {
             conversation_id,
             message_id: ids::new_id(),
@@ -164,6 +252,7 @@ impl Service {
             body: input.body,
             reply_to_seq: input.reply_to_seq,
             sent_at_ms: ids::now_ms(),
+            attachments,
         };
         let (store, fanout) = (self.store.clone(), self.fanout.clone());
         detached(async move {
@@ -294,8 +383,25 @@ impl Service {
             }
             _ => return Err(Error::InvalidArgument("not a message change".into())),
         }
-        self.check_not_blocked(parse_conversation(conversation_id)?, user).await?;
-        Ok(self.apply(user, conversation_id, change).await?.into_iter().next())
+        let id = parse_conversation(conversation_id)?;
+        self.check_not_blocked(id, user).await?;
+        let deleted_media = match &change {
+            Change::Delete { target_seq } => self.media_of(user, id, *target_seq).await,
+            _ => Vec::new(),
+        };
+        let entry = self.apply(user, conversation_id, change).await?.into_iter().next();
+        if entry.is_some() && !deleted_media.is_empty() {
+            // After the commit: the message is gone for everyone, so are its objects.
+            let request =
+                pb::DeleteMediaRequest { conversation_id: conversation_id.to_owned(), media_ids: deleted_media };
+            let mut media = self.media.clone();
+            tokio::spawn(async move {
+                if let Err(status) = media.delete_media(request).await {
+                    tracing::warn!(%status, "media of a deleted message not deleted; URLs for it are refused regardless");
+                }
+            });
+        }
+        Ok(entry)
     }
 
     /// The caller's membership, or NOT_FOUND (never a member).

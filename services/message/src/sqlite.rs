@@ -427,7 +427,7 @@ impl MessageStore for SqliteStore {
             // after the device cursor, skipping conversations the device has caught up on.
             let sql = "SELECT msg.conversation_id, msg.seq, msg.message_id, msg.sender, msg.client_msg_id,
                     msg.body, msg.sent_at_ms, msg.kind, msg.reply_to_seq, msg.target_seq, msg.reaction,
-                    msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted
+                    msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted, msg.attachments
                  FROM members m
                  JOIN conversations c ON c.id = m.conversation_id
                  LEFT JOIN device_cursors d

@@ -170,6 +170,32 @@ pub struct NewMessage {
     /// 0: not a reply.
     pub reply_to_seq: u64,
     pub sent_at_ms: i64,
+    /// Ready media of the sender in this conversation, as the media service described them.
+    pub attachments: Vec<Attachment>,
+}
+
+/// A photo, video or file a TEXT message carries (the media service's record of it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub media_id: String,
+    pub mime_type: String,
+    pub size: u64,
+    pub file_name: String,
+    pub width: u32,
+    pub height: u32,
+    pub blurhash: String,
+    pub has_thumbnail: bool,
+}
+
+impl Attachment {
+    /// How stores keep a message's attachments: JSON, empty for none.
+    pub fn encode(attachments: &[Attachment]) -> String {
+        if attachments.is_empty() { String::new() } else { serde_json::to_string(attachments).unwrap_or_default() }
+    }
+
+    pub fn decode(text: &str) -> Result<Vec<Attachment>, serde_json::Error> {
+        if text.is_empty() { Ok(Vec::new()) } else { serde_json::from_str(text) }
+    }
 }
 
 /// A seq'd entry: a TEXT message with its current state, or an event.
@@ -191,6 +217,9 @@ pub struct StoredMessage {
     pub role: Option<Role>,
     pub edited_at_ms: i64,
     pub deleted: bool,
+    /// TEXT: its media (empty once deleted). Absent in entries cached before media existed.
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
 }
 
 impl StoredMessage {
@@ -215,6 +244,7 @@ impl StoredMessage {
             role: None,
             edited_at_ms: 0,
             deleted: false,
+            attachments: Vec::new(),
         }
     }
 }

@@ -230,6 +230,7 @@ async fn frames_over_the_message_size_limit_are_refused() {
             client_msg_id: "too-big".into(),
             body: "x".repeat(8192),
             reply_to_seq: 0,
+            media_ids: Vec::new(),
         })),
     };
     let frames = futures::stream::iter([hello("raw"), oversized]).chain(futures::stream::pending());

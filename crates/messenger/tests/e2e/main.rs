@@ -7,6 +7,7 @@ mod cluster;
 mod conversations;
 mod core;
 mod limits;
+mod media;
 mod model;
 mod security;
 mod support;

@@ -89,6 +89,10 @@ impl TestSystem {
         config.gateway.internal_listen = bound.gateway_internal.unwrap().to_string();
         config.message.listen = bound.message.unwrap().to_string();
         config.presence.listen = bound.presence.unwrap().to_string();
+        config.media.listen = bound.media.unwrap().to_string();
+        if let Some(objects) = &bound.objects {
+            config.media.s3.embedded_listen = objects.trim_start_matches("http://").to_owned();
+        }
         let endpoint = running.endpoint();
         Self { running: Some(running), config, endpoint, _dir: dir }
     }
@@ -107,6 +111,11 @@ impl TestSystem {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("could not start again on the same ports");
+    }
+
+    /// Where the embedded object store keeps its files.
+    pub fn objects_dir(&self) -> std::path::PathBuf {
+        self.config.data_dir.join("objects")
     }
 
     pub fn token(&self, user: &str) -> String {

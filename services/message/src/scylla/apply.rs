@@ -515,7 +515,8 @@ async fn write_plan(
             }
             Effect::Delete { target_seq, edits } => {
                 // The body leaves storage: the message itself and every edit of it.
-                batch.push(&s.message_delete, (String::new(), true, id, bucket(target_seq), seq_value(target_seq)));
+                let key = (id, bucket(target_seq), seq_value(target_seq));
+                batch.push(&s.message_delete, (String::new(), String::new(), true, key.0, key.1, key.2));
                 for edit in edits {
                     batch.push(&s.message_blank, (String::new(), id, bucket(edit), seq_value(edit)));
                 }

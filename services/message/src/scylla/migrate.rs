@@ -59,7 +59,20 @@ impl std::fmt::Display for MigrationReport {
 
 /// Every schema version's statements, oldest first.
 pub(crate) fn versions(options: &ScyllaOptions) -> Vec<Vec<String>> {
-    vec![schema_statements(options)]
+    let keyspace = &options.keyspace;
+    vec![
+        schema_statements(options),
+        // 2: attachments (already in version 1's CREATE TABLE for keyspaces created since).
+        vec![format!("ALTER TABLE {keyspace}.messages ADD attachments text")],
+    ]
+}
+
+/// CQL has no `ADD ... IF NOT EXISTS`: a column a CREATE TABLE already made
+/// (or a migrator that died after adding it) is no error.
+fn already_applied(statement: &str, error: &Error) -> bool {
+    let text = error.to_string();
+    statement.contains(" ADD ")
+        && (text.contains("already exist") || text.contains("conflicts with an existing column"))
 }
 
 async fn ddl(session: &Session, text: String) -> Result<()> {
@@ -149,8 +162,11 @@ pub(super) async fn run(session: &Session, options: &ScyllaOptions) -> Result<Mi
         let mut applied = Vec::new();
         for (index, statements) in versions.iter().enumerate().skip(version as usize) {
             for statement in statements {
-                ddl(session, statement.clone()).await?;
-                applied.push(statement.clone());
+                match ddl(session, statement.clone()).await {
+                    Ok(()) => applied.push(statement.clone()),
+                    Err(error) if already_applied(statement, &error) => {}
+                    Err(error) => return Err(error),
+                }
             }
             session.await_schema_agreement().await.map_err(|e| other("schema agreement", e))?;
             let reached = index as i32 + 1;

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::statements::Arity;
 use crate::{
     error::Error,
-    store::{ConversationKind, Kind, Member, Role, StoredMessage},
+    store::{Attachment, ConversationKind, Kind, Member, Role, StoredMessage},
 };
 
 /// A partition of `messages` holds the seqs sharing `seq >> BUCKET_BITS`.
@@ -231,6 +231,7 @@ pub(super) struct MessageRow {
     edited_at_ms: Option<i64>,
     deleted: Option<bool>,
     edit_seqs: Option<Vec<i64>>,
+    attachments: Option<String>,
 }
 
 impl MessageRow {
@@ -238,6 +239,8 @@ impl MessageRow {
     /// inserted (stray cells of an update that reached no row).
     pub(super) fn into_message(self) -> Option<(StoredMessage, Vec<u64>)> {
         let kind = Kind::from_code(self.kind?.into())?;
+        // Written by this code only: unreadable JSON would be a bug, shown as no attachments.
+        let attachments = Attachment::decode(self.attachments.as_deref().unwrap_or_default()).unwrap_or_default();
         let role = self.role.unwrap_or(0);
         let message = StoredMessage {
             conversation_id: self.conversation_id,
@@ -256,6 +259,7 @@ impl MessageRow {
             role: (role != 0).then(|| Role::from_code(role.into())),
             edited_at_ms: self.edited_at_ms.unwrap_or(0),
             deleted: self.deleted.unwrap_or(false),
+            attachments,
         };
         let edits = self.edit_seqs.unwrap_or_default().into_iter().map(|s| s.max(0) as u64).collect();
         Some((message, edits))
@@ -300,9 +304,10 @@ pub(super) struct NewRow {
     role: i32,
     edited_at_ms: i64,
     deleted: bool,
+    attachments: String,
 }
 
-impl Arity<17> for NewRow {}
+impl Arity<18> for NewRow {}
 
 impl From<&StoredMessage> for NewRow {
     fn from(message: &StoredMessage) -> Self {
@@ -324,6 +329,7 @@ impl From<&StoredMessage> for NewRow {
             role: message.role.map_or(0, |role| role.code() as i32),
             edited_at_ms: message.edited_at_ms,
             deleted: message.deleted,
+            attachments: Attachment::encode(&message.attachments),
         }
     }
 }
@@ -442,6 +448,7 @@ pub(super) fn copy_error(error: &Error) -> Error {
         Error::BodyTooLarge { size, limit } => Error::BodyTooLarge { size: *size, limit: *limit },
         Error::PermissionDenied(text) => Error::PermissionDenied(text.clone()),
         Error::FailedPrecondition(text) => Error::FailedPrecondition(text.clone()),
+        Error::Media(status) => Error::Media(status.clone()),
         Error::Storage(text) => Error::Storage(text.clone()),
         Error::Unavailable(text) => Error::Unavailable(text.clone()),
     }

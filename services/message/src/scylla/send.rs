@@ -382,6 +382,7 @@ fn entry(message: &NewMessage, seq: u64) -> StoredMessage {
     entry.client_msg_id = message.client_msg_id.clone();
     entry.body = message.body.clone();
     entry.reply_to_seq = message.reply_to_seq;
+    entry.attachments = message.attachments.clone();
     entry
 }
 
@@ -390,7 +391,7 @@ fn entry(message: &NewMessage, seq: u64) -> StoredMessage {
 async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>) {
     let ttl = inner.options.dedupe_ttl_seconds();
     let s = &inner.statements;
-    let size = |(entry, _): &(StoredMessage, Send)| entry.body.len() + ROW_BYTES;
+    let size = |(entry, _): &(StoredMessage, Send)| entry.body.len() + entry.attachments.len() * 512 + ROW_BYTES;
     let groups = chunks(entries, |(entry, _)| entry.seq, size, BATCH_ROWS, inner.options.batch_max_bytes);
     let writes = groups.into_iter().map(|group| async move {
         let mut batch = BatchBuilder::new(BatchType::Logged);

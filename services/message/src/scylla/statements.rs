@@ -68,7 +68,7 @@ pub(crate) struct Prepared<const N: usize>(pub(crate) PreparedStatement);
 macro_rules! message_columns {
     () => {
         "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, kind, reply_to_seq, \
-         target_seq, reaction, member_ids, title, role, edited_at_ms, deleted, edit_seqs"
+         target_seq, reaction, member_ids, title, role, edited_at_ms, deleted, edit_seqs, attachments"
     };
 }
 
@@ -188,10 +188,10 @@ statements! {
         VALUES (?, ?, ?) IF NOT EXISTS";
 
     // messages
-    /// Binds `rows::NewRow` (17 columns).
-    message_insert: Write, 17 = "INSERT INTO {keyspace}.messages (conversation_id, bucket, seq, message_id, sender, \
+    /// Binds `rows::NewRow` (18 columns).
+    message_insert: Write, 18 = "INSERT INTO {keyspace}.messages (conversation_id, bucket, seq, message_id, sender, \
         client_msg_id, body, sent_at_ms, kind, reply_to_seq, target_seq, reaction, member_ids, title, role, \
-        edited_at_ms, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+        edited_at_ms, deleted, attachments) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
     message_read: Read, 3 = concat!(
         "SELECT ", message_columns!(), " FROM {keyspace}.messages WHERE conversation_id = ? AND bucket = ? AND seq = ?"
     );
@@ -211,9 +211,9 @@ statements! {
     /// (body, edited_at_ms, {edit seq}, conversation, bucket, seq).
     message_edit: Write, 6 = "UPDATE {keyspace}.messages SET body = ?, edited_at_ms = ?, edit_seqs = edit_seqs + ? \
         WHERE conversation_id = ? AND bucket = ? AND seq = ?";
-    /// (empty body, true, conversation, bucket, seq).
-    message_delete: Write, 5 =
-        "UPDATE {keyspace}.messages SET body = ?, deleted = ? WHERE conversation_id = ? AND bucket = ? AND seq = ?";
+    /// (empty body, empty attachments, true, conversation, bucket, seq).
+    message_delete: Write, 6 = "UPDATE {keyspace}.messages SET body = ?, attachments = ?, deleted = ? \
+        WHERE conversation_id = ? AND bucket = ? AND seq = ?";
     /// (empty body, conversation, bucket, seq): an edit entry of a deleted message.
     message_blank: Write, 4 =
         "UPDATE {keyspace}.messages SET body = ? WHERE conversation_id = ? AND bucket = ? AND seq = ?";

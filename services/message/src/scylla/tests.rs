@@ -862,6 +862,7 @@ async fn rows_are_stamped_at_their_reservation_not_at_receipt() {
         body: "late".into(),
         reply_to_seq: 0,
         sent_at_ms: before - 60_000,
+        attachments: Vec::new(),
     };
     let SendOutcome::Created(stored) = store.send(queued_long_ago).await.unwrap() else { panic!("not created") };
     assert!(stored.sent_at_ms >= before, "stamped {} before the reservation at {before}", stored.sent_at_ms);

@@ -3,11 +3,11 @@
 use r2d2_sqlite::rusqlite::{Connection, OptionalExtension, Result, Row, params, types::Type};
 use uuid::Uuid;
 
-use crate::store::{Conversation, ConversationKind, Kind, Member, Role, StoredMessage};
+use crate::store::{Attachment, Conversation, ConversationKind, Kind, Member, Role, StoredMessage};
 
 /// Columns `row_to_message` reads, in order.
 pub(super) const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, \
-     kind, reply_to_seq, target_seq, reaction, member_ids, title, role, edited_at_ms, deleted";
+     kind, reply_to_seq, target_seq, reaction, member_ids, title, role, edited_at_ms, deleted, attachments";
 
 /// Member ids are stored newline-separated: ids never contain control characters.
 pub(super) fn join_ids(ids: &[String]) -> String {
@@ -51,6 +51,8 @@ pub(super) fn row_to_message(row: &Row<'_>) -> Result<StoredMessage> {
         role: (role != 0).then(|| Role::from_code(role)),
         edited_at_ms: row.get(14)?,
         deleted: row.get::<_, i64>(15)? != 0,
+        attachments: Attachment::decode(&row.get::<_, String>(16)?)
+            .map_err(|e| r2d2_sqlite::rusqlite::Error::FromSqlConversionFailure(16, Type::Text, Box::new(e)))?,
     })
 }
 

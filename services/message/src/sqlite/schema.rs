@@ -6,7 +6,7 @@
 //! lookup; messages are not bucketed because a B-tree has no partition limit.
 
 /// Migrations in order; `PRAGMA user_version` records how many have run.
-pub const MIGRATIONS: [&str; 3] = [V1, V2, V3];
+pub const MIGRATIONS: [&str; 4] = [V1, V2, V3, V4];
 
 const V1: &str = "
 CREATE TABLE IF NOT EXISTS conversations (
@@ -101,4 +101,9 @@ UPDATE members SET took_part = 1 WHERE EXISTS (
     SELECT 1 FROM messages WHERE messages.conversation_id = members.conversation_id
         AND messages.sender = members.user_id AND messages.kind = 1
 );
+";
+
+/// Attachments of TEXT messages (JSON; empty for none).
+const V4: &str = "
+ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT '';
 ";

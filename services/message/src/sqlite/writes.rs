@@ -9,7 +9,8 @@ use crate::{
     error::{Error, Result},
     policy,
     store::{
-        Change, ChangeRequest, ConversationKind, Kind, Member, NewGroup, NewMessage, Role, SendOutcome, StoredMessage,
+        Attachment, Change, ChangeRequest, ConversationKind, Kind, Member, NewGroup, NewMessage, Role, SendOutcome,
+        StoredMessage,
     },
 };
 
@@ -28,7 +29,7 @@ fn append(tx: &Connection, mut entry: StoredMessage) -> Result<StoredMessage> {
         .map_err(storage)?;
     entry.seq = seq as u64;
     let sql = format!(
-        "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+        "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
     );
     tx.prepare_cached(&sql)
         .and_then(|mut s| {
@@ -49,6 +50,7 @@ fn append(tx: &Connection, mut entry: StoredMessage) -> Result<StoredMessage> {
                 entry.role.map_or(0, Role::code),
                 entry.edited_at_ms,
                 entry.deleted as i64,
+                Attachment::encode(&entry.attachments),
             ])
         })
         .map_err(storage)?;
@@ -138,6 +140,7 @@ pub(super) fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome>
     entry.client_msg_id = message.client_msg_id.clone();
     entry.body = message.body.clone();
     entry.reply_to_seq = message.reply_to_seq;
+    entry.attachments = message.attachments.clone();
     let entry = append(tx, entry)?;
     // Whoever sends has read up to its own message, and has taken part.
     set_read(tx, &conversation, &message.sender, entry.seq)?;
@@ -313,7 +316,7 @@ pub(super) fn apply(tx: &Connection, request: &ChangeRequest) -> Result<Vec<Stor
             }
             // The body leaves storage: the message itself and every edit of it.
             tx.prepare_cached(
-                "UPDATE messages SET body = '', deleted = CASE WHEN seq = ?2 THEN 1 ELSE deleted END
+                "UPDATE messages SET body = '', attachments = '', deleted = CASE WHEN seq = ?2 THEN 1 ELSE deleted END
                  WHERE conversation_id = ?1 AND (seq = ?2 OR (kind = 2 AND target_seq = ?2))",
             )
             .and_then(|mut s| s.execute(params![conversation, *target_seq as i64]))

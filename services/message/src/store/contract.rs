@@ -23,6 +23,7 @@ pub(crate) async fn send(
             body: body.into(),
             reply_to_seq: 0,
             sent_at_ms: messenger_platform::ids::now_ms(),
+            attachments: Vec::new(),
         })
         .await
 }
@@ -59,6 +60,7 @@ pub(crate) async fn run_all(store: &dyn MessageStore) -> usize {
         ("replies_must_point_at_visible_messages", Box::pin(replies_must_point_at_visible_messages(store))),
         ("block_lists", Box::pin(block_lists(store))),
         ("taking_part_is_creating_or_sending", Box::pin(taking_part_is_creating_or_sending(store))),
+        ("attachments_are_kept_and_go_with_delete", Box::pin(attachments_are_kept_and_go_with_delete(store))),
     ];
     let count = cases.len();
     for (name, case) in cases {
@@ -432,6 +434,7 @@ async fn replies_must_point_at_visible_messages(store: &dyn MessageStore) {
             body: "answer".into(),
             reply_to_seq: first,
             sent_at_ms: messenger_platform::ids::now_ms(),
+            attachments: Vec::new(),
         })
         .await
         .unwrap();
@@ -445,6 +448,7 @@ async fn replies_must_point_at_visible_messages(store: &dyn MessageStore) {
             body: "to nothing".into(),
             reply_to_seq: 42,
             sent_at_ms: messenger_platform::ids::now_ms(),
+            attachments: Vec::new(),
         })
         .await;
     assert!(matches!(dangling, Err(Error::InvalidArgument(_))), "{dangling:?}");
@@ -498,4 +502,43 @@ async fn taking_part_is_creating_or_sending(store: &dyn MessageStore) {
     let members = store.members(group.id).await.unwrap();
     let sent: Vec<&str> = members.iter().filter(|m| m.took_part).map(|m| m.user_id.as_str()).collect();
     assert_eq!(sent, vec![c.as_str()]);
+}
+
+async fn attachments_are_kept_and_go_with_delete(store: &dyn MessageStore) {
+    let (a, b, _) = users("attach");
+    let conversation = direct(store, &a, &b).await;
+    let photo = crate::store::Attachment {
+        media_id: Uuid::now_v7().to_string(),
+        mime_type: "image/jpeg".into(),
+        size: 123_456,
+        file_name: "beach \"1\".jpg".into(),
+        width: 4000,
+        height: 3000,
+        blurhash: "LEHV6nWB2yk8pyo0adR*.7kCMdnj".into(),
+        has_thumbnail: true,
+    };
+    let file = crate::store::Attachment { mime_type: "application/pdf".into(), has_thumbnail: false, ..photo.clone() };
+    let sent = store
+        .send(NewMessage {
+            conversation_id: conversation.id,
+            message_id: Uuid::now_v7(),
+            sender: a.clone(),
+            client_msg_id: "with-media".into(),
+            body: String::new(),
+            reply_to_seq: 0,
+            sent_at_ms: messenger_platform::ids::now_ms(),
+            attachments: vec![photo.clone(), file.clone()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent.message().attachments, vec![photo.clone(), file.clone()]);
+    let seq = sent.message().seq;
+    let history = store.history(conversation.id, HistoryRange::Before(None), SeqBounds::ALL, 10).await.unwrap();
+    assert_eq!(history.iter().find(|m| m.seq == seq).unwrap().attachments, vec![photo, file], "read back in order");
+    let synced = store.sync(&b, "phone", Some(conversation.id), None, 10).await.unwrap();
+    assert!(synced.iter().any(|m| m.seq == seq && m.attachments.len() == 2), "sync carries them");
+    change(store, conversation.id, &a, Change::Delete { target_seq: seq }).await.unwrap();
+    let history = store.history(conversation.id, HistoryRange::Before(None), SeqBounds::ALL, 10).await.unwrap();
+    let deleted = history.iter().find(|m| m.seq == seq).unwrap();
+    assert!(deleted.deleted && deleted.attachments.is_empty(), "{deleted:?}");
 }
