@@ -70,8 +70,10 @@ impl MediaService for Adapter {
     ) -> Result<Response<pb::DescribeMediaResponse>, Status> {
         let request = request.into_inner();
         ids(&request.media_ids)?;
-        let attachments =
-            self.service.describe(user(&request.sender_id)?, &request.conversation_id, &request.media_ids).await?;
+        let attachments = self
+            .service
+            .describe(user(&request.sender_id)?, &request.conversation_id, &request.client_msg_id, &request.media_ids)
+            .await?;
         Ok(Response::new(pb::DescribeMediaResponse { attachments }))
     }
 

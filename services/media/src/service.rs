@@ -51,8 +51,11 @@ impl Access {
         discovery::route(&mut request, &key);
         match self.messages.clone().check_access(request).await {
             Ok(_) => Ok(()),
-            Err(status) if status.code() == tonic::Code::NotFound => Err(Error::Peer(status)),
-            Err(status) => Err(Error::Unavailable(format!("message service: {status}"))),
+            Err(status) if matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded) => {
+                Err(Error::Unavailable(format!("message service: {status}")))
+            }
+            // Its answer (NOT_FOUND for non-members, INVALID_ARGUMENT, ...) is the client's.
+            Err(status) => Err(Error::Peer(status)),
         }
     }
 }
@@ -320,6 +323,12 @@ impl Service {
             return Err(self.refuse(&upload, "storage's SHA-256 of the file is not the declared one".into()).await);
         }
         let image = kinds::is_image(&upload.mime);
+        // An image is held whole while decoded: the permit bounds how many are.
+        let permit = if image {
+            Some(self.decodes.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?)
+        } else {
+            None
+        };
         let bytes = self.objects.read(&pending, if image { upload.size } else { kinds::SNIFF_BYTES }).await?;
         if let Err(reason) = kinds::check(&upload.mime, &bytes) {
             return Err(self.refuse(&upload, reason).await);
@@ -334,7 +343,6 @@ impl Service {
                 return Err(self.refuse(&upload, "the file's SHA-256 is not the declared one".into()).await);
             }
             let result = {
-                let _permit = self.decodes.acquire().await.map_err(|_| Error::Unavailable("shutting down".into()))?;
                 let (mime, limits) = (upload.mime.clone(), self.options.images.clone());
                 tokio::task::spawn_blocking(move || images::process(&mime, &bytes, &limits))
                     .await
@@ -361,10 +369,29 @@ impl Service {
         } else {
             self.objects.copy(&pending, &original_key, &served).await?;
         }
-        if !self.store.mark_ready(upload.id, &processed).await? {
-            // Deleted (swept, or its message deleted) while completing.
+        drop(permit);
+        // Counted again here: tickets issued together each passed with the same usage.
+        let used = self.store.ready_bytes(&upload.owner).await?;
+        if used.saturating_add(processed.stored_size) > self.options.quota_bytes {
             self.remove_objects(&upload).await;
-            return Err(Error::NotFound("media"));
+            self.store.mark_deleted(upload.id).await?;
+            return Err(Error::ResourceExhausted(format!(
+                "storage quota: {used} of {} bytes used; this file needs {}",
+                self.options.quota_bytes, processed.stored_size
+            )));
+        }
+        if !self.store.mark_ready(upload.id, &processed).await? {
+            return match self.store.get(upload.id).await? {
+                // Another complete of the same upload finished first: same objects, same answer.
+                Some(ready) if ready.state == State::Ready => {
+                    Ok(pb::CompleteUploadResponse { attachment: Some(attachment(&ready)) })
+                }
+                // Deleted (swept, or its message deleted) while completing.
+                _ => {
+                    self.remove_objects(&upload).await;
+                    Err(Error::NotFound("media"))
+                }
+            };
         }
         // Only now: a complete that failed above can be retried from the pending object.
         if let Err(error) = self.objects.delete(&pending).await {
@@ -433,12 +460,18 @@ impl Service {
     }
 
     /// The attachments a send carries: each ready, the sender's, this conversation's.
+    /// Each media goes with one message: the first send that names it (by
+    /// its client message id, so that send's retries still pass).
     pub async fn describe(
         &self,
         sender: &str,
         conversation_id: &str,
+        client_msg_id: &str,
         media_ids: &[String],
     ) -> Result<Vec<pb::Attachment>> {
+        if client_msg_id.is_empty() {
+            return Err(Error::InvalidArgument("client_msg_id is required".into()));
+        }
         let conversation = parse_id(conversation_id, "conversation_id")?;
         let mut attachments = Vec::with_capacity(media_ids.len());
         for media_id in media_ids {
@@ -456,6 +489,11 @@ impl Service {
             if upload.state != State::Ready {
                 return Err(Error::FailedPrecondition(format!(
                     "media {media_id} is not complete (CompleteUpload first)"
+                )));
+            }
+            if !self.store.attach(id, client_msg_id).await? {
+                return Err(Error::FailedPrecondition(format!(
+                    "media {media_id} was sent with another message already; upload it again to send it again"
                 )));
             }
             attachments.push(attachment(&upload));
@@ -505,9 +543,11 @@ impl Service {
                 return Ok(swept);
             }
             for upload in batch {
-                self.remove_objects(&upload).await;
-                self.store.mark_deleted(upload.id).await?;
-                swept += 1;
+                // Claimed first: a complete that finished meanwhile keeps its objects.
+                if self.store.abandon(upload.id).await? {
+                    self.remove_objects(&upload).await;
+                    swept += 1;
+                }
             }
         }
     }

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     width           INTEGER NOT NULL DEFAULT 0,
     height          INTEGER NOT NULL DEFAULT 0,
     blurhash        TEXT NOT NULL DEFAULT '',
-    has_thumbnail   INTEGER NOT NULL DEFAULT 0
+    has_thumbnail   INTEGER NOT NULL DEFAULT 0,
+    attached_to     TEXT
 );
 CREATE INDEX IF NOT EXISTS uploads_by_owner ON uploads (owner, state);
 CREATE INDEX IF NOT EXISTS uploads_pending ON uploads (state, created_at_ms);
@@ -187,6 +188,30 @@ impl MediaStore for SqliteStore {
             let changed = connection.execute(
                 "UPDATE uploads SET state = ?2 WHERE media_id = ?1 AND state != ?2",
                 params![id.as_bytes().as_slice(), State::Deleted.code()],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn attach(&self, id: Uuid, client_msg_id: &str) -> Result<bool> {
+        let key = client_msg_id.to_owned();
+        self.with(move |connection| {
+            let changed = connection.execute(
+                "UPDATE uploads SET attached_to = ?2
+                 WHERE media_id = ?1 AND state = ?3 AND (attached_to IS NULL OR attached_to = ?2)",
+                params![id.as_bytes().as_slice(), key, State::Ready.code()],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn abandon(&self, id: Uuid) -> Result<bool> {
+        self.with(move |connection| {
+            let changed = connection.execute(
+                "UPDATE uploads SET state = ?2 WHERE media_id = ?1 AND state = ?3",
+                params![id.as_bytes().as_slice(), State::Deleted.code(), State::Pending.code()],
             )?;
             Ok(changed == 1)
         })

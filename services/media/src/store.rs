@@ -92,6 +92,14 @@ pub trait MediaStore: Send + Sync + 'static {
     /// Any state -> deleted. False when it was deleted already or is unknown.
     async fn mark_deleted(&self, id: Uuid) -> Result<bool>;
 
+    /// Ties a ready upload to the message `client_msg_id` names: true when
+    /// it was free or already tied to that message (a retried send).
+    async fn attach(&self, id: Uuid, client_msg_id: &str) -> Result<bool>;
+
+    /// Pending -> deleted (the sweep's claim). False when it is not pending
+    /// any more: completed or deleted meanwhile.
+    async fn abandon(&self, id: Uuid) -> Result<bool>;
+
     /// Stored bytes of `owner`'s ready media (what the quota counts).
     async fn ready_bytes(&self, owner: &str) -> Result<u64>;
 

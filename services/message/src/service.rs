@@ -91,6 +91,7 @@ impl Service {
         &self,
         sender: &str,
         conversation_id: &str,
+        client_msg_id: &str,
         media_ids: Vec<String>,
     ) -> Result<Vec<Attachment>> {
         if media_ids.is_empty() {
@@ -113,6 +114,7 @@ impl Service {
             sender_id: sender.to_owned(),
             conversation_id: conversation_id.to_owned(),
             media_ids,
+            client_msg_id: client_msg_id.to_owned(),
         };
         let described = self.media.clone().describe_media(request).await.map_err(|status| match status.code() {
             tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
@@ -153,18 +155,18 @@ impl Service {
     }
 
     /// The media of the message at `seq` as `user` sees it (none when it cannot).
-    async fn media_of(&self, user: &str, conversation_id: Uuid, seq: u64) -> Vec<String> {
-        let Ok(Some(member)) = self.store.member(conversation_id, user).await else { return Vec::new() };
-        let visible = member.visible();
-        match self.store.history(conversation_id, HistoryRange::Before(Some(seq + 1)), visible, 1).await {
-            Ok(page) => page
-                .into_iter()
-                .filter(|message| message.seq == seq)
-                .flat_map(|message| message.attachments)
-                .map(|attachment| attachment.media_id)
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+    /// (A store failure fails the delete before it is applied: its objects
+    /// must not outlive it unnoticed.)
+    async fn media_of(&self, user: &str, conversation_id: Uuid, seq: u64) -> Result<Vec<String>> {
+        let Some(member) = self.store.member(conversation_id, user).await? else { return Ok(Vec::new()) };
+        let page =
+            self.store.history(conversation_id, HistoryRange::Before(Some(seq + 1)), member.visible(), 1).await?;
+        Ok(page
+            .into_iter()
+            .filter(|message| message.seq == seq)
+            .flat_map(|message| message.attachments)
+            .map(|attachment| attachment.media_id)
+            .collect())
     }
 
     /// Refuses a write by `user` in a direct conversation where a block
@@ -243,7 +245,8 @@ impl Service {
             self.check_body(&input.body)?;
         }
         self.check_not_blocked(conversation_id, input.sender).await?;
-        let attachments = self.attachments(input.sender, input.conversation_id, input.media_ids).await?;
+        let attachments =
+            self.attachments(input.sender, input.conversation_id, input.client_msg_id, input.media_ids).await?;
         let message = NewMessage {
             conversation_id,
             message_id: ids::new_id(),
@@ -386,7 +389,7 @@ impl Service {
         let id = parse_conversation(conversation_id)?;
         self.check_not_blocked(id, user).await?;
         let deleted_media = match &change {
-            Change::Delete { target_seq } => self.media_of(user, id, *target_seq).await,
+            Change::Delete { target_seq } => self.media_of(user, id, *target_seq).await?,
             _ => Vec::new(),
         };
         let entry = self.apply(user, conversation_id, change).await?.into_iter().next();
@@ -397,7 +400,8 @@ impl Service {
             let mut media = self.media.clone();
             tokio::spawn(async move {
                 if let Err(status) = media.delete_media(request).await {
-                    tracing::warn!(%status, "media of a deleted message not deleted; URLs for it are refused regardless");
+                    // URLs for it are refused regardless: the message is deleted.
+                    tracing::error!(%status, "media of a deleted message not deleted: its objects remain");
                 }
             });
         }

@@ -62,6 +62,7 @@ impl Server {
             "DIRECT_CONVERSATIONS",
             "BLOCKS",
             "QUERIES",
+            "MEDIA",
             "CONNECTS_PER_USER",
             "CONNECTS_PER_ADDRESS",
         ] {
@@ -77,6 +78,8 @@ impl Server {
             .env("MESSENGER_GATEWAY__INTERNAL_LISTEN", "127.0.0.1:0")
             .env("MESSENGER_MESSAGE__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_PRESENCE__LISTEN", "127.0.0.1:0")
+            .env("MESSENGER_MEDIA__LISTEN", "127.0.0.1:0")
+            .env("MESSENGER_MEDIA__S3__EMBEDDED_LISTEN", "127.0.0.1:0")
             // The benchmark measures capacity, not the per-user abuse limits.
             .env("MESSENGER_GATEWAY__SENDS_PER_SECOND", "10000000")
             .env("MESSENGER_GATEWAY__SEND_BURST", "10000000")

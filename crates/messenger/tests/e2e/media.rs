@@ -99,6 +99,16 @@ async fn ticket(
     mime: &str,
     bytes: &[u8],
 ) -> pb::CreateUploadResponse {
+    try_ticket(system, user, conversation, mime, bytes).await.unwrap()
+}
+
+async fn try_ticket(
+    system: &TestSystem,
+    user: &str,
+    conversation: &str,
+    mime: &str,
+    bytes: &[u8],
+) -> Result<pb::CreateUploadResponse, tonic::Status> {
     let mut api = GatewayServiceClient::new(system.raw_channel().await);
     let request = pb::CreateUploadRequest {
         conversation_id: conversation.to_owned(),
@@ -109,7 +119,7 @@ async fn ticket(
         part_size: 0,
         part_sha256: Vec::new(),
     };
-    api.create_upload(system.authorized(user, request)).await.unwrap().into_inner()
+    api.create_upload(system.authorized(user, request)).await.map(|response| response.into_inner())
 }
 
 async fn put(request: &pb::UploadRequest, body: Vec<u8>, change: impl Fn(&str, &str) -> Option<String>) -> u16 {
@@ -210,6 +220,8 @@ async fn only_members_get_tickets_and_urls_and_only_own_ready_media_is_sent() {
 
     let error = bob.send_attachments(&direct, "mine now", std::slice::from_ref(&media_id)).await.unwrap_err();
     assert_eq!(error.code(), Code::NotFound, "someone else's media: {error}");
+    let error = alice.send_attachments(&direct, "again", std::slice::from_ref(&media_id)).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "one message per media (deleting one deletes it): {error}");
     let pending = ticket(&system, "alice", &direct, "image/jpeg", &jpeg_with_gps(8, 8)).await;
     let error = alice.send_attachments(&direct, "", &[pending.media_id]).await.unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition, "an incomplete upload: {error}");
@@ -385,4 +397,76 @@ async fn cdn_edge_serves_signed_urls_from_its_cache_and_refuses_tampered_or_expi
     assert_eq!(http.get(&direct).send().await.unwrap().status(), 403, "the origin wants a signature or the edge");
     tokio::time::sleep(Duration::from_millis(4200)).await;
     assert_eq!(http.get(&url).send().await.unwrap().status(), 403, "expired");
+}
+
+#[tokio::test]
+async fn concurrent_completes_of_one_upload_both_answer_and_keep_its_objects() {
+    let system = TestSystem::start().await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let (bob, _b) = system.connect("bob", "phone").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    let photo = jpeg_with_gps(800, 600);
+    let ticket = ticket(&system, "alice", &conversation, "image/jpeg", &photo).await;
+    assert_eq!(put(&ticket.requests[0], photo, |_, value| Some(value.to_owned())).await, 200);
+    let complete = || async {
+        let mut api = GatewayServiceClient::new(system.raw_channel().await);
+        let request = pb::CompleteUploadRequest { media_id: ticket.media_id.clone() };
+        api.complete_upload(system.authorized("alice", request)).await.map(|response| response.into_inner())
+    };
+    let (first, second) = tokio::join!(complete(), complete());
+    assert_eq!(first.unwrap().attachment, second.unwrap().attachment, "a double tap answers the same");
+    let ack = alice.send_attachments(&conversation, "", std::slice::from_ref(&ticket.media_id)).await.unwrap();
+    let original = bob.download(&conversation, ack.seq, &ticket.media_id, false).await.unwrap();
+    assert!(image::load_from_memory(&original).is_ok(), "the objects are still there");
+}
+
+fn pdf(size: usize) -> Vec<u8> {
+    let mut bytes = b"%PDF-1.4\n".to_vec();
+    bytes.resize(size, b'x');
+    bytes
+}
+
+#[tokio::test]
+async fn type_size_quota_and_ticket_rate_hold_at_their_edges() {
+    let system = TestSystem::start_with(|config| {
+        config.media.allowed_types.insert("application/pdf".into(), 10_000);
+        config.media.quota_bytes = 15_000;
+        config.media.tickets_per_minute = 5;
+    })
+    .await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    let refused =
+        |result: Result<pb::CreateUploadResponse, tonic::Status>| result.map(drop).map_err(|status| status.code());
+
+    // Refused before they count against the rate.
+    let too_big = try_ticket(&system, "alice", &conversation, "application/pdf", &pdf(10_001)).await;
+    assert_eq!(refused(too_big), Err(Code::InvalidArgument));
+    let html = try_ticket(&system, "alice", &conversation, "text/html", &pdf(100)).await;
+    assert_eq!(refused(html), Err(Code::InvalidArgument));
+
+    // Two tickets pass with nothing used; the second complete would pass the quota.
+    let first = ticket(&system, "alice", &conversation, "application/pdf", &pdf(10_000)).await;
+    let second = ticket(&system, "alice", &conversation, "application/pdf", &pdf(10_000)).await;
+    let same = |_: &str, value: &str| Some(value.to_owned());
+    assert_eq!(put(&first.requests[0], pdf(10_000), same).await, 200);
+    assert_eq!(put(&second.requests[0], pdf(10_000), same).await, 200);
+    let mut api = GatewayServiceClient::new(system.raw_channel().await);
+    let complete =
+        |media_id: &str| system.authorized("alice", pb::CompleteUploadRequest { media_id: media_id.to_owned() });
+    api.complete_upload(complete(&first.media_id)).await.unwrap();
+    let status = api.complete_upload(complete(&second.media_id)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let files = object_files(&system.objects_dir());
+    assert!(files.iter().all(|file| !file.contains(&second.media_id)), "its object is gone: {files:?}");
+
+    // Exactly at the quota passes; one byte more does not.
+    alice.upload(&conversation, File::new("application/pdf", "b.pdf", pdf(5_000)), |_| {}).await.unwrap();
+    let over = try_ticket(&system, "alice", &conversation, "application/pdf", &pdf(10)).await.unwrap_err();
+    assert!(over.code() == Code::ResourceExhausted && over.message().contains("quota"), "{over:?}");
+    // That was the fourth ticket this minute; the fifth passes the rate (and fails the quota), the sixth not.
+    let fifth = try_ticket(&system, "alice", &conversation, "application/pdf", &pdf(10)).await.unwrap_err();
+    assert!(fifth.message().contains("quota"), "{fifth:?}");
+    let sixth = try_ticket(&system, "alice", &conversation, "application/pdf", &pdf(10)).await.unwrap_err();
+    assert!(sixth.code() == Code::ResourceExhausted && sixth.message().contains("per minute"), "{sixth:?}");
 }

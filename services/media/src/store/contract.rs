@@ -49,9 +49,15 @@ pub(crate) async fn run(store: &dyn MediaStore) {
     assert!(!abandoned.iter().any(|upload| upload.id == single.id), "ready ones are not abandoned");
     assert!(store.pending_before(1_500, 10).await.unwrap().iter().all(|upload| upload.created_at_ms < 1_500));
 
+    assert!(!store.attach(parts.id, "m1").await.unwrap(), "only ready media is attached");
+    assert!(store.attach(single.id, "m1").await.unwrap());
+    assert!(store.attach(single.id, "m1").await.unwrap(), "the same message again: a retried send");
+    assert!(!store.attach(single.id, "m2").await.unwrap(), "one message per media");
+    assert!(!store.abandon(single.id).await.unwrap(), "a ready upload is not abandoned");
     assert!(store.mark_deleted(single.id).await.unwrap());
     assert!(!store.mark_deleted(single.id).await.unwrap(), "deleted once");
     assert_eq!(store.ready_bytes(&owner).await.unwrap(), 0, "deleted media use no quota");
-    assert!(store.mark_deleted(parts.id).await.unwrap());
+    assert!(store.abandon(parts.id).await.unwrap(), "a pending upload is abandoned once");
+    assert!(!store.abandon(parts.id).await.unwrap());
     assert!(!store.mark_ready(parts.id, &processed).await.unwrap(), "a deleted upload never becomes ready");
 }
