@@ -154,15 +154,10 @@ impl Client {
         let media_id = ticket.media_id.clone();
         let mut attempt = 0;
         loop {
-            let held: u64 = ticket
-                .completed_parts
-                .iter()
-                .map(|part| {
-                    let offset = u64::from(part - 1) * self.options.multipart_part_bytes;
-                    self.options.multipart_part_bytes.min(total.saturating_sub(offset))
-                })
-                .sum();
-            let mut sent = held;
+            // What storage holds is whatever the requests still to make do not
+            // cover (the server's part size, not this client's option).
+            let remaining: u64 = ticket.requests.iter().map(|request| request.length).sum();
+            let mut sent = total.saturating_sub(remaining);
             progress(Progress { media_id: media_id.clone(), sent_bytes: sent, total_bytes: total });
             let mut failed = None;
             for request in &ticket.requests {

@@ -62,10 +62,6 @@ impl Cdn {
         })
     }
 
-    pub fn is_cdn(&self) -> bool {
-        !matches!(self, Cdn::None)
-    }
-
     /// The CDN URL of `key`, working until `expires` (Unix seconds). None without a CDN.
     pub fn url(&self, key: &str, expires: u64) -> Option<String> {
         match self {

@@ -356,8 +356,4 @@ impl Objects {
             .map_err(describe)?;
         Ok(request.into())
     }
-
-    pub fn bucket(&self) -> &str {
-        &self.bucket
-    }
 }

@@ -137,10 +137,6 @@ impl Service {
         Ok(Self { options, store, objects, access, cdn, tickets, decodes })
     }
 
-    pub fn options(&self) -> &Options {
-        &self.options
-    }
-
     /// An upload the caller owns (NOT_FOUND for anyone else's).
     async fn owned(&self, user: &str, media_id: &str) -> Result<Upload> {
         let id = parse_id(media_id, "media_id")?;
