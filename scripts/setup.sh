@@ -7,7 +7,8 @@
 # JDK 17 and Maven with Apache Cassandra 5.0's jars (the CQL node the Scylla
 # store's tests run against), and the cargo tools the checks use:
 # cargo-nextest, cargo-deny (licenses, bans, sources) and cargo-fuzz
-# (libFuzzer targets). Safe to run again.
+# (libFuzzer targets); and the Python packages the Helm chart's checks
+# use (scripts/chart-venv.sh). Safe to run again.
 set -euo pipefail
 
 as_root() {
@@ -40,6 +41,10 @@ if [ ! -f "$cassandra_lib/.complete" ]; then
     mvn -q -B -f "$pom" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$cassandra_lib" >/dev/null
     touch "$cassandra_lib/.complete"
 fi
+
+# The chart checks' Python packages (helm/tests/requirements.txt, pinned),
+# in a venv under the same cache: about 110 MB, 15 s the first time.
+bash "$root/scripts/chart-venv.sh" >/dev/null
 
 # From crates.io, built here (about 15, 5 and 1 minutes on 2 cores the first time).
 cargo_tools=("nextest:cargo-nextest" "deny:cargo-deny" "fuzz:cargo-fuzz")

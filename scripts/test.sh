@@ -3,7 +3,8 @@
 #   scripts/test.sh
 # It installs what is missing (scripts/setup.sh), checks formatting, lints and
 # dependencies (cargo deny), runs each fuzz target briefly from its corpus,
-# then the whole workspace suite with nextest, plus doc tests. The Scylla
+# then the whole workspace suite with nextest, plus doc tests, then the Helm
+# chart checks (scripts/chart.sh). The Scylla
 # store's tests run on one Apache Cassandra 5.0 node the first of them starts
 # (crates/testkit/src/cassandra.rs); it is stopped when this script ends.
 set -euo pipefail
@@ -27,6 +28,10 @@ bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
 cargo test --doc --workspace --locked
 status=0
 cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
+# The Helm chart and the Dockerfile (scripts/chart.sh); the rendered service
+# TOML files are loaded by the binary nextest just built (`config --check`).
+cargo build -p messenger --locked
+MESSENGER_BIN=target/debug/messenger bash scripts/chart.sh || status=$?
 # The end-to-end suite again with the message store on the Cassandra node
 # (in-process systems and the multi-process cluster, each on a keyspace of
 # its own), one test at a time: the node shares the two cores.

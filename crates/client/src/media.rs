@@ -93,6 +93,16 @@ impl Client {
         file: File,
         progress: impl Fn(Progress) + Send + Sync,
     ) -> Result<pb::Attachment, Error> {
+        let ticket = self.create_upload(conversation_id, &file).await?;
+        let media_id = ticket.media_id.clone();
+        self.put_upload(ticket, &file.bytes, &progress).await?;
+        self.complete_upload(&media_id).await
+    }
+
+    /// The first step of [`Client::upload`], for apps that hand the transfer
+    /// to the platform's background uploader: the media id, and the PUT
+    /// requests (URL, headers, byte range) storage will accept for `file`.
+    pub async fn create_upload(&self, conversation_id: &str, file: &File) -> Result<pb::CreateUploadResponse, Error> {
         let size = file.bytes.len() as u64;
         let mut request = pb::CreateUploadRequest {
             conversation_id: conversation_id.to_owned(),
@@ -108,15 +118,14 @@ impl Client {
             request.part_size = part as u64;
             request.part_sha256 = file.bytes.chunks(part).map(|chunk| Sha256::digest(chunk).to_vec()).collect();
         }
-        let ticket = self
+        Ok(self
             .api
             .once(async {
                 let mut api = self.api.current();
                 api.create_upload(request).await
             })
             .await?
-            .into_inner();
-        self.finish_upload(ticket, &file.bytes, &progress).await
+            .into_inner())
     }
 
     /// Continues an upload that was interrupted (the app restarted, the
@@ -128,7 +137,8 @@ impl Client {
         progress: impl Fn(Progress) + Send + Sync,
     ) -> Result<pb::Attachment, Error> {
         let ticket = self.fresh_ticket(media_id).await?;
-        self.finish_upload(ticket, bytes, &progress).await
+        self.put_upload(ticket, bytes, &progress).await?;
+        self.complete_upload(media_id).await
     }
 
     async fn fresh_ticket(&self, media_id: &str) -> Result<pb::CreateUploadResponse, Error> {
@@ -143,12 +153,15 @@ impl Client {
             .into_inner())
     }
 
-    async fn finish_upload(
+    /// Sends `bytes` with the requests of `ticket` (from
+    /// [`Client::create_upload`]); a request that fails is retried with
+    /// fresh URLs, sending only what storage does not hold yet.
+    pub async fn put_upload(
         &self,
         mut ticket: pb::CreateUploadResponse,
         bytes: &[u8],
-        progress: &(impl Fn(Progress) + Send + Sync),
-    ) -> Result<pb::Attachment, Error> {
+        progress: impl Fn(Progress) + Send + Sync,
+    ) -> Result<(), Error> {
         let http = self.http()?;
         let total = bytes.len() as u64;
         let media_id = ticket.media_id.clone();
@@ -185,7 +198,13 @@ impl Client {
                 }
             }
         }
-        let request = pb::CompleteUploadRequest { media_id };
+        Ok(())
+    }
+
+    /// Has the server check and process an upload whose bytes are in
+    /// storage: the attachment a message can then carry.
+    pub async fn complete_upload(&self, media_id: &str) -> Result<pb::Attachment, Error> {
+        let request = pb::CompleteUploadRequest { media_id: media_id.to_owned() };
         let response = self
             .api
             .retried(|mut api| {
@@ -234,8 +253,10 @@ impl Client {
         let mut attempt = 0;
         loop {
             let url = self.media_url(conversation_id, seq, media_id, thumbnail).await?;
-            match get(&http, &url).await {
+            match get(&http, &url, self.options.max_download_bytes).await {
                 Ok(bytes) => return Ok(bytes),
+                // Fetching again would get as much again.
+                Err(error @ Error::Rejected { code: tonic::Code::ResourceExhausted, .. }) => return Err(error),
                 Err(error) if attempt + 1 >= self.options.transfer_attempts => return Err(error),
                 Err(_) => {
                     attempt += 1;
@@ -290,7 +311,14 @@ async fn put(
     Ok(())
 }
 
-async fn get(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, Error> {
+fn too_large(limit: u64) -> Error {
+    Error::Rejected {
+        code: tonic::Code::ResourceExhausted,
+        message: format!("the download is larger than max_download_bytes ({limit} bytes)"),
+    }
+}
+
+async fn get(http: &reqwest::Client, url: &str, limit: u64) -> Result<Vec<u8>, Error> {
     let response = http.get(url).send().await.map_err(transfer_error)?;
     let status = response.status();
     if !status.is_success() {
@@ -299,10 +327,17 @@ async fn get(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, Error> {
             message: format!("storage answered {status}"),
         });
     }
+    if response.content_length().is_some_and(|length| length > limit) {
+        return Err(too_large(limit));
+    }
     let mut stream = response.bytes_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
-        bytes.extend_from_slice(&chunk.map_err(transfer_error)?);
+        let chunk = chunk.map_err(transfer_error)?;
+        if (bytes.len() + chunk.len()) as u64 > limit {
+            return Err(too_large(limit));
+        }
+        bytes.extend_from_slice(&chunk);
     }
     Ok(bytes)
 }

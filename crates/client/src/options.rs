@@ -90,6 +90,9 @@ pub struct Options {
     pub transfer_attempts: u32,
     /// Deadline of one request to storage (one PUT, one part, one GET).
     pub transfer_timeout: Duration,
+    /// Largest download held in memory: a larger answer is refused
+    /// (RESOURCE_EXHAUSTED) before, or as soon as, its bytes pass this.
+    pub max_download_bytes: u64,
 }
 
 impl Options {
@@ -116,6 +119,7 @@ impl Options {
             multipart_part_bytes: 8 * 1024 * 1024,
             transfer_attempts: 4,
             transfer_timeout: Duration::from_secs(300),
+            max_download_bytes: 1024 * 1024 * 1024,
         }
     }
 
@@ -128,6 +132,9 @@ impl Options {
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return Err(Error::InvalidArgument("need 0 < reconnect_min <= reconnect_max".into()));
+        }
+        if self.max_download_bytes == 0 {
+            return Err(Error::InvalidArgument("max_download_bytes must be positive".into()));
         }
         if self.multipart_part_bytes < 5 * 1024 * 1024 || self.transfer_attempts == 0 {
             return Err(Error::InvalidArgument("need multipart_part_bytes >= 5 MiB and transfer_attempts > 0".into()));

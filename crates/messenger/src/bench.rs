@@ -7,9 +7,11 @@
 //! Layout: `bench/server.rs` (the system under test and its /proc figures),
 //! `bench/clients.rs` (client fleets, latency stamps, histograms),
 //! `bench/scenarios.rs` (idle, direct, group, history, reconnect),
+//! `bench/media.rs` (tickets, completes, a 12 MP photo, upload throughput),
 //! `bench/report.rs` (results, table, JSON).
 
 mod clients;
+mod media;
 mod report;
 mod scenarios;
 mod server;
@@ -39,12 +41,14 @@ pub enum Scenario {
     Group,
     History,
     Reconnect,
+    /// Upload tickets and completes per second, a 12 MP photo's complete, PUT throughput.
+    Media,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchOptions {
     /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_values = ["idle", "direct", "group", "history", "reconnect"])]
+    #[arg(long, value_delimiter = ',', default_values = ["idle", "direct", "group", "history", "reconnect", "media"])]
     pub scenarios: Vec<Scenario>,
     /// Drive this running gateway instead of starting one (server figures need --server-pid).
     #[arg(long)]
@@ -100,6 +104,18 @@ pub struct BenchOptions {
     pub reconnect_conversations: usize,
     #[arg(long, default_value_t = 100)]
     pub reconnect_messages: usize,
+    /// Media: clients uploading at once, tickets and completes measured,
+    /// 12-megapixel photos completed, and the large file's size in MiB.
+    #[arg(long, default_value_t = 20)]
+    pub media_clients: usize,
+    #[arg(long, default_value_t = 2_000)]
+    pub media_tickets: usize,
+    #[arg(long, default_value_t = 200)]
+    pub media_completes: usize,
+    #[arg(long, default_value_t = 3)]
+    pub media_photos: usize,
+    #[arg(long, default_value_t = 64)]
+    pub media_large_mib: usize,
     /// Write the JSON report here (it is also printed).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -146,6 +162,7 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
                 Scenario::Group => report.group = scenarios::group(&options, &server, auth).await?,
                 Scenario::History => report.history = Some(scenarios::history(&options, &server, auth).await?),
                 Scenario::Reconnect => report.reconnect = Some(scenarios::reconnect(&options, &server, auth).await?),
+                Scenario::Media => report.media = Some(media::media(&options, &server, auth).await?),
             }
             if options.target.is_some() {
                 shared = Some(server);

@@ -53,6 +53,12 @@ impl Validate for Config {
         self.message.validate()?;
         self.presence.validate()?;
         self.media.validate()?;
+        if self.media.store == messenger_media::StoreBackend::Scylla
+            && self.message.store != messenger_message::StoreBackend::Scylla
+        {
+            // The media tables live in the message store's keyspace.
+            self.message.scylla.validate()?;
+        }
         self.gateway.validate_renewal(self.presence.session_ttl)?;
         // Key files must parse; whether any key is configured is checked
         // where a gateway starts (`messenger up` runs in development mode).
@@ -96,6 +102,36 @@ mod tests {
         assert!(text.contains("[gateway]"), "{text}");
         let parsed: Config = toml::from_str(&text).unwrap();
         assert_eq!(parsed.gateway.listen, config.gateway.listen);
+    }
+
+    /// Through the layers `messenger` loads (defaults under the file): a
+    /// file's replication replaces the default one instead of merging into it.
+    #[test]
+    fn a_files_replication_is_taken_whole_over_the_defaults() {
+        let text = r#"
+            [message.scylla.replication]
+            strategy = "NetworkTopologyStrategy"
+            datacenters = { dc1 = 3 }
+        "#;
+        let config: Config = messenger_platform::config::parse(text).unwrap();
+        let expected = messenger_platform::cql::Replication::NetworkTopologyStrategy {
+            datacenters: [("dc1".to_owned(), 3)].into(),
+        };
+        assert_eq!(config.message.scylla.replication(), expected);
+        let simple = r#"message.scylla.replication = { strategy = "SimpleStrategy", factor = 2 }"#;
+        let config: Config = messenger_platform::config::parse(simple).unwrap();
+        assert_eq!(
+            config.message.scylla.replication(),
+            messenger_platform::cql::Replication::SimpleStrategy { factor: 2 }
+        );
+        let mixed =
+            r#"message.scylla.replication = { strategy = "SimpleStrategy", factor = 2, datacenters = { dc1 = 3 } }"#;
+        assert!(messenger_platform::config::parse::<Config>(mixed).is_err(), "a mixed table is refused");
+        let unset: Config = messenger_platform::config::parse("").unwrap();
+        assert_eq!(
+            unset.message.scylla.replication(),
+            messenger_platform::cql::Replication::SimpleStrategy { factor: 1 }
+        );
     }
 
     #[test]

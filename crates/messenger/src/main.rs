@@ -76,8 +76,13 @@ enum Command {
         days: u32,
     },
     /// Print the effective configuration as TOML.
-    Config,
-    /// Create or upgrade the message store's schema (SQLite file or Scylla keyspace), then exit.
+    Config {
+        /// Only check it (every layer merged, every value and the key files
+        /// it names): print a one-line verdict, exit non-zero when invalid.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Create or upgrade the stores' schemas (SQLite file or Scylla keyspace), then exit.
     Migrate,
     /// Measure throughput, latency and memory with simulated SDK clients.
     Bench(messenger::bench::BenchOptions),
@@ -101,7 +106,8 @@ async fn main() -> anyhow::Result<()> {
             println!("a process running every role (messenger up) uses:\n\n{}", generated.config_snippet("all"));
             println!("one role per process: cluster_cert_file = <role>.pem, cluster_key_file = <role>-key.pem");
         }
-        Command::Config => print!("{}", messenger_platform::config::render(&config)?),
+        Command::Config { check: true } => println!("configuration is valid"),
+        Command::Config { check: false } => print!("{}", messenger_platform::config::render(&config)?),
         Command::Migrate => {
             telemetry::init(&config.log);
             println!("{}", system::migrate(&config).await?);

@@ -186,7 +186,8 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         let (endpoint, embedded) = media_objects(&mut config).await?;
         addresses.objects = embedded.as_ref().map(|embedded| embedded.endpoint());
         objects = embedded;
-        let store = messenger_media::open_store(&config.media, &config.data_dir)?;
+        let store =
+            messenger_media::open_store(&config.media, &config.data_dir, &config.message.scylla.cluster()).await?;
         let client = messenger_media::Objects::connect(&config.media.s3, &endpoint).await?;
         let service =
             messenger_media::service(config.media.clone(), store, client, discovery.clone(), &config.discovery)?;
@@ -329,17 +330,23 @@ async fn open_store(
     })
 }
 
-/// Creates or upgrades the configured message store's schema (`messenger
-/// migrate`); returns what it did, for the operator.
+/// Creates or upgrades the schema of the configured message store, and of
+/// the media store when it is on Scylla too (`messenger migrate`); returns
+/// what it did, for the operator.
 pub async fn migrate(config: &Config) -> anyhow::Result<String> {
-    Ok(match config.message.store {
+    let mut report = match config.message.store {
         // Opening a SQLite database runs its migrations.
         StoreBackend::Sqlite => {
             drop(SqliteStore::open(&config.database_path(), &config.message.sqlite)?);
             format!("sqlite {}: schema up to date", config.database_path().display())
         }
         StoreBackend::Scylla => messenger_message::scylla::migrate(&config.message.scylla).await?.to_string(),
-    })
+    };
+    if config.media.store == messenger_media::StoreBackend::Scylla {
+        let media = messenger_media::scylla::migrate(&config.message.scylla.cluster()).await?;
+        report.push_str(&format!("\n{media}"));
+    }
+    Ok(report)
 }
 
 /// Every role: what `messenger up` runs.

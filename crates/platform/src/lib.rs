@@ -12,6 +12,8 @@
 //! - [`tls`]: TLS on the public port, mutual TLS between services, the roles
 //!   a cluster certificate carries; [`authorize`]: which role may call which
 //!   internal RPC; [`reload`]: key and certificate files read again on change.
+//! - [`cql`]: what the CQL stores share: cluster session, driver error
+//!   mapping, LWT answers, versioned schema migrations.
 //! - [`ids`]: UUIDv7 ids and wall-clock milliseconds.
 //! - [`server`]: the bootstrap every gRPC server uses: HTTP/2 limits, health,
 //!   reflection, graceful drain.
@@ -23,6 +25,7 @@
 pub mod auth;
 pub mod authorize;
 pub mod config;
+pub mod cql;
 pub mod discovery;
 pub mod ids;
 pub mod redis;

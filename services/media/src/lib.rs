@@ -11,7 +11,8 @@
 //! message service answers who may see what.
 //!
 //! Layout:
-//! - [`store`]: the `MediaStore` trait (upload records); [`sqlite`] its embedded backend.
+//! - [`store`]: the `MediaStore` trait (upload records); [`sqlite`] its embedded
+//!   backend, [`scylla`] the one for several instances (the message store's cluster).
 //! - [`objects`]: `aws-sdk-s3` calls and presigning; [`embedded`]: the in-process S3 server.
 //! - `kinds.rs` (declared type vs. magic bytes), `images.rs` (bounded decode,
 //!   re-encode, thumbnail, BlurHash), `links.rs` (CDN URL signing, Content-Disposition).
@@ -30,6 +31,7 @@ pub mod kinds;
 pub mod links;
 pub mod objects;
 mod options;
+pub mod scylla;
 mod service;
 pub mod sqlite;
 pub mod store;
@@ -37,7 +39,7 @@ pub mod store;
 use std::{path::Path, sync::Arc};
 
 use messenger_platform::{
-    authorize,
+    authorize, cql,
     discovery::{self, Discovery, DiscoveryOptions, Role},
     server::{self, Port, ServerOptions},
     supervise::Supervisor,
@@ -53,16 +55,19 @@ pub use objects::Objects;
 pub use options::{CdnMode, CdnOptions, ImageOptions, Options, S3Options, StoreBackend};
 pub use service::{Access, Service, object_key, pending_key};
 
-/// The store `options` ask for; SQLite files live under `data_dir`.
-pub fn open_store(options: &Options, data_dir: &Path) -> Result<Arc<dyn store::MediaStore>, Error> {
+/// The store `options` ask for: SQLite files live under `data_dir`; the
+/// Scylla store uses the cluster and keyspace of the message store.
+pub async fn open_store(
+    options: &Options,
+    data_dir: &Path,
+    cluster: &cql::Cluster,
+) -> Result<Arc<dyn store::MediaStore>, Error> {
     match options.store {
         StoreBackend::Sqlite => {
             let path = options.database.clone().unwrap_or_else(|| data_dir.join("media.db"));
             Ok(Arc::new(sqlite::SqliteStore::open(&path)?))
         }
-        StoreBackend::Scylla => Err(Error::InvalidArgument(
-            "media.store = \"scylla\" is not built yet; use \"sqlite\" (one media instance per database file)".into(),
-        )),
+        StoreBackend::Scylla => Ok(Arc::new(scylla::ScyllaStore::connect(cluster).await?)),
     }
 }
 

@@ -18,7 +18,7 @@ pub enum StoreBackend {
     /// One SQLite file (`database`): the embedded default.
     #[default]
     Sqlite,
-    /// The ScyllaDB cluster the message service uses (`scylla`), for several media instances.
+    /// The ScyllaDB cluster and keyspace of `message.scylla`, for several media instances.
     Scylla,
 }
 

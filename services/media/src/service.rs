@@ -469,7 +469,9 @@ impl Service {
             return Err(Error::InvalidArgument("client_msg_id is required".into()));
         }
         let conversation = parse_id(conversation_id, "conversation_id")?;
-        let mut attachments = Vec::with_capacity(media_ids.len());
+        // Every media is checked before any is tied to the message: a send
+        // refused for one of them leaves the others free for the next send.
+        let mut uploads = Vec::with_capacity(media_ids.len());
         for media_id in media_ids {
             let id = parse_id(media_id, "media_id")?;
             let upload = match self.store.get(id).await? {
@@ -487,9 +489,14 @@ impl Service {
                     "media {media_id} is not complete (CompleteUpload first)"
                 )));
             }
-            if !self.store.attach(id, client_msg_id).await? {
+            uploads.push(upload);
+        }
+        let mut attachments = Vec::with_capacity(uploads.len());
+        for upload in uploads {
+            if !self.store.attach(upload.id, client_msg_id).await? {
                 return Err(Error::FailedPrecondition(format!(
-                    "media {media_id} was sent with another message already; upload it again to send it again"
+                    "media {} was sent with another message already; upload it again to send it again",
+                    upload.id
                 )));
             }
             attachments.push(attachment(&upload));

@@ -33,6 +33,15 @@ pub enum Error {
     Media(Status),
 }
 
+impl From<messenger_platform::cql::Error> for Error {
+    fn from(error: messenger_platform::cql::Error) -> Self {
+        match error {
+            messenger_platform::cql::Error::Unavailable(text) => Error::Unavailable(text),
+            messenger_platform::cql::Error::Storage(text) => Error::Storage(text),
+        }
+    }
+}
+
 impl From<Error> for Status {
     /// Storage and backend failures reach the client as an error id only: the
     /// details (SQL, driver and Redis text) go to this service's log under

@@ -92,9 +92,8 @@ mod statements;
 use std::{sync::Arc, time::Duration};
 
 use ::scylla::{
-    client::{execution_profile::ExecutionProfile, session::Session, session_builder::SessionBuilder},
+    client::session::Session,
     deserialize::row::DeserializeRow,
-    policies::{load_balancing::DefaultPolicy, retry::DefaultRetryPolicy},
     response::query_result::QueryResult,
     serialize::{batch::BatchValues, row::SerializeRow},
     statement::batch::{Batch, BatchType},
@@ -111,13 +110,13 @@ use crate::{
         MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
-use rows::{Lwt, execution_error, other, pager_error, session_error};
+use rows::{Lwt, execution_error, other, pager_error};
 use statements::{Arity, Prepared, Statements};
 
-pub use migrate::MigrationReport;
 #[cfg(test)]
-use options::valid_identifier;
-pub use options::{ConsistencyLevel, Replication, ScyllaOptions, SerialLevel};
+use messenger_platform::cql::valid_identifier;
+pub use messenger_platform::cql::{ConsistencyLevel, MigrationReport, Replication, SerialLevel};
+pub use options::ScyllaOptions;
 
 /// The schema, with `{keyspace}` and `{replication}` placeholders.
 pub(crate) const SCHEMA: &str = include_str!("scylla/schema.cql");
@@ -130,32 +129,14 @@ pub(crate) fn schema_statements(options: &ScyllaOptions) -> Vec<String> {
         .map(str::trim)
         .filter(|statement| !statement.is_empty())
         .map(|statement| {
-            statement.replace("{keyspace}", &options.keyspace).replace("{replication}", &options.replication.to_cql())
+            statement.replace("{keyspace}", &options.keyspace).replace("{replication}", &options.replication().to_cql())
         })
         .collect()
 }
 
 async fn open_session(options: &ScyllaOptions) -> Result<Session> {
     options.validate().map_err(Error::InvalidArgument)?;
-    let mut balancing = DefaultPolicy::builder().token_aware(true).permit_dc_failover(false);
-    if let Some(datacenter) = &options.local_datacenter {
-        balancing = balancing.prefer_datacenter(datacenter.clone());
-    }
-    let profile = ExecutionProfile::builder()
-        .consistency(options.consistency.into())
-        .serial_consistency(Some(options.serial_consistency.serial()))
-        .request_timeout(Some(options.request_timeout))
-        .retry_policy(Arc::new(DefaultRetryPolicy::new()))
-        .load_balancing_policy(balancing.build())
-        .build();
-    let mut builder = SessionBuilder::new()
-        .known_nodes(&options.nodes)
-        .connection_timeout(options.connect_timeout)
-        .default_execution_profile_handle(profile.into_handle());
-    if let (Some(username), Some(password)) = (&options.username, &options.password) {
-        builder = builder.user(username, password);
-    }
-    builder.build().await.map_err(session_error)
+    Ok(messenger_platform::cql::connect(&options.cluster()).await?)
 }
 
 /// Brings the keyspace to the newest schema version (creating it if

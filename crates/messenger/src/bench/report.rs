@@ -18,6 +18,7 @@ pub struct Report {
     pub group: Vec<Group>,
     pub history: Option<History>,
     pub reconnect: Option<Reconnect>,
+    pub media: Option<Media>,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,6 +100,31 @@ pub struct Reconnect {
     pub seconds_to_caught_up: f64,
 }
 
+#[derive(Debug, Serialize)]
+pub struct Media {
+    pub clients: usize,
+    /// Upload tickets (membership, type, quota and rate checks, presigning).
+    pub tickets: usize,
+    pub tickets_per_sec: f64,
+    pub ticket_p50_ms: f64,
+    pub ticket_p99_ms: f64,
+    pub server_cpu_ms_per_ticket: f64,
+    /// Completes of 64 KiB files already in storage (HEAD, type check).
+    pub completes: usize,
+    pub completes_per_sec: f64,
+    pub server_cpu_ms_per_complete: f64,
+    /// Complete of a 12-megapixel JPEG: decode, re-encode without
+    /// metadata, thumbnail, BlurHash (median of the runs).
+    pub photo_bytes: usize,
+    pub photo_complete_p50_s: f64,
+    /// One file in parts, ticket to complete.
+    pub large_mib: usize,
+    pub large_upload_mib_per_sec: f64,
+    /// 4 MiB files uploaded at once, in all.
+    pub parallel_uploads: usize,
+    pub parallel_upload_mib_per_sec: f64,
+}
+
 impl Report {
     pub fn new(options: &BenchOptions, server: &Server, store: Store) -> Self {
         let memory_gib = std::fs::read_to_string("/proc/meminfo")
@@ -120,6 +146,7 @@ impl Report {
             group: Vec::new(),
             history: None,
             reconnect: None,
+            media: None,
         }
     }
 
@@ -198,6 +225,26 @@ impl Report {
                 reconnect.missed_messages, reconnect.conversations, reconnect.seconds_to_caught_up
             );
         }
+        if let Some(media) = &self.media {
+            out += &format!(
+                "\nmedia    {} clients: {:.0} tickets/s (p50 {:.2} ms, p99 {:.2} ms, {:.2} server cpu-ms each); \
+                 {:.0} completes/s ({:.2} cpu-ms each)\n         12 MP JPEG ({:.1} MiB) complete {:.2} s; \
+                 upload {:.0} MiB/s ({} MiB in parts), {:.0} MiB/s ({} x 4 MiB at once)\n",
+                media.clients,
+                media.tickets_per_sec,
+                media.ticket_p50_ms,
+                media.ticket_p99_ms,
+                media.server_cpu_ms_per_ticket,
+                media.completes_per_sec,
+                media.server_cpu_ms_per_complete,
+                media.photo_bytes as f64 / 1024.0 / 1024.0,
+                media.photo_complete_p50_s,
+                media.large_upload_mib_per_sec,
+                media.large_mib,
+                media.parallel_upload_mib_per_sec,
+                media.parallel_uploads
+            );
+        }
         out
     }
 }
@@ -205,7 +252,7 @@ impl Report {
 /// Key figures of each store in one table, with each store's ratio to the first.
 pub fn side_by_side(reports: &[Report]) -> String {
     type Figure = (&'static str, fn(&Report) -> Option<f64>);
-    let figures: [Figure; 7] = [
+    let figures: [Figure; 10] = [
         ("direct saturation, delivered/s", |r| r.direct.as_ref().map(|d| d.saturation_per_sec)),
         ("direct p50 ms at half saturation", |r| r.direct.as_ref()?.half_saturation.as_ref().map(|h| h.p50_ms)),
         ("group deliveries/s (first size)", |r| r.group.first().map(|g| g.deliveries_per_sec)),
@@ -213,6 +260,9 @@ pub fn side_by_side(reports: &[Report]) -> String {
         ("history miss p50 ms", |r| r.history.as_ref().map(|h| h.miss_p50_ms)),
         ("history miss p99 ms", |r| r.history.as_ref().map(|h| h.miss_p99_ms)),
         ("reconnect catch-up s", |r| r.reconnect.as_ref().map(|c| c.seconds_to_caught_up)),
+        ("media tickets/s", |r| r.media.as_ref().map(|m| m.tickets_per_sec)),
+        ("media completes/s", |r| r.media.as_ref().map(|m| m.completes_per_sec)),
+        ("media 12 MP photo complete s", |r| r.media.as_ref().map(|m| m.photo_complete_p50_s)),
     ];
     let mut out = String::from("\nside by side (ratio to the first store)\n");
     out += &format!("  {:<36}", "");

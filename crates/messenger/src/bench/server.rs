@@ -51,7 +51,8 @@ impl Server {
                 .env("MESSENGER_MESSAGE__STORE", "scylla")
                 .env("MESSENGER_MESSAGE__SCYLLA__NODES", format!("[\"{node}\"]"))
                 .env("MESSENGER_MESSAGE__SCYLLA__KEYSPACE", keyspace)
-                .env("MESSENGER_MESSAGE__SCYLLA__MIGRATE_ON_START", "true");
+                .env("MESSENGER_MESSAGE__SCYLLA__MIGRATE_ON_START", "true")
+                .env("MESSENGER_MEDIA__STORE", "scylla");
         }
         // Every client connects from this one address, and one user reads
         // history thousands of times: no per-user or per-address limit applies.
@@ -81,6 +82,7 @@ impl Server {
             .env("MESSENGER_MEDIA__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_MEDIA__S3__EMBEDDED_LISTEN", "127.0.0.1:0")
             // The benchmark measures capacity, not the per-user abuse limits.
+            .env("MESSENGER_MEDIA__TICKETS_PER_MINUTE", "10000000")
             .env("MESSENGER_GATEWAY__SENDS_PER_SECOND", "10000000")
             .env("MESSENGER_GATEWAY__SEND_BURST", "10000000")
             .env("MESSENGER_GATEWAY__MAX_SESSIONS", "1000000")

@@ -84,6 +84,20 @@ async fn photo_is_sent_received_and_downloaded_without_its_gps() {
             .unwrap();
     assert_eq!((thumbnail.width(), thumbnail.height()), (320, 240));
 
+    // The SDK holds at most max_download_bytes of a download: the edge passes, a byte less is refused.
+    for (limit, fits) in [(attachment.size, true), (attachment.size - 1, false)] {
+        let mut options = system.options("bob", "tablet");
+        options.max_download_bytes = limit;
+        let (tablet, _events) = messenger_client::Client::connect(options).await.unwrap();
+        let result = tablet.download(&conversation, ack.seq, &attachment.media_id, false).await;
+        match (fits, result) {
+            (true, Ok(bytes)) => assert_eq!(bytes, original),
+            (false, Err(error)) => assert_eq!(error.code(), Code::ResourceExhausted, "{error}"),
+            (fits, other) => panic!("limit {limit} (fits: {fits}): {other:?}"),
+        }
+        tablet.close().await;
+    }
+
     let history = bob.history(&conversation, 0, 10).await.unwrap();
     assert_eq!(history.messages.last().unwrap().attachments, message.attachments, "history carries them too");
     // Nothing is left under the pending prefix once complete.
@@ -223,8 +237,14 @@ async fn only_members_get_tickets_and_urls_and_only_own_ready_media_is_sent() {
     let error = alice.send_attachments(&direct, "again", std::slice::from_ref(&media_id)).await.unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition, "one message per media (deleting one deletes it): {error}");
     let pending = ticket(&system, "alice", &direct, "image/jpeg", &jpeg_with_gps(8, 8)).await;
-    let error = alice.send_attachments(&direct, "", &[pending.media_id]).await.unwrap_err();
+    let error = alice.send_attachments(&direct, "", std::slice::from_ref(&pending.media_id)).await.unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition, "an incomplete upload: {error}");
+    // A send refused for one of its media ties none of them: the good one goes with the next send.
+    let ready = alice.upload(&direct, photo.clone(), |_| {}).await.unwrap().media_id;
+    let both = [ready.clone(), pending.media_id];
+    let error = alice.send_attachments(&direct, "both", &both).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition, "{error}");
+    alice.send_attachments(&direct, "the ready one", &[ready]).await.unwrap();
 
     let group = alice.create_group("trip", &["bob", "carol"]).await.unwrap().conversation_id;
     let error = alice.send_attachments(&group, "", std::slice::from_ref(&media_id)).await.unwrap_err();

@@ -418,3 +418,31 @@ async fn blocked_users_get_no_direct_conversation_no_sends_and_no_presence() {
     let status = raw.block_user(block).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "the seventh change: {status:?}");
 }
+
+/// `messenger config --check`, what a deployment (the Helm chart's tests)
+/// runs over a rendered configuration: a verdict, and the key at fault.
+#[test]
+fn config_check_accepts_a_valid_file_and_names_what_is_wrong_in_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |toml: &str| {
+        let path = dir.path().join("messenger.toml");
+        std::fs::write(&path, toml).unwrap();
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_messenger"))
+            .arg("--config")
+            .arg(&path)
+            .args(["config", "--check"])
+            .env_remove("MESSENGER_TEST_STORE")
+            .env_remove("MESSENGER_TEST_SCYLLA")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let (ok, text) = check("[message]\nstore = \"scylla\"\n[media]\nstore = \"scylla\"\n");
+    assert!(ok && text.contains("configuration is valid"), "{text}");
+    let (ok, text) = check("[gateway]\nlisten = \"127.0.0.1:7700\"\nlisen = \"typo\"\n");
+    assert!(!ok && text.contains("lisen"), "an unknown key is refused by name: {text}");
+    // The media tables live in the message store's keyspace: its settings are checked too.
+    let (ok, text) = check("[media]\nstore = \"scylla\"\n[message.scylla]\nrequest_timeout = \"10s\"\n");
+    assert!(!ok && text.contains("lock_timeout"), "{text}");
+}

@@ -81,6 +81,8 @@ impl TestSystem {
         if on_scylla() {
             config.message.store = messenger_message::StoreBackend::Scylla;
             config.message.scylla = scylla_options().await;
+            // The media records go in the same keyspace.
+            config.media.store = messenger_media::StoreBackend::Scylla;
         }
         adjust(&mut config);
         let running = system::start(config.clone(), &system::ALL_ROLES).await.unwrap();

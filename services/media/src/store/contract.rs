@@ -4,7 +4,7 @@ use uuid::Uuid;
 
 use super::*;
 
-fn upload(owner: &str, created_at_ms: i64, multipart: bool) -> Upload {
+pub(crate) fn upload(owner: &str, created_at_ms: i64, multipart: bool) -> Upload {
     Upload {
         id: Uuid::now_v7(),
         owner: owner.to_owned(),

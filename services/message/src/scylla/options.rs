@@ -1,91 +1,12 @@
 //! `ScyllaOptions`: where the cluster is, how the keyspace is replicated,
 //! consistency levels, timeouts and the limits of the send path.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use ::scylla::statement::{Consistency, SerialConsistency};
+use messenger_platform::cql::{
+    Cluster, ConsistencyLevel, Replication, SerialLevel, valid_datacenter, valid_identifier,
+};
 use serde::{Deserialize, Serialize};
-
-/// How the keyspace is replicated. Development uses `SimpleStrategy` with
-/// one replica; production uses `NetworkTopologyStrategy` with (at least)
-/// three replicas in each datacenter.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "strategy", deny_unknown_fields)]
-pub enum Replication {
-    SimpleStrategy { factor: u32 },
-    NetworkTopologyStrategy { datacenters: BTreeMap<String, u32> },
-}
-
-impl Replication {
-    /// The CQL map literal for `CREATE KEYSPACE` (after `validate`).
-    pub(super) fn to_cql(&self) -> String {
-        match self {
-            Replication::SimpleStrategy { factor } => {
-                format!("{{'class': 'SimpleStrategy', 'replication_factor': {factor}}}")
-            }
-            Replication::NetworkTopologyStrategy { datacenters } => {
-                let mut text = String::from("{'class': 'NetworkTopologyStrategy'");
-                for (datacenter, factor) in datacenters {
-                    text.push_str(&format!(", '{datacenter}': {factor}"));
-                }
-                text.push('}');
-                text
-            }
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ConsistencyLevel {
-    One,
-    Two,
-    Three,
-    Quorum,
-    All,
-    LocalQuorum,
-    EachQuorum,
-    LocalOne,
-}
-
-impl From<ConsistencyLevel> for Consistency {
-    fn from(level: ConsistencyLevel) -> Self {
-        match level {
-            ConsistencyLevel::One => Consistency::One,
-            ConsistencyLevel::Two => Consistency::Two,
-            ConsistencyLevel::Three => Consistency::Three,
-            ConsistencyLevel::Quorum => Consistency::Quorum,
-            ConsistencyLevel::All => Consistency::All,
-            ConsistencyLevel::LocalQuorum => Consistency::LocalQuorum,
-            ConsistencyLevel::EachQuorum => Consistency::EachQuorum,
-            ConsistencyLevel::LocalOne => Consistency::LocalOne,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum SerialLevel {
-    Serial,
-    LocalSerial,
-}
-
-impl SerialLevel {
-    pub(super) fn serial(self) -> SerialConsistency {
-        match self {
-            SerialLevel::Serial => SerialConsistency::Serial,
-            SerialLevel::LocalSerial => SerialConsistency::LocalSerial,
-        }
-    }
-
-    /// The consistency of a read that must see every committed LWT.
-    pub(super) fn read(self) -> Consistency {
-        match self {
-            SerialLevel::Serial => Consistency::Serial,
-            SerialLevel::LocalSerial => Consistency::LocalSerial,
-        }
-    }
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -93,8 +14,12 @@ pub struct ScyllaOptions {
     /// Contact points, `host:port`.
     pub nodes: Vec<String>,
     pub keyspace: String,
-    /// Used by `migrate` when it creates the keyspace.
-    pub replication: Replication,
+    /// Used by `migrate` when it creates the keyspace; unset means
+    /// `SimpleStrategy` with one replica (development). Not a default value:
+    /// the layers below a file would merge into a file's table, so a file's
+    /// `NetworkTopologyStrategy` would carry the default's `factor`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
     /// Prefer (and stay in) this datacenter; None treats every node as local.
     pub local_datacenter: Option<String>,
     pub consistency: ConsistencyLevel,
@@ -140,7 +65,7 @@ impl Default for ScyllaOptions {
         Self {
             nodes: vec!["127.0.0.1:9042".into()],
             keyspace: "messenger".into(),
-            replication: Replication::SimpleStrategy { factor: 1 },
+            replication: None,
             local_datacenter: None,
             consistency: ConsistencyLevel::LocalQuorum,
             serial_consistency: SerialLevel::LocalSerial,
@@ -161,20 +86,6 @@ impl Default for ScyllaOptions {
 /// Scylla's longest TTL (20 years).
 const MAX_TTL_SECONDS: u64 = 630_720_000;
 
-/// A keyspace name this store accepts: `[a-z_][a-z0-9_]{0,47}`.
-pub(crate) fn valid_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.len() <= 48
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-}
-
-fn valid_datacenter(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-}
-
 impl ScyllaOptions {
     pub fn validate(&self) -> Result<(), String> {
         if self.nodes.is_empty() || self.nodes.iter().any(|node| node.trim().is_empty()) {
@@ -183,7 +94,7 @@ impl ScyllaOptions {
         if !valid_identifier(&self.keyspace) {
             return Err(format!("message.scylla.keyspace {:?} must match [a-z_][a-z0-9_]{{0,47}}", self.keyspace));
         }
-        match &self.replication {
+        match &self.replication() {
             Replication::SimpleStrategy { factor } if *factor == 0 => {
                 return Err("message.scylla.replication.factor must be positive".into());
             }
@@ -244,6 +155,28 @@ impl ScyllaOptions {
             return Err("message.scylla.max_reservation must be between 1 and 4096".into());
         }
         Ok(())
+    }
+
+    /// The keyspace's replication: the configured one, else one replica.
+    pub fn replication(&self) -> Replication {
+        self.replication.clone().unwrap_or(Replication::SimpleStrategy { factor: 1 })
+    }
+
+    /// The connection settings every CQL store of this cluster uses (the
+    /// media store too, when `media.store = "scylla"`).
+    pub fn cluster(&self) -> Cluster {
+        Cluster {
+            nodes: self.nodes.clone(),
+            keyspace: self.keyspace.clone(),
+            replication: self.replication(),
+            migrate_on_start: self.migrate_on_start,
+            local_datacenter: self.local_datacenter.clone(),
+            consistency: self.consistency,
+            serial_consistency: self.serial_consistency,
+            request_timeout: self.request_timeout,
+            connect_timeout: self.connect_timeout,
+            credentials: self.username.clone().zip(self.password.clone()),
+        }
     }
 
     pub(super) fn dedupe_ttl_seconds(&self) -> i32 {

@@ -5,12 +5,9 @@ use std::collections::BTreeMap;
 
 use ::scylla::{
     DeserializeRow, SerializeRow,
-    errors::{
-        DbError, ExecutionError, NewSessionError, PagerExecutionError, PrepareError, RequestAttemptError, WriteType,
-    },
-    response::query_result::QueryResult,
-    value::{CqlValue, Row},
+    errors::{DbError, ExecutionError, PagerExecutionError, PrepareError, RequestAttemptError, WriteType},
 };
+use messenger_platform::cql;
 use uuid::Uuid;
 
 use super::statements::Arity;
@@ -334,76 +331,14 @@ impl From<&StoredMessage> for NewRow {
     }
 }
 
-/// The answer of a conditional statement: whether it applied, and the
-/// current values Scylla returned with it (the existing row, or the columns
-/// of the condition).
-pub(super) struct Lwt {
-    pub applied: bool,
-    columns: Vec<(String, Option<CqlValue>)>,
-}
-
-impl Lwt {
-    pub(super) fn from_result(result: QueryResult) -> Result<Self, Error> {
-        let rows = result.into_rows_result().map_err(|e| other("conditional statement returned no rows", e))?;
-        let names: Vec<String> = rows.column_specs().iter().map(|spec| spec.name().to_owned()).collect();
-        let row: Row = rows.first_row().map_err(|e| other("conditional statement returned no row", e))?;
-        let columns: Vec<(String, Option<CqlValue>)> = names.into_iter().zip(row.columns).collect();
-        let applied = columns
-            .iter()
-            .find(|(name, _)| name == "[applied]")
-            .and_then(|(_, value)| value.as_ref())
-            .and_then(CqlValue::as_boolean)
-            .ok_or_else(|| Error::Storage("conditional statement returned no [applied] column".into()))?;
-        Ok(Self { applied, columns })
-    }
-
-    fn value(&self, name: &str) -> Option<&CqlValue> {
-        self.columns.iter().find(|(column, _)| column == name).and_then(|(_, value)| value.as_ref())
-    }
-
-    pub(super) fn bigint(&self, name: &str) -> Option<i64> {
-        self.value(name).and_then(CqlValue::as_bigint)
-    }
-
-    pub(super) fn uuid(&self, name: &str) -> Option<Uuid> {
-        self.value(name).and_then(CqlValue::as_uuid)
-    }
-}
+pub(super) use messenger_platform::cql::Lwt;
 
 pub(super) fn other(context: &str, error: impl std::fmt::Display) -> Error {
-    Error::Storage(format!("{context}: {error}"))
+    cql::other(context, error).into()
 }
 
-/// Failures a retry may cure (a node down, overloaded or slow) are
-/// `Unavailable`, which clients retry; the rest are `Storage`.
 pub(super) fn execution_error(error: ExecutionError) -> Error {
-    if is_transient(&error) {
-        Error::Unavailable(format!("scylla: {error}"))
-    } else {
-        Error::Storage(format!("scylla: {error}"))
-    }
-}
-
-fn is_transient(error: &ExecutionError) -> bool {
-    match error {
-        ExecutionError::EmptyPlan | ExecutionError::ConnectionPoolError(_) | ExecutionError::RequestTimeout(_) => true,
-        ExecutionError::LastAttemptError(attempt) => match attempt {
-            RequestAttemptError::DbError(db, _) => matches!(
-                db,
-                DbError::Unavailable { .. }
-                    | DbError::Overloaded
-                    | DbError::IsBootstrapping
-                    | DbError::ReadTimeout { .. }
-                    | DbError::WriteTimeout { .. }
-                    | DbError::ReadFailure { .. }
-                    | DbError::WriteFailure { .. }
-                    | DbError::RateLimitReached { .. }
-            ),
-            RequestAttemptError::BrokenConnectionError(_) | RequestAttemptError::UnableToAllocStreamId => true,
-            _ => false,
-        },
-        _ => false,
-    }
+    cql::execution_error(error).into()
 }
 
 /// Whether a conditional statement that failed this way may still have
@@ -423,18 +358,11 @@ pub(super) fn outcome_unknown(error: &ExecutionError) -> bool {
 }
 
 pub(super) fn prepare_error(error: PrepareError) -> Error {
-    Error::Unavailable(format!("scylla: cannot prepare a statement: {error}"))
+    cql::prepare_error(error).into()
 }
 
 pub(super) fn pager_error(error: PagerExecutionError) -> Error {
-    match error {
-        PagerExecutionError::NextPageError(error) => Error::Unavailable(format!("scylla: {error}")),
-        other => Error::Storage(format!("scylla: {other}")),
-    }
-}
-
-pub(super) fn session_error(error: NewSessionError) -> Error {
-    Error::Unavailable(format!("scylla: cannot connect: {error}"))
+    cql::pager_error(error).into()
 }
 
 /// `Error` is not `Clone`; a batch of sends answers each waiter with its own copy.

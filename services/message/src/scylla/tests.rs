@@ -604,8 +604,9 @@ fn the_checker_catches_mistakes() {
 #[test]
 fn schema_substitutes_keyspace_and_replication() {
     let mut options = ScyllaOptions { keyspace: "chat_test".into(), ..ScyllaOptions::default() };
-    options.replication =
-        Replication::NetworkTopologyStrategy { datacenters: BTreeMap::from([("dc-1".into(), 3), ("dc2".into(), 3)]) };
+    options.replication = Some(Replication::NetworkTopologyStrategy {
+        datacenters: BTreeMap::from([("dc-1".into(), 3), ("dc2".into(), 3)]),
+    });
     let statements = schema_statements(&options);
     assert_eq!(statements.len(), 10);
     assert!(statements[0].contains("{'class': 'NetworkTopologyStrategy', 'dc-1': 3, 'dc2': 3}"), "{}", statements[0]);
@@ -623,13 +624,15 @@ fn options_are_validated() {
         ScyllaOptions { keyspace: "1messenger".into(), ..ScyllaOptions::default() },
         ScyllaOptions { keyspace: "a;drop".into(), ..ScyllaOptions::default() },
         ScyllaOptions { keyspace: "a".repeat(49), ..ScyllaOptions::default() },
-        ScyllaOptions { replication: Replication::SimpleStrategy { factor: 0 }, ..ScyllaOptions::default() },
+        ScyllaOptions { replication: Some(Replication::SimpleStrategy { factor: 0 }), ..ScyllaOptions::default() },
         ScyllaOptions {
-            replication: Replication::NetworkTopologyStrategy { datacenters: BTreeMap::new() },
+            replication: Some(Replication::NetworkTopologyStrategy { datacenters: BTreeMap::new() }),
             ..ScyllaOptions::default()
         },
         ScyllaOptions {
-            replication: Replication::NetworkTopologyStrategy { datacenters: BTreeMap::from([("dc'1".into(), 3)]) },
+            replication: Some(Replication::NetworkTopologyStrategy {
+                datacenters: BTreeMap::from([("dc'1".into(), 3)]),
+            }),
             ..ScyllaOptions::default()
         },
         ScyllaOptions { local_datacenter: Some("dc 1".into()), ..ScyllaOptions::default() },

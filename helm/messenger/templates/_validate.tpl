@@ -1,0 +1,72 @@
+{{/*
+Combinations the service would refuse at start, or that would lose data
+or route badly, refused at render time with the reason.
+*/}}
+{{- define "messenger.validate" -}}
+{{- $values := .Values -}}
+{{- /* helm install checks Chart.yaml's kubeVersion; this makes `helm template --kube-version` check it too. */ -}}
+{{- if not (semverCompare .Chart.KubeVersion .Capabilities.KubeVersion.Version) -}}
+{{- fail (printf "Kubernetes %s is older than the chart supports (%s)" .Capabilities.KubeVersion.Version .Chart.KubeVersion) -}}
+{{- end -}}
+{{- $store := include "messenger.messageStore" . -}}
+{{- $presence := include "messenger.presenceBackend" . -}}
+{{- $cache := include "messenger.cacheBackend" . -}}
+{{- if not (or $values.auth.jwksKey $values.auth.publicKeyKey $values.auth.hs256SecretKey) -}}
+{{- fail "auth: set auth.jwksKey, auth.publicKeyKey or auth.hs256SecretKey (the gateway refuses to start without a verification key)" -}}
+{{- end -}}
+{{- if and (not $values.tls.cluster.enabled) (not $values.tls.cluster.insecurePlaintext) -}}
+{{- fail "tls: with tls.cluster.enabled false the internal ports listen on the pod network in plaintext, which the service refuses unless tls.cluster.insecurePlaintext is true" -}}
+{{- end -}}
+{{- if and $values.tls.public.enabled (not $values.tls.public.existingSecret) -}}
+{{- fail "tls.public.existingSecret is required when tls.public.enabled is true" -}}
+{{- end -}}
+{{- if and (eq $values.discovery.backend "etcd") (not $values.external.etcd.endpoints) -}}
+{{- fail "external.etcd.endpoints is required when discovery.backend is etcd" -}}
+{{- end -}}
+{{- if and (include "messenger.usesScylla" .) (not $values.external.scylla.nodes) -}}
+{{- fail "external.scylla.nodes is required when config.message.store or config.media.store is scylla" -}}
+{{- end -}}
+{{- if and (or (eq $presence "redis") (eq $cache "redis")) (not (or $values.external.redis.url $values.external.redis.existingSecret)) -}}
+{{- fail "external.redis.url or external.redis.existingSecret is required when presence.backend or message.cache.backend is redis" -}}
+{{- end -}}
+{{- if and (eq (include "messenger.cdnMode" .) "cloudfront") (not (and $values.cdn.existingSecret $values.cdn.cloudfrontPrivateKeyKey)) -}}
+{{- fail "cdn.existingSecret and cdn.cloudfrontPrivateKeyKey are required when config.media.cdn.mode is cloudfront" -}}
+{{- end -}}
+{{- if and (eq (include "messenger.cdnMode" .) "hmac") (not (and $values.cdn.existingSecret $values.cdn.hmacSecretKey)) -}}
+{{- fail "cdn.existingSecret and cdn.hmacSecretKey are required when config.media.cdn.mode is hmac" -}}
+{{- end -}}
+{{- range $name := keys $values.roles | sortAlpha -}}
+{{- $role := include "messenger.role" (dict "root" $ "role" $name) | fromJson -}}
+{{- if $role.enabled -}}
+{{- $many := or (gt (int $role.replicas) 1) $role.autoscaling.enabled -}}
+{{- if and $many (eq $name "media") (eq (include "messenger.mediaStore" $) "sqlite") -}}
+{{- fail "roles.media: upload records in SQLite live in one process; set config.media.store to scylla for more than one instance" -}}
+{{- end -}}
+{{- if and $many (eq $name "message") (eq $store "sqlite") -}}
+{{- fail "roles.message: the SQLite store has one writer process; set config.message.store to scylla for more than one instance" -}}
+{{- end -}}
+{{- if and $many (eq $name "presence") (eq $presence "memory") -}}
+{{- fail "roles.presence: sessions in memory live in one process; set config.presence.backend to redis for more than one instance" -}}
+{{- end -}}
+{{- $discovered := false -}}
+{{- range $portName, $port := $role.ports -}}
+{{- if $port.discoveryKey -}}{{- $discovered = true -}}{{- end -}}
+{{- if not (regexMatch "^[a-z_]+\\.[a-z_]+$" $port.listenKey) -}}
+{{- fail (printf "roles.%s.ports.%s.listenKey %q must be section.key" $name $portName $port.listenKey) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $many $discovered (eq $values.discovery.backend "static") -}}
+{{- fail (printf "roles.%s: more than one instance needs discovery.backend etcd (static discovery reaches one address per role, and HTTP/2 connections would stay on one pod)" $name) -}}
+{{- end -}}
+{{- if and $role.autoscaling.enabled $role.autoscaling.targetCPUUtilizationPercentage (not (and $role.resources.requests $role.resources.requests.cpu)) -}}
+{{- fail (printf "roles.%s: autoscaling on CPU needs resources.requests.cpu" $name) -}}
+{{- end -}}
+{{- if and $role.autoscaling.enabled (lt (int $role.autoscaling.maxReplicas) (int $role.autoscaling.minReplicas)) -}}
+{{- fail (printf "roles.%s: autoscaling.maxReplicas is below minReplicas" $name) -}}
+{{- end -}}
+{{- if and $role.persistence.enabled $many -}}
+{{- fail (printf "roles.%s: a ReadWriteOnce data volume serves one pod; turn persistence off for more than one instance" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
