@@ -337,8 +337,10 @@ async fn delete_for_everyone_removes_the_objects() {
 #[tokio::test]
 async fn abandoned_upload_is_swept_after_its_ttl() {
     let system = TestSystem::start_with(|config| {
-        config.media.upload_url_ttl = Duration::from_secs(1);
-        config.media.pending_ttl = Duration::from_secs(2);
+        // The URL must outlive a loaded machine's ticket-to-PUT gap; the sweep may
+        // only take the slot once the URL is dead.
+        config.media.upload_url_ttl = Duration::from_secs(4);
+        config.media.pending_ttl = Duration::from_secs(4);
         config.media.sweep_interval = Duration::from_millis(200);
     })
     .await;
@@ -350,7 +352,7 @@ async fn abandoned_upload_is_swept_after_its_ttl() {
     let held =
         || object_files(&system.objects_dir()).into_iter().filter(|file| file.contains(&ticket.media_id)).count();
     assert_eq!(held(), 1, "uploaded, not completed");
-    let deadline = tokio::time::Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4) + WAIT;
     while held() > 0 {
         assert!(tokio::time::Instant::now() < deadline, "not swept");
         tokio::time::sleep(Duration::from_millis(100)).await;
