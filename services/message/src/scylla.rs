@@ -22,45 +22,59 @@
 //! # Idempotent sends across instances
 //!
 //! Before reserving, each send claims `(conversation, sender, client_msg_id)`
-//! in `send_dedupe` with `INSERT ... IF NOT EXISTS USING TTL dedupe_ttl`. The
-//! claim gets its seq in the same logged batch that writes the message row,
-//! so the two land together. A retry that finds a claim with a seq answers
-//! `Duplicate` with the stored original; one that finds a claim without a seq
-//! (the first attempt is in flight, maybe on another instance) answers
-//! `Unavailable` and the client retries. A claim left without a seq for
-//! `lock_timeout` (its instance died before reserving) may be taken over.
+//! in `send_dedupe` with `INSERT ... IF NOT EXISTS USING TTL dedupe_ttl`.
+//! Once its seq is reserved, the seq is recorded in the claim, and only then
+//! is the message row written. A retry that finds a claim whose seq has a
+//! row answers `Duplicate` with the stored original; one that finds a claim
+//! without a row (the first attempt is in flight, maybe on another instance)
+//! answers `Unavailable` and the client retries. A claim older than twice
+//! `lock_timeout` has no writer left that may still succeed (the budgets
+//! below), so it is taken over: a recorded seq is first declared lost.
+//!
+//! # Lost seqs, and why they stay lost
+//!
+//! A crash (or a write failing past its retries) between the reservation
+//! and the row write leaves a seq with no row; rows of concurrent writers
+//! also land out of order. Forward reads (gap fill, sync) stop at a missing
+//! seq until the next present row is older than twice `lock_timeout`, then
+//! declare it lost and skip it (`reads.rs`); a retry that takes the claim
+//! over does the same for the seq recorded in it. Declaring lost writes a
+//! range tombstone at the declarer's clock, and rows carry their writer's
+//! stamp as write timestamp, so a row that lands later (a write that timed
+//! out on the client but was applied, by hinted handoff or a replica's
+//! backlog) is shadowed and never appears behind a cursor that passed it,
+//! nor as a second seq of one `client_msg_id`. The writer's side of the
+//! bargain is two budgets counted from its stamp, taken just before the head
+//! LWT that reserved its seqs: it writes no row once `lock_timeout / 2` has
+//! passed, and acknowledges none written after `lock_timeout` (its client
+//! retries and finds the original or the lost seq). A later seq's stamp is
+//! at most `lock_timeout / 2` before its reservation, which follows every
+//! earlier one, so a seq is declared lost at least `1.5 x lock_timeout` after
+//! its own stamp, past its writer's last acknowledgement. **Clock bound:**
+//! the arithmetic holds while instances' wall clocks agree within
+//! `lock_timeout / 8` (about 1.9 s at the default 15 s; NTP keeps them
+//! within milliseconds) and do not step. The sender of a lost seq
+//! got no ack and retries, which gives the message a new seq; clients see a
+//! seq number missing but nothing out of order or duplicated. Seqs of group
+//! changes and modifications never become such holes: their rows are
+//! recorded in the head with the reservation and written by the next writer
+//! if theirs stopped (`apply.rs`), and readers never skip them.
 //!
 //! Costs per batch of sends: one LWT on the head (plus one serial read of
-//! the head), one claim LWT per message (distinct partitions, run in
-//! parallel, so latency is one LWT round, not N), and one logged batch per
-//! bucket chunk of rows.
+//! the head), one claim LWT and one seq record per message (distinct
+//! partitions, run in parallel, so latency is one round each, not N), and
+//! one single-partition batch per bucket chunk of rows.
 //!
 //! # Known gaps
 //!
-//! - A crash (or a write failing past its retries) between the reservation
-//!   and the row write leaves seqs with no row. Rows of concurrent writers
-//!   also land out of order, so forward reads (gap fill, sync) stop at a
-//!   missing seq until the next present row is older than twice
-//!   `lock_timeout`, then skip it as lost (`reads.rs`): no device's cursor
-//!   passes a seq that may still arrive, and a lost one delays what follows
-//!   by at most that long. The sender of a lost seq got no ack and retries,
-//!   which gives the message a new seq; clients see a seq number missing but
-//!   nothing out of order or duplicated. Rows are stamped at their
-//!   reservation, and instances' clocks must agree within `lock_timeout`.
-//!   Seqs of group changes and modifications never become such holes: their
-//!   rows are recorded in the head with the reservation and written by the
-//!   next writer if theirs stopped (`apply.rs`), and readers never skip them.
-//! - A logged batch of sends that timed out on the client may still land
-//!   later (Cassandra's batchlog replays it). If its claim was taken over by
-//!   then (after 2 x `lock_timeout`), the message has two seqs. Closing this
-//!   needs the reserved seq recorded with the claim before the rows, so the
-//!   taker fills that seq instead of a new one; but readers may already have
-//!   skipped an old gap as lost, so both rules must change together.
 //! - An LWT whose outcome is unknown (timeout) is resolved by re-reading the
 //!   head at SERIAL: `last_reservation` names the LWT that last moved it. If
 //!   another reservation already followed, the outcome cannot be told and the
-//!   range is treated as not ours (at worst a hole as above, never two
+//!   range is treated as not ours (at worst a lost seq as above, never two
 //!   writers on one seq).
+//! - Every forward read that crosses a lost seq declares it again (one
+//!   tombstone write per gap and read; lost seqs need a crash, so they are
+//!   rare): no record of what was already declared is kept.
 //! - Past `dedupe_ttl` a retry is a new message (SQLite dedupes forever).
 //! - Unread counts look at the newest `UNREAD_SCAN` entries after the read
 //!   cursor only, and the inbox's last message at the newest
@@ -161,6 +175,10 @@ pub(crate) struct Inner {
     /// that stopped there).
     #[cfg(test)]
     fail_plan_writes: std::sync::atomic::AtomicBool,
+    /// Tests: a send's message rows wait here, already on their way (past
+    /// every check), until released: a write that lands late.
+    #[cfg(test)]
+    hold_rows: std::sync::Mutex<Option<send::HoldRows>>,
 }
 
 impl ScyllaStore {
@@ -179,6 +197,8 @@ impl ScyllaStore {
             batcher: send::Batcher::default(),
             #[cfg(test)]
             fail_plan_writes: Default::default(),
+            #[cfg(test)]
+            hold_rows: Default::default(),
         };
         Ok(ScyllaStore { inner: Arc::new(inner) })
     }
@@ -293,6 +313,11 @@ impl BatchBuilder {
     ) {
         self.batch.append_statement(statement.0.clone());
         self.values.push(Box::new(values));
+    }
+
+    /// Writes every statement at this timestamp (microseconds) instead of the coordinator's.
+    fn timestamp(&mut self, micros: i64) {
+        self.batch.set_timestamp(Some(micros));
     }
 
     fn len(&self) -> usize {

@@ -40,20 +40,21 @@ pub struct ScyllaOptions {
     /// How long a send's dedupe claim is kept.
     #[serde(with = "humantime_serde")]
     pub dedupe_ttl: Duration,
-    /// A writer's budget: a send reserves its seqs within half of it, and its
-    /// row writes (three attempts of `request_timeout`) end well within it.
-    /// Another instance takes over a send claim without seq, or a
-    /// conversation's apply lock, only after twice it (its holder is then
-    /// surely gone), and forward reads treat a missing seq as lost only when
-    /// the next present row is older than twice it. Rows are stamped at their
-    /// reservation on the writer's clock and judged on the reader's, so the
-    /// instances' clocks must agree within `lock_timeout` (NTP keeps them
-    /// within milliseconds): a reader ahead by more could skip a seq whose
-    /// writer is still within its budget. Changes recorded in the head are
+    /// A writer's budget: a send reserves its seqs within half of it, writes
+    /// no row once half of it has passed since the reservation, and
+    /// acknowledges no row written after all of it. Another instance takes
+    /// over a send claim, or a conversation's apply lock, only after twice it
+    /// (its holder can then no longer succeed), and forward reads declare a
+    /// missing seq lost only when the next present row is older than twice
+    /// it. Rows are stamped at their reservation on the writer's clock and
+    /// judged on the reader's, so the instances' clocks must agree within
+    /// `lock_timeout / 8` (NTP keeps them within milliseconds): a reader ahead
+    /// by more could declare lost a seq whose writer may still acknowledge it
+    /// (the derivation is in `scylla.rs`). Changes recorded in the head are
     /// never skipped, however old.
     #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
-    /// Most bytes of messages one logged batch of sends writes (bodies plus
+    /// Most bytes of messages one batch of sends writes (bodies plus
     /// a fixed allowance per row). Keep it under the cluster's
     /// `batch_size_fail_threshold`: Cassandra refuses batches past 50 KiB by
     /// default, ScyllaDB past 1 MiB. A single larger message goes alone.

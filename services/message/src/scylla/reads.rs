@@ -8,10 +8,10 @@
 //! missing below a present one may still be written. Forward reads (gap fill,
 //! sync) stop at such a gap, so no device's cursor passes a seq that could
 //! still arrive, unless the next present row is older than twice
-//! `lock_timeout`: every writer that reserved before it has given up by then
-//! (reservation and row writes both run under `lock_timeout / 2` budgets), so
-//! the seq is lost for good (see the known gaps in `scylla.rs`) and skipped.
-//! Backward reads (the newest page) show what exists.
+//! `lock_timeout`: every writer that reserved before it is past its last
+//! acknowledgement by then, so the seq is declared lost (a range tombstone
+//! that shadows a row landing later) and skipped; see "Lost seqs" in
+//! `scylla.rs`. Backward reads (the newest page) show what exists.
 
 use std::collections::HashMap;
 
@@ -131,6 +131,11 @@ async fn range(
             {
                 readable = readable.min(pending.first_row_after(&found[before..], gap));
             }
+            // What is skipped is declared lost first, so it never appears
+            // behind a cursor that passed it.
+            for (low, high) in gaps(&found[before..before + readable], expected) {
+                super::send::declare_lost(inner, id, low, high).await?;
+            }
             if readable < found.len() - before {
                 found.truncate(before + readable);
                 break;
@@ -145,20 +150,24 @@ async fn range(
     Ok(found)
 }
 
+/// The first missing seq among `rows` (ascending, the first expected at `expected`).
+fn first_gap(rows: &[StoredMessage], expected: u64) -> Option<u64> {
+    gaps(rows, expected).next().map(|(low, _)| low)
+}
+
+/// The runs of missing seqs among `rows` (ascending, the first expected at
+/// `expected`), as inclusive ranges.
+pub(super) fn gaps(rows: &[StoredMessage], mut expected: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    rows.iter().filter_map(move |row| {
+        let gap = (row.seq > expected).then(|| (expected, row.seq - 1));
+        expected = row.seq + 1;
+        gap
+    })
+}
+
 /// How many of `rows` (ascending, the first expected at `expected`) can be
 /// handed out: up to the first gap that may still fill, i.e. whose next
 /// present row was sent after `settled`.
-/// The first missing seq among `rows` (ascending, the first expected at `expected`).
-fn first_gap(rows: &[StoredMessage], mut expected: u64) -> Option<u64> {
-    for row in rows {
-        if row.seq > expected {
-            return Some(expected);
-        }
-        expected = row.seq + 1;
-    }
-    None
-}
-
 pub(super) fn readable_prefix(rows: &[StoredMessage], mut expected: u64, settled: i64) -> usize {
     for (index, row) in rows.iter().enumerate() {
         if row.seq > expected && row.sent_at_ms > settled {

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::{
     BatchBuilder, Inner,
     reads::{self, head, member, message_at},
-    rows::{Head, NewRow, chunks, copy_error, execution_error, outcome_unknown, seq_value},
+    rows::{Head, NewRow, bucket, bucket_span, chunks, copy_error, execution_error, outcome_unknown, seq_value},
 };
 use crate::{
     error::{Error, Result},
@@ -36,6 +36,26 @@ use crate::{
 /// other columns (ids, sender, client message id) and its dedupe update.
 const BATCH_ROWS: usize = 64;
 pub(super) const ROW_BYTES: usize = 400;
+
+/// Tests: holds the rows of the send with this client message id.
+#[cfg(test)]
+#[derive(Clone)]
+pub(crate) struct HoldRows {
+    pub client_msg_id: String,
+    pub reached: Arc<tokio::sync::Notify>,
+    pub release: Arc<tokio::sync::Notify>,
+}
+
+#[cfg(test)]
+async fn hold_rows(inner: &Inner, client_msg_ids: impl Iterator<Item = &str>) {
+    let hold = inner.hold_rows.lock().unwrap().clone();
+    if let Some(hold) = hold
+        && client_msg_ids.into_iter().any(|id| id == hold.client_msg_id)
+    {
+        hold.reached.notify_one();
+        hold.release.notified().await;
+    }
+}
 
 struct Pending {
     message: NewMessage,
@@ -191,24 +211,62 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
     if checked.is_empty() {
         return;
     }
-    let (first_seq, checked) = match reserve(inner, head, checked, started).await {
+    let (first_seq, stamp, checked) = match reserve(inner, head, checked, started).await {
         Ok(reserved) => reserved,
         Err((sends, error)) => return give_up(inner, sends, error).await,
     };
-    // Stamped now, after the reservation, on this instance's clock: readers
-    // judge a missing seq lost by the age of the next row, and a stamp from
-    // before queueing could be older than the reservation by any queue wait.
-    let reserved_at = messenger_platform::ids::now_ms();
+    // Stamped at the reservation, not at receipt: readers judge a missing
+    // seq lost by the age of the next row, and a stamp from before queueing
+    // could be older than the reservation by any queue wait.
     let entries: Vec<(StoredMessage, Send)> = checked
         .into_iter()
         .enumerate()
         .map(|(offset, send)| {
             let mut entry = entry(&send.message, first_seq + offset as u64);
-            entry.sent_at_ms = reserved_at;
+            entry.sent_at_ms = stamp.millis();
             (entry, send)
         })
         .collect();
-    write_and_answer(inner, entries).await;
+    write_and_answer(inner, entries, stamp).await;
+}
+
+/// When a batch's seqs were reserved, taken just before the head LWT that
+/// reserved them: on this instance's wall clock (its rows' write timestamp
+/// and `sent_at_ms`, which readers compare with theirs) and on its monotonic
+/// clock (the budgets the writer keeps).
+#[derive(Clone, Copy)]
+pub(super) struct Stamp {
+    micros: i64,
+    at: Instant,
+}
+
+impl Stamp {
+    fn now() -> Stamp {
+        Stamp { micros: now_micros(), at: Instant::now() }
+    }
+
+    fn millis(self) -> i64 {
+        self.micros / 1000
+    }
+}
+
+pub(super) fn now_micros() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Declares the seqs `from..=to` lost for good: a range tombstone per bucket
+/// at this instant, so rows their writers stamped earlier never appear,
+/// whenever they land. Called only past every such writer's deadline.
+pub(super) async fn declare_lost(inner: &Inner, id: Uuid, from: u64, to: u64) -> Result<()> {
+    let now = now_micros();
+    let buckets = (bucket(from)..=bucket(to)).map(|index| {
+        let (low, high) = bucket_span(index, from, to);
+        inner.run(&inner.statements.messages_lost, (now, id, index, seq_value(low), seq_value(high)))
+    });
+    join_all(buckets).await.into_iter().collect::<Result<Vec<()>>>()?;
+    warn!(conversation_id = %id, from, to, "seqs declared lost (their writer stopped before its rows)");
+    Ok(())
 }
 
 /// Why `user` may not send, judged by the roster in the head.
@@ -244,30 +302,45 @@ async fn claim(inner: &Inner, message: &NewMessage) -> Result<Claim> {
             return Ok(Claim::Ours);
         }
         let holder = lwt.uuid("message_id");
+        let claimed_at = lwt.bigint("claimed_at_ms").unwrap_or(0);
+        // Twice the holder's budget: it reserves within `lock_timeout / 2` of
+        // its claim and acknowledges rows only within `lock_timeout` of its
+        // reservation, so a claim this old has no writer that may still succeed.
+        let stale = now.saturating_sub(claimed_at) > takeover_after_ms(inner);
         if let Some(seq) = lwt.bigint("seq") {
-            let original = message_at(inner, id, seq.max(0) as u64).await?.map(|(message, _)| message);
-            return match original {
+            let seq = seq.max(0) as u64;
+            let original = message_at(inner, id, seq).await?.map(|(message, _)| message);
+            match original {
                 Some(original) if original.sender == sender && original.client_msg_id == client => {
-                    Ok(Claim::Duplicate(Box::new(original)))
+                    return Ok(Claim::Duplicate(Box::new(original)));
                 }
-                // The claim's batch has not landed everywhere yet.
-                _ => Err(Error::Unavailable("the original of this message is being stored; retry".into())),
-            };
+                Some(_) => return Err(Error::Storage(format!("seq {seq} holds another message than its claim"))),
+                None if !stale || attempts >= 3 => {
+                    return Err(Error::Unavailable("the original of this message is being stored; retry".into()));
+                }
+                None => {}
+            }
+            attempts += 1;
+            // Its holder stopped between recording the seq and writing the
+            // row: the seq is lost, shadowed first so a late row never shows,
+            // then the claim is ours for a new seq.
+            declare_lost(inner, id, seq, seq).await?;
+            let takeover = (ttl, message.message_id, now, id, sender, client, holder, seq_value(seq));
+            if let Ok(lwt) = inner.lwt(&s.dedupe_takeover_lost, takeover).await?
+                && lwt.applied
+            {
+                return Ok(Claim::Ours);
+            }
+            continue;
         }
         if holder == Some(message.message_id) {
             return Ok(Claim::Ours);
         }
-        let claimed_at = lwt.bigint("claimed_at_ms").unwrap_or(0);
-        // Twice the holder's budget: a holder reserves within `lock_timeout / 2`
-        // and its row writes (three attempts, each bounded by the request and
-        // the server's write timeout) end well before, so a claim taken over
-        // here can no longer get a row from its first holder.
-        let stale = now.saturating_sub(claimed_at) > takeover_after_ms(inner);
         if !stale || attempts >= 3 {
             return Err(Error::Unavailable("an earlier attempt of this message is in flight; retry".into()));
         }
         attempts += 1;
-        // Its holder stopped before reserving a seq: take the claim over.
+        // Its holder stopped before recording a seq: take the claim over.
         let takeover = (ttl, message.message_id, now, id, sender, client, holder);
         if let Ok(lwt) = inner.lwt(&s.dedupe_takeover, takeover).await?
             && lwt.applied
@@ -308,15 +381,16 @@ async fn check_reply(inner: &Inner, id: Uuid, message: &NewMessage) -> Result<()
     Ok(())
 }
 
-/// Reserves one seq per send with the head LWT; returns the first seq and
-/// the sends still accepted. Sends refused on the way are answered here;
-/// on failure the rest come back with the error to answer them with.
+/// Reserves one seq per send with the head LWT; returns the first seq, the
+/// stamp taken before the LWT that reserved it, and the sends still
+/// accepted. Sends refused on the way are answered here; on failure the
+/// rest come back with the error to answer them with.
 async fn reserve(
     inner: &Inner,
     mut head: Head,
     mut sends: Vec<Send>,
     started: Instant,
-) -> Result<(u64, Vec<Send>), (Vec<Send>, Error)> {
+) -> Result<(u64, Stamp, Vec<Send>), (Vec<Send>, Error)> {
     let token = Uuid::now_v7();
     let budget = inner.options.lock_timeout / 2;
     let mut attempt = 0;
@@ -333,6 +407,7 @@ async fn reserve(
         let last = head.last_seq + count;
         let activity = sends.iter().map(|s| s.message.sent_at_ms).max().unwrap_or(0).max(head.last_activity_ms);
         let values = (seq_value(last), activity, token, head.id, seq_value(head.last_seq));
+        let stamp = Stamp::now();
         let applied = match inner.lwt(&inner.statements.head_reserve, values).await {
             Ok(Ok(lwt)) => lwt.applied,
             Ok(Err(error)) if outcome_unknown(&error) => false,
@@ -340,7 +415,7 @@ async fn reserve(
             Err(error) => return Err((sends, error)),
         };
         if applied {
-            return Ok((head.last_seq + 1, sends));
+            return Ok((head.last_seq + 1, stamp, sends));
         }
         // Lost to another writer, or the outcome is unknown: the serial read
         // completes any LWT in progress and tells which.
@@ -350,7 +425,7 @@ async fn reserve(
             Err(error) => return Err((sends, error)),
         };
         if current.last_reservation == Some(token) && current.last_seq == last {
-            return Ok((head.last_seq + 1, sends));
+            return Ok((head.last_seq + 1, stamp, sends));
         }
         if current.last_seq > head.last_seq && current.last_reservation != Some(token) {
             tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)))).await;
@@ -386,33 +461,75 @@ fn entry(message: &NewMessage, seq: u64) -> StoredMessage {
     entry
 }
 
-/// Writes the reserved entries (each with its dedupe seq, in logged batches
-/// per bucket chunk), moves the senders' read cursors, then answers.
-async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>) {
+/// Writes the reserved entries and answers. Each entry's seq is first
+/// recorded in its claim (so whoever takes the claim over knows which seq to
+/// declare lost), then the rows go in one batch per bucket chunk (a single
+/// partition: atomic without the batchlog), timestamped at the reservation.
+///
+/// The writer keeps two budgets from the stamp, which make "lost" safe to
+/// declare (see the known gaps in `scylla.rs`): it writes no row once
+/// `lock_timeout / 2` has passed, and acknowledges none written after
+/// `lock_timeout` (the client retries and finds the original or a lost seq).
+async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>, stamp: Stamp) {
     let ttl = inner.options.dedupe_ttl_seconds();
     let s = &inner.statements;
+    let budget = inner.options.lock_timeout;
+    let late = || Error::Unavailable("the conversation is too busy; retry".into());
+    let records = entries.iter().map(|(entry, _)| {
+        let key = (entry.conversation_id, entry.sender.clone(), entry.client_msg_id.clone());
+        inner.run(&s.dedupe_commit, (ttl, stamp.micros, seq_value(entry.seq), key.0, key.1, key.2))
+    });
+    let records = join_all(records).await;
+    let mut recorded = Vec::with_capacity(entries.len());
+    for (entry, result) in entries.into_iter().zip(records) {
+        match result {
+            Ok(()) => recorded.push(entry),
+            Err(error) => {
+                warn!(%error, seq = entry.0.seq, "cannot record a reserved seq; it stays without a row");
+                release(inner, &entry.1.message).await;
+                entry.1.fail(error);
+            }
+        }
+    }
     let size = |(entry, _): &(StoredMessage, Send)| entry.body.len() + entry.attachments.len() * 512 + ROW_BYTES;
-    let groups = chunks(entries, |(entry, _)| entry.seq, size, BATCH_ROWS, inner.options.batch_max_bytes);
+    let groups = chunks(recorded, |(entry, _)| entry.seq, size, BATCH_ROWS, inner.options.batch_max_bytes);
     let writes = groups.into_iter().map(|group| async move {
-        let mut batch = BatchBuilder::new(BatchType::Logged);
+        if stamp.at.elapsed() > budget / 2 {
+            return (group, Err(late()), false);
+        }
+        let mut batch = BatchBuilder::new(BatchType::Unlogged);
+        batch.timestamp(stamp.micros);
         for (entry, _) in &group {
             batch.push(&s.message_insert, NewRow::from(entry));
-            let key = (entry.conversation_id, entry.sender.clone(), entry.client_msg_id.clone());
-            batch.push(&s.dedupe_commit, (ttl, seq_value(entry.seq), key.0, key.1, key.2));
         }
+        #[cfg(test)]
+        hold_rows(inner, group.iter().map(|(entry, _)| entry.client_msg_id.as_str())).await;
         let result = batch.write(inner).await;
-        (group, result)
+        let result = match result {
+            Ok(()) if stamp.at.elapsed() > budget => Err(late()),
+            other => other,
+        };
+        (group, result, true)
     });
     let mut stored = Vec::new();
-    for (group, result) in join_all(writes).await {
+    for (group, result, written) in join_all(writes).await {
         match result {
             Ok(()) => stored.extend(group),
             Err(error) => {
                 let seqs: Vec<u64> = group.iter().map(|(entry, _)| entry.seq).collect();
-                warn!(%error, ?seqs, "reserved seqs left without rows");
-                group.into_iter().for_each(|(_, send)| send.fail(copy_error(&error)));
+                warn!(%error, ?seqs, written, "reserved seqs left without acknowledged rows");
+                for (_, send) in group {
+                    // Nothing written: the retry needs no takeover.
+                    if !written {
+                        release(inner, &send.message).await;
+                    }
+                    send.fail(copy_error(&error));
+                }
             }
         }
+    }
+    if stored.is_empty() {
+        return;
     }
     // Whoever sends has read up to its own message, and has taken part.
     let mut read: HashMap<&str, u64> = HashMap::new();

@@ -214,6 +214,10 @@ statements! {
     /// (empty body, empty attachments, true, conversation, bucket, seq).
     message_delete: Write, 6 = "UPDATE {keyspace}.messages SET body = ?, attachments = ?, deleted = ? \
         WHERE conversation_id = ? AND bucket = ? AND seq = ?";
+    /// (now in microseconds, conversation, bucket, from, to): declares a gap of seqs lost. The
+    /// range tombstone shadows rows their writers stamped earlier, should they still land.
+    messages_lost: Write, 5 = "DELETE FROM {keyspace}.messages USING TIMESTAMP ? \
+        WHERE conversation_id = ? AND bucket = ? AND seq >= ? AND seq <= ?";
     /// (empty body, conversation, bucket, seq): an edit entry of a deleted message.
     message_blank: Write, 4 =
         "UPDATE {keyspace}.messages SET body = ? WHERE conversation_id = ? AND bucket = ? AND seq = ?";
@@ -223,14 +227,22 @@ statements! {
     dedupe_claim: Lwt, 6 = "INSERT INTO {keyspace}.send_dedupe (conversation_id, sender, client_msg_id, message_id, \
         claimed_at_ms) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?";
     /// (ttl, message_id, claimed_at_ms, conversation, sender, client_msg_id, previous message_id):
-    /// takes over a claim whose sender stopped before reserving a seq.
-    dedupe_takeover: Lwt, 7 = "UPDATE {keyspace}.send_dedupe USING TTL ? SET message_id = ?, claimed_at_ms = ? \
+    /// takes over a claim whose sender stopped before recording a seq. `seq = null` is written
+    /// too: at the LWT's (later) timestamp it shadows a late record of the first holder's.
+    dedupe_takeover: Lwt, 7 = "UPDATE {keyspace}.send_dedupe USING TTL ? \
+        SET message_id = ?, claimed_at_ms = ?, seq = null \
         WHERE conversation_id = ? AND sender = ? AND client_msg_id = ? IF message_id = ? AND seq = null";
+    /// (ttl, message_id, claimed_at_ms, conversation, sender, client_msg_id, previous message_id,
+    /// recorded seq): takes over a claim whose recorded seq was declared lost.
+    dedupe_takeover_lost: Lwt, 8 = "UPDATE {keyspace}.send_dedupe USING TTL ? \
+        SET message_id = ?, claimed_at_ms = ?, seq = null \
+        WHERE conversation_id = ? AND sender = ? AND client_msg_id = ? IF message_id = ? AND seq = ?";
     /// (conversation, sender, client_msg_id, message_id): gives a claim up.
     dedupe_release: Lwt, 4 = "DELETE FROM {keyspace}.send_dedupe \
         WHERE conversation_id = ? AND sender = ? AND client_msg_id = ? IF message_id = ?";
-    /// (ttl, seq, conversation, sender, client_msg_id): written with the message row.
-    dedupe_commit: Write, 5 = "UPDATE {keyspace}.send_dedupe USING TTL ? SET seq = ? \
+    /// (ttl, reservation timestamp, seq, conversation, sender, client_msg_id): the reserved
+    /// seq, recorded before the message row is written.
+    dedupe_commit: Write, 6 = "UPDATE {keyspace}.send_dedupe USING TTL ? AND TIMESTAMP ? SET seq = ? \
         WHERE conversation_id = ? AND sender = ? AND client_msg_id = ?";
 
     // reactions

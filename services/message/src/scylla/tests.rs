@@ -916,6 +916,86 @@ async fn a_recorded_change_is_never_skipped_as_lost() {
     drop_keyspace(&store, &options).await;
 }
 
+/// Two message instances on one keyspace, with short timeouts; the first
+/// holds the rows of the send with client message id `held`.
+async fn two_instances(held: &str) -> (ScyllaOptions, super::ScyllaStore, super::ScyllaStore, super::send::HoldRows) {
+    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
+    options.request_timeout = std::time::Duration::from_millis(500);
+    options.lock_timeout = std::time::Duration::from_secs(3);
+    let first = super::ScyllaStore::connect(&options).await.unwrap();
+    let second = super::ScyllaStore::connect(&options).await.unwrap();
+    let hold =
+        super::send::HoldRows { client_msg_id: held.into(), reached: Default::default(), release: Default::default() };
+    *first.inner.hold_rows.lock().unwrap() = Some(hold.clone());
+    (options, first, second, hold)
+}
+
+/// A send's rows that land after its claim was taken over (a write that
+/// timed out on the client but was still applied, e.g. by hinted handoff or
+/// the batchlog) never give its client message id a second seq: the retry
+/// that took the claim over declares the first reservation lost, and the
+/// late rows are shadowed. The first instance does not acknowledge them.
+#[tokio::test]
+async fn rows_landing_after_a_takeover_give_no_second_seq() {
+    use crate::store::{HistoryRange, MessageStore, SendOutcome};
+    let (options, first, second, hold) = two_instances("late").await;
+    let id = first.get_or_create_direct("late-a", "late-b", uuid::Uuid::now_v7(), 0).await.unwrap().id;
+    let (store, conversation) = (super::ScyllaStore { inner: first.inner.clone() }, id);
+    let original =
+        tokio::spawn(async move { crate::store::contract::send(&store, conversation, "late-a", "late", "hi").await });
+    hold.reached.notified().await;
+    // Past the takeover time (2 x lock_timeout) the retry, on the other instance, takes the claim over.
+    tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
+    let retried = crate::store::contract::send(&second, id, "late-a", "late", "hi").await.unwrap();
+    let SendOutcome::Created(retried) = retried else { panic!("the retry found an original: {retried:?}") };
+    hold.release.notify_one();
+    let first_answer = original.await.unwrap();
+    assert!(
+        !matches!(first_answer, Ok(SendOutcome::Created(ref m)) if m.seq != retried.seq),
+        "two acknowledgements with different seqs: {first_answer:?} and {}",
+        retried.seq
+    );
+    let all = second.history(id, HistoryRange::Before(None), crate::store::SeqBounds::ALL, 50).await.unwrap();
+    let copies: Vec<u64> = all.iter().filter(|m| m.client_msg_id == "late").map(|m| m.seq).collect();
+    assert_eq!(copies, vec![retried.seq], "one message, at the retry's seq");
+    let again = crate::store::contract::send(&first, id, "late-a", "late", "hi").await.unwrap();
+    assert!(matches!(again, SendOutcome::Duplicate(ref m) if m.seq == retried.seq), "{again:?}");
+    drop_keyspace(&second, &options).await;
+}
+
+/// A seq that readers skipped as lost stays lost: the rows of its writer,
+/// landing later, never appear (a device's cursor is already past it), and
+/// that writer does not acknowledge them.
+#[tokio::test]
+async fn a_seq_skipped_as_lost_never_appears_later() {
+    use crate::store::{HistoryRange, MessageStore, SendOutcome};
+    let (options, first, second, hold) = two_instances("slow").await;
+    let id = first.get_or_create_direct("lost-a", "lost-b", uuid::Uuid::now_v7(), 0).await.unwrap().id;
+    let (store, conversation) = (super::ScyllaStore { inner: first.inner.clone() }, id);
+    let slow =
+        tokio::spawn(async move { crate::store::contract::send(&store, conversation, "lost-a", "slow", "slow").await });
+    hold.reached.notified().await;
+    let after = crate::store::contract::send(&second, id, "lost-a", "after", "after").await.unwrap().message().seq;
+    assert_eq!(after, 2, "the held send reserved seq 1");
+    tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
+    let synced: Vec<u64> =
+        second.sync("lost-b", "phone", None, None, 10).await.unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(synced, vec![2], "seq 1 is old enough to count as lost");
+    second.ack_delivered("lost-b", "phone", vec![(id, 2)]).await.unwrap();
+    hold.release.notify_one();
+    let answer = slow.await.unwrap();
+    assert!(!matches!(answer, Ok(SendOutcome::Created(_))), "acknowledged a seq readers skipped: {answer:?}");
+    let all: Vec<u64> = second
+        .history(id, HistoryRange::Before(None), crate::store::SeqBounds::ALL, 50)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(all, vec![2], "the skipped seq appeared later");
+    drop_keyspace(&second, &options).await;
+}
+
 /// `messenger migrate` from several pods at once: one applies the schema,
 /// the others wait for it and say so; a later run has nothing to do.
 #[tokio::test]
