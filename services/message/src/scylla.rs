@@ -179,6 +179,16 @@ pub(crate) struct Inner {
     /// every check), until released: a write that lands late.
     #[cfg(test)]
     hold_rows: std::sync::Mutex<Option<send::HoldRows>>,
+    /// Tests: the instance is dead from here on (kill -9): every statement
+    /// it would send fails at once, as if the request never left.
+    #[cfg(test)]
+    killed: std::sync::atomic::AtomicBool,
+    /// Tests: when positive, the instance dies before that many more statements.
+    #[cfg(test)]
+    kill_countdown: std::sync::atomic::AtomicI64,
+    /// Tests: rows wait up to this long before they are written.
+    #[cfg(test)]
+    row_jitter_ms: std::sync::atomic::AtomicU64,
 }
 
 impl ScyllaStore {
@@ -199,6 +209,12 @@ impl ScyllaStore {
             fail_plan_writes: Default::default(),
             #[cfg(test)]
             hold_rows: Default::default(),
+            #[cfg(test)]
+            killed: Default::default(),
+            #[cfg(test)]
+            kill_countdown: Default::default(),
+            #[cfg(test)]
+            row_jitter_ms: Default::default(),
         };
         Ok(ScyllaStore { inner: Arc::new(inner) })
     }
@@ -210,7 +226,22 @@ impl Inner {
         statement: &Prepared<N>,
         values: impl SerializeRow + Arity<N>,
     ) -> Result<QueryResult, ::scylla::errors::ExecutionError> {
+        #[cfg(test)]
+        self.dead()?;
         self.session.execute_unpaged(&statement.0, values).await
+    }
+
+    #[cfg(test)]
+    #[allow(clippy::result_large_err)] // the driver's own error type, as `execute` returns it
+    fn dead(&self) -> Result<(), ::scylla::errors::ExecutionError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.kill_countdown.load(SeqCst) > 0 && self.kill_countdown.fetch_sub(1, SeqCst) == 1 {
+            self.killed.store(true, SeqCst);
+        }
+        match self.killed.load(SeqCst) {
+            true => Err(::scylla::errors::ExecutionError::RequestTimeout(Duration::ZERO)),
+            false => Ok(()),
+        }
     }
 
     /// Runs an idempotent write or a single-page read.
@@ -256,6 +287,8 @@ impl Inner {
     where
         R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata> + Send + Unpin + 'static,
     {
+        #[cfg(test)]
+        self.dead().map_err(execution_error)?;
         let pager = self.session.execute_iter(statement.0.clone(), values).await.map_err(pager_error)?;
         let stream = pager.rows_stream::<R>().map_err(|e| other("unexpected row type", e))?;
         stream.try_collect().await.map_err(|e| Error::Unavailable(format!("scylla: {e}")))
@@ -280,6 +313,8 @@ impl Inner {
         batch.set_is_idempotent(true);
         let mut attempt = 0;
         loop {
+            #[cfg(test)]
+            self.dead().map_err(execution_error)?;
             match self.session.batch(&batch, &values).await {
                 Ok(_) => return Ok(()),
                 Err(error) if attempt < WRITE_ATTEMPTS && rows::outcome_unknown(&error) => {

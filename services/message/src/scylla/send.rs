@@ -48,6 +48,12 @@ pub(crate) struct HoldRows {
 
 #[cfg(test)]
 async fn hold_rows(inner: &Inner, client_msg_ids: impl Iterator<Item = &str>) {
+    // A slow write path: rows of concurrent writers land out of order.
+    let jitter = inner.row_jitter_ms.load(std::sync::atomic::Ordering::SeqCst);
+    if jitter > 0 {
+        let wait = Uuid::new_v4().as_u128() as u64 % jitter;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
     let hold = inner.hold_rows.lock().unwrap().clone();
     if let Some(hold) = hold
         && client_msg_ids.into_iter().any(|id| id == hold.client_msg_id)

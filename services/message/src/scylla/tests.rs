@@ -996,6 +996,266 @@ async fn a_seq_skipped_as_lost_never_appears_later() {
     drop_keyspace(&second, &options).await;
 }
 
+/// A small seeded generator (xorshift64*): each run of the check below is
+/// reproducible from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+/// What one seeded run saw.
+#[derive(Debug, Default)]
+struct RunReport {
+    acked: usize,
+    retries: usize,
+    lost: usize,
+    kills: usize,
+}
+
+/// One seeded run of the linearizability-style check: three message
+/// instances on one keyspace (their row writes delayed by up to 40 ms, so
+/// concurrent writers land out of order); six senders (three on a direct
+/// conversation, three on a group) each pick a random instance per attempt, give up on some attempts
+/// after a few milliseconds (an injected timeout: the attempt goes on
+/// without them) and retry with the same client message id until acked;
+/// meanwhile two instances are killed at random points and replaced, and a
+/// device syncs and acks through random instances. Then, from the store:
+/// every acked message is present exactly once, at its acked seq, and a
+/// resend finds it; nothing unacked is present; every missing seq below the
+/// head was never acked (a lost seq); the device was never handed anything
+/// at or below the cursor it had acked, and got exactly what is stored.
+async fn linearizability_run(seed: u64) -> RunReport {
+    use crate::store::{HistoryRange, MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds};
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        sync::{Arc, Mutex},
+        time::{Duration, Instant},
+    };
+    type Pool = Arc<Mutex<Vec<Arc<super::ScyllaStore>>>>;
+    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
+    options.request_timeout = Duration::from_millis(500);
+    options.lock_timeout = Duration::from_secs(3);
+    let mut instances = Vec::new();
+    let instance = || async {
+        let store = super::ScyllaStore::connect(&options).await.unwrap();
+        store.inner.row_jitter_ms.store(40, std::sync::atomic::Ordering::SeqCst);
+        Arc::new(store)
+    };
+    for _ in 0..3 {
+        instances.push(instance().await);
+    }
+    let (a, b, c) = ("lin-a", "lin-b", "lin-c");
+    let direct = instances[0].get_or_create_direct(a, b, uuid::Uuid::now_v7(), 0).await.unwrap().id;
+    let group = NewGroup {
+        id: uuid::Uuid::now_v7(),
+        creator: a.into(),
+        title: "lin".into(),
+        members: vec![b.into(), c.into()],
+        now_ms: messenger_platform::ids::now_ms(),
+    };
+    let group = instances[0].create_group(group, 10).await.unwrap().0.id;
+    let pool: Pool = Arc::new(Mutex::new(instances));
+    let pick = |pool: &Pool, rng: &mut Rng| {
+        let pool = pool.lock().unwrap();
+        pool[rng.below(pool.len() as u64) as usize].clone()
+    };
+    let started = Instant::now();
+    let acks: Arc<Mutex<BTreeMap<(uuid::Uuid, String), u64>>> = Default::default();
+    let retries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let senders = [(a, direct), (b, direct), (a, direct), (a, group), (c, group), (b, group)]
+        .into_iter()
+        .enumerate()
+        .map(|(task, (user, id))| {
+            let (pool, acks, retries) = (pool.clone(), acks.clone(), retries.clone());
+            tokio::spawn(async move {
+                let mut rng = Rng(seed * 1000 + task as u64 + 1);
+                for i in 0..15 {
+                    let client = format!("{task}-{i}");
+                    loop {
+                        assert!(started.elapsed() < Duration::from_secs(90), "seed {seed}: {client} never acked");
+                        let message = NewMessage {
+                            conversation_id: id,
+                            message_id: uuid::Uuid::now_v7(),
+                            sender: user.into(),
+                            client_msg_id: client.clone(),
+                            body: format!("{client} body"),
+                            reply_to_seq: 0,
+                            sent_at_ms: messenger_platform::ids::now_ms(),
+                            attachments: Vec::new(),
+                        };
+                        let patience = if rng.below(4) == 0 {
+                            Duration::from_millis(rng.below(20))
+                        } else {
+                            Duration::from_secs(5)
+                        };
+                        let store = pick(&pool, &mut rng);
+                        match tokio::time::timeout(patience, store.send(message)).await {
+                            Ok(Ok(SendOutcome::Created(m) | SendOutcome::Duplicate(m))) => {
+                                assert_eq!((m.client_msg_id.as_str(), m.sender.as_str()), (client.as_str(), user));
+                                acks.lock().unwrap().insert((id, client.clone()), m.seq);
+                                break;
+                            }
+                            _ => {
+                                retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(30 + rng.below(120))).await;
+                            }
+                        }
+                    }
+                }
+            })
+        });
+    let senders: Vec<_> = senders.collect();
+    let sending = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let killer = {
+        let (pool, options, sending) = (pool.clone(), options.clone(), sending.clone());
+        tokio::spawn(async move {
+            let mut rng = Rng(seed * 7919 + 3);
+            let mut kills = 0;
+            for _ in 0..2 {
+                // Killed before a random one of its next statements: any point of a send,
+                // between claim, reservation, seq record and rows included.
+                let victim = pick(&pool, &mut rng);
+                let countdown = 1 + rng.below(60) as i64;
+                victim.inner.kill_countdown.store(countdown, std::sync::atomic::Ordering::SeqCst);
+                let fresh = Arc::new(super::ScyllaStore::connect(&options).await.unwrap());
+                fresh.inner.row_jitter_ms.store(40, std::sync::atomic::Ordering::SeqCst);
+                while !victim.inner.killed.load(std::sync::atomic::Ordering::SeqCst) {
+                    if !sending.load(std::sync::atomic::Ordering::SeqCst) {
+                        return kills;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                kills += 1;
+                let mut pool = pool.lock().unwrap();
+                if let Some(slot) = pool.iter_mut().find(|store| Arc::ptr_eq(store, &victim)) {
+                    *slot = fresh;
+                }
+            }
+            kills
+        })
+    };
+    // The device: what it was handed, and the cursors it acked.
+    let handed: Arc<Mutex<Vec<(uuid::Uuid, u64, String)>>> = Default::default();
+    let acked_cursor: Arc<Mutex<BTreeMap<uuid::Uuid, u64>>> = Default::default();
+    let sync_once = {
+        let (pool, handed, acked_cursor) = (pool.clone(), handed.clone(), acked_cursor.clone());
+        move |rng: &mut Rng| {
+            let (store, handed, acked_cursor) = (pick(&pool, rng), handed.clone(), acked_cursor.clone());
+            async move {
+                let Ok(batch) = store.sync(b, "phone", None, None, 100).await else { return None };
+                let mut newest: BTreeMap<uuid::Uuid, u64> = BTreeMap::new();
+                for m in &batch {
+                    let cursor = acked_cursor.lock().unwrap().get(&m.conversation_id).copied().unwrap_or(0);
+                    assert!(m.seq > cursor, "seed {seed}: handed seq {} again, at or below acked {cursor}", m.seq);
+                    handed.lock().unwrap().push((m.conversation_id, m.seq, m.client_msg_id.clone()));
+                    newest.insert(m.conversation_id, m.seq);
+                }
+                let count = batch.len();
+                if store.ack_delivered(b, "phone", newest.clone().into_iter().collect()).await.is_ok() {
+                    acked_cursor.lock().unwrap().extend(newest);
+                }
+                Some(count)
+            }
+        }
+    };
+    let device = {
+        let sync_once = sync_once.clone();
+        let senders_done = Arc::new(tokio::sync::Notify::new());
+        let done = senders_done.clone();
+        let task = tokio::spawn(async move {
+            let mut rng = Rng(seed * 104_729 + 5);
+            loop {
+                tokio::select! {
+                    _ = done.notified() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(rng.below(30))) => {}
+                }
+                sync_once(&mut rng).await;
+            }
+        });
+        (task, senders_done)
+    };
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    sending.store(false, std::sync::atomic::Ordering::SeqCst);
+    device.1.notify_one();
+    device.0.await.unwrap();
+    // Past every writer's budget, every gap left is settled: sync drains.
+    tokio::time::sleep(options.lock_timeout * 2 + Duration::from_millis(500)).await;
+    let mut rng = Rng(seed * 31 + 7);
+    while sync_once(&mut rng).await != Some(0) {}
+
+    let check = super::ScyllaStore::connect(&options).await.unwrap();
+    let acks = acks.lock().unwrap().clone();
+    let mut lost = 0;
+    let mut stored_all = BTreeSet::new();
+    for id in [direct, group] {
+        let all = check.history(id, HistoryRange::After(0), SeqBounds::ALL, 1000).await.unwrap();
+        let head = super::reads::head(&check.inner, id, false).await.unwrap().unwrap();
+        let mut seen = BTreeMap::new();
+        for m in &all {
+            stored_all.insert((id, m.seq, m.client_msg_id.clone()));
+            if m.kind != crate::store::Kind::Text {
+                continue;
+            }
+            assert!(
+                seen.insert(m.client_msg_id.clone(), m.seq).is_none(),
+                "seed {seed}: {} stored twice",
+                m.client_msg_id
+            );
+        }
+        let acked_here: BTreeMap<String, u64> =
+            acks.iter().filter(|((conv, _), _)| *conv == id).map(|((_, client), seq)| (client.clone(), *seq)).collect();
+        assert_eq!(seen, acked_here, "seed {seed}: stored messages differ from acked ones (client id -> seq)");
+        let present: BTreeSet<u64> = all.iter().map(|m| m.seq).collect();
+        lost += (1..=head.last_seq).filter(|seq| !present.contains(seq)).count();
+        for (client, seq) in &acked_here {
+            let sender = all.iter().find(|m| m.seq == *seq).unwrap().sender.clone();
+            let resend = NewMessage {
+                conversation_id: id,
+                message_id: uuid::Uuid::now_v7(),
+                sender,
+                client_msg_id: client.clone(),
+                body: String::new(),
+                reply_to_seq: 0,
+                sent_at_ms: messenger_platform::ids::now_ms(),
+                attachments: Vec::new(),
+            };
+            let again = check.send(resend).await.unwrap();
+            assert!(matches!(again, SendOutcome::Duplicate(ref m) if m.seq == *seq), "seed {seed}: {again:?}");
+        }
+    }
+    let handed: BTreeSet<_> = handed.lock().unwrap().iter().cloned().collect();
+    assert_eq!(handed, stored_all, "seed {seed}: the device got other than what is stored");
+    drop_keyspace(&check, &options).await;
+    let kills = killer.await.unwrap();
+    RunReport { acked: acks.len(), retries: retries.load(std::sync::atomic::Ordering::Relaxed), lost, kills }
+}
+
+/// The linearizability-style check over ten seeded runs (two at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_under_timeouts_retries_and_kills_stay_exactly_once_over_seeded_runs() {
+    let (mut kills, mut lost) = (0, 0);
+    for seeds in [1u64, 2, 3, 4, 5, 6, 7, 8, 9, 10].chunks(2) {
+        let runs = futures::future::join_all(seeds.iter().map(|seed| linearizability_run(*seed))).await;
+        for (seed, report) in seeds.iter().zip(runs) {
+            eprintln!("seed {seed}: {report:?} ({} retried attempts)", report.retries);
+            assert_eq!(report.acked, 90);
+            kills += report.kills;
+            lost += report.lost;
+        }
+    }
+    // The runs must exercise what they check: instances died mid-send, seqs were lost.
+    assert!(kills >= 10, "only {kills} kills over the runs");
+    assert!(lost > 0, "no run lost a seq: the kills missed every window between reservation and rows");
+}
+
 /// `messenger migrate` from several pods at once: one applies the schema,
 /// the others wait for it and say so; a later run has nothing to do.
 #[tokio::test]
