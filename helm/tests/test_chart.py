@@ -184,7 +184,9 @@ def test_network_policies_admit_exactly_the_callers_in_the_code(scenario):
         for rule in spec["ingress"]:
             (port,) = rule["ports"]
             covered[port["port"]] = rule.get("from")
-        assert set(covered) == set(container_ports), f"{role}: every port has exactly one rule"
+        # The admin port is closed to the network unless metrics.scrapeFrom names a scraper.
+        container_ports = {number: name for number, name in container_ports.items() if name != "admin"}
+        assert set(covered) == set(container_ports), f"{role}: every gRPC port has exactly one rule, admin none"
         for number, peers in covered.items():
             if container_ports[number] == "public":
                 assert role == "gateway"
@@ -205,6 +207,26 @@ def test_public_from_restricts_the_public_port_but_keeps_the_test_pod():
     public = [rule for rule in policy["spec"]["ingress"] if rule["ports"][0]["port"] == 7700]
     assert public[0]["from"][0] == peer
     assert public[0]["from"][1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
+
+
+def test_metrics_are_scraped_only_from_the_configured_peers_and_by_service_monitors():
+    scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    rendered = render({"metrics": {"scrapeFrom": [scraper], "serviceMonitor": {"enabled": True,
+                                                                                "labels": {"release": "prom"}}}})
+    for role, policy in rendered.by_component("NetworkPolicy").items():
+        admin = [rule for rule in policy["spec"]["ingress"] if rule["ports"][0]["port"] == 9464]
+        assert [rule["from"] for rule in admin] == [[scraper]], role
+    monitors = rendered.by_component("ServiceMonitor")
+    assert sorted(monitors) == ROLES
+    for role, monitor in monitors.items():
+        assert monitor["metadata"]["labels"]["release"] == "prom"
+        assert monitor["spec"]["endpoints"] == [{"port": "admin", "path": "/metrics", "interval": "30s"}]
+        selected = [svc for svc in rendered.kind("Service")
+                    if all(svc["metadata"]["labels"].get(k) == v
+                           for k, v in monitor["spec"]["selector"]["matchLabels"].items())]
+        assert any(port["name"] == "admin" and port["port"] == 9464
+                   for svc in selected for port in svc["spec"]["ports"]), role
+    assert not render({}).by_component("ServiceMonitor"), "off by default (it needs the operator's CRD)"
 
 
 def containers_of(rendered: Rendered):
@@ -296,6 +318,7 @@ def test_config_toml_parses_and_matches_the_pods(scenario):
         # The role's listeners are what the pod exposes.
         listens = {config["gateway"]["listen"], config["gateway"]["internal_listen"]} if role == "gateway" \
             else {config[role]["listen"]}
+        listens.add(config["admin"]["listen"])
         assert listens == {f"0.0.0.0:{port['containerPort']}" for port in container["ports"]}, role
         # The checksum annotation is this file's.
         checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]

@@ -17,6 +17,8 @@ pub struct Config {
     /// Where embedded backends keep their files (`messages.db`, `media.db`, `objects/`).
     pub data_dir: PathBuf,
     pub log: LogOptions,
+    /// The admin port: `/metrics`, `/livez`, `/readyz`.
+    pub admin: messenger_platform::admin::AdminOptions,
     pub auth: AuthOptions,
     pub tls: TlsOptions,
     pub server: ServerOptions,
@@ -32,6 +34,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("data"),
             log: LogOptions::default(),
+            admin: messenger_platform::admin::AdminOptions::default(),
             auth: AuthOptions::default(),
             tls: TlsOptions::default(),
             server: ServerOptions::default(),
@@ -79,6 +82,7 @@ impl Config {
     pub fn for_loopback(data_dir: impl Into<PathBuf>) -> Self {
         let mut config = Config { data_dir: data_dir.into(), ..Config::default() };
         config.auth.development = true;
+        config.admin.listen = "127.0.0.1:0".into();
         config.gateway.listen = "127.0.0.1:0".into();
         config.gateway.internal_listen = "127.0.0.1:0".into();
         config.message.listen = "127.0.0.1:0".into();

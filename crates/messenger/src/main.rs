@@ -130,6 +130,9 @@ async fn main() -> anyhow::Result<()> {
             let running = system::start(config, &system::ALL_ROLES).await?;
             let endpoint = running.endpoint();
             println!("messenger is up: gateway {endpoint}, data in {}", data_dir.display());
+            if let Some(admin) = running.addresses.admin {
+                println!("metrics: http://{admin}/metrics   (liveness /livez, readiness /readyz)");
+            }
             println!(
                 "try it:  messenger chat --user alice --peer bob   (and, in another terminal, --user bob --peer alice)"
             );

@@ -27,6 +27,8 @@ pub struct Addresses {
     pub message: Option<SocketAddr>,
     pub presence: Option<SocketAddr>,
     pub media: Option<SocketAddr>,
+    /// The admin port (`/metrics`, `/livez`, `/readyz`), unless turned off.
+    pub admin: Option<SocketAddr>,
     /// The embedded object store's endpoint, when this process runs one.
     pub objects: Option<String>,
     /// Whether the gateway's public port speaks TLS.
@@ -39,6 +41,9 @@ pub struct Running {
     /// Holds the process's shutdown token: a failed task cancels it too.
     supervisor: Supervisor,
     tasks: JoinSet<Result<(), server::Error>>,
+    /// The admin port, stopped only once every server has: readiness turns
+    /// false when the drain starts, and metrics stay scrapable through it.
+    admin: Option<(tokio::task::JoinHandle<Result<(), server::Error>>, CancellationToken)>,
     /// Serves until dropped.
     _objects: Option<messenger_media::embedded::EmbeddedS3>,
 }
@@ -74,6 +79,14 @@ impl Running {
             self.supervisor.stopping().cancel();
             first_error.get_or_insert(failure);
         }
+        if let Some((admin, stop)) = self.admin.take() {
+            stop.cancel();
+            match admin.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%error, "the admin port stopped with an error"),
+                Err(join) => warn!(error = %join, "the admin port's task failed"),
+            }
+        }
         if let Some(failure) = self.supervisor.failure() {
             first_error.get_or_insert(anyhow::anyhow!("{failure}"));
         }
@@ -90,6 +103,7 @@ impl Running {
 /// Every listener `roles` needs, bound up front so port 0 resolves before
 /// anyone needs another service's address.
 struct Listeners {
+    admin: Option<TcpListener>,
     gateway: Option<(TcpListener, TcpListener)>,
     message: Option<TcpListener>,
     presence: Option<TcpListener>,
@@ -105,7 +119,8 @@ async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners
     let message = if roles.contains(&Role::Message) { Some(bind(&config.message.listen).await?) } else { None };
     let presence = if roles.contains(&Role::Presence) { Some(bind(&config.presence.listen).await?) } else { None };
     let media = if roles.contains(&Role::Media) { Some(bind(&config.media.listen).await?) } else { None };
-    Ok(Listeners { gateway, message, presence, media })
+    let admin = if config.admin.listen.is_empty() { None } else { Some(bind(&config.admin.listen).await?) };
+    Ok(Listeners { admin, gateway, message, presence, media })
 }
 
 /// Starts `roles` in this process. Roles started here are reached at their
@@ -134,6 +149,13 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     }
     let shutdown = CancellationToken::new();
     let supervisor = Supervisor::new(shutdown.clone());
+    let readiness = messenger_platform::admin::Readiness::default();
+    let admin = listeners.admin.map(|listener| {
+        addresses.admin = Some(local_addr(&listener));
+        let stop = CancellationToken::new();
+        let serving = messenger_platform::admin::serve(listener, readiness.clone(), shutdown.clone(), stop.clone());
+        (tokio::spawn(serving), stop)
+    });
     let security = Security::open(&mut config, &addresses, roles, &shutdown)?;
     addresses.public_tls = security.public.is_some();
     let mut tasks = JoinSet::new();
@@ -218,7 +240,8 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             Ok(())
         });
     }
-    Ok(Running { addresses, supervisor, tasks, _objects: objects })
+    readiness.set(true);
+    Ok(Running { addresses, supervisor, tasks, admin, _objects: objects })
 }
 
 /// The object store's endpoint: the configured one, or an S3-compatible

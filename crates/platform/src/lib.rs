@@ -5,6 +5,8 @@
 //! - [`config`]: layered configuration (defaults -> TOML file -> `MESSENGER_*`
 //!   environment -> command-line flags) into any typed, validated struct.
 //! - [`telemetry`]: structured logging setup (pretty for laptops, JSON for clusters).
+//! - [`metrics`]: OpenTelemetry instruments and RED per RPC (a tower layer on
+//!   every server); [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`).
 //! - [`discovery`]: where each role's instances listen. Static addresses today,
 //!   behind a trait so etcd can replace it.
 //! - [`auth`]: JWT bearer verification (HS256, RS256, ES256, JWKS, keys
@@ -22,12 +24,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod authorize;
 pub mod config;
 pub mod cql;
 pub mod discovery;
 pub mod ids;
+pub mod metrics;
 pub mod redis;
 pub mod reload;
 pub mod server;

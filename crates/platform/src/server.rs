@@ -11,6 +11,7 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
     authorize::{AuthorizeLayer, Callers, Rules},
+    metrics::RpcMetricsLayer,
     tls::ServerTls,
 };
 use tonic_health::ServingStatus;
@@ -169,7 +170,10 @@ pub async fn serve(
             reporter.set_service_status(service, ServingStatus::NotServing).await;
         }
     };
+    let methods = method_paths(&descriptors_of_all());
     let router = tonic::transport::Server::builder()
+        // Outermost: refusals by the layers inside are calls too.
+        .layer(RpcMetricsLayer::new(name, methods))
         .layer(AuthorizeLayer::new(callers))
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(options.max_concurrent_streams))
@@ -211,13 +215,45 @@ pub async fn serve(
     Ok(())
 }
 
+fn descriptors_of_all() -> prost_types::FileDescriptorSet {
+    use prost::Message as _;
+    prost_types::FileDescriptorSet::decode(messenger_proto::FILE_DESCRIPTOR_SET)
+        .expect("the build embeds a valid descriptor set")
+}
+
+/// Every RPC path a server of ours can answer (`/package.Service/Method`):
+/// the messenger services, health and reflection. Metrics name these; any
+/// other path is `unknown`.
+fn method_paths(set: &prost_types::FileDescriptorSet) -> std::collections::HashSet<String> {
+    let mut paths: std::collections::HashSet<String> = set
+        .file
+        .iter()
+        .flat_map(|file| {
+            file.service.iter().flat_map(move |service| {
+                service
+                    .method
+                    .iter()
+                    .map(move |method| format!("/{}.{}/{}", file.package(), service.name(), method.name()))
+            })
+        })
+        .collect();
+    paths.extend(
+        [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(str::to_owned),
+    );
+    paths
+}
+
 /// The descriptors reflection serves: every messenger file on an internal
 /// port; on a public one only the files that define `service_names` and what
 /// they import, so internal services are neither listed nor described.
 fn reflected_descriptors(internal: bool, service_names: &[&'static str]) -> prost_types::FileDescriptorSet {
-    use prost::Message as _;
-    let all = prost_types::FileDescriptorSet::decode(messenger_proto::FILE_DESCRIPTOR_SET)
-        .expect("the build embeds a valid descriptor set");
+    let all = descriptors_of_all();
     if internal {
         return all;
     }

@@ -79,6 +79,7 @@ from the environment instead (see messenger.env).
 {{- if eq $values.discovery.backend "etcd" -}}
 {{- include "messenger.setPath" (dict "config" $config "path" "discovery.etcd.endpoints" "value" $values.external.etcd.endpoints) -}}
 {{- end -}}
+{{- include "messenger.setPath" (dict "config" $config "path" "admin.listen" "value" (printf "0.0.0.0:%d" (int $values.metrics.port))) -}}
 
 {{- /* TLS: the public port's on roles with a public port, the cluster's everywhere. */ -}}
 {{- if and $values.tls.public.enabled (include "messenger.isPublic" $self) -}}

@@ -75,6 +75,7 @@ impl Server {
             .arg("up")
             .arg("--data-dir")
             .arg(data.path())
+            .env("MESSENGER_ADMIN__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_GATEWAY__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_GATEWAY__INTERNAL_LISTEN", "127.0.0.1:0")
             .env("MESSENGER_MESSAGE__LISTEN", "127.0.0.1:0")

@@ -104,6 +104,8 @@ impl Cluster {
         let (cert, key) = self.certs.role(role.as_str()).unwrap();
         let config = format!(
             r#"data_dir = "{data}"
+[admin]
+listen = "127.0.0.1:{admin}"
 [log]
 filter = "info"
 [auth]
@@ -142,6 +144,7 @@ send_burst = 100000
             message_listen = listen(Role::Message),
             presence_listen = listen(Role::Presence),
             gateway_listen = listen(Role::Gateway),
+            admin = free_port(),
             data = dir.join(name).display(),
             etcd = self.etcd.endpoint(),
             database = dir.join("messages.db").display(),

@@ -9,5 +9,6 @@ mod core;
 mod limits;
 mod media;
 mod model;
+mod operability;
 mod security;
 mod support;

@@ -92,6 +92,7 @@ impl TestSystem {
         config.message.listen = bound.message.unwrap().to_string();
         config.presence.listen = bound.presence.unwrap().to_string();
         config.media.listen = bound.media.unwrap().to_string();
+        config.admin.listen = bound.admin.unwrap().to_string();
         if let Some(objects) = &bound.objects {
             config.media.s3.embedded_listen = objects.trim_start_matches("http://").to_owned();
         }

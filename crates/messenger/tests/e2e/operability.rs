@@ -1,0 +1,77 @@
+//! The admin port: RED metrics for every RPC with their status codes,
+//! liveness, and readiness that turns off when the drain starts.
+
+use messenger_proto::v1::{self as pb, gateway_service_client::GatewayServiceClient};
+use tonic::Code;
+
+use crate::support::*;
+
+/// The value of the `rpc_server_duration_seconds_count` series whose labels
+/// include every one of `labels`, summed over the others.
+fn calls(metrics: &str, labels: &[(&str, &str)]) -> u64 {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("rpc_server_duration_seconds_count{"))
+        .filter(|line| labels.iter().all(|(name, value)| line.contains(&format!("{name}=\"{value}\""))))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+async fn get(url: &str) -> reqwest::Response {
+    reqwest::Client::new().get(url).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn metrics_count_every_rpc_by_code_and_readiness_follows_the_drain() {
+    let system = TestSystem::start().await;
+    let admin = format!("http://{}", system.running.as_ref().unwrap().addresses.admin.unwrap());
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    alice.send(&conversation, "counted").await.unwrap();
+    let mut api = GatewayServiceClient::new(system.raw_channel().await);
+    for _ in 0..3 {
+        let request = pb::CompleteUploadRequest { media_id: uuid::Uuid::now_v7().to_string() };
+        let status = api.complete_upload(system.authorized("alice", request)).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    let anonymous = tonic::Request::new(pb::CompleteUploadRequest { media_id: "x".into() });
+    assert_eq!(api.complete_upload(anonymous).await.unwrap_err().code(), Code::Unauthenticated);
+
+    let response = get(&format!("{admin}/metrics")).await;
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    let metrics = response.text().await.unwrap();
+    let public = [("messenger_server", "gateway"), ("rpc_service", "messenger.v1.GatewayService")];
+    let code = |code: Code| (code as i32).to_string();
+    let (not_found, unauthenticated) = (code(Code::NotFound), code(Code::Unauthenticated));
+    let refused = [&public[..], &[("rpc_method", "CompleteUpload"), ("rpc_grpc_status_code", &not_found)]].concat();
+    assert_eq!(calls(&metrics, &refused), 3, "{metrics}");
+    let anonymous =
+        [&public[..], &[("rpc_method", "CompleteUpload"), ("rpc_grpc_status_code", &unauthenticated)]].concat();
+    assert_eq!(calls(&metrics, &anonymous), 1, "{metrics}");
+    // The hop behind it, on the message service's own port.
+    let internal = [
+        ("messenger_server", "message"),
+        ("rpc_service", "messenger.v1.MessageService"),
+        ("rpc_method", "GetOrCreateDirect"),
+        ("rpc_grpc_status_code", "0"),
+    ];
+    assert_eq!(calls(&metrics, &internal), 1, "{metrics}");
+    assert!(metrics.contains("rpc_server_duration_seconds_bucket{"), "durations come as a histogram");
+
+    assert_eq!(get(&format!("{admin}/livez")).await.status(), 200);
+    assert_eq!(get(&format!("{admin}/readyz")).await.status(), 200);
+    // The drain starts: not ready at once, while the port still answers.
+    system.running.as_ref().unwrap().shutdown_token().cancel();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = get(&format!("{admin}/readyz")).await.status();
+        if status == 503 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {status} after the drain started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&format!("{admin}/livez")).await.status(), 200);
+}
