@@ -149,13 +149,8 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     }
     let shutdown = CancellationToken::new();
     let supervisor = Supervisor::new(shutdown.clone());
-    let readiness = messenger_platform::admin::Readiness::default();
-    let admin = listeners.admin.map(|listener| {
-        addresses.admin = Some(local_addr(&listener));
-        let stop = CancellationToken::new();
-        let serving = messenger_platform::admin::serve(listener, readiness.clone(), shutdown.clone(), stop.clone());
-        (tokio::spawn(serving), stop)
-    });
+    let admin_listener = listeners.admin;
+    addresses.admin = admin_listener.as_ref().map(local_addr);
     let security = Security::open(&mut config, &addresses, roles, &shutdown)?;
     addresses.public_tls = security.public.is_some();
     let mut tasks = JoinSet::new();
@@ -240,7 +235,12 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             Ok(())
         });
     }
-    readiness.set(true);
+    // Last: a start that failed on the way leaves no admin port behind.
+    let admin = admin_listener.map(|listener| {
+        let (readiness, stop) = (messenger_platform::admin::Readiness::default(), CancellationToken::new());
+        readiness.set(true);
+        (tokio::spawn(messenger_platform::admin::serve(listener, readiness, shutdown.clone(), stop.clone())), stop)
+    });
     Ok(Running { addresses, supervisor, tasks, admin, _objects: objects })
 }
 

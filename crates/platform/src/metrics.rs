@@ -20,10 +20,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use opentelemetry::{
-    KeyValue,
-    metrics::{Histogram, MeterProvider as _},
-};
+use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use tonic::{Code, codegen::http};
 use tower::{Layer, Service};
@@ -33,10 +30,16 @@ use tower::{Layer, Service};
 const DURATION_BUCKETS: [f64; 16] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 600.0];
 
+pub use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Histogram, Meter, UpDownCounter},
+};
+
 /// The process's instruments and the registry `/metrics` renders.
 pub struct Metrics {
     registry: prometheus::Registry,
     _provider: SdkMeterProvider,
+    meter: Meter,
     rpc_duration: Histogram<f64>,
 }
 
@@ -59,8 +62,14 @@ pub fn global() -> &'static Metrics {
             .with_description("Duration of RPCs served, by service, method and gRPC status code")
             .with_boundaries(DURATION_BUCKETS.to_vec())
             .build();
-        Metrics { registry, _provider: provider, rpc_duration }
+        Metrics { registry, _provider: provider, meter, rpc_duration }
     })
+}
+
+/// The meter services create their own instruments from (once each, in a
+/// `OnceLock`), so every metric lands in the one registry `/metrics` serves.
+pub fn meter() -> &'static Meter {
+    &global().meter
 }
 
 impl Metrics {

@@ -14,7 +14,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
-use messenger_platform::{auth::TokenExpiry, ids};
+use messenger_platform::{auth::TokenExpiry, ids, metrics};
 use messenger_proto::v1::{
     self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery, server_frame::Frame as Out,
 };
@@ -40,6 +40,56 @@ enum End {
     Upstream(Status),
     /// The token the stream was opened with expired.
     TokenExpired,
+}
+
+impl End {
+    fn reason(&self) -> &'static str {
+        match self {
+            End::ClientGone => "client_gone",
+            End::SlowConsumer => "slow_consumer",
+            End::Upstream(_) => "upstream",
+            End::TokenExpired => "token_expired",
+        }
+    }
+}
+
+/// What SREs watch of the sessions: how many are open, why they end.
+struct SessionMetrics {
+    open: metrics::UpDownCounter<i64>,
+    ended: metrics::Counter<u64>,
+}
+
+/// One open session in `messenger.gateway.sessions`, while it lives.
+struct OpenSession;
+
+impl OpenSession {
+    fn count() -> OpenSession {
+        session_metrics().open.add(1, &[]);
+        OpenSession
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        session_metrics().open.add(-1, &[]);
+    }
+}
+
+fn session_metrics() -> &'static SessionMetrics {
+    static METRICS: std::sync::OnceLock<SessionMetrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| {
+        let meter = metrics::meter();
+        SessionMetrics {
+            open: meter
+                .i64_up_down_counter("messenger.gateway.sessions")
+                .with_description("Connect streams past their Hello, open now")
+                .build(),
+            ended: meter
+                .u64_counter("messenger.gateway.sessions.ended")
+                .with_description("Sessions ended, by reason (slow_consumer: cut off for not reading)")
+                .build(),
+        }
+    })
 }
 
 enum Completion {
@@ -148,6 +198,8 @@ pub(crate) async fn run(
         );
     }
     info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");
+    // Counted out when this function ends or its future is dropped.
+    let _open = OpenSession::count();
 
     let mut session = Session {
         context: context.clone(),
@@ -165,6 +217,7 @@ pub(crate) async fn run(
         end = session.serve(&mut inbound, inbox, resync) => end,
         () = tokio::time::sleep_until(expires) => End::TokenExpired,
     };
+    session_metrics().ended.add(1, &[metrics::KeyValue::new("reason", end.reason())]);
     match &end {
         End::ClientGone => {}
         End::SlowConsumer => {

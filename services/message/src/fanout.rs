@@ -11,10 +11,7 @@
 use std::{
     collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
 };
 
 use messenger_platform::{
@@ -65,9 +62,32 @@ impl Outgoing {
     }
 }
 
-/// Live deliveries dropped because their gateway could not take them (their
-/// devices catch up by gap fill or sync).
-pub(crate) static DELIVERIES_DROPPED: AtomicU64 = AtomicU64::new(0);
+/// What SREs watch of the fan-out.
+struct FanoutMetrics {
+    /// Entries per fan-out batch (one Locate, one Deliver per gateway).
+    batch_size: messenger_platform::metrics::Histogram<u64>,
+    /// Live deliveries dropped because their gateway could not take them
+    /// (their devices catch up by gap fill or sync).
+    dropped: messenger_platform::metrics::Counter<u64>,
+}
+
+fn fanout_metrics() -> &'static FanoutMetrics {
+    static METRICS: std::sync::OnceLock<FanoutMetrics> = std::sync::OnceLock::new();
+    METRICS.get_or_init(|| {
+        let meter = messenger_platform::metrics::meter();
+        FanoutMetrics {
+            batch_size: meter
+                .u64_histogram("messenger.message.fanout.batch_size")
+                .with_description("Entries per fan-out batch")
+                .with_boundaries(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
+                .build(),
+            dropped: meter
+                .u64_counter("messenger.message.fanout.deliveries_dropped")
+                .with_description("Live deliveries a gateway did not take (devices catch up by sync)")
+                .build(),
+        }
+    })
+}
 
 #[derive(Clone)]
 pub struct Fanout {
@@ -249,6 +269,7 @@ impl Worker {
     }
 
     async fn fan_out(&mut self, batch: &[Outgoing]) {
+        fanout_metrics().batch_size.record(batch.len() as u64, &[]);
         let mut active: HashMap<Uuid, Arc<Vec<String>>> = HashMap::new();
         for item in batch {
             let Some(id) = item.conversation_id() else { continue };
@@ -346,7 +367,7 @@ impl Worker {
                         debug!(gateway = address, count, missing, "delivered");
                     }
                     Err(status) => {
-                        DELIVERIES_DROPPED.fetch_add(count as u64, Ordering::Relaxed);
+                        fanout_metrics().dropped.add(count as u64, &[]);
                         warn!(
                             gateway = address,
                             count,

@@ -59,6 +59,33 @@ async fn metrics_count_every_rpc_by_code_and_readiness_follows_the_drain() {
     ];
     assert_eq!(calls(&metrics, &internal), 1, "{metrics}");
     assert!(metrics.contains("rpc_server_duration_seconds_bucket{"), "durations come as a histogram");
+    // Domain metrics: alice's session is open; a second one comes and goes.
+    let gauge = |metrics: &str, name: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<i64>().ok())
+    };
+    assert_eq!(gauge(&metrics, "messenger_gateway_sessions{"), Some(1), "{metrics}");
+    let batches = gauge(&metrics, "messenger_message_fanout_batch_size_count{");
+    assert!(batches.is_some_and(|count| count >= 1), "the send was fanned out: {metrics}");
+    let (bob, bob_events) = system.connect("bob", "phone").await;
+    let metrics = get(&format!("{admin}/metrics")).await.text().await.unwrap();
+    assert_eq!(gauge(&metrics, "messenger_gateway_sessions{"), Some(2), "{metrics}");
+    drop((bob, bob_events));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = get(&format!("{admin}/metrics")).await.text().await.unwrap();
+        if gauge(&metrics, "messenger_gateway_sessions{") == Some(1) {
+            let ended = metrics.lines().find(|l| {
+                l.starts_with("messenger_gateway_sessions_ended_total{") && l.contains("reason=\"client_gone\"")
+            });
+            assert!(ended.is_some_and(|line| line.ends_with(" 1")), "{metrics}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "bob's session still counted: {metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     assert_eq!(get(&format!("{admin}/livez")).await.status(), 200);
     assert_eq!(get(&format!("{admin}/readyz")).await.status(), 200);

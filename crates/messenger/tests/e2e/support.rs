@@ -106,14 +106,18 @@ impl TestSystem {
 
     /// Starts again on the same ports and data directory.
     pub async fn start_again(&mut self) {
+        let mut last = None;
         for _ in 0..100 {
-            if let Ok(running) = system::start(self.config.clone(), &system::ALL_ROLES).await {
-                self.running = Some(running);
-                return;
+            match system::start(self.config.clone(), &system::ALL_ROLES).await {
+                Ok(running) => {
+                    self.running = Some(running);
+                    return;
+                }
+                Err(error) => last = Some(error),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("could not start again on the same ports");
+        panic!("could not start again on the same ports: {last:?}");
     }
 
     /// Where the embedded object store keeps its files.
