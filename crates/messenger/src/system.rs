@@ -237,9 +237,8 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     }
     // Last: a start that failed on the way leaves no admin port behind.
     let admin = admin_listener.map(|listener| {
-        let (readiness, stop) = (messenger_platform::admin::Readiness::default(), CancellationToken::new());
-        readiness.set(true);
-        (tokio::spawn(messenger_platform::admin::serve(listener, readiness, shutdown.clone(), stop.clone())), stop)
+        let stop = CancellationToken::new();
+        (tokio::spawn(messenger_platform::admin::serve(listener, shutdown.clone(), stop.clone())), stop)
     });
     Ok(Running { addresses, supervisor, tasks, admin, _objects: objects })
 }

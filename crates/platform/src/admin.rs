@@ -2,18 +2,13 @@
 //!
 //! - `GET /metrics`: every metric of the process (`metrics.rs`), Prometheus text format;
 //! - `GET /livez`: 200 while the process runs (a deadlocked runtime does not answer);
-//! - `GET /readyz`: 200 once every server of the process serves, 503 before
-//!   that and from the moment a drain starts, so load balancers stop sending
-//!   work before the gRPC ports close.
+//! - `GET /readyz`: 200 while serving (the port opens only once every server
+//!   of the process serves), 503 from the moment a drain starts, so load
+//!   balancers stop sending work before the gRPC ports close.
 //!
 //! It carries no user data and no credentials, but it does describe the
 //! traffic: keep it on loopback or a cluster-internal address (the Helm
 //! chart's NetworkPolicy opens it to the scraper only).
-
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
 
 use axum::{Router, http::StatusCode, http::header, response::IntoResponse, routing::get};
 use serde::{Deserialize, Serialize};
@@ -34,30 +29,15 @@ impl Default for AdminOptions {
     }
 }
 
-/// Whether the process is ready for traffic (see the module docs).
-#[derive(Clone, Debug, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Serves the admin port until `stop`; readiness turns false as soon as
-/// `draining` is cancelled (the process's shutdown).
+/// Serves the admin port until `stop`. It starts once every server of the
+/// process serves, so it is ready until `draining` (the process's shutdown)
+/// is cancelled.
 pub async fn serve(
     listener: TcpListener,
-    readiness: Readiness,
     draining: CancellationToken,
     stop: CancellationToken,
 ) -> Result<(), crate::server::Error> {
     let address = crate::server::local_addr(&listener);
-    let ready = readiness.clone();
     let router = Router::new()
         .route(
             "/metrics",
@@ -69,16 +49,12 @@ pub async fn serve(
         .route(
             "/readyz",
             get(move || async move {
-                match ready.is_ready() {
-                    true => (StatusCode::OK, "ready\n").into_response(),
-                    false => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response(),
+                match draining.is_cancelled() {
+                    false => (StatusCode::OK, "ready\n").into_response(),
+                    true => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response(),
                 }
             }),
         );
-    tokio::spawn(async move {
-        draining.cancelled().await;
-        readiness.set(false);
-    });
     info!(server = "admin", %address, "listening");
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -12,7 +12,7 @@
 //! recorded as `unknown`, so a client cannot grow the series without limit.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     pin::Pin,
     sync::{Arc, OnceLock},
     task::{Context, Poll},
@@ -90,15 +90,36 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Records every call's duration and status code (see the module docs).
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
-    server: &'static str,
-    methods: Arc<HashSet<String>>,
+    /// Each known path's labels, made once: a call only clones them.
+    methods: Arc<HashMap<String, Labels>>,
+    unknown: Labels,
 }
+
+/// A call's labels before its status code is known.
+type Labels = [KeyValue; 4];
 
 impl RpcMetricsLayer {
     /// `server` names the port (a label); `methods` are the paths
     /// (`/package.Service/Method`) recorded by name.
     pub fn new(server: &'static str, methods: HashSet<String>) -> Self {
-        Self { server, methods: Arc::new(methods) }
+        let labels = |service: &str, method: &str| {
+            [
+                KeyValue::new("rpc.system", "grpc"),
+                // Shared strings: cloning the labels per call allocates nothing.
+                KeyValue::new("rpc.service", opentelemetry::StringValue::from(Arc::<str>::from(service))),
+                KeyValue::new("rpc.method", opentelemetry::StringValue::from(Arc::<str>::from(method))),
+                KeyValue::new("messenger.server", server),
+            ]
+        };
+        let methods = methods
+            .into_iter()
+            .filter_map(|path| {
+                let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+                let labels = labels(service, method);
+                Some((path, labels))
+            })
+            .collect();
+        Self { methods: Arc::new(methods), unknown: labels("unknown", "unknown") }
     }
 }
 
@@ -150,27 +171,18 @@ where
 /// One call being measured.
 struct Call {
     started: Instant,
-    attributes: [KeyValue; 4],
+    labels: Labels,
 }
 
 impl Call {
     fn start(layer: &RpcMetricsLayer, path: &str) -> Call {
-        let (service, method) = match path.strip_prefix('/').and_then(|path| path.split_once('/')) {
-            Some((service, method)) if layer.methods.contains(path) => (service.to_owned(), method.to_owned()),
-            _ => ("unknown".to_owned(), "unknown".to_owned()),
-        };
-        let attributes = [
-            KeyValue::new("rpc.system", "grpc"),
-            KeyValue::new("rpc.service", service),
-            KeyValue::new("rpc.method", method),
-            KeyValue::new("messenger.server", layer.server),
-        ];
-        Call { started: Instant::now(), attributes }
+        let labels = layer.methods.get(path).unwrap_or(&layer.unknown).clone();
+        Call { started: Instant::now(), labels }
     }
 
     fn finish(self, code: Code) {
-        let mut attributes = self.attributes.to_vec();
-        attributes.push(KeyValue::new("rpc.grpc.status_code", code as i64));
+        let [system, service, method, server] = self.labels;
+        let attributes = [system, service, method, server, KeyValue::new("rpc.grpc.status_code", code as i64)];
         global().rpc_duration.record(self.started.elapsed().as_secs_f64(), &attributes);
     }
 }

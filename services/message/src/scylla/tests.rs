@@ -930,6 +930,22 @@ async fn two_instances(held: &str) -> (ScyllaOptions, super::ScyllaStore, super:
     (options, first, second, hold)
 }
 
+/// Starts a direct conversation of `a` and `b` and, on `first`, a send by
+/// `a` of `client` whose rows are held; returns once they are held.
+async fn held_send(
+    first: &super::ScyllaStore,
+    hold: &super::send::HoldRows,
+    (a, b): (&'static str, &'static str),
+    client: &'static str,
+) -> (uuid::Uuid, tokio::task::JoinHandle<crate::error::Result<crate::store::SendOutcome>>) {
+    use crate::store::MessageStore;
+    let id = first.get_or_create_direct(a, b, uuid::Uuid::now_v7(), 0).await.unwrap().id;
+    let store = super::ScyllaStore { inner: first.inner.clone() };
+    let sending = tokio::spawn(async move { crate::store::contract::send(&store, id, a, client, client).await });
+    hold.reached.notified().await;
+    (id, sending)
+}
+
 /// A send's rows that land after its claim was taken over (a write that
 /// timed out on the client but was still applied, e.g. by hinted handoff or
 /// the batchlog) never give its client message id a second seq: the retry
@@ -939,11 +955,7 @@ async fn two_instances(held: &str) -> (ScyllaOptions, super::ScyllaStore, super:
 async fn rows_landing_after_a_takeover_give_no_second_seq() {
     use crate::store::{HistoryRange, MessageStore, SendOutcome};
     let (options, first, second, hold) = two_instances("late").await;
-    let id = first.get_or_create_direct("late-a", "late-b", uuid::Uuid::now_v7(), 0).await.unwrap().id;
-    let (store, conversation) = (super::ScyllaStore { inner: first.inner.clone() }, id);
-    let original =
-        tokio::spawn(async move { crate::store::contract::send(&store, conversation, "late-a", "late", "hi").await });
-    hold.reached.notified().await;
+    let (id, original) = held_send(&first, &hold, ("late-a", "late-b"), "late").await;
     // Past the takeover time (2 x lock_timeout) the retry, on the other instance, takes the claim over.
     tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
     let retried = crate::store::contract::send(&second, id, "late-a", "late", "hi").await.unwrap();
@@ -970,11 +982,7 @@ async fn rows_landing_after_a_takeover_give_no_second_seq() {
 async fn a_seq_skipped_as_lost_never_appears_later() {
     use crate::store::{HistoryRange, MessageStore, SendOutcome};
     let (options, first, second, hold) = two_instances("slow").await;
-    let id = first.get_or_create_direct("lost-a", "lost-b", uuid::Uuid::now_v7(), 0).await.unwrap().id;
-    let (store, conversation) = (super::ScyllaStore { inner: first.inner.clone() }, id);
-    let slow =
-        tokio::spawn(async move { crate::store::contract::send(&store, conversation, "lost-a", "slow", "slow").await });
-    hold.reached.notified().await;
+    let (id, slow) = held_send(&first, &hold, ("lost-a", "lost-b"), "slow").await;
     let after = crate::store::contract::send(&second, id, "lost-a", "after", "after").await.unwrap().message().seq;
     assert_eq!(after, 2, "the held send reserved seq 1");
     tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
