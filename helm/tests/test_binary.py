@@ -20,7 +20,7 @@ TESTDATA = ROOT / "crates" / "platform" / "src" / "auth" / "testdata"
 # Keys the chart sets itself (from the values outside `config`, or per pod);
 # values.schema.json refuses them under `config`.
 CHART_OWNED = {
-    "data_dir", "admin", "auth.development", "auth.hs256_secret", "auth.public_key_file", "auth.jwks_file",
+    "data_dir", "admin", "tracing.otlp_endpoint", "tracing.sample_ratio", "auth.development", "auth.hs256_secret", "auth.public_key_file", "auth.jwks_file",
     "tls.public_cert_file", "tls.public_key_file", "tls.cluster_ca_file", "tls.cluster_cert_file",
     "tls.cluster_key_file", "tls.cluster_domain", "tls.insecure_cluster_plaintext",
     "discovery.backend", "discovery.message", "discovery.presence", "discovery.media",

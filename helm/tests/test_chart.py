@@ -377,7 +377,8 @@ def test_production_wires_secrets_tls_and_external_stores(production_render):
     assert secret_of(env("presence")["MESSENGER_PRESENCE__REDIS__URL"]) == "messenger-redis"
     assert secret_of(env("media")["AWS_SECRET_ACCESS_KEY"]) == "messenger-s3"
     assert "AWS_SECRET_ACCESS_KEY" not in env("gateway"), "credentials go only where they are used"
-    assert env("gateway")["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"].endswith(":4317")
+    assert env("gateway")["MESSENGER_TRACING__OTLP_ENDPOINT"]["value"].endswith(":4317")
+    assert float(env("message")["MESSENGER_TRACING__SAMPLE_RATIO"]["value"]) == 0.01
     for role, deployment in deployments.items():
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
         assert volumes["cluster-tls"]["secret"]["secretName"] == f"{RELEASE}-messenger-{role}-cluster-tls"

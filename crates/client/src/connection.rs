@@ -19,9 +19,16 @@ use tracing::debug;
 
 use crate::{Error, Event, Gateways, Options, model::Model};
 
+/// A send as it goes on the stream, with the app's trace context.
+fn send_frame(frame: pb::SendRequestFrame, trace: crate::TraceContext) -> ClientFrame {
+    ClientFrame { frame: Some(OutFrame::Send(frame)), trace_context: trace }
+}
+
 pub(crate) enum Command {
     Send {
         frame: pb::SendRequestFrame,
+        /// The app's trace context for this send (empty: none).
+        trace: crate::TraceContext,
         reply: oneshot::Sender<Result<pb::SendAck, Error>>,
     },
     /// Kept until sent; coalesced per conversation.
@@ -41,6 +48,7 @@ pub(crate) enum Command {
 
 struct Pending {
     frame: pb::SendRequestFrame,
+    trace: crate::TraceContext,
     reply: oneshot::Sender<Result<pb::SendAck, Error>>,
 }
 
@@ -101,8 +109,8 @@ impl Task {
     /// waiting (`Some(true)`: reconnect now, `None`: the client closed).
     fn offline_command(&mut self, command: Option<Command>) -> Option<bool> {
         match command {
-            Some(Command::Send { frame, reply }) => {
-                self.insert_pending(frame, reply);
+            Some(Command::Send { frame, trace, reply }) => {
+                self.insert_pending(frame, trace, reply);
                 Some(false)
             }
             Some(Command::Read { conversation_id, seq }) => {
@@ -234,7 +242,7 @@ impl Task {
     ) -> End {
         let (outbound, frames) = mpsc::channel::<ClientFrame>(self.options.max_pending_sends.max(16));
         let hello = OutFrame::Hello(pb::Hello { device_id: self.options.device_id.clone() });
-        let _ = outbound.try_send(ClientFrame { frame: Some(hello) });
+        let _ = outbound.try_send(ClientFrame { trace_context: Default::default(), frame: Some(hello) });
         let response = match self.api.current().connect(ReceiverStream::new(frames)).await {
             Ok(response) => response,
             Err(status) => return lost_or_fatal(status, false),
@@ -267,7 +275,7 @@ impl Task {
         self.drop_abandoned();
         self.backlog.clear();
         let resend: Vec<ClientFrame> =
-            self.pending.values().map(|p| ClientFrame { frame: Some(OutFrame::Send(p.frame.clone())) }).collect();
+            self.pending.values().map(|p| send_frame(p.frame.clone(), p.trace.clone())).collect();
         self.backlog.extend(resend);
         let mut ack_tick = tokio::time::interval(self.options.ack_interval);
         let mut ping_tick = tokio::time::interval(self.options.ping_interval);
@@ -283,9 +291,9 @@ impl Task {
                     Err(_) => return lost("stream closed"),
                 },
                 command = self.commands.recv(), if self.backlog.len() < backlog_limit => match command {
-                    Some(Command::Send { frame, reply }) => {
-                        let out = ClientFrame { frame: Some(OutFrame::Send(frame.clone())) };
-                        self.insert_pending(frame, reply);
+                    Some(Command::Send { frame, trace, reply }) => {
+                        let out = send_frame(frame.clone(), trace.clone());
+                        self.insert_pending(frame, trace, reply);
                         self.backlog.push_back(out);
                         None
                     }
@@ -296,7 +304,7 @@ impl Task {
                     }
                     Some(Command::Typing { conversation_id, typing }) => {
                         let frame = OutFrame::Typing(pb::TypingFrame { conversation_id, typing });
-                        self.backlog.push_back(ClientFrame { frame: Some(frame) });
+                        self.backlog.push_back(ClientFrame { trace_context: Default::default(), frame: Some(frame) });
                         None
                     }
                     Some(Command::Online) => None,
@@ -319,7 +327,7 @@ impl Task {
                 }
                 _ = ping_tick.tick() => {
                     nonce += 1;
-                    self.backlog.push_back(ClientFrame { frame: Some(OutFrame::Ping(pb::Ping { nonce })) });
+                    self.backlog.push_back(ClientFrame { trace_context: Default::default(), frame: Some(OutFrame::Ping(pb::Ping { nonce })) });
                     self.drop_abandoned();
                     None
                 }
@@ -331,7 +339,12 @@ impl Task {
         }
     }
 
-    fn insert_pending(&mut self, frame: pb::SendRequestFrame, reply: oneshot::Sender<Result<pb::SendAck, Error>>) {
+    fn insert_pending(
+        &mut self,
+        frame: pb::SendRequestFrame,
+        trace: crate::TraceContext,
+        reply: oneshot::Sender<Result<pb::SendAck, Error>>,
+    ) {
         // A retry of an id still pending replaces the older request in place.
         let order = match self.pending_ids.get(&frame.client_msg_id) {
             Some(order) => *order,
@@ -341,7 +354,7 @@ impl Task {
                 self.next_order
             }
         };
-        self.pending.insert(order, Pending { frame, reply });
+        self.pending.insert(order, Pending { frame, trace, reply });
     }
 
     fn take_pending(&mut self, client_msg_id: &str) -> Option<Pending> {
@@ -466,10 +479,16 @@ impl Task {
     /// Queues read marks and acks (coalesced per conversation) for sending.
     fn flush_acks(&mut self) {
         for (conversation_id, seq) in self.reads.drain() {
-            self.backlog.push_back(ClientFrame { frame: Some(OutFrame::Read(pb::Read { conversation_id, seq })) });
+            self.backlog.push_back(ClientFrame {
+                trace_context: Default::default(),
+                frame: Some(OutFrame::Read(pb::Read { conversation_id, seq })),
+            });
         }
         for (conversation_id, seq) in self.acks.drain() {
-            self.backlog.push_back(ClientFrame { frame: Some(OutFrame::Ack(pb::Ack { conversation_id, seq })) });
+            self.backlog.push_back(ClientFrame {
+                trace_context: Default::default(),
+                frame: Some(OutFrame::Ack(pb::Ack { conversation_id, seq })),
+            });
         }
     }
 }

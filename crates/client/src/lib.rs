@@ -61,6 +61,10 @@ pub use messenger_proto::v1::{
 pub use model::{ConversationState, MessageState};
 pub use options::{Options, TlsOptions, TokenProvider};
 
+/// A W3C trace context (`traceparent`, `tracestate`) an app hands to
+/// [`Client::send_traced`].
+pub type TraceContext = std::collections::HashMap<String, String>;
+
 /// Something that happened on the connection.
 #[derive(Debug, Clone)]
 // Messages are nearly every event: boxing them would cost an allocation each
@@ -278,6 +282,28 @@ impl Client {
         .await
     }
 
+    /// As [`Client::send_with_id`], continuing the app's trace: `trace_context`
+    /// holds its W3C `traceparent` (and `tracestate`), e.g. what an
+    /// OpenTelemetry propagator injects into a `HashMap`. The server's spans
+    /// for this message (gateway, message service, store, fan-out, delivery)
+    /// join that trace.
+    pub async fn send_traced(
+        &self,
+        conversation_id: &str,
+        client_msg_id: &str,
+        body: &str,
+        trace_context: TraceContext,
+    ) -> Result<SendAck, Error> {
+        let frame = pb::SendRequestFrame {
+            conversation_id: conversation_id.to_owned(),
+            client_msg_id: client_msg_id.to_owned(),
+            body: body.to_owned(),
+            reply_to_seq: 0,
+            media_ids: Vec::new(),
+        };
+        self.send_frame_traced(frame, trace_context).await
+    }
+
     /// Sends a reply to the message at `reply_to_seq`.
     pub async fn reply(&self, conversation_id: &str, reply_to_seq: u64, body: &str) -> Result<SendAck, Error> {
         self.send_frame(pb::SendRequestFrame {
@@ -291,16 +317,22 @@ impl Client {
     }
 
     async fn send_frame(&self, frame: pb::SendRequestFrame) -> Result<SendAck, Error> {
+        self.send_frame_traced(frame, TraceContext::new()).await
+    }
+
+    async fn send_frame_traced(&self, frame: pb::SendRequestFrame, trace: TraceContext) -> Result<SendAck, Error> {
         let (reply, answer) = oneshot::channel();
-        let size =
-            prost::Message::encoded_len(&pb::ClientFrame { frame: Some(pb::client_frame::Frame::Send(frame.clone())) });
+        let size = prost::Message::encoded_len(&pb::ClientFrame {
+            frame: Some(pb::client_frame::Frame::Send(frame.clone())),
+            trace_context: trace.clone(),
+        });
         if size > self.options.max_frame_bytes {
             return Err(Error::InvalidArgument(format!(
                 "send frame is {size} bytes; the limit is {} bytes",
                 self.options.max_frame_bytes
             )));
         }
-        self.commands.send(connection::Command::Send { frame, reply }).await.map_err(|_| Error::Closed)?;
+        self.commands.send(connection::Command::Send { frame, trace, reply }).await.map_err(|_| Error::Closed)?;
         match tokio::time::timeout(self.options.send_timeout, answer).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Closed),

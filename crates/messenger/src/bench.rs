@@ -70,6 +70,11 @@ pub struct BenchOptions {
     /// migrates a fresh keyspace `bench_<id>` there.
     #[arg(long)]
     pub scylla: Option<String>,
+    /// Trace sample ratios to measure side by side, e.g. `off,0.01,1`: each
+    /// store at each ratio, its spans exported over OTLP to a receiver in
+    /// this process (`off`: no exporter, the default server). Empty: off.
+    #[arg(long, value_delimiter = ',', value_parser = trace_sample)]
+    pub trace_samples: Vec<Option<f64>>,
     /// Idle: connected clients.
     #[arg(long, default_value_t = 10_000)]
     pub idle_clients: usize,
@@ -121,6 +126,17 @@ pub struct BenchOptions {
     pub json: Option<PathBuf>,
 }
 
+/// `off`, or a sample ratio between 0 and 1.
+fn trace_sample(text: &str) -> Result<Option<f64>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    match text.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(Some(ratio)),
+        _ => Err(format!("{text:?} is neither `off` nor a ratio between 0 and 1")),
+    }
+}
+
 /// Runs the benchmark and prints its report.
 pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Report> {
     let wanted_files = (options.idle_clients as u64 * 2 + 10_000).max(65_536);
@@ -136,10 +152,24 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
     if stores.contains(&Store::Scylla) && options.scylla.is_none() && options.target.is_none() {
         anyhow::bail!("--stores scylla needs --scylla host:port (a ScyllaDB or Cassandra node)");
     }
+    // Each store at each trace sample ratio (or with tracing off).
+    let samples: Vec<Option<f64>> = if options.trace_samples.is_empty() || options.target.is_some() {
+        vec![None]
+    } else {
+        options.trace_samples.clone()
+    };
+    let variants: Vec<(Store, Option<f64>)> =
+        stores.iter().flat_map(|store| samples.iter().map(move |sample| (*store, *sample))).collect();
+    let receiver = match samples.iter().any(Option::is_some) {
+        true => Some(crate::otlp::Receiver::start(([127, 0, 0, 1], 0).into(), false).await?),
+        false => None,
+    };
     let mut reports: Vec<Report> = Vec::new();
     let mut shared: Option<server::Server> = None;
     for (index, scenario) in options.scenarios.iter().enumerate() {
-        for (slot, store) in stores.iter().enumerate() {
+        for (slot, &(store, sample)) in variants.iter().enumerate() {
+            let store = &store;
+            let tracing = sample.zip(receiver.as_ref()).map(|(ratio, receiver)| (ratio, receiver.address()));
             // A server started here is started afresh for each scenario and
             // store, so none pays for another's leftovers (after 10,000 idle
             // connections close, the allocator keeps their memory and
@@ -147,12 +177,13 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
             // is shared; only quiet is awaited.
             let server = match shared.take() {
                 Some(server) => server,
-                None => server::Server::start(&options, *store).await?,
+                None => server::Server::start(&options, *store, tracing).await?,
             };
             if index == 0 {
                 eprintln!("bench: {store:?} server at {} (pid {:?})", server.endpoint, server.pid);
-                reports.push(Report::new(&options, &server, *store));
+                reports.push(Report::new(&options, &server, *store, sample));
             }
+            let spans_before = receiver.as_ref().map_or(0, crate::otlp::Receiver::count);
             let report = &mut reports[slot];
             server.settle().await;
             eprintln!("bench: {scenario:?} on {store:?} ...");
@@ -167,7 +198,12 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
             if options.target.is_some() {
                 shared = Some(server);
             } else {
+                // Stopping flushes what its exporter still holds.
                 server.stop().await;
+            }
+            if sample.is_some() {
+                let received = receiver.as_ref().map_or(0, crate::otlp::Receiver::count) - spans_before;
+                *report.spans_received.get_or_insert(0) += received;
             }
         }
     }

@@ -6,7 +6,11 @@
 use std::path::PathBuf;
 
 use messenger_platform::{
-    auth::AuthOptions, config::Validate, discovery::DiscoveryOptions, server::ServerOptions, telemetry::LogOptions,
+    auth::AuthOptions,
+    config::Validate,
+    discovery::DiscoveryOptions,
+    server::ServerOptions,
+    telemetry::{LogOptions, TracingOptions},
     tls::TlsOptions,
 };
 use serde::{Deserialize, Serialize};
@@ -17,6 +21,8 @@ pub struct Config {
     /// Where embedded backends keep their files (`messages.db`, `media.db`, `objects/`).
     pub data_dir: PathBuf,
     pub log: LogOptions,
+    /// Traces (and metrics) over OTLP.
+    pub tracing: TracingOptions,
     /// The admin port: `/metrics`, `/livez`, `/readyz`.
     pub admin: messenger_platform::admin::AdminOptions,
     pub auth: AuthOptions,
@@ -34,6 +40,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("data"),
             log: LogOptions::default(),
+            tracing: TracingOptions::default(),
             admin: messenger_platform::admin::AdminOptions::default(),
             auth: AuthOptions::default(),
             tls: TlsOptions::default(),
@@ -50,6 +57,7 @@ impl Default for Config {
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
         self.server.validate()?;
+        self.tracing.validate()?;
         self.tls.validate()?;
         self.discovery.validate()?;
         self.gateway.validate()?;

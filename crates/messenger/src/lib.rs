@@ -7,6 +7,7 @@
 //!   both returning a [`system::Running`] handle.
 //! - [`bench`]: `messenger bench`, the benchmark (clients made with the SDK).
 //! - `chat.rs`: the interactive terminal client, built on the SDK.
+//! - [`otlp`]: an OTLP/gRPC trace receiver (what the bench and the trace tests export to).
 //! - `main.rs`: command-line parsing only.
 
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod certs;
 pub mod chat;
 pub mod config;
+pub mod otlp;
 pub mod system;
 
 pub use config::Config;

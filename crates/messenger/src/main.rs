@@ -6,7 +6,10 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use messenger::{Config, chat, system};
-use messenger_platform::{discovery::Role, telemetry};
+use messenger_platform::{
+    discovery::Role,
+    telemetry::{self, TracingOptions},
+};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -85,7 +88,7 @@ enum Command {
     /// Create or upgrade the stores' schemas (SQLite file or Scylla keyspace), then exit.
     Migrate,
     /// Measure throughput, latency and memory with simulated SDK clients.
-    Bench(messenger::bench::BenchOptions),
+    Bench(Box<messenger::bench::BenchOptions>),
 }
 
 /// The flags layer: only what was given on the command line.
@@ -109,17 +112,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Config { check: true } => println!("configuration is valid"),
         Command::Config { check: false } => print!("{}", messenger_platform::config::render(&config)?),
         Command::Migrate => {
-            telemetry::init(&config.log);
+            let _telemetry = telemetry::init(&config.log, &TracingOptions::default(), "messenger-migrate");
             println!("{}", system::migrate(&config).await?);
         }
         Command::Bench(options) => {
-            messenger::bench::run(options, &config.auth.clone().or_development()).await?;
+            messenger::bench::run(*options, &config.auth.clone().or_development()).await?;
         }
         Command::Token { user, ttl } => {
             println!("{}", messenger_platform::auth::mint_hs256(&config.auth.or_development(), &user, ttl)?);
         }
         Command::Up => {
-            telemetry::init(&config.log);
+            let telemetry = telemetry::init(&config.log, &config.tracing, "messenger");
             let mut config = config;
             config.auth = config.auth.or_development();
             // No object storage configured: the one in this process.
@@ -136,12 +139,17 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "try it:  messenger chat --user alice --peer bob   (and, in another terminal, --user bob --peer alice)"
             );
-            run_until_signal(running).await?;
+            let stopped = run_until_signal(running).await;
+            telemetry.shutdown();
+            stopped?;
         }
         Command::Serve { service } => {
-            telemetry::init(&config.log);
+            let telemetry = telemetry::init(&config.log, &config.tracing, &format!("messenger-{service}"));
             let running = system::start(config, &[service]).await?;
-            run_until_signal(running).await?;
+            let stopped = run_until_signal(running).await;
+            // After the drain: what the last calls traced goes out too.
+            telemetry.shutdown();
+            stopped?;
         }
         Command::Chat { user, token, peer, endpoint, device, ca_file, server_name } => {
             let token = match (token, &user) {

@@ -20,10 +20,12 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use tonic::{
-    codegen::http,
-    transport::{Channel, Endpoint},
-};
+use tonic::{codegen::http, transport::Endpoint};
+
+use crate::trace::Traced;
+
+/// A channel to one instance: every call on it is traced (`trace.rs`).
+pub type Channel = Traced<tonic::transport::Channel>;
 
 pub use self::etcd::{EtcdDiscovery, EtcdOptions};
 
@@ -425,10 +427,10 @@ impl ChannelPool {
             return Ok(channel.clone());
         }
         let endpoint = endpoint(address, &self.options)?;
-        let channel = match &self.options.tls {
+        let channel = Traced::new(match &self.options.tls {
             Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(self.role)),
             None => endpoint.connect_lazy(),
-        };
+        });
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -4,7 +4,8 @@
 //! Layout:
 //! - [`config`]: layered configuration (defaults -> TOML file -> `MESSENGER_*`
 //!   environment -> command-line flags) into any typed, validated struct.
-//! - [`telemetry`]: structured logging setup (pretty for laptops, JSON for clusters).
+//! - [`telemetry`]: structured logging setup (pretty for laptops, JSON for
+//!   clusters) and OTLP export; [`trace`]: W3C trace context on every hop.
 //! - [`metrics`]: OpenTelemetry instruments and RED per RPC (a tower layer on
 //!   every server); [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`).
 //! - [`discovery`]: where each role's instances listen. Static addresses today,
@@ -39,3 +40,4 @@ pub mod shutdown;
 pub mod supervise;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;

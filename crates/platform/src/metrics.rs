@@ -12,7 +12,7 @@
 //! recorded as `unknown`, so a client cannot grow the series without limit.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     pin::Pin,
     sync::{Arc, OnceLock},
     task::{Context, Poll},
@@ -21,9 +21,11 @@ use std::{
 
 use futures::future::BoxFuture;
 use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use tonic::{Code, codegen::http};
 use tower::{Layer, Service};
+use tracing::Instrument as _;
 
 /// Duration buckets (seconds): unary calls sit in the first half, streams
 /// (held for minutes) in the last buckets.
@@ -38,7 +40,7 @@ pub use opentelemetry::{
 /// The process's instruments and the registry `/metrics` renders.
 pub struct Metrics {
     registry: prometheus::Registry,
-    _provider: SdkMeterProvider,
+    provider: SdkMeterProvider,
     meter: Meter,
     rpc_duration: Histogram<f64>,
 }
@@ -54,7 +56,25 @@ pub fn global() -> &'static Metrics {
             .with_registry(registry.clone())
             .build()
             .expect("a fresh registry takes the exporter");
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let mut provider = SdkMeterProvider::builder().with_reader(exporter);
+        if let Some(otlp) = OTLP.get() {
+            provider = provider.with_resource(otlp.resource.clone());
+            match opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(otlp.endpoint.clone())
+                .with_timeout(otlp.timeout)
+                .build()
+            {
+                Ok(exporter) => {
+                    let reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter)
+                        .with_interval(otlp.interval)
+                        .build();
+                    provider = provider.with_reader(reader);
+                }
+                Err(error) => tracing::warn!(%error, "OTLP metric export is off"),
+            }
+        }
+        let provider = provider.build();
         let meter = provider.meter("messenger");
         let rpc_duration = meter
             .f64_histogram("rpc.server.duration")
@@ -62,8 +82,42 @@ pub fn global() -> &'static Metrics {
             .with_description("Duration of RPCs served, by service, method and gRPC status code")
             .with_boundaries(DURATION_BUCKETS.to_vec())
             .build();
-        Metrics { registry, _provider: provider, meter, rpc_duration }
+        Metrics { registry, provider, meter, rpc_duration }
     })
+}
+
+/// Where metrics are pushed besides `/metrics` ([`export_otlp`]).
+struct Otlp {
+    endpoint: String,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    resource: opentelemetry_sdk::Resource,
+}
+
+static OTLP: OnceLock<Otlp> = OnceLock::new();
+
+/// Pushes every metric to an OTLP/gRPC collector each `interval` too. Takes
+/// effect only before the first metric is made (`telemetry::init` calls it first).
+pub fn export_otlp(
+    endpoint: &str,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+    resource: opentelemetry_sdk::Resource,
+) {
+    let set = OTLP.set(Otlp { endpoint: endpoint.to_owned(), interval, timeout, resource }).is_ok();
+    if !set || METRICS.get().is_some() {
+        tracing::warn!("OTLP metric export configured after metrics were in use: only /metrics serves them");
+    }
+}
+
+/// Pushes what the OTLP reader holds and stops it (at exit).
+pub fn shutdown() {
+    if OTLP.get().is_some()
+        && let Some(metrics) = METRICS.get()
+        && let Err(error) = metrics.provider.shutdown()
+    {
+        tracing::warn!(%error, "metric export did not flush at shutdown");
+    }
 }
 
 /// The meter services create their own instruments from (once each, in a
@@ -87,39 +141,60 @@ impl Metrics {
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Records every call's duration and status code (see the module docs).
+/// Records every call's duration and status code (see the module docs),
+/// and traces each unary call (`trace.rs`): a server span, child of the
+/// context the caller sent.
 #[derive(Clone)]
 pub struct RpcMetricsLayer {
     /// Each known path's labels, made once: a call only clones them.
-    methods: Arc<HashMap<String, Labels>>,
-    unknown: Labels,
+    methods: Arc<HashMap<String, Method>>,
+    unknown: Method,
 }
 
 /// A call's labels before its status code is known.
 type Labels = [KeyValue; 4];
 
+/// What a served method is recorded as.
+#[derive(Clone)]
+struct Method {
+    labels: Labels,
+    /// `package.Service/Method`, the span name.
+    name: Arc<str>,
+    service: Arc<str>,
+    method: Arc<str>,
+    /// Streams are traced per frame by their handlers, not as one span.
+    streaming: bool,
+}
+
 impl RpcMetricsLayer {
     /// `server` names the port (a label); `methods` are the paths
-    /// (`/package.Service/Method`) recorded by name.
-    pub fn new(server: &'static str, methods: HashSet<String>) -> Self {
-        let labels = |service: &str, method: &str| {
-            [
-                KeyValue::new("rpc.system", "grpc"),
-                // Shared strings: cloning the labels per call allocates nothing.
-                KeyValue::new("rpc.service", opentelemetry::StringValue::from(Arc::<str>::from(service))),
-                KeyValue::new("rpc.method", opentelemetry::StringValue::from(Arc::<str>::from(method))),
-                KeyValue::new("messenger.server", server),
-            ]
+    /// (`/package.Service/Method`) recorded by name, each with whether it streams.
+    pub fn new(server: &'static str, methods: HashMap<String, bool>) -> Self {
+        let method = |service: &str, name: &str, streaming: bool| {
+            // Shared strings: cloning the labels per call allocates nothing.
+            let (service, method): (Arc<str>, Arc<str>) = (service.into(), name.into());
+            Method {
+                labels: [
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.service", opentelemetry::StringValue::from(service.clone())),
+                    KeyValue::new("rpc.method", opentelemetry::StringValue::from(method.clone())),
+                    KeyValue::new("messenger.server", server),
+                ],
+                name: format!("{service}/{method}").into(),
+                service,
+                method,
+                streaming,
+            }
         };
         let methods = methods
             .into_iter()
-            .filter_map(|path| {
-                let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-                let labels = labels(service, method);
-                Some((path, labels))
+            .filter_map(|(path, streaming)| {
+                let (service, name) = path.strip_prefix('/')?.split_once('/')?;
+                let method = method(service, name, streaming);
+                Some((path, method))
             })
             .collect();
-        Self { methods: Arc::new(methods), unknown: labels("unknown", "unknown") }
+        Self { methods: Arc::new(methods), unknown: method("unknown", "unknown", false) }
     }
 }
 
@@ -151,20 +226,24 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let call = Call::start(&self.layer, request.uri().path());
+        let call = Call::start(&self.layer, request.uri().path(), request.headers());
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let response = inner.call(request).await?;
-            // Trailers-only: an error answered before any message.
-            if let Some(code) = status_code(response.headers()) {
-                call.finish(code);
-                return Ok(response);
+        let span = call.span.clone();
+        Box::pin(
+            async move {
+                let response = inner.call(request).await?;
+                // Trailers-only: an error answered before any message.
+                if let Some(code) = status_code(response.headers()) {
+                    call.finish(code);
+                    return Ok(response);
+                }
+                let (parts, body) = response.into_parts();
+                let body = tonic::body::Body::new(MeteredBody { inner: body, call: Some(call) });
+                Ok(http::Response::from_parts(parts, body))
             }
-            let (parts, body) = response.into_parts();
-            let body = tonic::body::Body::new(MeteredBody { inner: body, call: Some(call) });
-            Ok(http::Response::from_parts(parts, body))
-        })
+            .instrument(span),
+        )
     }
 }
 
@@ -172,15 +251,23 @@ where
 struct Call {
     started: Instant,
     labels: Labels,
+    /// Disabled for streams and when nothing is traced.
+    span: tracing::Span,
 }
 
 impl Call {
-    fn start(layer: &RpcMetricsLayer, path: &str) -> Call {
-        let labels = layer.methods.get(path).unwrap_or(&layer.unknown).clone();
-        Call { started: Instant::now(), labels }
+    fn start(layer: &RpcMetricsLayer, path: &str, headers: &http::HeaderMap) -> Call {
+        let method = layer.methods.get(path).unwrap_or(&layer.unknown);
+        let span = if method.streaming {
+            tracing::Span::none()
+        } else {
+            crate::trace::server_span(&method.name, &method.service, &method.method, headers)
+        };
+        Call { started: Instant::now(), labels: method.labels.clone(), span }
     }
 
     fn finish(self, code: Code) {
+        crate::trace::finish(&self.span, code, true);
         let [system, service, method, server] = self.labels;
         let attributes = [system, service, method, server, KeyValue::new("rpc.grpc.status_code", code as i64)];
         global().rpc_duration.record(self.started.elapsed().as_secs_f64(), &attributes);
@@ -252,10 +339,11 @@ mod tests {
 
     #[test]
     fn unknown_paths_share_one_label_and_codes_are_recorded() {
-        let layer = RpcMetricsLayer::new("test", ["/pkg.Known/Call".to_owned()].into());
-        Call::start(&layer, "/pkg.Known/Call").finish(Code::NotFound);
-        Call::start(&layer, "/pkg.Made/Up1").finish(Code::Unimplemented);
-        Call::start(&layer, "/pkg.Made/Up2").finish(Code::Unimplemented);
+        let layer = RpcMetricsLayer::new("test", [("/pkg.Known/Call".to_owned(), false)].into());
+        let headers = http::HeaderMap::new();
+        Call::start(&layer, "/pkg.Known/Call", &headers).finish(Code::NotFound);
+        Call::start(&layer, "/pkg.Made/Up1", &headers).finish(Code::Unimplemented);
+        Call::start(&layer, "/pkg.Made/Up2", &headers).finish(Code::Unimplemented);
         let text = global().render();
         let series = |needle: &[&str]| {
             text.lines()

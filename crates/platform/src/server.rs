@@ -221,30 +221,30 @@ fn descriptors_of_all() -> prost_types::FileDescriptorSet {
         .expect("the build embeds a valid descriptor set")
 }
 
-/// Every RPC path a server of ours can answer (`/package.Service/Method`):
-/// the messenger services, health and reflection. Metrics name these; any
-/// other path is `unknown`.
-fn method_paths(set: &prost_types::FileDescriptorSet) -> std::collections::HashSet<String> {
-    let mut paths: std::collections::HashSet<String> = set
+/// Every RPC path a server of ours can answer (`/package.Service/Method`),
+/// with whether it streams: the messenger services, health and reflection.
+/// Metrics name these; any other path is `unknown`.
+fn method_paths(set: &prost_types::FileDescriptorSet) -> std::collections::HashMap<String, bool> {
+    let mut paths: std::collections::HashMap<String, bool> = set
         .file
         .iter()
         .flat_map(|file| {
             file.service.iter().flat_map(move |service| {
-                service
-                    .method
-                    .iter()
-                    .map(move |method| format!("/{}.{}/{}", file.package(), service.name(), method.name()))
+                service.method.iter().map(move |method| {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                    (path, method.client_streaming() || method.server_streaming())
+                })
             })
         })
         .collect();
     paths.extend(
         [
-            "/grpc.health.v1.Health/Check",
-            "/grpc.health.v1.Health/Watch",
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            ("/grpc.health.v1.Health/Check", false),
+            ("/grpc.health.v1.Health/Watch", true),
+            ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", true),
+            ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", true),
         ]
-        .map(str::to_owned),
+        .map(|(path, streaming)| (path.to_owned(), streaming)),
     );
     paths
 }

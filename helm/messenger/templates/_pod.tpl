@@ -34,12 +34,10 @@ security contexts. Shared by the Deployments and the migrate Job.
   value: "$(POD_IP)"
 {{- end }}
 {{- with $values.external.otlp.endpoint }}
-- name: OTEL_EXPORTER_OTLP_ENDPOINT
+- name: MESSENGER_TRACING__OTLP_ENDPOINT
   value: {{ . | quote }}
-- name: OTEL_EXPORTER_OTLP_PROTOCOL
-  value: {{ $values.external.otlp.protocol | quote }}
-- name: OTEL_SERVICE_NAME
-  value: {{ printf "messenger-%s" $name | quote }}
+- name: MESSENGER_TRACING__SAMPLE_RATIO
+  value: {{ $values.external.otlp.sampleRatio | quote }}
 {{- end }}
 {{- if and (include "messenger.isPublic" .role) $values.auth.hs256SecretKey }}
 {{ include "messenger.secretEnv" (dict "name" "MESSENGER_AUTH__HS256_SECRET" "secret" (include "messenger.authSecret" .root) "key" $values.auth.hs256SecretKey) }}

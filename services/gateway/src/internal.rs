@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use messenger_platform::trace;
 use messenger_proto::v1::{self as pb, gateway_internal_service_server::GatewayInternalService};
 use tonic::{Request, Response, Status};
 use tracing::debug;
@@ -23,8 +24,23 @@ impl GatewayInternalService for Adapter {
                 continue;
             };
             let event = Arc::new(event);
+            // The event's own trace (a batch carries many): its span lasts
+            // until every session here has written the frame.
+            let span = if delivery.trace_context.is_empty() {
+                tracing::Span::none()
+            } else {
+                let span = tracing::info_span!(
+                    target: trace::TARGET,
+                    "deliver",
+                    otel.name = "deliver to sessions",
+                    messenger.sessions = delivery.session_ids.len(),
+                    trace_id = tracing::field::Empty,
+                    span_id = tracing::field::Empty,
+                );
+                trace::start(span, &delivery.trace_context)
+            };
             for session_id in &delivery.session_ids {
-                match self.registry.deliver(session_id, &event) {
+                match self.registry.deliver(session_id, &event, &span) {
                     Delivered::Queued => {}
                     Delivered::Overflowed => overflowed += 1,
                     Delivered::Missing => missing += 1,

@@ -8,10 +8,17 @@ use std::{
 use messenger_proto::v1::{self as pb, delivery::Event};
 use tokio::sync::{Notify, mpsc};
 
+/// A live event for one session, with the span of its delivery (disabled
+/// when untraced): the session writes the frame inside it.
+pub(crate) struct Live {
+    pub event: Arc<Event>,
+    pub span: tracing::Span,
+}
+
 #[derive(Clone)]
 pub(crate) struct SessionHandle {
     /// The registry holds the only sender: removing the handle ends the session.
-    pub inbox: mpsc::Sender<Arc<Event>>,
+    pub inbox: mpsc::Sender<Live>,
     /// Signalled when a live event could not be queued: the session re-syncs
     /// (receipts and typing hints are simply dropped).
     pub resync: Arc<Notify>,
@@ -57,12 +64,12 @@ impl Registry {
         self.sessions.read().unwrap_or_else(|e| e.into_inner()).values().map(|h| h.presence.clone()).collect()
     }
 
-    pub fn deliver(&self, session_id: &str, event: &Arc<Event>) -> Delivered {
+    pub fn deliver(&self, session_id: &str, event: &Arc<Event>, span: &tracing::Span) -> Delivered {
         let sessions = self.sessions.read().unwrap_or_else(|e| e.into_inner());
         let Some(handle) = sessions.get(session_id) else {
             return Delivered::Missing;
         };
-        match handle.inbox.try_send(event.clone()) {
+        match handle.inbox.try_send(Live { event: event.clone(), span: span.clone() }) {
             Ok(()) => Delivered::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 handle.resync.notify_one();

@@ -14,19 +14,21 @@
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use messenger_platform::{
-    discovery::{Role, RoleChannel, timed_out, transport_status},
+    discovery::{Channel, Role, RoleChannel, timed_out, transport_status},
     supervise::Supervisor,
 };
 use messenger_proto::v1::{self as pb, message_service_client::MessageServiceClient, send_stream_response};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 use tracing::warn;
 
 type Reply = oneshot::Sender<Result<pb::SendResponse, Status>>;
 
 struct Pending {
     request: pb::SendRequest,
+    /// The sending frame's trace context (the stream carries it per send).
+    trace: messenger_platform::trace::Carrier,
     reply: Reply,
 }
 
@@ -73,7 +75,9 @@ impl Sends {
         let pipe = self.pipe(&address)?;
         let (reply, answer) = oneshot::channel();
         let waited = tokio::time::timeout(self.timeout, async {
-            pipe.send(Pending { request, reply }).await.map_err(|_| closed(&address))?;
+            pipe.send(Pending { request, trace: messenger_platform::trace::current(), reply })
+                .await
+                .map_err(|_| closed(&address))?;
             answer.await.map_err(|_| closed(&address))?
         })
         .await;
@@ -130,7 +134,11 @@ impl Pipe {
                 next_id += 1;
                 // Never full: at most `max_inflight` are waiting, and the
                 // channel holds as many.
-                match requests.try_send(pb::SendStreamRequest { id: next_id, send: Some(pending.request) }) {
+                match requests.try_send(pb::SendStreamRequest {
+                    id: next_id,
+                    send: Some(pending.request),
+                    trace_context: pending.trace,
+                }) {
                     Ok(()) => drop(waiting.insert(next_id, pending.reply)),
                     Err(_) => drop(pending.reply.send(Err(closed(&self.address)))),
                 }

@@ -14,15 +14,18 @@
 use std::{collections::HashMap, sync::Arc};
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
-use messenger_platform::{auth::TokenExpiry, ids, metrics};
+use messenger_platform::{auth::TokenExpiry, ids, metrics, trace};
 use messenger_proto::v1::{
     self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery, server_frame::Frame as Out,
 };
 use tokio::sync::{Notify, mpsc};
 use tonic::{Code, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
-use crate::{Context, registry::SessionHandle};
+use crate::{
+    Context,
+    registry::{Live, SessionHandle},
+};
 
 /// What a session queues for its client. Boxed so the queue's blocks stay
 /// small: they are allocated per session and live as long as it does.
@@ -149,7 +152,7 @@ pub(crate) async fn run(
     let hello = tokio::time::timeout(context.options.hello_timeout, inbound.message()).await;
     drop(pre_hello);
     let device = match hello {
-        Ok(Ok(Some(ClientFrame { frame: Some(In::Hello(hello)) }))) => hello.device_id,
+        Ok(Ok(Some(ClientFrame { frame: Some(In::Hello(hello)), .. }))) => hello.device_id,
         Ok(Ok(Some(_))) => {
             let _ = out.send(Err(Box::new(Status::failed_precondition("the first frame must be Hello")))).await;
             return;
@@ -271,11 +274,28 @@ fn presence_changed(context: &Context, update: pb::PresenceUpdate) {
     });
 }
 
+/// The span of one frame written to this device, inside its delivery's.
+fn write_span(delivery: &tracing::Span, name: &'static str) -> tracing::Span {
+    if delivery.is_disabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: trace::TARGET,
+        parent: delivery,
+        "frame",
+        otel.name = name,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    trace::record_ids(&span);
+    span
+}
+
 impl Session {
     async fn serve(
         &mut self,
         inbound: &mut Streaming<ClientFrame>,
-        mut inbox: mpsc::Receiver<Arc<delivery::Event>>,
+        mut inbox: mpsc::Receiver<Live>,
         resync: Arc<Notify>,
     ) -> End {
         let ready = Out::Ready(pb::Ready { session_id: self.session_id.clone(), user_id: self.user.clone() });
@@ -300,15 +320,18 @@ impl Session {
                     return End::ClientGone;
                 }
                 Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done).await,
-                event = inbox.recv() => match event.as_deref() {
-                    Some(delivery::Event::Message(message)) => self.deliver_live(message).await,
-                    Some(delivery::Event::Receipt(receipt)) => {
+                live = inbox.recv() => match live.as_ref().map(|live| (&*live.event, &live.span)) {
+                    Some((delivery::Event::Message(message), span)) => {
+                        let frame = write_span(span, "write message frame");
+                        self.deliver_live(message).instrument(frame).await
+                    }
+                    Some((delivery::Event::Receipt(receipt), _)) => {
                         self.emit(ServerFrame { frame: Some(Out::Receipt(receipt.clone())) }).await
                     }
-                    Some(delivery::Event::Typing(typing)) => {
+                    Some((delivery::Event::Typing(typing), _)) => {
                         self.emit(ServerFrame { frame: Some(Out::Typing(typing.clone())) }).await
                     }
-                    Some(delivery::Event::Presence(update)) => {
+                    Some((delivery::Event::Presence(update), _)) => {
                         self.emit(ServerFrame { frame: Some(Out::Presence(update.clone())) }).await
                     }
                     None => return End::ClientGone,
@@ -487,6 +510,13 @@ impl Session {
     ) -> Result<(), End> {
         match frame.frame {
             Some(In::Send(send)) => {
+                // The app's trace, when it sent one (`Client::send_traced`).
+                let span = trace::frame_span(
+                    "messenger.v1.GatewayService/Connect Send",
+                    "messenger.v1.GatewayService",
+                    "Connect",
+                    &frame.trace_context,
+                );
                 if let Err(status) = self.context.limits.sends.check(&self.user) {
                     let frame =
                         error_frame(status.code(), status.message(), &send.client_msg_id, &send.conversation_id);
@@ -520,6 +550,7 @@ impl Session {
                         };
                         Completion::Frame(Box::new(frame))
                     }
+                    .instrument(span)
                     .boxed(),
                 );
                 Ok(())

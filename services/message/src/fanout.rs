@@ -17,13 +17,14 @@ use std::{
 use messenger_platform::{
     discovery::{ChannelPool, RoleChannel},
     supervise::Supervisor,
+    trace,
 };
 use messenger_proto::v1::{
     self as pb, DeliverRequest, Delivery, LocateRequest, delivery,
     gateway_internal_service_client::GatewayInternalServiceClient, presence_service_client::PresenceServiceClient,
 };
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, warn};
 use uuid::Uuid;
 
 use crate::{
@@ -91,7 +92,14 @@ fn fanout_metrics() -> &'static FanoutMetrics {
 
 #[derive(Clone)]
 pub struct Fanout {
-    workers: Arc<Vec<mpsc::Sender<Outgoing>>>,
+    workers: Arc<Vec<mpsc::Sender<Queued>>>,
+}
+
+/// An item waiting for its worker, with its fan-out span (disabled for
+/// live-only hints and when untraced): from queueing to the last `Deliver`.
+struct Queued {
+    item: Outgoing,
+    span: tracing::Span,
 }
 
 struct Worker {
@@ -132,21 +140,22 @@ impl Fanout {
         Self { workers: Arc::new(workers) }
     }
 
-    fn worker(&self, item: &Outgoing) -> &mpsc::Sender<Outgoing> {
+    fn worker(&self, item: &Outgoing) -> &mpsc::Sender<Queued> {
         &self.workers[(item.worker_key() % self.workers.len() as u64) as usize]
     }
 
     /// Queues a committed entry; waits when the worker's queue is full (backpressure).
     pub async fn publish(&self, message: StoredMessage) {
         let item = Outgoing::Entry(message);
-        if self.worker(&item).send(item).await.is_err() {
+        let span = trace::internal("fan-out");
+        if self.worker(&item).send(Queued { item, span }).await.is_err() {
             warn!("fan-out worker stopped; devices will catch up by sync");
         }
     }
 
     /// Queues a live-only hint; dropped when the worker is saturated.
     pub fn publish_hint(&self, hint: Outgoing) {
-        if self.worker(&hint).try_send(hint).is_err() {
+        if self.worker(&hint).try_send(Queued { item: hint, span: tracing::Span::none() }).is_err() {
             debug!("fan-out saturated; live hint dropped");
         }
     }
@@ -228,7 +237,7 @@ pub(crate) fn to_proto(message: &StoredMessage) -> pb::Message {
 }
 
 impl Worker {
-    async fn run(mut self, mut queue: mpsc::Receiver<Outgoing>) {
+    async fn run(mut self, mut queue: mpsc::Receiver<Queued>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while queue.recv_many(&mut batch, self.max_batch).await > 0 {
             // A short linger lets a busy system share one Locate and one Deliver
@@ -242,8 +251,12 @@ impl Worker {
                     }
                 }
             }
-            self.fan_out(&batch).await;
-            batch.clear();
+            let (items, spans): (Vec<Outgoing>, Vec<tracing::Span>) =
+                batch.drain(..).map(|queued| (queued.item, queued.span)).unzip();
+            // The batch's calls (Locate, Deliver) go in the first traced
+            // item's trace; each delivery carries its own item's context.
+            let calls = spans.iter().find(|span| !span.is_disabled()).cloned().unwrap_or_else(tracing::Span::none);
+            self.fan_out(&items, &spans).instrument(calls).await;
         }
     }
 
@@ -268,7 +281,7 @@ impl Worker {
         users
     }
 
-    async fn fan_out(&mut self, batch: &[Outgoing]) {
+    async fn fan_out(&mut self, batch: &[Outgoing], spans: &[tracing::Span]) {
         fanout_metrics().batch_size.record(batch.len() as u64, &[]);
         let mut active: HashMap<Uuid, Arc<Vec<String>>> = HashMap::new();
         for item in batch {
@@ -325,7 +338,7 @@ impl Worker {
             by_user.entry(session.user_id.as_str()).or_default().push(session);
         }
         let mut by_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
-        for (item, users) in batch.iter().zip(&recipients) {
+        for ((item, users), span) in batch.iter().zip(&recipients).zip(spans) {
             let mut per_gateway: HashMap<&str, Vec<String>> = HashMap::new();
             for user in users {
                 for session in by_user.get(user).into_iter().flatten() {
@@ -342,7 +355,11 @@ impl Worker {
                 Outgoing::Presence(_, update) => delivery::Event::Presence(update.clone()),
             };
             for (gateway, session_ids) in per_gateway {
-                by_gateway.entry(gateway).or_default().push(Delivery { event: Some(event.clone()), session_ids });
+                by_gateway.entry(gateway).or_default().push(Delivery {
+                    event: Some(event.clone()),
+                    session_ids,
+                    trace_context: trace::inject(span),
+                });
             }
         }
         let calls = by_gateway.into_iter().map(|(address, deliveries)| {
@@ -379,6 +396,6 @@ impl Worker {
                 }
             }
         });
-        futures::future::join_all(calls).await;
+        futures::future::join_all(calls.map(|call| call.in_current_span())).await;
     }
 }

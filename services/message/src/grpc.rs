@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use futures::{StreamExt, stream::FuturesUnordered};
+use messenger_platform::trace;
 use messenger_proto::v1::{
     self as pb, message_service_server::MessageService, modify_message_request, update_group_request,
 };
@@ -10,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::{Instrument as _, debug};
 
 use crate::{
     fanout::{role_code, to_proto},
@@ -73,6 +74,13 @@ fn send_stream(
                 next = incoming.message(), if open && inflight.len() < max_inflight => match next {
                     Ok(Some(request)) => {
                         let service = service.clone();
+                        // Each send on the stream is its own span, in its caller's trace.
+                        let span = trace::frame_span(
+                            "messenger.v1.MessageService/SendStream Send",
+                            "messenger.v1.MessageService",
+                            "SendStream",
+                            &request.trace_context,
+                        );
                         inflight.push(async move {
                             let result = match request.send {
                                 Some(send) => sent(&service, send).await,
@@ -86,7 +94,7 @@ fn send_stream(
                                 }),
                             };
                             pb::SendStreamResponse { id: request.id, result: Some(result) }
-                        });
+                        }.instrument(span));
                     }
                     Ok(None) => open = false,
                     Err(status) => {

@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use messenger_platform::{discovery::RoleChannel, ids};
+use messenger_platform::{discovery::RoleChannel, ids, trace};
 use messenger_proto::v1::{self as pb, media_service_client::MediaServiceClient};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
@@ -258,20 +259,25 @@ impl Service {
             attachments,
         };
         let (store, fanout) = (self.store.clone(), self.fanout.clone());
-        detached(async move {
-            match store.send(message).await? {
-                SendOutcome::Created(message) => {
-                    fanout.publish(message.clone()).await;
-                    Ok((message, true))
-                }
-                // Published again: if the first fan-out was lost (a crash between
-                // commit and publish), a retry repairs it; gateways drop repeats.
-                SendOutcome::Duplicate(original) => {
-                    fanout.publish(original.clone()).await;
-                    Ok((original, false))
+        let commit = trace::internal("store commit");
+        detached(
+            async move {
+                match store.send(message).instrument(commit).await? {
+                    SendOutcome::Created(message) => {
+                        fanout.publish(message.clone()).await;
+                        Ok((message, true))
+                    }
+                    // Published again: if the first fan-out was lost (a crash between
+                    // commit and publish), a retry repairs it; gateways drop repeats.
+                    SendOutcome::Duplicate(original) => {
+                        fanout.publish(original.clone()).await;
+                        Ok((original, false))
+                    }
                 }
             }
-        })
+            // The call's span goes with the detached work.
+            .in_current_span(),
+        )
         .await
     }
 

@@ -9,6 +9,10 @@ use super::{BenchOptions, Scenario, Store, server::Server};
 pub struct Report {
     pub scenarios: Vec<Scenario>,
     pub store: Store,
+    /// The server's trace sample ratio (`--trace-samples`); none: tracing off.
+    pub trace_sample: Option<f64>,
+    /// Spans the OTLP receiver got from this variant's servers.
+    pub spans_received: Option<u64>,
     pub machine: Machine,
     pub synchronous: String,
     /// Where the server's cache lives: "memory" or the Redis URL.
@@ -126,7 +130,7 @@ pub struct Media {
 }
 
 impl Report {
-    pub fn new(options: &BenchOptions, server: &Server, store: Store) -> Self {
+    pub fn new(options: &BenchOptions, server: &Server, store: Store, trace_sample: Option<f64>) -> Self {
         let memory_gib = std::fs::read_to_string("/proc/meminfo")
             .ok()
             .and_then(|info| info.lines().next()?.split_whitespace().nth(1)?.parse::<f64>().ok())
@@ -134,6 +138,8 @@ impl Report {
         Report {
             scenarios: options.scenarios.clone(),
             store,
+            trace_sample,
+            spans_received: None,
             machine: Machine {
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 memory_gib: (memory_gib * 10.0).round() / 10.0,
@@ -158,6 +164,13 @@ impl Report {
             "\nmessenger bench — {:?} store, {} cores, {} GiB, server and clients on this machine, sqlite synchronous={}, cache {}\n",
             self.store, machine.cores, machine.memory_gib, self.synchronous, self.cache
         );
+        if let Some(ratio) = self.trace_sample {
+            out += &format!(
+                "  tracing: {}% of traces sampled, exported over OTLP to a receiver in the bench process; {} spans received\n",
+                ratio * 100.0,
+                self.spans_received.unwrap_or(0)
+            );
+        }
         if let Some(idle) = &self.idle {
             out += &format!(
                 "\nidle     {} clients connected in {:.1} s: server RSS {:.0} -> {:.0} MiB = {:.1} KB per client; idle server CPU {:.1}%\n",
@@ -252,9 +265,13 @@ impl Report {
 /// Key figures of each store in one table, with each store's ratio to the first.
 pub fn side_by_side(reports: &[Report]) -> String {
     type Figure = (&'static str, fn(&Report) -> Option<f64>);
-    let figures: [Figure; 10] = [
+    let figures: [Figure; 12] = [
         ("direct saturation, delivered/s", |r| r.direct.as_ref().map(|d| d.saturation_per_sec)),
         ("direct p50 ms at half saturation", |r| r.direct.as_ref()?.half_saturation.as_ref().map(|h| h.p50_ms)),
+        ("direct p99 ms at half saturation", |r| r.direct.as_ref()?.half_saturation.as_ref().map(|h| h.p99_ms)),
+        ("direct server CPU s per 1000 (half sat.)", |r| {
+            r.direct.as_ref()?.half_saturation.as_ref().map(|h| h.server_cpu_seconds_per_1000)
+        }),
         ("group deliveries/s (first size)", |r| r.group.first().map(|g| g.deliveries_per_sec)),
         ("history hit p50 ms", |r| r.history.as_ref().map(|h| h.hit_p50_ms)),
         ("history miss p50 ms", |r| r.history.as_ref().map(|h| h.miss_p50_ms)),
@@ -264,10 +281,14 @@ pub fn side_by_side(reports: &[Report]) -> String {
         ("media completes/s", |r| r.media.as_ref().map(|m| m.completes_per_sec)),
         ("media 12 MP photo complete s", |r| r.media.as_ref().map(|m| m.photo_complete_p50_s)),
     ];
-    let mut out = String::from("\nside by side (ratio to the first store)\n");
-    out += &format!("  {:<36}", "");
+    let mut out = String::from("\nside by side (ratio to the first column)\n");
+    out += &format!("  {:<40}", "");
     for report in reports {
-        out += &format!("  {:>18}", format!("{:?}", report.store));
+        let label = match report.trace_sample {
+            Some(ratio) => format!("{:?} trace {}%", report.store, ratio * 100.0),
+            None => format!("{:?}", report.store),
+        };
+        out += &format!("  {label:>18}");
     }
     out += "\n";
     for (name, figure) in figures {
@@ -275,7 +296,7 @@ pub fn side_by_side(reports: &[Report]) -> String {
         if values.iter().all(Option::is_none) {
             continue;
         }
-        out += &format!("  {name:<36}");
+        out += &format!("  {name:<40}");
         for value in &values {
             out += &match (value, values[0]) {
                 (Some(value), Some(first)) if first > 0.0 => format!("  {value:>10.2} ({:>4.2}x)", value / first),

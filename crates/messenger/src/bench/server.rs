@@ -27,7 +27,12 @@ pub struct Sample {
 }
 
 impl Server {
-    pub async fn start(options: &BenchOptions, store: super::Store) -> anyhow::Result<Server> {
+    /// `tracing`: the sample ratio and the OTLP receiver its spans go to.
+    pub async fn start(
+        options: &BenchOptions,
+        store: super::Store,
+        tracing: Option<(f64, std::net::SocketAddr)>,
+    ) -> anyhow::Result<Server> {
         let clock_ticks = clock_ticks();
         if let Some(target) = &options.target {
             return Ok(Server {
@@ -43,6 +48,11 @@ impl Server {
         let mut command = Command::new(executable);
         if let Some(url) = &options.redis_cache {
             command.env("MESSENGER_MESSAGE__CACHE__BACKEND", "redis").env("MESSENGER_MESSAGE__CACHE__REDIS__URL", url);
+        }
+        if let Some((ratio, receiver)) = tracing {
+            command
+                .env("MESSENGER_TRACING__OTLP_ENDPOINT", format!("http://{receiver}"))
+                .env("MESSENGER_TRACING__SAMPLE_RATIO", ratio.to_string());
         }
         if store == super::Store::Scylla {
             let node = options.scylla.as_deref().context("--stores scylla needs --scylla host:port")?;

@@ -30,6 +30,8 @@ struct Node {
     child: Option<Child>,
     /// The port others reach it at (for a gateway: its public port).
     port: u16,
+    /// Its admin port (`/metrics`).
+    admin: u16,
 }
 
 struct Cluster {
@@ -45,6 +47,8 @@ struct Cluster {
     /// With `MESSENGER_TEST_STORE=scylla`: the keyspace both message
     /// instances share on the CQL node (else they share one SQLite file).
     scylla: Option<messenger_message::scylla::ScyllaOptions>,
+    /// More TOML every process's configuration ends with.
+    extra: String,
 }
 
 /// The cluster's own HS256 secret: `messenger serve` refuses to start without a key.
@@ -53,6 +57,11 @@ const CLUSTER_SECRET: &str = "cluster-test-secret-not-the-development-one";
 impl Cluster {
     /// One presence, two message services, two gateways, all registered.
     async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// As [`Cluster::start`], every process's configuration ending with `extra`.
+    async fn start_with(extra: &str) -> Self {
         let etcd = EtcdServer::start();
         let redis = RedisServer::start();
         let dir = tempfile::tempdir().unwrap();
@@ -75,6 +84,7 @@ impl Cluster {
             },
             certs,
             scylla,
+            extra: extra.to_owned(),
         };
         // In dependency order, each role registered before the next starts:
         // an instance lists etcd before it serves, so every instance knows
@@ -92,7 +102,7 @@ impl Cluster {
     }
 
     fn add(&mut self, name: &str, role: Role) {
-        let (port, internal) = (free_port(), free_port());
+        let (port, internal, admin) = (free_port(), free_port(), free_port());
         let dir = self.dir.path();
         let listen = |of: Role| match (of == role, of) {
             (false, _) => String::new(),
@@ -140,11 +150,12 @@ url = "{redis}"
 {gateway_listen}presence_renew_interval = "1s"
 sends_per_second = 100000
 send_burst = 100000
-"#,
+{extra}"#,
+            extra = self.extra,
             message_listen = listen(Role::Message),
             presence_listen = listen(Role::Presence),
             gateway_listen = listen(Role::Gateway),
-            admin = free_port(),
+            admin = admin,
             data = dir.join(name).display(),
             etcd = self.etcd.endpoint(),
             database = dir.join("messages.db").display(),
@@ -162,7 +173,7 @@ send_burst = 100000
         );
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).unwrap();
-        let mut node = Node { name: name.to_owned(), role, config: path, child: None, port };
+        let mut node = Node { name: name.to_owned(), role, config: path, child: None, port, admin };
         spawn(&mut node, dir);
         self.nodes.push(node);
     }
@@ -566,4 +577,128 @@ async fn a_message_instance_stopped_gracefully_drains_at_once_and_sends_move_on(
     let received: Vec<_> = before.into_iter().chain(after).collect();
     assert_exactly_once_in_order(&received, &stream);
     cluster.wait_registered(Role::Message, 1).await;
+}
+
+/// The count of `messenger_telemetry_spans_total` with `outcome` on a node's `/metrics`.
+async fn spans_counted(admin: u16, outcome: &str) -> u64 {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await else { return 0 };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|line| line.starts_with("messenger_telemetry_spans_total{"))
+        .filter(|line| line.contains(&format!("outcome=\"{outcome}\"")))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_is_one_trace_across_every_process_and_a_dead_collector_costs_nothing() {
+    let collector: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let extra = format!(
+        "[tracing]\notlp_endpoint = \"http://{collector}\"\nsample_ratio = 1.0\nexport_interval = \"200ms\"\n\
+         export_timeout = \"1s\"\nmetrics_interval = \"0s\"\n"
+    );
+    let cluster = Cluster::start_with(&extra).await;
+    let Pair { alice, _alice_events, _bob, mut bob_events, direct } = cluster.pair().await;
+
+    // No collector listens yet: every send is still answered and delivered,
+    // and the exporters count what they could not send.
+    for i in 0..20 {
+        alice.send(&direct, &format!("untraced-{i}")).await.unwrap();
+    }
+    for i in 0..20 {
+        assert_eq!(next_from(&mut bob_events, "alice").await.body, format!("untraced-{i}"));
+    }
+    let gateway_admin = cluster.nodes.iter().find(|node| node.name == "gateway-1").unwrap().admin;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while spans_counted(gateway_admin, "failed").await == 0 {
+        assert!(Instant::now() < deadline, "no failed export counted while the collector was down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The collector comes up; the app sends inside its own trace.
+    let receiver = messenger::otlp::Receiver::start(collector, true).await.unwrap();
+    let trace_id = format!("{:032x}", rand::random::<u128>() | 1);
+    let app_span = format!("{:016x}", rand::random::<u64>() | 1);
+    let context = [("traceparent".to_owned(), format!("00-{trace_id}-{app_span}-01"))].into();
+    let body = "a body no span may carry";
+    let client_msg_id = uuid::Uuid::now_v7().to_string();
+    alice.send_traced(&direct, &client_msg_id, body, context).await.unwrap();
+    assert_eq!(next_from(&mut bob_events, "alice").await.body, body);
+
+    // Each hop's span, found by process, name, kind and parent.
+    type Step = (&'static str, &'static str, i32);
+    let chain: [(Step, Option<usize>); 12] = [
+        /* 0 */ (("messenger-gateway", "messenger.v1.GatewayService/Connect Send", 2), None),
+        /* 1 */ (("messenger-gateway", "messenger.v1.MessageService/SendStream", 3), Some(0)),
+        /* 2 */ (("messenger-message", "messenger.v1.MessageService/SendStream Send", 2), Some(0)),
+        /* 3 */ (("messenger-message", "store commit", 1), Some(2)),
+        /* 4 */ (("messenger-message", "fan-out", 1), Some(2)),
+        /* 5 */ (("messenger-message", "messenger.v1.PresenceService/Locate", 3), Some(4)),
+        /* 6 */ (("messenger-presence", "messenger.v1.PresenceService/Locate", 2), Some(5)),
+        /* 7 */ (("messenger-message", "messenger.v1.GatewayInternalService/Deliver", 3), Some(4)),
+        /* 8 */ (("messenger-gateway", "messenger.v1.GatewayInternalService/Deliver", 2), Some(7)),
+        /* 9 */ (("messenger-gateway", "deliver to sessions", 1), Some(4)),
+        /* 10 */ (("messenger-gateway", "write message frame", 1), Some(9)),
+        /* 11 */ (("messenger-message", "messenger.v1.MessageService/Sync", 2), None),
+    ];
+    // The send stream may have opened before this trace (then its client
+    // span belongs to an earlier one), and Bob's session syncs only when it
+    // has to: those two hops are optional.
+    let optional = [1, 11];
+    let find = |spans: &[messenger::otlp::Received], found: &[Option<String>]| -> Vec<Option<String>> {
+        chain
+            .iter()
+            .map(|((service, name, kind), parent)| {
+                let parent = match parent {
+                    None => Some(app_span.clone()),
+                    Some(index) => found[*index].clone(),
+                };
+                spans
+                    .iter()
+                    .find(|span| {
+                        span.service == *service
+                            && span.name == *name
+                            && span.kind == *kind
+                            && (parent.is_none()
+                                || parent.as_deref() == Some(span.parent.as_str())
+                                || *name == chain[11].0.1)
+                    })
+                    .map(|span| span.span_id.clone())
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (spans, found) = loop {
+        let spans = receiver.trace(&trace_id);
+        // Parents first: resolve the chain twice (indices point backwards).
+        let first = find(&spans, &vec![None; chain.len()]);
+        let found = find(&spans, &first);
+        let missing: Vec<_> = (0..chain.len()).filter(|i| found[*i].is_none() && !optional.contains(i)).collect();
+        if missing.is_empty() {
+            break (spans, found);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans missing from the trace: {:?}\nreceived: {spans:#?}",
+            missing.iter().map(|i| chain[*i].0).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(found[0].as_deref().map(str::len), Some(16));
+    for span in &spans {
+        assert!(
+            span.attributes.iter().all(|(_, value)| !value.contains(body)),
+            "a span carries the message body: {span:?}"
+        );
+        if span.kind == 2 && span.name.starts_with("messenger.v1.") && !span.name.contains(' ') {
+            assert_eq!(span.attribute("rpc.system"), Some("grpc"), "{span:?}");
+            assert_eq!(span.attribute("rpc.grpc.status_code"), Some("0"), "{span:?}");
+        }
+    }
+    // Counted once the export call returns (just after the collector has the spans).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spans_counted(gateway_admin, "exported").await == 0 {
+        assert!(Instant::now() < deadline, "exports are not counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -225,6 +225,7 @@ async fn frames_over_the_message_size_limit_are_refused() {
     use messenger_proto::v1::{self as pb, client_frame::Frame};
     let mut raw = RawClient::new(system.raw_channel().await);
     let oversized = pb::ClientFrame {
+        trace_context: Default::default(),
         frame: Some(Frame::Send(pb::SendRequestFrame {
             conversation_id: conversation.conversation_id.clone(),
             client_msg_id: "too-big".into(),
@@ -603,6 +604,7 @@ async fn a_malformed_ack_is_refused_alone() {
     let (frames, mut stream) = system.raw_stream(system.raw_channel().await, "bob", "bob-phone").await;
     let mut refused = None;
     let ack = |conversation_id: &str| pb::ClientFrame {
+        trace_context: Default::default(),
         frame: Some(Frame::Ack(pb::Ack { conversation_id: conversation_id.into(), seq: 1 })),
     };
     frames.send(ack("not-a-uuid")).await.unwrap();

@@ -29,7 +29,10 @@ async fn a_thousand_identical_read_marks_cost_one_write_and_one_receipt() {
     let (frames, mut stream) = system.raw_stream(system.raw_channel().await, "alice", "raw").await;
     for _ in 0..1000 {
         let read = pb::Read { conversation_id: direct.clone(), seq: 1 };
-        frames.send(pb::ClientFrame { frame: Some(Frame::Read(read)) }).await.unwrap();
+        frames
+            .send(pb::ClientFrame { trace_context: Default::default(), frame: Some(Frame::Read(read)) })
+            .await
+            .unwrap();
     }
     let mut receipts = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);

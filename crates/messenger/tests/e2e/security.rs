@@ -331,8 +331,10 @@ async fn unreachable_instances_are_not_named_to_clients() {
     assert_eq!(unary.code(), Code::Unavailable, "{unary:?}");
     assert!(!leaks(&unary), "{}", unary.message());
 
-    let hello =
-        pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(pb::Hello { device_id: "phone".into() })) };
+    let hello = pb::ClientFrame {
+        trace_context: Default::default(),
+        frame: Some(pb::client_frame::Frame::Hello(pb::Hello { device_id: "phone".into() })),
+    };
     let mut stream = gateway.connect(authorized(&token, futures::stream::iter([hello]))).await.unwrap().into_inner();
     let ended = loop {
         match tokio::time::timeout(WAIT, stream.message()).await.expect("the stream neither failed nor ended") {

@@ -238,7 +238,10 @@ impl TestSystem {
 
 pub fn hello(device: &str) -> messenger_proto::v1::ClientFrame {
     use messenger_proto::v1::{self as pb, client_frame::Frame};
-    pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: device.into() })) }
+    pb::ClientFrame {
+        trace_context: Default::default(),
+        frame: Some(Frame::Hello(pb::Hello { device_id: device.into() })),
+    }
 }
 
 /// The next presence update, skipping other events; None if none comes soon.
