@@ -99,7 +99,10 @@ fn frames(data: &[u8], conversation: &str, session: u64) -> Vec<pb::ClientFrame>
     let mut frames = Vec::new();
     if first & 1 == 1 {
         // A device per session: sessions never take each other's place.
-        frames.push(pb::ClientFrame { frame: Some(Frame::Hello(pb::Hello { device_id: format!("d{session}") })) });
+        frames.push(pb::ClientFrame {
+            frame: Some(Frame::Hello(pb::Hello { device_id: format!("d{session}") })),
+            trace_context: Default::default(),
+        });
     }
     while !rest.is_empty() && frames.len() < MAX_FRAMES {
         let Ok(mut frame) = pb::ClientFrame::decode_length_delimited(&mut rest) else { break };

@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
                 "try it:  messenger chat --user alice --peer bob   (and, in another terminal, --user bob --peer alice)"
             );
             let stopped = run_until_signal(running).await;
-            telemetry.shutdown();
+            flush(telemetry).await;
             stopped?;
         }
         Command::Serve { service } => {
@@ -148,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
             let running = system::start(config, &[service]).await?;
             let stopped = run_until_signal(running).await;
             // After the drain: what the last calls traced goes out too.
-            telemetry.shutdown();
+            flush(telemetry).await;
             stopped?;
         }
         Command::Chat { user, token, peer, endpoint, device, ca_file, server_name } => {
@@ -173,6 +173,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Exports what telemetry still holds (blocking, so off the runtime's workers).
+async fn flush(telemetry: telemetry::Telemetry) {
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
 }
 
 /// Serves until SIGTERM/Ctrl-C, drains, and exits at once on a second signal.

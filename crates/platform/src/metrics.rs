@@ -110,11 +110,11 @@ pub fn export_otlp(
     }
 }
 
-/// Pushes what the OTLP reader holds and stops it (at exit).
-pub fn shutdown() {
+/// Pushes what the OTLP reader holds and stops it (at exit), within `timeout`.
+pub fn shutdown(timeout: std::time::Duration) {
     if OTLP.get().is_some()
         && let Some(metrics) = METRICS.get()
-        && let Err(error) = metrics.provider.shutdown()
+        && let Err(error) = metrics.provider.shutdown_with_timeout(timeout)
     {
         tracing::warn!(%error, "metric export did not flush at shutdown");
     }
@@ -162,15 +162,17 @@ struct Method {
     name: Arc<str>,
     service: Arc<str>,
     method: Arc<str>,
-    /// Streams are traced per frame by their handlers, not as one span.
-    streaming: bool,
+    /// Whether each call gets a server span (streams are traced per frame
+    /// by their handlers, health checks not at all).
+    traced: bool,
 }
 
 impl RpcMetricsLayer {
     /// `server` names the port (a label); `methods` are the paths
-    /// (`/package.Service/Method`) recorded by name, each with whether it streams.
+    /// (`/package.Service/Method`) recorded by name, each with whether its
+    /// calls get a server span.
     pub fn new(server: &'static str, methods: HashMap<String, bool>) -> Self {
-        let method = |service: &str, name: &str, streaming: bool| {
+        let method = |service: &str, name: &str, traced: bool| {
             // Shared strings: cloning the labels per call allocates nothing.
             let (service, method): (Arc<str>, Arc<str>) = (service.into(), name.into());
             Method {
@@ -183,14 +185,14 @@ impl RpcMetricsLayer {
                 name: format!("{service}/{method}").into(),
                 service,
                 method,
-                streaming,
+                traced,
             }
         };
         let methods = methods
             .into_iter()
-            .filter_map(|(path, streaming)| {
+            .filter_map(|(path, traced)| {
                 let (service, name) = path.strip_prefix('/')?.split_once('/')?;
-                let method = method(service, name, streaming);
+                let method = method(service, name, traced);
                 Some((path, method))
             })
             .collect();
@@ -258,10 +260,10 @@ struct Call {
 impl Call {
     fn start(layer: &RpcMetricsLayer, path: &str, headers: &http::HeaderMap) -> Call {
         let method = layer.methods.get(path).unwrap_or(&layer.unknown);
-        let span = if method.streaming {
-            tracing::Span::none()
-        } else {
+        let span = if method.traced {
             crate::trace::server_span(&method.name, &method.service, &method.method, headers)
+        } else {
+            tracing::Span::none()
         };
         Call { started: Instant::now(), labels: method.labels.clone(), span }
     }
@@ -339,7 +341,7 @@ mod tests {
 
     #[test]
     fn unknown_paths_share_one_label_and_codes_are_recorded() {
-        let layer = RpcMetricsLayer::new("test", [("/pkg.Known/Call".to_owned(), false)].into());
+        let layer = RpcMetricsLayer::new("test", [("/pkg.Known/Call".to_owned(), true)].into());
         let headers = http::HeaderMap::new();
         Call::start(&layer, "/pkg.Known/Call", &headers).finish(Code::NotFound);
         Call::start(&layer, "/pkg.Made/Up1", &headers).finish(Code::Unimplemented);

@@ -222,8 +222,10 @@ fn descriptors_of_all() -> prost_types::FileDescriptorSet {
 }
 
 /// Every RPC path a server of ours can answer (`/package.Service/Method`),
-/// with whether it streams: the messenger services, health and reflection.
-/// Metrics name these; any other path is `unknown`.
+/// with whether each call gets a server span (unary calls; streams trace per
+/// frame, and health checks, probes every few seconds, not at all): the
+/// messenger services, health and reflection. Metrics name these; any other
+/// path is `unknown`.
 fn method_paths(set: &prost_types::FileDescriptorSet) -> std::collections::HashMap<String, bool> {
     let mut paths: std::collections::HashMap<String, bool> = set
         .file
@@ -232,19 +234,19 @@ fn method_paths(set: &prost_types::FileDescriptorSet) -> std::collections::HashM
             file.service.iter().flat_map(move |service| {
                 service.method.iter().map(move |method| {
                     let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                    (path, method.client_streaming() || method.server_streaming())
+                    (path, !(method.client_streaming() || method.server_streaming()))
                 })
             })
         })
         .collect();
     paths.extend(
         [
-            ("/grpc.health.v1.Health/Check", false),
-            ("/grpc.health.v1.Health/Watch", true),
-            ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", true),
-            ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", true),
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         ]
-        .map(|(path, streaming)| (path.to_owned(), streaming)),
+        .map(|path| (path.to_owned(), false)),
     );
     paths
 }

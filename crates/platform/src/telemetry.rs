@@ -45,7 +45,8 @@ impl Default for LogOptions {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TracingOptions {
-    /// The OTLP/gRPC collector, e.g. `http://otel-collector:4317`; empty:
+    /// The OTLP/gRPC collector, e.g. `http://otel-collector:4317` (plain:
+    /// OTLP over TLS is not built); empty:
     /// no spans are made and nothing is exported (metrics stay on `/metrics`).
     pub otlp_endpoint: String,
     /// Fraction of new traces kept (0.0 ..= 1.0). Parent based: a call from a
@@ -60,7 +61,7 @@ pub struct TracingOptions {
     #[serde(with = "humantime_serde")]
     pub export_interval: Duration,
     /// One export request's deadline (the collector is down or slow: the
-    /// batch is dropped, requests are not slowed).
+    /// batch is dropped, requests are not slowed), and the flush's at exit.
     #[serde(with = "humantime_serde")]
     pub export_timeout: Duration,
     /// How often metrics are pushed to the same collector too; 0 s: only
@@ -94,9 +95,10 @@ impl TracingOptions {
         if self.export_interval.is_zero() || self.export_timeout.is_zero() {
             return Err("tracing.export_interval and tracing.export_timeout must be positive".into());
         }
-        let scheme = ["http://", "https://"].iter().any(|scheme| self.otlp_endpoint.starts_with(scheme));
-        if self.enabled() && !scheme {
-            return Err("tracing.otlp_endpoint must be an http:// or https:// URL".into());
+        // The exporter is built without TLS: a collector agent beside the
+        // process (a sidecar or node agent) takes plain OTLP.
+        if self.enabled() && !self.otlp_endpoint.starts_with("http://") {
+            return Err("tracing.otlp_endpoint must be an http:// URL (OTLP over TLS is not built)".into());
         }
         Ok(())
     }
@@ -110,17 +112,23 @@ impl TracingOptions {
 #[must_use = "shut it down at exit, or queued spans are lost"]
 pub struct Telemetry {
     tracer: Option<SdkTracerProvider>,
+    timeout: Duration,
 }
 
 impl Telemetry {
-    /// Exports what is queued (bounded by `export_timeout`) and stops the exporters.
+    /// Exports what is queued and stops the exporters: traces and metrics at
+    /// once, each within `export_timeout`. It blocks: call it from a
+    /// blocking thread (`spawn_blocking`), the exporters need the runtime.
     pub fn shutdown(self) {
-        if let Some(provider) = self.tracer
-            && let Err(error) = provider.shutdown()
-        {
-            tracing::warn!(%error, "trace export did not flush at shutdown");
-        }
-        crate::metrics::shutdown();
+        let timeout = self.timeout;
+        std::thread::scope(|scope| {
+            scope.spawn(|| crate::metrics::shutdown(timeout));
+            if let Some(provider) = &self.tracer
+                && let Err(error) = provider.shutdown_with_timeout(timeout)
+            {
+                tracing::warn!(%error, "trace export did not flush at shutdown");
+            }
+        });
     }
 }
 
@@ -146,12 +154,15 @@ pub fn init(log: &LogOptions, tracing: &TracingOptions, service: &str) -> Teleme
         .then(|| tracer_provider(tracing, resource.clone()))
         .and_then(|built| built.map_err(|error| eprintln!("trace export is off: {error}")).ok());
     // Trace spans are made only when they go somewhere: with no exporter
-    // they are disabled at their call site and cost a branch.
+    // they are disabled at their call site and none is made.
     let spans = if provider.is_some() { "info" } else { "off" };
     if let Ok(directive) = format!("{TARGET}={spans}").parse() {
         filter = filter.add_directive(directive);
     }
+    // Only the trace spans become OpenTelemetry spans (not, with a debug log
+    // filter, every span a dependency makes).
     let otel = provider.as_ref().map(|provider| {
+        let only_trace_spans = tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::INFO);
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("messenger"))
             .with_location(false)
@@ -160,16 +171,18 @@ pub fn init(log: &LogOptions, tracing: &TracingOptions, service: &str) -> Teleme
             // Busy / idle time per span costs two clock reads on every poll
             // of an instrumented future, and nothing here reads it.
             .with_tracked_inactivity(false)
+            .with_filter(only_trace_spans)
     });
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let installed = match log.format {
         LogFormat::Pretty => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
         LogFormat::Json => registry.with(json_logs(std::io::stderr)).try_init(),
     };
+    let timeout = tracing.export_timeout;
     if installed.is_err() {
-        return Telemetry { tracer: None };
+        return Telemetry { tracer: None, timeout };
     }
-    Telemetry { tracer: provider }
+    Telemetry { tracer: provider, timeout }
 }
 
 /// JSON lines; inside a traced span each carries the span's fields, its

@@ -9,7 +9,7 @@
 //! span for it ([`start`]).
 //!
 //! Every span here has the target [`TARGET`]; `telemetry::init` turns that
-//! target off when nothing is exported, so a disabled span costs one branch.
+//! target off when nothing is exported, so no span is made then.
 //! Spans carry ids, names and codes, never a message body or token.
 
 use std::collections::HashMap;
@@ -42,6 +42,11 @@ pub fn inject(span: &Span) -> Carrier {
         propagator().inject_context(&span.context(), &mut carrier);
     }
     carrier
+}
+
+/// Whether `span` is recorded and exported (sampled).
+pub fn sampled(span: &Span) -> bool {
+    !span.is_disabled() && span.context().span().span_context().is_sampled()
 }
 
 /// The current span's context, to send along.
@@ -192,22 +197,23 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // The readied service takes the call at once: no clone needed.
         let span = client_span(request.uri().path());
         if span.is_disabled() {
-            return Box::pin(inner.call(request));
+            return Box::pin(self.inner.call(request));
         }
         propagator().inject_context(&span.context(), &mut HeadersMut(request.headers_mut()));
-        let future = inner.call(request);
+        let future = self.inner.call(request);
         Box::pin(
             async move {
                 let response = future.await;
-                if let Ok(response) = &response {
-                    // Trailers-only answers (errors) carry their code here.
-                    let code = grpc_status(response.headers()).unwrap_or(tonic::Code::Ok);
-                    finish(&Span::current(), code, false);
-                }
+                // Trailers-only answers (errors) carry their code here; a
+                // transport error is the call's failure.
+                let code = match &response {
+                    Ok(response) => grpc_status(response.headers()).unwrap_or(tonic::Code::Ok),
+                    Err(_) => tonic::Code::Unavailable,
+                };
+                finish(&Span::current(), code, false);
                 response
             }
             .instrument(span),

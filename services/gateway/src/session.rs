@@ -510,6 +510,11 @@ impl Session {
     ) -> Result<(), End> {
         match frame.frame {
             Some(In::Send(send)) => {
+                if let Err(status) = self.context.limits.sends.check(&self.user) {
+                    let frame =
+                        error_frame(status.code(), status.message(), &send.client_msg_id, &send.conversation_id);
+                    return self.emit(frame).await;
+                }
                 // The app's trace, when it sent one (`Client::send_traced`).
                 let span = trace::frame_span(
                     "messenger.v1.GatewayService/Connect Send",
@@ -517,11 +522,6 @@ impl Session {
                     "Connect",
                     &frame.trace_context,
                 );
-                if let Err(status) = self.context.limits.sends.check(&self.user) {
-                    let frame =
-                        error_frame(status.code(), status.message(), &send.client_msg_id, &send.conversation_id);
-                    return self.emit(frame).await;
-                }
                 let context = self.context.clone();
                 let request = pb::SendRequest {
                     sender_id: self.user.clone(),
@@ -534,7 +534,10 @@ impl Session {
                 };
                 inflight.push(
                     async move {
-                        let frame = match context.sends.send(request).await {
+                        let sent = context.sends.send(request).await;
+                        let code = sent.as_ref().map_or_else(Status::code, |_| Code::Ok);
+                        trace::finish(&tracing::Span::current(), code, true);
+                        let frame = match sent {
                             Ok(response) => match response.ack {
                                 Some(ack) => ServerFrame { frame: Some(Out::SendAck(ack)) },
                                 None => error_frame(

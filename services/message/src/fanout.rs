@@ -253,9 +253,16 @@ impl Worker {
             }
             let (items, spans): (Vec<Outgoing>, Vec<tracing::Span>) =
                 batch.drain(..).map(|queued| (queued.item, queued.span)).unzip();
-            // The batch's calls (Locate, Deliver) go in the first traced
+            // The batch's calls (Locate, Deliver) go in the first sampled
             // item's trace; each delivery carries its own item's context.
-            let calls = spans.iter().find(|span| !span.is_disabled()).cloned().unwrap_or_else(tracing::Span::none);
+            // A sampled one, so a sampled message's calls are exported; else
+            // any traced one, so they do not start traces of their own.
+            let calls = spans
+                .iter()
+                .find(|span| trace::sampled(span))
+                .or_else(|| spans.iter().find(|span| !span.is_disabled()))
+                .cloned()
+                .unwrap_or_else(tracing::Span::none);
             self.fan_out(&items, &spans).instrument(calls).await;
         }
     }

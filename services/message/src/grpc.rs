@@ -86,6 +86,8 @@ fn send_stream(
                                 Some(send) => sent(&service, send).await,
                                 None => Err(Status::invalid_argument("send is required")),
                             };
+                            let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+                            trace::finish(&tracing::Span::current(), code, true);
                             let result = match result {
                                 Ok(sent) => pb::send_stream_response::Result::Sent(sent),
                                 Err(status) => pb::send_stream_response::Result::Error(pb::CallError {
