@@ -236,7 +236,7 @@ where
             async move {
                 let response = inner.call(request).await?;
                 // Trailers-only: an error answered before any message.
-                if let Some(code) = status_code(response.headers()) {
+                if let Some(code) = crate::trace::grpc_status(response.headers()) {
                     call.finish(code);
                     return Ok(response);
                 }
@@ -276,11 +276,6 @@ impl Call {
     }
 }
 
-fn status_code(headers: &http::HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
-    Some(Code::from_i32(value))
-}
-
 /// A response body that finishes its call's measurement at the trailers.
 struct MeteredBody {
     inner: tonic::body::Body,
@@ -307,7 +302,7 @@ impl http_body::Body for MeteredBody {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    let code = status_code(trailers).unwrap_or(Code::Unknown);
+                    let code = crate::trace::grpc_status(trailers).unwrap_or(Code::Unknown);
                     self.finish(code);
                 }
             }

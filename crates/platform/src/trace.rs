@@ -92,6 +92,30 @@ pub fn internal(name: &'static str) -> Span {
     span
 }
 
+/// As [`internal`], inside `parent` instead of the current span (none when
+/// `parent` is not traced).
+pub fn child(parent: &Span, name: &'static str) -> Span {
+    if parent.is_disabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        target: TARGET,
+        parent: parent,
+        "internal",
+        otel.name = name,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    record_ids(&span);
+    span
+}
+
+/// As [`internal`], a child of the remote context in `carrier`.
+pub fn remote(name: &'static str, carrier: &Carrier) -> Span {
+    let span = tracing::info_span!(target: TARGET, "internal", otel.name = name, trace_id = Empty, span_id = Empty);
+    start(span, carrier)
+}
+
 /// Reads trace context from gRPC metadata (HTTP/2 headers).
 pub struct Headers<'a>(pub &'a http::HeaderMap);
 
@@ -163,7 +187,8 @@ pub fn finish(span: &Span, code: tonic::Code, server: bool) {
     }
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+/// The code in a response's `grpc-status` header or trailer.
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
     Some(tonic::Code::from_i32(value))
 }

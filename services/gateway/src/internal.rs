@@ -29,15 +29,7 @@ impl GatewayInternalService for Adapter {
             let span = if delivery.trace_context.is_empty() {
                 tracing::Span::none()
             } else {
-                let span = tracing::info_span!(
-                    target: trace::TARGET,
-                    "deliver",
-                    otel.name = "deliver to sessions",
-                    messenger.sessions = delivery.session_ids.len(),
-                    trace_id = tracing::field::Empty,
-                    span_id = tracing::field::Empty,
-                );
-                trace::start(span, &delivery.trace_context)
+                trace::remote("deliver to sessions", &delivery.trace_context)
             };
             for session_id in &delivery.session_ids {
                 match self.registry.deliver(session_id, &event, &span) {

@@ -274,23 +274,6 @@ fn presence_changed(context: &Context, update: pb::PresenceUpdate) {
     });
 }
 
-/// The span of one frame written to this device, inside its delivery's.
-fn write_span(delivery: &tracing::Span, name: &'static str) -> tracing::Span {
-    if delivery.is_disabled() {
-        return tracing::Span::none();
-    }
-    let span = tracing::info_span!(
-        target: trace::TARGET,
-        parent: delivery,
-        "frame",
-        otel.name = name,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-    );
-    trace::record_ids(&span);
-    span
-}
-
 impl Session {
     async fn serve(
         &mut self,
@@ -322,7 +305,7 @@ impl Session {
                 Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done).await,
                 live = inbox.recv() => match live.as_ref().map(|live| (&*live.event, &live.span)) {
                     Some((delivery::Event::Message(message), span)) => {
-                        let frame = write_span(span, "write message frame");
+                        let frame = trace::child(span, "write message frame");
                         self.deliver_live(message).instrument(frame).await
                     }
                     Some((delivery::Event::Receipt(receipt), _)) => {
