@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "messenger/v1/message.proto",
         "messenger/v1/presence.proto",
         "messenger/v1/media.proto",
+        "messenger/v1/notify.proto",
     ];
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // `build_transport(false)`: the generated `connect(dst)` constructor would clash

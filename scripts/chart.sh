@@ -10,6 +10,6 @@
 # are also loaded by the binary (`config --check`). No cluster, no Docker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="$(bash scripts/chart-venv.sh)"
+venv="$(bash scripts/python-venv.sh chart helm/tests/requirements.txt)"
 # No __pycache__ or .pytest_cache in the checkout.
 PYTHONDONTWRITEBYTECODE=1 exec "$venv/bin/python" -m pytest -q -p no:cacheprovider helm/tests "$@"

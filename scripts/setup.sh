@@ -8,7 +8,7 @@
 # store's tests run against), and the cargo tools the checks use:
 # cargo-nextest, cargo-deny (licenses, bans, sources) and cargo-fuzz
 # (libFuzzer targets); and the Python packages the Helm chart's checks
-# use (scripts/chart-venv.sh). Safe to run again.
+# and the Web Push cross-check use (scripts/python-venv.sh). Safe to run again.
 set -euo pipefail
 
 as_root() {
@@ -43,8 +43,10 @@ if [ ! -f "$cassandra_lib/.complete" ]; then
 fi
 
 # The chart checks' Python packages (helm/tests/requirements.txt, pinned),
-# in a venv under the same cache: about 110 MB, 15 s the first time.
-bash "$root/scripts/chart-venv.sh" >/dev/null
+# in a venv under the same cache: about 110 MB, 15 s the first time; and
+# the Web Push cross-check's (http_ece, cryptography).
+bash "$root/scripts/python-venv.sh" chart helm/tests/requirements.txt >/dev/null
+bash "$root/scripts/python-venv.sh" push services/notify/tests/push/requirements.txt >/dev/null
 
 # From crates.io, built here (about 15, 5 and 1 minutes on 2 cores the first time).
 cargo_tools=("nextest:cargo-nextest" "deny:cargo-deny" "fuzz:cargo-fuzz")

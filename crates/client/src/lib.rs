@@ -56,7 +56,8 @@ pub use media::{File, Progress};
 pub use messenger_proto::v1::Attachment;
 pub use messenger_proto::v1::{
     BlockedUser, Conversation, GetReceiptsResponse, HistoryResponse, ListConversationsResponse, Message, MessageKind,
-    PresenceUpdate, Receipt, Role, SendAck, Typing,
+    PresenceUpdate, PushDevice, PushPlatform, Receipt, RegisterPushDeviceResponse, Role, SendAck, Typing,
+    WebPushSubscription,
 };
 pub use model::{ConversationState, MessageState};
 pub use options::{Options, TlsOptions, TokenProvider};
@@ -526,6 +527,61 @@ impl Client {
             .await?
             .into_inner()
             .users)
+    }
+
+    /// Registers where this device is pushed while it is offline (its
+    /// `device_id` is set to this client's). Registering again replaces the
+    /// registration. For a webhook, the answer carries the signing secret.
+    pub async fn register_push_device(&self, mut device: PushDevice) -> Result<RegisterPushDeviceResponse, Error> {
+        device.device_id = self.options.device_id.clone();
+        let request = pb::RegisterPushDeviceRequest { device: Some(device) };
+        Ok(self
+            .api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.register_push_device(request).await }
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Stops pushes to `device_id` (this device or another of this user's);
+    /// false when it was not registered.
+    pub async fn unregister_push_device(&self, device_id: &str) -> Result<bool, Error> {
+        let request = pb::UnregisterPushDeviceRequest { device_id: device_id.to_owned() };
+        Ok(self
+            .api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.unregister_push_device(request).await }
+            })
+            .await?
+            .into_inner()
+            .removed)
+    }
+
+    /// This user's push registrations (without tokens), by device id.
+    pub async fn push_devices(&self) -> Result<Vec<PushDevice>, Error> {
+        Ok(self
+            .api
+            .retried(|mut api| async move { api.list_push_devices(pb::ListPushDevicesRequest {}).await })
+            .await?
+            .into_inner()
+            .devices)
+    }
+
+    /// Mutes a conversation's pushes on every device of this user until
+    /// `until_ms` (milliseconds since the epoch; 0 unmutes).
+    pub async fn mute(&self, conversation_id: &str, until_ms: i64) -> Result<(), Error> {
+        let request =
+            pb::MuteConversationRequest { conversation_id: conversation_id.to_owned(), muted_until_ms: until_ms };
+        self.api
+            .retried(|mut api| {
+                let request = request.clone();
+                async move { api.mute_conversation(request).await }
+            })
+            .await?;
+        Ok(())
     }
 
     /// This device's current view of a conversation.

@@ -8,10 +8,12 @@
 //! `bench/clients.rs` (client fleets, latency stamps, histograms),
 //! `bench/scenarios.rs` (idle, direct, group, history, reconnect),
 //! `bench/media.rs` (tickets, completes, a 12 MP photo, upload throughput),
+//! `bench/notify.rs` (pushes per second through the outbox, commit to push),
 //! `bench/report.rs` (results, table, JSON).
 
 mod clients;
 mod media;
+mod notify;
 mod report;
 mod scenarios;
 mod server;
@@ -43,12 +45,14 @@ pub enum Scenario {
     Reconnect,
     /// Upload tickets and completes per second, a 12 MP photo's complete, PUT throughput.
     Media,
+    /// Pushes per second through the outbox to a webhook, and commit to push.
+    Notify,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchOptions {
     /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_values = ["idle", "direct", "group", "history", "reconnect", "media"])]
+    #[arg(long, value_delimiter = ',', default_values = ["idle", "direct", "group", "history", "reconnect", "media", "notify"])]
     pub scenarios: Vec<Scenario>,
     /// Drive this running gateway instead of starting one (server figures need --server-pid).
     #[arg(long)]
@@ -121,6 +125,12 @@ pub struct BenchOptions {
     pub media_photos: usize,
     #[arg(long, default_value_t = 64)]
     pub media_large_mib: usize,
+    /// Notify: offline recipients (one push each in the burst), and the
+    /// offered rate (messages per second, for `--duration`) of the latency run.
+    #[arg(long, default_value_t = 1_000)]
+    pub notify_recipients: usize,
+    #[arg(long, default_value_t = 100)]
+    pub notify_rate: u32,
     /// Write the JSON report here (it is also printed).
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -194,6 +204,7 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
                 Scenario::History => report.history = Some(scenarios::history(&options, &server, auth).await?),
                 Scenario::Reconnect => report.reconnect = Some(scenarios::reconnect(&options, &server, auth).await?),
                 Scenario::Media => report.media = Some(media::media(&options, &server, auth).await?),
+                Scenario::Notify => report.notify = Some(notify::notify(&options, &server, auth).await?),
             }
             if options.target.is_some() {
                 shared = Some(server);

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where embedded backends keep their files (`messages.db`, `media.db`, `objects/`).
+    /// Where embedded backends keep their files (`messages.db`, `media.db`, `notify.db`, `objects/`).
     pub data_dir: PathBuf,
     pub log: LogOptions,
     /// Traces (and metrics) over OTLP.
@@ -33,6 +33,7 @@ pub struct Config {
     pub message: messenger_message::Options,
     pub presence: messenger_presence::Options,
     pub media: messenger_media::Options,
+    pub notify: messenger_notify::Options,
 }
 
 impl Default for Config {
@@ -50,6 +51,7 @@ impl Default for Config {
             message: messenger_message::Options::default(),
             presence: messenger_presence::Options::default(),
             media: messenger_media::Options::default(),
+            notify: messenger_notify::Options::default(),
         }
     }
 }
@@ -64,6 +66,7 @@ impl Validate for Config {
         self.message.validate()?;
         self.presence.validate()?;
         self.media.validate()?;
+        self.notify.validate()?;
         if self.media.store == messenger_media::StoreBackend::Scylla
             && self.message.store != messenger_message::StoreBackend::Scylla
         {
@@ -96,6 +99,7 @@ impl Config {
         config.message.listen = "127.0.0.1:0".into();
         config.presence.listen = "127.0.0.1:0".into();
         config.media.listen = "127.0.0.1:0".into();
+        config.notify.listen = "127.0.0.1:0".into();
         config.media.s3.embedded = true;
         config.media.s3.embedded_listen = "127.0.0.1:0".into();
         config

@@ -27,6 +27,7 @@ pub struct Addresses {
     pub message: Option<SocketAddr>,
     pub presence: Option<SocketAddr>,
     pub media: Option<SocketAddr>,
+    pub notify: Option<SocketAddr>,
     /// The admin port (`/metrics`, `/livez`, `/readyz`), unless turned off.
     pub admin: Option<SocketAddr>,
     /// The embedded object store's endpoint, when this process runs one.
@@ -108,6 +109,7 @@ struct Listeners {
     message: Option<TcpListener>,
     presence: Option<TcpListener>,
     media: Option<TcpListener>,
+    notify: Option<TcpListener>,
 }
 
 async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners> {
@@ -119,8 +121,9 @@ async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners
     let message = if roles.contains(&Role::Message) { Some(bind(&config.message.listen).await?) } else { None };
     let presence = if roles.contains(&Role::Presence) { Some(bind(&config.presence.listen).await?) } else { None };
     let media = if roles.contains(&Role::Media) { Some(bind(&config.media.listen).await?) } else { None };
+    let notify = if roles.contains(&Role::Notify) { Some(bind(&config.notify.listen).await?) } else { None };
     let admin = if config.admin.listen.is_empty() { None } else { Some(bind(&config.admin.listen).await?) };
-    Ok(Listeners { admin, gateway, message, presence, media })
+    Ok(Listeners { admin, gateway, message, presence, media, notify })
 }
 
 /// Starts `roles` in this process. Roles started here are reached at their
@@ -142,6 +145,11 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         let address = local_addr(listener);
         addresses.media = Some(address);
         config.discovery.media = vec![address.to_string()];
+    }
+    if let Some(listener) = &listeners.notify {
+        let address = local_addr(listener);
+        addresses.notify = Some(address);
+        config.discovery.notify = vec![address.to_string()];
     }
     if let Some((public, internal)) = &listeners.gateway {
         addresses.gateway = Some(local_addr(public));
@@ -168,6 +176,9 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             if let Some(address) = addresses.media {
                 registrations.push((Role::Media, advertised(address)?));
             }
+            if let Some(address) = addresses.notify {
+                registrations.push((Role::Notify, advertised(address)?));
+            }
             if let Some(address) = addresses.gateway_internal {
                 let address = advertised(address)?;
                 config.gateway.advertise_internal.get_or_insert_with(|| address.clone());
@@ -182,6 +193,16 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         let (options, server_options, token) = (config.presence.clone(), config.server.clone(), shutdown.clone());
         let tls = security.cluster.clone();
         tasks.spawn(messenger_presence::serve(options, server_options, store, listener, tls, token));
+    }
+    if let Some(listener) = listeners.notify {
+        let deps = messenger_notify::Deps {
+            store: messenger_notify::open_store(&config.notify, &config.data_dir)?,
+            providers: messenger_notify::providers(&config.notify, &shutdown)?,
+            tls: security.cluster.clone(),
+            supervisor: supervisor.clone(),
+        };
+        let (options, server_options, token) = (config.notify.clone(), config.server.clone(), shutdown.clone());
+        tasks.spawn(messenger_notify::serve(options, server_options, deps, listener, token));
     }
     if let Some(listener) = listeners.message {
         let mut store = open_store(&config, &supervisor).await?;
@@ -291,7 +312,8 @@ impl Security {
         let tls = &config.tls;
         let cluster = ServerTls::cluster(tls)?;
         let client = ClientTls::cluster(tls)?;
-        let internal = [addresses.message, addresses.presence, addresses.media, addresses.gateway_internal];
+        let internal =
+            [addresses.message, addresses.presence, addresses.media, addresses.notify, addresses.gateway_internal];
         if cluster.is_none()
             && !tls.insecure_cluster_plaintext
             && let Some(exposed) = internal.into_iter().flatten().find(|address| !address.ip().is_loopback())
@@ -372,4 +394,4 @@ pub async fn migrate(config: &Config) -> anyhow::Result<String> {
 }
 
 /// Every role: what `messenger up` runs.
-pub const ALL_ROLES: [Role; 4] = Role::ALL;
+pub const ALL_ROLES: [Role; 5] = Role::ALL;

@@ -36,11 +36,12 @@ pub enum Role {
     Message,
     Presence,
     Media,
+    Notify,
 }
 
 impl Role {
     /// Every role, in start-up order (what others call first).
-    pub const ALL: [Role; 4] = [Role::Presence, Role::Message, Role::Media, Role::Gateway];
+    pub const ALL: [Role; 5] = [Role::Presence, Role::Notify, Role::Message, Role::Media, Role::Gateway];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,6 +49,7 @@ impl Role {
             Role::Message => "message",
             Role::Presence => "presence",
             Role::Media => "media",
+            Role::Notify => "notify",
         }
     }
 }
@@ -66,7 +68,8 @@ impl std::str::FromStr for Role {
             "message" => Ok(Role::Message),
             "presence" => Ok(Role::Presence),
             "media" => Ok(Role::Media),
-            other => Err(format!("unknown service {other:?} (expected gateway, message, presence or media)")),
+            "notify" => Ok(Role::Notify),
+            other => Err(format!("unknown service {other:?} (expected gateway, message, presence, media or notify)")),
         }
     }
 }
@@ -91,6 +94,7 @@ pub struct DiscoveryOptions {
     pub message: Vec<String>,
     pub presence: Vec<String>,
     pub media: Vec<String>,
+    pub notify: Vec<String>,
     pub etcd: EtcdOptions,
     /// The host other instances reach this one at, registered in etcd with each
     /// bound port. Default: the IP the service listens on (which must then not
@@ -119,6 +123,7 @@ impl Default for DiscoveryOptions {
             message: vec!["127.0.0.1:7710".into()],
             presence: vec!["127.0.0.1:7720".into()],
             media: vec!["127.0.0.1:7730".into()],
+            notify: vec!["127.0.0.1:7740".into()],
             etcd: EtcdOptions::default(),
             advertise_host: None,
             connect_timeout: Duration::from_secs(2),
@@ -211,6 +216,7 @@ impl Discovery for StaticDiscovery {
             Role::Message => self.options.message.clone(),
             Role::Presence => self.options.presence.clone(),
             Role::Media => self.options.media.clone(),
+            Role::Notify => self.options.notify.clone(),
             // Gateways are reached one by one, at the address each registers with presence.
             Role::Gateway => Vec::new(),
         }

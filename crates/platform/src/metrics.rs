@@ -34,7 +34,7 @@ const DURATION_BUCKETS: [f64; 16] =
 
 pub use opentelemetry::{
     KeyValue,
-    metrics::{Counter, Histogram, Meter, UpDownCounter},
+    metrics::{Counter, Gauge, Histogram, Meter, UpDownCounter},
 };
 
 /// The process's instruments and the registry `/metrics` renders.

@@ -239,6 +239,47 @@ impl GatewayService for Adapter {
         let request = pb::MediaGetMediaUrlRequest { user_id, request: Some(request.into_inner()) };
         Ok(Response::new(self.context.media.clone().get_media_url(request).await?.into_inner()))
     }
+
+    async fn register_push_device(
+        &self,
+        request: Request<pb::RegisterPushDeviceRequest>,
+    ) -> Result<Response<pb::RegisterPushDeviceResponse>, Status> {
+        let user_id = self.push_caller(&request)?;
+        let request = pb::NotifyRegisterDeviceRequest { user_id, device: request.into_inner().device };
+        Ok(Response::new(self.context.notify.clone().register_device(request).await?.into_inner()))
+    }
+
+    async fn unregister_push_device(
+        &self,
+        request: Request<pb::UnregisterPushDeviceRequest>,
+    ) -> Result<Response<pb::UnregisterPushDeviceResponse>, Status> {
+        let user_id = self.push_caller(&request)?;
+        let request = pb::NotifyUnregisterDeviceRequest { user_id, device_id: request.into_inner().device_id };
+        Ok(Response::new(self.context.notify.clone().unregister_device(request).await?.into_inner()))
+    }
+
+    async fn list_push_devices(
+        &self,
+        request: Request<pb::ListPushDevicesRequest>,
+    ) -> Result<Response<pb::ListPushDevicesResponse>, Status> {
+        let user_id = self.push_caller(&request)?;
+        let request = pb::NotifyListDevicesRequest { user_id };
+        Ok(Response::new(self.context.notify.clone().list_devices(request).await?.into_inner()))
+    }
+
+    async fn mute_conversation(
+        &self,
+        request: Request<pb::MuteConversationRequest>,
+    ) -> Result<Response<pb::MuteConversationResponse>, Status> {
+        let user_id = self.push_caller(&request)?;
+        let request = request.into_inner();
+        let request = pb::NotifyMuteRequest {
+            user_id,
+            conversation_id: request.conversation_id,
+            muted_until_ms: request.muted_until_ms,
+        };
+        Ok(Response::new(self.context.notify.clone().mute_conversation(request).await?.into_inner()))
+    }
 }
 
 /// A message-service request routed by its conversation, so one instance
@@ -248,6 +289,13 @@ impl Adapter {
     fn media_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
         let user = caller(request)?.0.clone();
         self.context.limits.media.check(&user)?;
+        Ok(user)
+    }
+
+    /// The caller, within the push settings calls' rate limit.
+    fn push_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let user = caller(request)?.0.clone();
+        self.context.limits.push_settings.check(&user)?;
         Ok(user)
     }
 }

@@ -48,6 +48,7 @@ use messenger_proto::v1::{
     gateway_service_server::{self, GatewayServiceServer},
     media_service_client::MediaServiceClient,
     message_service_client::MessageServiceClient,
+    notify_service_client::NotifyServiceClient,
     presence_service_client::PresenceServiceClient,
 };
 use tokio::net::TcpListener;
@@ -71,6 +72,7 @@ pub(crate) struct Context {
     sends: sends::Sends,
     presence: PresenceServiceClient<RoleChannel>,
     media: MediaServiceClient<RoleChannel>,
+    notify: NotifyServiceClient<RoleChannel>,
     /// Connect streams accepted and not yet finished (bounded by `max_sessions`).
     open_streams: std::sync::atomic::AtomicUsize,
     /// Delivered acks of all sessions, flushed together.
@@ -140,6 +142,7 @@ pub async fn serve(
                 ..deps.discovery_options.clone()
             },
         )),
+        notify: NotifyServiceClient::new(channel(Role::Notify)),
         acks: Arc::default(),
         open_streams: std::sync::atomic::AtomicUsize::new(0),
         token_leeway: deps.verifier.options().leeway,

@@ -58,6 +58,9 @@ pub struct RateLimits {
     /// `CreateUpload`, `GetUpload`, `CompleteUpload` and `GetMediaUrl` together
     /// (the media service adds its own per-user ticket rate and quota).
     pub media: Rate,
+    /// `RegisterPushDevice`, `UnregisterPushDevice`, `ListPushDevices` and
+    /// `MuteConversation` together.
+    pub push_settings: Rate,
     /// `Connect` attempts per user.
     pub connects_per_user: Rate,
     /// `Connect` attempts per client IP address (generous: many users share a NAT).
@@ -76,6 +79,7 @@ impl Default for RateLimits {
             blocks: Rate::new(1, 20),
             queries: Rate::new(50, 100),
             media: Rate::new(20, 100),
+            push_settings: Rate::new(2, 20),
             connects_per_user: Rate::new(2, 10),
             connects_per_address: Rate::new(50, 200),
             max_pre_hello_streams_per_address: 64,
@@ -93,6 +97,7 @@ impl RateLimits {
             ("blocks", self.blocks),
             ("queries", self.queries),
             ("media", self.media),
+            ("push_settings", self.push_settings),
             ("connects_per_user", self.connects_per_user),
             ("connects_per_address", self.connects_per_address),
         ];
@@ -166,6 +171,7 @@ pub(crate) struct Limits {
     pub blocks: Limit,
     pub queries: Limit,
     pub media: Limit,
+    pub push_settings: Limit,
     pub connects_per_user: Limit,
     pub connects_per_address: Limit,
     pub pre_hello: PreHello,
@@ -187,6 +193,7 @@ impl Limits {
             blocks: Limit::new("block list changes", options.blocks),
             queries: Limit::new("queries", options.queries),
             media: Limit::new("media calls", options.media),
+            push_settings: Limit::new("push settings calls", options.push_settings),
             connects_per_user: Limit::new("connects per user", options.connects_per_user),
             connects_per_address: Limit::new("connects per address", options.connects_per_address),
             pre_hello: PreHello::new(options.max_pre_hello_streams_per_address),
@@ -204,6 +211,7 @@ impl Limits {
             &self.blocks,
             &self.queries,
             &self.media,
+            &self.push_settings,
             &self.connects_per_user,
             &self.connects_per_address,
         ] {

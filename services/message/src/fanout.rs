@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::{
     options::FanoutOptions,
+    push::Pushes,
     store::{Kind, MessageStore, Role, StoredMessage},
 };
 
@@ -93,6 +94,7 @@ fn fanout_metrics() -> &'static FanoutMetrics {
 #[derive(Clone)]
 pub struct Fanout {
     workers: Arc<Vec<mpsc::Sender<Queued>>>,
+    pushes: Pushes,
 }
 
 /// An item waiting for its worker, with its fan-out span (disabled for
@@ -110,6 +112,7 @@ struct Worker {
     linger: std::time::Duration,
     delivered_receipts_max_members: usize,
     locate_max_users: usize,
+    pushes: Pushes,
 }
 
 impl Fanout {
@@ -119,6 +122,7 @@ impl Fanout {
         store: Arc<dyn MessageStore>,
         presence: PresenceServiceClient<RoleChannel>,
         gateways: ChannelPool,
+        pushes: Pushes,
         supervisor: &Supervisor,
     ) -> Self {
         let workers = (0..options.workers)
@@ -132,12 +136,18 @@ impl Fanout {
                     linger: options.linger,
                     delivered_receipts_max_members,
                     locate_max_users: options.locate_max_users.max(1),
+                    pushes: pushes.clone(),
                 };
                 supervisor.spawn("fan-out worker", worker.run(rx));
                 tx
             })
             .collect();
-        Self { workers: Arc::new(workers) }
+        Self { workers: Arc::new(workers), pushes }
+    }
+
+    /// A read mark moved: notify cancels or retracts the reader's pushes.
+    pub fn read_marked(&self, user_id: &str, conversation_id: Uuid, read_seq: u64) {
+        self.pushes.read(user_id, &conversation_id.to_string(), read_seq);
     }
 
     fn worker(&self, item: &Outgoing) -> &mpsc::Sender<Queued> {
@@ -337,12 +347,13 @@ impl Worker {
                 }
             }
         }
-        if sessions.is_empty() {
-            return;
-        }
         let mut by_user: HashMap<&str, Vec<&pb::Session>> = HashMap::new();
         for session in &sessions {
             by_user.entry(session.user_id.as_str()).or_default().push(session);
+        }
+        self.pushes.entries(push_entries(batch, &recipients, &by_user));
+        if sessions.is_empty() {
+            return;
         }
         let mut by_gateway: HashMap<&str, Vec<Delivery>> = HashMap::new();
         for ((item, users), span) in batch.iter().zip(&recipients).zip(spans) {
@@ -405,4 +416,56 @@ impl Worker {
         });
         futures::future::join_all(calls.map(|call| call.in_current_span())).await;
     }
+}
+
+/// Who a committed entry should notify: text messages to every recipient
+/// but the sender, a new group to its members, an addition to the added.
+fn push_recipients<'a>(entry: &'a StoredMessage, recipients: &[&'a str]) -> Vec<&'a str> {
+    match entry.kind {
+        Kind::Text | Kind::GroupCreated => recipients.iter().copied().filter(|user| *user != entry.sender).collect(),
+        Kind::MembersAdded => {
+            entry.member_ids.iter().map(String::as_str).filter(|user| *user != entry.sender).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The batch's entries that should notify, each recipient with the devices
+/// that have a live session now (they got it on their stream).
+fn push_entries(
+    batch: &[Outgoing],
+    recipients: &[Vec<&str>],
+    sessions: &HashMap<&str, Vec<&pb::Session>>,
+) -> Vec<pb::PushEntry> {
+    let mut entries = Vec::new();
+    for (item, users) in batch.iter().zip(recipients) {
+        let Outgoing::Entry(entry) = item else { continue };
+        let users = push_recipients(entry, users);
+        if users.is_empty() {
+            continue;
+        }
+        let recipients = users
+            .into_iter()
+            .map(|user| pb::PushRecipient {
+                user_id: user.to_owned(),
+                online_device_ids: sessions
+                    .get(user)
+                    .into_iter()
+                    .flatten()
+                    .map(|session| session.device_id.clone())
+                    .collect(),
+            })
+            .collect();
+        entries.push(pb::PushEntry {
+            conversation_id: entry.conversation_id.to_string(),
+            seq: entry.seq,
+            sender_id: entry.sender.clone(),
+            kind: kind_to_proto(entry.kind) as i32,
+            body: entry.body.clone(),
+            title: entry.title.clone(),
+            sent_at_ms: entry.sent_at_ms,
+            recipients,
+        });
+    }
+    entries
 }

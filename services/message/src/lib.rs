@@ -23,6 +23,7 @@ mod fanout;
 mod grpc;
 mod options;
 mod policy;
+mod push;
 pub mod scylla;
 mod service;
 pub mod sqlite;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 
 use messenger_platform::{
     authorize,
-    discovery::{self, ChannelPool, Discovery, DiscoveryOptions, Role},
+    discovery::{self, ChannelPool, Discovery, DiscoveryBackend, DiscoveryOptions, Role},
     server::{self, Port, ServerOptions},
     supervise::Supervisor,
     tls::ServerTls,
@@ -46,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use error::Error;
-pub use options::{FanoutOptions, Options, StoreBackend};
+pub use options::{FanoutOptions, Options, PushOptions, StoreBackend};
 pub use service::Service;
 
 /// What the message service needs from the outside.
@@ -78,12 +79,22 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
     let presence = discovery::channel(deps.discovery.clone(), Role::Presence, &deps.discovery_options);
+    let no_notify =
+        deps.discovery_options.backend == DiscoveryBackend::Static && deps.discovery_options.notify.is_empty();
+    let pushes = if !options.push.enabled || no_notify {
+        tracing::info!("push notifications off (message.push.enabled, or no notify address)");
+        push::Pushes::disabled()
+    } else {
+        let notify = discovery::channel(deps.discovery.clone(), Role::Notify, &deps.discovery_options);
+        push::Pushes::start(&options.push, notify, &deps.supervisor)
+    };
     let fanout = fanout::Fanout::start(
         &options.fanout,
         options.delivered_receipts_max_members,
         deps.store.clone(),
         PresenceServiceClient::new(presence),
         ChannelPool::new(deps.discovery_options.clone(), Role::Gateway),
+        pushes,
         &deps.supervisor,
     );
     let send_stream_max_inflight = options.send_stream_max_inflight;

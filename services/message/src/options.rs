@@ -69,6 +69,28 @@ pub struct Options {
     /// The read-through cache in front of the store.
     pub cache: CacheOptions,
     pub fanout: FanoutOptions,
+    /// Handing entries and read marks to the notify service.
+    pub push: PushOptions,
+}
+
+/// `message.push`: what goes to the notify service after commit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushOptions {
+    /// Off: no push notifications from this instance. On by default; an
+    /// instance whose static discovery names no notify address sends none.
+    pub enabled: bool,
+    /// Batches of entries and read marks waiting for the notify service; a
+    /// full queue drops what does not fit (counted), never slows sends.
+    pub queue_depth: usize,
+    /// Tries of each call while notify is unavailable, with backoff.
+    pub max_attempts: u32,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        Self { enabled: true, queue_depth: 1024, max_attempts: 5 }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -123,6 +145,7 @@ impl Default for Options {
             scylla: ScyllaOptions::default(),
             cache: CacheOptions::default(),
             fanout: FanoutOptions::default(),
+            push: PushOptions::default(),
         }
     }
 }
@@ -143,6 +166,8 @@ impl Options {
             ("message.sqlite.queue_depth", self.sqlite.queue_depth),
             ("message.sqlite.wal_autocheckpoint_pages", self.sqlite.wal_autocheckpoint_pages as usize),
             ("message.fanout.workers", self.fanout.workers),
+            ("message.push.queue_depth", self.push.queue_depth),
+            ("message.push.max_attempts", self.push.max_attempts as usize),
             ("message.fanout.queue_depth", self.fanout.queue_depth),
             ("message.fanout.max_batch", self.fanout.max_batch),
             ("message.presence_updates_max_conversations", self.presence_updates_max_conversations),

@@ -533,6 +533,7 @@ impl Service {
                 delivered_seq: 0,
             };
             self.fanout.publish_hint(Outgoing::Receipt(id, receipt));
+            self.fanout.read_marked(user, id, mark.read_seq);
         }
         Ok(mark.read_seq)
     }

@@ -23,6 +23,7 @@ pub struct Report {
     pub history: Option<History>,
     pub reconnect: Option<Reconnect>,
     pub media: Option<Media>,
+    pub notify: Option<Notify>,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,6 +106,24 @@ pub struct Reconnect {
 }
 
 #[derive(Debug, Serialize)]
+pub struct Notify {
+    /// Offline recipients, each with a webhook device.
+    pub recipients: usize,
+    /// The burst: one message to each recipient, as fast as the sender goes.
+    pub messages: usize,
+    pub pushed: usize,
+    /// From the first send to the last push's arrival.
+    pub pushes_per_sec: f64,
+    pub server_cpu_ms_per_push: f64,
+    /// The paced run: offered messages per second, pushes measured, and the
+    /// time from the durable ack to the push's arrival.
+    pub paced_rate: u32,
+    pub paced_pushed: usize,
+    pub commit_to_push_p50_ms: f64,
+    pub commit_to_push_p99_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct Media {
     pub clients: usize,
     /// Upload tickets (membership, type, quota and rate checks, presigning).
@@ -153,6 +172,7 @@ impl Report {
             history: None,
             reconnect: None,
             media: None,
+            notify: None,
         }
     }
 
@@ -258,6 +278,21 @@ impl Report {
                 media.parallel_uploads
             );
         }
+        if let Some(notify) = &self.notify {
+            out += &format!(
+                "\nnotify   {} offline recipients: {} of {} pushed, {:.0} pushes/s ({:.2} server cpu-ms each); \
+                 commit to push at {}/s: p50 {:.1} ms, p99 {:.1} ms ({} pushes)\n",
+                notify.recipients,
+                notify.pushed,
+                notify.messages,
+                notify.pushes_per_sec,
+                notify.server_cpu_ms_per_push,
+                notify.paced_rate,
+                notify.commit_to_push_p50_ms,
+                notify.commit_to_push_p99_ms,
+                notify.paced_pushed
+            );
+        }
         out
     }
 }
@@ -265,7 +300,7 @@ impl Report {
 /// Key figures of each store in one table, with each store's ratio to the first.
 pub fn side_by_side(reports: &[Report]) -> String {
     type Figure = (&'static str, fn(&Report) -> Option<f64>);
-    let figures: [Figure; 12] = [
+    let figures: [Figure; 14] = [
         ("direct saturation, delivered/s", |r| r.direct.as_ref().map(|d| d.saturation_per_sec)),
         ("direct p50 ms at half saturation", |r| r.direct.as_ref()?.half_saturation.as_ref().map(|h| h.p50_ms)),
         ("direct p99 ms at half saturation", |r| r.direct.as_ref()?.half_saturation.as_ref().map(|h| h.p99_ms)),
@@ -280,6 +315,8 @@ pub fn side_by_side(reports: &[Report]) -> String {
         ("media tickets/s", |r| r.media.as_ref().map(|m| m.tickets_per_sec)),
         ("media completes/s", |r| r.media.as_ref().map(|m| m.completes_per_sec)),
         ("media 12 MP photo complete s", |r| r.media.as_ref().map(|m| m.photo_complete_p50_s)),
+        ("notify pushes/s", |r| r.notify.as_ref().map(|n| n.pushes_per_sec)),
+        ("notify commit to push p99 ms", |r| r.notify.as_ref().map(|n| n.commit_to_push_p99_ms)),
     ];
     let mut out = String::from("\nside by side (ratio to the first column)\n");
     out += &format!("  {:<40}", "");

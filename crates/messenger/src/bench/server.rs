@@ -74,6 +74,7 @@ impl Server {
             "BLOCKS",
             "QUERIES",
             "MEDIA",
+            "PUSH_SETTINGS",
             "CONNECTS_PER_USER",
             "CONNECTS_PER_ADDRESS",
         ] {
@@ -92,6 +93,12 @@ impl Server {
             .env("MESSENGER_PRESENCE__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_MEDIA__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_MEDIA__S3__EMBEDDED_LISTEN", "127.0.0.1:0")
+            .env("MESSENGER_NOTIFY__LISTEN", "127.0.0.1:0")
+            // Pushes leave at once, to the bench's webhook on loopback.
+            .env("MESSENGER_NOTIFY__READ_GRACE", "0s")
+            .env("MESSENGER_NOTIFY__PUSHES_PER_DEVICE_PER_MINUTE", "10000000")
+            .env("MESSENGER_NOTIFY__EGRESS__ALLOW_HTTP", "true")
+            .env("MESSENGER_NOTIFY__EGRESS__ALLOW_ADDRESSES", "[\"127.0.0.0/8\"]")
             // The benchmark measures capacity, not the per-user abuse limits.
             .env("MESSENGER_MEDIA__TICKETS_PER_MINUTE", "10000000")
             .env("MESSENGER_GATEWAY__SENDS_PER_SECOND", "10000000")

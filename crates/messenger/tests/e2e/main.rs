@@ -9,6 +9,7 @@ mod core;
 mod limits;
 mod media;
 mod model;
+mod notify;
 mod operability;
 mod security;
 mod support;

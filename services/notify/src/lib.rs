@@ -1,0 +1,113 @@
+//! The notify service: push notifications for devices with no live session.
+//!
+//! After commit, the message service hands over the entries that should
+//! notify, with each recipient's online devices. Notify stores one job per
+//! offline registered device (the outbox) before it answers, due after a
+//! short grace during which a read on another device cancels it; workers
+//! deliver due jobs through each platform's provider, retry with backoff,
+//! and dead-letter what keeps failing. A read after a push queues a silent
+//! retraction. Pushes carry no content unless the device allows previews.
+//!
+//! Layout:
+//! - [`store`]: the `PushStore` trait (devices, mutes, jobs) and its
+//!   contract suite; [`sqlite`] the embedded backend.
+//! - `service.rs`: registration checks, enqueue, reads; `worker.rs`: the
+//!   delivery loop; `grpc.rs`: the thin tonic adapter; `options.rs`.
+//! - [`providers`]: APNs (HTTP/2, ES256 provider tokens), FCM HTTP v1
+//!   (service-account OAuth), Web Push (VAPID, RFC 8291 encryption), the
+//!   webhook (Standard Webhooks signatures) and the log provider for
+//!   platforms without credentials; [`guard`]: outbound requests to
+//!   user-supplied URLs without SSRF.
+//!
+//! [`serve`] runs the internal gRPC API and the delivery worker until the
+//! shutdown token is cancelled.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod grpc;
+pub mod guard;
+mod options;
+pub mod providers;
+mod service;
+pub mod sqlite;
+pub mod store;
+mod worker;
+
+use std::{path::Path, sync::Arc};
+
+use messenger_platform::{
+    authorize,
+    discovery::Role,
+    server::{self, Port, ServerOptions},
+    supervise::Supervisor,
+    tls::ServerTls,
+};
+use messenger_proto::v1::notify_service_server::{NotifyServiceServer, SERVICE_NAME};
+use tokio::{net::TcpListener, sync::Notify};
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+pub use error::{Error, Result};
+pub use options::{EgressOptions, Options};
+pub use service::{ReadOutcome, Service};
+pub use worker::backoff;
+
+/// The store `options` ask for: `<data_dir>/notify.db` unless `database` names a file.
+pub fn open_store(options: &Options, data_dir: &Path) -> Result<Arc<dyn store::PushStore>> {
+    let path = options.database.clone().unwrap_or_else(|| data_dir.join("notify.db"));
+    Ok(Arc::new(sqlite::SqliteStore::open(&path)?))
+}
+
+/// The providers this process pushes through: each platform whose
+/// credentials are configured through its own client (credentials reloaded
+/// on change until `shutdown`), the others through the log provider.
+pub fn providers(options: &Options, shutdown: &CancellationToken) -> Result<providers::Providers> {
+    providers::build(options, shutdown)
+}
+
+/// Who may call notify: gateways on behalf of their users (devices,
+/// mutes); message instances hand over entries and reads.
+fn callers() -> authorize::Rules {
+    vec![
+        ("/messenger.v1.NotifyService/", &[Role::Gateway]),
+        ("/messenger.v1.NotifyService/Enqueue", &[Role::Message]),
+        ("/messenger.v1.NotifyService/Read", &[Role::Message]),
+    ]
+}
+
+/// What the notify service needs from the outside.
+pub struct Deps {
+    pub store: Arc<dyn store::PushStore>,
+    pub providers: providers::Providers,
+    /// Mutual TLS on the internal port, when the cluster has it.
+    pub tls: Option<ServerTls>,
+    /// Runs the delivery worker; its panic stops the process.
+    pub supervisor: Supervisor,
+}
+
+/// Serves notify on `listener` and runs the delivery worker until
+/// `shutdown` is cancelled.
+pub async fn serve(
+    options: Options,
+    server_options: ServerOptions,
+    deps: Deps,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::result::Result<(), server::Error> {
+    let wake = Arc::new(Notify::new());
+    let worker = worker::Worker {
+        store: deps.store.clone(),
+        providers: Arc::new(deps.providers),
+        options: options.clone(),
+        wake: wake.clone(),
+    };
+    deps.supervisor.spawn("push delivery", worker.run(shutdown.clone()));
+    deps.supervisor
+        .spawn("outbox maintenance", worker::Worker::maintain(deps.store.clone(), options.clone(), shutdown.clone()));
+    let service = Arc::new(Service::new(deps.store, options, wake));
+    let api = NotifyServiceServer::new(grpc::Adapter { service })
+        .max_decoding_message_size(server_options.internal_max_message_bytes);
+    let port = Port::internal(listener, deps.tls, callers());
+    server::serve("notify", &server_options, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+}

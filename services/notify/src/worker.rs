@@ -1,0 +1,334 @@
+//! Delivery from the outbox: claim what is due, send it through its
+//! device's provider, record what happened.
+//!
+//! A claim holds jobs for `claim_lease`; a process that dies holding them
+//! leaves them to the next claim after that (or at once, on SQLite, when it
+//! restarts). Of several due pushes for one device and conversation only
+//! the latest leaves (it replaces the earlier ones on the device anyway);
+//! the rest collapse into it. Failures retry with exponential backoff and
+//! jitter, never before the provider's Retry-After, and are dead-lettered
+//! after `max_attempts`.
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
+use messenger_platform::{ids::now_ms, metrics};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::{
+    options::Options,
+    providers::{Outcome, Providers, Push},
+    store::{Job, JobKind, JobState, PushStore},
+};
+
+/// What SREs watch of the outbox.
+struct PushMetrics {
+    /// Push attempts by provider and outcome (sent, retried, dead_lettered,
+    /// token_gone), and pushes that did not leave (cancelled, collapsed).
+    pushes: metrics::Counter<u64>,
+    /// From the entry's commit to the provider's acceptance of its push.
+    commit_to_push: metrics::Histogram<f64>,
+    /// Jobs in the outbox by state (queued, dead), as of the last look.
+    outbox: metrics::Gauge<u64>,
+    /// Finished jobs forgotten after their retention.
+    purged: metrics::Counter<u64>,
+}
+
+fn push_metrics() -> &'static PushMetrics {
+    static METRICS: OnceLock<PushMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let meter = metrics::meter();
+        PushMetrics {
+            pushes: meter
+                .u64_counter("messenger.notify.pushes")
+                .with_description("Push attempts and skipped pushes, by provider, kind and outcome")
+                .build(),
+            commit_to_push: meter
+                .f64_histogram("messenger.notify.commit_to_push")
+                .with_unit("s")
+                .with_description("From an entry's commit to the provider accepting its push")
+                .with_boundaries(vec![0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0])
+                .build(),
+            outbox: meter
+                .u64_gauge("messenger.notify.outbox")
+                .with_description("Push jobs queued and dead-lettered (waiting for an operator)")
+                .build(),
+            purged: meter
+                .u64_counter("messenger.notify.purged")
+                .with_description("Finished push jobs and unread marks forgotten after their retention")
+                .build(),
+        }
+    })
+}
+
+fn count(provider: &'static str, kind: JobKind, outcome: &'static str) {
+    let kind = match kind {
+        JobKind::Notify => "notify",
+        JobKind::Retract => "retract",
+    };
+    push_metrics().pushes.add(
+        1,
+        &[
+            metrics::KeyValue::new("provider", provider),
+            metrics::KeyValue::new("kind", kind),
+            metrics::KeyValue::new("outcome", outcome),
+        ],
+    );
+}
+
+pub struct Worker {
+    pub store: Arc<dyn PushStore>,
+    pub providers: Arc<Providers>,
+    pub options: Options,
+    /// Woken when jobs are stored that may be due now.
+    pub wake: Arc<Notify>,
+}
+
+/// The delay before attempt `attempts + 1`: doubling from `initial`, capped
+/// at `max`, with "equal jitter" (half fixed, half random), and never
+/// shorter than what the provider asked for.
+pub fn backoff(options: &Options, attempts: u32, asked: Option<Duration>) -> Duration {
+    let doubling = 2u32.saturating_pow(attempts.saturating_sub(1).min(30));
+    let base = options.retry_initial_delay.saturating_mul(doubling).min(options.retry_max_delay);
+    let jittered = base / 2 + base.mul_f64(rand::random::<f64>() / 2.0);
+    jittered.max(asked.unwrap_or_default())
+}
+
+/// The most a badge shows.
+const BADGE_CAP: u32 = 9_999;
+
+impl Worker {
+    /// Every `maintenance_interval`: the outbox gauges, and the purge of
+    /// what is past its retention.
+    pub async fn maintain(store: Arc<dyn PushStore>, options: Options, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(options.maintenance_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let metrics = push_metrics();
+            for (state, label) in [(JobState::Queued, "queued"), (JobState::Dead, "dead")] {
+                match store.count(state).await {
+                    Ok(count) => metrics.outbox.record(count, &[metrics::KeyValue::new("state", label)]),
+                    Err(error) => warn!(%error, "outbox count failed"),
+                }
+            }
+            let now = now_ms();
+            let finished_before = now - options.finished_retention.as_millis() as i64;
+            let dead_before = now - options.dead_letter_retention.as_millis() as i64;
+            match store.purge(finished_before, dead_before).await {
+                Ok(removed) => metrics.purged.add(removed, &[]),
+                Err(error) => warn!(%error, "outbox purge failed; tried again next time"),
+            }
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let per_minute = NonZeroU32::new(self.options.pushes_per_device_per_minute).unwrap_or(NonZeroU32::MIN);
+        let limiter = Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute)));
+        let this = Arc::new(self);
+        let lease = this.options.claim_lease.as_millis() as i64;
+        while !shutdown.is_cancelled() {
+            let claimed = match this.store.claim(now_ms(), lease, this.options.claim_batch).await {
+                Ok(claimed) => claimed,
+                Err(error) => {
+                    warn!(%error, "outbox claim failed; retrying");
+                    Vec::new()
+                }
+            };
+            if claimed.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = this.wake.notified() => {}
+                    _ = tokio::time::sleep(this.options.poll_interval) => {}
+                }
+                continue;
+            }
+            let groups = collapse(claimed);
+            futures::stream::iter(groups)
+                .map(|(job, collapsed)| {
+                    let (this, limiter) = (this.clone(), limiter.clone());
+                    async move { this.deliver(job, collapsed, &limiter).await }
+                })
+                .buffer_unordered(this.options.max_in_flight)
+                .collect::<()>()
+                .await;
+        }
+    }
+
+    async fn deliver(&self, job: Job, collapsed: Vec<Uuid>, limiter: &DefaultKeyedRateLimiter<String>) {
+        let store = &self.store;
+        let device = match store.device(&job.user_id, &job.device_id).await {
+            Ok(Some(device)) => device,
+            Ok(None) => {
+                for id in collapsed.iter().chain([&job.id]) {
+                    self.settle(store.finish(*id, JobState::Cancelled, job.attempts, "device unregistered").await);
+                }
+                return;
+            }
+            Err(error) => {
+                warn!(%error, "device lookup failed; the job is claimed again after its lease");
+                return;
+            }
+        };
+        if let Err(not_until) = limiter.check_key(&format!("{}\n{}", job.user_id, job.device_id)) {
+            // Not an attempt: the device had its share of pushes this minute.
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            let due = now_ms() + wait.as_millis() as i64 + 1;
+            self.settle(store.reschedule(job.id, due, job.attempts, "device rate limit").await);
+            for id in collapsed {
+                self.settle(store.reschedule(id, due, job.attempts, "device rate limit").await);
+            }
+            return;
+        }
+        let badge = match store.unread(&job.user_id, BADGE_CAP).await {
+            Ok(badge) => badge,
+            Err(error) => {
+                warn!(%error, "unread count failed; the job is claimed again after its lease");
+                return;
+            }
+        };
+        let provider = self.providers.for_platform(device.platform);
+        let push = Push {
+            id: job.id,
+            kind: job.kind,
+            conversation_id: job.conversation_id,
+            seq: job.seq,
+            preview: job.preview.clone().filter(|_| device.previews),
+            badge,
+        };
+        let outcome = provider.send(&device, &push).await;
+        let attempts = job.attempts + 1;
+        match outcome {
+            Outcome::Delivered => {
+                count(provider.name(), job.kind, "sent");
+                if job.kind == JobKind::Notify {
+                    let latency = (now_ms() - job.created_at_ms).max(0) as f64 / 1000.0;
+                    push_metrics().commit_to_push.record(latency, &[]);
+                }
+                self.settle(store.finish(job.id, JobState::Sent, attempts, "").await);
+                for id in collapsed {
+                    count(provider.name(), job.kind, "collapsed");
+                    self.settle(store.finish(id, JobState::Cancelled, 0, "collapsed into a later push").await);
+                }
+                debug!(push_id = %job.id, provider = provider.name(), "pushed");
+            }
+            Outcome::Retry { after, reason } if attempts < self.options.max_attempts => {
+                count(provider.name(), job.kind, "retried");
+                let due = now_ms() + backoff(&self.options, attempts, after).as_millis() as i64;
+                self.settle(store.reschedule(job.id, due, attempts, &reason).await);
+                for id in collapsed {
+                    self.settle(store.reschedule(id, due, 0, "waits for a later push").await);
+                }
+                debug!(push_id = %job.id, provider = provider.name(), %reason, attempts, "push retried");
+            }
+            Outcome::Retry { reason, .. } | Outcome::Refused(reason) => {
+                count(provider.name(), job.kind, "dead_lettered");
+                warn!(push_id = %job.id, provider = provider.name(), %reason, attempts, "push dead-lettered");
+                self.settle(store.finish(job.id, JobState::Dead, attempts, &reason).await);
+                for id in collapsed {
+                    self.settle(store.finish(id, JobState::Cancelled, 0, "collapsed into a dead push").await);
+                }
+            }
+            Outcome::Gone(reason) => {
+                count(provider.name(), job.kind, "token_gone");
+                let removed = store.remove_device_if(&device.user_id, &device.device_id, device.registration).await;
+                if matches!(removed, Ok(true)) {
+                    warn!(push_id = %job.id, provider = provider.name(), %reason, "dead token: registration removed");
+                }
+                self.settle(removed.map(drop));
+                for id in collapsed.iter().chain([&job.id]) {
+                    self.settle(store.finish(*id, JobState::Cancelled, attempts, &reason).await);
+                }
+            }
+        }
+    }
+
+    /// A store write the worker cannot undo: logged when it fails (the job
+    /// stays claimed and is retried after its lease).
+    fn settle<T>(&self, result: crate::Result<T>) {
+        if let Err(error) = result {
+            warn!(%error, "outbox update failed; the job is retried after its lease");
+        }
+    }
+}
+
+/// Groups claimed jobs by device, conversation and kind: the latest seq of
+/// each group is sent, the others collapse into it.
+fn collapse(claimed: Vec<Job>) -> Vec<(Job, Vec<Uuid>)> {
+    /// User, device, conversation, kind.
+    type Key = (String, String, Uuid, JobKind);
+    let mut groups: HashMap<Key, (Job, Vec<Uuid>)> = HashMap::new();
+    for job in claimed {
+        let key = (job.user_id.clone(), job.device_id.clone(), job.conversation_id, job.kind);
+        match groups.remove(&key) {
+            None => {
+                groups.insert(key, (job, Vec::new()));
+            }
+            Some((kept, mut collapsed)) => {
+                let (latest, earlier) = if job.seq > kept.seq { (job, kept) } else { (kept, job) };
+                collapsed.push(earlier.id);
+                groups.insert(key, (latest, collapsed));
+            }
+        }
+    }
+    groups.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::job;
+
+    #[test]
+    fn backoff_doubles_with_jitter_caps_and_honours_retry_after() {
+        let options = Options {
+            retry_initial_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(60),
+            ..Options::default()
+        };
+        for attempts in 1..=12u32 {
+            let base = Duration::from_secs(1 << (attempts - 1)).min(Duration::from_secs(60));
+            for _ in 0..50 {
+                let delay = backoff(&options, attempts, None);
+                assert!(delay >= base / 2 && delay <= base, "attempt {attempts}: {delay:?} vs {base:?}");
+            }
+        }
+        let asked = Duration::from_secs(120);
+        assert_eq!(backoff(&options, 1, Some(asked)), asked, "Retry-After beyond the backoff wins");
+        assert!(backoff(&options, 40, None) <= Duration::from_secs(60), "no overflow at many attempts");
+    }
+
+    #[test]
+    fn a_burst_for_one_device_and_conversation_collapses_into_its_latest() {
+        let conversation = Uuid::now_v7();
+        let jobs = vec![
+            job(JobKind::Notify, "bob", "phone", conversation, 3, 1),
+            job(JobKind::Notify, "bob", "phone", conversation, 5, 1),
+            job(JobKind::Notify, "bob", "phone", conversation, 4, 1),
+            job(JobKind::Notify, "bob", "tablet", conversation, 3, 1),
+            job(JobKind::Retract, "bob", "phone", conversation, 2, 1),
+        ];
+        let mut groups = collapse(jobs.clone());
+        groups.sort_by_key(|(job, _)| (job.device_id.clone(), job.kind.code()));
+        let sent: Vec<(&str, u64, usize)> =
+            groups.iter().map(|(job, collapsed)| (job.device_id.as_str(), job.seq, collapsed.len())).collect();
+        assert_eq!(sent, [("phone", 5, 2), ("phone", 2, 0), ("tablet", 3, 0)]);
+        let mut collapsed = groups[0].1.clone();
+        collapsed.sort();
+        let mut expected = vec![jobs[0].id, jobs[2].id];
+        expected.sort();
+        assert_eq!(collapsed, expected);
+    }
+}
