@@ -146,6 +146,14 @@ url = "{redis}"
 session_ttl = "3s"
 [presence.redis]
 url = "{redis}"
+[notify]
+{notify_listen}database = "{notify_database}"
+read_grace = "5s"
+poll_interval = "50ms"
+maintenance_interval = "200ms"
+[notify.egress]
+allow_http = true
+allow_addresses = ["127.0.0.0/8"]
 [gateway]
 {gateway_listen}presence_renew_interval = "1s"
 sends_per_second = 100000
@@ -155,6 +163,8 @@ send_burst = 100000
             message_listen = listen(Role::Message),
             presence_listen = listen(Role::Presence),
             gateway_listen = listen(Role::Gateway),
+            notify_listen = listen(Role::Notify),
+            notify_database = dir.join("notify.db").display(),
             admin = admin,
             data = dir.join(name).display(),
             etcd = self.etcd.endpoint(),
@@ -577,6 +587,59 @@ async fn a_message_instance_stopped_gracefully_drains_at_once_and_sends_move_on(
     let received: Vec<_> = before.into_iter().chain(after).collect();
     assert_exactly_once_in_order(&received, &stream);
     cluster.wait_registered(Role::Message, 1).await;
+}
+
+/// The value of the gauge `messenger_notify_outbox` for `state` on a node's `/metrics`.
+async fn outbox(admin: u16, state: &str) -> Option<u64> {
+    let response = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await.ok()?;
+    let text = response.text().await.ok()?;
+    text.lines()
+        .find(|line| line.starts_with("messenger_notify_outbox{") && line.contains(&format!("state=\"{state}\"")))
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|value| value as u64)
+}
+
+/// SIGKILL while every push waits in the outbox (stored, not yet due):
+/// after a restart each is delivered, and none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_pushes_survive_a_notify_kill_and_leave_once_each() {
+    let mut cluster = Cluster::start_with("").await;
+    cluster.add("notify", Role::Notify);
+    cluster.wait_registered(Role::Notify, 1).await;
+    let (base, hooks) = crate::notify::receiver().await;
+    let recipients: Vec<String> = (0..20).map(|i| format!("offline-{i}")).collect();
+    for user in &recipients {
+        let (client, _events) = cluster.connect(user, "gateway-1").await;
+        crate::notify::register(&client, &base, &hooks, &format!("{user}-phone")).await;
+        client.close().await;
+    }
+    let (alice, _alice_events) = cluster.connect("alice", "gateway-2").await;
+    let mut conversations = Vec::new();
+    for user in &recipients {
+        conversations.push(alice.direct(user).await.unwrap().conversation_id);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for conversation in &conversations {
+        alice.send(conversation, "queued while notify dies").await.unwrap();
+    }
+    let admin = cluster.node("notify").admin;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The read grace (5 s) keeps them queued meanwhile.
+    while outbox(admin, "queued").await != Some(20) {
+        assert!(Instant::now() < deadline, "20 jobs never queued; {:?} pushed", hooks.all().len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hooks.all().is_empty(), "nothing left before the kill");
+    cluster.kill("notify");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(hooks.all().is_empty(), "nobody pushes while notify is down");
+    cluster.respawn("notify");
+    cluster.wait_until("every queued push delivered", || hooks.all().len() >= 20).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = hooks.all();
+    let ids: HashSet<&str> = received.iter().map(|r| r.webhook_id.as_str()).collect();
+    let devices: HashSet<&str> = received.iter().map(|r| r.device.as_str()).collect();
+    assert_eq!((received.len(), ids.len(), devices.len()), (20, 20, 20), "each push once, one per device");
 }
 
 /// The count of `messenger_telemetry_spans_total` with `outcome` on a node's `/metrics`.

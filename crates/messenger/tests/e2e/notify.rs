@@ -26,15 +26,15 @@ use crate::support::*;
 
 /// One request the receiver accepted as signed.
 #[derive(Clone, Debug)]
-struct Received {
-    device: String,
-    webhook_id: String,
+pub(crate) struct Received {
+    pub(crate) device: String,
+    pub(crate) webhook_id: String,
     at: Instant,
     body: Value,
 }
 
 #[derive(Default)]
-struct Hooks {
+pub(crate) struct Hooks {
     /// Device -> the secret its registration answered.
     secrets: Mutex<std::collections::HashMap<String, String>>,
     received: Mutex<Vec<Received>>,
@@ -91,7 +91,7 @@ async fn hook(
 }
 
 /// The receiver's base URL and what it saw.
-async fn receiver() -> (String, Arc<Hooks>) {
+pub(crate) async fn receiver() -> (String, Arc<Hooks>) {
     let hooks = Arc::new(Hooks::default());
     let app = axum::Router::new().route("/hook/{device}", axum::routing::post(hook)).with_state(hooks.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -101,7 +101,11 @@ async fn receiver() -> (String, Arc<Hooks>) {
 }
 
 impl Hooks {
-    fn of(&self, device: &str) -> Vec<Received> {
+    pub(crate) fn all(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub(crate) fn of(&self, device: &str) -> Vec<Received> {
         self.received.lock().unwrap().iter().filter(|r| r.device == device).cloned().collect()
     }
 
@@ -139,7 +143,7 @@ async fn offline_device(system: &TestSystem, base: &str, hooks: &Hooks, user: &s
     client.close().await;
 }
 
-async fn register(client: &messenger_client::Client, base: &str, hooks: &Hooks, device: &str) {
+pub(crate) async fn register(client: &messenger_client::Client, base: &str, hooks: &Hooks, device: &str) {
     let registration = PushDevice {
         platform: PushPlatform::Webhook as i32,
         token: format!("{base}/{device}"),
