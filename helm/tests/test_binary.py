@@ -23,7 +23,7 @@ CHART_OWNED = {
     "data_dir", "admin", "tracing.otlp_endpoint", "tracing.sample_ratio", "auth.development", "auth.hs256_secret", "auth.public_key_file", "auth.jwks_file",
     "tls.public_cert_file", "tls.public_key_file", "tls.cluster_ca_file", "tls.cluster_cert_file",
     "tls.cluster_key_file", "tls.cluster_domain", "tls.insecure_cluster_plaintext",
-    "discovery.backend", "discovery.message", "discovery.presence", "discovery.media",
+    "discovery.backend", "discovery.message", "discovery.presence", "discovery.media", "discovery.notify",
     "discovery.advertise_host", "discovery.etcd.endpoints",
     "gateway.listen", "gateway.internal_listen", "gateway.advertise_internal", "gateway.gateway_id",
     "message.listen", "message.database", "message.scylla.nodes", "message.scylla.username",
@@ -32,6 +32,8 @@ CHART_OWNED = {
     "media.s3.embedded_origin_secret", "media.s3.endpoint", "media.s3.public_endpoint", "media.s3.region",
     "media.s3.bucket", "media.s3.force_path_style", "media.s3.access_key_id", "media.s3.secret_access_key",
     "media.cdn.secret", "media.cdn.secret_file", "media.cdn.private_key_file",
+    "notify.listen", "notify.database", "notify.apns.apps", "notify.apns.ca_file", "notify.fcm.apps",
+    "notify.fcm.ca_file", "notify.web_push.vapid_key_file",
 }
 
 

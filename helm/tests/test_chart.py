@@ -27,7 +27,7 @@ from conftest import (
     render,
 )
 
-ROLES = ["gateway", "media", "message", "presence"]
+ROLES = ["gateway", "media", "message", "notify", "presence"]
 
 
 # --- Helm and Kubernetes ------------------------------------------------------
@@ -141,6 +141,9 @@ def test_schema_refuses_unknown_and_chart_owned_keys(extra):
         ({"discovery": {"backend": "etcd"}}, "external.etcd.endpoints"),
         ({"config": {"message": {"store": "scylla"}}}, "external.scylla.nodes"),
         ({"config": {"media": {"store": "scylla"}}}, "external.scylla.nodes"),
+        ({"config": {"notify": {"store": "scylla"}}}, "external.scylla.nodes"),
+        ({"roles": {"notify": {"replicas": 2, "persistence": {"enabled": False}}}}, "config.notify.store to scylla"),
+        ({"push": {"vapidKeyKey": "vapid.pem"}}, "push.existingSecret"),
         ({"auth": {"jwksKey": ""}}, "verification key"),
         ({"tls": {"cluster": {"insecurePlaintext": False}}}, "insecurePlaintext"),
         ({"tls": {"public": {"enabled": True}}}, "tls.public.existingSecret"),
@@ -372,6 +375,7 @@ def test_production_wires_secrets_tls_and_external_stores(production_render):
 
     assert secret_of(env("message")["MESSENGER_MESSAGE__SCYLLA__PASSWORD"]) == "messenger-scylla"
     assert secret_of(env("media")["MESSENGER_MESSAGE__SCYLLA__PASSWORD"]) == "messenger-scylla"
+    assert secret_of(env("notify")["MESSENGER_MESSAGE__SCYLLA__PASSWORD"]) == "messenger-scylla"
     assert "MESSENGER_MESSAGE__SCYLLA__PASSWORD" not in env("gateway")
     assert secret_of(env("message")["MESSENGER_MESSAGE__CACHE__REDIS__URL"]) == "messenger-redis"
     assert secret_of(env("presence")["MESSENGER_PRESENCE__REDIS__URL"]) == "messenger-redis"
@@ -387,6 +391,29 @@ def test_production_wires_secrets_tls_and_external_stores(production_render):
     service = rendered.get("Service", f"{RELEASE}-messenger-gateway")
     assert service["spec"]["type"] == "LoadBalancer"
     assert service["spec"]["externalTrafficPolicy"] == "Local"
+
+
+def test_push_credentials_reach_only_the_notify_pods_as_files_its_config_names(production_render):
+    deployments = production_render.by_component("Deployment")
+    notify = deployments["notify"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in notify["volumes"]}
+    assert volumes["push"]["secret"]["secretName"] == "messenger-push"
+    mounted = {item["path"] for item in volumes["push"]["secret"]["items"]}
+    assert mounted == {"apns-com.example.chat.p8", "fcm-example-chat.json", "vapid.pem"}
+    mounts = {m["name"]: m for m in notify["containers"][0]["volumeMounts"]}
+    assert mounts["push"]["mountPath"] == "/etc/messenger/push" and mounts["push"]["readOnly"]
+    for role, deployment in deployments.items():
+        names = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert ("push" in names) == (role == "notify"), role
+    config = tomllib.loads(production_render.config_files()["notify"])["notify"]
+    assert config["store"] == "scylla"
+    assert config["apns"]["apps"] == [{"bundle_id": "com.example.chat", "team_id": "ABCDE12345",
+                                       "key_id": "KEY1234567",
+                                       "key_file": "/etc/messenger/push/apns-com.example.chat.p8"}]
+    assert config["fcm"]["apps"] == [{"project_id": "example-chat",
+                                      "service_account_file": "/etc/messenger/push/fcm-example-chat.json"}]
+    assert config["web_push"]["vapid_key_file"] == "/etc/messenger/push/vapid.pem"
+    assert config["web_push"]["subject"].startswith("mailto:")
 
 
 def test_production_scales_with_autoscalers_and_budgets(production_render):

@@ -67,10 +67,10 @@ impl Validate for Config {
         self.presence.validate()?;
         self.media.validate()?;
         self.notify.validate()?;
-        if self.media.store == messenger_media::StoreBackend::Scylla
-            && self.message.store != messenger_message::StoreBackend::Scylla
-        {
-            // The media tables live in the message store's keyspace.
+        let shares_scylla = self.media.store == messenger_media::StoreBackend::Scylla
+            || self.notify.store == messenger_notify::StoreBackend::Scylla;
+        if shares_scylla && self.message.store != messenger_message::StoreBackend::Scylla {
+            // The media and push tables live in the message store's keyspace.
             self.message.scylla.validate()?;
         }
         self.gateway.validate_renewal(self.presence.session_ttl)?;

@@ -196,7 +196,8 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     }
     if let Some(listener) = listeners.notify {
         let deps = messenger_notify::Deps {
-            store: messenger_notify::open_store(&config.notify, &config.data_dir)?,
+            store: messenger_notify::open_store(&config.notify, &config.data_dir, &config.message.scylla.cluster())
+                .await?,
             providers: messenger_notify::providers(&config.notify, &shutdown)?,
             tls: security.cluster.clone(),
             supervisor: supervisor.clone(),
@@ -375,7 +376,7 @@ async fn open_store(
 }
 
 /// Creates or upgrades the schema of the configured message store, and of
-/// the media store when it is on Scylla too (`messenger migrate`); returns
+/// the media and notify stores when they are on Scylla too (`messenger migrate`); returns
 /// what it did, for the operator.
 pub async fn migrate(config: &Config) -> anyhow::Result<String> {
     let mut report = match config.message.store {
@@ -389,6 +390,10 @@ pub async fn migrate(config: &Config) -> anyhow::Result<String> {
     if config.media.store == messenger_media::StoreBackend::Scylla {
         let media = messenger_media::scylla::migrate(&config.message.scylla.cluster()).await?;
         report.push_str(&format!("\n{media}"));
+    }
+    if config.notify.store == messenger_notify::StoreBackend::Scylla {
+        let push = messenger_notify::scylla::migrate(&config.message.scylla.cluster()).await?;
+        report.push_str(&format!("\n{push}"));
     }
     Ok(report)
 }

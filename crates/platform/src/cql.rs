@@ -220,6 +220,16 @@ pub async fn connect(cluster: &Cluster) -> Result<Session, Error> {
     builder.build().await.map_err(session_error)
 }
 
+/// Every row of a statement's answer, typed.
+pub fn rows<R>(result: QueryResult) -> Result<Vec<R>, Error>
+where
+    R: for<'frame, 'metadata> scylla::deserialize::row::DeserializeRow<'frame, 'metadata>,
+{
+    let rows = result.into_rows_result().map_err(|e| other("expected rows", e))?;
+    let typed = rows.rows::<R>().map_err(|e| other("unexpected row type", e))?;
+    typed.collect::<Result<Vec<R>, _>>().map_err(|e| other("cannot read a row", e))
+}
+
 /// The answer of a conditional statement: whether it applied, and the
 /// current values returned with it. Cassandra returns only `[applied]` when
 /// a statement applied, ScyllaDB the row as well: read values only from an

@@ -12,6 +12,7 @@ from the environment instead (see messenger.env).
 {{- define "messenger.publicTlsDir" -}}/etc/messenger/public-tls{{- end -}}
 {{- define "messenger.clusterTlsDir" -}}/etc/messenger/cluster-tls{{- end -}}
 {{- define "messenger.cdnDir" -}}/etc/messenger/cdn{{- end -}}
+{{- define "messenger.pushDir" -}}/etc/messenger/push{{- end -}}
 
 {{/* Sets a dotted key in a map, creating tables on the way. Argument: dict "config" MAP "path" "a.b" "value" VALUE. */}}
 {{- define "messenger.setPath" -}}
@@ -33,9 +34,12 @@ from the environment instead (see messenger.env).
 {{- define "messenger.mediaStore" -}}
 {{- include "messenger.configValue" (dict "config" .Values.config "path" "media.store" "default" "sqlite") -}}
 {{- end -}}
-{{/* "true" when the message or the media store is on Scylla (the media tables live in message.scylla's keyspace). */}}
+{{- define "messenger.notifyStore" -}}
+{{- include "messenger.configValue" (dict "config" .Values.config "path" "notify.store" "default" "sqlite") -}}
+{{- end -}}
+{{/* "true" when the message, media or notify store is on Scylla (the media and push tables live in message.scylla's keyspace). */}}
 {{- define "messenger.usesScylla" -}}
-{{- if or (eq (include "messenger.messageStore" .) "scylla") (eq (include "messenger.mediaStore" .) "scylla") -}}true{{- end -}}
+{{- if or (eq (include "messenger.messageStore" .) "scylla") (eq (include "messenger.mediaStore" .) "scylla") (eq (include "messenger.notifyStore" .) "scylla") -}}true{{- end -}}
 {{- end -}}
 {{- define "messenger.presenceBackend" -}}
 {{- include "messenger.configValue" (dict "config" .Values.config "path" "presence.backend" "default" "memory") -}}
@@ -133,7 +137,33 @@ from the environment instead (see messenger.env).
 {{- if $values.cdn.cloudfrontPrivateKeyKey -}}
 {{- include "messenger.setPath" (dict "config" $config "path" "media.cdn.private_key_file" "value" (printf "%s/%s" (include "messenger.cdnDir" $root) $values.cdn.cloudfrontPrivateKeyKey)) -}}
 {{- end -}}
+{{- /* Push credentials (the notify role reads them; every role's file names them alike). */ -}}
+{{- $push := $values.push -}}
+{{- $pushDir := include "messenger.pushDir" $root -}}
+{{- if $push.apns -}}
+{{- $apps := list -}}
+{{- range $app := $push.apns -}}
+{{- $apps = append $apps (dict "bundle_id" $app.bundleId "team_id" $app.teamId "key_id" $app.keyId "key_file" (printf "%s/%s" $pushDir $app.keyKey)) -}}
+{{- end -}}
+{{- include "messenger.setPath" (dict "config" $config "path" "notify.apns.apps" "value" $apps) -}}
+{{- end -}}
+{{- if $push.fcm -}}
+{{- $apps := list -}}
+{{- range $app := $push.fcm -}}
+{{- $apps = append $apps (dict "project_id" $app.projectId "service_account_file" (printf "%s/%s" $pushDir $app.serviceAccountKey)) -}}
+{{- end -}}
+{{- include "messenger.setPath" (dict "config" $config "path" "notify.fcm.apps" "value" $apps) -}}
+{{- end -}}
+{{- if $push.vapidKeyKey -}}
+{{- include "messenger.setPath" (dict "config" $config "path" "notify.web_push.vapid_key_file" "value" (printf "%s/%s" $pushDir $push.vapidKeyKey)) -}}
+{{- end -}}
 {{- toJson $config -}}
+{{- end -}}
+
+{{/* "true" when push credentials are mounted into the notify pods. */}}
+{{- define "messenger.pushCredentials" -}}
+{{- $push := .Values.push -}}
+{{- if and $push.existingSecret (or $push.apns $push.fcm $push.vapidKeyKey) -}}true{{- end -}}
 {{- end -}}
 
 {{/* A role's TOML file. Argument: dict "root" $ "role" NAME. */}}

@@ -42,7 +42,7 @@ security contexts. Shared by the Deployments and the migrate Job.
 {{- if and (include "messenger.isPublic" .role) $values.auth.hs256SecretKey }}
 {{ include "messenger.secretEnv" (dict "name" "MESSENGER_AUTH__HS256_SECRET" "secret" (include "messenger.authSecret" .root) "key" $values.auth.hs256SecretKey) }}
 {{- end }}
-{{- $scyllaUser := or (and (eq $name "message") (eq (include "messenger.messageStore" .root) "scylla")) (and (eq $name "media") (eq (include "messenger.mediaStore" .root) "scylla")) (eq $name "migrate") }}
+{{- $scyllaUser := or (and (eq $name "message") (eq (include "messenger.messageStore" .root) "scylla")) (and (eq $name "media") (eq (include "messenger.mediaStore" .root) "scylla")) (and (eq $name "notify") (eq (include "messenger.notifyStore" .root) "scylla")) (eq $name "migrate") }}
 {{- if and $scyllaUser (include "messenger.usesScylla" .root) $values.external.scylla.existingSecret }}
 {{ include "messenger.secretEnv" (dict "name" "MESSENGER_MESSAGE__SCYLLA__USERNAME" "secret" $values.external.scylla.existingSecret "key" $values.external.scylla.usernameKey) }}
 {{ include "messenger.secretEnv" (dict "name" "MESSENGER_MESSAGE__SCYLLA__PASSWORD" "secret" $values.external.scylla.existingSecret "key" $values.external.scylla.passwordKey) }}
@@ -151,6 +151,25 @@ security contexts. Shared by the Deployments and the migrate Job.
         path: {{ . }}
       {{- end }}
 {{- end }}
+{{- if and (eq .name "notify") (include "messenger.pushCredentials" .root) }}
+- name: push
+  secret:
+    secretName: {{ $values.push.existingSecret }}
+    defaultMode: 288 # 0440
+    items:
+      {{- range $values.push.apns }}
+      - key: {{ .keyKey }}
+        path: {{ .keyKey }}
+      {{- end }}
+      {{- range $values.push.fcm }}
+      - key: {{ .serviceAccountKey }}
+        path: {{ .serviceAccountKey }}
+      {{- end }}
+      {{- with $values.push.vapidKeyKey }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Mounts matching messenger.volumes. Secrets are mounted as directories, never subPath: their files are replaced in place on rotation and the service polls them. */}}
@@ -183,6 +202,11 @@ security contexts. Shared by the Deployments and the migrate Job.
 {{- if and (eq .name "media") $values.cdn.existingSecret (or $values.cdn.hmacSecretKey $values.cdn.cloudfrontPrivateKeyKey) }}
 - name: cdn
   mountPath: {{ include "messenger.cdnDir" .root }}
+  readOnly: true
+{{- end }}
+{{- if and (eq .name "notify") (include "messenger.pushCredentials" .root) }}
+- name: push
+  mountPath: {{ include "messenger.pushDir" .root }}
   readOnly: true
 {{- end }}
 {{- end -}}

@@ -35,12 +35,18 @@ or route badly, refused at render time with the reason.
 {{- if and (eq (include "messenger.cdnMode" .) "hmac") (not (and $values.cdn.existingSecret $values.cdn.hmacSecretKey)) -}}
 {{- fail "cdn.existingSecret and cdn.hmacSecretKey are required when config.media.cdn.mode is hmac" -}}
 {{- end -}}
+{{- if and (or $values.push.apns $values.push.fcm $values.push.vapidKeyKey) (not $values.push.existingSecret) -}}
+{{- fail "push.existingSecret is required when push.apns, push.fcm or push.vapidKeyKey is set" -}}
+{{- end -}}
 {{- range $name := keys $values.roles | sortAlpha -}}
 {{- $role := include "messenger.role" (dict "root" $ "role" $name) | fromJson -}}
 {{- if $role.enabled -}}
 {{- $many := or (gt (int $role.replicas) 1) $role.autoscaling.enabled -}}
 {{- if and $many (eq $name "media") (eq (include "messenger.mediaStore" $) "sqlite") -}}
 {{- fail "roles.media: upload records in SQLite live in one process; set config.media.store to scylla for more than one instance" -}}
+{{- end -}}
+{{- if and $many (eq $name "notify") (eq (include "messenger.notifyStore" $) "sqlite") -}}
+{{- fail "roles.notify: the push outbox in SQLite lives in one process; set config.notify.store to scylla for more than one instance" -}}
 {{- end -}}
 {{- if and $many (eq $name "message") (eq $store "sqlite") -}}
 {{- fail "roles.message: the SQLite store has one writer process; set config.message.store to scylla for more than one instance" -}}

@@ -234,9 +234,7 @@ fn rows<R>(result: scylla::response::query_result::QueryResult) -> Result<Vec<R>
 where
     R: for<'frame, 'metadata> scylla::deserialize::row::DeserializeRow<'frame, 'metadata>,
 {
-    let rows = result.into_rows_result().map_err(|e| cql::other("expected rows", e))?;
-    let typed = rows.rows::<R>().map_err(|e| cql::other("unexpected row type", e))?;
-    Ok(typed.collect::<Result<Vec<R>, _>>().map_err(|e| cql::other("cannot read a row", e))?)
+    Ok(cql::rows(result)?)
 }
 
 impl ScyllaStore {

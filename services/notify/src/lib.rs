@@ -10,7 +10,8 @@
 //!
 //! Layout:
 //! - [`store`]: the `PushStore` trait (devices, mutes, jobs) and its
-//!   contract suite; [`sqlite`] the embedded backend.
+//!   contract suite; [`sqlite`] the embedded backend, [`scylla`] the one
+//!   several instances share.
 //! - `service.rs`: registration checks, enqueue, reads; `worker.rs`: the
 //!   delivery loop; `grpc.rs`: the thin tonic adapter; `options.rs`.
 //! - [`providers`]: APNs (HTTP/2, ES256 provider tokens), FCM HTTP v1
@@ -29,6 +30,7 @@ mod grpc;
 pub mod guard;
 mod options;
 pub mod providers;
+pub mod scylla;
 mod service;
 pub mod sqlite;
 pub mod store;
@@ -49,14 +51,29 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use error::{Error, Result};
-pub use options::{EgressOptions, Options};
+pub use options::{EgressOptions, Options, StoreBackend};
 pub use service::{ReadOutcome, Service};
 pub use worker::backoff;
 
-/// The store `options` ask for: `<data_dir>/notify.db` unless `database` names a file.
-pub fn open_store(options: &Options, data_dir: &Path) -> Result<Arc<dyn store::PushStore>> {
-    let path = options.database.clone().unwrap_or_else(|| data_dir.join("notify.db"));
-    Ok(Arc::new(sqlite::SqliteStore::open(&path)?))
+/// The store `options` ask for: `<data_dir>/notify.db` unless `database`
+/// names a file; the Scylla store uses the cluster and keyspace of the
+/// message store.
+pub async fn open_store(
+    options: &Options,
+    data_dir: &Path,
+    cluster: &messenger_platform::cql::Cluster,
+) -> Result<Arc<dyn store::PushStore>> {
+    match options.store {
+        StoreBackend::Sqlite => {
+            let path = options.database.clone().unwrap_or_else(|| data_dir.join("notify.db"));
+            Ok(Arc::new(sqlite::SqliteStore::open(&path)?))
+        }
+        StoreBackend::Scylla => {
+            let retention =
+                scylla::Retention { finished: options.finished_retention, dead: options.dead_letter_retention };
+            Ok(Arc::new(scylla::ScyllaStore::connect(cluster, retention).await?))
+        }
+    }
 }
 
 /// The providers this process pushes through: each platform whose

@@ -12,6 +12,8 @@ use crate::providers::{apns::ApnsOptions, fcm::FcmOptions, web_push::WebPushOpti
 pub struct Options {
     /// Internal gRPC address (never exposed to clients).
     pub listen: String,
+    /// Where devices, mutes and the outbox live.
+    pub store: StoreBackend,
     /// SQLite file of devices, mutes and the outbox; empty means
     /// `<data_dir>/notify.db`. One notify instance per file.
     pub database: Option<PathBuf>,
@@ -71,6 +73,17 @@ pub struct Options {
     pub web_push: WebPushOptions,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// One SQLite file (`database`): the embedded default, one notify instance.
+    #[default]
+    Sqlite,
+    /// The ScyllaDB cluster and keyspace of `message.scylla`, for several
+    /// notify instances.
+    Scylla,
+}
+
 /// What outbound requests to user-supplied URLs (webhooks, WebPush
 /// endpoints) may reach: no private network unless allow-listed.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -96,6 +109,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:7740".into(),
+            store: StoreBackend::default(),
             database: None,
             read_grace: Duration::from_secs(3),
             poll_interval: Duration::from_millis(250),

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    store::{Device, Job, JobKind, JobState, Platform, Preview, PushStore, Shown, Unread, WebPushKeys},
+    store::{Device, Job, JobKind, JobState, OutboxSize, Platform, Preview, PushStore, Shown, Unread, WebPushKeys},
 };
 
 const SCHEMA: &str = "
@@ -531,10 +531,15 @@ impl PushStore for SqliteStore {
         .await
     }
 
-    async fn count(&self, state: JobState) -> Result<u64> {
+    async fn outbox(&self) -> Result<OutboxSize> {
         self.with(move |c| {
-            c.query_row("SELECT COUNT(*) FROM push_jobs WHERE state = ?1", [state.code()], |row| row.get::<_, i64>(0))
+            let count = |state: JobState| {
+                c.query_row("SELECT COUNT(*) FROM push_jobs WHERE state = ?1", [state.code()], |row| {
+                    row.get::<_, i64>(0)
+                })
                 .map(|n| n as u64)
+            };
+            Ok(OutboxSize { queued: count(JobState::Queued)?, dead: count(JobState::Dead)? })
         })
         .await
     }
@@ -547,6 +552,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = super::SqliteStore::open(&dir.path().join("notify.db")).unwrap();
         crate::store::contract::run(&store).await;
+        crate::store::contract::purge(&store).await;
     }
 
     #[tokio::test]

@@ -183,6 +183,14 @@ impl Job {
     }
 }
 
+/// Jobs in the outbox by state (the Scylla backend counts its due index,
+/// which may briefly hold entries of jobs that just finished).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxSize {
+    pub queued: u64,
+    pub dead: u64,
+}
+
 /// An entry that notified a user: it counts in the user's badge until the
 /// user reads it (on any device).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,12 +266,12 @@ pub trait PushStore: Send + Sync + 'static {
     /// Forgets jobs that finished (sent, cancelled, retracted) before
     /// `finished_before_ms`, dead-lettered ones before `dead_before_ms`, and
     /// unread marks made before `finished_before_ms`. Returns rows removed.
+    /// A backend may instead expire them itself (Scylla: TTLs) and do nothing here.
     async fn purge(&self, finished_before_ms: i64, dead_before_ms: i64) -> Result<u64>;
 
     /// Dead-lettered jobs, most recent first, at most `limit`.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<Job>>;
 
-    /// Jobs in `state` (queued: what the outbox holds; dead: what waits
-    /// for an operator).
-    async fn count(&self, state: JobState) -> Result<u64>;
+    /// What the outbox holds (queued) and what waits for an operator (dead).
+    async fn outbox(&self) -> Result<OutboxSize>;
 }

@@ -118,11 +118,12 @@ impl Worker {
                 _ = tick.tick() => {}
             }
             let metrics = push_metrics();
-            for (state, label) in [(JobState::Queued, "queued"), (JobState::Dead, "dead")] {
-                match store.count(state).await {
-                    Ok(count) => metrics.outbox.record(count, &[metrics::KeyValue::new("state", label)]),
-                    Err(error) => warn!(%error, "outbox count failed"),
+            match store.outbox().await {
+                Ok(size) => {
+                    metrics.outbox.record(size.queued, &[metrics::KeyValue::new("state", "queued")]);
+                    metrics.outbox.record(size.dead, &[metrics::KeyValue::new("state", "dead")]);
                 }
+                Err(error) => warn!(%error, "outbox count failed"),
             }
             let now = now_ms();
             let finished_before = now - options.finished_retention.as_millis() as i64;

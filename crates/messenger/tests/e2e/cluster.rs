@@ -147,7 +147,7 @@ session_ttl = "3s"
 [presence.redis]
 url = "{redis}"
 [notify]
-{notify_listen}database = "{notify_database}"
+{notify_listen}{notify_store}database = "{notify_database}"
 read_grace = "5s"
 poll_interval = "50ms"
 maintenance_interval = "200ms"
@@ -164,6 +164,8 @@ send_burst = 100000
             presence_listen = listen(Role::Presence),
             gateway_listen = listen(Role::Gateway),
             notify_listen = listen(Role::Notify),
+            // The outbox in the message keyspace too, when the store is Scylla.
+            notify_store = if self.scylla.is_some() { "store = \"scylla\"\n" } else { "" },
             notify_database = dir.join("notify.db").display(),
             admin = admin,
             data = dir.join(name).display(),

@@ -81,8 +81,9 @@ impl TestSystem {
         if on_scylla() {
             config.message.store = messenger_message::StoreBackend::Scylla;
             config.message.scylla = scylla_options().await;
-            // The media records go in the same keyspace.
+            // The media records and the push outbox go in the same keyspace.
             config.media.store = messenger_media::StoreBackend::Scylla;
+            config.notify.store = messenger_notify::StoreBackend::Scylla;
         }
         adjust(&mut config);
         let running = system::start(config.clone(), &system::ALL_ROLES).await.unwrap();
