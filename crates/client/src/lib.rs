@@ -573,8 +573,21 @@ impl Client {
     /// Mutes a conversation's pushes on every device of this user until
     /// `until_ms` (milliseconds since the epoch; 0 unmutes).
     pub async fn mute(&self, conversation_id: &str, until_ms: i64) -> Result<(), Error> {
-        let request =
-            pb::MuteConversationRequest { conversation_id: conversation_id.to_owned(), muted_until_ms: until_ms };
+        self.set_mute(conversation_id, until_ms, false).await
+    }
+
+    /// As [`Client::mute`], but messages that mention this user ("@" and
+    /// the user id in the body) are still pushed.
+    pub async fn mute_except_mentions(&self, conversation_id: &str, until_ms: i64) -> Result<(), Error> {
+        self.set_mute(conversation_id, until_ms, true).await
+    }
+
+    async fn set_mute(&self, conversation_id: &str, until_ms: i64, mentions_only: bool) -> Result<(), Error> {
+        let request = pb::MuteConversationRequest {
+            conversation_id: conversation_id.to_owned(),
+            muted_until_ms: until_ms,
+            mentions_only,
+        };
         self.api
             .retried(|mut api| {
                 let request = request.clone();

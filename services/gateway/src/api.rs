@@ -277,6 +277,7 @@ impl GatewayService for Adapter {
             user_id,
             conversation_id: request.conversation_id,
             muted_until_ms: request.muted_until_ms,
+            mentions_only: request.mentions_only,
         };
         Ok(Response::new(self.context.notify.clone().mute_conversation(request).await?.into_inner()))
     }

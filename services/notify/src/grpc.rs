@@ -5,7 +5,10 @@ use std::sync::Arc;
 use messenger_proto::v1::{self as pb, notify_service_server::NotifyService};
 use tonic::{Request, Response, Status};
 
-use crate::service::{Service, device_to_proto};
+use crate::{
+    service::{Service, device_to_proto},
+    store::Mute,
+};
 
 pub struct Adapter {
     pub service: Arc<Service>,
@@ -45,7 +48,8 @@ impl NotifyService for Adapter {
         request: Request<pb::NotifyMuteRequest>,
     ) -> Result<Response<pb::MuteConversationResponse>, Status> {
         let request = request.into_inner();
-        self.service.mute(&request.user_id, &request.conversation_id, request.muted_until_ms).await?;
+        let mute = Mute { until_ms: request.muted_until_ms, mentions_only: request.mentions_only };
+        self.service.mute(&request.user_id, &request.conversation_id, mute).await?;
         Ok(Response::new(pb::MuteConversationResponse {}))
     }
 

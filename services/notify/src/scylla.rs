@@ -41,7 +41,9 @@ use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    store::{Device, Job, JobKind, JobState, OutboxSize, Platform, Preview, PushStore, Shown, Unread, WebPushKeys},
+    store::{
+        Device, Job, JobKind, JobState, Mute, OutboxSize, Platform, Preview, PushStore, Shown, Unread, WebPushKeys,
+    },
 };
 
 /// The push tables' row in `schema_version`.
@@ -68,7 +70,7 @@ pub fn versions(keyspace: &str) -> Vec<Vec<String>> {
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {k}.push_mutes (conversation_id uuid, user_id text, until_ms bigint, \
-             PRIMARY KEY (conversation_id, user_id))"
+             mentions_only boolean, PRIMARY KEY (conversation_id, user_id))"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {k}.push_jobs (job_id uuid PRIMARY KEY, kind int, user_id text, \
@@ -288,10 +290,15 @@ impl Statements {
                 "DELETE FROM {k}.push_devices WHERE user_id = ? AND device_id = ? IF registration = ?"
             ))
             .await?,
-            mute: prepare(format!("INSERT INTO {k}.push_mutes (conversation_id, user_id, until_ms) VALUES (?, ?, ?)"))
-                .await?,
+            mute: prepare(format!(
+                "INSERT INTO {k}.push_mutes (conversation_id, user_id, until_ms, mentions_only) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
             unmute: prepare(format!("DELETE FROM {k}.push_mutes WHERE conversation_id = ? AND user_id = ?")).await?,
-            mutes: prepare(format!("SELECT user_id, until_ms FROM {k}.push_mutes WHERE conversation_id = ?")).await?,
+            mutes: prepare(format!(
+                "SELECT user_id, until_ms, mentions_only FROM {k}.push_mutes WHERE conversation_id = ?"
+            ))
+            .await?,
             insert_job: prepare(format!(
                 "INSERT INTO {k}.push_jobs ({JOB_COLUMNS}) VALUES ({job_values}) IF NOT EXISTS USING TTL ?"
             ))
@@ -527,26 +534,29 @@ impl PushStore for ScyllaStore {
         Ok(self.lwt(&self.statements.remove_device_if, (user_id, device_id, registration)).await?.applied)
     }
 
-    async fn set_mute(&self, user_id: &str, conversation_id: Uuid, until_ms: i64) -> Result<()> {
-        if until_ms <= 0 {
+    async fn set_mute(&self, user_id: &str, conversation_id: Uuid, mute: Mute) -> Result<()> {
+        if mute.until_ms <= 0 {
             self.execute(&self.statements.unmute, (conversation_id, user_id)).await?;
         } else {
-            self.execute(&self.statements.mute, (conversation_id, user_id, until_ms)).await?;
+            self.execute(&self.statements.mute, (conversation_id, user_id, mute.until_ms, mute.mentions_only)).await?;
         }
         Ok(())
     }
 
-    async fn mutes(&self, user_ids: &[String], conversation_id: Uuid) -> Result<Vec<(String, i64)>> {
+    async fn mutes(&self, user_ids: &[String], conversation_id: Uuid) -> Result<Vec<(String, Mute)>> {
         if user_ids.is_empty() {
             return Ok(Vec::new());
         }
         // The conversation's mutes are one partition; the users asked for are most of its members.
         let wanted: std::collections::HashSet<&str> = user_ids.iter().map(String::as_str).collect();
-        let found: Vec<(String, Option<i64>)> = rows(self.execute(&self.statements.mutes, (conversation_id,)).await?)?;
+        let found: Vec<(String, Option<i64>, Option<bool>)> =
+            rows(self.execute(&self.statements.mutes, (conversation_id,)).await?)?;
         Ok(found
             .into_iter()
-            .filter(|(user, _)| wanted.contains(user.as_str()))
-            .map(|(user, until)| (user, until.unwrap_or(0)))
+            .filter(|(user, _, _)| wanted.contains(user.as_str()))
+            .map(|(user, until, mentions)| {
+                (user, Mute { until_ms: until.unwrap_or(0), mentions_only: mentions.unwrap_or(false) })
+            })
             .collect())
     }
 

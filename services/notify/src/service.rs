@@ -17,7 +17,7 @@ use crate::{
     guard::Guard,
     options::Options,
     providers::webhook,
-    store::{Device, Job, JobKind, JobState, Platform, Preview, PushStore, Unread, WebPushKeys},
+    store::{Device, Job, JobKind, JobState, Mute, Platform, Preview, PushStore, Unread, WebPushKeys},
 };
 
 const MAX_DEVICE_ID_CHARS: usize = 128;
@@ -72,6 +72,17 @@ fn key_bytes(name: &str, value: &str, len: usize) -> Result<Vec<u8>> {
         return Err(invalid(format!("web_push.{name} must be {len} bytes, not {}", bytes.len())));
     }
     Ok(bytes)
+}
+
+/// Whether `body` mentions `user_id`: "@" and the id, not followed by
+/// another character an id may hold.
+fn mentions(body: &str, user_id: &str) -> bool {
+    let mention = format!("@{user_id}");
+    body.match_indices(&mention).any(|(at, _)| {
+        let after = body[at + mention.len()..].chars().next();
+        !after.is_some_and(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
+            || after == Some('.') && !body[at + mention.len() + 1..].starts_with(|c: char| c.is_alphanumeric())
+    })
 }
 
 /// A preview's body: at most `chars` characters, cut at a character boundary.
@@ -210,9 +221,9 @@ impl Service {
         self.store.devices(user_id).await
     }
 
-    pub async fn mute(&self, user_id: &str, conversation_id: &str, until_ms: i64) -> Result<()> {
+    pub async fn mute(&self, user_id: &str, conversation_id: &str, mute: Mute) -> Result<()> {
         check_user(user_id)?;
-        self.store.set_mute(user_id, conversation(conversation_id)?, until_ms).await
+        self.store.set_mute(user_id, conversation(conversation_id)?, mute).await
     }
 
     /// Stores one job per offline, registered, unmuted device of each
@@ -239,12 +250,16 @@ impl Service {
             }
             let conversation_id = conversation(&entry.conversation_id)?;
             let users: Vec<String> = entry.recipients.iter().map(|r| r.user_id.clone()).collect();
+            // Muted, unless only for what does not mention them and this does.
             let muted: HashSet<String> = self
                 .store
                 .mutes(&users, conversation_id)
                 .await?
                 .into_iter()
-                .filter(|(_, until)| *until > now)
+                .filter(|(user, mute)| {
+                    let mentioned = entry.kind == pb::MessageKind::Text as i32 && mentions(&entry.body, user);
+                    mute.until_ms > now && !(mute.mentions_only && mentioned)
+                })
                 .map(|(user, _)| user)
                 .collect();
             let preview = Preview {
@@ -342,6 +357,18 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mention_is_the_whole_user_id_after_an_at_sign() {
+        assert!(mentions("@bob look", "bob"));
+        assert!(mentions("hey @bob.", "bob"), "punctuation ends it");
+        assert!(mentions("cc @alice, @bob", "bob"));
+        assert!(!mentions("@bobby look", "bob"), "another user's id");
+        assert!(!mentions("@bob.smith look", "bob"), "a longer id with a dot");
+        assert!(!mentions("bob look", "bob"), "no at sign");
+        assert!(!mentions("mail bob@example.com", "example"), "not after an at sign of its own");
+        assert!(mentions("@bob.smith look", "bob.smith"));
+    }
 
     #[test]
     fn previews_are_cut_at_a_character_boundary() {

@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    store::{Device, Job, JobKind, JobState, OutboxSize, Platform, Preview, PushStore, Shown, Unread, WebPushKeys},
+    store::{
+        Device, Job, JobKind, JobState, Mute, OutboxSize, Platform, Preview, PushStore, Shown, Unread, WebPushKeys,
+    },
 };
 
 const SCHEMA: &str = "
@@ -36,6 +38,7 @@ CREATE TABLE IF NOT EXISTS mutes (
     user_id         TEXT NOT NULL,
     conversation_id BLOB NOT NULL,
     until_ms        INTEGER NOT NULL,
+    mentions_only   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, conversation_id)
 );
 CREATE TABLE IF NOT EXISTS push_jobs (
@@ -255,19 +258,20 @@ impl PushStore for SqliteStore {
         .await
     }
 
-    async fn set_mute(&self, user_id: &str, conversation_id: Uuid, until_ms: i64) -> Result<()> {
+    async fn set_mute(&self, user_id: &str, conversation_id: Uuid, mute: Mute) -> Result<()> {
         let user_id = user_id.to_owned();
         self.with(move |c| {
             let conversation = conversation_id.as_bytes().to_vec();
-            if until_ms <= 0 {
+            if mute.until_ms <= 0 {
                 c.execute(
                     "DELETE FROM mutes WHERE user_id = ?1 AND conversation_id = ?2",
                     params![user_id, conversation],
                 )
             } else {
                 c.execute(
-                    "INSERT OR REPLACE INTO mutes (user_id, conversation_id, until_ms) VALUES (?1, ?2, ?3)",
-                    params![user_id, conversation, until_ms],
+                    "INSERT OR REPLACE INTO mutes (user_id, conversation_id, until_ms, mentions_only) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![user_id, conversation, mute.until_ms, mute.mentions_only],
                 )
             }
             .map(drop)
@@ -275,7 +279,7 @@ impl PushStore for SqliteStore {
         .await
     }
 
-    async fn mutes(&self, user_ids: &[String], conversation_id: Uuid) -> Result<Vec<(String, i64)>> {
+    async fn mutes(&self, user_ids: &[String], conversation_id: Uuid) -> Result<Vec<(String, Mute)>> {
         if user_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -286,11 +290,14 @@ impl PushStore for SqliteStore {
             for part in user_ids.chunks(500) {
                 let marks = vec!["?"; part.len()].join(", ");
                 let mut statement = c.prepare(&format!(
-                    "SELECT user_id, until_ms FROM mutes WHERE conversation_id = ? AND user_id IN ({marks})"
+                    "SELECT user_id, until_ms, mentions_only FROM mutes WHERE conversation_id = ? \
+                     AND user_id IN ({marks})"
                 ))?;
                 let mut values: Vec<rusqlite::types::Value> = vec![conversation_id.as_bytes().to_vec().into()];
                 values.extend(part.iter().map(|user| user.clone().into()));
-                let rows = statement.query_map(params_from_iter(values), |row| Ok((row.get(0)?, row.get(1)?)))?;
+                let rows = statement.query_map(params_from_iter(values), |row| {
+                    Ok((row.get(0)?, Mute { until_ms: row.get(1)?, mentions_only: row.get(2)? }))
+                })?;
                 for row in rows {
                     found.push(row?);
                 }

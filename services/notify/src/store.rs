@@ -183,6 +183,15 @@ impl Job {
     }
 }
 
+/// A user's mute of a conversation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mute {
+    /// Milliseconds since the epoch; 0 (or a past time) unmutes.
+    pub until_ms: i64,
+    /// Messages that mention the user are still pushed.
+    pub mentions_only: bool,
+}
+
 /// Jobs in the outbox by state (the Scylla backend counts its due index,
 /// which may briefly hold entries of jobs that just finished).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -225,11 +234,11 @@ pub trait PushStore: Send + Sync + 'static {
     /// (a dead token must not remove the fresh one registered meanwhile).
     async fn remove_device_if(&self, user_id: &str, device_id: &str, registration: Uuid) -> Result<bool>;
 
-    /// Mutes `conversation_id` for the user until `until_ms` (0 unmutes).
-    async fn set_mute(&self, user_id: &str, conversation_id: Uuid, until_ms: i64) -> Result<()>;
+    /// Mutes `conversation_id` for the user (`until_ms` 0 unmutes).
+    async fn set_mute(&self, user_id: &str, conversation_id: Uuid, mute: Mute) -> Result<()>;
 
-    /// Until when each of `user_ids` muted `conversation_id` (absent: never).
-    async fn mutes(&self, user_ids: &[String], conversation_id: Uuid) -> Result<Vec<(String, i64)>>;
+    /// How each of `user_ids` muted `conversation_id` (absent: never).
+    async fn mutes(&self, user_ids: &[String], conversation_id: Uuid) -> Result<Vec<(String, Mute)>>;
 
     /// Stores the jobs whose id is new; returns how many it stored.
     async fn enqueue(&self, jobs: &[Job]) -> Result<usize>;

@@ -62,7 +62,8 @@ impl Server {
                 .env("MESSENGER_MESSAGE__SCYLLA__NODES", format!("[\"{node}\"]"))
                 .env("MESSENGER_MESSAGE__SCYLLA__KEYSPACE", keyspace)
                 .env("MESSENGER_MESSAGE__SCYLLA__MIGRATE_ON_START", "true")
-                .env("MESSENGER_MEDIA__STORE", "scylla");
+                .env("MESSENGER_MEDIA__STORE", "scylla")
+                .env("MESSENGER_NOTIFY__STORE", "scylla");
         }
         // Every client connects from this one address, and one user reads
         // history thousands of times: no per-user or per-address limit applies.

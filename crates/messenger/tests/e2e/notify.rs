@@ -322,3 +322,24 @@ async fn registrations_are_checked_and_internal_urls_refused_unless_allow_listed
     assert!(!bob.unregister_push_device("tablet").await.unwrap());
     watch.register_push_device(apns(&"ef".repeat(32))).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_group_muted_except_mentions_pushes_only_what_mentions_the_user() {
+    let system = system(Duration::from_millis(50)).await;
+    let (base, hooks) = receiver().await;
+    offline_device(&system, &base, &hooks, "bob", "phone").await;
+    let (desktop, _desktop_events) = system.connect("bob", "desktop").await;
+    let (alice, _alice_events) = system.connect("alice", "laptop").await;
+    let group = alice.create_group("launch", &["bob", "carol"]).await.unwrap().conversation_id;
+    desktop.mute_except_mentions(&group, messenger_platform::ids::now_ms() + 3_600_000).await.unwrap();
+    settle().await;
+    let pushes_before = hooks.of("phone").len();
+
+    alice.send(&group, "status update for everyone").await.unwrap();
+    alice.send(&group, "@bobby is someone else").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(hooks.of("phone").len(), pushes_before, "muted: no push without a mention");
+    let ack = alice.send(&group, "@bob can you look?").await.unwrap();
+    let pushes = hooks.expect("phone", pushes_before + 1).await;
+    assert_eq!(pushes.last().unwrap().body["data"]["seq"], ack.seq, "the mention is pushed");
+}

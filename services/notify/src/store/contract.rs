@@ -92,13 +92,15 @@ async fn devices(store: &dyn PushStore) {
 async fn mutes(store: &dyn PushStore) {
     let (alice, bob) = (format!("alice-{}", Uuid::now_v7()), format!("bob-{}", Uuid::now_v7()));
     let (conversation, other) = (Uuid::now_v7(), Uuid::now_v7());
-    store.set_mute(&alice, conversation, 5_000).await.unwrap();
-    store.set_mute(&bob, other, 6_000).await.unwrap();
+    let mute = |until_ms, mentions_only| Mute { until_ms, mentions_only };
+    store.set_mute(&alice, conversation, mute(5_000, false)).await.unwrap();
+    store.set_mute(&bob, other, mute(6_000, false)).await.unwrap();
     let users = [alice.clone(), bob.clone()];
-    assert_eq!(store.mutes(&users, conversation).await.unwrap(), vec![(alice.clone(), 5_000)]);
-    store.set_mute(&alice, conversation, 9_000).await.unwrap();
-    assert_eq!(store.mutes(&users, conversation).await.unwrap(), vec![(alice.clone(), 9_000)], "replaced");
-    store.set_mute(&alice, conversation, 0).await.unwrap();
+    assert_eq!(store.mutes(&users, conversation).await.unwrap(), vec![(alice.clone(), mute(5_000, false))]);
+    store.set_mute(&alice, conversation, mute(9_000, true)).await.unwrap();
+    let replaced = vec![(alice.clone(), mute(9_000, true))];
+    assert_eq!(store.mutes(&users, conversation).await.unwrap(), replaced, "replaced");
+    store.set_mute(&alice, conversation, mute(0, true)).await.unwrap();
     assert!(store.mutes(&users, conversation).await.unwrap().is_empty(), "0 unmutes");
     assert!(store.mutes(&[], conversation).await.unwrap().is_empty());
 }
