@@ -12,7 +12,7 @@
 use std::{sync::OnceLock, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable as _};
-use messenger_platform::{discovery::RoleChannel, metrics, supervise::Supervisor};
+use messenger_platform::{discovery::RoleChannel, metrics, supervise::Supervisor, trace};
 use messenger_proto::v1::{self as pb, notify_service_client::NotifyServiceClient};
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -36,9 +36,13 @@ fn dropped() -> &'static metrics::Counter<u64> {
 }
 
 /// The handle fan-out and read marks use; a disabled one drops everything.
+///
+/// Each item carries its caller's trace context, not the caller's span: a
+/// span held here would keep the fan-out (and the send above it) open
+/// until notify answered, retries included.
 #[derive(Clone)]
 pub struct Pushes {
-    queue: Option<mpsc::Sender<(Item, tracing::Span)>>,
+    queue: Option<mpsc::Sender<(Item, trace::Carrier)>>,
 }
 
 impl Pushes {
@@ -56,7 +60,7 @@ impl Pushes {
 
     fn queue(&self, item: Item, what: usize) {
         let Some(queue) = &self.queue else { return };
-        if queue.try_send((item, tracing::Span::current())).is_err() {
+        if queue.try_send((item, trace::current())).is_err() {
             dropped().add(what as u64, &[]);
             debug!(what, "push handoff queue full; dropped");
         }
@@ -86,14 +90,16 @@ fn retryable(status: &tonic::Status) -> bool {
 async fn run(
     client: NotifyServiceClient<RoleChannel>,
     max_attempts: u32,
-    mut queue: mpsc::Receiver<(Item, tracing::Span)>,
+    mut queue: mpsc::Receiver<(Item, trace::Carrier)>,
 ) {
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
         .with_max_times(max_attempts.saturating_sub(1) as usize)
         .with_jitter();
-    while let Some((item, span)) = queue.recv().await {
+    while let Some((item, carrier)) = queue.recv().await {
+        // In the caller's trace when it has one; never a trace of its own.
+        let span = if carrier.is_empty() { tracing::Span::none() } else { trace::remote("push handoff", &carrier) };
         let (result, what) = match &item {
             Item::Entries(entries) => {
                 let call = || {

@@ -687,7 +687,6 @@ impl PushStore for ScyllaStore {
         let cancelled = settled.into_iter().collect::<Result<Vec<bool>>>()?.into_iter().filter(|c| *c).count();
         let values = (user_id, conversation_id, read_seq as i64);
         self.execute(&self.statements.forget_conversation, values).await?;
-        self.execute(&self.statements.clear_unread, values).await?;
         Ok(cancelled)
     }
 
@@ -701,6 +700,11 @@ impl PushStore for ScyllaStore {
             .buffer_unordered(PARALLEL)
             .try_collect::<Vec<()>>()
             .await?;
+        Ok(())
+    }
+
+    async fn clear_unread(&self, user_id: &str, conversation_id: Uuid, read_seq: u64) -> Result<()> {
+        self.execute(&self.statements.clear_unread, (user_id, conversation_id, read_seq as i64)).await?;
         Ok(())
     }
 

@@ -320,13 +320,17 @@ impl Service {
         Ok(stored)
     }
 
-    /// A read through `read_seq`: waiting pushes are cancelled; each device
-    /// that showed one gets a silent retraction (queued before the shown
-    /// jobs are marked, so a crash between the two loses nothing).
+    /// A read through `read_seq`: the entries leave the badge, waiting
+    /// pushes are cancelled, and each device that showed one gets a silent
+    /// retraction. The badge is cleared before the retractions are queued
+    /// (a worker may send one at once, with the badge it reads then), and
+    /// they are queued before the shown jobs are marked retracted, so a
+    /// crash on the way loses nothing: a retried read finds them again.
     pub async fn read(&self, user_id: &str, conversation_id: &str, read_seq: u64) -> Result<ReadOutcome> {
         check_user(user_id)?;
         let conversation_id = conversation(conversation_id)?;
         let shown = self.store.shown_through(user_id, conversation_id, read_seq).await?;
+        self.store.clear_unread(user_id, conversation_id, read_seq).await?;
         let now = now_ms();
         let retractions: Vec<Job> = shown
             .iter()

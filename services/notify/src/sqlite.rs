@@ -460,10 +460,6 @@ impl PushStore for SqliteStore {
                     read_seq as i64
                 ],
             )?;
-            transaction.execute(
-                "DELETE FROM unread WHERE user_id = ?1 AND conversation_id = ?2 AND seq <= ?3",
-                params![user_id, conversation, read_seq as i64],
-            )?;
             transaction.commit()?;
             Ok(cancelled)
         })
@@ -491,6 +487,18 @@ impl PushStore for SqliteStore {
                 }
             }
             transaction.commit()
+        })
+        .await
+    }
+
+    async fn clear_unread(&self, user_id: &str, conversation_id: Uuid, read_seq: u64) -> Result<()> {
+        let user_id = user_id.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM unread WHERE user_id = ?1 AND conversation_id = ?2 AND seq <= ?3",
+                params![user_id, conversation_id.as_bytes().to_vec(), read_seq as i64],
+            )
+            .map(drop)
         })
         .await
     }

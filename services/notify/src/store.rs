@@ -262,12 +262,16 @@ pub trait PushStore: Send + Sync + 'static {
     async fn shown_through(&self, user_id: &str, conversation_id: Uuid, read_seq: u64) -> Result<Vec<Shown>>;
 
     /// The read's effect on stored jobs: queued notifications through
-    /// `read_seq` -> cancelled, sent ones -> retracted, and the entries
-    /// through it leave the unread count. Returns how many were cancelled.
+    /// `read_seq` -> cancelled, sent ones -> retracted. Returns how many
+    /// were cancelled.
     async fn read_through(&self, user_id: &str, conversation_id: Uuid, read_seq: u64) -> Result<usize>;
 
     /// Adds entries to their users' unread counts; a repeat adds nothing.
     async fn add_unread(&self, entries: &[Unread]) -> Result<()>;
+
+    /// Entries of the conversation through `read_seq` leave the user's
+    /// unread count.
+    async fn clear_unread(&self, user_id: &str, conversation_id: Uuid, read_seq: u64) -> Result<()>;
 
     /// The user's unread count (the badge), at most `cap`.
     async fn unread(&self, user_id: &str, cap: u32) -> Result<u32>;

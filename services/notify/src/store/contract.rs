@@ -190,9 +190,9 @@ async fn unread_counts(store: &dyn PushStore) {
     assert_eq!(store.unread(&user, 100).await.unwrap(), 4, "a repeat counts once");
     assert_eq!(store.unread(&user, 3).await.unwrap(), 3, "capped");
     assert_eq!(store.unread("nobody", 100).await.unwrap(), 0);
-    store.read_through(&user, conversation, 2).await.unwrap();
+    store.clear_unread(&user, conversation, 2).await.unwrap();
     assert_eq!(store.unread(&user, 100).await.unwrap(), 2, "a read clears its conversation's entries through it");
-    store.read_through(&user, other, 1).await.unwrap();
+    store.clear_unread(&user, other, 1).await.unwrap();
     assert_eq!(store.unread(&user, 100).await.unwrap(), 1);
 }
 
