@@ -56,7 +56,8 @@ const PARALLEL: usize = 32;
 const DEVICE_COLUMNS: &str = "user_id, device_id, platform, push_token, endpoint, p256dh, auth, app_id, locale, previews, \
      secret, registration, updated_at_ms";
 const JOB_COLUMNS: &str = "job_id, kind, user_id, device_id, conversation_id, seq, state, due_at_ms, held_until_ms, \
-     attempts, created_at_ms, preview_sender, preview_title, preview_body, last_error, finished_at_ms";
+     attempts, created_at_ms, preview_sender, preview_title, preview_body, last_error, finished_at_ms, \
+     trace_context";
 
 /// Every schema version's statements, oldest first (the runner is
 /// `messenger_platform::cql::migrate`).
@@ -76,7 +77,7 @@ pub fn versions(keyspace: &str) -> Vec<Vec<String>> {
             "CREATE TABLE IF NOT EXISTS {k}.push_jobs (job_id uuid PRIMARY KEY, kind int, user_id text, \
              device_id text, conversation_id uuid, seq bigint, state bigint, due_at_ms bigint, held_until_ms bigint, \
              attempts int, created_at_ms bigint, preview_sender text, preview_title text, preview_body text, \
-             last_error text, finished_at_ms bigint)"
+             last_error text, finished_at_ms bigint, trace_context text)"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {k}.push_due (shard int, due_at_ms bigint, job_id uuid, \
@@ -199,6 +200,7 @@ struct JobRow {
     preview_body: Option<String>,
     last_error: Option<String>,
     finished_at_ms: Option<i64>,
+    trace_context: Option<String>,
 }
 
 /// A job as stored, with what only this backend keeps.
@@ -229,6 +231,7 @@ impl JobRow {
             created_at_ms: self.created_at_ms.unwrap_or(0),
             preview,
             last_error: self.last_error.unwrap_or_default(),
+            trace_context: self.trace_context.unwrap_or_default(),
         };
         Some(Stored {
             job,
@@ -271,7 +274,7 @@ struct Statements {
 impl Statements {
     async fn prepare(session: &Session, k: &str) -> Result<Self> {
         let prepare = |text: String| async move { session.prepare(text).await.map_err(cql::prepare_error) };
-        let job_values = vec!["?"; 16].join(", ");
+        let job_values = vec!["?"; 17].join(", ");
         Ok(Self {
             put_device: prepare(format!(
                 "INSERT INTO {k}.push_devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -467,6 +470,7 @@ struct JobValues<'a> {
     preview_body: Option<&'a str>,
     last_error: &'a str,
     finished_at_ms: i64,
+    trace_context: &'a str,
     ttl: i32,
 }
 
@@ -489,6 +493,7 @@ fn job_values(job: &Job, held_until_ms: i64, finished_at_ms: i64, ttl: i32) -> J
         preview_body: preview.map(|p| p.body.as_str()),
         last_error: &job.last_error,
         finished_at_ms,
+        trace_context: &job.trace_context,
         ttl,
     }
 }

@@ -93,6 +93,11 @@ fn truncate(body: &str, chars: usize) -> String {
     }
 }
 
+/// The current call's W3C `traceparent` (empty when it is not traced).
+fn traceparent() -> String {
+    messenger_platform::trace::current().remove("traceparent").unwrap_or_default()
+}
+
 /// A device as the owner sees it: without its token or secret.
 pub fn device_to_proto(device: &Device) -> pb::PushDevice {
     pb::PushDevice {
@@ -238,6 +243,7 @@ impl Service {
         }
         let now = now_ms();
         let due = now + self.options.read_grace.as_millis() as i64;
+        let trace_context = traceparent();
         let (mut jobs, mut unread) = (Vec::new(), Vec::new());
         let mut devices: HashMap<String, Vec<Device>> = HashMap::new();
         for entry in entries {
@@ -306,6 +312,7 @@ impl Service {
                         // Kept only for devices that allow previews.
                         preview: device.previews.then(|| preview.clone()),
                         last_error: String::new(),
+                        trace_context: trace_context.clone(),
                     });
                 }
             }
@@ -347,6 +354,7 @@ impl Service {
                 created_at_ms: now,
                 preview: None,
                 last_error: String::new(),
+                trace_context: traceparent(),
             })
             .collect();
         if !retractions.is_empty() {

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS push_jobs (
     preview_title   TEXT,
     preview_body    TEXT,
     last_error      TEXT NOT NULL DEFAULT '',
+    trace_context   TEXT NOT NULL DEFAULT '',
     finished_at_ms  INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS unread (
@@ -75,7 +76,7 @@ CREATE INDEX IF NOT EXISTS push_jobs_by_conversation ON push_jobs (user_id, conv
 const DEVICE_COLUMNS: &str = "user_id, device_id, platform, token, endpoint, p256dh, auth, app_id, locale, previews, \
      secret, registration, updated_at_ms";
 const JOB_COLUMNS: &str = "job_id, kind, user_id, device_id, conversation_id, seq, state, due_at_ms, attempts, \
-     created_at_ms, preview_sender, preview_title, preview_body, last_error";
+     created_at_ms, preview_sender, preview_title, preview_body, last_error, trace_context";
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -141,6 +142,7 @@ fn job_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         created_at_ms: row.get(9)?,
         preview,
         last_error: row.get(13)?,
+        trace_context: row.get(14)?,
     })
 }
 
@@ -315,7 +317,7 @@ impl PushStore for SqliteStore {
             {
                 let mut statement = transaction.prepare_cached(&format!(
                     "INSERT OR IGNORE INTO push_jobs ({JOB_COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
                 ))?;
                 for job in &jobs {
                     let preview = job.preview.as_ref();
@@ -334,6 +336,7 @@ impl PushStore for SqliteStore {
                         preview.map(|p| p.title.as_str()),
                         preview.map(|p| p.body.as_str()),
                         job.last_error,
+                        job.trace_context,
                     ])?;
                 }
             }

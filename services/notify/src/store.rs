@@ -167,6 +167,9 @@ pub struct Job {
     pub created_at_ms: i64,
     pub preview: Option<Preview>,
     pub last_error: String,
+    /// The W3C `traceparent` of the call that queued it (empty when that
+    /// was not traced): the push's span joins the message's trace.
+    pub trace_context: String,
 }
 
 /// Jobs are keyed by what they push; the namespace keeps these ids apart

@@ -21,7 +21,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
 use messenger_platform::{ids::now_ms, metrics};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, warn};
 use uuid::Uuid;
 
 use crate::{
@@ -209,7 +209,14 @@ impl Worker {
             preview: job.preview.clone().filter(|_| device.previews),
             badge,
         };
-        let outcome = provider.send(&device, &push).await;
+        // In the message's trace, when the call that queued it had one.
+        let span = if job.trace_context.is_empty() {
+            tracing::Span::none()
+        } else {
+            let carrier = [("traceparent".to_owned(), job.trace_context.clone())].into();
+            messenger_platform::trace::remote("push", &carrier)
+        };
+        let outcome = provider.send(&device, &push).instrument(span).await;
         let attempts = job.attempts + 1;
         match outcome {
             Outcome::Delivered => {

@@ -255,9 +255,14 @@ send_burst = 100000
 
     /// A client on `gateway` that fails over to the other one.
     async fn connect(&self, user: &str, gateway: &str) -> (Client, Events) {
+        self.connect_device(user, &format!("{user}-phone"), gateway).await
+    }
+
+    /// As [`Cluster::connect`], as the device `device`.
+    async fn connect_device(&self, user: &str, device: &str, gateway: &str) -> (Client, Events) {
         let other = if gateway == "gateway-1" { "gateway-2" } else { "gateway-1" };
         let token = messenger_platform::auth::mint_hs256(&self.auth, user, Duration::from_secs(3600)).unwrap();
-        let mut options = Options::new(self.gateway(gateway), token, format!("{user}-phone"));
+        let mut options = Options::new(self.gateway(gateway), token, device.to_owned());
         options.fallback_endpoints = vec![self.gateway(other)];
         options.reconnect_min = Duration::from_millis(50);
         options.reconnect_max = Duration::from_millis(500);
@@ -662,8 +667,15 @@ async fn one_message_is_one_trace_across_every_process_and_a_dead_collector_cost
         "[tracing]\notlp_endpoint = \"http://{collector}\"\nsample_ratio = 1.0\nexport_interval = \"200ms\"\n\
          export_timeout = \"1s\"\nmetrics_interval = \"0s\"\n"
     );
-    let cluster = Cluster::start_with(&extra).await;
+    let mut cluster = Cluster::start_with(&extra).await;
+    cluster.add("notify", Role::Notify);
+    cluster.wait_registered(Role::Notify, 1).await;
     let Pair { alice, _alice_events, _bob, mut bob_events, direct } = cluster.pair().await;
+    // Bob's tablet is offline, with a webhook: the message is pushed to it.
+    let (hook, hooks) = crate::notify::receiver().await;
+    let (tablet, _tablet_events) = cluster.connect_device("bob", "bob-tablet", "gateway-1").await;
+    crate::notify::register(&tablet, &hook, &hooks, "bob-tablet").await;
+    tablet.close().await;
 
     // No collector listens yet: every send is still answered and delivered,
     // and the exporters count what they could not send.
@@ -692,7 +704,7 @@ async fn one_message_is_one_trace_across_every_process_and_a_dead_collector_cost
 
     // Each hop's span, found by process, name, kind and parent.
     type Step = (&'static str, &'static str, i32);
-    let chain: [(Step, Option<usize>); 11] = [
+    let chain: [(Step, Option<usize>); 15] = [
         /* 0 */ (("messenger-gateway", "messenger.v1.GatewayService/Connect Send", 2), None),
         /* 1 */ (("messenger-gateway", "messenger.v1.MessageService/SendStream", 3), Some(0)),
         /* 2 */ (("messenger-message", "messenger.v1.MessageService/SendStream Send", 2), Some(0)),
@@ -704,6 +716,10 @@ async fn one_message_is_one_trace_across_every_process_and_a_dead_collector_cost
         /* 8 */ (("messenger-gateway", "messenger.v1.GatewayInternalService/Deliver", 2), Some(7)),
         /* 9 */ (("messenger-gateway", "deliver to sessions", 1), Some(4)),
         /* 10 */ (("messenger-gateway", "write message frame", 1), Some(9)),
+        /* 11 */ (("messenger-message", "push handoff", 1), Some(4)),
+        /* 12 */ (("messenger-message", "messenger.v1.NotifyService/Enqueue", 3), Some(11)),
+        /* 13 */ (("messenger-notify", "messenger.v1.NotifyService/Enqueue", 2), Some(12)),
+        /* 14 */ (("messenger-notify", "push", 1), Some(13)),
     ];
     // The send stream may have opened before this trace (then its client
     // span belongs to an earlier one): that hop is optional.

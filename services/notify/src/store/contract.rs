@@ -45,6 +45,7 @@ pub(crate) fn job(
         created_at_ms: due_at_ms - 10,
         preview: None,
         last_error: String::new(),
+        trace_context: String::new(),
     }
 }
 
@@ -110,6 +111,7 @@ async fn outbox(store: &dyn PushStore) {
     let conversation = Uuid::now_v7();
     let mut first = job(JobKind::Notify, &user, "phone", conversation, 1, 1_000);
     first.preview = Some(Preview { sender_id: "alice".into(), title: "Team".into(), body: "hi".into() });
+    first.trace_context = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
     let later = job(JobKind::Notify, &user, "phone", conversation, 2, 5_000);
     assert_eq!(store.enqueue(&[first.clone(), later.clone()]).await.unwrap(), 2);
     assert_eq!(store.enqueue(&[first.clone(), later.clone()]).await.unwrap(), 0, "a retried enqueue stores nothing");
