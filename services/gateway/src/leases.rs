@@ -40,7 +40,12 @@ pub(crate) async fn run(context: Arc<Context>) {
             () = context.shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        wait = match renew(&context, &mut warned).await {
+        let outcome = renew(&context, &mut warned).await;
+        renewals().add(
+            1,
+            &[messenger_platform::metrics::KeyValue::new("outcome", if outcome.is_ok() { "ok" } else { "failed" })],
+        );
+        wait = match outcome {
             Ok(()) => {
                 if failures > 0 {
                     info!(failures, "presence leases renewed again");
@@ -55,6 +60,17 @@ pub(crate) async fn run(context: Arc<Context>) {
             }
         };
     }
+}
+
+/// Renewal rounds of this gateway's presence leases, by outcome.
+fn renewals() -> &'static messenger_platform::metrics::Counter<u64> {
+    static RENEWALS: std::sync::OnceLock<messenger_platform::metrics::Counter<u64>> = std::sync::OnceLock::new();
+    RENEWALS.get_or_init(|| {
+        messenger_platform::metrics::meter()
+            .u64_counter("messenger.gateway.lease_renewals")
+            .with_description("Rounds renewing this gateway's presence leases, by outcome (ok, failed)")
+            .build()
+    })
 }
 
 /// One renewal of every session held now, then the restores it calls for.

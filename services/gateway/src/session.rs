@@ -60,6 +60,8 @@ impl End {
 struct SessionMetrics {
     open: metrics::UpDownCounter<i64>,
     ended: metrics::Counter<u64>,
+    /// From a message's commit (its server time) to its live frame.
+    commit_to_deliver: metrics::Histogram<f64>,
 }
 
 /// One open session in `messenger.gateway.sessions`, while it lives.
@@ -90,6 +92,12 @@ fn session_metrics() -> &'static SessionMetrics {
             ended: meter
                 .u64_counter("messenger.gateway.sessions.ended")
                 .with_description("Sessions ended, by reason (slow_consumer: cut off for not reading)")
+                .build(),
+            commit_to_deliver: meter
+                .f64_histogram("messenger.gateway.commit_to_deliver")
+                .with_unit("s")
+                .with_description("From a message's commit to its live frame being queued to a device")
+                .with_boundaries(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0])
                 .build(),
         }
     })
@@ -406,7 +414,11 @@ impl Session {
         match self.last_sent.get(id).copied() {
             None => Ok(()),
             Some(last) if message.seq <= last => Ok(()),
-            Some(last) if message.seq == last + 1 => self.push(message.clone()).await,
+            Some(last) if message.seq == last + 1 => {
+                let latency = (ids::now_ms() - message.sent_at_ms).max(0) as f64 / 1000.0;
+                session_metrics().commit_to_deliver.record(latency, &[]);
+                self.push(message.clone()).await
+            }
             Some(last) => {
                 if self.fill_gap(&message.conversation_id, last, message.seq).await? {
                     self.push(message.clone()).await?;

@@ -128,6 +128,18 @@ fn request(part_number: u32, presigned: Presigned, offset: u64, length: u64) -> 
     }
 }
 
+/// Completes by outcome: ready, refused (the bytes are not what was
+/// declared, or were never uploaded), invalid, failed.
+fn upload_outcomes() -> &'static messenger_platform::metrics::Counter<u64> {
+    static OUTCOMES: std::sync::OnceLock<messenger_platform::metrics::Counter<u64>> = std::sync::OnceLock::new();
+    OUTCOMES.get_or_init(|| {
+        messenger_platform::metrics::meter()
+            .u64_counter("messenger.media.uploads_completed")
+            .with_description("CompleteUpload calls by outcome: ready, refused, invalid, failed")
+            .build()
+    })
+}
+
 impl Service {
     pub fn new(options: Options, store: Arc<dyn MediaStore>, objects: Objects, access: Access) -> Result<Self> {
         let cdn = Cdn::from_options(&options.cdn).map_err(Error::InvalidArgument)?;
@@ -299,6 +311,19 @@ impl Service {
     }
 
     pub async fn complete_upload(&self, user: &str, media_id: &str) -> Result<pb::CompleteUploadResponse> {
+        let result = self.complete(user, media_id).await;
+        let outcome = match &result {
+            Ok(_) => "ready",
+            // The bytes are not what was declared (refused and removed), or nothing came yet.
+            Err(Error::FailedPrecondition(_)) => "refused",
+            Err(Error::NotFound(_) | Error::InvalidArgument(_)) => "invalid",
+            Err(_) => "failed",
+        };
+        upload_outcomes().add(1, &[messenger_platform::metrics::KeyValue::new("outcome", outcome)]);
+        result
+    }
+
+    async fn complete(&self, user: &str, media_id: &str) -> Result<pb::CompleteUploadResponse> {
         let upload = self.owned(user, media_id).await?;
         if upload.state == State::Ready {
             return Ok(pb::CompleteUploadResponse { attachment: Some(attachment(&upload)) });

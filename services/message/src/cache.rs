@@ -36,7 +36,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use messenger_platform::redis::RedisOptions;
+use messenger_platform::{metrics, redis::RedisOptions};
 use moka::future::Cache;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -50,6 +50,19 @@ use crate::{
     },
 };
 
+/// Cached reads by result (`hit`, `miss`, `bypass`: Redis unavailable, read
+/// from the store): the hit ratio SREs watch.
+fn count_read(result: &'static str) {
+    static READS: std::sync::OnceLock<metrics::Counter<u64>> = std::sync::OnceLock::new();
+    READS
+        .get_or_init(|| {
+            metrics::meter()
+                .u64_counter("messenger.message.cache.reads")
+                .with_description("Reads through the cache, by result: hit, miss, bypass (Redis unavailable)")
+                .build()
+        })
+        .add(1, &[metrics::KeyValue::new("result", result)]);
+}
 /// Where shared generations and entries live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -264,6 +277,7 @@ impl CachedStore {
     ) -> Result<Value> {
         let Some(generations) = self.generations(subjects).await else {
             self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+            count_read("bypass");
             return load.await;
         };
         let mut full = String::with_capacity(key.len() + 21 * generations.len());
@@ -274,6 +288,7 @@ impl CachedStore {
         full.push_str(&key);
         if let Some(value) = self.near.get(&full).await {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            count_read("hit");
             return Ok(value);
         }
         // One load per key however many callers miss at once; an error is
@@ -285,9 +300,11 @@ impl CachedStore {
                     && let Some(value) = tier.fetch(&full).await
                 {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    count_read("hit");
                     return Ok(value);
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                count_read("miss");
                 let value = load.await?;
                 if let Shared::Redis(tier) = &self.shared {
                     tier.fill(&full, &value).await;

@@ -71,6 +71,8 @@ struct FanoutMetrics {
     /// Live deliveries dropped because their gateway could not take them
     /// (their devices catch up by gap fill or sync).
     dropped: messenger_platform::metrics::Counter<u64>,
+    /// Entries and hints waiting in a worker's queue when one is added.
+    queue_depth: messenger_platform::metrics::Histogram<u64>,
 }
 
 fn fanout_metrics() -> &'static FanoutMetrics {
@@ -86,6 +88,11 @@ fn fanout_metrics() -> &'static FanoutMetrics {
             dropped: meter
                 .u64_counter("messenger.message.fanout.deliveries_dropped")
                 .with_description("Live deliveries a gateway did not take (devices catch up by sync)")
+                .build(),
+            queue_depth: meter
+                .u64_histogram("messenger.message.fanout.queue_depth")
+                .with_description("Items already waiting in the fan-out worker's queue when an entry is added")
+                .with_boundaries(vec![0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0])
                 .build(),
         }
     })
@@ -158,7 +165,9 @@ impl Fanout {
     pub async fn publish(&self, message: StoredMessage) {
         let item = Outgoing::Entry(message);
         let span = trace::internal("fan-out");
-        if self.worker(&item).send(Queued { item, span }).await.is_err() {
+        let worker = self.worker(&item);
+        fanout_metrics().queue_depth.record((worker.max_capacity() - worker.capacity()) as u64, &[]);
+        if worker.send(Queued { item, span }).await.is_err() {
             warn!("fan-out worker stopped; devices will catch up by sync");
         }
     }

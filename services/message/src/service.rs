@@ -2,9 +2,9 @@
 //! membership checks, sends and changes with fan-out, history, inbox,
 //! cursors, receipts, typing and sync.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use messenger_platform::{discovery::RoleChannel, ids, trace};
+use messenger_platform::{discovery::RoleChannel, ids, metrics, trace};
 use messenger_proto::v1::{self as pb, media_service_client::MediaServiceClient};
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -79,6 +79,20 @@ pub(crate) fn parse_conversation(text: &str) -> Result<Uuid> {
 
 fn clamp(requested: u32, default: u32, max: u32) -> usize {
     (if requested == 0 { default } else { requested.min(max) }) as usize
+}
+
+/// From a new message's arrival at this service to its commit: checks,
+/// the writer's queue and the commit itself.
+fn send_to_commit() -> &'static metrics::Histogram<f64> {
+    static HISTOGRAM: OnceLock<metrics::Histogram<f64>> = OnceLock::new();
+    HISTOGRAM.get_or_init(|| {
+        metrics::meter()
+            .f64_histogram("messenger.message.send_to_commit")
+            .with_unit("s")
+            .with_description("From a new message's arrival at the message service to its commit")
+            .with_boundaries(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+            .build()
+    })
 }
 
 impl Service {
@@ -239,6 +253,7 @@ impl Service {
     /// Commits the message (or finds the original of a retry), then queues fan-out.
     /// Returns the stored message and whether it was created by this call.
     pub async fn send(&self, input: SendInput<'_>) -> Result<(StoredMessage, bool)> {
+        let received = std::time::Instant::now();
         check_id("sender_id", input.sender)?;
         check_id("client_msg_id", input.client_msg_id)?;
         let conversation_id = parse_conversation(input.conversation_id)?;
@@ -264,6 +279,7 @@ impl Service {
             async move {
                 match store.send(message).instrument(commit).await? {
                     SendOutcome::Created(message) => {
+                        send_to_commit().record(received.elapsed().as_secs_f64(), &[]);
                         fanout.publish(message.clone()).await;
                         Ok((message, true))
                     }

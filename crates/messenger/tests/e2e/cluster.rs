@@ -647,6 +647,20 @@ async fn queued_pushes_survive_a_notify_kill_and_leave_once_each() {
     let ids: HashSet<&str> = received.iter().map(|r| r.webhook_id.as_str()).collect();
     let devices: HashSet<&str> = received.iter().map(|r| r.device.as_str()).collect();
     assert_eq!((received.len(), ids.len(), devices.len()), (20, 20, 20), "each push once, one per device");
+
+    // What a gateway reports of its leases and of the instances it knows.
+    let admin = cluster.node("gateway-1").admin;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().text().await.unwrap();
+    let value = |name: &str, label: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(name) && line.contains(label))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let renewed = value("messenger_gateway_lease_renewals_total{", "outcome=\"ok\"");
+    assert!(renewed.is_some_and(|count| count >= 1.0), "{metrics}");
+    assert_eq!(value("messenger_discovery_instances{", "role=\"message\""), Some(2.0), "{metrics}");
+    assert_eq!(value("messenger_discovery_instances{", "role=\"notify\""), Some(1.0), "{metrics}");
 }
 
 /// The count of `messenger_telemetry_spans_total` with `outcome` on a node's `/metrics`.

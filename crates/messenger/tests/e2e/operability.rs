@@ -36,6 +36,10 @@ async fn metrics_count_every_rpc_by_code_and_readiness_follows_the_drain() {
     }
     let anonymous = tonic::Request::new(pb::CompleteUploadRequest { media_id: "x".into() });
     assert_eq!(api.complete_upload(anonymous).await.unwrap_err().code(), Code::Unauthenticated);
+    // The newest page twice: read through the cache.
+    for _ in 0..2 {
+        alice.history(&conversation, 0, 10).await.unwrap();
+    }
 
     let response = get(&format!("{admin}/metrics")).await;
     assert_eq!(response.status(), 200);
@@ -69,6 +73,26 @@ async fn metrics_count_every_rpc_by_code_and_readiness_follows_the_drain() {
     assert_eq!(gauge(&metrics, "messenger_gateway_sessions{"), Some(1), "{metrics}");
     let batches = gauge(&metrics, "messenger_message_fanout_batch_size_count{");
     assert!(batches.is_some_and(|count| count >= 1), "the send was fanned out: {metrics}");
+    // The other domain metrics the runbooks name, from the same calls.
+    let total = |name: &str, label: &str| -> i64 {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with(name) && line.contains(label))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as i64
+    };
+    assert_eq!(total("messenger_message_send_to_commit_seconds_count{", ""), 1, "one new message: {metrics}");
+    assert!(total("messenger_message_fanout_queue_depth_count{", "") >= 1, "{metrics}");
+    assert!(
+        total("messenger_message_cache_reads_total{", "result=\"hit\"") >= 1,
+        "the second page read hit: {metrics}"
+    );
+    assert!(total("messenger_message_cache_reads_total{", "result=\"miss\"") >= 1, "{metrics}");
+    assert_eq!(
+        total("messenger_media_uploads_completed_total{", "outcome=\"invalid\""),
+        3,
+        "the three unknown media ids: {metrics}"
+    );
     let (bob, bob_events) = system.connect("bob", "phone").await;
     let metrics = get(&format!("{admin}/metrics")).await.text().await.unwrap();
     assert_eq!(gauge(&metrics, "messenger_gateway_sessions{"), Some(2), "{metrics}");

@@ -87,6 +87,20 @@ impl EtcdOptions {
     }
 }
 
+/// Instances of each role this process knows from etcd now.
+fn record_membership(members: &HashMap<Role, BTreeMap<String, String>>) {
+    static INSTANCES: std::sync::OnceLock<crate::metrics::Gauge<u64>> = std::sync::OnceLock::new();
+    let gauge = INSTANCES.get_or_init(|| {
+        crate::metrics::meter()
+            .u64_gauge("messenger.discovery.instances")
+            .with_description("Instances of each role known from etcd")
+            .build()
+    });
+    for role in Role::ALL {
+        let count = members.get(&role).map_or(0, BTreeMap::len) as u64;
+        gauge.record(count, &[crate::metrics::KeyValue::new("role", role.as_str())]);
+    }
+}
 /// What an instance registers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -238,6 +252,7 @@ impl EtcdDiscovery {
                 members.entry(record.role).or_default().insert(key, record.addr);
             }
         }
+        record_membership(&members);
         *self.members.write().unwrap_or_else(|e| e.into_inner()) = members;
         listed.send_replace(true);
         if *failures > 0 {
@@ -270,6 +285,7 @@ impl EtcdDiscovery {
                     }
                 }
             }
+            record_membership(&members);
         }
         Err("the watch stream ended".into())
     }

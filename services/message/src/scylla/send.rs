@@ -31,6 +31,17 @@ use crate::{
     store::{Kind, NewMessage, SendOutcome, StoredMessage},
 };
 
+/// Seq reservations that did not apply at once (another writer took the
+/// head first, or the outcome was unknown) and were tried again.
+fn seq_conflicts() -> &'static messenger_platform::metrics::Counter<u64> {
+    static CONFLICTS: std::sync::OnceLock<messenger_platform::metrics::Counter<u64>> = std::sync::OnceLock::new();
+    CONFLICTS.get_or_init(|| {
+        messenger_platform::metrics::meter()
+            .u64_counter("messenger.message.scylla.seq_conflicts")
+            .with_description("Seq reservations (LWT on the conversation head) that lost or were unknown, then retried")
+            .build()
+    })
+}
 /// Most messages written in one logged batch; their bytes are bounded by
 /// `batch_max_bytes`, counting each row's body plus `ROW_BYTES` for its
 /// other columns (ids, sender, client message id) and its dedupe update.
@@ -423,6 +434,7 @@ async fn reserve(
         if applied {
             return Ok((head.last_seq + 1, stamp, sends));
         }
+        seq_conflicts().add(1, &[]);
         // Lost to another writer, or the outcome is unknown: the serial read
         // completes any LWT in progress and tells which.
         let current = match reads::head(inner, head.id, true).await {
