@@ -206,7 +206,13 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         tasks.spawn(messenger_notify::serve(options, server_options, deps, listener, token));
     }
     if let Some(listener) = listeners.message {
-        let mut store = open_store(&config, &supervisor).await?;
+        let backend = match config.message.store {
+            StoreBackend::Sqlite => "sqlite",
+            StoreBackend::Scylla => "scylla",
+        };
+        // Timed under the cache: store latency is what reaches the store.
+        let mut store: Arc<dyn messenger_message::store::MessageStore> =
+            Arc::new(messenger_message::timed::TimedStore::new(open_store(&config, &supervisor).await?, backend));
         if config.message.cache.enabled {
             store = Arc::new(messenger_message::cache::CachedStore::from_options(store, &config.message.cache).await?);
         }

@@ -60,6 +60,8 @@ impl End {
 struct SessionMetrics {
     open: metrics::UpDownCounter<i64>,
     ended: metrics::Counter<u64>,
+    /// Frames waiting in a session's queue (`gateway.session_queue_depth`).
+    queue_depth: metrics::Histogram<u64>,
     /// From a message's commit (its server time) to its live frame.
     commit_to_deliver: metrics::Histogram<f64>,
 }
@@ -92,6 +94,11 @@ fn session_metrics() -> &'static SessionMetrics {
             ended: meter
                 .u64_counter("messenger.gateway.sessions.ended")
                 .with_description("Sessions ended, by reason (slow_consumer: cut off for not reading)")
+                .build(),
+            queue_depth: meter
+                .u64_histogram("messenger.gateway.session_queue_depth")
+                .with_description("Frames already waiting for the device when a session queues one")
+                .with_boundaries(vec![0.0, 1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 1024.0])
                 .build(),
             commit_to_deliver: meter
                 .f64_histogram("messenger.gateway.commit_to_deliver")
@@ -354,6 +361,7 @@ impl Session {
     }
 
     async fn emit(&self, frame: ServerFrame) -> Result<(), End> {
+        session_metrics().queue_depth.record((self.out.max_capacity() - self.out.capacity()) as u64, &[]);
         match tokio::time::timeout(self.context.options.slow_consumer_timeout, self.out.send(Ok(Box::new(frame)))).await
         {
             Ok(Ok(())) => Ok(()),

@@ -28,6 +28,7 @@ pub mod scylla;
 mod service;
 pub mod sqlite;
 pub mod store;
+pub mod timed;
 
 use std::sync::Arc;
 

@@ -333,6 +333,24 @@ async fn slow_consumer_is_disconnected_and_resumes_without_loss() {
     for result in join_all(sends).await {
         result.unwrap();
     }
+    // The gateway cuts the session off once its queue stayed full for the
+    // slow-consumer timeout. Reading before that would make it a healthy
+    // consumer again (a fast machine finishes the sends first), so wait for it.
+    let admin = format!("http://{}/metrics", system.running.as_ref().unwrap().addresses.admin.unwrap());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = reqwest::get(&admin).await.unwrap().text().await.unwrap();
+        let cut_off = metrics.lines().any(|line| {
+            line.starts_with("messenger_gateway_sessions_ended_total{")
+                && line.contains("reason=\"slow_consumer\"")
+                && line.ends_with(" 1")
+        });
+        if cut_off {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stalled session was never cut off: {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Draining now, the stalled stream ends instead of carrying all messages.
     let mut drained = 0;
     let ended = tokio::time::timeout(WAIT, async {

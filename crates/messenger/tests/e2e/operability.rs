@@ -83,6 +83,12 @@ async fn metrics_count_every_rpc_by_code_and_readiness_follows_the_drain() {
     };
     assert_eq!(total("messenger_message_send_to_commit_seconds_count{", ""), 1, "one new message: {metrics}");
     assert!(total("messenger_message_fanout_queue_depth_count{", "") >= 1, "{metrics}");
+    assert!(total("messenger_gateway_session_queue_depth_count{", "") >= 1, "frames queued to alice: {metrics}");
+    let stored = |operation: &str| {
+        total("messenger_message_store_duration_seconds_count{", &format!("operation=\"{operation}\""))
+    };
+    assert_eq!(stored("send"), 1, "the one send reached the store: {metrics}");
+    assert_eq!(stored("get_or_create_direct"), 1, "{metrics}");
     assert!(
         total("messenger_message_cache_reads_total{", "result=\"hit\"") >= 1,
         "the second page read hit: {metrics}"
