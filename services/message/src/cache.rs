@@ -50,19 +50,6 @@ use crate::{
     },
 };
 
-/// Cached reads by result (`hit`, `miss`, `bypass`: Redis unavailable, read
-/// from the store): the hit ratio SREs watch.
-fn count_read(result: &'static str) {
-    static READS: std::sync::OnceLock<metrics::Counter<u64>> = std::sync::OnceLock::new();
-    READS
-        .get_or_init(|| {
-            metrics::meter()
-                .u64_counter("messenger.message.cache.reads")
-                .with_description("Reads through the cache, by result: hit, miss, bypass (Redis unavailable)")
-                .build()
-        })
-        .add(1, &[metrics::KeyValue::new("result", result)]);
-}
 /// Where shared generations and entries live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -161,6 +148,23 @@ pub struct CacheStats {
     pub bypassed: AtomicU64,
     /// Failed Redis calls (each one degrades the cache until Redis answers again).
     pub errors: AtomicU64,
+}
+
+impl CacheStats {
+    /// One read with `result`: counted here (what tests read) and in
+    /// `messenger.message.cache.reads` (the hit ratio SREs watch).
+    fn read(&self, count: &AtomicU64, result: &'static str) {
+        static READS: std::sync::OnceLock<metrics::Counter<u64>> = std::sync::OnceLock::new();
+        count.fetch_add(1, Ordering::Relaxed);
+        READS
+            .get_or_init(|| {
+                metrics::meter()
+                    .u64_counter("messenger.message.cache.reads")
+                    .with_description("Reads through the cache, by result: hit, miss, bypass (Redis unavailable)")
+                    .build()
+            })
+            .add(1, &[metrics::KeyValue::new("result", result)]);
+    }
 }
 
 /// Generations kept in process, striped: a subject's generation is the slot
@@ -276,8 +280,7 @@ impl CachedStore {
         load: impl std::future::Future<Output = Result<Value>>,
     ) -> Result<Value> {
         let Some(generations) = self.generations(subjects).await else {
-            self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
-            count_read("bypass");
+            self.stats.read(&self.stats.bypassed, "bypass");
             return load.await;
         };
         let mut full = String::with_capacity(key.len() + 21 * generations.len());
@@ -287,8 +290,7 @@ impl CachedStore {
         }
         full.push_str(&key);
         if let Some(value) = self.near.get(&full).await {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            count_read("hit");
+            self.stats.read(&self.stats.hits, "hit");
             return Ok(value);
         }
         // One load per key however many callers miss at once; an error is
@@ -299,12 +301,10 @@ impl CachedStore {
                 if let Shared::Redis(tier) = &self.shared
                     && let Some(value) = tier.fetch(&full).await
                 {
-                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                    count_read("hit");
+                    self.stats.read(&self.stats.hits, "hit");
                     return Ok(value);
                 }
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                count_read("miss");
+                self.stats.read(&self.stats.misses, "miss");
                 let value = load.await?;
                 if let Shared::Redis(tier) = &self.shared {
                     tier.fill(&full, &value).await;

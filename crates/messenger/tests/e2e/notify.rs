@@ -156,6 +156,25 @@ pub(crate) async fn register(client: &messenger_client::Client, base: &str, hook
     hooks.secrets.lock().unwrap().insert(device.to_owned(), answer.webhook_secret);
 }
 
+/// Bob's phone offline with a webhook, his desktop and Alice online, and
+/// their direct conversation.
+struct Scene {
+    desktop: messenger_client::Client,
+    _desktop_events: messenger_client::Events,
+    alice: messenger_client::Client,
+    _alice_events: messenger_client::Events,
+    conversation: String,
+}
+
+async fn scene(system: &TestSystem, base: &str, hooks: &Hooks) -> Scene {
+    offline_device(system, base, hooks, "bob", "phone").await;
+    let (desktop, _desktop_events) = system.connect("bob", "desktop").await;
+    let (alice, _alice_events) = system.connect("alice", "laptop").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    settle().await;
+    Scene { desktop, _desktop_events, alice, _alice_events, conversation }
+}
+
 /// Lets presence drop the sessions of devices just closed.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -201,11 +220,7 @@ async fn an_offline_device_gets_one_content_free_push_then_its_retraction_and_an
 async fn a_read_within_the_grace_cancels_the_push_and_previews_go_only_where_allowed() {
     let system = system(Duration::from_millis(1500)).await;
     let (base, hooks) = receiver().await;
-    offline_device(&system, &base, &hooks, "bob", "phone").await;
-    let (desktop, _desktop_events) = system.connect("bob", "desktop").await;
-    let (alice, _alice_events) = system.connect("alice", "laptop").await;
-    let conversation = alice.direct("bob").await.unwrap().conversation_id;
-    settle().await;
+    let Scene { desktop, _desktop_events, alice, _alice_events, conversation } = scene(&system, &base, &hooks).await;
 
     let ack = alice.send(&conversation, "seen on the desktop").await.unwrap();
     desktop.mark_read(&conversation, ack.seq).await.unwrap();
@@ -258,11 +273,7 @@ async fn a_failing_webhook_is_retried_after_its_retry_after_and_delivered_once()
 async fn a_gone_webhook_loses_its_registration_and_a_muted_conversation_pushes_nothing() {
     let system = system(Duration::from_millis(50)).await;
     let (base, hooks) = receiver().await;
-    offline_device(&system, &base, &hooks, "bob", "phone").await;
-    let (desktop, _desktop_events) = system.connect("bob", "desktop").await;
-    let (alice, _alice_events) = system.connect("alice", "laptop").await;
-    let conversation = alice.direct("bob").await.unwrap().conversation_id;
-    settle().await;
+    let Scene { desktop, _desktop_events, alice, _alice_events, conversation } = scene(&system, &base, &hooks).await;
 
     desktop.mute(&conversation, messenger_platform::ids::now_ms() + 3_600_000).await.unwrap();
     alice.send(&conversation, "muted").await.unwrap();
