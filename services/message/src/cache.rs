@@ -45,8 +45,8 @@ use self::redis::RedisTier;
 use crate::{
     error::{Error, Result},
     store::{
-        BlockedUser, Blocks, Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
-        MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
+        Appended, BlockedUser, Blocks, Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor,
+        Member, MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
 
@@ -365,7 +365,7 @@ impl MessageStore for CachedStore {
         conversation
     }
 
-    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
+    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, Appended)> {
         let id = group.id;
         let mut subjects = vec![Subject::Content(id), Subject::Membership(id), Subject::Inbox(group.creator.clone())];
         subjects.extend(group.members.iter().cloned().map(Subject::Inbox));
@@ -404,16 +404,18 @@ impl MessageStore for CachedStore {
     async fn send(&self, message: NewMessage) -> Result<SendOutcome> {
         let id = message.conversation_id;
         let outcome = self.inner.send(message).await;
-        if let Ok(SendOutcome::Created(_)) = &outcome {
-            // The sender's read cursor moved too, and every member's inbox.
+        if let Ok(SendOutcome::Created(appended)) = &outcome {
+            // The sender's read cursor moved too, and the inbox of everyone
+            // the message reaches (every active member: a message changes no
+            // other entry), known from the write itself.
             let mut subjects = vec![Subject::Content(id), Subject::Membership(id)];
-            subjects.extend(self.inboxes(id, &[]).await);
+            subjects.extend(appended.audience.iter().cloned().map(Subject::Inbox));
             self.bump(subjects).await;
         }
         outcome
     }
 
-    async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
+    async fn apply(&self, request: ChangeRequest) -> Result<Vec<Appended>> {
         let id = request.conversation_id;
         let leaving = match &request.change {
             Change::RemoveMember(user) => Some(user.clone()),

@@ -2,9 +2,12 @@
 //! devices that are online.
 //!
 //! Each item goes to a worker chosen by its conversation, so a conversation's
-//! entries leave in seq order. A worker takes whatever is queued, reads each
-//! conversation's members once, asks presence where they all are in one
-//! `Locate`, and sends one `Deliver` per gateway. A failed Deliver loses
+//! entries leave in seq order. A worker takes whatever is queued, asks
+//! presence where all its recipients are in one `Locate`, and sends one
+//! `Deliver` per gateway. An entry goes to its audience, decided by the
+//! write that appended it (`visibility::audience`): never to a roster read
+//! later, which a removal or a re-add may have changed since. Receipts and
+//! typing go to the conversation's active members, read once per batch. A failed Deliver loses
 //! nothing: the device catches up from its delivered cursor (gap fill in the
 //! gateway, or sync on reconnect). Receipts and typing are live-only hints.
 
@@ -30,13 +33,13 @@ use uuid::Uuid;
 use crate::{
     options::FanoutOptions,
     push::Pushes,
-    store::{Kind, MessageStore, Role, StoredMessage},
+    store::{Appended, Kind, MessageStore, Role, StoredMessage},
 };
 
 /// Something to push to a conversation's online members.
 #[derive(Clone, Debug)]
 pub enum Outgoing {
-    Entry(StoredMessage),
+    Entry(Appended),
     Receipt(Uuid, pb::Receipt),
     Typing(Uuid, pb::Typing),
     /// To these users (the changed user's contacts), not to a conversation.
@@ -47,7 +50,7 @@ impl Outgoing {
     /// The conversation whose active members receive it (None: explicit recipients).
     fn conversation_id(&self) -> Option<Uuid> {
         match self {
-            Outgoing::Entry(message) => Some(message.conversation_id),
+            Outgoing::Entry(appended) => Some(appended.entry.conversation_id),
             Outgoing::Receipt(id, _) | Outgoing::Typing(id, _) => Some(*id),
             Outgoing::Presence(..) => None,
         }
@@ -162,8 +165,8 @@ impl Fanout {
     }
 
     /// Queues a committed entry; waits when the worker's queue is full (backpressure).
-    pub async fn publish(&self, message: StoredMessage) {
-        let item = Outgoing::Entry(message);
+    pub async fn publish(&self, appended: Appended) {
+        let item = Outgoing::Entry(appended);
         let span = trace::internal("fan-out");
         let worker = self.worker(&item);
         fanout_metrics().queue_depth.record((worker.max_capacity() - worker.capacity()) as u64, &[]);
@@ -286,23 +289,17 @@ impl Worker {
         }
     }
 
-    /// Who should get `item`, given the conversation's active members.
-    fn recipients<'a>(&self, item: &'a Outgoing, active: &'a [String]) -> Vec<&'a str> {
+    /// Who should get a receipt or typing hint, given the conversation's active members.
+    fn hint_recipients<'a>(&self, item: &'a Outgoing, active: &'a [String]) -> Vec<&'a str> {
         let mut users: Vec<&str> = active.iter().map(String::as_str).collect();
         match item {
-            Outgoing::Entry(entry) => match entry.kind {
-                // The removed and the leaving still get the entry that ends their membership.
-                Kind::MemberRemoved => users.extend(entry.member_ids.iter().map(String::as_str)),
-                Kind::MemberLeft => users.push(&entry.sender),
-                _ => {}
-            },
+            Outgoing::Entry(_) | Outgoing::Presence(..) => {}
             Outgoing::Receipt(_, receipt) => {
                 if receipt.read_seq == 0 && active.len() > self.delivered_receipts_max_members {
                     return Vec::new();
                 }
             }
             Outgoing::Typing(_, typing) => users.retain(|u| *u != typing.user_id),
-            Outgoing::Presence(..) => {}
         }
         users
     }
@@ -311,7 +308,8 @@ impl Worker {
         fanout_metrics().batch_size.record(batch.len() as u64, &[]);
         let mut active: HashMap<Uuid, Arc<Vec<String>>> = HashMap::new();
         for item in batch {
-            let Some(id) = item.conversation_id() else { continue };
+            let (Outgoing::Receipt(id, _) | Outgoing::Typing(id, _)) = item else { continue };
+            let id = *id;
             if active.contains_key(&id) {
                 continue;
             }
@@ -326,10 +324,11 @@ impl Worker {
             .iter()
             .map(|item| match item {
                 Outgoing::Presence(users, _) => users.iter().map(String::as_str).collect(),
+                Outgoing::Entry(appended) => appended.audience.iter().map(String::as_str).collect(),
                 _ => item
                     .conversation_id()
                     .and_then(|id| active.get(&id))
-                    .map(|members| self.recipients(item, members))
+                    .map(|members| self.hint_recipients(item, members))
                     .unwrap_or_default(),
             })
             .collect();
@@ -376,7 +375,7 @@ impl Worker {
                 continue;
             }
             let event = match item {
-                Outgoing::Entry(entry) => delivery::Event::Message(to_proto(entry)),
+                Outgoing::Entry(appended) => delivery::Event::Message(to_proto(&appended.entry)),
                 Outgoing::Receipt(_, receipt) => delivery::Event::Receipt(receipt.clone()),
                 Outgoing::Typing(_, typing) => delivery::Event::Typing(typing.clone()),
                 Outgoing::Presence(_, update) => delivery::Event::Presence(update.clone()),
@@ -448,7 +447,7 @@ fn push_entries(
 ) -> Vec<pb::PushEntry> {
     let mut entries = Vec::new();
     for (item, users) in batch.iter().zip(recipients) {
-        let Outgoing::Entry(entry) = item else { continue };
+        let Outgoing::Entry(Appended { entry, .. }) = item else { continue };
         let users = push_recipients(entry, users);
         if users.is_empty() {
             continue;

@@ -10,6 +10,7 @@
 //! - [`cache`]: the read-through cache any store can sit behind (in process or Redis).
 //! - `service.rs`: domain logic (validation, membership, send then fan-out).
 //! - `policy.rs`: who may do what in a group; used by every store inside its transaction.
+//! - [`visibility`]: which entries a member sees (by seq), for every read and delivery.
 //! - `fanout.rs`: presence `Locate` + one gateway `Deliver` per gateway and batch.
 //! - `grpc.rs`: the thin tonic adapter.
 //!
@@ -29,6 +30,7 @@ mod service;
 pub mod sqlite;
 pub mod store;
 pub mod timed;
+pub mod visibility;
 
 use std::sync::Arc;
 

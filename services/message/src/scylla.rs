@@ -120,7 +120,7 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     store::{
-        BlockedUser, Blocks, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
+        Appended, BlockedUser, Blocks, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
         MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
@@ -373,7 +373,7 @@ impl MessageStore for ScyllaStore {
         apply::get_or_create_direct(&self.inner, user, peer, id, now_ms).await
     }
 
-    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
+    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, Appended)> {
         apply::create_group(&self.inner, group, max_group_size).await
     }
 
@@ -402,7 +402,7 @@ impl MessageStore for ScyllaStore {
         send::send(&self.inner, message).await
     }
 
-    async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
+    async fn apply(&self, request: ChangeRequest) -> Result<Vec<Appended>> {
         apply::apply(&self.inner, request).await
     }
 

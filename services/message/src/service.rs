@@ -15,8 +15,10 @@ use crate::{
     options::Options,
     store::{
         Attachment, BlockedUser, Change, ChangeRequest, Conversation, ConversationKind, DeviceCursors, HistoryRange,
-        InboxCursor, Limits, Member, MessageStore, NewGroup, NewMessage, SendOutcome, StoredMessage, SyncCursor,
+        InboxCursor, Limits, Member, MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage,
+        SyncCursor,
     },
+    visibility,
 };
 
 /// Longest user, device or client message id accepted, in bytes.
@@ -34,6 +36,9 @@ pub struct Service {
 
 /// Conversations whose kind `Service::directs` remembers.
 const DIRECTS_CACHED: u64 = 100_000;
+
+/// Block checks a group creation or addition runs at once (one per user added).
+const BLOCK_CHECKS_IN_PARALLEL: usize = 16;
 
 /// One page of history.
 pub struct HistoryPage {
@@ -208,6 +213,25 @@ impl Service {
         self.check_blocks(user, peer).await
     }
 
+    /// Refuses to put into a group with `user` anyone who blocked `user`
+    /// (NOT_FOUND, as a direct conversation with them answers) or whom
+    /// `user` blocked (FAILED_PRECONDITION): a block reaches groups too.
+    async fn check_may_add(&self, user: &str, members: &[String]) -> Result<()> {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        let mut checks = Vec::with_capacity(members.len());
+        for member in members {
+            if member != user {
+                checks.push(self.check_blocks(user, member));
+            }
+        }
+        futures::stream::iter(checks).buffer_unordered(BLOCK_CHECKS_IN_PARALLEL).try_collect::<()>().await.map_err(
+            |error| match error {
+                Error::ConversationNotFound => Error::UserNotFound,
+                other => other,
+            },
+        )
+    }
+
     /// Whether `user` may talk to `peer`, in the words `check_not_blocked` uses.
     async fn check_blocks(&self, user: &str, peer: &str) -> Result<()> {
         let blocks = self.store.blocks_between(user, peer).await?;
@@ -278,15 +302,17 @@ impl Service {
         detached(
             async move {
                 match store.send(message).instrument(commit).await? {
-                    SendOutcome::Created(message) => {
+                    SendOutcome::Created(appended) => {
                         send_to_commit().record(received.elapsed().as_secs_f64(), &[]);
-                        fanout.publish(message.clone()).await;
+                        let message = appended.entry.clone();
+                        fanout.publish(appended).await;
                         Ok((message, true))
                     }
                     // Published again: if the first fan-out was lost (a crash between
                     // commit and publish), a retry repairs it; gateways drop repeats.
-                    SendOutcome::Duplicate(original) => {
-                        fanout.publish(original.clone()).await;
+                    SendOutcome::Duplicate(appended) => {
+                        let original = appended.entry.clone();
+                        fanout.publish(appended).await;
                         Ok((original, false))
                     }
                 }
@@ -320,6 +346,7 @@ impl Service {
         members.sort();
         members.dedup();
         members.retain(|m| m != user);
+        self.check_may_add(user, &members).await?;
         let group = NewGroup {
             id: ids::new_id(),
             creator: user.to_owned(),
@@ -348,9 +375,10 @@ impl Service {
         };
         let (store, fanout) = (self.store.clone(), self.fanout.clone());
         detached(async move {
-            let entries = store.apply(request).await?;
-            for entry in &entries {
-                fanout.publish(entry.clone()).await;
+            let appended = store.apply(request).await?;
+            let entries = appended.iter().map(|appended| appended.entry.clone()).collect();
+            for appended in appended {
+                fanout.publish(appended).await;
             }
             Ok(entries)
         })
@@ -370,6 +398,7 @@ impl Service {
                     return Err(Error::InvalidArgument("add_members needs at least one user".into()));
                 }
                 users.iter().try_for_each(|u| check_id("user_ids", u))?;
+                self.check_may_add(user, users).await?;
             }
             Change::RemoveMember(target) | Change::SetRole(target, _) => check_id("user_id", target)?,
             Change::Rename(title) => self.check_title(title)?,
@@ -453,7 +482,13 @@ impl Service {
         let member = self.membership(conversation_id, user).await?;
         let visible = member.visible();
         let limit = clamp(limit, self.options.history_page_default, self.options.history_page_max);
-        let messages = self.store.history(conversation_id, range, visible, limit).await?;
+        let messages: Vec<StoredMessage> = self
+            .store
+            .history(conversation_id, range, visible, limit)
+            .await?
+            .into_iter()
+            .filter_map(|message| visibility::shown(message, visible))
+            .collect();
         let has_more = match range {
             HistoryRange::Before(_) => messages.first().is_some_and(|m| m.seq > visible.from.max(1)),
             HistoryRange::After(_) => messages.len() == limit,
@@ -648,7 +683,33 @@ impl Service {
         let next = (messages.len() == limit)
             .then(|| messages.last().map(|m| format!("{}:{}", m.conversation_id, m.seq)))
             .flatten();
-        Ok((messages, next))
+        Ok((self.shown_to(user, messages).await?, next))
+    }
+
+    /// Entries from several conversations as `user` may be shown them. The
+    /// store already kept each within the user's range; changes of other
+    /// entries need that range to tell whether their target is seen, read
+    /// once per conversation that has such a change.
+    async fn shown_to(&self, user: &str, messages: Vec<StoredMessage>) -> Result<Vec<StoredMessage>> {
+        let mut ranges: std::collections::HashMap<Uuid, Option<SeqBounds>> = std::collections::HashMap::new();
+        let mut shown = Vec::with_capacity(messages.len());
+        for message in messages {
+            if visibility::target(&message).is_none() {
+                shown.push(message);
+                continue;
+            }
+            let id = message.conversation_id;
+            let bounds = match ranges.get(&id) {
+                Some(bounds) => *bounds,
+                None => {
+                    let bounds = self.store.member(id, user).await?.map(|member| member.visible());
+                    ranges.insert(id, bounds);
+                    bounds
+                }
+            };
+            shown.extend(bounds.and_then(|bounds| visibility::shown(message, bounds)));
+        }
+        Ok(shown)
     }
 }
 

@@ -31,8 +31,8 @@ use uuid::Uuid;
 use crate::{
     error::{Error, Result},
     store::{
-        BlockedUser, Blocks, Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
-        MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
+        Appended, BlockedUser, Blocks, Change, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor,
+        Member, MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
 use rows::{CONVERSATION_COLUMNS, MESSAGE_COLUMNS, row_to_conversation, row_to_message};
@@ -269,7 +269,7 @@ impl MessageStore for SqliteStore {
         self.conversation_for_member(id, user).await?.ok_or(Error::ConversationNotFound)
     }
 
-    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
+    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, Appended)> {
         let (id, creator) = (group.id, group.creator.clone());
         let created = self.submit(move |tx| writes::create_group(tx, &group, max_group_size), Some(id)).await?;
         let conversation = self.conversation_for_member(id, &creator).await?.ok_or(Error::ConversationNotFound)?;
@@ -311,7 +311,7 @@ impl MessageStore for SqliteStore {
         self.write(move |tx| writes::send(tx, &message)).await
     }
 
-    async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
+    async fn apply(&self, request: ChangeRequest) -> Result<Vec<Appended>> {
         let id = request.conversation_id;
         let membership = matches!(request.change, Change::AddMembers(_) | Change::RemoveMember(_) | Change::Leave);
         self.submit(move |tx| writes::apply(tx, &request), membership.then_some(id)).await

@@ -306,18 +306,28 @@ pub struct ChangeRequest {
     pub limits: Limits,
 }
 
+/// An entry a write appended, with the users to deliver it to: its
+/// audience as of the write (`visibility::audience`), so fan-out never
+/// re-reads a roster that may have changed since.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub entry: StoredMessage,
+    pub audience: Arc<Vec<String>>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
     /// Committed now with the next seq.
-    Created(StoredMessage),
-    /// `(conversation, sender, client_msg_id)` was already stored: the original.
-    Duplicate(StoredMessage),
+    Created(Appended),
+    /// `(conversation, sender, client_msg_id)` was already stored: the
+    /// original, with its audience among the memberships of now.
+    Duplicate(Appended),
 }
 
 impl SendOutcome {
     pub fn message(&self) -> &StoredMessage {
         match self {
-            SendOutcome::Created(message) | SendOutcome::Duplicate(message) => message,
+            SendOutcome::Created(appended) | SendOutcome::Duplicate(appended) => &appended.entry,
         }
     }
 }
@@ -375,7 +385,7 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Creates a group and its GROUP_CREATED entry (seq 1). `max_group_size`
     /// counts the creator.
-    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)>;
+    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, Appended)>;
 
     /// The conversation as `user` sees it, if `user` is an active member.
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>>;
@@ -398,9 +408,10 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Applies a group or message change after checking the actor's rights on
     /// the state inside the transaction (`policy.rs`). Returns the entries it
-    /// appended: none when nothing changed (the same reaction again, deleting a
-    /// deleted message), two when an owner's leaving hands ownership on.
-    async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>>;
+    /// appended, each with its audience: none when nothing changed (the same
+    /// reaction again, deleting a deleted message), two when an owner's
+    /// leaving hands ownership on.
+    async fn apply(&self, request: ChangeRequest) -> Result<Vec<Appended>>;
 
     /// A page of history within `visible`, ascending by seq.
     async fn history(

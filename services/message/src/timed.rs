@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::{
     error::Result,
     store::{
-        BlockedUser, Blocks, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
+        Appended, BlockedUser, Blocks, ChangeRequest, Conversation, DeviceCursors, HistoryRange, InboxCursor, Member,
         MessageStore, NewGroup, NewMessage, ReadMark, SendOutcome, SeqBounds, StoredMessage, SyncCursor,
     },
 };
@@ -59,7 +59,7 @@ impl MessageStore for TimedStore {
         self.timed("get_or_create_direct", self.inner.get_or_create_direct(user, peer, id, now_ms)).await
     }
 
-    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, StoredMessage)> {
+    async fn create_group(&self, group: NewGroup, max_group_size: usize) -> Result<(Conversation, Appended)> {
         self.timed("create_group", self.inner.create_group(group, max_group_size)).await
     }
 
@@ -83,7 +83,7 @@ impl MessageStore for TimedStore {
         self.timed("send", self.inner.send(message)).await
     }
 
-    async fn apply(&self, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
+    async fn apply(&self, request: ChangeRequest) -> Result<Vec<Appended>> {
         self.timed("apply", self.inner.apply(request)).await
     }
 

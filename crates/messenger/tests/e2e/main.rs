@@ -13,3 +13,4 @@ mod notify;
 mod operability;
 mod security;
 mod support;
+mod visibility;

@@ -33,7 +33,10 @@ use super::{
 use crate::{
     error::{Error, Result},
     policy,
-    store::{Change, ChangeRequest, Conversation, ConversationKind, Kind, Member, NewGroup, Role, StoredMessage},
+    store::{
+        Appended, Change, ChangeRequest, Conversation, ConversationKind, Kind, Member, NewGroup, Role, StoredMessage,
+    },
+    visibility,
 };
 
 /// Statements per logged batch of membership rows.
@@ -117,7 +120,7 @@ pub(super) async fn create_group(
     inner: &Inner,
     group: NewGroup,
     max_group_size: usize,
-) -> Result<(Conversation, StoredMessage)> {
+) -> Result<(Conversation, Appended)> {
     policy::group_size(group.members.len() + 1, max_group_size)?;
     let mut entry = StoredMessage::event(group.id, &group.creator, Kind::GroupCreated, group.now_ms);
     entry.seq = 1;
@@ -163,7 +166,8 @@ pub(super) async fn create_group(
     }
     let conversation =
         conversation_for_member(inner, group.id, &group.creator).await?.ok_or(Error::ConversationNotFound)?;
-    Ok((conversation, entry))
+    let audience = visibility::audience_of_active(&entry, roster.into_keys());
+    Ok((conversation, Appended { entry, audience }))
 }
 
 /// Row changes a plan makes once its entries have seqs.
@@ -408,7 +412,7 @@ async fn plan(inner: &Inner, head: &Head, actor: &Member, request: &ChangeReques
     }
 }
 
-pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<StoredMessage>> {
+pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<Appended>> {
     let id = request.conversation_id;
     let token = Uuid::now_v7();
     let lock_timeout_ms = super::send::takeover_after_ms(inner);
@@ -473,7 +477,18 @@ pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<S
         // completes it. Released only once everything is written.
         write_plan(inner, id, &entries, plan.effects, request.now_ms).await?;
         release(inner, id, token).await;
-        return Ok(entries);
+        // The membership rows as this change left them (written above, read
+        // at LOCAL_QUORUM): the entries' audiences. The change is committed
+        // whatever this read does: without it nobody gets the entries live,
+        // and devices fetch them with the next gap fill or sync.
+        let roster = members(inner, id).await.unwrap_or_else(|error| {
+            warn!(%error, conversation_id = %id, "change committed; its audience unread, so not delivered live");
+            Vec::new()
+        });
+        return Ok(entries
+            .into_iter()
+            .map(|entry| Appended { audience: visibility::audience(&entry, &roster), entry })
+            .collect());
     }
     Err(Error::Unavailable("the conversation is too busy; retry".into()))
 }

@@ -208,6 +208,8 @@ pub(super) async fn history(
 /// Fills the active members, the unread count and the newest TEXT message for `user`.
 async fn complete(inner: &Inner, head: &Head, user: &str, member: Option<Member>) -> Result<Conversation> {
     let read_seq = member.as_ref().map_or(0, |m| m.read_seq);
+    // Without its row (being stored), nothing is previewed rather than too much.
+    let joined_seq = member.as_ref().map_or(u64::MAX, |m| m.joined_seq);
     let mut conversation = Conversation {
         id: head.id,
         kind: head.kind,
@@ -231,14 +233,15 @@ async fn complete(inner: &Inner, head: &Head, user: &str, member: Option<Member>
             conversation.unread_count += rows.iter().filter(|row| row.unread_for(user)).count() as u64;
         }
     }
-    conversation.last_message = last_text(inner, head).await?;
+    conversation.last_message = last_text(inner, head, joined_seq).await?;
     Ok(conversation)
 }
 
-/// The newest TEXT message among the newest `LAST_MESSAGE_SCAN` entries.
-async fn last_text(inner: &Inner, head: &Head) -> Result<Option<StoredMessage>> {
+/// The newest TEXT message among the newest `LAST_MESSAGE_SCAN` entries,
+/// none from before `joined_seq` (what the member may see).
+async fn last_text(inner: &Inner, head: &Head, joined_seq: u64) -> Result<Option<StoredMessage>> {
     const PAGE: usize = 50;
-    let floor = head.last_seq.saturating_sub(LAST_MESSAGE_SCAN - 1).max(1);
+    let floor = head.last_seq.saturating_sub(LAST_MESSAGE_SCAN - 1).max(1).max(joined_seq);
     let mut top = head.last_seq;
     while top >= floor && top > 0 {
         let page = range(inner, head.id, floor, top, PAGE, true).await?;

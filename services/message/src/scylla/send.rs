@@ -28,7 +28,8 @@ use super::{
 use crate::{
     error::{Error, Result},
     policy,
-    store::{Kind, NewMessage, SendOutcome, StoredMessage},
+    store::{Appended, Kind, NewMessage, SendOutcome, StoredMessage},
+    visibility,
 };
 
 /// Seq reservations that did not apply at once (another writer took the
@@ -157,12 +158,12 @@ struct Send {
 }
 
 impl Send {
-    fn answer(self, outcome: Result<StoredMessage, Error>, created: bool) {
+    fn answer(self, outcome: Result<Appended, Error>, created: bool) {
         let mut first = true;
         for waiter in self.waiters {
             let answer = match &outcome {
-                Ok(message) if created && first => Ok(SendOutcome::Created(message.clone())),
-                Ok(message) => Ok(SendOutcome::Duplicate(message.clone())),
+                Ok(appended) if created && first => Ok(SendOutcome::Created(appended.clone())),
+                Ok(appended) => Ok(SendOutcome::Duplicate(appended.clone())),
                 Err(error) => Err(copy_error(error)),
             };
             first = false;
@@ -211,7 +212,14 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
     for (send, claim) in members.into_iter().zip(claims) {
         match claim {
             Ok(Claim::Ours) => accepted.push(send),
-            Ok(Claim::Duplicate(original)) => send.answer(Ok(*original), false),
+            Ok(Claim::Duplicate(original)) => {
+                // Its audience among the memberships of now, by their ranges
+                // (a read only on this path: retries are rare).
+                let audience = reads::current_members(inner, id)
+                    .await
+                    .map(|members| Appended { audience: visibility::audience(&original, &members), entry: *original });
+                send.answer(audience, false)
+            }
             Err(error) => send.fail(error),
         }
     }
@@ -228,7 +236,7 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
     if checked.is_empty() {
         return;
     }
-    let (first_seq, stamp, checked) = match reserve(inner, head, checked, started).await {
+    let (first_seq, stamp, checked, roster) = match reserve(inner, head, checked, started).await {
         Ok(reserved) => reserved,
         Err((sends, error)) => return give_up(inner, sends, error).await,
     };
@@ -244,7 +252,7 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
             (entry, send)
         })
         .collect();
-    write_and_answer(inner, entries, stamp).await;
+    write_and_answer(inner, entries, stamp, roster).await;
 }
 
 /// When a batch's seqs were reserved, taken just before the head LWT that
@@ -399,15 +407,16 @@ async fn check_reply(inner: &Inner, id: Uuid, message: &NewMessage) -> Result<()
 }
 
 /// Reserves one seq per send with the head LWT; returns the first seq, the
-/// stamp taken before the LWT that reserved it, and the sends still
-/// accepted. Sends refused on the way are answered here; on failure the
+/// stamp taken before the LWT that reserved it, the sends still accepted
+/// and the active roster the reservation was made against (the LWT
+/// guards it, so it is exactly who was a member at those seqs). Sends refused on the way are answered here; on failure the
 /// rest come back with the error to answer them with.
 async fn reserve(
     inner: &Inner,
     mut head: Head,
     mut sends: Vec<Send>,
     started: Instant,
-) -> Result<(u64, Stamp, Vec<Send>), (Vec<Send>, Error)> {
+) -> Result<(u64, Stamp, Vec<Send>, Vec<String>), (Vec<Send>, Error)> {
     let token = Uuid::now_v7();
     let budget = inner.options.lock_timeout / 2;
     let mut attempt = 0;
@@ -432,7 +441,7 @@ async fn reserve(
             Err(error) => return Err((sends, error)),
         };
         if applied {
-            return Ok((head.last_seq + 1, stamp, sends));
+            return Ok((head.last_seq + 1, stamp, sends, head.roster.into_keys().collect()));
         }
         seq_conflicts().add(1, &[]);
         // Lost to another writer, or the outcome is unknown: the serial read
@@ -443,7 +452,7 @@ async fn reserve(
             Err(error) => return Err((sends, error)),
         };
         if current.last_reservation == Some(token) && current.last_seq == last {
-            return Ok((head.last_seq + 1, stamp, sends));
+            return Ok((head.last_seq + 1, stamp, sends, head.roster.into_keys().collect()));
         }
         if current.last_seq > head.last_seq && current.last_reservation != Some(token) {
             tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)))).await;
@@ -488,7 +497,7 @@ fn entry(message: &NewMessage, seq: u64) -> StoredMessage {
 /// declare (see the known gaps in `scylla.rs`): it writes no row once
 /// `lock_timeout / 2` has passed, and acknowledges none written after
 /// `lock_timeout` (the client retries and finds the original or a lost seq).
-async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>, stamp: Stamp) {
+async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>, stamp: Stamp, roster: Vec<String>) {
     let ttl = inner.options.dedupe_ttl_seconds();
     let s = &inner.statements;
     let budget = inner.options.lock_timeout;
@@ -565,7 +574,9 @@ async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>, st
         }
     }
     drop(read);
+    // Every entry of the batch is a message reserved against one roster.
+    let audience = visibility::audience_of_active(&stored[0].0, roster);
     for (entry, send) in stored {
-        send.answer(Ok(entry), true);
+        send.answer(Ok(Appended { entry, audience: audience.clone() }), true);
     }
 }

@@ -852,7 +852,7 @@ async fn a_change_left_half_written_is_completed_and_leaks_nothing() {
 /// a slower writer is still filling.
 #[tokio::test]
 async fn rows_are_stamped_at_their_reservation_not_at_receipt() {
-    use crate::store::{MessageStore, NewMessage, SendOutcome};
+    use crate::store::{Appended, MessageStore, NewMessage, SendOutcome};
     let options = tokio::task::spawn_blocking(test_options).await.unwrap();
     let store = super::ScyllaStore::connect(&options).await.unwrap();
     let id = store.get_or_create_direct("stamp-a", "stamp-b", uuid::Uuid::now_v7(), 0).await.unwrap().id;
@@ -867,7 +867,9 @@ async fn rows_are_stamped_at_their_reservation_not_at_receipt() {
         sent_at_ms: before - 60_000,
         attachments: Vec::new(),
     };
-    let SendOutcome::Created(stored) = store.send(queued_long_ago).await.unwrap() else { panic!("not created") };
+    let SendOutcome::Created(Appended { entry: stored, .. }) = store.send(queued_long_ago).await.unwrap() else {
+        panic!("not created")
+    };
     assert!(stored.sent_at_ms >= before, "stamped {} before the reservation at {before}", stored.sent_at_ms);
     let row = super::reads::message_at(&store.inner, id, stored.seq).await.unwrap().unwrap().0;
     assert_eq!(row.sent_at_ms, stored.sent_at_ms);
@@ -953,17 +955,19 @@ async fn held_send(
 /// late rows are shadowed. The first instance does not acknowledge them.
 #[tokio::test]
 async fn rows_landing_after_a_takeover_give_no_second_seq() {
-    use crate::store::{HistoryRange, MessageStore, SendOutcome};
+    use crate::store::{Appended, HistoryRange, MessageStore, SendOutcome};
     let (options, first, second, hold) = two_instances("late").await;
     let (id, original) = held_send(&first, &hold, ("late-a", "late-b"), "late").await;
     // Past the takeover time (2 x lock_timeout) the retry, on the other instance, takes the claim over.
     tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
     let retried = crate::store::contract::send(&second, id, "late-a", "late", "hi").await.unwrap();
-    let SendOutcome::Created(retried) = retried else { panic!("the retry found an original: {retried:?}") };
+    let SendOutcome::Created(Appended { entry: retried, .. }) = retried else {
+        panic!("the retry found an original: {retried:?}")
+    };
     hold.release.notify_one();
     let first_answer = original.await.unwrap();
     assert!(
-        !matches!(first_answer, Ok(SendOutcome::Created(ref m)) if m.seq != retried.seq),
+        !matches!(first_answer, Ok(SendOutcome::Created(ref m)) if m.entry.seq != retried.seq),
         "two acknowledgements with different seqs: {first_answer:?} and {}",
         retried.seq
     );
@@ -971,7 +975,7 @@ async fn rows_landing_after_a_takeover_give_no_second_seq() {
     let copies: Vec<u64> = all.iter().filter(|m| m.client_msg_id == "late").map(|m| m.seq).collect();
     assert_eq!(copies, vec![retried.seq], "one message, at the retry's seq");
     let again = crate::store::contract::send(&first, id, "late-a", "late", "hi").await.unwrap();
-    assert!(matches!(again, SendOutcome::Duplicate(ref m) if m.seq == retried.seq), "{again:?}");
+    assert!(matches!(again, SendOutcome::Duplicate(ref m) if m.entry.seq == retried.seq), "{again:?}");
     drop_keyspace(&second, &options).await;
 }
 
@@ -1039,7 +1043,7 @@ struct RunReport {
 /// head was never acked (a lost seq); the device was never handed anything
 /// at or below the cursor it had acked, and got exactly what is stored.
 async fn linearizability_run(seed: u64) -> RunReport {
-    use crate::store::{HistoryRange, MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds};
+    use crate::store::{Appended, HistoryRange, MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds};
     use std::{
         collections::{BTreeMap, BTreeSet},
         sync::{Arc, Mutex},
@@ -1104,7 +1108,10 @@ async fn linearizability_run(seed: u64) -> RunReport {
                         };
                         let store = pick(&pool, &mut rng);
                         match tokio::time::timeout(patience, store.send(message)).await {
-                            Ok(Ok(SendOutcome::Created(m) | SendOutcome::Duplicate(m))) => {
+                            Ok(Ok(
+                                SendOutcome::Created(Appended { entry: m, .. })
+                                | SendOutcome::Duplicate(Appended { entry: m, .. }),
+                            )) => {
                                 assert_eq!((m.client_msg_id.as_str(), m.sender.as_str()), (client.as_str(), user));
                                 acks.lock().unwrap().insert((id, client.clone()), m.seq);
                                 break;
@@ -1236,7 +1243,7 @@ async fn linearizability_run(seed: u64) -> RunReport {
                 attachments: Vec::new(),
             };
             let again = check.send(resend).await.unwrap();
-            assert!(matches!(again, SendOutcome::Duplicate(ref m) if m.seq == *seq), "seed {seed}: {again:?}");
+            assert!(matches!(again, SendOutcome::Duplicate(ref m) if m.entry.seq == *seq), "seed {seed}: {again:?}");
         }
     }
     let handed: BTreeSet<_> = handed.lock().unwrap().iter().cloned().collect();

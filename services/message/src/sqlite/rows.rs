@@ -90,6 +90,18 @@ pub(super) fn member(connection: &Connection, conversation: &str, user: &str) ->
         .optional()
 }
 
+/// Every membership of the conversation, current and ended, without
+/// delivered cursors: what an entry's audience is decided from.
+pub(super) fn roster(connection: &Connection, conversation: &str) -> Result<Vec<Member>> {
+    connection
+        .prepare_cached(
+            "SELECT user_id, role, joined_seq, removed_seq, read_seq, 0, took_part FROM members
+             WHERE conversation_id = ?1 ORDER BY user_id",
+        )?
+        .query_map(params![conversation], row_to_member)?
+        .collect()
+}
+
 pub(super) fn members(connection: &Connection, conversation: &str) -> Result<Vec<Member>> {
     let sql = format!("SELECT {MEMBER_COLUMNS} FROM members m WHERE m.conversation_id = ?1 ORDER BY m.user_id");
     connection.prepare_cached(&sql)?.query_map(params![conversation], row_to_member)?.collect()
@@ -125,7 +137,7 @@ pub(super) fn row_to_conversation(row: &Row<'_>) -> Result<Conversation> {
     })
 }
 
-/// Fills members, unread count and the newest message for `user`.
+/// Fills members, unread count and the newest message `user` may see.
 pub(super) fn complete(connection: &Connection, conversation: &mut Conversation, user: &str) -> Result<()> {
     let id = conversation.id.to_string();
     conversation.members = active_member_ids(connection, &id)?;
@@ -136,10 +148,14 @@ pub(super) fn complete(connection: &Connection, conversation: &mut Conversation,
         )?
         .query_row(params![id, conversation.read_seq as i64, user], |r| r.get::<_, i64>(0))?
         as u64;
+    // The newest one the member may see: none from before it joined.
     let sql = format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND kind = 1 ORDER BY seq DESC LIMIT 1"
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?1 AND kind = 1
+           AND seq >= (SELECT joined_seq FROM members WHERE conversation_id = ?1 AND user_id = ?2)
+         ORDER BY seq DESC LIMIT 1"
     );
-    conversation.last_message = connection.prepare_cached(&sql)?.query_row(params![id], row_to_message).optional()?;
+    conversation.last_message =
+        connection.prepare_cached(&sql)?.query_row(params![id, user], row_to_message).optional()?;
     Ok(())
 }
 

@@ -9,13 +9,29 @@ use crate::{
     error::{Error, Result},
     policy,
     store::{
-        Attachment, Change, ChangeRequest, ConversationKind, Kind, Member, NewGroup, NewMessage, Role, SendOutcome,
-        StoredMessage,
+        Appended, Attachment, Change, ChangeRequest, ConversationKind, Kind, Member, NewGroup, NewMessage, Role,
+        SendOutcome, StoredMessage,
     },
+    visibility,
 };
 
 pub(super) fn storage(error: r2d2_sqlite::rusqlite::Error) -> Error {
     Error::Storage(error.to_string())
+}
+
+/// `entries` with their audiences, from the memberships as this
+/// transaction leaves them.
+fn with_audiences(tx: &Connection, conversation: &str, entries: Vec<StoredMessage>) -> Result<Vec<Appended>> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let roster = rows::roster(tx, conversation).map_err(storage)?;
+    Ok(entries.into_iter().map(|entry| Appended { audience: visibility::audience(&entry, &roster), entry }).collect())
+}
+
+fn with_audience(tx: &Connection, conversation: &str, entry: StoredMessage) -> Result<Appended> {
+    let mut appended = with_audiences(tx, conversation, vec![entry])?;
+    appended.pop().ok_or_else(|| Error::Storage("an entry without its audience".into()))
 }
 
 /// Appends an entry with the conversation's next seq; returns it with the seq set.
@@ -127,7 +143,7 @@ pub(super) fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome>
         })
         .map_err(storage)?;
     if let Some(original) = existing {
-        return Ok(SendOutcome::Duplicate(original));
+        return Ok(SendOutcome::Duplicate(with_audience(tx, &conversation, original)?));
     }
     if message.reply_to_seq > 0 {
         let target = rows::message_at(tx, &conversation, message.reply_to_seq).map_err(storage)?;
@@ -150,7 +166,7 @@ pub(super) fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome>
             .and_then(|mut s| s.execute(params![conversation, message.sender]))
             .map_err(storage)?;
     }
-    Ok(SendOutcome::Created(entry))
+    Ok(SendOutcome::Created(with_audience(tx, &conversation, entry)?))
 }
 
 pub(super) fn direct(tx: &Connection, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Uuid> {
@@ -178,7 +194,7 @@ pub(super) fn direct(tx: &Connection, user: &str, peer: &str, id: Uuid, now_ms: 
     Ok(id)
 }
 
-pub(super) fn create_group(tx: &Connection, group: &NewGroup, max_group_size: usize) -> Result<StoredMessage> {
+pub(super) fn create_group(tx: &Connection, group: &NewGroup, max_group_size: usize) -> Result<Appended> {
     policy::group_size(group.members.len() + 1, max_group_size)?;
     let text = group.id.to_string();
     tx.prepare_cached(
@@ -195,7 +211,7 @@ pub(super) fn create_group(tx: &Connection, group: &NewGroup, max_group_size: us
     for member in &group.members {
         insert_member(tx, &text, member, Role::Member, entry.seq, group.now_ms)?;
     }
-    Ok(entry)
+    with_audience(tx, &text, entry)
 }
 
 fn end_membership(tx: &Connection, conversation: &str, user: &str, seq: u64) -> Result<()> {
@@ -212,8 +228,15 @@ fn set_role(tx: &Connection, conversation: &str, user: &str, role: Role) -> Resu
     Ok(())
 }
 
-pub(super) fn apply(tx: &Connection, request: &ChangeRequest) -> Result<Vec<StoredMessage>> {
+pub(super) fn apply(tx: &Connection, request: &ChangeRequest) -> Result<Vec<Appended>> {
     let conversation = request.conversation_id.to_string();
+    let entries = change(tx, &conversation, request)?;
+    with_audiences(tx, &conversation, entries)
+}
+
+/// Applies the change; returns the entries it appended.
+fn change(tx: &Connection, conversation: &str, request: &ChangeRequest) -> Result<Vec<StoredMessage>> {
+    let conversation = conversation.to_owned();
     let kind = conversation_kind(tx, &conversation)?;
     let actor = active_member(tx, &conversation, &request.actor)?;
     let event = |kind: Kind| StoredMessage::event(request.conversation_id, &request.actor, kind, request.now_ms);

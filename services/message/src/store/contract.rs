@@ -61,6 +61,8 @@ pub(crate) async fn run_all(store: &dyn MessageStore) -> usize {
         ("block_lists", Box::pin(block_lists(store))),
         ("taking_part_is_creating_or_sending", Box::pin(taking_part_is_creating_or_sending(store))),
         ("attachments_are_kept_and_go_with_delete", Box::pin(attachments_are_kept_and_go_with_delete(store))),
+        ("entries_carry_their_audience", Box::pin(entries_carry_their_audience(store))),
+        ("previews_start_at_joining", Box::pin(previews_start_at_joining(store))),
     ];
     let count = cases.len();
     for (name, case) in cases {
@@ -104,7 +106,9 @@ async fn retried_send_returns_original(store: &dyn MessageStore) {
     let conversation = direct(store, &a, &b).await;
     let first = send(store, conversation.id, &a, "same", "original body").await.unwrap();
     let retry = send(store, conversation.id, &a, "same", "a different body").await.unwrap();
-    let SendOutcome::Duplicate(original) = retry else { panic!("expected duplicate, got {retry:?}") };
+    let SendOutcome::Duplicate(Appended { entry: original, .. }) = retry else {
+        panic!("expected duplicate, got {retry:?}")
+    };
     assert_eq!(&original, first.message());
     assert_eq!(original.body, "original body");
     // The same client id from another sender is a different message.
@@ -263,6 +267,10 @@ async fn group(store: &dyn MessageStore, creator: &str, members: &[&str]) -> Con
 }
 
 async fn change(store: &dyn MessageStore, id: Uuid, actor: &str, change: Change) -> Result<Vec<StoredMessage>> {
+    Ok(appended(store, id, actor, change).await?.into_iter().map(|appended| appended.entry).collect())
+}
+
+async fn appended(store: &dyn MessageStore, id: Uuid, actor: &str, change: Change) -> Result<Vec<Appended>> {
     let request = ChangeRequest {
         conversation_id: id,
         actor: actor.into(),
@@ -271,6 +279,84 @@ async fn change(store: &dyn MessageStore, id: Uuid, actor: &str, change: Change)
         limits: LIMITS,
     };
     store.apply(request).await
+}
+
+fn sorted(users: &[&String]) -> Vec<String> {
+    let mut users: Vec<String> = users.iter().map(|user| (*user).clone()).collect();
+    users.sort();
+    users
+}
+
+/// Each write names who may be shown its entries as it commits: members
+/// by their ranges at the entry's seq, never by the roster of later.
+async fn entries_carry_their_audience(store: &dyn MessageStore) {
+    let (a, b, c) = users("audience");
+    let d = format!("{c}-late");
+    let created = store
+        .create_group(
+            NewGroup {
+                id: Uuid::now_v7(),
+                creator: a.clone(),
+                title: "audience".into(),
+                members: vec![b.clone(), c.clone()],
+                now_ms: messenger_platform::ids::now_ms(),
+            },
+            LIMITS.max_group_size,
+        )
+        .await
+        .unwrap();
+    let id = created.0.id;
+    assert_eq!(created.1.audience.to_vec(), sorted(&[&a, &b, &c]));
+    let before = send(store, id, &a, "before", "before d").await.unwrap();
+    let SendOutcome::Created(sent) = &before else { panic!("{before:?}") };
+    assert_eq!(sent.audience.to_vec(), sorted(&[&a, &b, &c]));
+
+    // The removal reaches the removed; what follows does not, even once re-added.
+    let removal = appended(store, id, &a, Change::RemoveMember(b.clone())).await.unwrap();
+    assert_eq!(removal[0].audience.to_vec(), sorted(&[&a, &b, &c]));
+    let while_out = send(store, id, &a, "while-out", "b is out").await.unwrap();
+    assert_eq!(while_out.message().seq, removal[0].entry.seq + 1);
+    let SendOutcome::Created(out) = &while_out else { panic!("{while_out:?}") };
+    assert_eq!(out.audience.to_vec(), sorted(&[&a, &c]));
+    let added = appended(store, id, &a, Change::AddMembers(vec![b.clone(), d.clone()])).await.unwrap();
+    assert_eq!(added[0].audience.to_vec(), sorted(&[&a, &b, &c, &d]));
+    let retried = send(store, id, &a, "while-out", "b is out").await.unwrap();
+    let SendOutcome::Duplicate(retried) = &retried else { panic!("{retried:?}") };
+    assert_eq!(retried.audience.to_vec(), sorted(&[&a, &c]), "a retry reached those who joined after it");
+
+    // A change of an entry from before someone joined goes to who saw that entry.
+    let edit = Change::Edit { target_seq: before.message().seq, body: "edited".into() };
+    let edited = appended(store, id, &a, edit).await.unwrap();
+    assert_eq!(edited[0].audience.to_vec(), sorted(&[&a, &c]), "an edit reached who never saw the message");
+    let later = send(store, id, &d, "later", "hi").await.unwrap();
+    let react = Change::React { target_seq: later.message().seq, emoji: "👍".into() };
+    let reaction = appended(store, id, &c, react).await.unwrap();
+    assert_eq!(reaction[0].audience.to_vec(), sorted(&[&a, &b, &c, &d]));
+
+    // The leaving get their own leaving entry, not the ownership handover after it.
+    let left = appended(store, id, &a, Change::Leave).await.unwrap();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left[0].audience.contains(&a) && !left[1].audience.contains(&a), "{left:?}");
+}
+
+/// A member's inbox never previews what came before it joined.
+async fn previews_start_at_joining(store: &dyn MessageStore) {
+    let (a, b, c) = users("preview");
+    let id = group(store, &a, &[&c]).await.id;
+    send(store, id, &a, "old", "before b").await.unwrap();
+    change(store, id, &a, Change::AddMembers(vec![b.clone()])).await.unwrap();
+    let listed = store.list_conversations(&b, None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].last_message, None, "b's inbox previews a message from before it joined");
+    let fetched = store.conversation_for_member(id, &b).await.unwrap().unwrap();
+    assert_eq!(fetched.last_message, None);
+    assert_eq!(fetched.unread_count, 0);
+    let seen_by_c = store.conversation_for_member(id, &c).await.unwrap().unwrap();
+    assert_eq!(seen_by_c.last_message.unwrap().body, "before b");
+    send(store, id, &a, "new", "after b").await.unwrap();
+    let fetched = store.conversation_for_member(id, &b).await.unwrap().unwrap();
+    assert_eq!(fetched.last_message.unwrap().body, "after b");
+    assert_eq!(fetched.unread_count, 1);
 }
 
 fn kinds(entries: &[StoredMessage]) -> Vec<Kind> {

@@ -1,0 +1,84 @@
+//! Visibility by seq: who may see which entry of a conversation, decided
+//! here and nowhere else (DESIGN section 4).
+//!
+//! A member sees the entries whose seq lies in its membership's range
+//! (`Member::visible`: from the entry that made it a member to the one that
+//! ended it). An edit, reaction or delete changes another entry, its
+//! *target*: a reader who sees the change but not its target gets the
+//! change without content (the seq stays, so a device's order stays dense;
+//! the text, emoji and media do not). Every read path (history, sync, gap
+//! fill) passes its entries through [`shown`]; every delivery goes only to
+//! an entry's [`audience`], computed by the write that appended it, so
+//! fan-out never re-reads a roster that may have changed since.
+
+use std::sync::Arc;
+
+use crate::store::{Kind, Member, SeqBounds, StoredMessage};
+
+/// What a reader with some range sees of one entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    /// Outside the reader's range: not shown at all.
+    Hidden,
+    /// The entry, but it changes one the reader cannot see: no content.
+    Redacted,
+    Full,
+}
+
+/// The entry another entry changes, if it is a change of one.
+pub fn target(entry: &StoredMessage) -> Option<u64> {
+    match entry.kind {
+        Kind::Edit | Kind::Delete | Kind::Reaction => Some(entry.target_seq),
+        _ => None,
+    }
+}
+
+/// The rule: what a reader whose range is `bounds` sees of `entry`.
+pub fn view(entry: &StoredMessage, bounds: SeqBounds) -> View {
+    if !bounds.contains(entry.seq) {
+        return View::Hidden;
+    }
+    match target(entry) {
+        Some(target) if !bounds.contains(target) => View::Redacted,
+        _ => View::Full,
+    }
+}
+
+/// `entry` as a reader with `bounds` may be shown it, if at all.
+pub fn shown(mut entry: StoredMessage, bounds: SeqBounds) -> Option<StoredMessage> {
+    match view(&entry, bounds) {
+        View::Hidden => None,
+        View::Redacted => {
+            entry.body.clear();
+            entry.reaction.clear();
+            entry.attachments.clear();
+            Some(entry)
+        }
+        View::Full => Some(entry),
+    }
+}
+
+/// The users to deliver `entry` to as it commits: every membership that
+/// sees it in full. Readers that see it only redacted are left out: their
+/// devices fetch it (content-free) with the next gap fill or sync.
+pub fn audience(entry: &StoredMessage, members: &[Member]) -> Arc<Vec<String>> {
+    Arc::new(
+        members
+            .iter()
+            .filter(|member| view(entry, member.visible()) == View::Full)
+            .map(|member| member.user_id.clone())
+            .collect(),
+    )
+}
+
+/// The audience of an entry that changes no other (a message or an event),
+/// given the members active when it was appended: all of them, by the rule
+/// (an active member joined at or before the entry and has not left), so
+/// stores that know only their active roster at that moment need no ranges.
+pub fn audience_of_active(entry: &StoredMessage, active: impl IntoIterator<Item = String>) -> Arc<Vec<String>> {
+    debug_assert!(target(entry).is_none(), "a change of another entry needs the members' ranges");
+    Arc::new(active.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,63 @@
+use super::*;
+use crate::store::{Attachment, Role};
+
+fn member(user: &str, joined_seq: u64, removed_seq: Option<u64>) -> Member {
+    Member {
+        user_id: user.into(),
+        role: Role::Member,
+        joined_seq,
+        removed_seq,
+        read_seq: joined_seq,
+        delivered_seq: 0,
+        took_part: false,
+    }
+}
+
+fn entry(seq: u64, kind: Kind, target_seq: u64) -> StoredMessage {
+    let mut entry = StoredMessage::event(uuid::Uuid::nil(), "alice", kind, 0);
+    entry.seq = seq;
+    entry.target_seq = target_seq;
+    entry.body = "words".into();
+    entry.reaction = "🔥".into();
+    entry.attachments = vec![Attachment { media_id: "m".into(), ..Attachment::default() }];
+    entry
+}
+
+#[test]
+fn a_range_holds_its_ends_and_nothing_outside() {
+    let bounds = member("bob", 5, Some(9)).visible();
+    let seen: Vec<u64> = (1..=12).filter(|seq| view(&entry(*seq, Kind::Text, 0), bounds) == View::Full).collect();
+    assert_eq!(seen, (5..=9).collect::<Vec<_>>());
+    let open = member("bob", 5, None).visible();
+    assert_eq!(view(&entry(u64::MAX, Kind::Text, 0), open), View::Full);
+    assert_eq!(view(&entry(4, Kind::Text, 0), open), View::Hidden);
+}
+
+#[test]
+fn a_change_of_an_unseen_entry_is_shown_without_content() {
+    let bob = member("bob", 5, None).visible();
+    for kind in [Kind::Edit, Kind::Reaction, Kind::Delete] {
+        assert_eq!(view(&entry(7, kind, 3), bob), View::Redacted, "{kind:?}");
+        let shown = shown(entry(7, kind, 3), bob).unwrap();
+        assert!(shown.body.is_empty() && shown.reaction.is_empty() && shown.attachments.is_empty(), "{shown:?}");
+        assert_eq!((shown.seq, shown.target_seq, shown.kind), (7, 3, kind));
+        assert_eq!(view(&entry(7, kind, 5), bob), View::Full, "{kind:?} of a seen entry");
+        assert_eq!(view(&entry(4, kind, 3), bob), View::Hidden, "{kind:?} before joining");
+    }
+    // Replies and events name other seqs too, but carry nothing of them.
+    assert_eq!(view(&entry(7, Kind::Text, 3), bob), View::Full);
+    assert_eq!(view(&entry(7, Kind::MembersAdded, 3), bob), View::Full);
+}
+
+#[test]
+fn the_audience_is_who_sees_the_entry_in_full() {
+    let members =
+        [member("alice", 1, None), member("bob", 5, None), member("carol", 1, Some(6)), member("dave", 8, None)];
+    let audience = |entry: StoredMessage| audience(&entry, &members).to_vec();
+    assert_eq!(audience(entry(6, Kind::Text, 0)), ["alice", "bob", "carol"]);
+    // The entry that ends carol's membership still reaches her; the next does not.
+    assert_eq!(audience(entry(7, Kind::Text, 0)), ["alice", "bob"]);
+    // An edit of seq 3 reaches only who saw seq 3 and still sees the edit.
+    assert_eq!(audience(entry(9, Kind::Edit, 3)), ["alice"]);
+    assert_eq!(audience(entry(9, Kind::Reaction, 8)), ["alice", "bob", "dave"]);
+}
