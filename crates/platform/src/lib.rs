@@ -17,6 +17,8 @@
 //!   internal RPC; [`reload`]: key and certificate files read again on change.
 //! - [`cql`]: what the CQL stores share: cluster session, driver error
 //!   mapping, LWT answers, versioned schema migrations.
+//! - [`error`]: the one mapping of every service's errors to gRPC statuses
+//!   (codes, retryability, internal text logged under an error id).
 //! - [`ids`]: UUIDv7 ids and wall-clock milliseconds.
 //! - [`server`]: the bootstrap every gRPC server uses: HTTP/2 limits, health,
 //!   reflection, graceful drain.
@@ -31,6 +33,7 @@ pub mod authorize;
 pub mod config;
 pub mod cql;
 pub mod discovery;
+pub mod error;
 pub mod ids;
 pub mod metrics;
 pub mod redis;

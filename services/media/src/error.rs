@@ -26,27 +26,29 @@ pub enum Error {
     Peer(Status),
 }
 
+impl messenger_platform::error::ServiceError for Error {
+    fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::NotFound(_) => Code::NotFound,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Storage(_) => Code::Internal,
+            Error::Peer(status) => status.code(),
+        }
+    }
+
+    /// Storage and backend text (SQL, S3, driver) stays in this service's log.
+    fn internal(&self) -> bool {
+        matches!(self, Error::Storage(_) | Error::Unavailable(_))
+    }
+}
+
 impl From<Error> for Status {
-    /// Storage and backend failures reach the client as an error id only; the
-    /// details (SQL, S3 and driver text) go to this service's log under that id.
     fn from(error: Error) -> Self {
-        if let Error::Storage(detail) | Error::Unavailable(detail) = &error {
-            let error_id = messenger_platform::ids::new_id();
-            tracing::error!(%error_id, %detail, "media request failed");
-            return match error {
-                Error::Storage(_) => Status::internal(format!("internal error (error id {error_id})")),
-                _ => Status::unavailable(format!("service unavailable, retry (error id {error_id})")),
-            };
-        }
-        let message = error.to_string();
-        match error {
-            Error::NotFound(_) => Status::not_found(message),
-            Error::InvalidArgument(_) => Status::invalid_argument(message),
-            Error::FailedPrecondition(_) => Status::failed_precondition(message),
-            Error::ResourceExhausted(_) => Status::resource_exhausted(message),
-            Error::Peer(status) => status,
-            Error::Storage(_) | Error::Unavailable(_) => unreachable!("handled above"),
-        }
+        messenger_platform::error::into_status(&error)
     }
 }
 

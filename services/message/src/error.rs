@@ -42,48 +42,30 @@ impl From<messenger_platform::cql::Error> for Error {
     }
 }
 
+impl messenger_platform::error::ServiceError for Error {
+    fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::ConversationNotFound | Error::UserNotFound | Error::MessageNotFound(_) => Code::NotFound,
+            Error::NoLongerMember | Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::InvalidArgument(_) | Error::BodyTooLarge { .. } => Code::InvalidArgument,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Storage(_) => Code::Internal,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Media(status) => status.code(),
+        }
+    }
+
+    /// Storage and backend text (SQL, driver, Redis) stays in this service's log.
+    fn internal(&self) -> bool {
+        matches!(self, Error::Storage(_) | Error::Unavailable(_))
+    }
+}
+
 impl From<Error> for Status {
-    /// Storage and backend failures reach the client as an error id only: the
-    /// details (SQL, driver and Redis text) go to this service's log under
-    /// that id, where an operator can find them.
     fn from(error: Error) -> Self {
-        if let Error::Storage(detail) | Error::Unavailable(detail) = &error {
-            let error_id = messenger_platform::ids::new_id();
-            tracing::error!(%error_id, %detail, "request failed");
-            return match error {
-                Error::Storage(_) => Status::internal(format!("internal error (error id {error_id})")),
-                _ => Status::unavailable(format!("service unavailable, retry (error id {error_id})")),
-            };
-        }
-        let message = error.to_string();
-        match error {
-            Error::ConversationNotFound | Error::UserNotFound | Error::MessageNotFound(_) => Status::not_found(message),
-            Error::NoLongerMember | Error::PermissionDenied(_) => Status::permission_denied(message),
-            Error::InvalidArgument(_) | Error::BodyTooLarge { .. } => Status::invalid_argument(message),
-            Error::FailedPrecondition(_) => Status::failed_precondition(message),
-            Error::Storage(_) => Status::internal(message),
-            Error::Unavailable(_) => Status::unavailable(message),
-            Error::Media(status) => status,
-        }
+        messenger_platform::error::into_status(&error)
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_and_backend_text_never_reaches_the_client() {
-        let status = Status::from(Error::Storage("disk I/O error in messages_idx".into()));
-        assert_eq!(status.code(), tonic::Code::Internal);
-        assert!(!status.message().contains("disk"), "{}", status.message());
-        assert!(status.message().contains("error id "), "{}", status.message());
-        let status = Status::from(Error::Unavailable("redis: Timeout Error".into()));
-        assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert!(!status.message().contains("redis"), "{}", status.message());
-        let status = Status::from(Error::ConversationNotFound);
-        assert_eq!(status.message(), "conversation not found", "domain errors keep their words");
-    }
-}

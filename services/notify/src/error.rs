@@ -13,27 +13,55 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The store cannot answer now (a CQL node down, say): a retry may succeed.
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
     /// Settings or credential files that cannot be used (at start).
     #[error("configuration: {0}")]
     Config(String),
 }
 
-impl From<Error> for Status {
-    /// Storage failures reach the caller as an error id only; the details
-    /// (SQL text) go to this service's log under that id.
-    fn from(error: Error) -> Self {
-        let message = error.to_string();
-        match error {
-            Error::NotFound(_) => Status::not_found(message),
-            Error::InvalidArgument(_) => Status::invalid_argument(message),
-            Error::ResourceExhausted(_) => Status::resource_exhausted(message),
-            Error::Storage(detail) | Error::Config(detail) => {
-                let error_id = messenger_platform::ids::new_id();
-                tracing::error!(%error_id, %detail, "notify request failed");
-                Status::internal(format!("internal error (error id {error_id})"))
-            }
+impl messenger_platform::error::ServiceError for Error {
+    fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::NotFound(_) => Code::NotFound,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Storage(_) | Error::Config(_) => Code::Internal,
         }
+    }
+
+    /// Storage text (SQL, driver) and file paths stay in this service's log.
+    fn internal(&self) -> bool {
+        matches!(self, Error::Storage(_) | Error::Unavailable(_) | Error::Config(_))
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        messenger_platform::error::into_status(&error)
     }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use messenger_platform::cql;
+    use tonic::{Code, Status};
+
+    use super::Error;
+
+    #[test]
+    fn a_store_that_cannot_answer_now_is_retryable_and_storage_text_stays_inside() {
+        // As the message and media services answer it: a node down is worth a retry.
+        let status = Status::from(Error::from(cql::Error::Unavailable("Cannot achieve consistency level".into())));
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(!status.message().contains("consistency"), "{}", status.message());
+        let status = Status::from(Error::from(cql::Error::Storage("Invalid column name".into())));
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert!(!status.message().contains("column") && status.message().contains("error id"), "{status:?}");
+    }
+}

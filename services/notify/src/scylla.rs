@@ -118,7 +118,8 @@ pub async fn migrate(cluster: &cql::Cluster) -> Result<cql::MigrationReport> {
 impl From<cql::Error> for Error {
     fn from(error: cql::Error) -> Self {
         match error {
-            cql::Error::Unavailable(text) | cql::Error::Storage(text) => Error::Storage(text),
+            cql::Error::Unavailable(text) => Error::Unavailable(text),
+            cql::Error::Storage(text) => Error::Storage(text),
         }
     }
 }
