@@ -202,17 +202,22 @@ pub(crate) async fn run(
         .register(pb::RegisterRequest { session: Some((*registration).clone()), restore: false })
         .await;
     let came_online = match registered {
-        Ok(response) => response.into_inner().came_online,
+        // Stamped by presence after the user's every earlier transition
+        // (0 from a presence that predates the stamp: now, as before).
+        Ok(response) => {
+            let response = response.into_inner();
+            response.came_online.then(|| if response.online_at_ms > 0 { response.online_at_ms } else { ids::now_ms() })
+        }
         Err(status) => {
             context.registry.remove(&session_id);
             let _ = out.send(Err(Box::new(status))).await;
             return;
         }
     };
-    if came_online {
+    if let Some(online_at_ms) = came_online {
         presence_changed(
             &context,
-            pb::PresenceUpdate { user_id: user.clone(), online: true, last_seen_ms: ids::now_ms() },
+            pb::PresenceUpdate { user_id: user.clone(), online: true, last_seen_ms: online_at_ms },
         );
     }
     info!(user_id = %user, device_id = %device, session_id = %session_id, "session started");

@@ -15,14 +15,27 @@ pub struct Adapter {
     pub store: Arc<dyn PresenceStore>,
 }
 
+impl messenger_platform::error::ServiceError for Error {
+    fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::TooManySessions { .. } => Code::ResourceExhausted,
+            Error::Superseded { .. } => Code::FailedPrecondition,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::InvalidConfig(_) => Code::Internal,
+        }
+    }
+
+    /// Redis text stays in this service's log: a gateway passes a failed
+    /// registration on to the device.
+    fn internal(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::InvalidConfig(_))
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
-        match error {
-            Error::TooManySessions { .. } => Status::resource_exhausted(error.to_string()),
-            Error::Superseded { .. } => Status::failed_precondition(error.to_string()),
-            Error::Unavailable(_) => Status::unavailable(error.to_string()),
-            Error::InvalidConfig(_) => Status::internal(error.to_string()),
-        }
+        messenger_platform::error::into_status(&error)
     }
 }
 
@@ -66,12 +79,13 @@ impl PresenceService for Adapter {
             connected_at_ms: session.connected_at_ms,
         };
         let mode = if request.restore { Mode::Restore } else { Mode::Connect };
-        // Online before? A hint only: two first sessions registering at once
-        // may both report it (an update sent twice), never neither.
-        let user = [session.user_id.clone()];
-        let was_online = self.store.status(&user).await?.first().is_some_and(|status| status.online);
-        self.store.register(session, self.options.max_sessions_per_user, mode).await?;
-        Ok(Response::new(pb::RegisterResponse { came_online: !was_online && mode == Mode::Connect }))
+        // Decided by the store atomically with the write: a racing
+        // unregistration sees this session or does not, never half of it.
+        let transition = self.store.register(session, self.options.max_sessions_per_user, mode).await?;
+        Ok(Response::new(pb::RegisterResponse {
+            came_online: transition.changed && mode == Mode::Connect,
+            online_at_ms: transition.at_ms,
+        }))
     }
 
     async fn unregister(
@@ -79,13 +93,10 @@ impl PresenceService for Adapter {
         request: Request<pb::UnregisterRequest>,
     ) -> Result<Response<pb::UnregisterResponse>, Status> {
         let request = request.into_inner();
-        self.store.unregister(&request.user_id, &request.session_id).await?;
-        let status = self.store.status(&[request.user_id]).await?.into_iter().next();
-        Ok(Response::new(match status {
-            Some(status) if !status.online => {
-                pb::UnregisterResponse { went_offline: true, last_seen_ms: status.last_seen_ms }
-            }
-            _ => pb::UnregisterResponse::default(),
+        let transition = self.store.unregister(&request.user_id, &request.session_id).await?;
+        Ok(Response::new(match transition.changed {
+            true => pb::UnregisterResponse { went_offline: true, last_seen_ms: transition.at_ms },
+            false => pb::UnregisterResponse::default(),
         }))
     }
 

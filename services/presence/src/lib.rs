@@ -39,7 +39,7 @@ use tonic::service::Routes;
 pub use messenger_platform::redis::RedisOptions;
 pub use options::{Backend, Options};
 pub use redis::RedisStore;
-pub use store::{Error, MemoryStore, Mode, PresenceStore, Session, SessionRef, UserStatus};
+pub use store::{Error, MemoryStore, Mode, PresenceStore, Session, SessionRef, Transition, UserStatus};
 
 /// The store `options` ask for. Redis that cannot be reached yet is not an
 /// error: calls answer UNAVAILABLE until it can.

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
-use crate::store::{Error, Mode, PresenceStore, Session, SessionRef, UserStatus, ttl_ms};
+use crate::store::{Error, Mode, PresenceStore, Session, SessionRef, Transition, UserStatus, ttl_ms};
 
 #[cfg(test)]
 mod tests;
@@ -167,6 +167,18 @@ impl RedisStore {
     }
 }
 
+/// A script's `{code, time}` answer, from the one call made.
+fn answer(results: Vec<Value>) -> Result<(i64, i64), Error> {
+    let Some(value) = results.into_iter().next() else {
+        return Err(Error::Unavailable("redis: no script answer".into()));
+    };
+    let pair: Vec<i64> = value.convert().map_err(unavailable)?;
+    match pair.as_slice() {
+        [code, at_ms] => Ok((*code, *at_ms)),
+        other => Err(Error::Unavailable(format!("redis: unexpected script answer {other:?}"))),
+    }
+}
+
 async fn queue(pipeline: &Pipeline<Client>, command: CustomCommand, args: Vec<String>) -> Result<(), Error> {
     pipeline.custom::<(), _>(command, args).await.map_err(unavailable)
 }
@@ -185,7 +197,7 @@ impl Drop for RedisStore {
 
 #[async_trait]
 impl PresenceStore for RedisStore {
-    async fn register(&self, session: Session, max_per_user: usize, mode: Mode) -> Result<(), Error> {
+    async fn register(&self, session: Session, max_per_user: usize, mode: Mode) -> Result<Transition, Error> {
         let now = ids::now_ms();
         let ttl = ttl_ms(self.ttl);
         let args = vec![
@@ -199,10 +211,11 @@ impl PresenceStore for RedisStore {
             session.connected_at_ms.to_string(),
         ];
         let result = self.eval(&REGISTER, vec![(self.keys(&session.user_id), args)]).await?;
-        match result.first().and_then(Value::as_i64) {
-            Some(1) => Ok(()),
-            Some(-1) => Err(Error::TooManySessions { user: session.user_id, limit: max_per_user }),
-            Some(-2) => Err(Error::Superseded { session: session.session_id }),
+        match answer(result)? {
+            (1, at_ms) => Ok(Transition { changed: false, at_ms }),
+            (2, at_ms) => Ok(Transition { changed: true, at_ms }),
+            (-1, _) => Err(Error::TooManySessions { user: session.user_id, limit: max_per_user }),
+            (-2, _) => Err(Error::Superseded { session: session.session_id }),
             other => Err(Error::Unavailable(format!("redis: unexpected register answer {other:?}"))),
         }
     }
@@ -235,10 +248,10 @@ impl PresenceStore for RedisStore {
         Ok(unknown)
     }
 
-    async fn unregister(&self, user_id: &str, session_id: &str) -> Result<(), Error> {
+    async fn unregister(&self, user_id: &str, session_id: &str) -> Result<Transition, Error> {
         let args = vec![session_id.to_owned(), ids::now_ms().to_string()];
-        self.eval(&UNREGISTER, vec![(self.keys(user_id), args)]).await?;
-        Ok(())
+        let (offline, at_ms) = answer(self.eval(&UNREGISTER, vec![(self.keys(user_id), args)]).await?)?;
+        Ok(Transition { changed: offline == 1, at_ms })
     }
 
     async fn locate(&self, user_ids: &[String]) -> Result<Vec<Session>, Error> {

@@ -62,6 +62,21 @@ pub enum Mode {
     Restore,
 }
 
+/// What a registration or unregistration changed for its user, decided
+/// atomically with the write: two racing for one user cannot both see the
+/// state before the other's write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Registration: the user had no live session before (came online).
+    /// Unregistration: no live session is left (went offline).
+    pub changed: bool,
+    /// The user's last-seen time after the write. A change is stamped after
+    /// every earlier stamp of the user (`max(now, last + 1)`), so receivers
+    /// keeping the newest update by this time end at the true state, in
+    /// whatever order the updates reach them.
+    pub at_ms: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("user {user} already has {limit} sessions")]
@@ -76,15 +91,17 @@ pub enum Error {
 
 #[async_trait]
 pub trait PresenceStore: Send + Sync + 'static {
-    /// Adds (or refreshes) a session with a fresh lease. Refused when the user
-    /// already holds `max_per_user` other live sessions.
-    async fn register(&self, session: Session, max_per_user: usize, mode: Mode) -> Result<(), Error>;
+    /// Adds (or refreshes) a session with a fresh lease; says whether the
+    /// user came online with it. Refused when the user already holds
+    /// `max_per_user` other live sessions.
+    async fn register(&self, session: Session, max_per_user: usize, mode: Mode) -> Result<Transition, Error>;
     /// Extends the leases of `sessions` that are live and were registered by
     /// `gateway_id`; returns the ids of the others (unknown, expired,
     /// replaced, or another gateway's), which the gateway registers again.
     async fn renew(&self, gateway_id: &str, sessions: &[SessionRef]) -> Result<Vec<String>, Error>;
-    /// Removes a session (a no-op when it is unknown).
-    async fn unregister(&self, user_id: &str, session_id: &str) -> Result<(), Error>;
+    /// Removes a session (a no-op when it is unknown); says whether the user
+    /// has no live session left (went offline).
+    async fn unregister(&self, user_id: &str, session_id: &str) -> Result<Transition, Error>;
     /// The live sessions of `user_ids`.
     async fn locate(&self, user_ids: &[String]) -> Result<Vec<Session>, Error>;
     /// One status per user, in the order asked.
@@ -111,9 +128,17 @@ struct State {
 }
 
 impl State {
-    fn seen(&mut self, user_id: &str, now_ms: i64) {
+    fn seen(&mut self, user_id: &str, now_ms: i64) -> i64 {
         let last_seen = self.last_seen.entry(user_id.to_owned()).or_default();
         *last_seen = (*last_seen).max(now_ms);
+        *last_seen
+    }
+
+    /// Stamps a transition of the user after every earlier stamp.
+    fn stamp(&mut self, user_id: &str, now_ms: i64) -> i64 {
+        let last_seen = self.last_seen.entry(user_id.to_owned()).or_default();
+        *last_seen = now_ms.max(*last_seen + 1);
+        *last_seen
     }
 
     /// Drops expired leases of every user, at most once per `ttl`: memory
@@ -151,7 +176,7 @@ impl Default for MemoryStore {
 
 #[async_trait]
 impl PresenceStore for MemoryStore {
-    async fn register(&self, session: Session, max_per_user: usize, mode: Mode) -> Result<(), Error> {
+    async fn register(&self, session: Session, max_per_user: usize, mode: Mode) -> Result<Transition, Error> {
         let now = ids::now_ms();
         let ttl = ttl_ms(self.ttl);
         let mut state = self.state.write().await;
@@ -171,11 +196,12 @@ impl PresenceStore for MemoryStore {
         if leases.iter().filter(|lease| !replaced(lease)).count() >= max_per_user {
             return Err(Error::TooManySessions { user: session.user_id, limit: max_per_user });
         }
+        let came_online = leases.is_empty();
         leases.retain(|lease| !replaced(lease));
         let user_id = session.user_id.clone();
         leases.push(Lease { session, expires_at_ms: now + ttl });
-        state.seen(&user_id, now);
-        Ok(())
+        let at_ms = if came_online { state.stamp(&user_id, now) } else { state.seen(&user_id, now) };
+        Ok(Transition { changed: came_online, at_ms })
     }
 
     async fn renew(&self, gateway_id: &str, sessions: &[SessionRef]) -> Result<Vec<String>, Error> {
@@ -203,23 +229,31 @@ impl PresenceStore for MemoryStore {
         Ok(unknown)
     }
 
-    async fn unregister(&self, user_id: &str, session_id: &str) -> Result<(), Error> {
+    async fn unregister(&self, user_id: &str, session_id: &str) -> Result<Transition, Error> {
         let now = ids::now_ms();
         let mut state = self.state.write().await;
-        let Some(leases) = state.sessions.get_mut(user_id) else {
-            return Ok(());
+        let (removed, left) = match state.sessions.get_mut(user_id) {
+            Some(leases) => {
+                // An expired lease being unregistered still means the user was
+                // connected until now: the gateway held the stream all along.
+                let removed = leases.iter().any(|lease| lease.session.session_id == session_id);
+                leases.retain(|lease| lease.session.session_id != session_id && lease.expires_at_ms > now);
+                (removed, leases.len())
+            }
+            None => (false, 0),
         };
-        // An expired lease being unregistered still means the user was
-        // connected until now: the gateway held the stream all along.
-        let removed = leases.iter().any(|lease| lease.session.session_id == session_id);
-        leases.retain(|lease| lease.session.session_id != session_id && lease.expires_at_ms > now);
-        if leases.is_empty() {
+        if left == 0 {
             state.sessions.remove(user_id);
         }
-        if removed {
-            state.seen(user_id, now);
-        }
-        Ok(())
+        // No live session left: offline, whether this one was still known
+        // or its lease had expired (its gateway held the stream until now,
+        // and its contacts were never told).
+        let at_ms = match (removed, left) {
+            (_, 0) => state.stamp(user_id, now),
+            (true, _) => state.seen(user_id, now),
+            (false, _) => state.last_seen.get(user_id).copied().unwrap_or_default(),
+        };
+        Ok(Transition { changed: left == 0, at_ms })
     }
 
     async fn locate(&self, user_ids: &[String]) -> Result<Vec<Session>, Error> {

@@ -103,7 +103,11 @@ async fn presence_answers_unavailable_while_redis_is_unreachable() {
     redis.pause();
     let request = pb::RenewRequest { gateway_id: "g1".into(), sessions: refs(&[("cy", "c1")]) };
     assert_eq!(client.renew(request.clone()).await.unwrap_err().code(), Code::Unavailable);
-    assert_eq!(client.register(register("c2")).await.unwrap_err().code(), Code::Unavailable);
+    let refused = client.register(register("c2")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    // A gateway passes this on to the device: no Redis text in it.
+    assert!(!refused.message().to_lowercase().contains("redis"), "{refused:?}");
+    assert!(refused.message().contains("error id"), "{refused:?}");
     let locate = pb::LocateRequest { user_ids: vec!["cy".into()] };
     assert_eq!(client.locate(locate).await.unwrap_err().code(), Code::Unavailable);
     redis.resume();
@@ -136,4 +140,52 @@ async fn a_restore_superseded_by_a_newer_connection_is_refused() {
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert_eq!(located(&mut client, &["dee"]).await, ["new"]);
     shutdown.cancel();
+}
+
+/// A user's session ending while another starts, racing, on both stores:
+/// the online / offline updates the answers imply, newest stamp first,
+/// end at what presence says. (Deciding the transition apart from the write
+/// could tell contacts "offline" about a connected user, for good.)
+async fn racing_connect_and_disconnect_end_in_the_true_state(options: Options) {
+    let running = start(options).await;
+    for round in 0..60 {
+        let user = format!("racer-{round}-{}", messenger_platform::ids::new_id().simple());
+        let mut client = running.client.clone();
+        let first = client
+            .register(pb::RegisterRequest { session: Some(session(&user, "old", "g1")), restore: false })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(first.came_online && first.online_at_ms > 0, "{first:?}");
+        let (mut a, mut b) = (client.clone(), client.clone());
+        let unregister = pb::UnregisterRequest { user_id: user.clone(), session_id: "old".into() };
+        let register = pb::RegisterRequest { session: Some(session(&user, "new", "g2")), restore: false };
+        let (gone, came) = tokio::join!(a.unregister(unregister), b.register(register));
+        let (gone, came) = (gone.unwrap().into_inner(), came.unwrap().into_inner());
+        let mut told = vec![(first.online_at_ms, true)];
+        if gone.went_offline {
+            told.push((gone.last_seen_ms, false));
+        }
+        if came.came_online {
+            told.push((came.online_at_ms, true));
+        }
+        let stamps: std::collections::HashSet<i64> = told.iter().map(|(at, _)| *at).collect();
+        assert_eq!(stamps.len(), told.len(), "round {round}: two updates with one stamp: {told:?}");
+        let shown = told.iter().max().unwrap().1;
+        let status = client.status(pb::StatusRequest { user_ids: vec![user.clone()] }).await.unwrap().into_inner();
+        assert!(status.statuses[0].online, "round {round}: the new session is live");
+        assert!(shown, "round {round}: contacts were told offline about a connected user: {told:?}");
+    }
+    running.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_connect_and_disconnect_end_in_the_true_state_in_memory() {
+    racing_connect_and_disconnect_end_in_the_true_state(Options::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_connect_and_disconnect_end_in_the_true_state_on_redis() {
+    let redis = RedisServer::start();
+    racing_connect_and_disconnect_end_in_the_true_state(redis_options(&redis, Duration::from_secs(60))).await;
 }

@@ -33,3 +33,23 @@ local function seen_at(last_seen, stamp)
   end
 end
 
+-- Stamps a transition of the user (came online, went offline) after every
+-- earlier stamp: max(now, last + 1), recorded as the last-seen time and
+-- returned, so receivers keeping the newest update end at the true state.
+local function stamp(last_seen, now)
+  local seen = tonumber(redis.call('GET', last_seen) or '0') or 0
+  local at = math.max(tonumber(now), seen + 1)
+  redis.call('SET', last_seen, at)
+  return at
+end
+
+-- Whether any lease in the sessions hash is live at `now`.
+local function any_live(sessions, now)
+  local values = redis.call('HVALS', sessions)
+  for i = 1, #values do
+    if lease(values[i], now) then
+      return true
+    end
+  end
+  return false
+end

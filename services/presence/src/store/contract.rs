@@ -56,6 +56,7 @@ pub(crate) async fn run_all(open: &Open) -> usize {
         ("last_seen_after_unregister", Box::pin(last_seen_after_unregister(open))),
         ("last_seen_after_expiry_is_the_last_renewal", Box::pin(last_seen_after_expiry_is_the_last_renewal(open))),
         ("many_users_are_located_at_once", Box::pin(many_users_are_located_at_once(open))),
+        ("transitions_come_with_their_writes", Box::pin(transitions_come_with_their_writes(open))),
     ];
     let count = cases.len();
     join_all(cases.into_iter().map(|(name, case)| async move {
@@ -265,4 +266,30 @@ async fn many_users_are_located_at_once(open: &Open) {
     assert_eq!(status.len(), 201);
     assert!(status[..200].iter().all(|s| s.online) && !status[200].online);
     assert_eq!(status.iter().map(|s| &s.user_id).collect::<Vec<_>>(), asked.iter().collect::<Vec<_>>());
+}
+
+/// Came online / went offline is decided with the write, and each
+/// transition is stamped after the user's every earlier one.
+async fn transitions_come_with_their_writes(open: &Open) {
+    let store = open(LONG).await;
+    let mia = user("mia");
+    let online = store.register(session(&mia, "phone", "m1", "g1"), 4, Mode::Connect).await.unwrap();
+    assert!(online.changed, "{online:?}");
+    let second = store.register(session(&mia, "laptop", "m2", "g1"), 4, Mode::Connect).await.unwrap();
+    assert!(!second.changed, "{second:?}");
+    // The same device reconnecting replaces its session: still online.
+    let replaced = store.register(session(&mia, "laptop", "m3", "g2"), 4, Mode::Connect).await.unwrap();
+    assert!(!replaced.changed, "{replaced:?}");
+    assert!(!store.unregister(&mia, "m1").await.unwrap().changed);
+    let offline = store.unregister(&mia, "m3").await.unwrap();
+    assert!(offline.changed && offline.at_ms > online.at_ms, "{offline:?} after {online:?}");
+    assert_eq!(store.status(std::slice::from_ref(&mia)).await.unwrap()[0].last_seen_ms, offline.at_ms);
+    // Within one millisecond of the last transition, the next still stamps after it.
+    let back = store.register(session(&mia, "phone", "m4", "g1"), 4, Mode::Connect).await.unwrap();
+    let gone = store.unregister(&mia, "m4").await.unwrap();
+    assert!(back.changed && gone.changed, "{back:?} {gone:?}");
+    assert!(offline.at_ms < back.at_ms && back.at_ms < gone.at_ms, "{offline:?} {back:?} {gone:?}");
+    // Unknown sessions change nothing while another is live.
+    store.register(session(&mia, "phone", "m5", "g1"), 4, Mode::Connect).await.unwrap();
+    assert!(!store.unregister(&mia, "never").await.unwrap().changed);
 }
