@@ -92,6 +92,10 @@ enum Command {
 }
 
 /// The flags layer: only what was given on the command line.
+/// The `MESSENGER_*` variables that are flags of this binary (clap reads
+/// them), not settings.
+const FLAG_VARIABLES: &[&str] = &["CONFIG", "TOKEN"];
+
 #[derive(Serialize)]
 struct Flags {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -101,7 +105,8 @@ struct Flags {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config: Config = messenger_platform::config::load(cli.config.as_deref(), &Flags { data_dir: cli.data_dir })?;
+    let flags = Flags { data_dir: cli.data_dir };
+    let config: Config = messenger_platform::config::load(cli.config.as_deref(), &flags, FLAG_VARIABLES)?;
     match cli.command {
         Command::Certs { out, public_names, days } => {
             let generated = messenger::certs::generate(&out, &config.tls.cluster_domain, &public_names, days)?;

@@ -40,7 +40,10 @@ pub trait Validate {
 
 /// Merges the layers into `T`. `flags` is the last layer: only the fields a
 /// caller sets (serialize it with `skip_serializing_if = "Option::is_none"`).
-pub fn load<T, F>(file: Option<&Path>, flags: &F) -> Result<T, Error>
+/// `not_settings` names the `MESSENGER_*` variables that are the binary's own
+/// flags (`MESSENGER_CONFIG` names the file), without the prefix: they are
+/// not read as settings, or `deny_unknown_fields` would refuse them.
+pub fn load<T, F>(file: Option<&Path>, flags: &F, not_settings: &[&str]) -> Result<T, Error>
 where
     T: DeserializeOwned + Serialize + Default + Validate,
     F: Serialize,
@@ -52,7 +55,8 @@ where
         }
         figment = figment.merge(Toml::file(path));
     }
-    figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__")).merge(Serialized::defaults(flags));
+    let environment = Env::prefixed(ENV_PREFIX).ignore(not_settings).split("__");
+    figment = figment.merge(environment).merge(Serialized::defaults(flags));
     let value: T = figment.extract()?;
     value.validate().map_err(Error::Invalid)?;
     Ok(value)
@@ -121,12 +125,28 @@ mod tests {
             jail.create_file("m.toml", "name = \"file\"\nlimit = 5\n[inner]\ndepth = 3\n")?;
             jail.set_env("MESSENGER_LIMIT", "7");
             jail.set_env("MESSENGER_INNER__DEPTH", "9");
-            let sample: Sample = load(Some(Path::new("m.toml")), &Flags { name: Some("flag".into()) }).unwrap();
+            let sample: Sample = load(Some(Path::new("m.toml")), &Flags { name: Some("flag".into()) }, &[]).unwrap();
             assert_eq!(sample.name, "flag");
             assert_eq!(sample.limit, 7);
             assert_eq!(sample.inner.depth, 9);
-            let defaults: Sample = load(None, &Flags { name: None }).unwrap();
+            let defaults: Sample = load(None, &Flags { name: None }, &[]).unwrap();
             assert_eq!(defaults.name, "default");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_binarys_own_variables_are_not_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("m.toml", "limit = 5\n")?;
+            jail.set_env("MESSENGER_CONFIG", "m.toml");
+            jail.set_env("MESSENGER_TOKEN", "a bearer token");
+            let sample: Sample = load(Some(Path::new("m.toml")), &Flags { name: None }, &["CONFIG", "TOKEN"]).unwrap();
+            assert_eq!(sample.limit, 5);
+            // Any other unknown variable is still refused.
+            jail.set_env("MESSENGER_LIMT", "3");
+            let error = load::<Sample, _>(None, &Flags { name: None }, &["CONFIG", "TOKEN"]).unwrap_err();
+            assert!(error.to_string().contains("limt"), "{error}");
             Ok(())
         });
     }
@@ -135,12 +155,12 @@ mod tests {
     fn invalid_values_and_unknown_keys_are_rejected() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "limit = 0\n")?;
-            let error = load::<Sample, _>(Some(Path::new("bad.toml")), &Flags { name: None }).unwrap_err();
+            let error = load::<Sample, _>(Some(Path::new("bad.toml")), &Flags { name: None }, &[]).unwrap_err();
             assert!(error.to_string().contains("limit must be positive"), "{error}");
             jail.create_file("typo.toml", "limt = 3\n")?;
-            let error = load::<Sample, _>(Some(Path::new("typo.toml")), &Flags { name: None }).unwrap_err();
+            let error = load::<Sample, _>(Some(Path::new("typo.toml")), &Flags { name: None }, &[]).unwrap_err();
             assert!(error.to_string().contains("limt"), "{error}");
-            let error = load::<Sample, _>(Some(Path::new("absent.toml")), &Flags { name: None }).unwrap_err();
+            let error = load::<Sample, _>(Some(Path::new("absent.toml")), &Flags { name: None }, &[]).unwrap_err();
             assert!(matches!(error, Error::MissingFile { .. }));
             Ok(())
         });
