@@ -23,6 +23,8 @@ bash scripts/setup.sh
 # The pinned, prebuilt cargo-nextest, cargo-deny and cargo-fuzz come first.
 PATH="$(bash scripts/cargo-tools.sh):$PATH"
 cargo fmt --all -- --check
+# No import circle among each crate's modules (a module and its submodules are one unit).
+python3 scripts/module-cycles.py
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo deny --locked check --hide-inclusion-graph licenses bans sources
 # A short run: it replays the kept corpus and explores for a few seconds,

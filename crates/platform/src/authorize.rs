@@ -22,7 +22,7 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use crate::discovery::Role;
+use crate::role::Role;
 
 /// `(path prefix, roles that may call it)`.
 pub type Rules = Vec<(&'static str, &'static [Role])>;

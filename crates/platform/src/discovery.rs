@@ -28,51 +28,7 @@ use crate::trace::Traced;
 pub type Channel = Traced<tonic::transport::Channel>;
 
 pub use self::etcd::{EtcdDiscovery, EtcdOptions};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Gateway,
-    Message,
-    Presence,
-    Media,
-    Notify,
-}
-
-impl Role {
-    /// Every role, in start-up order (what others call first).
-    pub const ALL: [Role; 5] = [Role::Presence, Role::Notify, Role::Message, Role::Media, Role::Gateway];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Gateway => "gateway",
-            Role::Message => "message",
-            Role::Presence => "presence",
-            Role::Media => "media",
-            Role::Notify => "notify",
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "gateway" => Ok(Role::Gateway),
-            "message" => Ok(Role::Message),
-            "presence" => Ok(Role::Presence),
-            "media" => Ok(Role::Media),
-            "notify" => Ok(Role::Notify),
-            other => Err(format!("unknown service {other:?} (expected gateway, message, presence, media or notify)")),
-        }
-    }
-}
+pub use crate::role::Role;
 
 /// Where the addresses of other instances come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +201,15 @@ pub fn route<T>(request: &mut tonic::Request<T>, key: &str) {
     if let Ok(value) = key.parse() {
         request.metadata_mut().insert(ROUTE_KEY, value);
     }
+}
+
+/// `message` as a request routed by `key` (a conversation id, say), so one
+/// instance usually serves a key and its caches stay warm; any instance is
+/// correct.
+pub fn routed<T>(key: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    route(&mut request, key);
+    request
 }
 
 /// Rendezvous (highest random weight) order of `addresses` for `key`: adding

@@ -12,6 +12,7 @@
 //!   behind a trait so etcd can replace it.
 //! - [`auth`]: JWT bearer verification (HS256, RS256, ES256, JWKS, keys
 //!   reloaded on change) and development tokens.
+//! - [`role`]: the five roles a process can play.
 //! - [`tls`]: TLS on the public port, mutual TLS between services, the roles
 //!   a cluster certificate carries; [`authorize`]: which role may call which
 //!   internal RPC; [`reload`]: key and certificate files read again on change.
@@ -38,6 +39,7 @@ pub mod ids;
 pub mod metrics;
 pub mod redis;
 pub mod reload;
+pub mod role;
 pub mod server;
 pub mod shutdown;
 pub mod supervise;

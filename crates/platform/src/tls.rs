@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::Uri;
 use tracing::debug;
 
-use crate::discovery::Role;
+use crate::role::Role;
 
 /// TLS settings of the whole process (`[tls]`).
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use messenger_platform::auth::{TokenExpiry, caller};
+use messenger_platform::{
+    auth::{TokenExpiry, caller},
+    discovery::routed,
+};
 use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -283,8 +286,6 @@ impl GatewayService for Adapter {
     }
 }
 
-/// A message-service request routed by its conversation, so one instance
-/// usually serves a conversation (its caches stay warm); any instance is correct.
 impl Adapter {
     /// The caller, within the media calls' rate limit.
     fn media_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
@@ -299,12 +300,6 @@ impl Adapter {
         self.context.limits.push_settings.check(&user)?;
         Ok(user)
     }
-}
-
-pub(crate) fn routed<T>(conversation_id: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    messenger_platform::discovery::route(&mut request, conversation_id);
-    request
 }
 
 /// One of the gateway's `max_sessions` stream slots, given back on drop.

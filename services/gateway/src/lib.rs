@@ -146,7 +146,11 @@ pub async fn serve(
         acks: Arc::default(),
         open_streams: std::sync::atomic::AtomicUsize::new(0),
         token_leeway: deps.verifier.options().leeway,
-        limits: limits::Limits::new(&options),
+        limits: limits::Limits::new(
+            limits::Rate::new(options.sends_per_second, options.send_burst),
+            options.typing_per_second,
+            &options.rate_limits,
+        ),
         shutdown: shutdown.clone(),
         options,
     });

@@ -30,7 +30,7 @@ pub struct Rate {
 }
 
 impl Rate {
-    const fn new(per_second: u32, burst: u32) -> Self {
+    pub(crate) const fn new(per_second: u32, burst: u32) -> Self {
         Self { per_second, burst }
     }
 }
@@ -178,11 +178,9 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    pub(crate) fn new(options: &crate::Options) -> Self {
-        let sends = Rate::new(options.sends_per_second, options.send_burst);
-        let typing = options.typing_per_second;
-        let typing = Rate::new(typing, typing.saturating_mul(2));
-        let options = &options.rate_limits;
+    /// `sends` and `typing_per_second` per user, with the rest from `options`.
+    pub(crate) fn new(sends: Rate, typing_per_second: u32, options: &RateLimits) -> Self {
+        let typing = Rate::new(typing_per_second, typing_per_second.saturating_mul(2));
         Self {
             sends: Limit::new("sends", sends),
             typing: Limit::new("typing indicators", typing),

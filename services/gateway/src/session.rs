@@ -493,7 +493,12 @@ impl Session {
                 after_seq: Some(last),
                 limit: (upto - last - 1).min(self.context.options.sync_page as u64) as u32,
             };
-            let page = self.context.message.clone().history(crate::api::routed(conversation_id, request)).await;
+            let page = self
+                .context
+                .message
+                .clone()
+                .history(messenger_platform::discovery::routed(conversation_id, request))
+                .await;
             let messages = match page {
                 Ok(page) => page.into_inner().messages,
                 // Removed from the conversation meanwhile, say: nothing more to show.

@@ -96,6 +96,7 @@
 //! <cursor>`, so the largest value wins without a read-modify-write.
 
 mod apply;
+mod head;
 pub(crate) mod migrate;
 mod options;
 mod reads;

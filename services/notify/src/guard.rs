@@ -12,13 +12,48 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::{Host, Url};
 
-use crate::options::EgressOptions;
+use serde::{Deserialize, Serialize};
+
+/// What outbound requests to user-supplied URLs (webhooks, WebPush
+/// endpoints) may reach: no private network unless allow-listed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressOptions {
+    /// Accept http:// URLs (tests and development only).
+    pub allow_http: bool,
+    /// Address ranges reachable although private, loopback or link-local
+    /// (CIDR, e.g. "10.1.0.0/16" for an internal webhook receiver).
+    pub allow_addresses: Vec<IpNet>,
+    /// Whole request, connect included.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bytes of a response body read at most (the rest is not read).
+    pub max_response_bytes: usize,
+    /// Longest URL a device may register.
+    pub max_url_bytes: usize,
+}
+
+impl Default for EgressOptions {
+    fn default() -> Self {
+        Self {
+            allow_http: false,
+            allow_addresses: Vec::new(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+            max_response_bytes: 64 * 1024,
+            max_url_bytes: 2048,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Guard {

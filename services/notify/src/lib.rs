@@ -51,7 +51,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use error::{Error, Result};
-pub use options::{EgressOptions, Options, StoreBackend};
+pub use guard::EgressOptions;
+pub use options::{Options, StoreBackend};
 pub use service::{ReadOutcome, Service};
 pub use worker::backoff;
 
@@ -80,7 +81,14 @@ pub async fn open_store(
 /// credentials are configured through its own client (credentials reloaded
 /// on change until `shutdown`), the others through the log provider.
 pub fn providers(options: &Options, shutdown: &CancellationToken) -> Result<providers::Providers> {
-    providers::build(options, shutdown)
+    let settings = providers::Settings {
+        egress: &options.egress,
+        apns: &options.apns,
+        fcm: &options.fcm,
+        web_push: &options.web_push,
+        reload_interval: options.credentials_reload_interval,
+    };
+    providers::build(&settings, shutdown)
 }
 
 /// Who may call notify: gateways on behalf of their users (devices,

@@ -2,10 +2,12 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::providers::{apns::ApnsOptions, fcm::FcmOptions, web_push::WebPushOptions};
+use crate::{
+    guard::EgressOptions,
+    providers::{apns::ApnsOptions, fcm::FcmOptions, web_push::WebPushOptions},
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -84,27 +86,6 @@ pub enum StoreBackend {
     Scylla,
 }
 
-/// What outbound requests to user-supplied URLs (webhooks, WebPush
-/// endpoints) may reach: no private network unless allow-listed.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EgressOptions {
-    /// Accept http:// URLs (tests and development only).
-    pub allow_http: bool,
-    /// Address ranges reachable although private, loopback or link-local
-    /// (CIDR, e.g. "10.1.0.0/16" for an internal webhook receiver).
-    pub allow_addresses: Vec<IpNet>,
-    /// Whole request, connect included.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Bytes of a response body read at most (the rest is not read).
-    pub max_response_bytes: usize,
-    /// Longest URL a device may register.
-    pub max_url_bytes: usize,
-}
-
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -132,19 +113,6 @@ impl Default for Options {
             apns: ApnsOptions::default(),
             fcm: FcmOptions::default(),
             web_push: WebPushOptions::default(),
-        }
-    }
-}
-
-impl Default for EgressOptions {
-    fn default() -> Self {
-        Self {
-            allow_http: false,
-            allow_addresses: Vec::new(),
-            request_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(3),
-            max_response_bytes: 64 * 1024,
-            max_url_bytes: 2048,
         }
     }
 }

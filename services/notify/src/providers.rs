@@ -28,8 +28,7 @@ use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    guard::Guard,
-    options::Options,
+    guard::{EgressOptions, Guard},
     store::{Device, JobKind, Platform, Preview},
 };
 
@@ -205,11 +204,11 @@ impl Providers {
 /// The client for a platform's own endpoints (not user-supplied URLs):
 /// HTTP/2 where the server offers it, no redirects, the egress timeouts,
 /// and `ca_file`'s root trusted besides the public ones.
-fn platform_client(options: &Options, ca_file: Option<&PathBuf>) -> Result<reqwest::Client> {
+fn platform_client(egress: &EgressOptions, ca_file: Option<&PathBuf>) -> Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(options.egress.request_timeout)
-        .connect_timeout(options.egress.connect_timeout)
+        .timeout(egress.request_timeout)
+        .connect_timeout(egress.connect_timeout)
         .user_agent(concat!("messenger-notify/", env!("CARGO_PKG_VERSION")));
     if let Some(path) = ca_file {
         let pem = std::fs::read(path).map_err(|error| Error::Config(format!("{}: {error}", path.display())))?;
@@ -248,13 +247,13 @@ fn load<A: App>(apps: &[A]) -> std::result::Result<HashMap<String, A::Loaded>, S
 fn reloaded<A: App>(
     what: &'static str,
     apps: &[A],
-    options: &Options,
+    reload_interval: std::time::Duration,
     shutdown: &CancellationToken,
 ) -> Result<Apps<A::Loaded>> {
     let credential = Arc::new(Credential::new(load(apps).map_err(Error::Config)?));
     let paths = apps.iter().map(|app| app.file().clone()).collect();
     let (reloading, apps) = (credential.clone(), apps.to_vec());
-    messenger_platform::reload::watch(what, paths, options.credentials_reload_interval, shutdown.clone(), move || {
+    messenger_platform::reload::watch(what, paths, reload_interval, shutdown.clone(), move || {
         let loaded = load(&apps)?;
         let count = loaded.len();
         reloading.set(loaded);
@@ -263,26 +262,36 @@ fn reloaded<A: App>(
     Ok(credential)
 }
 
+/// What the providers are built from: the notify options' egress and
+/// provider sections, and how often credential files are looked at.
+pub struct Settings<'a> {
+    pub egress: &'a EgressOptions,
+    pub apns: &'a apns::ApnsOptions,
+    pub fcm: &'a fcm::FcmOptions,
+    pub web_push: &'a web_push::WebPushOptions,
+    pub reload_interval: std::time::Duration,
+}
+
 /// The providers `options` configure: a platform's own client where its
 /// credentials are set, the log provider where they are not.
-pub fn build(options: &Options, shutdown: &CancellationToken) -> Result<Providers> {
-    let guard = Guard::new(&options.egress);
+pub fn build(options: &Settings<'_>, shutdown: &CancellationToken) -> Result<Providers> {
+    let guard = Guard::new(options.egress);
     let max_response = options.egress.max_response_bytes;
     let apns: Box<dyn Provider> = if options.apns.apps.is_empty() {
         Box::new(LogProvider)
     } else {
-        let keys = reloaded("APNs keys", &options.apns.apps, options, shutdown)?;
-        let client = platform_client(options, options.apns.ca_file.as_ref())?;
+        let keys = reloaded("APNs keys", &options.apns.apps, options.reload_interval, shutdown)?;
+        let client = platform_client(options.egress, options.apns.ca_file.as_ref())?;
         info!(apps = options.apns.apps.len(), endpoint = %options.apns.endpoint, "APNs pushes on");
-        Box::new(apns::Apns::new(client, &options.apns, keys, max_response))
+        Box::new(apns::Apns::new(client, options.apns, keys, max_response))
     };
     let fcm: Box<dyn Provider> = if options.fcm.apps.is_empty() {
         Box::new(LogProvider)
     } else {
-        let accounts = reloaded("FCM service accounts", &options.fcm.apps, options, shutdown)?;
-        let client = platform_client(options, options.fcm.ca_file.as_ref())?;
+        let accounts = reloaded("FCM service accounts", &options.fcm.apps, options.reload_interval, shutdown)?;
+        let client = platform_client(options.egress, options.fcm.ca_file.as_ref())?;
         info!(apps = options.fcm.apps.len(), endpoint = %options.fcm.endpoint, "FCM pushes on");
-        Box::new(fcm::Fcm::new(client, &options.fcm, accounts, max_response))
+        Box::new(fcm::Fcm::new(client, options.fcm, accounts, max_response))
     };
     let web_push: Box<dyn Provider> = match &options.web_push.vapid_key_file {
         None => Box::new(LogProvider),
@@ -301,17 +310,17 @@ pub fn build(options: &Options, shutdown: &CancellationToken) -> Result<Provider
             messenger_platform::reload::watch(
                 "VAPID key",
                 vec![path.clone()],
-                options.credentials_reload_interval,
+                options.reload_interval,
                 shutdown.clone(),
                 move || {
                     reloading.set(read()?);
                     Ok("1 key".into())
                 },
             );
-            Box::new(web_push::WebPush::new(guard.clone(), &options.egress, &options.web_push, key))
+            Box::new(web_push::WebPush::new(guard.clone(), options.egress, options.web_push, key))
         }
     };
-    let webhook = Box::new(webhook::Webhook::new(guard, &options.egress));
+    let webhook = Box::new(webhook::Webhook::new(guard, options.egress));
     Ok(Providers { apns, fcm, web_push, webhook })
 }
 

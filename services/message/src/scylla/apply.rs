@@ -19,14 +19,13 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use serde::{Deserialize, Serialize};
-
 use ::scylla::statement::batch::BatchType;
 use tracing::warn;
 use uuid::Uuid;
 
 use super::{
     BatchBuilder, Inner,
+    head::{Effect, Pending, takeover_after_ms},
     reads::{self, conversation_for_member, head, member, members, message_at},
     rows::{Head, NewRow, bucket, conversation_kind_code, execution_error, outcome_unknown, roster_value, seq_value},
 };
@@ -170,31 +169,6 @@ pub(super) async fn create_group(
     Ok((conversation, Appended { entry, audience }))
 }
 
-/// Row changes a plan makes once its entries have seqs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-enum Effect {
-    /// Starts a membership at the first entry's seq.
-    Join(String, Role),
-    /// Ends a membership at the first entry's seq.
-    End(String),
-    SetRole(String, Role),
-    /// Edits the target; the first entry is the edit.
-    Edit {
-        target_seq: u64,
-        body: String,
-        now_ms: i64,
-    },
-    Delete {
-        target_seq: u64,
-        edits: Vec<u64>,
-    },
-    React {
-        target_seq: u64,
-        user: String,
-        emoji: String,
-    },
-}
-
 /// What a change appends and changes.
 struct Plan {
     entries: Vec<StoredMessage>,
@@ -209,43 +183,6 @@ impl Plan {
     }
 }
 
-/// What a change that holds the apply lock still has to write: its entries
-/// (with seqs) and row effects, recorded in the head by the lock's LWT.
-#[derive(Serialize, Deserialize)]
-pub(super) struct Pending {
-    entries: Vec<StoredMessage>,
-    effects: Vec<Effect>,
-    now_ms: i64,
-}
-
-impl Pending {
-    pub(super) fn of(head: &Head) -> Option<Pending> {
-        let text = head.pending.as_deref()?;
-        match serde_json::from_str(text) {
-            Ok(pending) => Some(pending),
-            Err(error) => {
-                warn!(%error, conversation_id = %head.id, "unreadable pending change");
-                None
-            }
-        }
-    }
-
-    /// How many of `rows` come before the first seq this change will still
-    /// write at or after `from` (`rows.len()` if none).
-    pub(super) fn first_row_after(&self, rows: &[StoredMessage], from: u64) -> usize {
-        let Some(first) = self.entries.iter().map(|entry| entry.seq).filter(|seq| *seq >= from).min() else {
-            return rows.len();
-        };
-        rows.iter().position(|row| row.seq > first).unwrap_or(rows.len())
-    }
-
-    /// The seq at which this change ends `user`'s membership, if it does.
-    pub(super) fn ends(&self, user: &str) -> Option<u64> {
-        let ends = self.effects.iter().any(|effect| matches!(effect, Effect::End(ended) if ended == user));
-        ends.then(|| self.entries.first().map(|entry| entry.seq)).flatten()
-    }
-}
-
 /// Completes the change of a holder that stopped (its lock is past the
 /// takeover time): writes what it recorded, then releases its lock.
 pub(super) async fn roll_forward(inner: &Inner, head: &Head) -> Result<()> {
@@ -256,11 +193,6 @@ pub(super) async fn roll_forward(inner: &Inner, head: &Head) -> Result<()> {
     }
     release(inner, head.id, holder).await;
     Ok(())
-}
-
-/// Whether the apply lock in `head` outlived its holder's budget.
-pub(super) fn stale_lock(inner: &Inner, head: &Head, now_ms: i64) -> bool {
-    head.applying.is_some_and(|(_, since)| now_ms.saturating_sub(since) >= super::send::takeover_after_ms(inner))
 }
 
 /// The actor's membership: role from the roster (exact), seqs from its row.
@@ -415,7 +347,7 @@ async fn plan(inner: &Inner, head: &Head, actor: &Member, request: &ChangeReques
 pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<Appended>> {
     let id = request.conversation_id;
     let token = Uuid::now_v7();
-    let lock_timeout_ms = super::send::takeover_after_ms(inner);
+    let lock_timeout_ms = takeover_after_ms(inner);
     let mut wait = Duration::from_millis(5);
     for _ in 0..inner.options.lwt_max_retries {
         let head = head(inner, id, true).await?.ok_or(Error::ConversationNotFound)?;

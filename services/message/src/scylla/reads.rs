@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::{
     Inner,
-    apply::Pending,
+    head::{Pending, declare_lost},
     rows::{FlagsRow, Head, HeadRow, InboxRow, MemberRow, MessageRow, bucket, bucket_span, seq_value, spans},
 };
 use crate::{
@@ -134,7 +134,7 @@ async fn range(
             // What is skipped is declared lost first, so it never appears
             // behind a cursor that passed it.
             for (low, high) in gaps(&found[before..before + readable], expected) {
-                super::send::declare_lost(inner, id, low, high).await?;
+                declare_lost(inner, id, low, high).await?;
             }
             if readable < found.len() - before {
                 found.truncate(before + readable);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use ::scylla::{
     DeserializeRow, SerializeRow,
-    errors::{DbError, ExecutionError, PagerExecutionError, PrepareError, RequestAttemptError, WriteType},
+    errors::{DbError, ExecutionError, PagerExecutionError, RequestAttemptError, WriteType},
 };
 use messenger_platform::cql;
 use uuid::Uuid;
@@ -134,7 +134,7 @@ pub(super) struct Head {
     /// The apply lock: holder and since when (ms).
     pub applying: Option<(Uuid, i64)>,
     /// The rows the lock holder's change has yet to write (JSON of
-    /// `apply::Pending`), present exactly while the lock is held.
+    /// `head::Pending`), present exactly while the lock is held.
     pub pending: Option<String>,
 }
 
@@ -355,10 +355,6 @@ pub(super) fn outcome_unknown(error: &ExecutionError) -> bool {
         },
         _ => false,
     }
-}
-
-pub(super) fn prepare_error(error: PrepareError) -> Error {
-    cql::prepare_error(error).into()
 }
 
 pub(super) fn pager_error(error: PagerExecutionError) -> Error {

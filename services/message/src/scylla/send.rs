@@ -22,8 +22,9 @@ use uuid::Uuid;
 
 use super::{
     BatchBuilder, Inner,
+    head::{declare_lost, now_micros, stale_lock, takeover_after_ms},
     reads::{self, head, member, message_at},
-    rows::{Head, NewRow, bucket, bucket_span, chunks, copy_error, execution_error, outcome_unknown, seq_value},
+    rows::{Head, NewRow, chunks, copy_error, execution_error, outcome_unknown, seq_value},
 };
 use crate::{
     error::{Error, Result},
@@ -193,7 +194,7 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
         Err(error) => return sends.into_iter().for_each(|s| s.fail(copy_error(&error))),
     };
     // A change whose writer stopped is completed by whoever comes next.
-    if super::apply::stale_lock(inner, &head, messenger_platform::ids::now_ms())
+    if stale_lock(inner, &head, messenger_platform::ids::now_ms())
         && let Err(error) = super::apply::roll_forward(inner, &head).await
     {
         warn!(%error, conversation_id = %id, "cannot complete an unfinished change yet");
@@ -275,25 +276,6 @@ impl Stamp {
     }
 }
 
-pub(super) fn now_micros() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
-}
-
-/// Declares the seqs `from..=to` lost for good: a range tombstone per bucket
-/// at this instant, so rows their writers stamped earlier never appear,
-/// whenever they land. Called only past every such writer's deadline.
-pub(super) async fn declare_lost(inner: &Inner, id: Uuid, from: u64, to: u64) -> Result<()> {
-    let now = now_micros();
-    let buckets = (bucket(from)..=bucket(to)).map(|index| {
-        let (low, high) = bucket_span(index, from, to);
-        inner.run(&inner.statements.messages_lost, (now, id, index, seq_value(low), seq_value(high)))
-    });
-    join_all(buckets).await.into_iter().collect::<Result<Vec<()>>>()?;
-    warn!(conversation_id = %id, from, to, "seqs declared lost (their writer stopped before its rows)");
-    Ok(())
-}
-
 /// Why `user` may not send, judged by the roster in the head.
 async fn sender_error(inner: &Inner, head: &Head, user: &str) -> Option<Error> {
     if head.roster.contains_key(user) {
@@ -373,11 +355,6 @@ async fn claim(inner: &Inner, message: &NewMessage) -> Result<Claim> {
             return Ok(Claim::Ours);
         }
     }
-}
-
-/// How long a claim or apply lock without progress stays its holder's.
-pub(super) fn takeover_after_ms(inner: &Inner) -> i64 {
-    2 * inner.options.lock_timeout.as_millis() as i64
 }
 
 /// Gives a claim up (the send failed before its seq was reserved), so the

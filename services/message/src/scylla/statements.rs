@@ -10,8 +10,9 @@
 
 use ::scylla::{client::session::Session, statement::Consistency, statement::prepared::PreparedStatement};
 
-use super::rows::prepare_error;
-use crate::error::Result;
+use messenger_platform::cql;
+
+use crate::error::{Error, Result};
 
 /// Implemented by bound values with `N` members.
 pub(crate) trait Arity<const N: usize> {}
@@ -113,7 +114,10 @@ async fn prepare(
     text: &str,
     serial: Consistency,
 ) -> Result<PreparedStatement> {
-    let mut prepared = session.prepare(text.replace("{keyspace}", keyspace)).await.map_err(prepare_error)?;
+    let mut prepared = session
+        .prepare(text.replace("{keyspace}", keyspace))
+        .await
+        .map_err(|error| Error::from(cql::prepare_error(error)))?;
     match mode {
         Mode::Read | Mode::Write => prepared.set_is_idempotent(true),
         Mode::SerialRead => {

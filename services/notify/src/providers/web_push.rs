@@ -30,8 +30,7 @@ use sha2::Sha256;
 
 use super::{Outcome, Provider, Push, send_for_status};
 use crate::{
-    guard::Guard,
-    options::EgressOptions,
+    guard::{EgressOptions, Guard},
     store::{Device, JobKind},
 };
 
