@@ -115,7 +115,7 @@ async fn main() -> anyhow::Result<()> {
             println!("one role per process: cluster_cert_file = <role>.pem, cluster_key_file = <role>-key.pem");
         }
         Command::Config { check: true } => println!("configuration is valid"),
-        Command::Config { check: false } => print!("{}", messenger_platform::config::render(&config)?),
+        Command::Config { check: false } => print!("{}", messenger_platform::config::render_redacted(&config)?),
         Command::Migrate => {
             let _telemetry = telemetry::init(&config.log, &TracingOptions::default(), "messenger-migrate");
             println!("{}", system::migrate(&config).await?);
@@ -133,6 +133,11 @@ async fn main() -> anyhow::Result<()> {
             // No object storage configured: the one in this process.
             if config.media.s3.endpoint.is_empty() {
                 config.media.s3.embedded = true;
+            }
+            if messenger::certs::ephemeral_cluster_tls(&mut config)? {
+                tracing::info!("internal hops use mutual TLS with a cluster CA made for this run");
+            } else if config.tls.insecure_cluster_plaintext {
+                tracing::warn!("tls.insecure_cluster_plaintext: internal ports accept any caller as any user");
             }
             let data_dir = config.data_dir.clone();
             let running = system::start(config, &system::ALL_ROLES).await?;

@@ -79,6 +79,41 @@ pub fn render<T: Serialize>(value: &T) -> Result<String, Error> {
     Ok(toml::to_string_pretty(value)?)
 }
 
+/// What [`render_redacted`] puts in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// Renders the effective configuration for people to read (`messenger
+/// config`): like [`render`], with every secret replaced by [`REDACTED`]:
+/// values of keys naming a secret, password or token (not the `*_file`
+/// keys that name where one is), and the password of any URL.
+pub fn render_redacted<T: Serialize>(value: &T) -> Result<String, Error> {
+    let mut value = toml::Value::try_from(value)?;
+    redact(&mut value, None);
+    Ok(toml::to_string_pretty(&value)?)
+}
+
+fn redact(value: &mut toml::Value, key: Option<&str>) {
+    let secret_key = key.is_some_and(|key| {
+        let key = key.to_ascii_lowercase();
+        !key.ends_with("_file")
+            && (key.contains("secret") || key.contains("password") || key.contains("token") || key == "private_key")
+    });
+    match value {
+        toml::Value::Table(table) => table.iter_mut().for_each(|(key, value)| redact(value, Some(key))),
+        toml::Value::Array(items) => items.iter_mut().for_each(|item| redact(item, key)),
+        toml::Value::String(text) if secret_key && !text.is_empty() => *text = REDACTED.to_owned(),
+        toml::Value::String(text) => {
+            if let Ok(mut url) = url::Url::parse(text)
+                && url.password().is_some()
+                && url.set_password(Some(REDACTED)).is_ok()
+            {
+                *text = url.to_string();
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 // figment's Jail API returns its large error type; that is fine in tests.
 #[allow(clippy::result_large_err)]
@@ -133,6 +168,37 @@ mod tests {
             assert_eq!(defaults.name, "default");
             Ok(())
         });
+    }
+
+    #[test]
+    fn rendering_for_people_hides_every_secret() {
+        #[derive(Serialize)]
+        struct Secrets {
+            hs256_secret: Option<String>,
+            secret_access_key: String,
+            secret_file: String,
+            redis: Redis,
+            nodes: Vec<String>,
+        }
+        #[derive(Serialize)]
+        struct Redis {
+            url: String,
+            password: String,
+        }
+        let secrets = Secrets {
+            hs256_secret: Some("hmac-key-1".into()),
+            secret_access_key: "s3-key-2".into(),
+            secret_file: "/run/secrets/cdn".into(),
+            redis: Redis { url: "redis://cache:url-pass-3@redis:6379/0".into(), password: "pass-4".into() },
+            nodes: vec!["10.0.0.1:9042".into()],
+        };
+        let text = render_redacted(&secrets).unwrap();
+        for secret in ["hmac-key-1", "s3-key-2", "url-pass-3", "pass-4"] {
+            assert!(!text.contains(secret), "{secret} shown:\n{text}");
+        }
+        for kept in ["/run/secrets/cdn", "redis:6379/0", "cache:", "10.0.0.1:9042"] {
+            assert!(text.contains(kept), "{kept} hidden:\n{text}");
+        }
     }
 
     #[test]

@@ -399,14 +399,39 @@ fn build_client((ca, cert, key): &(PathBuf, PathBuf, PathBuf)) -> Result<ClientC
 }
 
 /// The roles a verified peer certificate carries: those whose
-/// `<role>.<domain>` name it is valid for.
+/// `<role>.<domain>` name it names exactly and is valid for. A wildcard
+/// name (`*.<domain>`) grants no role: a certificate made for something
+/// else under the cluster domain must not act as every service.
 pub fn roles_of(certificate: &CertificateDer<'_>, domain: &str) -> Vec<Role> {
     let Ok(end_entity) = webpki::EndEntityCert::try_from(certificate) else { return Vec::new() };
     Role::ALL
         .into_iter()
         .filter(|role| {
-            ServerName::try_from(format!("{role}.{domain}"))
-                .is_ok_and(|name| end_entity.verify_is_valid_for_subject_name(&name).is_ok())
+            let wanted = format!("{role}.{domain}");
+            end_entity.valid_dns_names().any(|name| name.eq_ignore_ascii_case(&wanted))
+                && ServerName::try_from(wanted)
+                    .is_ok_and(|name| end_entity.verify_is_valid_for_subject_name(&name).is_ok())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(names: &[&str]) -> CertificateDer<'static> {
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(names).unwrap().self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_role_is_granted_by_its_exact_name_only() {
+        let domain = "messenger.internal";
+        assert_eq!(roles_of(&certificate(&["message.messenger.internal"]), domain), [Role::Message]);
+        let both = certificate(&["gateway.messenger.internal", "PRESENCE.messenger.internal"]);
+        assert_eq!(roles_of(&both, domain), [Role::Presence, Role::Gateway]);
+        assert!(roles_of(&certificate(&["*.messenger.internal"]), domain).is_empty(), "a wildcard granted roles");
+        assert!(roles_of(&certificate(&["message.elsewhere.internal"]), domain).is_empty());
+    }
 }

@@ -448,3 +448,104 @@ fn config_check_accepts_a_valid_file_and_names_what_is_wrong_in_others() {
     let (ok, text) = check("[media]\nstore = \"scylla\"\n[message.scylla]\nrequest_timeout = \"10s\"\n");
     assert!(!ok && text.contains("lock_timeout"), "{text}");
 }
+
+/// `messenger up` as a newcomer runs it, on free ports: its internal hops use
+/// mutual TLS with a CA made at start, so a plaintext caller can neither send
+/// as another user on the message port nor fake a `Deliver` on the gateway's
+/// internal port, while the public port chats as before.
+#[tokio::test]
+async fn a_default_messenger_up_refuses_forged_internal_calls() {
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = || messenger_testkit::free_port().to_string();
+    let (public, internal, message) = (port(), port(), port());
+    let listeners = [
+        ("MESSENGER_GATEWAY__LISTEN", public.clone()),
+        ("MESSENGER_GATEWAY__INTERNAL_LISTEN", internal.clone()),
+        ("MESSENGER_MESSAGE__LISTEN", message.clone()),
+        ("MESSENGER_PRESENCE__LISTEN", port()),
+        ("MESSENGER_MEDIA__LISTEN", port()),
+        ("MESSENGER_NOTIFY__LISTEN", port()),
+        ("MESSENGER_ADMIN__LISTEN", port()),
+        ("MESSENGER_MEDIA__S3__EMBEDDED_LISTEN", port()),
+    ];
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_messenger"));
+    command
+        .arg("up")
+        .env_remove("RUST_LOG")
+        .env_remove("MESSENGER_TEST_STORE")
+        .env_remove("MESSENGER_TEST_SCYLLA")
+        .env("MESSENGER_DATA_DIR", dir.path().join("data"))
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log));
+    for (name, port) in &listeners {
+        command.env(name, format!("127.0.0.1:{port}"));
+    }
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _up = Killed(command.spawn().expect("cannot start messenger up"));
+
+    // The public port works: two users chat through every internal hop.
+    let development = Config::default().auth.or_development();
+    let token = |user: &str| auth::mint_hs256(&development, user, Duration::from_secs(600)).unwrap();
+    let endpoint = format!("http://127.0.0.1:{public}");
+    let connect = |user: &'static str| {
+        let options = messenger_client::Options::new(endpoint.clone(), token(user), "phone");
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT * 2;
+            loop {
+                match Client::connect(options.clone()).await {
+                    Ok(connected) => return connected,
+                    Err(error) if tokio::time::Instant::now() < deadline => {
+                        let _ = error;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(error) => panic!("messenger up did not come up: {error}"),
+                }
+            }
+        }
+    };
+    let (alice, _alice_events) = connect("alice").await;
+    let (_bob, mut bob_events) = connect("bob").await;
+    let direct = alice.direct("bob").await.unwrap();
+    alice.send(&direct.conversation_id, "over mutual TLS").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.body, "over mutual TLS");
+    let ca = dir.path().join("data").join(certs::EPHEMERAL_DIR).join("ca.pem");
+    assert!(ca.exists(), "the cluster CA made at start");
+
+    // A plaintext caller on the internal ports gets nothing done.
+    let forged = async {
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{message}")).unwrap().connect().await?;
+        let send = pb::SendRequest {
+            sender_id: "bob".into(),
+            device_id: "forged".into(),
+            conversation_id: direct.conversation_id.clone(),
+            client_msg_id: "forged-1".into(),
+            body: "sent as bob by someone else".into(),
+            reply_to_seq: 0,
+            media_ids: Vec::new(),
+        };
+        MessageServiceClient::new(channel).send(send).await.map(|_| ()).map_err(|status| status.to_string().into())
+    };
+    let forged: Result<(), Box<dyn std::error::Error>> = forged.await;
+    assert!(forged.is_err(), "a forged send on the message port was accepted");
+    let fake = async {
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{internal}")).unwrap().connect().await?;
+        GatewayInternalServiceClient::new(channel)
+            .deliver(deliver_request())
+            .await
+            .map(|_| ())
+            .map_err(|status| status.to_string().into())
+    };
+    let fake: Result<(), Box<dyn std::error::Error>> = fake.await;
+    assert!(fake.is_err(), "a fake Deliver on the gateway's internal port was accepted");
+    let history = alice.history(&direct.conversation_id, 0, 10).await.unwrap();
+    assert!(history.messages.iter().all(|m| m.body != "sent as bob by someone else"));
+}
