@@ -342,6 +342,15 @@ impl Security {
         if roles.contains(&Role::Gateway) {
             let keys = Verifier::from_options(&config.auth)?;
             if config.auth.uses_development_secret() {
+                // Anyone can sign a token with the published secret: fine on
+                // this machine only.
+                if let Some(address) = addresses.gateway.filter(|address| !address.ip().is_loopback()) {
+                    anyhow::bail!(
+                        "the public port {address} is not on loopback and auth uses the published development \
+                         secret: anyone could sign in as anyone. Configure auth.jwks_file or auth.hs256_secret, \
+                         or listen on 127.0.0.1"
+                    );
+                }
                 warn!("auth uses the published development secret (development mode): any token it signs is accepted");
             }
             let reloading = keys.clone();

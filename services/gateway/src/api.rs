@@ -276,6 +276,16 @@ impl GatewayService for Adapter {
     ) -> Result<Response<pb::MuteConversationResponse>, Status> {
         let user_id = self.push_caller(&request)?;
         let request = request.into_inner();
+        // Only a member mutes a conversation: anyone else gets NOT_FOUND, as
+        // for every other call naming a conversation it cannot see.
+        let membership = routed(
+            &request.conversation_id,
+            pb::MessageGetConversationRequest {
+                user_id: user_id.clone(),
+                request: Some(pb::GetConversationRequest { conversation_id: request.conversation_id.clone() }),
+            },
+        );
+        self.context.message.clone().get_conversation(membership).await?;
         let request = pb::NotifyMuteRequest {
             user_id,
             conversation_id: request.conversation_id,

@@ -280,6 +280,10 @@ async fn a_gone_webhook_loses_its_registration_and_a_muted_conversation_pushes_n
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(hooks.of("phone").is_empty(), "muted on every device");
     desktop.mute(&conversation, 0).await.unwrap();
+    // Only a member mutes: a stranger learns nothing, not even that it exists.
+    let (stranger, _stranger_events) = system.connect("mallory", "phone").await;
+    let refused = stranger.mute(&conversation, messenger_platform::ids::now_ms() + 60_000).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
 
     hooks.script.lock().unwrap().push_back((StatusCode::GONE, None));
     alice.send(&conversation, "to a dead hook").await.unwrap();

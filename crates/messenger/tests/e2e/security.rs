@@ -59,6 +59,12 @@ async fn serve_refuses_without_keys_with_the_published_secret_and_with_exposed_p
     let error = start_error(published, &[Role::Gateway]).await;
     assert!(error.contains("published development secret"), "{error}");
 
+    // Development mode (what `messenger up` uses without keys) only on loopback.
+    let mut development = Config::for_loopback(dir.path());
+    development.gateway.listen = "0.0.0.0:0".into();
+    let error = start_error(development, &[Role::Gateway]).await;
+    assert!(error.contains("not on loopback") && error.contains("published development secret"), "{error}");
+
     // Keys are fine; an internal port on every interface without mutual TLS is not.
     let mut exposed = Config::for_loopback(dir.path());
     exposed.message.listen = "0.0.0.0:0".into();
