@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -63,10 +64,27 @@ pub(crate) struct Task {
     next_order: u64,
     /// Frames waiting for room on the stream; the loop never blocks on sending.
     backlog: VecDeque<ClientFrame>,
+    /// Sends the server could not finish for now (UNAVAILABLE, DEADLINE_EXCEEDED,
+    /// ABORTED), due to go again on this stream, same id: (when, client_msg_id).
+    retries: Vec<(tokio::time::Instant, String)>,
+    /// How many times each such send was tried again, for its backoff.
+    retried: HashMap<String, u32>,
     highest: HashMap<String, u64>,
     acks: HashMap<String, u64>,
     reads: HashMap<String, u64>,
     model: Arc<Mutex<Model>>,
+}
+
+/// The first wait before a send the server could not finish goes again;
+/// doubled per try up to [`SEND_RETRY_MAX`].
+const SEND_RETRY_FIRST: Duration = Duration::from_millis(50);
+const SEND_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Resolves when the earliest of `retries` is due.
+async fn retry_due(retries: &[(tokio::time::Instant, String)]) {
+    if let Some(at) = retries.iter().map(|(at, _)| *at).min() {
+        tokio::time::sleep_until(at).await;
+    }
 }
 
 /// How one stream ended.
@@ -98,6 +116,8 @@ impl Task {
             pending_ids: HashMap::new(),
             next_order: 0,
             backlog: VecDeque::new(),
+            retries: Vec::new(),
+            retried: HashMap::new(),
             highest: HashMap::new(),
             acks: HashMap::new(),
             reads: HashMap::new(),
@@ -274,6 +294,7 @@ impl Task {
         // ids, in the order the app sent it.
         self.drop_abandoned();
         self.backlog.clear();
+        self.retries.clear();
         let resend: Vec<ClientFrame> =
             self.pending.values().map(|p| send_frame(p.frame.clone(), p.trace.clone())).collect();
         self.backlog.extend(resend);
@@ -325,6 +346,10 @@ impl Task {
                     self.flush_acks();
                     None
                 }
+                () = retry_due(&self.retries), if !self.retries.is_empty() => {
+                    self.resend_due();
+                    None
+                }
                 _ = ping_tick.tick() => {
                     nonce += 1;
                     self.backlog.push_back(ClientFrame { trace_context: Default::default(), frame: Some(OutFrame::Ping(pb::Ping { nonce })) });
@@ -358,8 +383,37 @@ impl Task {
     }
 
     fn take_pending(&mut self, client_msg_id: &str) -> Option<Pending> {
+        self.retried.remove(client_msg_id);
         let order = self.pending_ids.remove(client_msg_id)?;
         self.pending.remove(&order)
+    }
+
+    /// A send the server could not finish for now goes again on this stream
+    /// with its id (the server answers the original if it stored it), after a
+    /// backoff or the wait the server named; the stream and every other send
+    /// are left alone. The caller's `send_timeout` bounds the tries.
+    fn retry_later(&mut self, client_msg_id: &str, retry_after_ms: u64) {
+        if !self.pending_ids.contains_key(client_msg_id) {
+            return;
+        }
+        let tries = self.retried.entry(client_msg_id.to_owned()).or_insert(0);
+        *tries += 1;
+        let backoff = SEND_RETRY_FIRST.saturating_mul(1 << (*tries - 1).min(16)).min(SEND_RETRY_MAX);
+        let wait = backoff.max(Duration::from_millis(retry_after_ms));
+        self.retries.push((tokio::time::Instant::now() + wait, client_msg_id.to_owned()));
+    }
+
+    /// Puts the sends whose retry is due back on the stream.
+    fn resend_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.retries.drain(..).partition(|(at, _)| *at <= now);
+        self.retries = later;
+        for (_, id) in due {
+            let Some(order) = self.pending_ids.get(&id) else { continue };
+            if let Some(pending) = self.pending.get(order) {
+                self.backlog.push_back(send_frame(pending.frame.clone(), pending.trace.clone()));
+            }
+        }
     }
 
     /// Forgets sends whose caller stopped waiting (timed out, dropped).
@@ -399,9 +453,9 @@ impl Task {
                 let code = Code::from_i32(error.code);
                 let retriable = matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Aborted);
                 if !error.client_msg_id.is_empty() && retriable {
-                    // The server could not tell whether it stored it: keep it
-                    // pending and resend with the same id after reconnecting.
-                    return Some(lost(&error.message));
+                    // The server could not finish it for now: it stays
+                    // pending and goes again with the same id, alone.
+                    self.retry_later(&error.client_msg_id, error.retry_after_ms);
                 } else if !error.client_msg_id.is_empty() {
                     if let Some(pending) = self.take_pending(&error.client_msg_id) {
                         let _ = pending.reply.send(Err(Error::Rejected { code, message: error.message }));

@@ -794,3 +794,33 @@ async fn one_message_is_one_trace_across_every_process_and_a_dead_collector_cost
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// With no message instance to take it, a send is answered UNAVAILABLE on
+/// the stream; the SDK tries it again on the same stream, alone, until an
+/// instance is back: the stream is never torn down for it, the send lands
+/// once.
+#[tokio::test]
+async fn a_send_no_message_instance_can_take_is_retried_on_the_same_stream() {
+    let mut cluster = Cluster::start().await;
+    let Pair { alice, _alice_events: mut alice_events, _bob, mut bob_events, direct } = cluster.pair().await;
+    cluster.kill("message-1");
+    cluster.kill("message-2");
+    let pending = {
+        let (alice, direct) = (alice.clone(), direct.clone());
+        tokio::spawn(async move { alice.send(&direct, "sent while no message instance runs").await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!pending.is_finished(), "the send gave up: {:?}", pending.await);
+    cluster.respawn("message-1");
+    let ack = pending.await.unwrap().expect("the send failed instead of being retried");
+    let got = next_from(&mut bob_events, "alice").await;
+    assert_eq!((got.seq, got.body.as_str()), (ack.seq, "sent while no message instance runs"));
+    // One stream all along: only the first Connected.
+    let mut connected = 0;
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), alice_events.next()).await {
+        if matches!(event, messenger_client::Event::Connected { .. }) {
+            connected += 1;
+        }
+    }
+    assert_eq!(connected, 1, "the stream was torn down for a send the server could not take");
+}
