@@ -593,6 +593,10 @@ impl Service {
                 Ok(swept) => info!(swept, "abandoned uploads removed"),
                 Err(error) => warn!(%error, "sweep failed; next interval retries"),
             }
+            // The ticket limiter forgets users whose share is whole again:
+            // its memory follows recent uploaders, not every user ever seen.
+            self.tickets.retain_recent();
+            self.tickets.shrink_to_fit();
         }
     }
 }

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, stream::FuturesUnordered};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter, clock::Clock as _};
 use messenger_platform::{ids::now_ms, metrics};
 use tokio::sync::Notify;
@@ -29,6 +29,9 @@ use crate::{
     providers::{Outcome, Providers, Push},
     store::{Job, JobKind, JobState, PushStore},
 };
+
+/// How often the per-device push limiter drops devices it no longer limits.
+const LIMITER_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What SREs watch of the outbox.
 struct PushMetrics {
@@ -135,37 +138,52 @@ impl Worker {
         }
     }
 
+    /// Claims due jobs while it has free slots and pushes each on its own:
+    /// at most `max_in_flight` at once, a claim taking only as many jobs as
+    /// slots are free. A hanging endpoint holds one slot until its request
+    /// timeout; every other device's pushes go on around it (a worker that
+    /// waited for its whole claimed batch stalled them all).
     pub async fn run(self, shutdown: CancellationToken) {
         let per_minute = NonZeroU32::new(self.options.pushes_per_device_per_minute).unwrap_or(NonZeroU32::MIN);
         let limiter = Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute)));
         let this = Arc::new(self);
         let lease = this.options.claim_lease.as_millis() as i64;
+        let mut in_flight = FuturesUnordered::new();
+        let mut pruned_at = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
-            let claimed = match this.store.claim(now_ms(), lease, this.options.claim_batch).await {
-                Ok(claimed) => claimed,
-                Err(error) => {
-                    warn!(%error, "outbox claim failed; retrying");
-                    Vec::new()
+            let free = this.options.max_in_flight.saturating_sub(in_flight.len());
+            if free > 0 {
+                let claimed = match this.store.claim(now_ms(), lease, free.min(this.options.claim_batch)).await {
+                    Ok(claimed) => claimed,
+                    Err(error) => {
+                        warn!(%error, "outbox claim failed; retrying");
+                        Vec::new()
+                    }
+                };
+                if !claimed.is_empty() {
+                    for (job, collapsed) in collapse(claimed) {
+                        let (this, limiter) = (this.clone(), limiter.clone());
+                        in_flight.push(async move { this.deliver(job, collapsed, &limiter).await });
+                    }
+                    continue;
                 }
-            };
-            if claimed.is_empty() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = this.wake.notified() => {}
-                    _ = tokio::time::sleep(this.options.poll_interval) => {}
-                }
-                continue;
             }
-            let groups = collapse(claimed);
-            futures::stream::iter(groups)
-                .map(|(job, collapsed)| {
-                    let (this, limiter) = (this.clone(), limiter.clone());
-                    async move { this.deliver(job, collapsed, &limiter).await }
-                })
-                .buffer_unordered(this.options.max_in_flight)
-                .collect::<()>()
-                .await;
+            // The per-device limiter forgets devices whose share is whole again.
+            if pruned_at.elapsed() >= LIMITER_PRUNE_INTERVAL {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+                pruned_at = tokio::time::Instant::now();
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                _ = this.wake.notified() => {}
+                _ = tokio::time::sleep(this.options.poll_interval) => {}
+            }
         }
+        // Pushes under way finish (each within the request timeout); their
+        // outcome is recorded, so none is sent twice after a restart.
+        while in_flight.next().await.is_some() {}
     }
 
     async fn deliver(&self, job: Job, collapsed: Vec<Uuid>, limiter: &DefaultKeyedRateLimiter<String>) {

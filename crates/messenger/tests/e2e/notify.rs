@@ -358,3 +358,43 @@ async fn a_group_muted_except_mentions_pushes_only_what_mentions_the_user() {
     let pushes = hooks.expect("phone", pushes_before + 1).await;
     assert_eq!(pushes.last().unwrap().body["data"]["seq"], ack.seq, "the mention is pushed");
 }
+
+/// A webhook that never answers holds one push slot until its request
+/// timeout; another device's push still leaves at once.
+#[tokio::test]
+async fn a_hanging_webhook_does_not_delay_another_devices_push() {
+    let system = TestSystem::start_with(|config| {
+        config.notify.read_grace = Duration::from_millis(50);
+        config.notify.poll_interval = Duration::from_millis(20);
+        config.notify.egress.allow_http = true;
+        config.notify.egress.allow_addresses = vec!["127.0.0.0/8".parse().unwrap()];
+        config.notify.egress.request_timeout = Duration::from_secs(20);
+        config.notify.claim_lease = Duration::from_secs(60);
+    })
+    .await;
+    let (base, hooks) = receiver().await;
+    // An endpoint that accepts the connection and never answers.
+    let hanging = axum::Router::new().route(
+        "/hook/{device}",
+        axum::routing::post(|| async {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            StatusCode::NO_CONTENT
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_base = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hanging).await.unwrap() });
+    offline_device(&system, &hanging_base, &hooks, "bob", "stuck").await;
+    offline_device(&system, &base, &hooks, "carol", "fine").await;
+    let (alice, _alice_events) = system.connect("alice", "laptop").await;
+    let (to_bob, to_carol) = (alice.direct("bob").await.unwrap(), alice.direct("carol").await.unwrap());
+    settle().await;
+
+    alice.send(&to_bob.conversation_id, "into the void").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent_at = Instant::now();
+    alice.send(&to_carol.conversation_id, "right away").await.unwrap();
+    let push = hooks.expect("fine", 1).await;
+    let delay = push[0].at - sent_at;
+    assert!(delay < Duration::from_secs(1), "carol's push waited {delay:?} behind a hanging endpoint");
+}
