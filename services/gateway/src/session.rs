@@ -43,6 +43,20 @@ enum End {
     Upstream(Status),
     /// The token the stream was opened with expired.
     TokenExpired,
+    /// The client sent a frame over `server.max_message_bytes`.
+    FrameTooLarge(Status),
+}
+
+/// What a client is told when a frame it sent could not be read: a frame
+/// over the size limit (tonic's OUT_OF_RANGE) is RESOURCE_EXHAUSTED with the
+/// sizes; None for anything else (the client went away).
+fn unreadable_frame(status: &Status) -> Option<Status> {
+    (status.code() == Code::OutOfRange).then(|| {
+        Status::resource_exhausted(format!(
+            "a frame is larger than this server accepts (server.max_message_bytes): {}",
+            status.message()
+        ))
+    })
 }
 
 impl End {
@@ -52,6 +66,7 @@ impl End {
             End::SlowConsumer => "slow_consumer",
             End::Upstream(_) => "upstream",
             End::TokenExpired => "token_expired",
+            End::FrameTooLarge(_) => "frame_too_large",
         }
     }
 }
@@ -142,15 +157,29 @@ fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conv
             message: message.into(),
             client_msg_id: client_msg_id.to_owned(),
             conversation_id: conversation_id.to_owned(),
+            retry_after_ms: 0,
         })),
     }
+}
+
+/// The Error frame for a refused call: its code and message, and the wait
+/// its `google.rpc.RetryInfo` names (a rate limit's) as `retry_after_ms`.
+fn status_frame(status: &Status, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
+    use tonic_types::StatusExt as _;
+    let mut frame = error_frame(status.code(), status.message(), client_msg_id, conversation_id);
+    if let Some(Out::Error(error)) = &mut frame.frame
+        && let Some(wait) = status.get_details_retry_info().and_then(|info| info.retry_delay)
+    {
+        error.retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    }
+    frame
 }
 
 /// Nothing on success; an Error frame (stream stays open) on failure.
 fn answer_or_error<T>(result: Result<T, Status>, conversation_id: &str) -> Completion {
     match result {
         Ok(_) => Completion::Nothing,
-        Err(status) => Completion::Frame(Box::new(error_frame(status.code(), status.message(), "", conversation_id))),
+        Err(status) => Completion::Frame(Box::new(status_frame(&status, "", conversation_id))),
     }
 }
 
@@ -170,6 +199,10 @@ pub(crate) async fn run(
         Ok(Ok(Some(ClientFrame { frame: Some(In::Hello(hello)), .. }))) => hello.device_id,
         Ok(Ok(Some(_))) => {
             let _ = out.send(Err(Box::new(Status::failed_precondition("the first frame must be Hello")))).await;
+            return;
+        }
+        Ok(Err(status)) if let Some(refused) = unreadable_frame(&status) => {
+            let _ = out.send(Err(Box::new(refused))).await;
             return;
         }
         Ok(Ok(None)) | Ok(Err(_)) => return,
@@ -248,6 +281,10 @@ pub(crate) async fn run(
         }
         End::Upstream(status) => {
             warn!(session_id = %session.session_id, code = ?status.code(), "session ended: upstream failure");
+            let _ = session.out.try_send(Err(Box::new(status.clone())));
+        }
+        End::FrameTooLarge(status) => {
+            debug!(session_id = %session.session_id, "session ended: a frame over the size limit");
             let _ = session.out.try_send(Err(Box::new(status.clone())));
         }
         End::TokenExpired => {
@@ -345,7 +382,10 @@ impl Session {
                     Ok(Some(frame)) => self.handle(frame, &mut inflight).await,
                     Ok(None) | Err(_) => {
                         self.finish_inflight(&mut inflight).await;
-                        return End::ClientGone;
+                        return match frame.err().as_ref().and_then(unreadable_frame) {
+                            Some(status) => End::FrameTooLarge(status),
+                            None => End::ClientGone,
+                        };
                     }
                 },
             };
@@ -524,8 +564,7 @@ impl Session {
         match frame.frame {
             Some(In::Send(send)) => {
                 if let Err(status) = self.context.limits.sends.check(&self.user) {
-                    let frame =
-                        error_frame(status.code(), status.message(), &send.client_msg_id, &send.conversation_id);
+                    let frame = status_frame(&status, &send.client_msg_id, &send.conversation_id);
                     return self.emit(frame).await;
                 }
                 // The app's trace, when it sent one (`Client::send_traced`).
@@ -560,9 +599,7 @@ impl Session {
                                     &send.conversation_id,
                                 ),
                             },
-                            Err(status) => {
-                                error_frame(status.code(), status.message(), &send.client_msg_id, &send.conversation_id)
-                            }
+                            Err(status) => status_frame(&status, &send.client_msg_id, &send.conversation_id),
                         };
                         Completion::Frame(Box::new(frame))
                     }
@@ -594,7 +631,7 @@ impl Session {
                     return Ok(());
                 }
                 if let Err(status) = self.context.limits.reads.check(&self.user) {
-                    return self.emit(error_frame(status.code(), status.message(), "", &read.conversation_id)).await;
+                    return self.emit(status_frame(&status, "", &read.conversation_id)).await;
                 }
                 if self.read_marks.len() < MAX_READ_MARKS || self.read_marks.contains_key(&read.conversation_id) {
                     self.read_marks.insert(read.conversation_id.clone(), read.seq);

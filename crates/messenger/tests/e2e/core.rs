@@ -246,7 +246,10 @@ async fn frames_over_the_message_size_limit_are_refused() {
     })
     .await
     .expect("the stream carrying the oversized frame stayed open");
-    assert!(outcome.is_err() || matches!(outcome, Ok(None)), "{outcome:?}");
+    // With the reason, not OK and no reason.
+    let status = outcome.expect_err("the stream ended with OK");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("server.max_message_bytes") && status.message().contains("4096"), "{status:?}");
 
     // Everyone else carries on; nothing oversized was stored.
     let after = alice.send(&conversation.conversation_id, "small").await.unwrap();

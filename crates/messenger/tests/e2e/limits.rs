@@ -156,3 +156,42 @@ async fn a_fan_out_to_more_users_than_one_locate_call_takes_is_delivered_whole()
         assert_eq!(next_message(events).await.body, "to all six");
     }
 }
+
+/// A send refused on the stream by the rate limit says, in a field, how long
+/// to wait (as RetryInfo does for unary calls), not only in its text.
+#[tokio::test]
+async fn a_rate_limited_send_frame_carries_its_wait_as_a_field() {
+    let system = TestSystem::start_with(|config| {
+        config.gateway.sends_per_second = 1;
+        config.gateway.send_burst = 1;
+    })
+    .await;
+    let (alice, _events) = system.connect("alice", "phone").await;
+    let direct = alice.direct("bob").await.unwrap().conversation_id;
+    let (frames, mut stream) = system.raw_stream(system.raw_channel().await, "alice", "raw").await;
+    for i in 0..3 {
+        let send = pb::SendRequestFrame {
+            conversation_id: direct.clone(),
+            client_msg_id: format!("burst-{i}"),
+            body: "hi".into(),
+            reply_to_seq: 0,
+            media_ids: Vec::new(),
+        };
+        frames
+            .send(pb::ClientFrame { trace_context: Default::default(), frame: Some(Frame::Send(send)) })
+            .await
+            .unwrap();
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(pb::server_frame::Frame::Error(error)) = stream.message().await.unwrap().unwrap().frame {
+                return error;
+            }
+        }
+    })
+    .await
+    .expect("no send was refused");
+    assert_eq!(refused.code, Code::ResourceExhausted as i32, "{refused:?}");
+    assert!(refused.client_msg_id.starts_with("burst-"), "{refused:?}");
+    assert!((1..=1000).contains(&refused.retry_after_ms), "{refused:?}");
+}
