@@ -106,11 +106,14 @@ fn write(path: &Path, contents: &str, private: bool) -> anyhow::Result<()> {
 
 /// Where `messenger up` keeps the cluster CA it makes at every start.
 pub const EPHEMERAL_DIR: &str = "cluster-tls";
+/// How long that CA and its certificate are valid.
+const EPHEMERAL_DAYS: u32 = 365;
 
 /// Mutual TLS for `messenger up`'s internal hops when none is configured: a
 /// new cluster CA and an `all` certificate made now under
 /// `<data_dir>/cluster-tls` (replaced at every start, keys readable by this
-/// user only, valid a day), set in `config.tls`, so a forged call on an
+/// user only, valid a year: a long-running `up` must not lose its hops), set
+/// in `config.tls`, so a forged call on an
 /// internal port is refused as in production. Nothing happens when cluster
 /// certificates are configured, or plaintext is asked for by name
 /// (`tls.insecure_cluster_plaintext`). Returns whether it made one.
@@ -127,7 +130,7 @@ pub fn ephemeral_cluster_tls(config: &mut crate::Config) -> anyhow::Result<bool>
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot replace {}", dir.display()))?;
     }
-    let generated = generate(&dir, &config.tls.cluster_domain, &[], 1)?;
+    let generated = generate(&dir, &config.tls.cluster_domain, &[], EPHEMERAL_DAYS)?;
     let (cert, key) = generated.role("all").context("an all-roles certificate is always made")?;
     config.tls.cluster_ca_file = Some(generated.ca.clone());
     config.tls.cluster_cert_file = Some(cert.to_path_buf());

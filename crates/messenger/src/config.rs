@@ -58,6 +58,7 @@ impl Default for Config {
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), String> {
+        messenger_platform::config::refuse_redacted(self)?;
         self.server.validate()?;
         self.tracing.validate()?;
         self.tls.validate()?;

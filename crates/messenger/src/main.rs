@@ -91,11 +91,11 @@ enum Command {
     Bench(Box<messenger::bench::BenchOptions>),
 }
 
-/// The flags layer: only what was given on the command line.
 /// The `MESSENGER_*` variables that are flags of this binary (clap reads
 /// them), not settings.
 const FLAG_VARIABLES: &[&str] = &["CONFIG", "TOKEN"];
 
+/// The flags layer: only what was given on the command line.
 #[derive(Serialize)]
 struct Flags {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Up => {
             let telemetry = telemetry::init(&config.log, &config.tracing, "messenger");
+            raise_open_file_limit();
             let mut config = config;
             config.auth = config.auth.or_development();
             // No object storage configured: the one in this process.
@@ -155,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Serve { service } => {
             let telemetry = telemetry::init(&config.log, &config.tracing, &format!("messenger-{service}"));
+            raise_open_file_limit();
             let running = system::start(config, &[service]).await?;
             let stopped = run_until_signal(running).await;
             // After the drain: what the last calls traced goes out too.
@@ -201,4 +203,14 @@ async fn run_until_signal(running: system::Running) -> anyhow::Result<()> {
         std::process::exit(130);
     });
     running.wait().await
+}
+
+/// A server holds a socket per client: the soft open-file limit (often
+/// 1,024, reached by about a thousand connected apps) is raised to the hard
+/// limit at start.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit; connections may run out of files"),
+    }
 }

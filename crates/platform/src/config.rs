@@ -92,6 +92,28 @@ pub fn render_redacted<T: Serialize>(value: &T) -> Result<String, Error> {
     Ok(toml::to_string_pretty(&value)?)
 }
 
+/// Refuses a configuration holding [`REDACTED`] as a value: one made from
+/// `messenger config`'s output, whose secrets would be a published word.
+pub fn refuse_redacted<T: Serialize>(value: &T) -> Result<(), String> {
+    fn find(value: &toml::Value, path: &str) -> Option<String> {
+        match value {
+            toml::Value::String(text) if text.contains(REDACTED) => Some(path.to_owned()),
+            toml::Value::Table(table) => table.iter().find_map(|(key, value)| {
+                find(value, &if path.is_empty() { key.clone() } else { format!("{path}.{key}") })
+            }),
+            toml::Value::Array(items) => items.iter().find_map(|item| find(item, path)),
+            _ => None,
+        }
+    }
+    let value = toml::Value::try_from(value).map_err(|error| error.to_string())?;
+    match find(&value, "") {
+        Some(path) => Err(format!(
+            "{path} is {REDACTED:?}, copied from `messenger config` output: set the real secret (or remove the key)"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn redact(value: &mut toml::Value, key: Option<&str>) {
     let secret_key = key.is_some_and(|key| {
         let key = key.to_ascii_lowercase();
@@ -199,6 +221,11 @@ mod tests {
         for kept in ["/run/secrets/cdn", "redis:6379/0", "cache:", "10.0.0.1:9042"] {
             assert!(text.contains(kept), "{kept} hidden:\n{text}");
         }
+        // Fed back as a configuration, a placeholder is refused, not used as a key.
+        let printed: toml::Value = toml::from_str(&text).unwrap();
+        let error = refuse_redacted(&printed).unwrap_err();
+        assert!(error.contains("hs256_secret") || error.contains("secret_access_key"), "{error}");
+        assert!(refuse_redacted(&secrets.nodes).is_ok());
     }
 
     #[test]

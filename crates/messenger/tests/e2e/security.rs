@@ -477,9 +477,10 @@ async fn a_default_messenger_up_refuses_forged_internal_calls() {
         ("MESSENGER_MEDIA__S3__EMBEDDED_LISTEN", port()),
     ];
     let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_messenger"));
+    // Started with a low soft open-file limit, as many systems set it.
+    let mut command = Command::new("sh");
     command
-        .arg("up")
+        .args(["-c", "ulimit -Sn 1024 && exec \"$0\" up", env!("CARGO_BIN_EXE_messenger")])
         .env_remove("RUST_LOG")
         .env_remove("MESSENGER_TEST_STORE")
         .env_remove("MESSENGER_TEST_SCYLLA")
@@ -496,7 +497,7 @@ async fn a_default_messenger_up_refuses_forged_internal_calls() {
             let _ = self.0.wait();
         }
     }
-    let _up = Killed(command.spawn().expect("cannot start messenger up"));
+    let up = Killed(command.spawn().expect("cannot start messenger up"));
 
     // The public port works: two users chat through every internal hop.
     let development = Config::default().auth.or_development();
@@ -554,4 +555,10 @@ async fn a_default_messenger_up_refuses_forged_internal_calls() {
     assert!(fake.is_err(), "a fake Deliver on the gateway's internal port was accepted");
     let history = alice.history(&direct.conversation_id, 0, 10).await.unwrap();
     assert!(history.messages.iter().all(|m| m.body != "sent as bob by someone else"));
+
+    // It raised its open-file limit to the hard one: a socket per client.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", up.0.id())).unwrap();
+    let files: Vec<&str> =
+        limits.lines().find(|line| line.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    assert_eq!(files[3], files[4], "soft open-file limit not raised to the hard one: {files:?}");
 }
