@@ -707,7 +707,13 @@ impl Service {
                     bounds
                 }
             };
-            shown.extend(bounds.and_then(|bounds| visibility::shown(message, bounds)));
+            // The store admitted the entry into this user's range: a range
+            // read since (a re-add in between, a row not readable) can only
+            // take content away, never a seq, or the page would not be dense.
+            shown.push(match bounds.map(|bounds| visibility::view(&message, bounds)) {
+                Some(visibility::View::Full) => message,
+                _ => visibility::redacted(message),
+            });
         }
         Ok(shown)
     }

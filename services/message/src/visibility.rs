@@ -45,17 +45,20 @@ pub fn view(entry: &StoredMessage, bounds: SeqBounds) -> View {
 }
 
 /// `entry` as a reader with `bounds` may be shown it, if at all.
-pub fn shown(mut entry: StoredMessage, bounds: SeqBounds) -> Option<StoredMessage> {
+pub fn shown(entry: StoredMessage, bounds: SeqBounds) -> Option<StoredMessage> {
     match view(&entry, bounds) {
         View::Hidden => None,
-        View::Redacted => {
-            entry.body.clear();
-            entry.reaction.clear();
-            entry.attachments.clear();
-            Some(entry)
-        }
+        View::Redacted => Some(redacted(entry)),
         View::Full => Some(entry),
     }
+}
+
+/// `entry` without content: its seq, kind and target stay.
+pub fn redacted(mut entry: StoredMessage) -> StoredMessage {
+    entry.body.clear();
+    entry.reaction.clear();
+    entry.attachments.clear();
+    entry
 }
 
 /// The users to deliver `entry` to as it commits: every membership that

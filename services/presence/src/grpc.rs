@@ -82,9 +82,10 @@ impl PresenceService for Adapter {
         // Decided by the store atomically with the write: a racing
         // unregistration sees this session or does not, never half of it.
         let transition = self.store.register(session, self.options.max_sessions_per_user, mode).await?;
+        let came_online = transition.changed && mode == Mode::Connect;
         Ok(Response::new(pb::RegisterResponse {
-            came_online: transition.changed && mode == Mode::Connect,
-            online_at_ms: transition.at_ms,
+            came_online,
+            online_at_ms: if came_online { transition.at_ms } else { 0 },
         }))
     }
 

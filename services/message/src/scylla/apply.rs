@@ -408,15 +408,16 @@ pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<A
         // committed (the roster already says so) and the next writer
         // completes it. Released only once everything is written.
         write_plan(inner, id, &entries, plan.effects, request.now_ms).await?;
-        release(inner, id, token).await;
         // The membership rows as this change left them (written above, read
-        // at LOCAL_QUORUM): the entries' audiences. The change is committed
-        // whatever this read does: without it nobody gets the entries live,
-        // and devices fetch them with the next gap fill or sync.
+        // at LOCAL_QUORUM), read while the lock still holds off the next
+        // change: the entries' audiences. The change is committed whatever
+        // this read does: without it nobody gets the entries live, and
+        // devices fetch them with the next gap fill or sync.
         let roster = members(inner, id).await.unwrap_or_else(|error| {
             warn!(%error, conversation_id = %id, "change committed; its audience unread, so not delivered live");
             Vec::new()
         });
+        release(inner, id, token).await;
         return Ok(entries
             .into_iter()
             .map(|entry| Appended { audience: visibility::audience(&entry, &roster), entry })

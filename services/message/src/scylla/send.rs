@@ -216,10 +216,15 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
             Ok(Claim::Duplicate(original)) => {
                 // Its audience among the memberships of now, by their ranges
                 // (a read only on this path: retries are rare).
-                let audience = reads::current_members(inner, id)
-                    .await
-                    .map(|members| Appended { audience: visibility::audience(&original, &members), entry: *original });
-                send.answer(audience, false)
+                let audience = match reads::current_members(inner, id).await {
+                    Ok(members) => visibility::audience(&original, &members),
+                    Err(error) => {
+                        // The retry is answered all the same; only its repeat fan-out is lost.
+                        warn!(%error, conversation_id = %id, "a retried send's audience unread; not fanned out again");
+                        Default::default()
+                    }
+                };
+                send.answer(Ok(Appended { audience, entry: *original }), false)
             }
             Err(error) => send.fail(error),
         }

@@ -166,7 +166,10 @@ pub(super) fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome>
             .and_then(|mut s| s.execute(params![conversation, message.sender]))
             .map_err(storage)?;
     }
-    Ok(SendOutcome::Created(with_audience(tx, &conversation, entry)?))
+    // A new message changes no other entry: it reaches every member active
+    // now (one column of the active rows, not every membership's range).
+    let active = rows::active_member_ids(tx, &conversation).map_err(storage)?;
+    Ok(SendOutcome::Created(Appended { audience: visibility::audience_of_active(&entry, active), entry }))
 }
 
 pub(super) fn direct(tx: &Connection, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Uuid> {
