@@ -34,8 +34,9 @@ cargo test --doc --workspace --locked
 status=0
 cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
 # The Helm chart and the Dockerfile (scripts/chart.sh); the rendered service
-# TOML files are loaded by the binary nextest just built (`config --check`).
-cargo build -p messenger --locked
+# TOML files are loaded by the binary nextest just built for the end-to-end
+# tests (`config --check`). Not `cargo build`: its profile would compile the
+# whole workspace again (about 5 minutes here).
 MESSENGER_BIN=target/debug/messenger bash scripts/chart.sh || status=$?
 # The end-to-end suite again with the message store on the Cassandra node
 # (in-process systems and the multi-process cluster, each on a keyspace of
