@@ -22,7 +22,8 @@
 //!   (codes, retryability, internal text logged under an error id).
 //! - [`ids`]: UUIDv7 ids and wall-clock milliseconds.
 //! - [`server`]: the bootstrap every gRPC server uses: HTTP/2 limits, health,
-//!   reflection, graceful drain.
+//!   reflection, graceful drain; [`connections`]: per-address connection caps
+//!   and the first-byte timeout every accepted socket is held to.
 //! - [`shutdown`]: the one shutdown-signal future; [`supervise`]: background
 //!   tasks whose panic stops the process (health NOT_SERVING, exit non-zero).
 
@@ -32,6 +33,7 @@ pub mod admin;
 pub mod auth;
 pub mod authorize;
 pub mod config;
+pub mod connections;
 pub mod cql;
 pub mod discovery;
 pub mod error;

@@ -11,6 +11,7 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
     authorize::{AuthorizeLayer, Callers, Rules},
+    connections::{Guarded, PerAddress},
     metrics::RpcMetricsLayer,
     tls::ServerTls,
 };
@@ -44,6 +45,13 @@ pub struct ServerOptions {
     /// How long in-flight calls may take to finish after shutdown starts.
     #[serde(with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// Open connections one client address may hold on one port, TLS
+    /// handshakes included; further ones are closed at once.
+    pub max_connections_per_address: usize,
+    /// A connection that sends nothing (no TLS ClientHello, no HTTP/2
+    /// preface) within this after being accepted is closed.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -58,6 +66,8 @@ impl Default for ServerOptions {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             drain_grace: Duration::from_secs(10),
+            max_connections_per_address: 256,
+            first_byte_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -72,6 +82,9 @@ impl ServerOptions {
         }
         if self.max_message_bytes < 1024 || self.internal_max_message_bytes < 1024 {
             return Err("server.max_message_bytes and server.internal_max_message_bytes must be at least 1024".into());
+        }
+        if self.max_connections_per_address == 0 || self.first_byte_timeout.is_zero() {
+            return Err("server.max_connections_per_address and server.first_byte_timeout must be positive".into());
         }
         Ok(())
     }
@@ -186,18 +199,34 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    let per_address = PerAddress::new(options.max_connections_per_address);
+    let first_byte = options.first_byte_timeout;
     let server: futures::future::BoxFuture<'_, Result<(), tonic::transport::Error>> = match tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-            tls.incoming(listener, options.keepalive_interval, shutdown.clone()),
+            tls.incoming(listener, options.keepalive_interval, per_address, first_byte, shutdown.clone()),
             signal,
         )),
         // Accepted sockets need TCP_NODELAY themselves: the builder's setting
         // applies only to listeners tonic binds. Without it small frames wait
         // for delayed ACKs (tens of milliseconds).
-        None => Box::pin(router.serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(options.keepalive_interval)),
-            signal,
-        )),
+        None => {
+            use futures::StreamExt as _;
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(options.keepalive_interval))
+                .filter_map(move |accepted| {
+                    let admitted = match accepted {
+                        Ok(stream) => stream
+                            .peer_addr()
+                            .ok()
+                            .and_then(|peer| per_address.admit(peer.ip()))
+                            .map(|slot| Ok(Guarded::new(stream, slot, first_byte))),
+                        Err(error) => Some(Err(error)),
+                    };
+                    std::future::ready(admitted)
+                });
+            Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+        }
     };
     tokio::pin!(server);
     let grace = options.drain_grace;

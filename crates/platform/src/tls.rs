@@ -34,7 +34,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::Uri;
 use tracing::debug;
 
-use crate::role::Role;
+use crate::{
+    connections::{Guarded, PerAddress},
+    role::Role,
+};
 
 /// TLS settings of the whole process (`[tls]`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -80,7 +83,9 @@ impl Default for TlsOptions {
             insecure_cluster_plaintext: false,
             reload_interval: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
-            max_concurrent_handshakes: 256,
+            // Above one address's share (server.max_connections_per_address):
+            // a single source can never hold every handshake slot.
+            max_concurrent_handshakes: 1024,
         }
     }
 }
@@ -264,51 +269,63 @@ impl ServerTls {
         TlsAcceptor::from(self.config.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
-    /// The TLS connections accepted on `listener`. Handshakes run
-    /// concurrently (at most `max_concurrent_handshakes`), each bounded by
-    /// `handshake_timeout`; a failed one is logged and dropped, so one bad
-    /// client never stops the accept loop. Ends when `shutdown` is cancelled.
+    /// The TLS connections accepted on `listener`. The accept loop only
+    /// accepts: each connection within its address's share (`per_address`)
+    /// runs its handshake as a task of its own, bounded by
+    /// `handshake_timeout` (and `first_byte_timeout` for the ClientHello), at
+    /// most `max_concurrent_handshakes` at once (more are closed, not
+    /// queued), so slow or silent clients can neither stall the loop nor
+    /// make an honest client wait behind them. A failed handshake is logged
+    /// and dropped. Ends when `shutdown` is cancelled.
     pub fn incoming(
         &self,
         listener: TcpListener,
         keepalive: Duration,
+        per_address: PerAddress,
+        first_byte_timeout: Duration,
         shutdown: CancellationToken,
-    ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + Send + 'static {
+    ) -> impl Stream<Item = Result<TlsStream<Guarded<TcpStream>>, std::io::Error>> + Send + 'static {
         use futures::StreamExt;
+        let (ready, mut handshaken) = tokio::sync::mpsc::channel(self.max_concurrent_handshakes);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_handshakes));
         let this = self.clone();
-        let tcp = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(keepalive))
-            .take_until(shutdown.cancelled_owned());
-        tcp.filter_map(|accepted| async move {
-            match accepted {
-                Ok(stream) => Some(stream),
-                Err(error) => {
-                    debug!(%error, "accept failed");
-                    None
-                }
-            }
-        })
-        .map(move |stream| {
-            let acceptor = this.acceptor();
-            let timeout = this.handshake_timeout;
-            async move {
-                let peer = stream.peer_addr().ok();
-                match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => Some(tls),
-                    Ok(Err(error)) => {
-                        debug!(peer = ?peer, %error, "tls handshake refused");
-                        None
+        tokio::spawn(async move {
+            let tcp = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(keepalive))
+                .take_until(shutdown.cancelled_owned());
+            let mut tcp = std::pin::pin!(tcp);
+            while let Some(accepted) = tcp.next().await {
+                let stream = match accepted {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        debug!(%error, "accept failed");
+                        continue;
                     }
-                    Err(_) => {
-                        debug!(peer = ?peer, "tls handshake timed out");
-                        None
+                };
+                let Some(peer) = stream.peer_addr().ok() else { continue };
+                // Dropped, so closed: over its address's share, or too many handshakes now.
+                let Some(slot) = per_address.admit(peer.ip()) else { continue };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    debug!(%peer, "tls handshake refused: tls.max_concurrent_handshakes under way");
+                    continue;
+                };
+                let (acceptor, timeout, ready) = (this.acceptor(), this.handshake_timeout, ready.clone());
+                tokio::spawn(async move {
+                    let stream = Guarded::new(stream, slot, first_byte_timeout);
+                    let handshake = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
+                    drop(permit);
+                    match handshake {
+                        Ok(Ok(tls)) => {
+                            let _ = ready.send(Ok(tls)).await;
+                        }
+                        Ok(Err(error)) => debug!(%peer, %error, "tls handshake refused"),
+                        Err(_) => debug!(%peer, "tls handshake timed out"),
                     }
-                }
+                });
             }
-        })
-        .buffer_unordered(self.max_concurrent_handshakes)
-        .filter_map(|handshake| async move { handshake.map(Ok) })
+        });
+        futures::stream::poll_fn(move |cx| handshaken.poll_recv(cx))
     }
 }
 

@@ -88,6 +88,8 @@ impl Server {
             .arg("--data-dir")
             .arg(data.path())
             .env("MESSENGER_ADMIN__LISTEN", "127.0.0.1:0")
+            // Every simulated client comes from loopback.
+            .env("MESSENGER_SERVER__MAX_CONNECTIONS_PER_ADDRESS", "1000000")
             .env("MESSENGER_GATEWAY__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_GATEWAY__INTERNAL_LISTEN", "127.0.0.1:0")
             .env("MESSENGER_MESSAGE__LISTEN", "127.0.0.1:0")

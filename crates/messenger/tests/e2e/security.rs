@@ -562,3 +562,74 @@ async fn a_default_messenger_up_refuses_forged_internal_calls() {
         limits.lines().find(|line| line.starts_with("Max open files")).unwrap().split_whitespace().collect();
     assert_eq!(files[3], files[4], "soft open-file limit not raised to the hard one: {files:?}");
 }
+
+/// 2,000 sockets that never send a byte and 500 that stall in their TLS
+/// handshake, all from one address, cannot keep an honest client on another
+/// address out: it connects over TLS and has its send acknowledged within
+/// a second. The flood's address holds at most its share of connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_and_stalled_socket_flood_does_not_keep_an_honest_client_out() {
+    use tokio::io::AsyncWriteExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs =
+        certs::generate(dir.path(), "messenger.internal", &["localhost".into(), "127.0.0.1".into()], 1).unwrap();
+    let system = tls_system(&certs).await;
+    let address = system.running.as_ref().unwrap().addresses.gateway.unwrap();
+
+    let mut flood = Vec::with_capacity(2_500);
+    for _ in 0..2_000 {
+        flood.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    for _ in 0..500 {
+        let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
+        // A TLS record header announcing a ClientHello that never comes.
+        let _ = stalled.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await;
+        flood.push(stalled);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = tokio::time::Instant::now();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&certs.ca).unwrap()))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", address.port()))
+        .unwrap()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("the honest client could not connect");
+    let mut api = RawClient::new(channel.clone());
+    let direct = api
+        .get_or_create_direct(system.authorized("alice", pb::GetOrCreateDirectRequest { peer_id: "bob".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap()
+        .conversation_id;
+    let (frames, mut stream) = system.raw_stream(channel, "alice", "honest").await;
+    let send = pb::SendRequestFrame {
+        conversation_id: direct,
+        client_msg_id: "honest-1".into(),
+        body: "still here".into(),
+        reply_to_seq: 0,
+        media_ids: Vec::new(),
+    };
+    frames
+        .send(pb::ClientFrame { trace_context: Default::default(), frame: Some(pb::client_frame::Frame::Send(send)) })
+        .await
+        .unwrap();
+    loop {
+        let frame = stream.message().await.unwrap().expect("the stream ended");
+        if let Some(pb::server_frame::Frame::SendAck(ack)) = frame.frame {
+            assert_eq!(ack.client_msg_id, "honest-1");
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "the honest client took {took:?}");
+    drop(flood);
+}
