@@ -5,7 +5,7 @@
 //! - `media_owners`: media id -> owner, written once by an LWT (`IF NOT
 //!   EXISTS`: a media id is created once).
 //! - `media_uploads`: the records, partitioned by owner, so the quota
-//!   (`ready_bytes`) reads one partition and state changes are LWTs on the
+//!   (`used_bytes`) reads one partition and state changes are LWTs on the
 //!   very rows it sums: never a second copy to drift.
 //! - `media_pending`: pending uploads by creation day and a shard of the
 //!   media id, for the sweep. An entry goes when its upload leaves pending;
@@ -215,7 +215,7 @@ impl Statements {
                 "UPDATE {k}.media_uploads SET state = 2 WHERE owner = ? AND media_id = ? IF state = 0"
             ))
             .await?,
-            sizes: prepare(format!("SELECT state, stored_size FROM {k}.media_uploads WHERE owner = ?")).await?,
+            sizes: prepare(format!("SELECT state, stored_size, size FROM {k}.media_uploads WHERE owner = ?")).await?,
             pending: prepare(format!(
                 "SELECT created_at_ms, media_id FROM {k}.media_pending WHERE day = ? AND shard = ? \
                  AND created_at_ms < ? LIMIT ?"
@@ -368,17 +368,21 @@ impl MediaStore for ScyllaStore {
         Ok(applied)
     }
 
-    async fn ready_bytes(&self, owner: &str) -> Result<u64> {
+    async fn used_bytes(&self, owner: &str) -> Result<u64> {
         let pager =
             self.session.execute_iter(self.statements.sizes.clone(), (owner,)).await.map_err(cql::pager_error)?;
-        let mut stream = pager.rows_stream::<(Option<i32>, Option<i64>)>().map_err(|e| cql::other("sizes", e))?;
+        let mut stream =
+            pager.rows_stream::<(Option<i32>, Option<i64>, Option<i64>)>().map_err(|e| cql::other("sizes", e))?;
         let mut total = 0u64;
-        while let Some((state, size)) =
+        while let Some((state, stored, declared)) =
             stream.try_next().await.map_err(|e| Error::Unavailable(format!("scylla: {e}")))?
         {
-            if state == Some(State::Ready.code() as i32) {
-                total += size.unwrap_or(0).max(0) as u64;
-            }
+            let counted = match state {
+                Some(code) if code == State::Ready.code() as i32 => stored,
+                Some(code) if code == State::Pending.code() as i32 => declared,
+                _ => None,
+            };
+            total += counted.unwrap_or(0).max(0) as u64;
         }
         Ok(total)
     }

@@ -191,7 +191,8 @@ impl Service {
             )));
         }
         self.access.check(user, conversation, 0, "").await?;
-        let used = self.store.ready_bytes(user).await?;
+        // Pending uploads count: sixty 1 GiB tickets a minute must not outrun the quota.
+        let used = self.store.used_bytes(user).await?;
         if used.saturating_add(request.size) > self.options.quota_bytes {
             return Err(Error::ResourceExhausted(format!(
                 "storage quota: {used} of {} bytes used; this file needs {}",
@@ -391,8 +392,9 @@ impl Service {
             self.objects.copy(&pending, &original_key, &served).await?;
         }
         drop(permit);
-        // Counted again here: tickets issued together each passed with the same usage.
-        let used = self.store.ready_bytes(&upload.owner).await?;
+        // Counted again here: tickets issued together each passed with the
+        // same usage. This upload counts by what it stores, not its ticket.
+        let used = self.store.used_bytes(&upload.owner).await?.saturating_sub(upload.size);
         if used.saturating_add(processed.stored_size) > self.options.quota_bytes {
             self.remove_objects(&upload).await;
             self.store.mark_deleted(upload.id).await?;

@@ -218,12 +218,13 @@ impl MediaStore for SqliteStore {
         .await
     }
 
-    async fn ready_bytes(&self, owner: &str) -> Result<u64> {
+    async fn used_bytes(&self, owner: &str) -> Result<u64> {
         let owner = owner.to_owned();
         self.with(move |connection| {
             connection.query_row(
-                "SELECT COALESCE(SUM(stored_size), 0) FROM uploads WHERE owner = ?1 AND state = ?2",
-                params![owner, State::Ready.code()],
+                "SELECT COALESCE(SUM(CASE state WHEN ?2 THEN stored_size ELSE size END), 0) FROM uploads
+                 WHERE owner = ?1 AND state IN (?2, ?3)",
+                params![owner, State::Ready.code(), State::Pending.code()],
                 |row| row.get::<_, i64>(0).map(|sum| sum as u64),
             )
         })

@@ -100,8 +100,10 @@ pub trait MediaStore: Send + Sync + 'static {
     /// any more: completed or deleted meanwhile.
     async fn abandon(&self, id: Uuid) -> Result<bool>;
 
-    /// Stored bytes of `owner`'s ready media (what the quota counts).
-    async fn ready_bytes(&self, owner: &str) -> Result<u64>;
+    /// What the quota counts of `owner`: the stored bytes of its ready
+    /// media and the declared size of its pending uploads (each may be
+    /// completed at any time, so it counts from its ticket on).
+    async fn used_bytes(&self, owner: &str) -> Result<u64>;
 
     /// Pending uploads created before `cutoff_ms`, oldest first, at most `limit`.
     async fn pending_before(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<Upload>>;

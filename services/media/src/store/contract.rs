@@ -35,14 +35,14 @@ pub(crate) async fn run(store: &dyn MediaStore) {
     assert_eq!(store.get(Uuid::now_v7()).await.unwrap(), None);
     assert!(store.create(&single).await.is_err(), "a media id is created once");
 
-    assert_eq!(store.ready_bytes(&owner).await.unwrap(), 0, "pending uploads use no quota");
+    assert_eq!(store.used_bytes(&owner).await.unwrap(), 2 * 1234, "pending uploads count by their declared size");
     let processed = Processed { stored_size: 1000, width: 3, height: 2, blurhash: "LKO2".into(), has_thumbnail: true };
     assert!(store.mark_ready(single.id, &processed).await.unwrap());
     assert!(!store.mark_ready(single.id, &processed).await.unwrap(), "ready once");
     let ready = store.get(single.id).await.unwrap().unwrap();
     assert_eq!((ready.state, &ready.processed), (State::Ready, &processed));
-    assert_eq!(store.ready_bytes(&owner).await.unwrap(), 1000);
-    assert_eq!(store.ready_bytes("someone-else").await.unwrap(), 0);
+    assert_eq!(store.used_bytes(&owner).await.unwrap(), 1000 + 1234, "a ready upload counts by what it stores");
+    assert_eq!(store.used_bytes("someone-else").await.unwrap(), 0);
 
     let abandoned = store.pending_before(10_000, 10).await.unwrap();
     assert!(abandoned.iter().any(|upload| upload.id == parts.id), "pending and old");
@@ -56,8 +56,9 @@ pub(crate) async fn run(store: &dyn MediaStore) {
     assert!(!store.abandon(single.id).await.unwrap(), "a ready upload is not abandoned");
     assert!(store.mark_deleted(single.id).await.unwrap());
     assert!(!store.mark_deleted(single.id).await.unwrap(), "deleted once");
-    assert_eq!(store.ready_bytes(&owner).await.unwrap(), 0, "deleted media use no quota");
+    assert_eq!(store.used_bytes(&owner).await.unwrap(), 1234, "deleted media use no quota");
     assert!(store.abandon(parts.id).await.unwrap(), "a pending upload is abandoned once");
+    assert_eq!(store.used_bytes(&owner).await.unwrap(), 0, "abandoned uploads use no quota");
     assert!(!store.abandon(parts.id).await.unwrap());
     assert!(!store.mark_ready(parts.id, &processed).await.unwrap(), "a deleted upload never becomes ready");
 }
