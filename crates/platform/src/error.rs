@@ -42,6 +42,20 @@ pub fn into_status(error: &impl ServiceError) -> Status {
     }
 }
 
+/// `impl From<$error> for tonic::Status` through [`into_status`]: what each
+/// service writes once for its `Error` (a blanket impl is not allowed: both
+/// types are foreign to this crate).
+#[macro_export]
+macro_rules! status_from {
+    ($error:ty) => {
+        impl From<$error> for tonic::Status {
+            fn from(error: $error) -> Self {
+                $crate::error::into_status(&error)
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

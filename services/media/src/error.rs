@@ -46,10 +46,6 @@ impl messenger_platform::error::ServiceError for Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(error: Error) -> Self {
-        messenger_platform::error::into_status(&error)
-    }
-}
+messenger_platform::status_from!(Error);
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

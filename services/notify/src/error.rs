@@ -1,7 +1,5 @@
 //! The notify service's one error type and its mapping to gRPC codes.
 
-use tonic::Status;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0} not found")]
@@ -39,11 +37,7 @@ impl messenger_platform::error::ServiceError for Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(error: Error) -> Self {
-        messenger_platform::error::into_status(&error)
-    }
-}
+messenger_platform::status_from!(Error);
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -33,11 +33,7 @@ impl messenger_platform::error::ServiceError for Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(error: Error) -> Self {
-        messenger_platform::error::into_status(&error)
-    }
-}
+messenger_platform::status_from!(Error);
 
 impl Adapter {
     fn check_batch(&self, what: &str, count: usize) -> Result<(), Status> {
