@@ -4,8 +4,9 @@
 //! Layout:
 //! - `common.proto`: `Message`, `Conversation`, `SendAck`, shared by every service.
 //! - `gateway.proto`: the client-facing `GatewayService` (the `Connect` stream and
-//!   unary calls) and the internal `GatewayInternalService::Deliver`.
-//! - `message.proto`, `presence.proto`: internal APIs of those services.
+//!   unary calls); `gateway_internal.proto`: `GatewayInternalService::Deliver`.
+//! - `message.proto`, `presence.proto`, `media.proto`, `notify.proto`: the
+//!   internal APIs of those services.
 //!
 //! [`FILE_DESCRIPTOR_SET`] feeds gRPC reflection on every server; [`codec`] is the
 //! prost codec with small initial buffers that every generated stub uses.

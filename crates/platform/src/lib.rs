@@ -8,8 +8,8 @@
 //!   clusters) and OTLP export; [`trace`]: W3C trace context on every hop.
 //! - [`metrics`]: OpenTelemetry instruments and RED per RPC (a tower layer on
 //!   every server); [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`).
-//! - [`discovery`]: where each role's instances listen. Static addresses today,
-//!   behind a trait so etcd can replace it.
+//! - [`discovery`]: where each role's instances listen: static addresses, or
+//!   etcd registrations and a watch, behind one trait.
 //! - [`auth`]: JWT bearer verification (HS256, RS256, ES256, JWKS, keys
 //!   reloaded on change) and development tokens.
 //! - [`role`]: the five roles a process can play.

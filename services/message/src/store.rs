@@ -1,6 +1,7 @@
 //! The `MessageStore` trait: everything the message service persists, behind
-//! one interface with an embedded implementation ([`crate::sqlite`]) and, later,
-//! a production one. One contract suite (`store/contract.rs`) runs against each.
+//! one interface with an embedded implementation ([`crate::sqlite`]) and the
+//! production one ([`crate::scylla`]). One contract suite (`store/contract.rs`)
+//! runs against each.
 
 use std::sync::Arc;
 

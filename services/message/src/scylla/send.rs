@@ -4,8 +4,8 @@
 //! conversation drains the queue, up to `max_reservation` sends at a time:
 //! membership check against the head's roster, a dedupe claim per message
 //! (in parallel), reply checks, ONE LWT reserving the whole seq range, then
-//! the rows (message + dedupe seq in logged batches), and only then the
-//! answers. The task is detached from the callers, so a caller that gives up
+//! each reserved seq recorded in its claim and the rows in unlogged
+//! single-partition batches, and only then the answers. The task is detached from the callers, so a caller that gives up
 //! cannot interrupt a batch between its reservation and its rows.
 
 use std::{
