@@ -145,7 +145,7 @@ def test_schema_refuses_unknown_and_chart_owned_keys(extra):
         ({"roles": {"notify": {"replicas": 2, "persistence": {"enabled": False}}}}, "config.notify.store to scylla"),
         ({"push": {"vapidKeyKey": "vapid.pem"}}, "push.existingSecret"),
         ({"auth": {"jwksKey": ""}}, "verification key"),
-        ({"tls": {"cluster": {"insecurePlaintext": False}}}, "insecurePlaintext"),
+        ({"tls": {"cluster": {"enabled": False, "insecurePlaintext": False}}}, "insecurePlaintext"),
         ({"tls": {"public": {"enabled": True}}}, "tls.public.existingSecret"),
         ({"roles": {"message": {"enabled": False}}}, "discovery.staticAddresses.message"),
     ],
@@ -269,9 +269,15 @@ def test_every_pod_is_hardened(scenario):
 
 
 def test_every_role_has_three_probes_on_its_health_service(default_render):
+    """The gateway probes its plaintext public port by gRPC health; the other
+    roles' probe ports are mutual TLS by default, so theirs go to /readyz and
+    /livez on the admin port."""
     for role, deployment in default_render.by_component("Deployment").items():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         ports = {port["containerPort"] for port in container["ports"]}
+        if role != "gateway":
+            assert_admin_probes(role, container)
+            continue
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert "grpc" in container[probe], f"{role} {probe}: plaintext ports get native gRPC probes"
             assert container[probe]["grpc"]["port"] in ports
@@ -284,12 +290,19 @@ def test_every_role_has_three_probes_on_its_health_service(default_render):
     assert gateway["readinessProbe"]["grpc"] == {"port": 7700, "service": "messenger.v1.GatewayService"}
 
 
-def test_tls_ports_get_tcp_probes(production_render):
-    """The kubelet's gRPC probe speaks plaintext only: a TLS port is probed by TCP."""
+def assert_admin_probes(role, container):
+    ports = {port["containerPort"] for port in container["ports"]}
+    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+        assert "grpc" not in container[probe] and "tcpSocket" not in container[probe], f"{role} {probe}"
+        assert container[probe]["httpGet"] == {"port": 9464, "path": path}, f"{role} {probe}"
+        assert 9464 in ports, role
+
+
+def test_tls_ports_get_http_probes_on_the_admin_port(production_render):
+    """The kubelet's gRPC probe speaks plaintext only: a TLS port's role is
+    probed on its admin port (/readyz turns 503 from the start of a drain)."""
     for role, deployment in production_render.by_component("Deployment").items():
-        container = deployment["spec"]["template"]["spec"]["containers"][0]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert "tcpSocket" in container[probe] and "grpc" not in container[probe], f"{role} {probe}"
+        assert_admin_probes(role, deployment["spec"]["template"]["spec"]["containers"][0])
 
 
 def drain_seconds(toml_text: str) -> int:
@@ -469,3 +482,41 @@ def test_a_new_role_is_one_values_entry():
     assert {"message"} in [set(e["values"]) for e in peer]
     assert "notify" in rendered.by_component("PodDisruptionBudget")
     assert tomllib.loads(rendered.config_files()["notify"])["notify"]["listen"] == "0.0.0.0:7740"
+
+
+def test_the_default_install_runs_internal_hops_over_mutual_tls(default_render, tmp_path):
+    """With no PKI of one's own, the chart makes a cluster CA and a
+    certificate per role valid for exactly `<role>.messenger.internal`, and
+    every role's configuration turns mutual TLS on. OpenSSL checks the
+    certificates independently of the Helm functions that made them."""
+    import base64
+    import subprocess
+
+    configs = {role: tomllib.loads(text) for role, text in default_render.config_files().items()}
+    for role, config in configs.items():
+        assert config["tls"]["insecure_cluster_plaintext"] is False, role
+        assert config["tls"]["cluster_ca_file"] == "/etc/messenger/cluster-tls/ca.crt", role
+    ca = default_render.get("Secret", f"{RELEASE}-messenger-cluster-ca")
+    assert ca["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(base64.b64decode(ca["data"]["ca.crt"]))
+    for role in ROLES:
+        secret = default_render.get("Secret", f"{RELEASE}-messenger-{role}-cluster-tls")
+        volumes = {v["name"]: v for v in default_render.by_component("Deployment")[role]["spec"]["template"]["spec"]
+                   ["volumes"]}
+        assert volumes["cluster-tls"]["secret"]["secretName"] == secret["metadata"]["name"]
+        assert base64.b64decode(secret["data"]["ca.crt"]) == ca_file.read_bytes(), role
+        cert = tmp_path / f"{role}.pem"
+        cert.write_bytes(base64.b64decode(secret["data"]["tls.crt"]))
+        assert b"PRIVATE KEY" in base64.b64decode(secret["data"]["tls.key"]), role
+        verified = subprocess.run(["openssl", "verify", "-CAfile", str(ca_file), "-purpose", "sslclient", str(cert)],
+                                  capture_output=True, text=True)
+        assert verified.returncode == 0, f"{role}: {verified.stdout}{verified.stderr}"
+        names = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(cert)],
+                               capture_output=True, text=True, check=True).stdout
+        assert re.findall(r"DNS:([^,\s]+)", names) == [f"{role}.messenger.internal"], f"{role}: {names}"
+
+
+def test_bringing_your_own_cluster_certificates_generates_none(production_render):
+    secrets = {obj["metadata"]["name"] for obj in production_render.kind("Secret")}
+    assert not any(name.endswith("cluster-tls") or name.endswith("cluster-ca") for name in secrets), secrets

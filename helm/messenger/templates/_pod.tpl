@@ -235,11 +235,12 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* One probe's action: gRPC health on a plaintext port, TCP on a TLS one. Argument: dict "root" $ "port" PORT "service" NAME. */}}
+{{/* One probe's action: gRPC health on a plaintext port; on a TLS one (the kubelet's gRPC probe speaks plaintext only) the admin port's /readyz or /livez (`path`). Argument: dict "root" $ "port" PORT "service" NAME "path" PATH. */}}
 {{- define "messenger.probeAction" -}}
 {{- if include "messenger.portTls" (dict "root" .root "port" .port) -}}
-tcpSocket:
-  port: {{ int .port.port }}
+httpGet:
+  port: {{ int .root.Values.metrics.port }}
+  path: {{ .path }}
 {{- else -}}
 grpc:
   port: {{ int .port.port }}
@@ -255,13 +256,13 @@ grpc:
 {{- end -}}
 {{- $probes := .role.probes -}}
 startupProbe:
-  {{- include "messenger.probeAction" (dict "root" .root "port" $port "service" $port.healthService) | nindent 2 }}
+  {{- include "messenger.probeAction" (dict "root" .root "port" $port "service" $port.healthService "path" "/readyz") | nindent 2 }}
   {{- toYaml $probes.startup | nindent 2 }}
 readinessProbe:
-  {{- include "messenger.probeAction" (dict "root" .root "port" $port "service" $port.healthService) | nindent 2 }}
+  {{- include "messenger.probeAction" (dict "root" .root "port" $port "service" $port.healthService "path" "/readyz") | nindent 2 }}
   {{- toYaml $probes.readiness | nindent 2 }}
 livenessProbe:
   {{- /* "" is the server as a whole: it stays SERVING while draining, so a drain never looks like a hang. */}}
-  {{- include "messenger.probeAction" (dict "root" .root "port" $port "service" "") | nindent 2 }}
+  {{- include "messenger.probeAction" (dict "root" .root "port" $port "service" "" "path" "/livez") | nindent 2 }}
   {{- toYaml $probes.liveness | nindent 2 }}
 {{- end -}}
