@@ -460,7 +460,10 @@ impl Task {
                     if let Some(pending) = self.take_pending(&error.client_msg_id) {
                         let _ = pending.reply.send(Err(Error::Rejected { code, message: error.message }));
                     }
-                } else if code == Code::Unavailable {
+                } else if code == Code::Unavailable && error.conversation_id.is_empty() {
+                    // The gateway itself going away ("shutting down; reconnect").
+                    // A read mark or typing hint the server could not take names its
+                    // conversation: reported below, the stream stays.
                     return Some(lost(&error.message));
                 } else {
                     let _ = self.events.send(Event::ServerError { code, message: error.message }).await;

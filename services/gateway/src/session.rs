@@ -47,6 +47,12 @@ enum End {
     FrameTooLarge(Status),
 }
 
+/// A message-service failure the session outlives: the catch-up is tried
+/// again at the next gap retry, and the stream stays open.
+fn transient(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+}
+
 /// What a client is told when a frame it sent could not be read: a frame
 /// over the size limit (tonic's OUT_OF_RANGE) is RESOURCE_EXHAUSTED with the
 /// sizes; None for anything else (the client went away).
@@ -148,6 +154,9 @@ struct Session {
     /// repeat (or an older one) moves nothing, so it costs no call, no write
     /// and no receipt.
     read_marks: HashMap<String, u64>,
+    /// A whole sync the message service could not answer (unreachable for
+    /// a moment): tried again at the next gap retry.
+    resync_pending: bool,
 }
 
 fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
@@ -267,6 +276,7 @@ pub(crate) async fn run(
         deferred: HashMap::new(),
         unsynced: HashMap::new(),
         read_marks: HashMap::new(),
+        resync_pending: false,
     };
     let expires = expires_at(expiry, context.token_leeway);
     let end = tokio::select! {
@@ -342,6 +352,9 @@ impl Session {
         if let Err(end) = self.emit(ServerFrame { frame: Some(ready) }).await {
             return end;
         }
+        // A stream that cannot catch up at its start ends (UNAVAILABLE): the
+        // device reconnects, perhaps through a gateway that can. Later, a
+        // message service unreachable for a moment only postpones catch-up.
         if let Err(end) = self.sync(None).await {
             return end;
         }
@@ -351,7 +364,7 @@ impl Session {
         let mut gap_retry = tokio::time::interval(self.context.options.gap_retry_interval);
         gap_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let held_back = !self.deferred.is_empty() || !self.unsynced.is_empty();
+            let held_back = !self.deferred.is_empty() || !self.unsynced.is_empty() || self.resync_pending;
             let step = tokio::select! {
                 // Not biased: client frames, completions and live events get fair turns.
                 () = shutdown.cancelled() => {
@@ -376,7 +389,7 @@ impl Session {
                     }
                     None => return End::ClientGone,
                 },
-                () = resync.notified() => self.sync(None).await,
+                () = resync.notified() => self.resync().await,
                 _ = gap_retry.tick(), if held_back => self.retry_held_back().await,
                 frame = inbound.message(), if inflight.len() < max_inflight => match frame {
                     Ok(Some(frame)) => self.handle(frame, &mut inflight).await,
@@ -458,7 +471,10 @@ impl Session {
             // the cursor. The message is committed, so sync returns it too
             // unless a seq between the cursor and it is not readable yet;
             // then it waits, never pushed past that seq.
-            self.sync(Some(id)).await?;
+            match self.sync(Some(id)).await {
+                Err(End::Upstream(status)) if transient(&status) => {}
+                other => other?,
+            }
             if !self.last_sent.contains_key(id) {
                 self.unsynced.insert(id.clone(), message.seq);
                 return Ok(());
@@ -489,11 +505,31 @@ impl Session {
         self.catch_up_deferred(&message.conversation_id).await
     }
 
+    /// Syncs every conversation; a message service unreachable for the
+    /// moment leaves it for the next gap retry instead of ending the stream.
+    async fn resync(&mut self) -> Result<(), End> {
+        self.resync_pending = false;
+        match self.sync(None).await {
+            Err(End::Upstream(status)) if transient(&status) => {
+                debug!(session_id = %self.session_id, code = ?status.code(), "sync postponed: message service unavailable");
+                self.resync_pending = true;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// Looks again at every conversation with live messages held back.
     async fn retry_held_back(&mut self) -> Result<(), End> {
+        if self.resync_pending {
+            self.resync().await?;
+        }
         let unsynced: Vec<(String, u64)> = self.unsynced.drain().collect();
         for (id, newest) in unsynced {
-            self.sync(Some(&id)).await?;
+            match self.sync(Some(&id)).await {
+                Err(End::Upstream(status)) if transient(&status) => {}
+                other => other?,
+            }
             match self.last_sent.get(&id).copied() {
                 None => {
                     self.unsynced.insert(id, newest);
@@ -543,6 +579,8 @@ impl Session {
                 Ok(page) => page.into_inner().messages,
                 // Removed from the conversation meanwhile, say: nothing more to show.
                 Err(status) if status.code() == Code::NotFound => return Ok(true),
+                // Not readable now: held back, fetched at the next gap retry.
+                Err(status) if transient(&status) => return Ok(false),
                 Err(status) => return Err(End::Upstream(status)),
             };
             if messages.is_empty() {
