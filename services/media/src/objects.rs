@@ -336,6 +336,39 @@ impl Objects {
         Ok(())
     }
 
+    /// Keys under `prefix` last written before `before_ms` (ms since the
+    /// epoch), at most `limit`, read a page of S3's listing at a time.
+    pub async fn keys_older(&self, prefix: &str, before_ms: i64, limit: usize) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(describe)?;
+            for object in page.contents() {
+                let written_ms = object.last_modified().and_then(|at| at.to_millis().ok()).unwrap_or(i64::MAX);
+                if let Some(key) = object.key()
+                    && written_ms < before_ms
+                {
+                    keys.push(key.to_owned());
+                    if keys.len() >= limit {
+                        return Ok(keys);
+                    }
+                }
+            }
+            match page.next_continuation_token() {
+                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
     /// Deleting an object that does not exist succeeds (S3's semantics).
     pub async fn delete(&self, key: &str) -> Result<()> {
         self.client.delete_object().bucket(&self.bucket).key(key).send().await.map_err(describe)?;

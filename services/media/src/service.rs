@@ -73,6 +73,9 @@ pub struct Service {
 /// Object keys: pending uploads under the pending prefix, ready ones under
 /// their conversation (`original` and `thumb` side by side: a file-backed
 /// store cannot hold a key and a key below it).
+/// Pending-prefix objects one sweep looks at, at most.
+const ORPHANS_PER_SWEEP: usize = 1000;
+
 pub fn pending_key(options: &Options, id: Uuid) -> String {
     format!("{}{id}", options.s3.pending_prefix)
 }
@@ -570,7 +573,7 @@ impl Service {
         loop {
             let batch = self.store.pending_before(cutoff, 100).await?;
             if batch.is_empty() {
-                return Ok(swept);
+                break;
             }
             for upload in batch {
                 // Claimed first: a complete that finished meanwhile keeps its objects.
@@ -580,6 +583,26 @@ impl Service {
                 }
             }
         }
+        Ok(swept + self.sweep_orphans(cutoff).await?)
+    }
+
+    /// Removes objects under the pending prefix written before `cutoff_ms`
+    /// whose upload is not pending: a presigned PUT replayed after its
+    /// upload completed (or was deleted) writes its pending key again, and
+    /// no pending record would ever take it away. `pending_ttl` is at least
+    /// the URL's lifetime, so a URL that wrote one is dead by now.
+    async fn sweep_orphans(&self, cutoff_ms: i64) -> Result<usize> {
+        let prefix = &self.options.s3.pending_prefix;
+        let mut swept = 0;
+        for key in self.objects.keys_older(prefix, cutoff_ms, ORPHANS_PER_SWEEP).await? {
+            let Some(id) = key.strip_prefix(prefix.as_str()).and_then(ids::parse) else { continue };
+            let pending = self.store.get(id).await?.is_some_and(|upload| upload.state == State::Pending);
+            if !pending {
+                self.objects.delete(&key).await?;
+                swept += 1;
+            }
+        }
+        Ok(swept)
     }
 
     /// Sweeps every `sweep_interval` until `shutdown`.

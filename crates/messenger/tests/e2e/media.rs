@@ -489,3 +489,41 @@ async fn type_size_quota_and_ticket_rate_hold_at_their_edges() {
     let sixth = try_ticket(&system, "alice", &conversation, "application/pdf", &pdf(10)).await.unwrap_err();
     assert!(sixth.code() == Code::ResourceExhausted && sixth.message().contains("per minute"), "{sixth:?}");
 }
+
+/// A presigned PUT replayed after its upload completed writes the pending
+/// key again; the sweep removes that orphan once the URL is dead, and the
+/// completed media stays.
+#[tokio::test]
+async fn a_put_replayed_after_complete_leaves_no_orphan() {
+    let system = TestSystem::start_with(|config| {
+        config.media.upload_url_ttl = Duration::from_secs(4);
+        config.media.pending_ttl = Duration::from_secs(4);
+        config.media.sweep_interval = Duration::from_millis(200);
+    })
+    .await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    let document = pdf(2_000);
+    let ticket = ticket(&system, "alice", &conversation, "application/pdf", &document).await;
+    let same = |_: &str, value: &str| Some(value.to_owned());
+    assert_eq!(put(&ticket.requests[0], document.clone(), same).await, 200);
+    let mut api = GatewayServiceClient::new(system.raw_channel().await);
+    let complete = pb::CompleteUploadRequest { media_id: ticket.media_id.clone() };
+    api.complete_upload(system.authorized("alice", complete)).await.unwrap();
+    let pending = || {
+        object_files(&system.objects_dir())
+            .into_iter()
+            .filter(|file| file.contains("pending") && file.contains(&ticket.media_id))
+            .count()
+    };
+    assert_eq!(pending(), 0, "completing moved the bytes out of the pending key");
+    assert_eq!(put(&ticket.requests[0], document, same).await, 200, "the URL still works: a replay");
+    assert_eq!(pending(), 1, "the replay wrote the pending key again");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4) + WAIT;
+    while pending() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the orphaned pending object was never swept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept = object_files(&system.objects_dir());
+    assert!(kept.iter().any(|file| file.contains(&ticket.media_id)), "the completed media went too: {kept:?}");
+}
