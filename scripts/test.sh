@@ -35,8 +35,7 @@ status=0
 cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
 # The Helm chart and the Dockerfile (scripts/chart.sh); the rendered service
 # TOML files are loaded by the binary nextest just built for the end-to-end
-# tests (`config --check`). Not `cargo build`: its profile would compile the
-# whole workspace again (about 5 minutes here).
+# tests (`config --check`).
 MESSENGER_BIN=target/debug/messenger bash scripts/chart.sh || status=$?
 # The end-to-end suite again with the message store on the Cassandra node
 # (in-process systems and the multi-process cluster, each on a keyspace of
