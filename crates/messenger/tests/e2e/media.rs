@@ -334,16 +334,21 @@ async fn delete_for_everyone_removes_the_objects() {
     assert!(message.deleted && message.attachments.is_empty(), "{message:?}");
 }
 
-#[tokio::test]
-async fn abandoned_upload_is_swept_after_its_ttl() {
-    let system = TestSystem::start_with(|config| {
+/// A system whose sweep runs often, with short-lived upload URLs and pending slots.
+async fn sweeping_system() -> TestSystem {
+    TestSystem::start_with(|config| {
         // The URL must outlive a loaded machine's ticket-to-PUT gap; the sweep may
         // only take the slot once the URL is dead.
         config.media.upload_url_ttl = Duration::from_secs(4);
         config.media.pending_ttl = Duration::from_secs(4);
         config.media.sweep_interval = Duration::from_millis(200);
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn abandoned_upload_is_swept_after_its_ttl() {
+    let system = sweeping_system().await;
     let (alice, _a) = system.connect("alice", "phone").await;
     let conversation = alice.direct("bob").await.unwrap().conversation_id;
     let photo = jpeg_with_gps(32, 32);
@@ -495,12 +500,7 @@ async fn type_size_quota_and_ticket_rate_hold_at_their_edges() {
 /// completed media stays.
 #[tokio::test]
 async fn a_put_replayed_after_complete_leaves_no_orphan() {
-    let system = TestSystem::start_with(|config| {
-        config.media.upload_url_ttl = Duration::from_secs(4);
-        config.media.pending_ttl = Duration::from_secs(4);
-        config.media.sweep_interval = Duration::from_millis(200);
-    })
-    .await;
+    let system = sweeping_system().await;
     let (alice, _a) = system.connect("alice", "phone").await;
     let conversation = alice.direct("bob").await.unwrap().conversation_id;
     let document = pdf(2_000);
