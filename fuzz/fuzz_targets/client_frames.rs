@@ -100,7 +100,7 @@ fn frames(data: &[u8], conversation: &str, session: u64) -> Vec<pb::ClientFrame>
     if first & 1 == 1 {
         // A device per session: sessions never take each other's place.
         frames.push(pb::ClientFrame {
-            frame: Some(Frame::Hello(pb::Hello { device_id: format!("d{session}") })),
+            frame: Some(Frame::Hello(pb::Hello { device_id: format!("d{session}"), ..Default::default() })),
             trace_context: Default::default(),
         });
     }

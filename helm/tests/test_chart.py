@@ -170,7 +170,8 @@ def test_one_deployment_per_enabled_role(scenario):
 
 def test_network_policies_admit_exactly_the_callers_in_the_code(scenario):
     """Each internal port admits only the roles whose calls the service
-    authorizes (its `fn callers()` rules); the public port admits anyone."""
+    authorizes (its `fn callers()` rules); the public ports (gRPC and the
+    browser port) admit anyone."""
     _, rendered = scenario
     expected = callers_in_code()
     assert set(expected) == set(ROLES)
@@ -191,9 +192,9 @@ def test_network_policies_admit_exactly_the_callers_in_the_code(scenario):
         container_ports = {number: name for number, name in container_ports.items() if name != "admin"}
         assert set(covered) == set(container_ports), f"{role}: every gRPC port has exactly one rule, admin none"
         for number, peers in covered.items():
-            if container_ports[number] == "public":
+            if container_ports[number] in ("public", "web"):
                 assert role == "gateway"
-                assert peers is None, "the public port is open (networkPolicy.publicFrom is empty)"
+                assert peers is None, "the public ports are open (networkPolicy.publicFrom is empty)"
                 continue
             assert peers is not None and len(peers) == 1, f"{role}:{number} admits only pods of this release"
             (peer,) = peers
@@ -332,7 +333,8 @@ def test_config_toml_parses_and_matches_the_pods(scenario):
         deployment = rendered.by_component("Deployment")[role]
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         # The role's listeners are what the pod exposes.
-        listens = {config["gateway"]["listen"], config["gateway"]["internal_listen"]} if role == "gateway" \
+        gateway = config["gateway"]
+        listens = {gateway["listen"], gateway["internal_listen"], gateway["web"]["listen"]} if role == "gateway" \
             else {config[role]["listen"]}
         listens.add(config["admin"]["listen"])
         assert listens == {f"0.0.0.0:{port['containerPort']}" for port in container["ports"]}, role
@@ -520,3 +522,20 @@ def test_the_default_install_runs_internal_hops_over_mutual_tls(default_render, 
 def test_bringing_your_own_cluster_certificates_generates_none(production_render):
     secrets = {obj["metadata"]["name"] for obj in production_render.kind("Secret")}
     assert not any(name.endswith("cluster-tls") or name.endswith("cluster-ca") for name in secrets), secrets
+
+
+def test_the_gateway_service_carries_the_browser_port_beside_grpc():
+    """Browsers reach the web app, its WebSocket and gRPC-Web on the gateway's
+    web port (HTTP/1.1), through the same public Service as the gRPC port;
+    `service.port` renumbers only the gRPC port."""
+    def ports(values):
+        (service,) = [svc for svc in render(values).kind("Service")
+                      if svc["metadata"]["name"].endswith("-gateway")]
+        return {port["name"]: port for port in service["spec"]["ports"]}
+
+    plain = ports({"roles": {"gateway": {"service": {"port": 443}}}})
+    assert (plain["public"]["port"], plain["public"]["appProtocol"]) == (443, "kubernetes.io/h2c")
+    assert (plain["web"]["port"], plain["web"]["appProtocol"]) == (7780, "http")
+    tls = ports({"tls": {"public": {"enabled": True, "existingSecret": "gateway-tls"}}})
+    assert "appProtocol" not in tls["public"]
+    assert tls["web"]["appProtocol"] == "https"

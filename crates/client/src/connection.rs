@@ -261,7 +261,7 @@ impl Task {
         refreshed: &mut bool,
     ) -> End {
         let (outbound, frames) = mpsc::channel::<ClientFrame>(self.options.max_pending_sends.max(16));
-        let hello = OutFrame::Hello(pb::Hello { device_id: self.options.device_id.clone() });
+        let hello = OutFrame::Hello(pb::Hello { device_id: self.options.device_id.clone(), ..Default::default() });
         let _ = outbound.try_send(ClientFrame { trace_context: Default::default(), frame: Some(hello) });
         let response = match self.api.current().connect(ReceiverStream::new(frames)).await {
             Ok(response) => response,

@@ -7,6 +7,8 @@
 //! Layout: `bench/server.rs` (the system under test and its /proc figures),
 //! `bench/clients.rs` (client fleets, latency stamps, histograms),
 //! `bench/scenarios.rs` (idle, direct, group, history, reconnect),
+//! `bench/websocket.rs` (browser-like sessions: idle and direct over the
+//! gateway's WebSocket transport, beside gRPC),
 //! `bench/media.rs` (tickets, completes, a 12 MP photo, upload throughput),
 //! `bench/notify.rs` (pushes per second through the outbox, commit to push),
 //! `bench/report.rs` (results, table, JSON).
@@ -17,6 +19,7 @@ mod notify;
 mod report;
 mod scenarios;
 mod server;
+mod websocket;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -32,6 +35,16 @@ pub enum Store {
     Sqlite,
     /// A CQL cluster (`--scylla`): ScyllaDB, or Cassandra.
     Scylla,
+}
+
+/// How clients reach the gateway in `idle` and `direct`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The SDK's gRPC `Connect` stream.
+    Grpc,
+    /// Browser-like sessions on the browser port (WebSocket).
+    Websocket,
 }
 
 /// Which scenarios to run.
@@ -60,6 +73,12 @@ pub struct BenchOptions {
     /// Process id of the --target server, for its CPU and memory figures.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// The --target gateway's browser port (`host:port`), for the WebSocket transport.
+    #[arg(long)]
+    pub target_web: Option<String>,
+    /// Transports `idle` and `direct` measure, each in turn (side by side).
+    #[arg(long, value_delimiter = ',', default_values = ["grpc", "websocket"])]
+    pub transports: Vec<Transport>,
     /// SQLite durability of the server it starts: full (default) or normal.
     #[arg(long, default_value = "full")]
     pub synchronous: String,
@@ -147,6 +166,23 @@ fn trace_sample(text: &str) -> Result<Option<f64>, String> {
     }
 }
 
+/// A server for the next measurement on the same store: a new one (each
+/// transport, like each scenario, starts on a server with no leftovers), or
+/// the --target again once it is quiet.
+async fn fresh(
+    options: &BenchOptions,
+    server: server::Server,
+    store: Store,
+    tracing: Option<(f64, std::net::SocketAddr)>,
+) -> anyhow::Result<server::Server> {
+    if options.target.is_some() {
+        server.settle().await;
+        return Ok(server);
+    }
+    server.stop().await;
+    server::Server::start(options, store, tracing).await
+}
+
 /// Runs the benchmark and prints its report.
 pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Report> {
     let wanted_files = (options.idle_clients as u64 * 2 + 10_000).max(65_536);
@@ -185,7 +221,7 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
             // connections close, the allocator keeps their memory and
             // `direct` measured 9-14% more server CPU). A --target server
             // is shared; only quiet is awaited.
-            let server = match shared.take() {
+            let mut server = match shared.take() {
                 Some(server) => server,
                 None => server::Server::start(&options, *store, tracing).await?,
             };
@@ -198,8 +234,22 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
             server.settle().await;
             eprintln!("bench: {scenario:?} on {store:?} ...");
             match scenario {
-                Scenario::Idle => report.idle = Some(scenarios::idle(&options, &server, auth).await?),
-                Scenario::Direct => report.direct = Some(scenarios::direct(&options, &server, auth).await?),
+                // Each transport in turn, each on a server of its own.
+                Scenario::Idle | Scenario::Direct => {
+                    for (turn, &transport) in options.transports.iter().enumerate() {
+                        if turn > 0 {
+                            server = fresh(&options, server, *store, tracing).await?;
+                        }
+                        let web = transport == Transport::Websocket;
+                        if *scenario == Scenario::Idle {
+                            let idle = Some(scenarios::idle(&options, &server, auth, transport).await?);
+                            *(if web { &mut report.idle_websocket } else { &mut report.idle }) = idle;
+                        } else {
+                            let direct = Some(scenarios::direct(&options, &server, auth, transport).await?);
+                            *(if web { &mut report.direct_websocket } else { &mut report.direct }) = direct;
+                        }
+                    }
+                }
                 Scenario::Group => report.group = scenarios::group(&options, &server, auth).await?,
                 Scenario::History => report.history = Some(scenarios::history(&options, &server, auth).await?),
                 Scenario::Reconnect => report.reconnect = Some(scenarios::reconnect(&options, &server, auth).await?),

@@ -97,6 +97,7 @@ impl Config {
         config.admin.listen = "127.0.0.1:0".into();
         config.gateway.listen = "127.0.0.1:0".into();
         config.gateway.internal_listen = "127.0.0.1:0".into();
+        config.gateway.web.listen = "127.0.0.1:0".into();
         config.message.listen = "127.0.0.1:0".into();
         config.presence.listen = "127.0.0.1:0".into();
         config.media.listen = "127.0.0.1:0".into();

@@ -141,9 +141,15 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!("tls.insecure_cluster_plaintext: internal ports accept any caller as any user");
             }
             let data_dir = config.data_dir.clone();
+            let dev_tokens = config.auth.uses_development_secret();
             let running = system::start(config, &system::ALL_ROLES).await?;
             let endpoint = running.endpoint();
             println!("messenger is up: gateway {endpoint}, data in {}", data_dir.display());
+            match running.web_url() {
+                Some(web) if dev_tokens => println!("web app: {web}   (sign in with any user id: development tokens)"),
+                Some(web) => println!("web app: {web}"),
+                None => {}
+            }
             if let Some(admin) = running.addresses.admin {
                 println!("metrics: http://{admin}/metrics   (liveness /livez, readiness /readyz)");
             }

@@ -32,6 +32,8 @@ pub struct Addresses {
     pub admin: Option<SocketAddr>,
     /// The embedded object store's endpoint, when this process runs one.
     pub objects: Option<String>,
+    /// The gateway's browser port (web app, WebSocket, gRPC-Web), unless turned off.
+    pub web: Option<SocketAddr>,
     /// Whether the gateway's public port speaks TLS.
     pub public_tls: bool,
 }
@@ -54,6 +56,12 @@ impl Running {
     pub fn endpoint(&self) -> String {
         let scheme = if self.addresses.public_tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addresses.gateway.expect("gateway is running"))
+    }
+
+    /// The web app's URL, when the gateway's browser port is on.
+    pub fn web_url(&self) -> Option<String> {
+        let scheme = if self.addresses.public_tls { "https" } else { "http" };
+        self.addresses.web.map(|address| format!("{scheme}://{address}/"))
     }
 
     /// A token that cancels every service (graceful drain).
@@ -105,7 +113,8 @@ impl Running {
 /// anyone needs another service's address.
 struct Listeners {
     admin: Option<TcpListener>,
-    gateway: Option<(TcpListener, TcpListener)>,
+    /// Public, internal and (unless turned off) browser port.
+    gateway: Option<(TcpListener, TcpListener, Option<TcpListener>)>,
     message: Option<TcpListener>,
     presence: Option<TcpListener>,
     media: Option<TcpListener>,
@@ -114,7 +123,9 @@ struct Listeners {
 
 async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners> {
     let gateway = if roles.contains(&Role::Gateway) {
-        Some((bind(&config.gateway.listen).await?, bind(&config.gateway.internal_listen).await?))
+        let web = &config.gateway.web.listen;
+        let web = if web.is_empty() { None } else { Some(bind(web).await?) };
+        Some((bind(&config.gateway.listen).await?, bind(&config.gateway.internal_listen).await?, web))
     } else {
         None
     };
@@ -151,9 +162,10 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         addresses.notify = Some(address);
         config.discovery.notify = vec![address.to_string()];
     }
-    if let Some((public, internal)) = &listeners.gateway {
+    if let Some((public, internal, web)) = &listeners.gateway {
         addresses.gateway = Some(local_addr(public));
         addresses.gateway_internal = Some(local_addr(internal));
+        addresses.web = web.as_ref().map(local_addr);
     }
     let shutdown = CancellationToken::new();
     let supervisor = Supervisor::new(shutdown.clone());
@@ -242,17 +254,19 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
             async move { messenger_media::serve(service, server_options, listener, tls, &supervisor, token).await },
         );
     }
-    if let Some((public, internal)) = listeners.gateway {
+    if let Some((public, internal, web)) = listeners.gateway {
         let deps = messenger_gateway::Deps {
             verifier: security.verifier.clone().expect("opened for the gateway role"),
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
             public_tls: security.public.clone(),
+            web_tls: security.web.clone(),
+            dev_auth: config.auth.uses_development_secret().then(|| config.auth.clone()),
             cluster_tls: security.cluster.clone(),
             supervisor: supervisor.clone(),
         };
         let (options, server_options, token) = (config.gateway.clone(), config.server.clone(), shutdown.clone());
-        tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, token));
+        tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, web, token));
     }
     // Registered last, once every store is open and every server is serving:
     // nobody is routed to an instance that cannot answer yet.
@@ -302,6 +316,8 @@ struct Security {
     /// The gateway's token verifier (only where the gateway runs).
     verifier: Option<Verifier>,
     public: Option<ServerTls>,
+    /// The public certificate for the gateway's browser port (HTTP/1.1).
+    web: Option<ServerTls>,
     cluster: Option<ServerTls>,
 }
 
@@ -338,13 +354,14 @@ impl Security {
         if let Some(client) = &client {
             client.watch(shutdown.clone());
         }
-        let (mut verifier, mut public) = (None, None);
+        let (mut verifier, mut public, mut web) = (None, None, None);
         if roles.contains(&Role::Gateway) {
             let keys = Verifier::from_options(&config.auth)?;
             if config.auth.uses_development_secret() {
                 // Anyone can sign a token with the published secret: fine on
                 // this machine only.
-                if let Some(address) = addresses.gateway.filter(|address| !address.ip().is_loopback()) {
+                let public_ports = [addresses.gateway, addresses.web];
+                if let Some(address) = public_ports.into_iter().flatten().find(|address| !address.ip().is_loopback()) {
                     anyhow::bail!(
                         "the public port {address} is not on loopback and auth uses the published development \
                          secret: anyone could sign in as anyone. Configure auth.jwks_file or auth.hs256_secret, \
@@ -365,12 +382,15 @@ impl Security {
             public = ServerTls::public(tls)?;
             if let Some(server) = &public {
                 server.watch("public certificate", tls.reload_interval, shutdown.clone());
+                let browsers = server.http1()?;
+                browsers.watch("public certificate (browser port)", tls.reload_interval, shutdown.clone());
+                web = Some(browsers);
             } else if let Some(address) = addresses.gateway.filter(|address| !address.ip().is_loopback()) {
                 warn!(%address, "public port without TLS: terminate TLS in front of it, or set tls.public_cert_file");
             }
         }
         config.discovery.tls = client;
-        Ok(Security { verifier, public, cluster })
+        Ok(Security { verifier, public, web, cluster })
     }
 }
 

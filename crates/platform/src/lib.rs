@@ -23,7 +23,8 @@
 //! - [`ids`]: UUIDv7 ids and wall-clock milliseconds.
 //! - [`server`]: the bootstrap every gRPC server uses: HTTP/2 limits, health,
 //!   reflection, graceful drain; [`connections`]: per-address connection caps
-//!   and the first-byte timeout every accepted socket is held to.
+//!   and the first-byte timeout every accepted socket is held to; [`web`]:
+//!   the same for the HTTP/1.1 port browsers use (WebSocket upgrades).
 //! - [`shutdown`]: the one shutdown-signal future; [`supervise`]: background
 //!   tasks whose panic stops the process (health NOT_SERVING, exit non-zero).
 
@@ -48,3 +49,4 @@ pub mod supervise;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;
+pub mod web;

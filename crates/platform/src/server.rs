@@ -244,6 +244,12 @@ pub async fn serve(
     Ok(())
 }
 
+/// The RPC metrics (and unary-call spans) of a server named `name`, for a
+/// port served outside [`serve`] (the gateway's gRPC-Web on its browser port).
+pub fn rpc_metrics_layer(name: &'static str) -> RpcMetricsLayer {
+    RpcMetricsLayer::new(name, method_paths(&descriptors_of_all()))
+}
+
 fn descriptors_of_all() -> prost_types::FileDescriptorSet {
     use prost::Message as _;
     prost_types::FileDescriptorSet::decode(messenger_proto::FILE_DESCRIPTOR_SET)

@@ -183,7 +183,7 @@ impl ServerFiles {
         }
     }
 
-    fn build(&self) -> Result<ServerConfig, Error> {
+    fn build(&self, alpn: &[&[u8]]) -> Result<ServerConfig, Error> {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(config_error)?;
@@ -199,15 +199,20 @@ impl ServerFiles {
             }
         }
         .map_err(config_error)?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
         Ok(config)
     }
 }
+
+const HTTP2: &[&[u8]] = &[b"h2"];
+const HTTP1: &[&[u8]] = &[b"http/1.1"];
 
 /// A TLS server configuration that follows its files.
 #[derive(Clone)]
 pub struct ServerTls {
     files: ServerFiles,
+    /// What ALPN offers: gRPC ports speak HTTP/2 only, the browser port HTTP/1.1.
+    alpn: &'static [&'static [u8]],
     config: Arc<RwLock<Arc<ServerConfig>>>,
     handshake_timeout: Duration,
     max_concurrent_handshakes: usize,
@@ -235,14 +240,25 @@ impl ServerTls {
     }
 
     fn new(files: ServerFiles, options: &TlsOptions) -> Result<Self, Error> {
-        let config = Arc::new(RwLock::new(Arc::new(files.build()?)));
+        let alpn = HTTP2;
+        let config = Arc::new(RwLock::new(Arc::new(files.build(alpn)?)));
         Ok(Self {
             files,
+            alpn,
             config,
             handshake_timeout: options.handshake_timeout,
             max_concurrent_handshakes: options.max_concurrent_handshakes,
             domain: options.cluster_domain.clone(),
         })
+    }
+
+    /// The same certificate for a port browsers use: HTTP/1.1 in ALPN (a
+    /// WebSocket upgrade needs it), with a configuration of its own (watch it
+    /// for reloads too).
+    pub fn http1(&self) -> Result<Self, Error> {
+        let alpn = HTTP1;
+        let config = Arc::new(RwLock::new(Arc::new(self.files.build(alpn)?)));
+        Ok(Self { files: self.files.clone(), alpn, config, ..self.clone() })
     }
 
     /// The suffix of role names (`tls.cluster_domain`).
@@ -252,7 +268,7 @@ impl ServerTls {
 
     /// Reads the files again; on failure the configuration in use stays.
     pub fn reload(&self) -> Result<(), Error> {
-        let config = self.files.build()?;
+        let config = self.files.build(self.alpn)?;
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         Ok(())
     }

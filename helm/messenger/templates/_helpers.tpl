@@ -71,7 +71,7 @@ role and its ports filled in, as JSON. Argument: dict "root" $ "role" NAME.
 {{- $_ = set $role "probePort" (dig "probePort" "" $role) -}}
 {{- $ports := dict -}}
 {{- range $name, $port := dig "ports" dict $role -}}
-{{- $_ := set $ports $name (mergeOverwrite (dict "public" false "callers" list "discoveryKey" "" "advertiseKey" "") $port) -}}
+{{- $_ := set $ports $name (mergeOverwrite (dict "public" false "http" false "callers" list "discoveryKey" "" "advertiseKey" "" "healthService" "") $port) -}}
 {{- end -}}
 {{- $_ = set $role "ports" $ports -}}
 {{- toJson $role -}}

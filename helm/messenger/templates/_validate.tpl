@@ -57,8 +57,8 @@ or route badly, refused at render time with the reason.
 {{- $discovered := false -}}
 {{- range $portName, $port := $role.ports -}}
 {{- if $port.discoveryKey -}}{{- $discovered = true -}}{{- end -}}
-{{- if not (regexMatch "^[a-z_]+\\.[a-z_]+$" $port.listenKey) -}}
-{{- fail (printf "roles.%s.ports.%s.listenKey %q must be section.key" $name $portName $port.listenKey) -}}
+{{- if not (regexMatch "^[a-z_]+(\\.[a-z_]+)+$" $port.listenKey) -}}
+{{- fail (printf "roles.%s.ports.%s.listenKey %q must be section.key (or section.table.key)" $name $portName $port.listenKey) -}}
 {{- end -}}
 {{- end -}}
 {{- if and $many $discovered (eq $values.discovery.backend "static") -}}

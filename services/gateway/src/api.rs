@@ -10,7 +10,6 @@ use messenger_platform::{
     discovery::routed,
 };
 use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -28,28 +27,9 @@ impl GatewayService for Adapter {
     async fn connect(&self, request: Request<Streaming<ClientFrame>>) -> Result<Response<Self::ConnectStream>, Status> {
         let user = caller(&request)?.0.clone();
         let expiry = request.extensions().get::<TokenExpiry>().copied();
-        let limits = &self.context.limits;
         // Without a peer address (only in-process transports) the IP limits have no key.
         let address = request.remote_addr().map(|address| address.ip());
-        if let Some(address) = address {
-            limits.connects_per_address.check(&address.to_string())?;
-        }
-        limits.connects_per_user.check(&user)?;
-        let pre_hello = address.map(|address| limits.pre_hello.take(address)).transpose()?;
-        // Counted from acceptance, so streams still waiting for Hello count too.
-        let Some(slot) = StreamSlot::take(&self.context) else {
-            let limit = self.context.options.max_sessions;
-            return Err(Status::resource_exhausted(format!(
-                "this gateway holds its limit of {limit} sessions; retry later or elsewhere"
-            )));
-        };
-        let (out, frames) = mpsc::channel(self.context.options.session_queue_depth);
-        let context = self.context.clone();
-        let inbound = request.into_inner();
-        tokio::spawn(async move {
-            session::run(context, user, expiry, pre_hello, inbound, out).await;
-            drop(slot);
-        });
+        let frames = session::open(&self.context, user, expiry, address, request.into_inner().boxed())?;
         let unbox: fn(session::Outbound) -> Result<ServerFrame, Status> = |item| item.map(|f| *f).map_err(|s| *s);
         Ok(Response::new(ReceiverStream::new(frames).map(unbox)))
     }
@@ -313,26 +293,6 @@ impl Adapter {
 }
 
 /// One of the gateway's `max_sessions` stream slots, given back on drop.
-struct StreamSlot(Arc<Context>);
-
-impl StreamSlot {
-    fn take(context: &Arc<Context>) -> Option<StreamSlot> {
-        let limit = context.options.max_sessions;
-        let previous = context.open_streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if previous >= limit {
-            context.open_streams.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            return None;
-        }
-        Some(StreamSlot(context.clone()))
-    }
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// The verified caller and the request body.
 fn authenticated<T>(request: Request<T>) -> Result<(String, T), Status> {
     let user = caller(&request)?.0.clone();

@@ -17,8 +17,10 @@
 //!   with RetryInfo), and the cap on streams waiting for their Hello.
 //! - `leases.rs`: renews every session's presence lease in one `Renew` per
 //!   interval; re-registers the sessions presence no longer knows.
+//! - `web.rs`: the browser port (the web app, gRPC-Web, origin checks);
+//!   `websocket.rs`: a session over a WebSocket.
 //!
-//! [`serve`] runs both listeners until the shutdown token is cancelled.
+//! [`serve`] runs the listeners until the shutdown token is cancelled.
 
 #![forbid(unsafe_code)]
 
@@ -31,12 +33,14 @@ mod options;
 mod registry;
 mod sends;
 mod session;
+mod web;
+mod websocket;
 
 use std::{sync::Arc, time::Duration};
 
 use messenger_platform::discovery::RoleChannel;
 use messenger_platform::{
-    auth::Verifier,
+    auth::{AuthOptions, Verifier},
     authorize,
     discovery::{self, Discovery, DiscoveryOptions, Role},
     server::{self, Port, ServerOptions},
@@ -55,7 +59,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use options::{Options, Rate, RateLimits};
+pub use options::{Options, Rate, RateLimits, WebOptions};
 
 /// Deadline of calls to the media service: completing an upload reads and
 /// re-encodes a whole image, or assembles a multipart upload.
@@ -93,6 +97,11 @@ pub struct Deps {
     pub discovery_options: DiscoveryOptions,
     /// TLS on the public port, when configured.
     pub public_tls: Option<ServerTls>,
+    /// The same certificate for the browser port (HTTP/1.1 in ALPN).
+    pub web_tls: Option<ServerTls>,
+    /// The development key, when the process runs with it: the browser port
+    /// then mints tokens by user id (`/v1/dev-token`).
+    pub dev_auth: Option<AuthOptions>,
     /// Mutual TLS on the internal port, when the cluster has it.
     pub cluster_tls: Option<ServerTls>,
     /// Runs send pipes, lease renewal and ack flushes; a panic in any stops the process.
@@ -104,14 +113,16 @@ fn callers() -> authorize::Rules {
     vec![("/messenger.v1.GatewayInternalService/Deliver", &[Role::Message])]
 }
 
-/// Serves the public API on `public` and `Deliver` on `internal` until
-/// `shutdown` is cancelled; open sessions are told to reconnect elsewhere.
+/// Serves the public API on `public`, `Deliver` on `internal` and the
+/// browser port on `web` (when given) until `shutdown` is cancelled; open
+/// sessions are told to reconnect elsewhere.
 pub async fn serve(
     options: Options,
     server_options: ServerOptions,
     deps: Deps,
     public: TcpListener,
     internal: TcpListener,
+    web: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), server::Error> {
     let channel = |role| discovery::channel(deps.discovery.clone(), role, &deps.discovery_options);
@@ -162,6 +173,21 @@ pub async fn serve(
         context.options.ack_flush_max_cursors,
         shutdown.clone(),
     );
+    let web_server = {
+        let state = web::Web::new(
+            context.clone(),
+            deps.verifier.clone(),
+            deps.dev_auth.clone(),
+            server_options.max_message_bytes,
+            deps.web_tls.is_some(),
+        );
+        let (server_options, tls, shutdown) = (server_options.clone(), deps.web_tls.clone(), shutdown.clone());
+        async move {
+            let Some(listener) = web else { return Ok(()) };
+            let router = web::router(Arc::new(state));
+            messenger_platform::web::serve("gateway-web", &server_options, listener, tls, router, shutdown).await
+        }
+    };
     let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
         .max_decoding_message_size(server_options.max_message_bytes);
     let public_api = tonic::service::interceptor::InterceptedService::new(public_api, deps.verifier.interceptor());
@@ -184,8 +210,9 @@ pub async fn serve(
         &[gateway_internal_service_server::SERVICE_NAME],
         shutdown,
     );
-    let (public_result, internal_result, ()) = tokio::join!(public_server, internal_server, ack_flush);
-    public_result.and(internal_result)
+    let (public_result, internal_result, web_result, ()) =
+        tokio::join!(public_server, internal_server, web_server, ack_flush);
+    public_result.and(internal_result).and(web_result)
 }
 
 /// Keeps the rate limiter's memory proportional to recently active users.

@@ -67,6 +67,47 @@ pub struct Options {
     pub presence_renew_interval: Duration,
     /// Per-user and per-address limits of every other public call.
     pub rate_limits: RateLimits,
+    /// The port browsers use.
+    pub web: WebOptions,
+}
+
+/// The browser port: the web app at `/`, the session stream as a WebSocket
+/// at `/v1/stream` and the unary API as gRPC-Web, on HTTP/1.1 (TLS when the
+/// public port has it), under the same limits as the gRPC port.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebOptions {
+    /// Where the browser port listens; empty turns it off.
+    pub listen: String,
+    /// Origins (`https://chat.example.com`) whose pages may open a stream
+    /// or call the API besides the port's own; a request from any other
+    /// origin is refused with 403. Requests without `Origin` (not from a
+    /// browser) pass: the token is what authenticates.
+    pub allowed_origins: Vec<String>,
+    /// Serve the web app at `/` (off: the port carries only the API).
+    pub serve_app: bool,
+}
+
+impl Default for WebOptions {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:7780".into(), allowed_origins: Vec::new(), serve_app: true }
+    }
+}
+
+impl WebOptions {
+    fn validate(&self) -> Result<(), String> {
+        for origin in &self.allowed_origins {
+            let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin.ends_with('/')
+                && origin.split("://").nth(1).is_some_and(|host| !host.is_empty() && !host.contains('/'));
+            if !valid {
+                return Err(format!(
+                    "gateway.web.allowed_origins: {origin:?} is not an origin (scheme://host[:port], no path)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Options {
@@ -92,6 +133,7 @@ impl Default for Options {
             typing_per_second: 2,
             presence_renew_interval: Duration::from_secs(10),
             rate_limits: RateLimits::default(),
+            web: WebOptions::default(),
         }
     }
 }
@@ -122,6 +164,7 @@ impl Options {
             return Err("gateway.gap_retry_interval must be positive".into());
         }
         self.rate_limits.validate()?;
+        self.web.validate()?;
         if self.presence_renew_interval < MIN_PRESENCE_RENEW_INTERVAL {
             return Err(format!(
                 "gateway.presence_renew_interval must be at least {}ms",

@@ -11,7 +11,7 @@
 //! `inbox_depth` live messages (overflow switches to re-sync), and
 //! `max_inflight_sends` sends awaiting their ack.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use messenger_platform::{auth::TokenExpiry, ids, metrics, trace};
@@ -19,7 +19,7 @@ use messenger_proto::v1::{
     self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery, server_frame::Frame as Out,
 };
 use tokio::sync::{Notify, mpsc};
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 use tracing::{Instrument as _, debug, info, warn};
 
 use crate::{
@@ -30,6 +30,10 @@ use crate::{
 /// What a session queues for its client. Boxed so the queue's blocks stay
 /// small: they are allocated per session and live as long as it does.
 pub(crate) type Outbound = Result<Box<ServerFrame>, Box<Status>>;
+
+/// What a client sends, from either transport: a gRPC `Connect` stream or a
+/// WebSocket (`web.rs`). A read error ends the session.
+pub(crate) type Inbound = futures::stream::BoxStream<'static, Result<ClientFrame, Status>>;
 
 /// Conversations whose read mark a session remembers (repeats beyond it
 /// are passed on; the message service ignores those that move nothing).
@@ -43,8 +47,9 @@ enum End {
     Upstream(Status),
     /// The token the stream was opened with expired.
     TokenExpired,
-    /// The client sent a frame over `server.max_message_bytes`.
-    FrameTooLarge(Status),
+    /// The client sent a frame over `server.max_message_bytes`, or (on a
+    /// WebSocket) one that is not a `ClientFrame`.
+    Unreadable(Status),
 }
 
 /// A message-service failure the session outlives: the catch-up is tried
@@ -55,14 +60,18 @@ fn transient(status: &Status) -> bool {
 
 /// What a client is told when a frame it sent could not be read: a frame
 /// over the size limit (tonic's OUT_OF_RANGE) is RESOURCE_EXHAUSTED with the
-/// sizes; None for anything else (the client went away).
+/// sizes, a WebSocket message that is no frame INVALID_ARGUMENT; None for
+/// anything else (the client went away).
 fn unreadable_frame(status: &Status) -> Option<Status> {
-    (status.code() == Code::OutOfRange).then(|| {
-        Status::resource_exhausted(format!(
+    match status.code() {
+        Code::OutOfRange => Some(Status::resource_exhausted(format!(
             "a frame is larger than this server accepts (server.max_message_bytes): {}",
             status.message()
-        ))
-    })
+        ))),
+        // A WebSocket message that is not a ClientFrame (`web.rs`).
+        Code::InvalidArgument => Some(status.clone()),
+        _ => None,
+    }
 }
 
 impl End {
@@ -72,7 +81,8 @@ impl End {
             End::SlowConsumer => "slow_consumer",
             End::Upstream(_) => "upstream",
             End::TokenExpired => "token_expired",
-            End::FrameTooLarge(_) => "frame_too_large",
+            End::Unreadable(status) if status.code() == Code::ResourceExhausted => "frame_too_large",
+            End::Unreadable(_) => "unreadable_frame",
         }
     }
 }
@@ -173,7 +183,7 @@ fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conv
 
 /// The Error frame for a refused call: its code and message, and the wait
 /// its `google.rpc.RetryInfo` names (a rate limit's) as `retry_after_ms`.
-fn status_frame(status: &Status, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
+pub(crate) fn status_frame(status: &Status, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
     use tonic_types::StatusExt as _;
     let mut frame = error_frame(status.code(), status.message(), client_msg_id, conversation_id);
     if let Some(Out::Error(error)) = &mut frame.frame
@@ -192,17 +202,70 @@ fn answer_or_error<T>(result: Result<T, Status>, conversation_id: &str) -> Compl
     }
 }
 
+/// Admits a new stream of `user` from `address` (the connect rate limits,
+/// the pre-Hello cap per address, `max_sessions`) and runs its session in a
+/// task; what the client is sent comes out of the returned queue.
+pub(crate) fn open(
+    context: &Arc<Context>,
+    user: String,
+    expiry: Option<TokenExpiry>,
+    address: Option<IpAddr>,
+    inbound: Inbound,
+) -> Result<mpsc::Receiver<Outbound>, Status> {
+    let limits = &context.limits;
+    if let Some(address) = address {
+        limits.connects_per_address.check(&address.to_string())?;
+    }
+    limits.connects_per_user.check(&user)?;
+    let pre_hello = address.map(|address| limits.pre_hello.take(address)).transpose()?;
+    // Counted from acceptance, so streams still waiting for Hello count too.
+    let Some(slot) = StreamSlot::take(context) else {
+        let limit = context.options.max_sessions;
+        return Err(Status::resource_exhausted(format!(
+            "this gateway holds its limit of {limit} sessions; retry later or elsewhere"
+        )));
+    };
+    let (out, frames) = mpsc::channel(context.options.session_queue_depth);
+    let context = context.clone();
+    tokio::spawn(async move {
+        run(context, user, expiry, pre_hello, inbound, out).await;
+        drop(slot);
+    });
+    Ok(frames)
+}
+
+/// One accepted stream's place under `max_sessions`; given back on drop.
+struct StreamSlot(Arc<Context>);
+
+impl StreamSlot {
+    fn take(context: &Arc<Context>) -> Option<StreamSlot> {
+        let limit = context.options.max_sessions;
+        let previous = context.open_streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if previous >= limit {
+            context.open_streams.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return None;
+        }
+        Some(StreamSlot(context.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Runs the session; returns when the client leaves, the server shuts down,
 /// or the client is too slow.
-pub(crate) async fn run(
+async fn run(
     context: Arc<Context>,
     user: String,
     expiry: Option<TokenExpiry>,
     pre_hello: Option<crate::limits::PreHelloSlot>,
-    mut inbound: Streaming<ClientFrame>,
+    mut inbound: Inbound,
     out: mpsc::Sender<Outbound>,
 ) {
-    let hello = tokio::time::timeout(context.options.hello_timeout, inbound.message()).await;
+    let hello = tokio::time::timeout(context.options.hello_timeout, inbound.next()).await.map(Option::transpose);
     drop(pre_hello);
     let device = match hello {
         Ok(Ok(Some(ClientFrame { frame: Some(In::Hello(hello)), .. }))) => hello.device_id,
@@ -293,8 +356,8 @@ pub(crate) async fn run(
             warn!(session_id = %session.session_id, code = ?status.code(), "session ended: upstream failure");
             let _ = session.out.try_send(Err(Box::new(status.clone())));
         }
-        End::FrameTooLarge(status) => {
-            debug!(session_id = %session.session_id, "session ended: a frame over the size limit");
+        End::Unreadable(status) => {
+            debug!(session_id = %session.session_id, reason = end.reason(), "session ended: a frame it cannot read");
             let _ = session.out.try_send(Err(Box::new(status.clone())));
         }
         End::TokenExpired => {
@@ -342,12 +405,7 @@ fn presence_changed(context: &Context, update: pb::PresenceUpdate) {
 }
 
 impl Session {
-    async fn serve(
-        &mut self,
-        inbound: &mut Streaming<ClientFrame>,
-        mut inbox: mpsc::Receiver<Live>,
-        resync: Arc<Notify>,
-    ) -> End {
+    async fn serve(&mut self, inbound: &mut Inbound, mut inbox: mpsc::Receiver<Live>, resync: Arc<Notify>) -> End {
         let ready = Out::Ready(pb::Ready { session_id: self.session_id.clone(), user_id: self.user.clone() });
         if let Err(end) = self.emit(ServerFrame { frame: Some(ready) }).await {
             return end;
@@ -391,14 +449,15 @@ impl Session {
                 },
                 () = resync.notified() => self.resync().await,
                 _ = gap_retry.tick(), if held_back => self.retry_held_back().await,
-                frame = inbound.message(), if inflight.len() < max_inflight => match frame {
+                frame = inbound.next(), if inflight.len() < max_inflight => match frame.transpose() {
                     Ok(Some(frame)) => self.handle(frame, &mut inflight).await,
-                    Ok(None) | Err(_) => {
+                    Ok(None) => {
                         self.finish_inflight(&mut inflight).await;
-                        return match frame.err().as_ref().and_then(unreadable_frame) {
-                            Some(status) => End::FrameTooLarge(status),
-                            None => End::ClientGone,
-                        };
+                        return End::ClientGone;
+                    }
+                    Err(status) => {
+                        self.finish_inflight(&mut inflight).await;
+                        return unreadable_frame(&status).map_or(End::ClientGone, End::Unreadable);
                     }
                 },
             };

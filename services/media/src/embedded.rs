@@ -9,6 +9,11 @@
 //! closes both: a body is read whole (its length is signed and bounded by the
 //! ticket) and checked against its `x-amz-checksum-sha256` before anything is
 //! written.
+//!
+//! Browsers upload and fetch with presigned URLs from pages of another
+//! origin (the web app), so it answers CORS for any origin: every request
+//! carries its own signature, and no cookie or ambient credential is ever
+//! honoured. (A real bucket needs the same CORS rule: docs/configuration.md.)
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -61,7 +66,9 @@ impl EmbeddedS3 {
         let mut builder = S3ServiceBuilder::new(Verified { inner: filesystem, max_body_bytes: options.max_body_bytes });
         builder.set_auth(SimpleAuth::from_single(options.access_key_id.clone(), options.secret_access_key.clone()));
         builder.set_access(Access { origin_secret: options.origin_secret.clone() });
-        let service = builder.build();
+        let service = hyper_util::service::TowerToHyperService::new(
+            tower::ServiceBuilder::new().layer(cors()).service(builder.build()),
+        );
         let listener = TcpListener::bind(&options.listen).await?;
         let address = listener.local_addr()?;
         let shutdown = CancellationToken::new();
@@ -106,6 +113,19 @@ impl Drop for EmbeddedS3 {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// CORS answers for presigned requests from browser pages: uploads send
+/// the checksum and content headers the ticket names; multipart uploads
+/// read each part's `ETag`.
+fn cors() -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{Any, CorsLayer};
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([http::Method::GET, http::Method::HEAD, http::Method::PUT])
+        .allow_headers(Any)
+        .expose_headers([http::header::ETAG])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// Signed requests pass (SigV4 was checked before this); anonymous ones

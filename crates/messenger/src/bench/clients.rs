@@ -17,7 +17,7 @@ use messenger_platform::auth::{AuthOptions, mint_hs256};
 
 /// Connections per loopback source address before moving to the next one,
 /// below one address's ephemeral port range.
-const PER_SOURCE_ADDRESS: usize = 20_000;
+pub const PER_SOURCE_ADDRESS: usize = 20_000;
 
 static BASE: OnceLock<Instant> = OnceLock::new();
 
@@ -121,19 +121,25 @@ impl Recorder {
         let recorder = self.clone();
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
-                let Event::Message(message) = event else { continue };
-                let Some(latency) = latency(&message.body) else { continue };
-                let micros = (latency.as_micros() as u64).max(1);
-                let _ = recorder.latencies.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
-                recorder.received.fetch_add(1, Ordering::Relaxed);
-                if let Some(per_message) = &recorder.per_message {
-                    let mut map = per_message.lock().unwrap_or_else(|e| e.into_inner());
-                    let entry = map.entry((message.conversation_id, message.seq)).or_default();
-                    entry.0 += 1;
-                    entry.1 = entry.1.max(micros);
+                if let Event::Message(message) = event {
+                    recorder.record(&message.conversation_id, message.seq, &message.body);
                 }
             }
         });
+    }
+
+    /// One delivered message; only stamped bodies count.
+    pub fn record(&self, conversation_id: &str, seq: u64, body: &str) {
+        let Some(latency) = latency(body) else { return };
+        let micros = (latency.as_micros() as u64).max(1);
+        let _ = self.latencies.lock().unwrap_or_else(|e| e.into_inner()).record(micros);
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(per_message) = &self.per_message {
+            let mut map = per_message.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = map.entry((conversation_id.to_owned(), seq)).or_default();
+            entry.0 += 1;
+            entry.1 = entry.1.max(micros);
+        }
     }
 
     /// Starts a new measurement: clears counts and latencies.

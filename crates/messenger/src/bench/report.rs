@@ -19,6 +19,9 @@ pub struct Report {
     pub cache: String,
     pub idle: Option<Idle>,
     pub direct: Option<Direct>,
+    /// The same two scenarios over the browser port's WebSocket.
+    pub idle_websocket: Option<Idle>,
+    pub direct_websocket: Option<Direct>,
     pub group: Vec<Group>,
     pub history: Option<History>,
     pub reconnect: Option<Reconnect>,
@@ -168,6 +171,8 @@ impl Report {
             cache: options.redis_cache.clone().unwrap_or_else(|| "memory".into()),
             idle: None,
             direct: None,
+            idle_websocket: None,
+            direct_websocket: None,
             group: Vec::new(),
             history: None,
             reconnect: None,
@@ -191,37 +196,29 @@ impl Report {
                 self.spans_received.unwrap_or(0)
             );
         }
-        if let Some(idle) = &self.idle {
-            out += &format!(
-                "\nidle     {} clients connected in {:.1} s: server RSS {:.0} -> {:.0} MiB = {:.1} KB per client; idle server CPU {:.1}%\n",
-                idle.clients,
-                idle.connect_seconds,
-                idle.server_rss_before_mib,
-                idle.server_rss_after_mib,
-                idle.server_bytes_per_client / 1000.0,
-                idle.idle_server_cpu_percent
-            );
+        for (label, idle) in [("grpc", &self.idle), ("websocket", &self.idle_websocket)] {
+            if let Some(idle) = idle {
+                out += &idle_line(label, idle);
+            }
         }
-        if let Some(direct) = &self.direct {
-            out += &format!("\ndirect   {} pairs, {}-byte bodies, open loop\n", direct.pairs, direct.body_size);
-            out += "  offered/s  delivered/s  server cores  cpu-s/1000  per cpu-s     p50 ms    p99 ms   p999 ms  skipped  failed\n";
-            let runs = direct.runs.iter().chain(direct.half_saturation.iter());
-            for run in runs {
+        for (label, direct) in [("grpc", &self.direct), ("websocket", &self.direct_websocket)] {
+            if let Some(direct) = direct {
+                out += &direct_table(label, direct);
+            }
+        }
+        if let (Some(grpc), Some(web)) = (&self.idle, &self.idle_websocket) {
+            out += &format!(
+                "\nwebsocket / grpc: server bytes per idle session {:.2}x",
+                ratio(web.server_bytes_per_client, grpc.server_bytes_per_client)
+            );
+            if let (Some(grpc), Some(web)) = (half(&self.direct), half(&self.direct_websocket)) {
                 out += &format!(
-                    "  {:>9}  {:>11.0}  {:>12.2}  {:>10.3}  {:>9.0}  {:>9.2}  {:>8.2}  {:>8.2}  {:>7}  {:>6}\n",
-                    run.offered_per_sec,
-                    run.delivered_per_sec,
-                    run.server_cpu_cores,
-                    run.server_cpu_seconds_per_1000,
-                    run.delivered_per_server_cpu_second,
-                    run.p50_ms,
-                    run.p99_ms,
-                    run.p999_ms,
-                    run.skipped,
-                    run.failed
+                    ", deliveries per server CPU-second at half saturation {:.2}x, p50 {:.2}x",
+                    ratio(web.delivered_per_server_cpu_second, grpc.delivered_per_server_cpu_second),
+                    ratio(web.p50_ms, grpc.p50_ms)
                 );
             }
-            out += &format!("  saturation: {:.0} delivered/s (last row: half of it)\n", direct.saturation_per_sec);
+            out += "\n";
         }
         if !self.group.is_empty() {
             out += "\ngroup    members  msgs/s offered  deliveries/s  per cpu-s  reached all  last member p50 ms  p99 ms\n";
@@ -295,6 +292,49 @@ impl Report {
         }
         out
     }
+}
+
+fn idle_line(transport: &str, idle: &Idle) -> String {
+    format!(
+        "\nidle ({transport})  {} clients connected in {:.1} s: server RSS {:.0} -> {:.0} MiB = {:.1} KB per client; idle server CPU {:.1}%\n",
+        idle.clients,
+        idle.connect_seconds,
+        idle.server_rss_before_mib,
+        idle.server_rss_after_mib,
+        idle.server_bytes_per_client / 1000.0,
+        idle.idle_server_cpu_percent
+    )
+}
+
+fn direct_table(transport: &str, direct: &Direct) -> String {
+    let mut out =
+        format!("\ndirect ({transport})  {} pairs, {}-byte bodies, open loop\n", direct.pairs, direct.body_size);
+    out += "  offered/s  delivered/s  server cores  cpu-s/1000  per cpu-s     p50 ms    p99 ms   p999 ms  skipped  failed\n";
+    for run in direct.runs.iter().chain(direct.half_saturation.iter()) {
+        out += &format!(
+            "  {:>9}  {:>11.0}  {:>12.2}  {:>10.3}  {:>9.0}  {:>9.2}  {:>8.2}  {:>8.2}  {:>7}  {:>6}\n",
+            run.offered_per_sec,
+            run.delivered_per_sec,
+            run.server_cpu_cores,
+            run.server_cpu_seconds_per_1000,
+            run.delivered_per_server_cpu_second,
+            run.p50_ms,
+            run.p99_ms,
+            run.p999_ms,
+            run.skipped,
+            run.failed
+        );
+    }
+    out += &format!("  saturation: {:.0} delivered/s (last row: half of it)\n", direct.saturation_per_sec);
+    out
+}
+
+fn half(direct: &Option<Direct>) -> Option<&DirectRun> {
+    direct.as_ref()?.half_saturation.as_ref()
+}
+
+fn ratio(value: f64, to: f64) -> f64 {
+    if to > 0.0 { value / to } else { 0.0 }
 }
 
 /// Key figures of each store in one table, with each store's ratio to the first.

@@ -11,10 +11,11 @@ use messenger_client::{Client, Event};
 use messenger_platform::auth::AuthOptions;
 
 use super::{
-    BenchOptions,
+    BenchOptions, Transport,
     clients::{Recorder, connect_all, drain, histogram, millis, open_loop, stamped_body},
     report::{Direct, DirectRun, Group, History, Idle, Reconnect},
     server::Server,
+    websocket,
 };
 
 const CONNECT_CONCURRENCY: usize = 256;
@@ -39,27 +40,66 @@ async fn wait_until(within: Duration, done: impl Fn() -> bool) -> Instant {
     Instant::now()
 }
 
-pub async fn idle(options: &BenchOptions, server: &Server, auth: &AuthOptions) -> anyhow::Result<Idle> {
+/// Clients held open by a scenario, over either transport.
+enum Fleet {
+    Grpc(Vec<Client>),
+    Web(Vec<websocket::WebClient>),
+}
+
+impl Fleet {
+    async fn close(self) {
+        match self {
+            Fleet::Grpc(clients) => {
+                join_all(clients.iter().map(Client::close)).await;
+            }
+            // Dropping a session closes its socket.
+            Fleet::Web(clients) => drop(clients),
+        }
+    }
+}
+
+/// The browser port of `server`, or why the transport cannot run.
+fn web_port(server: &Server) -> anyhow::Result<&str> {
+    server.web.as_deref().ok_or_else(|| anyhow::anyhow!("the server has no browser port (give --target-web)"))
+}
+
+pub async fn idle(
+    options: &BenchOptions,
+    server: &Server,
+    auth: &AuthOptions,
+    transport: Transport,
+) -> anyhow::Result<Idle> {
     let id = run_id();
     let users: Vec<String> = (0..options.idle_clients).map(|i| format!("idle-{id}-{i}")).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.sample();
     let started = Instant::now();
-    let fleet = connect_all(&server.endpoint, auth, &users, CONNECT_CONCURRENCY).await?;
+    let fleet = match transport {
+        Transport::Grpc => {
+            let fleet = connect_all(&server.endpoint, auth, &users, CONNECT_CONCURRENCY).await?;
+            Fleet::Grpc(
+                fleet
+                    .into_iter()
+                    .map(|(client, events)| {
+                        drain(events);
+                        client
+                    })
+                    .collect(),
+            )
+        }
+        Transport::Websocket => {
+            let recorder = Recorder::new(false);
+            Fleet::Web(websocket::connect_all(web_port(server)?, auth, &users, CONNECT_CONCURRENCY, &recorder).await?)
+        }
+    };
     let connect_seconds = started.elapsed().as_secs_f64();
-    let mut clients = Vec::with_capacity(fleet.len());
-    for (client, events) in fleet {
-        drain(events);
-        clients.push(client);
-    }
     // Let connection setup finish (sync, presence) before measuring.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = server.sample();
     let window_start = server.sample();
     tokio::time::sleep(options.idle_window).await;
     let window_end = server.sample();
-    join_all(clients.iter().map(Client::close)).await;
-    drop(clients);
+    fleet.close().await;
     Ok(Idle {
         clients: users.len(),
         connect_seconds,
@@ -72,11 +112,27 @@ pub async fn idle(options: &BenchOptions, server: &Server, auth: &AuthOptions) -
     })
 }
 
+/// Who sends in `direct`: an SDK client or a browser-like session.
+#[derive(Clone)]
+enum Sender {
+    Grpc(Client),
+    Web(Arc<websocket::WebClient>),
+}
+
+impl Sender {
+    async fn send(self, conversation: String, body: String) -> bool {
+        match self {
+            Sender::Grpc(client) => client.send(&conversation, &body).await.is_ok(),
+            Sender::Web(client) => client.send(&conversation, &body).await,
+        }
+    }
+}
+
 /// One open-loop run of direct messages at `rate`.
 async fn direct_run(
     options: &BenchOptions,
     server: &Server,
-    senders: &Arc<Vec<(Client, String)>>,
+    senders: &Arc<Vec<(Sender, String)>>,
     recorder: &Recorder,
     rate: u32,
 ) -> DirectRun {
@@ -86,9 +142,8 @@ async fn direct_run(
     let body_size = options.body_size;
     let senders_for_loop = senders.clone();
     let load = open_loop(rate, options.duration, MAX_INFLIGHT, move |k| {
-        let (client, conversation) = &senders_for_loop[k as usize % senders_for_loop.len()];
-        let (client, conversation) = (client.clone(), conversation.clone());
-        async move { client.send(&conversation, &stamped_body(body_size)).await.is_ok() }.boxed()
+        let (sender, conversation) = &senders_for_loop[k as usize % senders_for_loop.len()];
+        sender.clone().send(conversation.clone(), stamped_body(body_size)).boxed()
     })
     .await;
     let issued = load.issued;
@@ -120,32 +175,59 @@ async fn direct_run(
     run
 }
 
-pub async fn direct(options: &BenchOptions, server: &Server, auth: &AuthOptions) -> anyhow::Result<Direct> {
+pub async fn direct(
+    options: &BenchOptions,
+    server: &Server,
+    auth: &AuthOptions,
+    transport: Transport,
+) -> anyhow::Result<Direct> {
     let id = run_id();
     let sender_users: Vec<String> = (0..options.pairs).map(|i| format!("direct-{id}-s{i}")).collect();
     let receiver_users: Vec<String> = (0..options.pairs).map(|i| format!("direct-{id}-r{i}")).collect();
     let senders = connect_all(&server.endpoint, auth, &sender_users, CONNECT_CONCURRENCY).await?;
-    let receivers = connect_all(&server.endpoint, auth, &receiver_users, CONNECT_CONCURRENCY).await?;
     let recorder = Recorder::new(false);
-    // Keep the receiving clients: dropping a client closes its stream.
-    let mut receiving = Vec::with_capacity(receivers.len());
-    for (client, events) in receivers {
-        recorder.spawn(events);
-        receiving.push(client);
-    }
     let mut pairs = Vec::with_capacity(options.pairs);
     for ((client, events), receiver) in senders.into_iter().zip(&receiver_users) {
         drain(events);
         let conversation = client.direct(receiver).await?.conversation_id;
         pairs.push((client, conversation));
     }
+    // Over WebSocket both ends are browser-like sessions; the SDK clients
+    // only made the conversations (a unary call the web app makes over gRPC-Web).
+    let (senders, receiving): (Vec<(Sender, String)>, Fleet) = match transport {
+        Transport::Grpc => {
+            let receivers = connect_all(&server.endpoint, auth, &receiver_users, CONNECT_CONCURRENCY).await?;
+            // Keep the receiving clients: dropping a client closes its stream.
+            let mut receiving = Vec::with_capacity(receivers.len());
+            for (client, events) in receivers {
+                recorder.spawn(events);
+                receiving.push(client);
+            }
+            let senders = pairs.into_iter().map(|(client, conversation)| (Sender::Grpc(client), conversation));
+            (senders.collect(), Fleet::Grpc(receiving))
+        }
+        Transport::Websocket => {
+            let web = web_port(server)?;
+            join_all(pairs.iter().map(|(client, _)| client.close())).await;
+            let receivers = websocket::connect_all(web, auth, &receiver_users, CONNECT_CONCURRENCY, &recorder).await?;
+            // What the senders' own sessions receive (their sends) is not measured.
+            let echo = Recorder::new(false);
+            let web_senders = websocket::connect_all(web, auth, &sender_users, CONNECT_CONCURRENCY, &echo).await?;
+            let senders = web_senders
+                .into_iter()
+                .zip(pairs)
+                .map(|(session, (_, conversation))| (Sender::Web(Arc::new(session)), conversation));
+            (senders.collect(), Fleet::Web(receivers))
+        }
+    };
     // Warm-up, not measured: one message per pair, so every receiving session
     // has met its conversation (the first live message of a conversation in
     // a session makes it sync that conversation first).
     let body = stamped_body(options.body_size);
-    join_all(pairs.iter().map(|(client, conversation)| client.send(conversation, &body))).await;
+    join_all(senders.iter().map(|(sender, conversation)| sender.clone().send(conversation.clone(), body.clone())))
+        .await;
     wait_until(DRAIN, || recorder.count() >= options.pairs as u64).await;
-    let senders = Arc::new(pairs);
+    let senders = Arc::new(senders);
     let mut runs = Vec::new();
     let mut saturation: f64 = 0.0;
     for &rate in &options.rates {
@@ -165,7 +247,12 @@ pub async fn direct(options: &BenchOptions, server: &Server, auth: &AuthOptions)
     } else {
         None
     };
-    join_all(receiving.iter().chain(senders.iter().map(|(client, _)| client)).map(Client::close)).await;
+    receiving.close().await;
+    for (sender, _) in senders.iter() {
+        if let Sender::Grpc(client) = sender {
+            client.close().await;
+        }
+    }
     Ok(Direct {
         pairs: options.pairs,
         body_size: options.body_size,

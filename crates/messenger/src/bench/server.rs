@@ -13,6 +13,8 @@ use super::BenchOptions;
 
 pub struct Server {
     pub endpoint: String,
+    /// The gateway's browser port (`host:port`), when known.
+    pub web: Option<String>,
     pub pid: Option<u32>,
     child: Option<Child>,
     _data: Option<tempfile::TempDir>,
@@ -37,6 +39,7 @@ impl Server {
         if let Some(target) = &options.target {
             return Ok(Server {
                 endpoint: target.clone(),
+                web: options.target_web.clone(),
                 pid: options.server_pid,
                 child: None,
                 _data: None,
@@ -92,6 +95,7 @@ impl Server {
             .env("MESSENGER_SERVER__MAX_CONNECTIONS_PER_ADDRESS", "1000000")
             .env("MESSENGER_GATEWAY__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_GATEWAY__INTERNAL_LISTEN", "127.0.0.1:0")
+            .env("MESSENGER_GATEWAY__WEB__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_MESSAGE__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_PRESENCE__LISTEN", "127.0.0.1:0")
             .env("MESSENGER_MEDIA__LISTEN", "127.0.0.1:0")
@@ -127,10 +131,17 @@ impl Server {
         })
         .await
         .context("`messenger up` did not come up in 30 s")??;
+        // The next line names the browser port: `web app: http://host:port/ ...`.
+        let web = match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                line.strip_prefix("web app: http://").and_then(|rest| rest.split('/').next()).map(str::to_owned)
+            }
+            _ => None,
+        };
         // Keep draining its stdout so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let pid = child.id();
-        Ok(Server { endpoint, pid, child: Some(child), _data: Some(data), clock_ticks })
+        Ok(Server { endpoint, web, pid, child: Some(child), _data: Some(data), clock_ticks })
     }
 
     /// The server's figures now (zeros when its pid is unknown).

@@ -107,7 +107,9 @@ impl Cluster {
         let listen = |of: Role| match (of == role, of) {
             (false, _) => String::new(),
             (true, Role::Gateway) => {
-                format!("listen = \"127.0.0.1:{port}\"\ninternal_listen = \"127.0.0.1:{internal}\"\n")
+                format!(
+                    "listen = \"127.0.0.1:{port}\"\ninternal_listen = \"127.0.0.1:{internal}\"\nweb.listen = \"\"\n"
+                )
             }
             (true, _) => format!("listen = \"127.0.0.1:{port}\"\n"),
         };

@@ -14,3 +14,4 @@ mod operability;
 mod security;
 mod support;
 mod visibility;
+mod web;

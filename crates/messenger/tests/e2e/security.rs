@@ -249,6 +249,20 @@ async fn the_public_port_speaks_tls_to_the_sdk_and_to_an_independent_client() {
     assert!(output.status.success(), "curl: {}", String::from_utf8_lossy(&output.stderr));
     // One message of 2 bytes: field 1 (status) = 1 (SERVING).
     assert_eq!(output.stdout, [0, 0, 0, 0, 2, 0x08, 0x01], "{:?}", output.stdout);
+
+    // The browser port has the same certificate, on HTTP/1.1 (what a
+    // WebSocket upgrade needs): curl offering only http/1.1 in ALPN.
+    let web = system.running.as_ref().unwrap().addresses.web.unwrap();
+    let output = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "10", "--http1.1", "--fail", "--cacert"])
+        .arg(&certs.ca)
+        .args(["--output", "/dev/null", "--write-out", "%{http_version} %{http_code}"])
+        .arg(format!("https://localhost:{}/", web.port()))
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "curl: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "1.1 200");
 }
 
 #[tokio::test]
@@ -339,7 +353,7 @@ async fn unreachable_instances_are_not_named_to_clients() {
 
     let hello = pb::ClientFrame {
         trace_context: Default::default(),
-        frame: Some(pb::client_frame::Frame::Hello(pb::Hello { device_id: "phone".into() })),
+        frame: Some(pb::client_frame::Frame::Hello(pb::Hello { device_id: "phone".into(), ..Default::default() })),
     };
     let mut stream = gateway.connect(authorized(&token, futures::stream::iter([hello]))).await.unwrap().into_inner();
     let ended = loop {

@@ -90,6 +90,7 @@ impl TestSystem {
         let bound = &running.addresses;
         config.gateway.listen = bound.gateway.unwrap().to_string();
         config.gateway.internal_listen = bound.gateway_internal.unwrap().to_string();
+        config.gateway.web.listen = bound.web.unwrap().to_string();
         config.message.listen = bound.message.unwrap().to_string();
         config.presence.listen = bound.presence.unwrap().to_string();
         config.media.listen = bound.media.unwrap().to_string();
@@ -241,7 +242,7 @@ pub fn hello(device: &str) -> messenger_proto::v1::ClientFrame {
     use messenger_proto::v1::{self as pb, client_frame::Frame};
     pb::ClientFrame {
         trace_context: Default::default(),
-        frame: Some(Frame::Hello(pb::Hello { device_id: device.into() })),
+        frame: Some(Frame::Hello(pb::Hello { device_id: device.into(), ..Default::default() })),
     }
 }
 
