@@ -36,7 +36,7 @@ COPY --from=build /out/messenger /usr/local/bin/messenger
 # distroless's nonroot user, by number so runAsNonRoot can verify it.
 USER 65532:65532
 WORKDIR /var/lib/messenger
-# gateway public / gateway internal (Deliver) / message / presence / media
-EXPOSE 7700 7701 7710 7720 7730
+# gateway public / gateway browser port / gateway internal (Deliver) / message / presence / media / notify
+EXPOSE 7700 7780 7701 7710 7720 7730 7740
 ENTRYPOINT ["/usr/local/bin/messenger"]
 CMD ["--help"]

@@ -4,8 +4,8 @@
 # start real ones), curl (an independent gRPC-over-TLS client in the tests),
 # openssl (verifies CloudFront signatures independently), nginx with its njs
 # module (the CDN edge the media tests fetch through), Chromium (headless,
-# the browser the web app's tests drive) with Node and npm (the web app's
-# build and Playwright), JDK 17 and Maven with Apache Cassandra 5.0's jars (the CQL node the Scylla
+# the browser the web app's tests drive; the emoji font for its screenshots)
+# with Node and npm (the web app's build and Playwright), JDK 17 and Maven with Apache Cassandra 5.0's jars (the CQL node the Scylla
 # store's tests run against), and the cargo tools the checks use:
 # cargo-nextest, cargo-deny (licenses, bans, sources) and cargo-fuzz
 # (libFuzzer targets), prebuilt; and the Python packages the Helm chart's checks
@@ -18,7 +18,7 @@ as_root() {
     fi
 }
 
-debian_packages=(protobuf-compiler redis-server etcd-server curl openssl nginx libnginx-mod-http-js chromium openjdk-17-jre-headless maven)
+debian_packages=(protobuf-compiler redis-server etcd-server curl openssl nginx libnginx-mod-http-js chromium fonts-noto-color-emoji openjdk-17-jre-headless maven)
 # Node from Debian unless one is installed already (a NodeSource nodejs
 # carries its own npm and conflicts with Debian's).
 if ! command -v npm >/dev/null; then

@@ -4,7 +4,8 @@
 # It installs what is missing (scripts/setup.sh), checks formatting, lints and
 # dependencies (cargo deny), runs each fuzz target briefly from its corpus,
 # then the whole workspace suite with nextest, plus doc tests, then the Helm
-# chart checks (scripts/chart.sh). The Scylla
+# chart checks (scripts/chart.sh) and the web app's browser tests
+# (scripts/browser-tests.sh). The Scylla
 # store's tests run on one Apache Cassandra 5.0 node the first of them starts
 # (crates/testkit/src/cassandra.rs); it is stopped when this script ends.
 set -euo pipefail
@@ -37,6 +38,10 @@ cargo nextest run --workspace --locked --no-fail-fast "$@" || status=$?
 # TOML files are loaded by the binary nextest just built for the end-to-end
 # tests (`config --check`).
 MESSENGER_BIN=target/debug/messenger bash scripts/chart.sh || status=$?
+# The web app in headless Chromium against that binary's `messenger up`
+# (scripts/browser-tests.sh), after checking the committed bundle is what
+# web/src builds.
+MESSENGER_BIN=target/debug/messenger bash scripts/browser-tests.sh || status=$?
 # The end-to-end suite again with the message store on the Cassandra node
 # (in-process systems and the multi-process cluster, each on a keyspace of
 # its own), one test at a time: the node shares the two cores.

@@ -85,6 +85,8 @@ def ignored(path: str, patterns: list[str]) -> bool:
     ("services/message/src/lib.rs", True), ("crates/messenger/src/main.rs", True),
     ("target/release/messenger", False), (".git/HEAD", False), ("data/messages.db", False),
     ("fuzz/corpus/config/seed", False), ("crates/messenger/target/x", False), ("helm/messenger/Chart.yaml", False),
+    ("web/dist/app.js", True), ("web/src/index.html", True), ("web/src/app.css", True),
+    ("web/src/main.ts", False), ("web/node_modules/esbuild/package.json", False),
 ])
 def test_dockerignore_keeps_sources_only(path, kept):
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()

@@ -80,7 +80,13 @@ pub fn process(mime: &str, bytes: &[u8], options: &ImageOptions) -> Result<Proce
             Some(out.into_inner())
         }
     };
-    let thumbnail = image.resize(options.thumbnail_size, options.thumbnail_size, FilterType::Triangle);
+    // Fits in thumbnail_size x thumbnail_size; a smaller image keeps its
+    // size (scaled up it would be bigger than the original and no sharper).
+    let size = options.thumbnail_size;
+    let thumbnail = match image.width() > size || image.height() > size {
+        true => image.resize(size, size, FilterType::Triangle),
+        false => image.clone(),
+    };
     let rgba = thumbnail.to_rgba8();
     let blurhash = blurhash::encode(4, 3, rgba.width(), rgba.height(), rgba.as_raw())
         .map_err(|error| Error::Invalid(format!("blurhash: {error:?}")))?;

@@ -172,9 +172,11 @@ impl Guard {
     }
 
     /// The HTTP client for user-supplied URLs: this guard's resolver, no
-    /// redirects, the configured timeouts.
+    /// redirects, the configured timeouts, and no proxy from the environment
+    /// (a proxy would resolve names and connect where the guard never looks).
     pub fn client(&self, options: &EgressOptions) -> reqwest::Client {
         reqwest::Client::builder()
+            .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver(self.clone())))
             .redirect(reqwest::redirect::Policy::none())
             .timeout(options.request_timeout)
@@ -282,5 +284,50 @@ mod tests {
         assert!(error.is_connect(), "{error:?}");
         let listed = guard(true, &["127.0.0.0/8", "::1/128"]);
         assert!(listed.resolve("localhost").await.is_ok());
+    }
+
+    /// reqwest reads proxy settings from the environment when a client is
+    /// built, so a child process of this test binary builds the egress
+    /// client with `HTTP_PROXY` and `ALL_PROXY` naming a listener here,
+    /// which must never be connected to.
+    #[test]
+    fn the_egress_client_ignores_proxies_from_the_environment() {
+        const CHILD: &str = "MESSENGER_TEST_PROXY_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let port = server.local_addr().unwrap().port();
+                tokio::spawn(async move {
+                    let (mut socket, _) = server.accept().await.unwrap();
+                    let mut request = [0u8; 1024];
+                    let _ = socket.read(&mut request).await;
+                    socket.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+                });
+                let client = guard(true, &["127.0.0.0/8"])
+                    .client(&EgressOptions { allow_http: true, ..EgressOptions::default() });
+                let response = client.get(format!("http://127.0.0.1:{port}/hook")).send().await.unwrap();
+                assert_eq!(response.status(), 204, "answered by the server itself");
+            });
+            return;
+        }
+        let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        proxy.set_nonblocking(true).unwrap();
+        let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "guard::tests::the_egress_client_ignores_proxies_from_the_environment"])
+            .env(CHILD, "1")
+            .env("HTTP_PROXY", &proxy_url)
+            .env("http_proxy", &proxy_url)
+            .env("ALL_PROXY", &proxy_url)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output()
+            .unwrap();
+        let output = String::from_utf8_lossy(&child.stdout);
+        assert!(child.status.success(), "{output}{}", String::from_utf8_lossy(&child.stderr));
+        assert!(output.contains("1 passed"), "the child ran the test: {output}");
+        assert!(proxy.accept().is_err(), "the request went through the proxy");
     }
 }

@@ -206,19 +206,8 @@ impl Report {
                 out += &direct_table(label, direct);
             }
         }
-        if let (Some(grpc), Some(web)) = (&self.idle, &self.idle_websocket) {
-            out += &format!(
-                "\nwebsocket / grpc: server bytes per idle session {:.2}x",
-                ratio(web.server_bytes_per_client, grpc.server_bytes_per_client)
-            );
-            if let (Some(grpc), Some(web)) = (half(&self.direct), half(&self.direct_websocket)) {
-                out += &format!(
-                    ", deliveries per server CPU-second at half saturation {:.2}x, p50 {:.2}x",
-                    ratio(web.delivered_per_server_cpu_second, grpc.delivered_per_server_cpu_second),
-                    ratio(web.p50_ms, grpc.p50_ms)
-                );
-            }
-            out += "\n";
+        if let Some(line) = transport_ratios(self) {
+            out += &line;
         }
         if !self.group.is_empty() {
             out += "\ngroup    members  msgs/s offered  deliveries/s  per cpu-s  reached all  last member p50 ms  p99 ms\n";
@@ -329,8 +318,35 @@ fn direct_table(transport: &str, direct: &Direct) -> String {
     out
 }
 
-fn half(direct: &Option<Direct>) -> Option<&DirectRun> {
-    direct.as_ref()?.half_saturation.as_ref()
+/// WebSocket against gRPC, on the same figures: bytes per idle session, and
+/// deliveries per server CPU-second at each offered rate both ran.
+fn transport_ratios(report: &Report) -> Option<String> {
+    let mut parts = Vec::new();
+    if let (Some(grpc), Some(web)) = (&report.idle, &report.idle_websocket) {
+        parts.push(format!(
+            "server bytes per idle session {:.2}x",
+            ratio(web.server_bytes_per_client, grpc.server_bytes_per_client)
+        ));
+    }
+    if let (Some(grpc), Some(web)) = (&report.direct, &report.direct_websocket) {
+        let same_rate: Vec<String> = web
+            .runs
+            .iter()
+            .filter_map(|web| {
+                let grpc = grpc.runs.iter().find(|grpc| grpc.offered_per_sec == web.offered_per_sec)?;
+                Some(format!(
+                    "{:.2}x at {}/s",
+                    ratio(web.delivered_per_server_cpu_second, grpc.delivered_per_server_cpu_second),
+                    web.offered_per_sec
+                ))
+            })
+            .collect();
+        if !same_rate.is_empty() {
+            parts.push(format!("deliveries per server CPU-second {}", same_rate.join(", ")));
+        }
+        parts.push(format!("saturation {:.2}x", ratio(web.saturation_per_sec, grpc.saturation_per_sec)));
+    }
+    (!parts.is_empty()).then(|| format!("\nwebsocket / grpc: {}\n", parts.join("; ")))
 }
 
 fn ratio(value: f64, to: f64) -> f64 {

@@ -52,7 +52,9 @@ fn gif_is_served_as_uploaded_with_a_thumbnail() {
     let processed = process("image/gif", &gif, &options()).unwrap();
     assert!(processed.original.is_none());
     assert_eq!((processed.width, processed.height), (64, 32));
-    assert!(image::load_from_memory(&processed.thumbnail).is_ok());
+    // Smaller than a thumbnail: kept at its size, not scaled up.
+    let thumbnail = image::load_from_memory(&processed.thumbnail).unwrap();
+    assert_eq!((thumbnail.width(), thumbnail.height()), (64, 32));
 }
 
 #[test]
