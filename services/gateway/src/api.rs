@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use messenger_platform::{
-    auth::{TokenExpiry, caller},
+    auth::{TokenExpiry, Verifier, caller},
     discovery::routed,
 };
 use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
@@ -17,6 +17,23 @@ use crate::{Context, session};
 
 pub(crate) struct Adapter {
     pub context: Arc<Context>,
+}
+
+/// What runs before every public call's handler, on both ports: the
+/// per-address call limit, then the token (the caller and its expiry go
+/// into the request's extensions). A flood from one address is refused
+/// before its tokens cost a signature check each.
+pub(crate) fn interceptor(
+    context: &Arc<Context>,
+    verifier: &Verifier,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
+    let (context, mut verify) = (context.clone(), verifier.interceptor());
+    move |request: Request<()>| {
+        if let Some(address) = request.remote_addr() {
+            context.limits.calls_per_address.check(&address.ip().to_string())?;
+        }
+        verify(request)
+    }
 }
 
 #[tonic::async_trait]

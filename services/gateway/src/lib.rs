@@ -190,7 +190,8 @@ pub async fn serve(
     };
     let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
         .max_decoding_message_size(server_options.max_message_bytes);
-    let public_api = tonic::service::interceptor::InterceptedService::new(public_api, deps.verifier.interceptor());
+    let public_api =
+        tonic::service::interceptor::InterceptedService::new(public_api, api::interceptor(&context, &deps.verifier));
     let internal_api = GatewayInternalServiceServer::new(internal::Adapter { registry: context.registry.clone() })
         .max_decoding_message_size(server_options.internal_max_message_bytes);
 

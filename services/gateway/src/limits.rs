@@ -65,6 +65,11 @@ pub struct RateLimits {
     pub connects_per_user: Rate,
     /// `Connect` attempts per client IP address (generous: many users share a NAT).
     pub connects_per_address: Rate,
+    /// Every call (unary, `Connect`, gRPC-Web, WebSocket) per client IP
+    /// address, counted before its token is verified: forged or garbage
+    /// tokens cost a signature check each, and an address that floods is
+    /// refused before any (generous: many users share a NAT).
+    pub calls_per_address: Rate,
     /// Streams one client IP address may hold open before their Hello.
     pub max_pre_hello_streams_per_address: usize,
 }
@@ -82,6 +87,7 @@ impl Default for RateLimits {
             push_settings: Rate::new(2, 20),
             connects_per_user: Rate::new(2, 10),
             connects_per_address: Rate::new(50, 200),
+            calls_per_address: Rate::new(500, 1000),
             max_pre_hello_streams_per_address: 64,
         }
     }
@@ -100,6 +106,7 @@ impl RateLimits {
             ("push_settings", self.push_settings),
             ("connects_per_user", self.connects_per_user),
             ("connects_per_address", self.connects_per_address),
+            ("calls_per_address", self.calls_per_address),
         ];
         for (name, rate) in rates {
             if rate.per_second == 0 || rate.burst == 0 {
@@ -174,6 +181,8 @@ pub(crate) struct Limits {
     pub push_settings: Limit,
     pub connects_per_user: Limit,
     pub connects_per_address: Limit,
+    /// Checked before the token is verified (`Limits::authenticate`).
+    pub calls_per_address: Limit,
     pub pre_hello: PreHello,
 }
 
@@ -194,6 +203,7 @@ impl Limits {
             push_settings: Limit::new("push settings calls", options.push_settings),
             connects_per_user: Limit::new("connects per user", options.connects_per_user),
             connects_per_address: Limit::new("connects per address", options.connects_per_address),
+            calls_per_address: Limit::new("calls per address", options.calls_per_address),
             pre_hello: PreHello::new(options.max_pre_hello_streams_per_address),
         }
     }
@@ -212,6 +222,7 @@ impl Limits {
             &self.push_settings,
             &self.connects_per_user,
             &self.connects_per_address,
+            &self.calls_per_address,
         ] {
             limit.forget_idle();
         }

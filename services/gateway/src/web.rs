@@ -110,7 +110,7 @@ pub(crate) fn router(web: Arc<Web>) -> Router {
     let max_message_bytes = web.max_message_bytes;
     let grpc = GatewayServiceServer::new(api::Adapter { context: web.context.clone() })
         .max_decoding_message_size(max_message_bytes);
-    let grpc = InterceptedService::new(grpc, web.verifier.interceptor());
+    let grpc = InterceptedService::new(grpc, api::interceptor(&web.context, &web.verifier));
     let grpc_web = tower::ServiceBuilder::new()
         .layer(cors(&web.context.options.web.allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
@@ -193,7 +193,7 @@ async fn stream(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(web.max_message_bytes)
         .max_frame_size(web.max_message_bytes)
-        .on_upgrade(move |socket| websocket::run(web, peer, socket))
+        .on_upgrade(move |socket| websocket::run(web.context.clone(), web.verifier.clone(), peer, socket))
 }
 
 #[derive(Deserialize)]

@@ -12,15 +12,15 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{SinkExt, StreamExt, stream::SplitSink};
-use messenger_platform::auth::TokenExpiry;
+use messenger_platform::auth::{TokenExpiry, Verifier};
 use messenger_proto::v1::{ClientFrame, client_frame::Frame as In};
 use prost::Message as _;
 use tonic::Status;
 use tracing::debug;
 
 use crate::{
+    Context,
     session::{self, Inbound},
-    web::Web,
 };
 
 /// Close reasons are at most 123 bytes (RFC 6455, 5.5).
@@ -29,16 +29,16 @@ const MAX_CLOSE_REASON: usize = 123;
 type Sink = SplitSink<WebSocket, Message>;
 
 /// Serves one upgraded connection until either side ends it.
-pub(crate) async fn run(web: Arc<Web>, peer: SocketAddr, socket: WebSocket) {
+pub(crate) async fn run(context: Arc<Context>, verifier: Verifier, peer: SocketAddr, socket: WebSocket) {
     let (mut sink, mut source) = socket.split();
     let hello = {
         // Waiting for the Hello counts toward the address's pre-Hello cap,
         // as on the gRPC port.
-        let _waiting = match web.context.limits.pre_hello.take(peer.ip()) {
+        let _waiting = match context.limits.pre_hello.take(peer.ip()) {
             Ok(waiting) => waiting,
             Err(status) => return close(&mut sink, &status).await,
         };
-        tokio::time::timeout(web.context.options.hello_timeout, source.next()).await
+        tokio::time::timeout(context.options.hello_timeout, source.next()).await
     };
     let first = match hello {
         Err(_) => return close(&mut sink, &Status::deadline_exceeded("no Hello received in time")).await,
@@ -49,13 +49,13 @@ pub(crate) async fn run(web: Arc<Web>, peer: SocketAddr, socket: WebSocket) {
             None => return,
         },
     };
-    let (user, expiry, hello) = match authenticate(&web, first) {
+    let (user, expiry, hello) = match authenticate(&context, &verifier, peer, first) {
         Ok(authenticated) => authenticated,
         Err(status) => return close(&mut sink, &status).await,
     };
     let rest = source.filter_map(|message| std::future::ready(client_frame(message)));
     let inbound: Inbound = futures::stream::once(std::future::ready(Ok(hello))).chain(rest).boxed();
-    let mut frames = match session::open(&web.context, user, Some(expiry), Some(peer.ip()), inbound) {
+    let mut frames = match session::open(&context, user, Some(expiry), Some(peer.ip()), inbound) {
         Ok(frames) => frames,
         Err(status) => return close(&mut sink, &status).await,
     };
@@ -73,8 +73,15 @@ pub(crate) async fn run(web: Arc<Web>, peer: SocketAddr, socket: WebSocket) {
 }
 
 /// The caller of the first frame, which must be a Hello with a valid token;
-/// the token is taken out before the session sees the frame.
-fn authenticate(web: &Web, mut first: ClientFrame) -> Result<(String, TokenExpiry, ClientFrame), Status> {
+/// the token is taken out before the session sees the frame. The address's
+/// call limit is checked first, as for every call (`api::interceptor`).
+fn authenticate(
+    context: &Context,
+    verifier: &Verifier,
+    peer: SocketAddr,
+    mut first: ClientFrame,
+) -> Result<(String, TokenExpiry, ClientFrame), Status> {
+    context.limits.calls_per_address.check(&peer.ip().to_string())?;
     let Some(In::Hello(hello)) = &mut first.frame else {
         return Err(Status::failed_precondition("the first frame must be Hello"));
     };
@@ -82,7 +89,7 @@ fn authenticate(web: &Web, mut first: ClientFrame) -> Result<(String, TokenExpir
     if token.is_empty() {
         return Err(Status::unauthenticated("Hello carries no access_token"));
     }
-    let claims = web.verifier.verify(&token).map_err(Status::from)?;
+    let claims = verifier.verify(&token).map_err(Status::from)?;
     Ok((claims.sub, TokenExpiry(claims.exp), first))
 }
 

@@ -81,6 +81,7 @@ impl Server {
             "PUSH_SETTINGS",
             "CONNECTS_PER_USER",
             "CONNECTS_PER_ADDRESS",
+            "CALLS_PER_ADDRESS",
         ] {
             for field in ["PER_SECOND", "BURST"] {
                 command.env(format!("MESSENGER_GATEWAY__RATE_LIMITS__{limit}__{field}"), "10000000");

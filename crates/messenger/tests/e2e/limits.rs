@@ -106,6 +106,51 @@ async fn reactions_group_changes_and_direct_creation_stop_at_their_edges_with_re
 }
 
 #[tokio::test]
+async fn an_address_that_floods_is_refused_before_its_tokens_are_verified() {
+    let system = TestSystem::start_with(|config| {
+        config.gateway.rate_limits.calls_per_address = Rate { per_second: 1, burst: 4 };
+    })
+    .await;
+    let mut raw = RawClient::new(system.raw_channel().await);
+    let list = || pb::ListConversationsRequest { page_token: String::new(), limit: 10 };
+    let forged = || {
+        let mut request = tonic::Request::new(list());
+        request.metadata_mut().insert("authorization", "Bearer not.a.token".parse().unwrap());
+        request
+    };
+    for _ in 0..3 {
+        assert_eq!(raw.list_conversations(forged()).await.unwrap_err().code(), Code::Unauthenticated);
+    }
+    raw.list_conversations(system.authorized("alice", list())).await.unwrap();
+    // The burst is spent: refused before the token is looked at, valid or not.
+    let status = raw.list_conversations(forged()).await.unwrap_err();
+    assert_exhausted_with_retry_info(&status, "fifth call from the address");
+    let status = raw.list_conversations(system.authorized("alice", list())).await.unwrap_err();
+    assert_exhausted_with_retry_info(&status, "a valid token from the same address");
+    // The browser port counts the same calls: its WebSocket Hello is refused too.
+    let web = system.running.as_ref().unwrap().addresses.web.unwrap();
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{web}/v1/stream")).await.unwrap();
+    {
+        use futures::{SinkExt, StreamExt};
+        use prost::Message as _;
+        let hello = pb::Hello { device_id: "d".into(), access_token: system.token("alice") };
+        let frame = pb::ClientFrame { frame: Some(Frame::Hello(hello)), trace_context: Default::default() };
+        socket.send(tokio_tungstenite::tungstenite::Message::Binary(frame.encode_to_vec().into())).await.unwrap();
+        let mut close = None;
+        while let Some(Ok(message)) = socket.next().await {
+            if let tokio_tungstenite::tungstenite::Message::Close(frame) = message {
+                close = frame.map(|frame| u16::from(frame.code));
+                break;
+            }
+        }
+        assert_eq!(close, Some(4000 + Code::ResourceExhausted as u16));
+    }
+    // It refills at its sustained rate.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    raw.list_conversations(system.authorized("alice", list())).await.unwrap();
+}
+
+#[tokio::test]
 async fn one_address_holds_no_more_streams_before_hello_than_its_cap() {
     let system = TestSystem::start_with(|config| {
         config.gateway.rate_limits.max_pre_hello_streams_per_address = 2;
