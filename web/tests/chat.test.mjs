@@ -238,6 +238,53 @@ test("a stream from another origin is refused before the upgrade; from the app's
   assert.equal(await page.evaluate(() => window.result.opened), true, "the app's own origin could not open the stream");
 });
 
+test("it is used from the keyboard alone, and every control has an accessible name", { timeout: TEST_TIMEOUT_MS }, async (t) => {
+  const context = await browser.newContext({ viewport: VIEWPORT });
+  context.setDefaultTimeout(WAIT_MS);
+  t.after(() => context.close());
+  const page = await context.newPage();
+  page.on("pageerror", (error) => pageErrors.push(`gina: ${error.message}`));
+  await page.goto(server.url);
+  assert.deepEqual(await unnamedControls(page), [], "sign-in controls without a name");
+  // Sign in: the user field has focus or is the first stop, Enter submits.
+  await page.getByTestId("signin-user").focus();
+  await page.keyboard.type("gina");
+  await page.keyboard.press("Enter");
+  await waitFor(connection(page, "connected"), "gina's stream to connect after Enter");
+  // Start a chat and send, by keyboard.
+  await page.getByTestId("new-direct").focus();
+  await page.keyboard.type("hank");
+  await page.keyboard.press("Enter");
+  await waitFor(page.getByTestId("conversation-title").filter({ hasText: exactly("hank") }), "the chat to open after Enter");
+  await page.getByTestId("composer").focus();
+  await page.keyboard.type("typed, not clicked");
+  await page.keyboard.press("Enter");
+  await waitFor(messageWithBody(page, "typed, not clicked").and(page.locator("[data-seq]")), "the message sent with Enter");
+  // Tab reaches the composer from the conversation list without a mouse.
+  await page.getByTestId("new-direct").focus();
+  let reached = false;
+  for (let stop = 0; stop < 40 && !reached; stop++) {
+    await page.keyboard.press("Tab");
+    reached = await page.evaluate(() => document.activeElement?.dataset.testid === "composer");
+  }
+  assert.ok(reached, "Tab never reached the composer");
+  assert.deepEqual(await unnamedControls(page), [], "controls without a name");
+});
+
+/** Visible inputs, text areas, selects and buttons with no accessible name (label, aria-label, aria-labelledby, text or title). */
+function unnamedControls(page) {
+  return page.evaluate(() =>
+    [...document.querySelectorAll("input, textarea, select, button")]
+      .filter((control) => control.type !== "hidden" && control.getClientRects().length > 0)
+      .filter(
+        (control) =>
+          !(control.labels?.length || control.getAttribute("aria-label") || control.getAttribute("aria-labelledby") ||
+            control.textContent.trim() || control.title),
+      )
+      .map((control) => control.outerHTML.slice(0, 120)),
+  );
+}
+
 /** Runs in a page: opens the stream and records what happens to it in window.result. */
 function openStream(address) {
   const result = (window.result = { opened: false, closeCode: null });
