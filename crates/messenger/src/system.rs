@@ -285,16 +285,22 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     Ok(Running { addresses, supervisor, tasks, admin, _objects: objects })
 }
 
+/// The embedded object store's access key id (its secret is made per run).
+const EMBEDDED_ACCESS_KEY_ID: &str = "messenger-embedded";
+
 /// The object store's endpoint: the configured one, or an S3-compatible
 /// server started here (`media.s3.embedded`, what `messenger up` uses), with
-/// data under `<data_dir>/objects` and keys made for this run.
+/// data under `<data_dir>/objects` and a secret made for this run.
 async fn media_objects(config: &mut Config) -> anyhow::Result<(String, Option<messenger_media::embedded::EmbeddedS3>)> {
     let s3 = &mut config.media.s3;
     if !s3.embedded {
         return Ok((s3.endpoint.clone(), None));
     }
     if s3.access_key_id.is_empty() {
-        s3.access_key_id = format!("embedded-{}", messenger_platform::ids::new_id().simple());
+        // One key id across runs: the store ties a multipart upload to the
+        // key id that began it, and an upload begun before a restart must
+        // go on after it. URLs signed with an earlier run's secret fail.
+        s3.access_key_id = EMBEDDED_ACCESS_KEY_ID.to_owned();
         s3.secret_access_key = messenger_platform::ids::new_id().simple().to_string();
     }
     s3.create_bucket = true;

@@ -15,7 +15,7 @@
 //! carries its own signature, and no cookie or ambient credential is ever
 //! honoured. (A real bucket needs the same CORS rule: docs/configuration.md.)
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Mutex};
 
 use async_trait::async_trait;
 use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
@@ -63,7 +63,9 @@ impl EmbeddedS3 {
     pub async fn start(options: EmbeddedOptions) -> std::io::Result<Self> {
         std::fs::create_dir_all(&options.root)?;
         let filesystem = FileSystem::new(&options.root).map_err(|error| std::io::Error::other(format!("{error:?}")))?;
-        let mut builder = S3ServiceBuilder::new(Verified { inner: filesystem, max_body_bytes: options.max_body_bytes });
+        let verified =
+            Verified { inner: filesystem, max_body_bytes: options.max_body_bytes, part_checksums: Mutex::default() };
+        let mut builder = S3ServiceBuilder::new(verified);
         builder.set_auth(SimpleAuth::from_single(options.access_key_id.clone(), options.secret_access_key.clone()));
         builder.set_access(Access { origin_secret: options.origin_secret.clone() });
         let service = hyper_util::service::TowerToHyperService::new(
@@ -159,9 +161,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 struct Verified {
     inner: FileSystem,
     max_body_bytes: u64,
+    /// Each part's checksum as verified at upload, by (upload id, part
+    /// number), reported by ListParts as S3 does (`s3s-fs` keeps none). In
+    /// memory: after a restart a held part reports none, and the media
+    /// service has it uploaded again rather than trust bytes nobody checked.
+    part_checksums: Mutex<HashMap<(String, i32), String>>,
 }
 
 impl Verified {
+    fn forget_parts(&self, upload_id: &str) {
+        self.part_checksums.lock().unwrap_or_else(|e| e.into_inner()).retain(|(upload, _), _| upload != upload_id);
+    }
+
     async fn checked(
         &self,
         body: Option<StreamingBlob>,
@@ -207,9 +218,15 @@ impl S3 for Verified {
         let sha256 = input.checksum_sha256.clone();
         let body = self.checked(input.body.take(), input.content_length, sha256.as_deref()).await?;
         req.input.body = Some(body);
+        let part = (req.input.upload_id.clone(), req.input.part_number);
         let mut response = self.inner.upload_part(req).await?;
         // What S3 answers for a part uploaded with a checksum (s3s-fs does not).
-        response.output.checksum_sha256 = sha256;
+        response.output.checksum_sha256 = sha256.clone();
+        let mut checksums = self.part_checksums.lock().unwrap_or_else(|e| e.into_inner());
+        match sha256 {
+            Some(sha256) => checksums.insert(part, sha256),
+            None => checksums.remove(&part),
+        };
         Ok(response)
     }
 
@@ -253,20 +270,33 @@ impl S3 for Verified {
     }
 
     async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
-        self.inner.list_parts(req).await
+        let upload_id = req.input.upload_id.clone();
+        let mut response = self.inner.list_parts(req).await?;
+        let checksums = self.part_checksums.lock().unwrap_or_else(|e| e.into_inner());
+        for part in response.output.parts.iter_mut().flatten() {
+            let number = part.part_number.unwrap_or_default();
+            part.checksum_sha256 = checksums.get(&(upload_id.clone(), number)).cloned();
+        }
+        Ok(response)
     }
 
     async fn complete_multipart_upload(
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
-        self.inner.complete_multipart_upload(req).await
+        let upload_id = req.input.upload_id.clone();
+        let response = self.inner.complete_multipart_upload(req).await?;
+        self.forget_parts(&upload_id);
+        Ok(response)
     }
 
     async fn abort_multipart_upload(
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
-        self.inner.abort_multipart_upload(req).await
+        let upload_id = req.input.upload_id.clone();
+        let response = self.inner.abort_multipart_upload(req).await?;
+        self.forget_parts(&upload_id);
+        Ok(response)
     }
 }

@@ -278,7 +278,8 @@ impl Service {
                     let number = index as u32 + 1;
                     let offset = index as u64 * multipart.part_size;
                     let length = multipart.part_size.min(upload.size - offset);
-                    if held.iter().any(|part| part.number == number && part.size == length) {
+                    let expected = sha256_base64(sha256);
+                    if held.iter().any(|part| holds(part, number, length, &expected)) {
                         completed_parts.push(number);
                         continue;
                     }
@@ -440,15 +441,17 @@ impl Service {
             let number = index as u32 + 1;
             let length = multipart.part_size.min(upload.size - index as u64 * multipart.part_size);
             let expected = sha256_base64(sha256);
-            match held.iter().find(|part| part.number == number && part.size == length) {
-                Some(part) if part.sha256.as_ref().is_none_or(|held| *held == expected) => {
-                    parts.push(crate::objects::Part { sha256: Some(expected), ..part.clone() });
-                }
-                _ => missing.push(number.to_string()),
+            match held.iter().find(|part| holds(part, number, length, &expected)) {
+                Some(part) => parts.push(part.clone()),
+                None => missing.push(number.to_string()),
             }
         }
         if !missing.is_empty() {
-            return Err(Error::FailedPrecondition(format!("parts {} are not uploaded yet", missing.join(", "))));
+            return Err(Error::FailedPrecondition(format!(
+                "parts {} are not uploaded yet, or storage cannot vouch for their checksums: upload them again \
+                 (GetUpload names them)",
+                missing.join(", ")
+            )));
         }
         self.objects.complete_multipart(key, &multipart.upload_id, &parts).await
     }
@@ -624,4 +627,12 @@ impl Service {
             self.tickets.shrink_to_fit();
         }
     }
+}
+
+/// Whether storage holds part `number` as declared: its length, and the
+/// checksum storage verified when it was uploaded. A part storage reports
+/// without a checksum (a store that keeps none, or lost them) does not count:
+/// nobody checked its bytes, so it is uploaded again.
+fn holds(part: &crate::objects::Part, number: u32, length: u64, sha256: &str) -> bool {
+    part.number == number && part.size == length && part.sha256.as_deref() == Some(sha256)
 }

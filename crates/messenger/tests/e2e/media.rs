@@ -527,3 +527,68 @@ async fn a_put_replayed_after_complete_leaves_no_orphan() {
     let kept = object_files(&system.objects_dir());
     assert!(kept.iter().any(|file| file.contains(&ticket.media_id)), "the completed media went too: {kept:?}");
 }
+
+#[tokio::test]
+async fn parts_storage_cannot_vouch_for_are_uploaded_again_not_trusted() {
+    let mut system = TestSystem::start_with(|config| config.media.multipart_threshold_bytes = 5 * 1024 * 1024).await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    let part_size = 5 * 1024 * 1024;
+    let mut bytes = b"%PDF-1.7\n".to_vec();
+    bytes.resize(2 * part_size, b'p');
+    let parts: Vec<&[u8]> = bytes.chunks(part_size).collect();
+    let request = pb::CreateUploadRequest {
+        conversation_id: conversation.clone(),
+        mime_type: "application/pdf".into(),
+        size: bytes.len() as u64,
+        sha256: Sha256::digest(&bytes).to_vec(),
+        file_name: "two parts.pdf".into(),
+        part_size: part_size as u64,
+        part_sha256: parts.iter().map(|part| Sha256::digest(part).to_vec()).collect(),
+    };
+    let mut api = GatewayServiceClient::new(system.raw_channel().await);
+    let ticket = api.create_upload(system.authorized("alice", request)).await.unwrap().into_inner();
+    assert_eq!(ticket.requests.len(), 2);
+    for (request, part) in ticket.requests.iter().zip(&parts) {
+        assert_eq!(put(request, part.to_vec(), |_, value| Some(value.to_owned())).await, 200);
+    }
+    let held = get_upload(&system, &ticket.media_id).await;
+    assert_eq!(held.completed_parts, [1, 2], "both parts held, each with its checksum");
+
+    // Storage restarts and no longer knows the parts' checksums (as a store
+    // that keeps none), and the second part's bytes are not what was sent.
+    system.stop().await;
+    let part_file = std::fs::read_dir(system.objects_dir())
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.file_name().unwrap().to_string_lossy().ends_with(".part-2"))
+        .expect("storage holds part 2 as a file");
+    std::fs::write(&part_file, vec![b'x'; part_size]).unwrap();
+    system.start_again().await;
+    let mut api = GatewayServiceClient::new(system.raw_channel().await);
+    let complete = || system.authorized("alice", pb::CompleteUploadRequest { media_id: ticket.media_id.clone() });
+    let refused = api.complete_upload(complete()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("parts 1, 2"), "{}", refused.message());
+    // Both are asked for again, with fresh URLs; sent again, they complete.
+    let again = get_upload(&system, &ticket.media_id).await;
+    assert!(again.completed_parts.is_empty(), "{:?}", again.completed_parts);
+    assert_eq!(again.requests.len(), 2);
+    // (Under the same key id as before the restart: the store ties an upload to it.)
+    for (request, part) in again.requests.iter().zip(&parts) {
+        assert_eq!(put(request, part.to_vec(), |_, value| Some(value.to_owned())).await, 200);
+    }
+    let attachment = api.complete_upload(complete()).await.unwrap().into_inner().attachment.unwrap();
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let ack = alice.send_attachments(&conversation, "", std::slice::from_ref(&attachment.media_id)).await.unwrap();
+    let downloaded = alice.download(&conversation, ack.seq, &attachment.media_id, false).await.unwrap();
+    assert!(downloaded == bytes, "the download is the bytes sent, not what storage held unchecked");
+}
+
+/// What `GetUpload` answers `alice` for `media_id`.
+async fn get_upload(system: &TestSystem, media_id: &str) -> pb::CreateUploadResponse {
+    let mut api = GatewayServiceClient::new(system.raw_channel().await);
+    let request = system.authorized("alice", pb::GetUploadRequest { media_id: media_id.to_owned() });
+    api.get_upload(request).await.unwrap().into_inner()
+}
