@@ -13,7 +13,8 @@
 //!   contract suite; [`sqlite`] the embedded backend, [`scylla`] the one
 //!   several instances share.
 //! - `service.rs`: registration checks, enqueue, reads; `worker.rs`: the
-//!   delivery loop; `grpc.rs`: the thin tonic adapter; `options.rs`.
+//!   delivery loop; `breaker.rs`: its circuit per endpoint; `grpc.rs`: the
+//!   thin tonic adapter; `options.rs`.
 //! - [`providers`]: APNs (HTTP/2, ES256 provider tokens), FCM HTTP v1
 //!   (service-account OAuth), Web Push (VAPID, RFC 8291 encryption), the
 //!   webhook (Standard Webhooks signatures) and the log provider for
@@ -25,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+mod breaker;
 mod error;
 mod grpc;
 pub mod guard;
@@ -126,6 +128,7 @@ pub async fn serve(
         providers: Arc::new(deps.providers),
         options: options.clone(),
         wake: wake.clone(),
+        breakers: breaker::Breakers::new(options.circuit_failures, options.circuit_open),
     };
     deps.supervisor.spawn("push delivery", worker.run(shutdown.clone()));
     deps.supervisor

@@ -70,6 +70,13 @@ pub struct Options {
     /// change, or SIGHUP, reloads them without a restart).
     #[serde(with = "humantime_serde")]
     pub credentials_reload_interval: Duration,
+    /// Pushes in a row an endpoint (a webhook's or Web Push service's host,
+    /// or APNs / FCM) may fail (timeout, refused connection, 5xx, 429)
+    /// before it gets none for `circuit_open`; its jobs wait, not counted
+    /// as attempts, and then one push tries it again.
+    pub circuit_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub circuit_open: Duration,
     pub apns: ApnsOptions,
     pub fcm: FcmOptions,
     pub web_push: WebPushOptions,
@@ -110,6 +117,8 @@ impl Default for Options {
             maintenance_interval: Duration::from_secs(15),
             egress: EgressOptions::default(),
             credentials_reload_interval: Duration::from_secs(10),
+            circuit_failures: 5,
+            circuit_open: Duration::from_secs(30),
             apns: ApnsOptions::default(),
             fcm: FcmOptions::default(),
             web_push: WebPushOptions::default(),
@@ -123,6 +132,7 @@ impl Options {
             ("claim_batch", self.claim_batch),
             ("max_in_flight", self.max_in_flight),
             ("max_attempts", self.max_attempts as usize),
+            ("circuit_failures", self.circuit_failures as usize),
             ("pushes_per_device_per_minute", self.pushes_per_device_per_minute as usize),
             ("max_devices_per_user", self.max_devices_per_user),
             ("max_entries_per_call", self.max_entries_per_call),
@@ -137,6 +147,7 @@ impl Options {
             ("poll_interval", self.poll_interval),
             ("claim_lease", self.claim_lease),
             ("retry_initial_delay", self.retry_initial_delay),
+            ("circuit_open", self.circuit_open),
             ("egress.request_timeout", self.egress.request_timeout),
             ("egress.connect_timeout", self.egress.connect_timeout),
             ("credentials_reload_interval", self.credentials_reload_interval),

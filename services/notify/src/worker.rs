@@ -25,6 +25,7 @@ use tracing::{Instrument as _, debug, warn};
 use uuid::Uuid;
 
 use crate::{
+    breaker::{Breakers, endpoint_of},
     options::Options,
     providers::{Outcome, Providers, Push},
     store::{Job, JobKind, JobState, PushStore},
@@ -94,6 +95,8 @@ pub struct Worker {
     pub options: Options,
     /// Woken when jobs are stored that may be due now.
     pub wake: Arc<Notify>,
+    /// Endpoints that failed again and again get no pushes for a while.
+    pub breakers: Breakers,
 }
 
 /// The delay before attempt `attempts + 1`: doubling from `initial`, capped
@@ -219,6 +222,18 @@ impl Worker {
             }
         };
         let provider = self.providers.for_platform(device.platform);
+        let url = device.web_push.as_ref().map_or(device.token.as_str(), |keys| keys.endpoint.as_str());
+        let endpoint = endpoint_of(url, provider.name());
+        if let Some(wait) = self.breakers.check(&endpoint) {
+            // Not an attempt: the endpoint failed its last pushes; it is tried
+            // again by one push once the circuit's wait is over.
+            count(provider.name(), job.kind, "circuit_open");
+            let due = now_ms() + wait.as_millis() as i64 + 1;
+            for id in collapsed.iter().chain([&job.id]) {
+                self.settle(store.reschedule(*id, due, job.attempts, "endpoint circuit open").await);
+            }
+            return;
+        }
         let push = Push {
             id: job.id,
             kind: job.kind,
@@ -235,6 +250,10 @@ impl Worker {
             messenger_platform::trace::remote("push", &carrier)
         };
         let outcome = provider.send(&device, &push).instrument(span).await;
+        match outcome {
+            Outcome::Retry { .. } => self.breakers.failed(&endpoint),
+            Outcome::Delivered | Outcome::Refused(_) | Outcome::Gone(_) => self.breakers.answered(&endpoint),
+        }
         let attempts = job.attempts + 1;
         match outcome {
             Outcome::Delivered => {

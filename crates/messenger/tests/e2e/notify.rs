@@ -398,3 +398,59 @@ async fn a_hanging_webhook_does_not_delay_another_devices_push() {
     let delay = push[0].at - sent_at;
     assert!(delay < Duration::from_secs(1), "carol's push waited {delay:?} behind a hanging endpoint");
 }
+
+#[tokio::test]
+async fn a_host_that_keeps_failing_gets_no_pushes_while_its_circuit_is_open() {
+    let system = TestSystem::start_with(|config| {
+        config.notify.read_grace = Duration::from_millis(50);
+        config.notify.retry_initial_delay = Duration::from_millis(50);
+        config.notify.poll_interval = Duration::from_millis(20);
+        config.notify.egress.allow_http = true;
+        config.notify.egress.allow_addresses = vec!["127.0.0.0/8".parse().unwrap()];
+        config.notify.circuit_failures = 2;
+        config.notify.circuit_open = Duration::from_secs(60);
+    })
+    .await;
+    let (base, hooks) = receiver().await;
+    // A host whose every answer is 503: it counts the requests it got.
+    let failing_requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = failing_requests.clone();
+    let failing = axum::Router::new().route(
+        "/hook/{device}",
+        axum::routing::post(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { StatusCode::SERVICE_UNAVAILABLE }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let failing_base = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, failing).await.unwrap() });
+    let down = ["bob", "dave", "erin"];
+    for user in down {
+        offline_device(&system, &failing_base, &hooks, user, &format!("{user}-phone")).await;
+    }
+    offline_device(&system, &base, &hooks, "carol", "fine").await;
+    let (alice, _alice_events) = system.connect("alice", "laptop").await;
+    let mut directs = Vec::new();
+    for user in down {
+        directs.push(alice.direct(user).await.unwrap().conversation_id);
+    }
+    let to_carol = alice.direct("carol").await.unwrap().conversation_id;
+    settle().await;
+
+    // Bob's push fails, and its retry (50 ms later): two in a row open the circuit.
+    alice.send(&directs[0], "to a dead host").await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    while failing_requests.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the failing host was not tried twice");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // More pushes to that host wait, and so do bob's retries; another host is not affected.
+    for conversation in &directs[1..] {
+        alice.send(conversation, "also to the dead host").await.unwrap();
+    }
+    alice.send(&to_carol, "to a live host").await.unwrap();
+    hooks.expect("fine", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(failing_requests.load(std::sync::atomic::Ordering::SeqCst), 2, "pushes went to an open circuit");
+}
