@@ -178,7 +178,7 @@ pub async fn serve(
             context.clone(),
             deps.verifier.clone(),
             deps.dev_auth.clone(),
-            server_options.max_message_bytes,
+            &server_options,
             deps.web_tls.is_some(),
         );
         let (server_options, tls, shutdown) = (server_options.clone(), deps.web_tls.clone(), shutdown.clone());

@@ -27,7 +27,7 @@ use axum::{
 };
 use messenger_platform::{
     auth::{AuthOptions, Verifier, mint_hs256},
-    server::rpc_metrics_layer,
+    server::{ServerOptions, rpc_metrics_layer},
     web::Peer,
 };
 use messenger_proto::v1::gateway_service_server::GatewayServiceServer;
@@ -67,6 +67,7 @@ pub(crate) struct Web {
     pub dev_auth: Option<AuthOptions>,
     /// `server.max_message_bytes`: the largest WebSocket message read.
     pub max_message_bytes: usize,
+    liveness: websocket::Liveness,
     origins: Origins,
 }
 
@@ -75,14 +76,19 @@ impl Web {
         context: Arc<Context>,
         verifier: Verifier,
         dev_auth: Option<AuthOptions>,
-        max_message_bytes: usize,
+        server: &ServerOptions,
         tls: bool,
     ) -> Self {
         let origins = Origins {
             allowed: context.options.web.allowed_origins.iter().map(|origin| origin.to_ascii_lowercase()).collect(),
             scheme: if tls { "https" } else { "http" },
         };
-        Self { context, verifier, dev_auth, max_message_bytes, origins }
+        let liveness = websocket::Liveness {
+            ping_every: server.keepalive_interval,
+            answer_within: server.keepalive_timeout,
+            write_within: context.options.slow_consumer_timeout,
+        };
+        Self { context, verifier, dev_auth, max_message_bytes: server.max_message_bytes, liveness, origins }
     }
 }
 
@@ -133,7 +139,8 @@ pub(crate) fn router(web: Arc<Web>) -> Router {
 
 /// CORS answers for the other allowed origins' gRPC-Web calls.
 fn cors(allowed: &[String]) -> CorsLayer {
-    let origins = allowed.iter().filter_map(|origin| HeaderValue::from_str(origin).ok());
+    // Browsers send origins in lower case (as `Origins` compares them).
+    let origins = allowed.iter().filter_map(|origin| HeaderValue::from_str(&origin.to_ascii_lowercase()).ok());
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
         .allow_methods([Method::POST])
@@ -193,7 +200,7 @@ async fn stream(
         .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(web.max_message_bytes)
         .max_frame_size(web.max_message_bytes)
-        .on_upgrade(move |socket| websocket::run(web.context.clone(), web.verifier.clone(), peer, socket))
+        .on_upgrade(move |socket| websocket::run(web.context.clone(), web.verifier.clone(), web.liveness, peer, socket))
 }
 
 #[derive(Deserialize)]
@@ -208,11 +215,19 @@ struct DevTokenResponse {
 }
 
 /// A development token, so a browser can sign in to `messenger up` by name.
-async fn dev_token(State(web): State<Arc<Web>>, Json(request): Json<DevTokenRequest>) -> Response {
+/// Only to pages that name a loopback host: a site whose name an attacker
+/// re-points at 127.0.0.1 (DNS rebinding) is same-origin with itself, not
+/// with `localhost`, and gets none.
+async fn dev_token(State(web): State<Arc<Web>>, headers: HeaderMap, Json(request): Json<DevTokenRequest>) -> Response {
     let Some(auth) = &web.dev_auth else {
         return (StatusCode::NOT_FOUND, "development tokens are off: this server verifies real tokens\n")
             .into_response();
     };
+    let host = headers.get(header::HOST).and_then(|host| host.to_str().ok()).unwrap_or_default();
+    if !loopback_host(host) {
+        return (StatusCode::FORBIDDEN, "development tokens go only to pages of localhost or a loopback address\n")
+            .into_response();
+    }
     let user = request.user_id.trim();
     if user.is_empty() || user.len() > 128 || user.chars().any(char::is_control) {
         return (StatusCode::BAD_REQUEST, "user_id must be 1 to 128 printable bytes\n").into_response();
@@ -220,5 +235,36 @@ async fn dev_token(State(web): State<Arc<Web>>, Json(request): Json<DevTokenRequ
     match mint_hs256(auth, user, DEV_TOKEN_TTL) {
         Ok(token) => Json(DevTokenResponse { token }).into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
+    }
+}
+
+/// Whether a `Host` header (with or without a port) names this machine.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback_host;
+
+    #[test]
+    fn only_loopback_hosts_get_development_tokens() {
+        for host in ["localhost", "LOCALHOST:7780", "127.0.0.1:7780", "127.1.2.3", "[::1]:7780", "[::1]"] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example.com",
+            "evil.example.com:7780",
+            "10.0.0.1:7780",
+            "[2001:db8::1]:7780",
+            "localhost.evil.com",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
     }
 }

@@ -7,14 +7,21 @@
 //! When the session ends for an error the server sends that `Error` frame,
 //! then closes with code 4000 + the gRPC status code (4016: sign in again;
 //! 4008: slow down, `retry_after_ms`; 4014: reconnect).
+//!
+//! The server pings every `server.keepalive_interval`; a client from which
+//! nothing arrives for that plus `server.keepalive_timeout`, or that takes
+//! longer than `gateway.slow_consumer_timeout` to take a frame, is dropped
+//! and its session ends (it resumes when it comes back).
 
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{SinkExt, StreamExt, stream::SplitSink};
 use messenger_platform::auth::{TokenExpiry, Verifier};
-use messenger_proto::v1::{ClientFrame, client_frame::Frame as In};
+use messenger_proto::v1::{ClientFrame, client_frame::Frame as In, server_frame::Frame as Out};
 use prost::Message as _;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::debug;
 
@@ -28,48 +35,123 @@ const MAX_CLOSE_REASON: usize = 123;
 
 type Sink = SplitSink<WebSocket, Message>;
 
+/// How a connection is kept honest once its session runs.
+#[derive(Clone, Copy)]
+pub(crate) struct Liveness {
+    /// A Ping goes out this often (`server.keepalive_interval`); a client
+    /// from which nothing arrived for this plus `answer_within` is gone.
+    pub ping_every: std::time::Duration,
+    pub answer_within: std::time::Duration,
+    /// Longest a frame may take to be written (`gateway.slow_consumer_timeout`):
+    /// a client that stops reading is cut off, not waited for.
+    pub write_within: std::time::Duration,
+}
+
 /// Serves one upgraded connection until either side ends it.
-pub(crate) async fn run(context: Arc<Context>, verifier: Verifier, peer: SocketAddr, socket: WebSocket) {
+pub(crate) async fn run(
+    context: Arc<Context>,
+    verifier: Verifier,
+    liveness: Liveness,
+    peer: SocketAddr,
+    socket: WebSocket,
+) {
     let (mut sink, mut source) = socket.split();
     let hello = {
         // Waiting for the Hello counts toward the address's pre-Hello cap,
         // as on the gRPC port.
         let _waiting = match context.limits.pre_hello.take(peer.ip()) {
             Ok(waiting) => waiting,
-            Err(status) => return close(&mut sink, &status).await,
+            Err(status) => return close(&mut sink, &status, liveness).await,
         };
         tokio::time::timeout(context.options.hello_timeout, source.next()).await
     };
     let first = match hello {
-        Err(_) => return close(&mut sink, &Status::deadline_exceeded("no Hello received in time")).await,
+        Err(_) => return close(&mut sink, &Status::deadline_exceeded("no Hello received in time"), liveness).await,
         Ok(None) => return,
         Ok(Some(message)) => match client_frame(message) {
             Some(Ok(frame)) => frame,
-            Some(Err(status)) => return close(&mut sink, &status).await,
+            Some(Err(status)) => return close(&mut sink, &status, liveness).await,
             None => return,
         },
     };
     let (user, expiry, hello) = match authenticate(&context, &verifier, peer, first) {
         Ok(authenticated) => authenticated,
-        Err(status) => return close(&mut sink, &status).await,
+        Err(status) => return close(&mut sink, &status, liveness).await,
     };
-    let rest = source.filter_map(|message| std::future::ready(client_frame(message)));
-    let inbound: Inbound = futures::stream::once(std::future::ready(Ok(hello))).chain(rest).boxed();
+    // Anything the client sends (a Pong too) shows it is there. When the
+    // writer gives up on the client, the session's side ends as well.
+    let heard = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let writer_gone = CancellationToken::new();
+    let hearing = heard.clone();
+    let rest = source
+        .inspect(move |_| *hearing.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now())
+        .filter_map(|message| std::future::ready(client_frame(message)));
+    let inbound: Inbound = futures::stream::once(std::future::ready(Ok(hello)))
+        .chain(rest)
+        .take_until(writer_gone.clone().cancelled_owned())
+        .boxed();
     let mut frames = match session::open(&context, user, Some(expiry), Some(peer.ip()), inbound) {
         Ok(frames) => frames,
-        Err(status) => return close(&mut sink, &status).await,
+        Err(status) => return close(&mut sink, &status, liveness).await,
     };
-    while let Some(outbound) = frames.recv().await {
-        match outbound {
-            Ok(frame) => {
-                if sink.send(Message::Binary(frame.encode_to_vec().into())).await.is_err() {
-                    return;
+    let mut ping = tokio::time::interval_at(Instant::now() + liveness.ping_every, liveness.ping_every);
+    // The code of an Error frame that ends the stream (a drain's UNAVAILABLE),
+    // for the close that follows it.
+    let mut ending: Option<i32> = None;
+    let end = loop {
+        tokio::select! {
+            outbound = frames.recv() => match outbound {
+                Some(Ok(frame)) => {
+                    ending = match &frame.frame {
+                        Some(Out::Error(error)) if error.client_msg_id.is_empty() && error.conversation_id.is_empty() => {
+                            Some(error.code)
+                        }
+                        _ => None,
+                    };
+                    if !write(&mut sink, Message::Binary(frame.encode_to_vec().into()), liveness).await {
+                        break End::Gone;
+                    }
+                }
+                Some(Err(status)) => break End::Refused(*status),
+                None => break End::Finished(ending),
+            },
+            _ = ping.tick() => {
+                let silent = heard.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                if silent > liveness.ping_every + liveness.answer_within {
+                    debug!(%peer, ?silent, "websocket client gone: no answer to pings");
+                    break End::Gone;
+                }
+                if !write(&mut sink, Message::Ping(Default::default()), liveness).await {
+                    break End::Gone;
                 }
             }
-            Err(status) => return close(&mut sink, &status).await,
+        }
+    };
+    writer_gone.cancel();
+    match end {
+        End::Gone => {}
+        End::Refused(status) => close(&mut sink, &status, liveness).await,
+        End::Finished(code) => {
+            let code = code.map_or(1000, |code| 4000 + code as u16);
+            let close = Message::Close(Some(CloseFrame { code, reason: "".into() }));
+            write(&mut sink, close, liveness).await;
         }
     }
-    let _ = sink.send(Message::Close(Some(CloseFrame { code: 1000, reason: "".into() }))).await;
+}
+
+/// How the writer stopped.
+enum End {
+    /// The client stopped reading or answering: nothing more is written.
+    Gone,
+    /// The session ended for this status: its Error frame and close code.
+    Refused(Status),
+    /// The session ended; the code of the Error frame that ended it, if any.
+    Finished(Option<i32>),
+}
+
+/// Writes one message within `write_within`; false when the client did not take it.
+async fn write(sink: &mut Sink, message: Message, liveness: Liveness) -> bool {
+    matches!(tokio::time::timeout(liveness.write_within, sink.send(message)).await, Ok(Ok(())))
 }
 
 /// The caller of the first frame, which must be a Hello with a valid token;
@@ -119,10 +201,12 @@ fn client_frame(message: Result<Message, axum::Error>) -> Option<Result<ClientFr
 }
 
 /// Tells the client why its stream ends: the Error frame, then a close with
-/// code 4000 + the gRPC code.
-async fn close(sink: &mut Sink, status: &Status) {
+/// code 4000 + the gRPC code (each write bounded like every other).
+async fn close(sink: &mut Sink, status: &Status, liveness: Liveness) {
     let frame = session::status_frame(status, "", "");
-    let _ = sink.send(Message::Binary(frame.encode_to_vec().into())).await;
+    if !write(sink, Message::Binary(frame.encode_to_vec().into()), liveness).await {
+        return;
+    }
     let mut reason = status.message();
     if reason.len() > MAX_CLOSE_REASON {
         let mut end = MAX_CLOSE_REASON;
@@ -132,5 +216,5 @@ async fn close(sink: &mut Sink, status: &Status) {
         reason = &reason[..end];
     }
     let code = 4000 + status.code() as u16;
-    let _ = sink.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    write(sink, Message::Close(Some(CloseFrame { code, reason: reason.into() })), liveness).await;
 }

@@ -443,7 +443,16 @@ impl Service {
             let expected = sha256_base64(sha256);
             match held.iter().find(|part| holds(part, number, length, &expected)) {
                 Some(part) => parts.push(part.clone()),
-                None => missing.push(number.to_string()),
+                None => {
+                    let unchecked = held.iter().any(|part| part.number == number && part.sha256.is_none());
+                    if unchecked {
+                        // A store that keeps no part checksums can take no multipart upload.
+                        warn!(media_id = %upload.id, part = number, "storage reports no checksum for a held part: \
+                               it is asked for again (a store that never reports part checksums cannot take \
+                               multipart uploads: raise media.multipart_threshold_bytes)");
+                    }
+                    missing.push(number.to_string());
+                }
             }
         }
         if !missing.is_empty() {

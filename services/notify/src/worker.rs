@@ -204,6 +204,32 @@ impl Worker {
                 return;
             }
         };
+        // Before the device's rate limit: a push held back here uses none of it.
+        let provider = self.providers.for_platform(device.platform);
+        let url = device.web_push.as_ref().map_or(device.token.as_str(), |keys| keys.endpoint.as_str());
+        let endpoint = endpoint_of(url, provider.name());
+        if let Some(wait) = self.breakers.check(&endpoint) {
+            // Not an attempt: the endpoint failed its last pushes; one push
+            // tries it again once the circuit's wait is over. A job that has
+            // waited as long as all its attempts could take is given up.
+            let given_up = (now_ms() - job.created_at_ms).max(0) as u128
+                > self.options.retry_max_delay.saturating_mul(self.options.max_attempts).as_millis();
+            if given_up {
+                count(provider.name(), job.kind, "dead_lettered");
+                warn!(push_id = %job.id, provider = provider.name(), %endpoint, "push dead-lettered: its endpoint kept failing");
+                self.settle(store.finish(job.id, JobState::Dead, job.attempts, "endpoint circuit open too long").await);
+                for id in collapsed {
+                    self.settle(store.finish(id, JobState::Cancelled, 0, "collapsed into a dead push").await);
+                }
+                return;
+            }
+            count(provider.name(), job.kind, "circuit_open");
+            let due = now_ms() + wait.as_millis() as i64 + 1;
+            for id in collapsed.iter().chain([&job.id]) {
+                self.settle(store.reschedule(*id, due, job.attempts, "endpoint circuit open").await);
+            }
+            return;
+        }
         if let Err(not_until) = limiter.check_key(&format!("{}\n{}", job.user_id, job.device_id)) {
             // Not an attempt: the device had its share of pushes this minute.
             let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
@@ -221,19 +247,6 @@ impl Worker {
                 return;
             }
         };
-        let provider = self.providers.for_platform(device.platform);
-        let url = device.web_push.as_ref().map_or(device.token.as_str(), |keys| keys.endpoint.as_str());
-        let endpoint = endpoint_of(url, provider.name());
-        if let Some(wait) = self.breakers.check(&endpoint) {
-            // Not an attempt: the endpoint failed its last pushes; it is tried
-            // again by one push once the circuit's wait is over.
-            count(provider.name(), job.kind, "circuit_open");
-            let due = now_ms() + wait.as_millis() as i64 + 1;
-            for id in collapsed.iter().chain([&job.id]) {
-                self.settle(store.reschedule(*id, due, job.attempts, "endpoint circuit open").await);
-            }
-            return;
-        }
         let push = Push {
             id: job.id,
             kind: job.kind,

@@ -3,6 +3,8 @@
 //! on the embedded object store. (`web/tests` drives the web app itself in
 //! Chromium.)
 
+use std::time::Duration;
+
 use futures::{SinkExt, StreamExt};
 use messenger_proto::v1::{self as pb, client_frame::Frame as In, server_frame::Frame as Out};
 use prost::Message as _;
@@ -164,6 +166,36 @@ async fn frames_it_cannot_read_end_the_stream_with_the_reason() {
     assert_eq!((error.code, close), (tonic::Code::InvalidArgument as i32, 4003));
 }
 
+#[tokio::test]
+async fn a_browser_that_stops_answering_is_dropped_and_its_session_slot_freed() {
+    let system = TestSystem::start_with(|config| {
+        config.gateway.max_sessions = 1;
+        config.server.keepalive_interval = Duration::from_millis(200);
+        config.server.keepalive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    // It takes the only session, then reads nothing more: no Pong answers the server's Pings.
+    let mut silent = open(&system, None).await.unwrap();
+    hello(&mut silent, "silent", &system.token("alice")).await;
+    assert!(matches!(next_frame(&mut silent).await, Out::Ready(_)));
+    let mut refused = open(&system, None).await.unwrap();
+    hello(&mut refused, "second", &system.token("bob")).await;
+    let (error, close) = refusal(&mut refused).await;
+    assert_eq!((error.code, close), (tonic::Code::ResourceExhausted as i32, 4008), "{}", error.message);
+    // Within a ping and its answer time the silent one is dropped and its place is free.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut next = open(&system, None).await.unwrap();
+        hello(&mut next, "second", &system.token("bob")).await;
+        match next_frame(&mut next).await {
+            Out::Ready(_) => break,
+            other => assert!(tokio::time::Instant::now() < deadline, "the silent session was never dropped: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(silent);
+}
+
 /// A unary call as grpc-web sends it: one length-prefixed message.
 fn grpc_web_body(message: &impl prost::Message) -> Vec<u8> {
     let encoded = message.encode_to_vec();
@@ -254,6 +286,19 @@ async fn development_tokens_are_minted_by_user_id_for_the_web_app() {
     let empty =
         http.post(&url).header("content-type", "application/json").body(r#"{"user_id":" "}"#).send().await.unwrap();
     assert_eq!(empty.status(), 400);
+    // A page whose name was re-pointed at this machine (DNS rebinding) is
+    // same-origin with itself, and gets none.
+    let port = system.running.as_ref().unwrap().addresses.web.unwrap().port();
+    let rebound = http
+        .post(&url)
+        .header("host", format!("evil.example.com:{port}"))
+        .header("origin", format!("http://evil.example.com:{port}"))
+        .header("content-type", "application/json")
+        .body(r#"{"user_id":"carol"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
     // The app is served beside it, with a policy that keeps scripts to its own.
     let page = http.get(format!("http://{}/", web_address(&system))).send().await.unwrap();
     assert_eq!(page.status(), 200);
