@@ -104,6 +104,7 @@ struct Flags {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    messenger_platform::tls::install_default_provider();
     let cli = Cli::parse();
     let flags = Flags { data_dir: cli.data_dir };
     let config: Config = messenger_platform::config::load(cli.config.as_deref(), &flags, FLAG_VARIABLES)?;

@@ -140,6 +140,7 @@ async fn bind_roles(config: &Config, roles: &[Role]) -> anyhow::Result<Listeners
 /// Starts `roles` in this process. Roles started here are reached at their
 /// bound addresses; the others through `config.discovery`.
 pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running> {
+    messenger_platform::tls::install_default_provider();
     let listeners = bind_roles(&config, roles).await?;
     let mut addresses = Addresses::default();
     if let Some(listener) = &listeners.message {
@@ -178,6 +179,9 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
     let discovery: Arc<dyn Discovery> = match config.discovery.backend {
         DiscoveryBackend::Static => Arc::new(StaticDiscovery::new(config.discovery.clone())),
         DiscoveryBackend::Etcd => {
+            // Read again at every connection; a file missing now fails the start
+            // instead of every attempt in the background.
+            config.discovery.etcd.tls.tonic().map_err(|error| anyhow::anyhow!("discovery.etcd.tls: {error}"))?;
             let advertised = |address| config.discovery.advertised(address).map_err(anyhow::Error::msg);
             if let Some(address) = addresses.presence {
                 registrations.push((Role::Presence, advertised(address)?));

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 use uuid::Uuid;
 
+use crate::tls::BackendTls;
+
 /// How the keyspace is replicated. Development uses `SimpleStrategy` with
 /// one replica; production uses `NetworkTopologyStrategy` with (at least)
 /// three replicas in each datacenter.
@@ -194,10 +196,14 @@ pub struct Cluster {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub credentials: Option<(String, String)>,
+    /// TLS to every node (on when `tls.ca_file` is set). The driver checks a
+    /// node's certificate for the node's IP address, or for `tls.server_name`.
+    pub tls: BackendTls,
 }
 
 /// A session with token-aware balancing that stays in the local datacenter,
-/// the default retry policy and the cluster's consistency levels.
+/// the default retry policy and the cluster's consistency levels, over TLS
+/// when the cluster's `tls` says so.
 pub async fn connect(cluster: &Cluster) -> Result<Session, Error> {
     let mut balancing = DefaultPolicy::builder().token_aware(true).permit_dc_failover(false);
     if let Some(datacenter) = &cluster.local_datacenter {
@@ -217,6 +223,8 @@ pub async fn connect(cluster: &Cluster) -> Result<Session, Error> {
     if let Some((username, password)) = &cluster.credentials {
         builder = builder.user(username, password);
     }
+    let tls = cluster.tls.client_config().map_err(|error| Error::Storage(format!("scylla tls: {error}")))?;
+    builder = builder.tls_context(tls.map(Arc::new));
     builder.build().await.map_err(session_error)
 }
 

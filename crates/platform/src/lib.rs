@@ -14,8 +14,9 @@
 //!   reloaded on change) and development tokens.
 //! - [`role`]: the five roles a process can play.
 //! - [`tls`]: TLS on the public port, mutual TLS between services, the roles
-//!   a cluster certificate carries; [`authorize`]: which role may call which
-//!   internal RPC; [`reload`]: key and certificate files read again on change.
+//!   a cluster certificate carries, TLS to Redis, CQL and etcd;
+//!   [`authorize`]: which role may call which internal RPC; [`reload`]: key
+//!   and certificate files read again on change.
 //! - [`cql`]: what the CQL stores share: cluster session, driver error
 //!   mapping, LWT answers, versioned schema migrations.
 //! - [`error`]: the one mapping of every service's errors to gRPC statuses

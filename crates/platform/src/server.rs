@@ -11,7 +11,7 @@ use tonic::{service::Routes, transport::server::TcpIncoming};
 
 use crate::{
     authorize::{AuthorizeLayer, Callers, Rules},
-    connections::{Guarded, PerAddress},
+    connections::{CallsLayer, Connections, Guarded, grpc_peer},
     metrics::RpcMetricsLayer,
     tls::ServerTls,
 };
@@ -52,6 +52,11 @@ pub struct ServerOptions {
     /// preface) within this after being accepted is closed.
     #[serde(with = "humantime_serde")]
     pub first_byte_timeout: Duration,
+    /// A connection with no call open for this long is closed: an HTTP/2
+    /// connection that opens no stream after its preface, a keep-alive
+    /// connection nobody uses. Clients reconnect when they next call.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -68,11 +73,17 @@ impl Default for ServerOptions {
             drain_grace: Duration::from_secs(10),
             max_connections_per_address: 256,
             first_byte_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
 
 impl ServerOptions {
+    /// The bounds on one port's connections these options set.
+    pub fn connections(&self) -> Connections {
+        Connections::new(self.max_connections_per_address, self.first_byte_timeout, self.idle_timeout)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !(16_384..=16_777_215).contains(&self.max_frame_size) {
             return Err("server.max_frame_size must be between 16384 and 16777215".into());
@@ -83,8 +94,11 @@ impl ServerOptions {
         if self.max_message_bytes < 1024 || self.internal_max_message_bytes < 1024 {
             return Err("server.max_message_bytes and server.internal_max_message_bytes must be at least 1024".into());
         }
-        if self.max_connections_per_address == 0 || self.first_byte_timeout.is_zero() {
-            return Err("server.max_connections_per_address and server.first_byte_timeout must be positive".into());
+        if self.max_connections_per_address == 0 || self.first_byte_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err(
+                "server.max_connections_per_address, server.first_byte_timeout and server.idle_timeout must be positive"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -184,8 +198,11 @@ pub async fn serve(
         }
     };
     let methods = method_paths(&descriptors_of_all());
+    let connections = options.connections();
     let router = tonic::transport::Server::builder()
-        // Outermost: refusals by the layers inside are calls too.
+        // Outermost: a call holds its connection open until its response ends.
+        .layer(CallsLayer::new(connections.clone(), grpc_peer))
+        // Refusals by the layers inside are calls too.
         .layer(RpcMetricsLayer::new(name, methods))
         .layer(AuthorizeLayer::new(callers))
         .tcp_nodelay(true)
@@ -199,11 +216,9 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    let per_address = PerAddress::new(options.max_connections_per_address);
-    let first_byte = options.first_byte_timeout;
     let server: futures::future::BoxFuture<'_, Result<(), tonic::transport::Error>> = match tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-            tls.incoming(listener, options.keepalive_interval, per_address, first_byte, shutdown.clone()),
+            tls.incoming(listener, options.keepalive_interval, connections, shutdown.clone()),
             signal,
         )),
         // Accepted sockets need TCP_NODELAY themselves: the builder's setting
@@ -219,8 +234,8 @@ pub async fn serve(
                         Ok(stream) => stream
                             .peer_addr()
                             .ok()
-                            .and_then(|peer| per_address.admit(peer.ip()))
-                            .map(|slot| Ok(Guarded::new(stream, slot, first_byte))),
+                            .and_then(|peer| connections.admit(peer))
+                            .map(|slot| Ok(Guarded::new(stream, slot))),
                         Err(error) => Some(Err(error)),
                     };
                     std::future::ready(admitted)

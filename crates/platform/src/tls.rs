@@ -13,6 +13,10 @@
 //! ([`crate::authorize`]). Certificates and CA are read again when their
 //! files change ([`crate::reload`]); open connections keep the identity they
 //! were made with.
+//!
+//! Backends (Redis, the CQL cluster, etcd): [`BackendTls`] (`tls/backend.rs`),
+//! one settings table per connection: the server verified against a CA of
+//! its own, and a client certificate when the server asks for one.
 
 use std::{
     path::{Path, PathBuf},
@@ -35,9 +39,13 @@ use tonic::codegen::http::Uri;
 use tracing::debug;
 
 use crate::{
-    connections::{Guarded, PerAddress},
+    connections::{Connections, Guarded},
     role::Role,
 };
+
+mod backend;
+
+pub use backend::BackendTls;
 
 /// TLS settings of the whole process (`[tls]`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -137,6 +145,15 @@ pub enum Error {
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes ring the process's default rustls provider. Everything here names
+/// ring itself, but the CQL driver's TLS feature compiles aws-lc-rs in as
+/// well, and with two providers built a library that asks rustls for "the"
+/// default would panic: this gives it ring. Call it first thing in a process.
+pub fn install_default_provider() {
+    // An error only says a default is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -286,9 +303,9 @@ impl ServerTls {
     }
 
     /// The TLS connections accepted on `listener`. The accept loop only
-    /// accepts: each connection within its address's share (`per_address`)
+    /// accepts: each connection within its address's share (`connections`)
     /// runs its handshake as a task of its own, bounded by
-    /// `handshake_timeout` (and `first_byte_timeout` for the ClientHello), at
+    /// `handshake_timeout` (and the first-byte deadline for the ClientHello), at
     /// most `max_concurrent_handshakes` at once (more are closed, not
     /// queued), so slow or silent clients can neither stall the loop nor
     /// make an honest client wait behind them. A failed handshake is logged
@@ -297,8 +314,7 @@ impl ServerTls {
         &self,
         listener: TcpListener,
         keepalive: Duration,
-        per_address: PerAddress,
-        first_byte_timeout: Duration,
+        connections: Connections,
         shutdown: CancellationToken,
     ) -> impl Stream<Item = Result<TlsStream<Guarded<TcpStream>>, std::io::Error>> + Send + 'static {
         use futures::StreamExt;
@@ -321,14 +337,14 @@ impl ServerTls {
                 };
                 let Some(peer) = stream.peer_addr().ok() else { continue };
                 // Dropped, so closed: over its address's share, or too many handshakes now.
-                let Some(slot) = per_address.admit(peer.ip()) else { continue };
+                let Some(slot) = connections.admit(peer) else { continue };
                 let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                     debug!(%peer, "tls handshake refused: tls.max_concurrent_handshakes under way");
                     continue;
                 };
                 let (acceptor, timeout, ready) = (this.acceptor(), this.handshake_timeout, ready.clone());
                 tokio::spawn(async move {
-                    let stream = Guarded::new(stream, slot, first_byte_timeout);
+                    let stream = Guarded::new(stream, slot);
                     let handshake = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
                     drop(permit);
                     match handshake {

@@ -1,5 +1,5 @@
 //! The bootstrap of a port browsers use (HTTP/1.1 with WebSocket upgrades):
-//! the same per-address connection cap, first-byte deadline and TLS as the
+//! the same per-address connection cap, first-byte and idle deadlines and TLS as the
 //! gRPC ports (`server.rs`), and a drain bounded by `server.drain_grace`.
 //!
 //! Handlers learn the client's address from [`Peer`] (axum's `ConnectInfo`).
@@ -14,7 +14,7 @@ use tokio_util::{either::Either, sync::CancellationToken};
 use tracing::{info, warn};
 
 use crate::{
-    connections::{Guarded, PerAddress},
+    connections::{CallsLayer, Guarded},
     server::{Error, ServerOptions, local_addr},
     tls::ServerTls,
 };
@@ -68,11 +68,15 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let local = local_addr(&listener);
     info!(server = name, address = %local, tls = tls.is_some(), "listening");
-    let per_address = PerAddress::new(options.max_connections_per_address);
-    let first_byte = options.first_byte_timeout;
+    let connections = options.connections();
+    // A request holds its connection open until its response ends; a
+    // WebSocket keeps it by its own pings.
+    let router = router.layer(CallsLayer::new(connections.clone(), |extensions| {
+        extensions.get::<axum::extract::ConnectInfo<Peer>>().map(|info| info.0.0)
+    }));
     let connections: BoxStream<'static, (Connection, SocketAddr)> = match tls {
         Some(tls) => tls
-            .incoming(listener, options.keepalive_interval, per_address, first_byte, shutdown.clone())
+            .incoming(listener, options.keepalive_interval, connections, shutdown.clone())
             .filter_map(|accepted| async move {
                 let tls = accepted.ok()?;
                 let peer = tls.get_ref().0.get_ref().peer_addr().ok()?;
@@ -86,8 +90,8 @@ pub async fn serve(
             .filter_map(move |accepted| {
                 let admitted = accepted.ok().and_then(|stream| {
                     let peer = stream.peer_addr().ok()?;
-                    let slot = per_address.admit(peer.ip())?;
-                    Some((Either::Right(Guarded::new(stream, slot, first_byte)), peer))
+                    let slot = connections.admit(peer)?;
+                    Some((Either::Right(Guarded::new(stream, slot)), peer))
                 });
                 std::future::ready(admitted)
             })

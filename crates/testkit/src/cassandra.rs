@@ -8,8 +8,13 @@
 //! in its own process, so the first test to ask starts it (detached, under a
 //! lock) and later ones find it; each test then works in its own keyspace.
 //! It stops when `scripts/test.sh` ends, or by itself after
-//! [`SHARED_IDLE_MINUTES`] without a test asking for it. [`CassandraNode`] is
+//! [`SHARED_IDLE_MINUTES`] without a test asking for it; one found running an
+//! older `cassandra.yaml` is replaced. [`CassandraNode`] is
 //! a private node a test can stop, kill, pause and restart.
+//!
+//! Every node's native port takes TLS beside plaintext, with certificates
+//! from a CA of its own under `<node dir>/tls` ([`shared_node_tls`],
+//! [`CassandraNode::client_tls`]).
 
 use std::{
     fs::{self, File},
@@ -21,7 +26,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::{Process, free_port, signal};
+use crate::{Process, free_port, signal, tls};
 
 const POM: &str = include_str!("../../../scripts/cassandra/pom.xml");
 const YAML: &str = include_str!("../../../scripts/cassandra/cassandra.yaml");
@@ -73,12 +78,33 @@ fn java() -> PathBuf {
         .expect("no JDK 17 under /usr/lib/jvm (set MESSENGER_JAVA17): run scripts/setup.sh")
 }
 
+/// A node's TLS files under `<dir>/tls`, made once per node directory (a
+/// restarted node keeps them): `ca.pem`, the node's `keystore.pem` (its key,
+/// then its certificate for `localhost` and `127.0.0.1`: one file, as
+/// `PEMBasedSslContextFactory` reads it) and a client certificate.
+fn write_tls(dir: &Path) {
+    let keystore = dir.join("tls/keystore.pem");
+    if keystore.exists() {
+        return;
+    }
+    let files = tls::loopback(&dir.join("tls"));
+    let read = |path: &Path| fs::read_to_string(path).expect("a certificate file just written");
+    fs::write(&keystore, read(&files.server.key) + &read(&files.server.cert)).expect("keystore.pem");
+}
+
+/// What a client of the node in `dir` needs for TLS (see [`write_tls`]).
+fn client_files(dir: &Path) -> tls::ClientFiles {
+    let tls = dir.join("tls");
+    tls::ClientFiles { ca_file: tls.join("ca.pem"), cert: tls.join("client.pem"), key: tls.join("client-key.pem") }
+}
+
 /// Writes a node's configuration under `dir` and returns the command that runs it.
 fn node_command(dir: &Path, cql_port: u16, storage_port: u16) -> Command {
     let conf = dir.join("conf");
     for sub in ["conf", "logs", "triggers", "data"] {
         fs::create_dir_all(dir.join(sub)).expect("node directory");
     }
+    write_tls(dir);
     let yaml = YAML
         .replace("{storage_port}", &storage_port.to_string())
         .replace("{cql_port}", &cql_port.to_string())
@@ -147,6 +173,11 @@ impl CassandraNode {
         format!("127.0.0.1:{}", self.cql_port)
     }
 
+    /// What a client needs to reach [`Self::endpoint`] over TLS.
+    pub fn client_tls(&self) -> tls::ClientFiles {
+        client_files(self.dir.path())
+    }
+
     /// SIGTERM and wait: the node keeps its data.
     pub fn stop(&mut self) {
         self.process.stop();
@@ -205,7 +236,14 @@ pub fn shared_node() -> String {
         && alive(&dir)
         && TcpStream::connect(("127.0.0.1", port)).is_ok()
     {
-        return format!("127.0.0.1:{port}");
+        // Tests rely on what this checkout's cassandra.yaml sets up (TLS
+        // beside plaintext, say): a node started from another one (an older
+        // checkout's, idle for less than its limit) is replaced.
+        if fs::read_to_string(dir.join("config")).is_ok_and(|config| config == YAML) {
+            return format!("127.0.0.1:{port}");
+        }
+        eprintln!("the shared Cassandra node runs another cassandra.yaml; starting a new one");
+        stop_shared(&dir, port);
     }
     let node_dir = dir.join("node");
     // The previous node's logs are kept (why did it stop?), its data not.
@@ -225,8 +263,36 @@ pub fn shared_node() -> String {
     let mut child = watchdog.spawn().expect("cannot run sh");
     fs::write(dir.join("pid"), child.id().to_string()).expect("pid file");
     wait_serving(&mut child, cql_port, &node_dir);
+    fs::write(dir.join("config"), YAML).expect("config file");
     fs::write(dir.join("port"), cql_port.to_string()).expect("port file");
     format!("127.0.0.1:{cql_port}")
+}
+
+/// The shared node ([`shared_node`]) and what a client needs to reach it
+/// over TLS: the CA that signed its certificate (valid for `localhost` and
+/// `127.0.0.1`, the address the driver checks) and a client certificate it
+/// accepts. `None` when `MESSENGER_TEST_SCYLLA` names another node, whose
+/// TLS is not known here.
+pub fn shared_node_tls() -> Option<(String, tls::ClientFiles)> {
+    if std::env::var_os("MESSENGER_TEST_SCYLLA").is_some() {
+        return None;
+    }
+    let node = shared_node();
+    Some((node, client_files(&shared_dir().join("node"))))
+}
+
+/// Stops the shared node serving on `port` (its watchdog stops the node on
+/// SIGTERM) and waits until the port is closed: the node has exited.
+fn stop_shared(dir: &Path, port: u16) {
+    if let Ok(pid) = fs::read_to_string(dir.join("pid")) {
+        let _ = Command::new("kill").arg(pid.trim()).status();
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    while TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "the shared Cassandra node did not stop within {START_TIMEOUT:?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = fs::remove_file(dir.join("port"));
 }
 
 fn alive(dir: &Path) -> bool {

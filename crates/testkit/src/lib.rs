@@ -2,14 +2,17 @@
 //! the test files media tests upload (`media.rs`),
 //! started from what `scripts/setup.sh` installs, each on its own loopback port and directory,
 //! and controllable the way outages happen: stopped, restarted, paused.
+//! Redis and etcd start over TLS on request, Cassandra takes TLS beside
+//! plaintext, each with certificates from a CA of its own (`tls.rs`).
 
 #![forbid(unsafe_code)]
 
 pub mod cassandra;
 pub mod media;
 pub mod nginx;
+pub mod tls;
 
-pub use cassandra::{CassandraNode, shared_node as shared_cassandra};
+pub use cassandra::{CassandraNode, shared_node as shared_cassandra, shared_node_tls as shared_cassandra_tls};
 pub use nginx::CdnEdge;
 
 use std::{
@@ -72,19 +75,45 @@ pub struct RedisServer {
     process: Process,
     port: u16,
     dir: tempfile::TempDir,
+    tls: Option<tls::Loopback>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// Over TLS only (no plaintext port), requiring a client certificate
+    /// from its CA: [`Self::url`] says `rediss://`, [`Self::client_tls`]
+    /// has what a client needs.
+    pub fn start_tls() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let mut server = Self { process: Process::default(), port: free_port(), dir };
+        let tls = tls.then(|| tls::loopback(&dir.path().join("tls")));
+        let mut server = Self { process: Process::default(), port: free_port(), dir, tls };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", ""])
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--save", ""]);
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "yes"])
+                .arg("--tls-cert-file")
+                .arg(&tls.server.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.server.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.client.ca_file),
+        };
+        let child = command
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -97,7 +126,13 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA and client certificate a client needs, when started over TLS.
+    pub fn client_tls(&self) -> Option<&tls::ClientFiles> {
+        self.tls.as_ref().map(|tls| &tls.client)
     }
 
     pub fn dir(&self) -> &Path {
@@ -132,20 +167,46 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
+    tls: Option<tls::Loopback>,
 }
 
 impl EtcdServer {
     pub fn start() -> Self {
+        Self::launch(false)
+    }
+
+    /// Clients over TLS only, each with a certificate from its CA
+    /// (`--client-cert-auth`): [`Self::endpoint`] says `https://`,
+    /// [`Self::client_tls`] has what a client needs.
+    pub fn start_tls() -> Self {
+        Self::launch(true)
+    }
+
+    fn launch(tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let mut server = Self { process: Process::default(), client_port: free_port(), peer_port: free_port(), dir };
+        let tls = tls.then(|| tls::loopback(&dir.path().join("tls")));
+        let (client_port, peer_port) = (free_port(), free_port());
+        let mut server = Self { process: Process::default(), client_port, peer_port, dir, tls };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server.cert)
+                .arg("--key-file")
+                .arg(&tls.server.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client.ca_file)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "test", "--log-level", "error"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -160,9 +221,17 @@ impl EtcdServer {
         wait_listening(self.client_port, "etcd");
     }
 
-    /// `host:port` for clients.
+    /// `host:port` for clients; `https://host:port` when started over TLS.
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
+        match self.tls {
+            None => format!("127.0.0.1:{}", self.client_port),
+            Some(_) => format!("https://127.0.0.1:{}", self.client_port),
+        }
+    }
+
+    /// The CA and client certificate a client needs, when started over TLS.
+    pub fn client_tls(&self) -> Option<&tls::ClientFiles> {
+        self.tls.as_ref().map(|tls| &tls.client)
     }
 
     pub fn stop(&mut self) {

@@ -434,6 +434,7 @@ mod tests {
             request_timeout: std::time::Duration::from_secs(10),
             connect_timeout: std::time::Duration::from_secs(10),
             credentials: None,
+            tls: Default::default(),
         }
     }
 

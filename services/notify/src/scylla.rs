@@ -772,6 +772,7 @@ mod tests {
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             credentials: None,
+            tls: Default::default(),
         }
     }
 

@@ -125,7 +125,7 @@ impl RedisStore {
     /// Connects to Redis. An unreachable Redis is not an error here: the
     /// client keeps reconnecting and calls answer UNAVAILABLE until it is back.
     pub async fn connect(options: &RedisOptions, session_ttl: Duration) -> Result<Self, Error> {
-        let client = options.client().map_err(|error| Error::InvalidConfig(format!("presence.redis.url: {error}")))?;
+        let client = options.client().map_err(|error| Error::InvalidConfig(format!("presence.redis: {error}")))?;
         match tokio::time::timeout(options.connect_timeout, client.wait_for_connect()).await {
             Ok(Ok(())) => info!(prefix = %options.key_prefix, "presence uses redis"),
             Ok(Err(error)) => warn!(%error, "redis not reachable yet; presence answers UNAVAILABLE until it is"),

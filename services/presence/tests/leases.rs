@@ -1,13 +1,14 @@
 //! The presence service over gRPC, as gateways use it: leases renewed by
-//! their gateway, lost ones restored, and an unreachable Redis answered with
-//! UNAVAILABLE. Real servers: presence on a loopback port, `redis-server`.
+//! their gateway, lost ones restored, an unreachable Redis answered with
+//! UNAVAILABLE, and Redis over mutual TLS. Real servers: presence on a
+//! loopback port, `redis-server`.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
-use messenger_platform::server::ServerOptions;
+use messenger_platform::{server::ServerOptions, tls::BackendTls};
 use messenger_presence::{Backend, Options, RedisOptions, open_store};
 use messenger_proto::v1::{self as pb, presence_service_client::PresenceServiceClient};
-use messenger_testkit::RedisServer;
+use messenger_testkit::{RedisServer, tls::TestCa};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
@@ -124,6 +125,42 @@ async fn presence_answers_unavailable_while_redis_is_unreachable() {
             Err(status) => panic!("presence did not recover: {status}"),
         }
     }
+    shutdown.cancel();
+}
+
+/// Presence on a Redis that serves only TLS and wants a client certificate:
+/// sessions register and are located with Redis's CA trusted; the same
+/// client trusting another CA gets UNAVAILABLE, so Redis's certificate is
+/// verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_uses_redis_over_mutual_tls_and_verifies_its_certificate() {
+    let redis = RedisServer::start_tls();
+    let files = redis.client_tls().expect("started with TLS").clone();
+    assert!(redis.url().starts_with("rediss://"), "{}", redis.url());
+    let trusting = |ca_file: &Path| {
+        let mut options = redis_options(&redis, Duration::from_secs(30));
+        options.redis.tls = BackendTls {
+            ca_file: Some(ca_file.to_owned()),
+            cert_file: Some(files.cert.clone()),
+            key_file: Some(files.key.clone()),
+            server_name: None,
+        };
+        options
+    };
+    let register = |id: &str| pb::RegisterRequest { session: Some(session("tia", id, "g1")), restore: false };
+
+    let trusted = trusting(&files.ca_file);
+    trusted.validate().unwrap();
+    let Running { mut client, shutdown } = start(trusted).await;
+    client.register(register("t1")).await.unwrap();
+    assert_eq!(located(&mut client, &["tia"]).await, ["t1"]);
+    shutdown.cancel();
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = TestCa::new(other_dir.path(), "other");
+    let Running { mut client, shutdown } = start(trusting(other.ca_file())).await;
+    let refused = client.register(register("t2")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     shutdown.cancel();
 }
 

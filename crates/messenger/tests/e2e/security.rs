@@ -625,9 +625,22 @@ async fn an_idle_and_stalled_socket_flood_does_not_keep_an_honest_client_out() {
         .unwrap()
         .conversation_id;
     let (frames, mut stream) = system.raw_stream(channel, "alice", "honest").await;
+    send_and_await_ack(&frames, &mut stream, &direct, "honest-1").await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "the honest client took {took:?}");
+    drop(flood);
+}
+
+/// Sends `client_msg_id` on a raw stream and waits for its SendAck.
+async fn send_and_await_ack(
+    frames: &tokio::sync::mpsc::Sender<pb::ClientFrame>,
+    stream: &mut tonic::Streaming<pb::ServerFrame>,
+    conversation_id: &str,
+    client_msg_id: &str,
+) {
     let send = pb::SendRequestFrame {
-        conversation_id: direct,
-        client_msg_id: "honest-1".into(),
+        conversation_id: conversation_id.into(),
+        client_msg_id: client_msg_id.into(),
         body: "still here".into(),
         reply_to_seq: 0,
         media_ids: Vec::new(),
@@ -639,11 +652,50 @@ async fn an_idle_and_stalled_socket_flood_does_not_keep_an_honest_client_out() {
     loop {
         let frame = stream.message().await.unwrap().expect("the stream ended");
         if let Some(pb::server_frame::Frame::SendAck(ack)) = frame.frame {
-            assert_eq!(ack.client_msg_id, "honest-1");
-            break;
+            assert_eq!(ack.client_msg_id, client_msg_id);
+            return;
         }
     }
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(1), "the honest client took {took:?}");
-    drop(flood);
+}
+
+/// An HTTP/2 connection that opens no stream after its preface (and answers
+/// every PING) is closed after `server.idle_timeout`; a connection holding a
+/// Connect stream is not, and the system's own connections between services,
+/// idle between calls, reconnect without a failed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_no_call_open_is_closed_after_the_idle_timeout() {
+    let idle = Duration::from_secs(1);
+    let system = TestSystem::start_with(|config| config.server.idle_timeout = idle).await;
+    let address = system.running.as_ref().unwrap().addresses.gateway.unwrap();
+
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (_requests, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 preface and settings");
+    let opened = tokio::time::Instant::now();
+    let silent = tokio::spawn(async move {
+        let _ = connection.await;
+        opened.elapsed()
+    });
+
+    let channel = system.raw_channel().await;
+    let direct = RawClient::new(channel.clone())
+        .get_or_create_direct(system.authorized("alice", pb::GetOrCreateDirectRequest { peer_id: "bob".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation
+        .unwrap()
+        .conversation_id;
+    let (frames, mut stream) = system.raw_stream(channel, "alice", "phone").await;
+    send_and_await_ack(&frames, &mut stream, &direct, "before").await;
+
+    let closed_after =
+        tokio::time::timeout(WAIT, silent).await.expect("the streamless connection stayed open").unwrap();
+    assert!(closed_after >= idle.mul_f32(0.9), "closed after {closed_after:?}, before the idle timeout");
+    // Three idle timeouts later the stream's connection (and the gateway's
+    // to the message service) still carries the send.
+    tokio::time::sleep(idle * 3).await;
+    send_and_await_ack(&frames, &mut stream, &direct, "after").await;
+    let (bob, mut bob_events) = system.connect("bob", "phone").await;
+    assert_eq!(messages(&mut bob_events, 2).await.len(), 2);
+    drop(bob);
 }

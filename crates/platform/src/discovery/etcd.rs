@@ -26,11 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Discovery, Role};
+use crate::tls::BackendTls;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EtcdOptions {
-    /// etcd client URLs or `host:port`s.
+    /// etcd client URLs or `host:port`s: `https://` ones (or `host:port`)
+    /// with `tls`, `http://` ones (or `host:port`) without.
     pub endpoints: Vec<String>,
     /// Key prefix; the version in it lets a new record format live beside the old.
     pub prefix: String,
@@ -44,6 +46,9 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// TLS to etcd: on when `tls.ca_file` is set (etcd's `--trusted-ca-file`
+    /// and `--client-cert-auth` want `tls.cert_file` too).
+    pub tls: BackendTls,
 }
 
 impl Default for EtcdOptions {
@@ -55,6 +60,7 @@ impl Default for EtcdOptions {
             retry_interval: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            tls: BackendTls::default(),
         }
     }
 }
@@ -63,6 +69,20 @@ impl EtcdOptions {
     pub fn validate(&self) -> Result<(), String> {
         if self.endpoints.is_empty() {
             return Err("discovery.etcd.endpoints needs at least one address".into());
+        }
+        self.tls.validate("discovery.etcd.tls")?;
+        for endpoint in &self.endpoints {
+            if self.tls.enabled() && endpoint.starts_with("http://") {
+                return Err(format!(
+                    "discovery.etcd.endpoints: {endpoint} is http:// but discovery.etcd.tls is set: use https://"
+                ));
+            }
+            if !self.tls.enabled() && endpoint.starts_with("https://") {
+                return Err(format!(
+                    "discovery.etcd.endpoints: {endpoint} is https:// but discovery.etcd.tls.ca_file is unset: \
+                     name the CA that signed etcd's certificate"
+                ));
+            }
         }
         if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
             return Err("discovery.etcd.prefix must start and end with '/'".into());
@@ -110,7 +130,7 @@ pub struct Record {
 }
 
 async fn connect(options: &EtcdOptions) -> Result<Client, etcd_client::Error> {
-    let connect = ConnectOptions::new()
+    let mut connect = ConnectOptions::new()
         .with_connect_timeout(options.connect_timeout)
         .with_timeout(options.request_timeout)
         .with_keep_alive(Duration::from_secs(2), options.connect_timeout)
@@ -118,6 +138,12 @@ async fn connect(options: &EtcdOptions) -> Result<Client, etcd_client::Error> {
         // A member cut off from the leader refuses instead of serving a
         // watch that never fires.
         .with_require_leader(true);
+    // Read at every connection attempt: a missing file fails each attempt
+    // (logged and retried like an unreachable etcd) until it is there.
+    let tls = options.tls.tonic().map_err(|error| etcd_client::Error::InvalidArgs(format!("tls: {error}")))?;
+    if let Some(tls) = tls {
+        connect = connect.with_tls(tls);
+    }
     Client::connect(&options.endpoints, Some(connect)).await
 }
 
@@ -304,9 +330,9 @@ fn parse(kv: &KeyValue) -> Option<(String, Record)> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::{path::Path, time::Instant};
 
-    use messenger_testkit::EtcdServer;
+    use messenger_testkit::{EtcdServer, tls::TestCa};
 
     use super::*;
 
@@ -390,6 +416,64 @@ mod tests {
         client.lease_revoke(listing.kvs()[0].lease()).await.unwrap();
         eventually("the revoked instance left", || discovery.endpoints(Role::Message).is_empty()).await;
         eventually("the instance registered again", || discovery.endpoints(Role::Message).len() == 1).await;
+        token.cancel();
+    }
+
+    #[test]
+    fn endpoint_schemes_agree_with_tls() {
+        let on = BackendTls { ca_file: Some("ca.pem".into()), ..BackendTls::default() };
+        let with = |endpoint: &str, tls: &BackendTls| EtcdOptions {
+            endpoints: vec![endpoint.to_owned()],
+            tls: tls.clone(),
+            ..EtcdOptions::default()
+        };
+        with("https://etcd:2379", &on).validate().unwrap();
+        with("etcd:2379", &on).validate().unwrap();
+        with("http://etcd:2379", &BackendTls::default()).validate().unwrap();
+        assert!(with("http://etcd:2379", &on).validate().unwrap_err().contains("use https://"));
+        let error = with("https://etcd:2379", &BackendTls::default()).validate().unwrap_err();
+        assert!(error.contains("discovery.etcd.tls.ca_file is unset"), "{error}");
+    }
+
+    /// An etcd that serves only TLS and requires client certificates: an
+    /// instance registers and is watched with etcd's CA trusted; a client
+    /// trusting another CA (same client certificate) reads nothing, so the
+    /// server's certificate is verified.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn registrations_go_over_mutual_tls_and_etcd_is_verified() {
+        let etcd = EtcdServer::start_tls();
+        let files = etcd.client_tls().expect("started with TLS").clone();
+        assert!(etcd.endpoint().starts_with("https://"), "{}", etcd.endpoint());
+        let trusting = |ca_file: &Path| EtcdOptions {
+            tls: BackendTls {
+                ca_file: Some(ca_file.to_owned()),
+                cert_file: Some(files.cert.clone()),
+                key_file: Some(files.key.clone()),
+                server_name: None,
+            },
+            ..options(&etcd)
+        };
+        let trusted = trusting(&files.ca_file);
+        trusted.validate().unwrap();
+        let token = CancellationToken::new();
+        let discovery = EtcdDiscovery::start(trusted.clone(), token.clone()).await;
+        tokio::spawn(register(trusted, Role::Message, "10.0.0.7:7710".into(), token.clone()));
+        eventually("the instance is known over TLS", || discovery.endpoints(Role::Message) == ["10.0.0.7:7710"]).await;
+
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = TestCa::new(other_dir.path(), "other");
+        let refused = trusting(other.ca_file());
+        let read = async {
+            match connect(&refused).await {
+                Ok(mut client) => client.get("/messenger/v1/services/", None).await.map(drop),
+                Err(error) => Err(error),
+            }
+        };
+        let read = tokio::time::timeout(Duration::from_secs(10), read).await;
+        assert!(!matches!(read, Ok(Ok(()))), "a client trusting another CA read etcd");
+        if let Ok(Err(error)) = read {
+            eprintln!("refused as it should be: {error}");
+        }
         token.cancel();
     }
 }

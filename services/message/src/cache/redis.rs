@@ -105,8 +105,7 @@ fn generation_ttl(ttl: Duration) -> Expiration {
 impl RedisTier {
     pub(super) async fn connect(options: &CacheOptions, stats: Arc<CacheStats>) -> Result<Self> {
         let (redis, ttl) = (&options.redis, options.ttl);
-        let client =
-            redis.client().map_err(|error| Error::InvalidArgument(format!("message.cache.redis.url: {error}")))?;
+        let client = redis.client().map_err(|error| Error::InvalidArgument(format!("message.cache.redis: {error}")))?;
         let health = Arc::new(Health {
             degraded: AtomicBool::new(true),
             state: Mutex::new(State { degraded: true, dirty: true }),

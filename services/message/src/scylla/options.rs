@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use messenger_platform::cql::{
-    Cluster, ConsistencyLevel, Replication, SerialLevel, valid_datacenter, valid_identifier,
+use messenger_platform::{
+    cql::{Cluster, ConsistencyLevel, Replication, SerialLevel, valid_datacenter, valid_identifier},
+    tls::BackendTls,
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +34,10 @@ pub struct ScyllaOptions {
     pub migrate_on_start: bool,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// TLS to the nodes: on when `tls.ca_file` is set. The driver checks each
+    /// node's certificate for the node's IP address (the address it
+    /// connects to), or for `tls.server_name` when set.
+    pub tls: BackendTls,
     /// Conflicting head LWTs one batch retries before answering UNAVAILABLE.
     pub lwt_max_retries: u32,
     /// Most seqs reserved by one LWT (most sends batched together).
@@ -75,6 +80,7 @@ impl Default for ScyllaOptions {
             migrate_on_start: false,
             username: None,
             password: None,
+            tls: BackendTls::default(),
             lwt_max_retries: 20,
             max_reservation: 256,
             dedupe_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -122,6 +128,7 @@ impl ScyllaOptions {
         if self.username.is_some() != self.password.is_some() {
             return Err("message.scylla.username and message.scylla.password go together".into());
         }
+        self.tls.validate("message.scylla.tls")?;
         let durations = [
             ("request_timeout", self.request_timeout),
             ("connect_timeout", self.connect_timeout),
@@ -177,6 +184,7 @@ impl ScyllaOptions {
             request_timeout: self.request_timeout,
             connect_timeout: self.connect_timeout,
             credentials: self.username.clone().zip(self.password.clone()),
+            tls: self.tls.clone(),
         }
     }
 

@@ -644,6 +644,15 @@ fn options_are_validated() {
         ScyllaOptions { dedupe_ttl: std::time::Duration::from_secs(700_000_000), ..ScyllaOptions::default() },
         ScyllaOptions { request_timeout: std::time::Duration::ZERO, ..ScyllaOptions::default() },
         ScyllaOptions { batch_max_bytes: 1023, ..ScyllaOptions::default() },
+        // A client certificate without the CA that turns TLS on.
+        ScyllaOptions {
+            tls: messenger_platform::tls::BackendTls {
+                cert_file: Some("client.pem".into()),
+                key_file: Some("client-key.pem".into()),
+                ..Default::default()
+            },
+            ..ScyllaOptions::default()
+        },
         // Row writes of three 3 s attempts do not fit half of 17 s.
         ScyllaOptions {
             request_timeout: std::time::Duration::from_secs(3),
@@ -727,6 +736,51 @@ async fn scylla_passes_the_contract_suite() {
     let cases = crate::store::contract::run_all(&store).await;
     eprintln!("message store contract: {cases} cases passed on {} (keyspace {})", options.nodes[0], options.keyspace);
     drop_keyspace(&store, &options).await;
+}
+
+/// CQL over TLS to the shared node, whose native port takes TLS beside
+/// plaintext and wants a client certificate on TLS connections: a query goes
+/// through with the node's CA trusted, the certificate checked for the node's
+/// IP address (what the driver connects to) or for `tls.server_name`. A
+/// client trusting another CA, or expecting a name the certificate does not
+/// carry, is refused: the session really is TLS, and verified (plaintext
+/// would have let both through).
+#[tokio::test]
+async fn cql_over_tls_verifies_the_node_certificate() {
+    use messenger_platform::{cql, tls::BackendTls};
+    let Some((node, files)) = tokio::task::spawn_blocking(messenger_testkit::shared_cassandra_tls).await.unwrap()
+    else {
+        eprintln!("skipped: MESSENGER_TEST_SCYLLA names a node whose TLS files are not known here");
+        return;
+    };
+    let trusting = |ca_file: &std::path::Path, server_name: Option<&str>| ScyllaOptions {
+        nodes: vec![node.clone()],
+        connect_timeout: std::time::Duration::from_secs(10),
+        tls: BackendTls {
+            ca_file: Some(ca_file.to_owned()),
+            cert_file: Some(files.cert.clone()),
+            key_file: Some(files.key.clone()),
+            server_name: server_name.map(str::to_owned),
+        },
+        ..ScyllaOptions::default()
+    };
+    for server_name in [None, Some("localhost")] {
+        let options = trusting(&files.ca_file, server_name);
+        options.validate().unwrap();
+        let session = cql::connect(&options.cluster()).await.unwrap();
+        let answer = session.query_unpaged("SELECT release_version FROM system.local", ()).await.unwrap();
+        let versions: Vec<(String,)> = cql::rows(answer).unwrap();
+        assert_eq!(versions.len(), 1, "server_name {server_name:?}");
+    }
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = messenger_testkit::tls::TestCa::new(other_dir.path(), "other");
+    for (what, options) in [
+        ("another CA", trusting(other.ca_file(), None)),
+        ("a name the certificate lacks", trusting(&files.ca_file, Some("elsewhere.test"))),
+    ] {
+        let refused = cql::connect(&options.cluster()).await;
+        assert!(refused.is_err(), "a client expecting {what} connected");
+    }
 }
 
 /// Drops a test's keyspace: hundreds left behind would fill the node's heap.

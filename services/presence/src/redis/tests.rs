@@ -16,6 +16,7 @@ fn options(url: &str) -> RedisOptions {
         key_prefix: format!("test:{}:", ids::new_id().simple()),
         command_timeout: Duration::from_millis(300),
         connect_timeout: Duration::from_secs(2),
+        ..RedisOptions::default()
     }
 }
 
