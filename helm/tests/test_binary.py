@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from conftest import ROOT, render
+from conftest import ROOT, SCENARIOS, merged, render
 
 pytestmark = pytest.mark.skipif(not os.environ.get("MESSENGER_BIN"),
                                 reason="MESSENGER_BIN (a built messenger) is not set")
@@ -27,8 +27,8 @@ CHART_OWNED = {
     "discovery.advertise_host", "discovery.etcd.endpoints",
     "gateway.listen", "gateway.internal_listen", "gateway.web.listen", "gateway.advertise_internal",
     "gateway.gateway_id",
-    "message.listen", "message.database", "message.scylla.nodes", "message.scylla.username",
-    "message.scylla.password", "message.cache.redis.url", "presence.listen", "presence.redis.url",
+    "message.listen", "message.database", "scylla.nodes", "scylla.username", "scylla.password",
+    "message.cache.redis.url", "presence.listen", "presence.redis.url",
     "media.listen", "media.database", "media.s3.embedded", "media.s3.embedded_listen",
     "media.s3.embedded_origin_secret", "media.s3.endpoint", "media.s3.public_endpoint", "media.s3.region",
     "media.s3.bucket", "media.s3.force_path_style", "media.s3.access_key_id", "media.s3.secret_access_key",
@@ -65,6 +65,29 @@ def test_rendered_config_loads_in_the_binary(scenario, tmp_path):
     for role, text in rendered.config_files().items():
         result = check(role, text, tmp_path)
         assert result.returncode == 0, f"{name} {role}: {result.stderr or result.stdout}"
+
+
+def test_backend_tls_from_secrets_loads_in_the_binary(tmp_path):
+    """external.*.tls on every backend of the production shape: the tls
+    tables the chart writes (scylla.tls, presence.redis.tls,
+    message.cache.redis.tls, discovery.etcd.tls, with client certificates
+    and server names) are settings the binary knows and accepts, in every
+    role's file and the migrate Job's. The certificate files themselves are
+    read when a connection is made, not by the check."""
+    tls = {"enabled": True, "existingSecret": "backend-tls", "certKey": "tls.crt", "keyKey": "tls.key"}
+    values = merged(SCENARIOS["production"], {"external": {
+        "scylla": {"tls": {**tls, "serverName": "scylla.internal"}},
+        "redis": {"tls": tls},
+        "etcd": {"endpoints": ["https://etcd-0.etcd:2379", "etcd-1.etcd:2379"], "tls": tls},
+    }})
+    rendered = render(values)
+    files = rendered.config_files()
+    (migrate,) = [c for c in rendered.kind("ConfigMap") if c["metadata"]["name"].endswith("-migrate")]
+    files["migrate"] = migrate["data"]["migrate.toml"]
+    for role, text in files.items():
+        assert "/etc/messenger/backend-tls/" in text, role
+        result = check(role, text, tmp_path)
+        assert result.returncode == 0, f"{role}: {result.stderr or result.stdout}"
 
 
 def test_the_binary_refuses_what_the_check_should_catch(tmp_path):

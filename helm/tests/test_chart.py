@@ -117,6 +117,10 @@ def test_schema_closes_every_object():
         {"config": {"discovery": {"message": ["elsewhere:7710"]}}},
         {"config": {"auth": {"development": True}}},
         {"config": {"media": {"s3": {"embedded": True}}}},
+        {"config": {"scylla": {"nodes": ["db:9042"]}}},
+        # The cluster's settings are scylla.*, shared by every store; message.scylla keeps the send path's.
+        {"config": {"message": {"scylla": {"keyspace": "messenger"}}}},
+        {"external": {"etcd": {"tls": {"enable": True}}}},
         {"config": {"server": {"drain_grace": "ten seconds"}}},
     ],
     ids=lambda extra: re.sub(r"[^a-z_.]+", ".", str(extra).lower()).strip("."),
@@ -148,6 +152,22 @@ def test_schema_refuses_unknown_and_chart_owned_keys(extra):
         ({"tls": {"cluster": {"enabled": False, "insecurePlaintext": False}}}, "insecurePlaintext"),
         ({"tls": {"public": {"enabled": True}}}, "tls.public.existingSecret"),
         ({"roles": {"message": {"enabled": False}}}, "discovery.staticAddresses.message"),
+        ({"external": {"scylla": {"tls": {"enabled": True}}}}, "external.scylla.tls.existingSecret is required"),
+        ({"external": {"redis": {"tls": {"enabled": True, "existingSecret": "redis-tls", "certKey": "tls.crt"}}}},
+         "external.redis.tls.certKey and keyKey go together"),
+        ({"external": {"etcd": {"tls": {"keyKey": "tls.key"}}}}, "external.etcd.tls.certKey and keyKey go together"),
+        ({"external": {"scylla": {"tls": {"enabled": True, "existingSecret": "scylla-tls"}}},
+          "config": {"scylla": {"tls": {"ca_file": "/etc/ssl/certs/ca-certificates.crt"}}}},
+         "config.scylla.tls: leave it out when external.scylla.tls is enabled"),
+        ({"external": {"redis": {"tls": {"enabled": True, "existingSecret": "redis-tls"}}},
+          "config": {"message": {"cache": {"redis": {"tls": {"ca_file": "/etc/ssl/ca.pem"}}}}}},
+         "config.message.cache.redis.tls: leave it out when external.redis.tls is enabled"),
+        ({"discovery": {"backend": "etcd"},
+          "external": {"etcd": {"endpoints": ["etcd-0:2379", "http://etcd-1:2379"],
+                                "tls": {"enabled": True, "existingSecret": "etcd-tls"}}}},
+         "http://etcd-1:2379 is http:// but TLS to etcd is on: use https://"),
+        ({"discovery": {"backend": "etcd"}, "external": {"etcd": {"endpoints": ["https://etcd-0:2379"]}}},
+         "https://etcd-0:2379 is https:// but TLS to etcd is off"),
     ],
 )
 def test_combinations_the_service_would_refuse_fail_to_render(values, reason):
@@ -362,12 +382,11 @@ def test_config_toml_parses_and_matches_the_pods(scenario):
 
 def test_config_renders_whole_numbers_as_integers():
     rendered = render({"config": {"media": {"quota_bytes": 68719476736, "allowed_types": {"image/png": 1048576}},
-                                  "message": {"scylla": {"replication": {"strategy": "SimpleStrategy",
-                                                                         "factor": 3}}}}})
+                                  "scylla": {"replication": {"strategy": "SimpleStrategy", "factor": 3}}}})
     config = tomllib.loads(rendered.config_files()["media"])
     assert config["media"]["quota_bytes"] == 68719476736
     assert config["media"]["allowed_types"]["image/png"] == 1048576
-    assert config["message"]["scylla"]["replication"] == {"strategy": "SimpleStrategy", "factor": 3}
+    assert config["scylla"]["replication"] == {"strategy": "SimpleStrategy", "factor": 3}
 
 
 def test_production_wires_secrets_tls_and_external_stores(production_render):
@@ -378,6 +397,8 @@ def test_production_wires_secrets_tls_and_external_stores(production_render):
         assert config["tls"]["cluster_cert_file"].startswith("/etc/messenger/cluster-tls/")
         assert config["message"]["store"] == "scylla"
         assert config["media"]["store"] == "scylla"
+        assert config["scylla"]["nodes"] == ["scylla-client.scylla.svc.cluster.local:9042"], role
+        assert "scylla" not in config["message"], f"{role}: the cluster's settings are the top-level [scylla]"
     assert configs["gateway"]["tls"]["public_cert_file"] == "/etc/messenger/public-tls/tls.crt"
     assert "public_cert_file" not in configs["message"]["tls"]
     deployments = rendered.by_component("Deployment")
@@ -388,10 +409,10 @@ def test_production_wires_secrets_tls_and_external_stores(production_render):
     def secret_of(variable):
         return variable["valueFrom"]["secretKeyRef"]["name"]
 
-    assert secret_of(env("message")["MESSENGER_MESSAGE__SCYLLA__PASSWORD"]) == "messenger-scylla"
-    assert secret_of(env("media")["MESSENGER_MESSAGE__SCYLLA__PASSWORD"]) == "messenger-scylla"
-    assert secret_of(env("notify")["MESSENGER_MESSAGE__SCYLLA__PASSWORD"]) == "messenger-scylla"
-    assert "MESSENGER_MESSAGE__SCYLLA__PASSWORD" not in env("gateway")
+    assert secret_of(env("message")["MESSENGER_SCYLLA__PASSWORD"]) == "messenger-scylla"
+    assert secret_of(env("media")["MESSENGER_SCYLLA__PASSWORD"]) == "messenger-scylla"
+    assert secret_of(env("notify")["MESSENGER_SCYLLA__PASSWORD"]) == "messenger-scylla"
+    assert "MESSENGER_SCYLLA__PASSWORD" not in env("gateway")
     assert secret_of(env("message")["MESSENGER_MESSAGE__CACHE__REDIS__URL"]) == "messenger-redis"
     assert secret_of(env("presence")["MESSENGER_PRESENCE__REDIS__URL"]) == "messenger-redis"
     assert secret_of(env("media")["AWS_SECRET_ACCESS_KEY"]) == "messenger-s3"
@@ -431,6 +452,123 @@ def test_push_credentials_reach_only_the_notify_pods_as_files_its_config_names(p
     assert config["web_push"]["subject"].startswith("mailto:")
 
 
+BACKEND_TLS_DIRS = {backend: f"/etc/messenger/backend-tls/{backend}" for backend in ("scylla", "redis", "etcd")}
+
+
+def component(obj) -> str:
+    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def backend_tls_mounts(rendered: Rendered) -> dict[str, dict[str, tuple[dict, dict]]]:
+    """Pod (role, `migrate` or `test`) -> backend -> its TLS volume and mount."""
+    mounts = {}
+    for obj, spec in containers_of(rendered):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        (container,) = spec["containers"]
+        by_name = {m["name"]: m for m in container.get("volumeMounts", [])}
+        found = {}
+        for backend, directory in BACKEND_TLS_DIRS.items():
+            mount = by_name.get(f"{backend}-tls")
+            assert (mount is None) == (f"{backend}-tls" not in volumes), f"{component(obj)}: volume and mount go together"
+            if mount:
+                found[backend] = (volumes[f"{backend}-tls"], mount)
+        assert not any(m["mountPath"].startswith("/etc/messenger/backend-tls/") for m in by_name.values()
+                       if m["name"] not in {f"{b}-tls" for b in found}), component(obj)
+        mounts[component(obj)] = found
+    return mounts
+
+
+def dotted(config: dict, path: str):
+    for key in path.split("."):
+        config = config.get(key, {})
+    return config
+
+
+BACKEND_TLS_TABLES = {"scylla": ["scylla"], "redis": ["presence.redis", "message.cache.redis"],
+                      "etcd": ["discovery.etcd"]}
+
+
+def test_no_backend_tls_secret_is_mounted_by_default(scenario):
+    _, rendered = scenario
+    assert all(found == {} for found in backend_tls_mounts(rendered).values())
+    for role, text in rendered.config_files().items():
+        config = tomllib.loads(text)
+        for tables in BACKEND_TLS_TABLES.values():
+            assert all("tls" not in dotted(config, table) for table in tables), role
+
+
+def test_backend_tls_of_a_backend_no_role_uses_mounts_nothing():
+    """Presence and the cache in memory (the defaults): external.redis.tls has no pod to go to."""
+    rendered = render({"external": {"redis": {"tls": {"enabled": True, "existingSecret": "redis-tls"}}}})
+    assert all(found == {} for found in backend_tls_mounts(rendered).values())
+    assert "redis" not in tomllib.loads(rendered.config_files()["presence"])["presence"]
+
+
+@pytest.mark.parametrize(
+    "backend, pods",
+    [
+        ("scylla", {"message", "media", "notify", "migrate"}),
+        ("redis", {"message", "presence"}),
+        ("etcd", set(ROLES)),
+    ],
+)
+def test_backend_tls_secret_is_mounted_into_the_pods_that_connect_and_named_in_config(backend, pods):
+    """external.<backend>.tls: the Secret's named keys only, read-only at the
+    backend's directory, in exactly the pods whose process connects to it;
+    every role's file names them (each process validates every section),
+    the migrate Job's too for Scylla."""
+    tls = {"enabled": True, "existingSecret": f"{backend}-client", "caKey": "ca.pem", "certKey": "client.pem",
+           "keyKey": "client-key.pem", "serverName": f"{backend}.internal"}
+    values = merged(SCENARIOS["production"], {"external": {backend: {"tls": tls}}})
+    if backend == "etcd":
+        values["external"]["etcd"]["endpoints"] = ["https://etcd-0.etcd:2379", "etcd-1.etcd:2379"]
+    rendered = render(values)
+    for obj in rendered.objects:
+        kubernetes_validate.validate(Rendered.clean(obj), chart_kube_version(), strict=True)
+    directory = BACKEND_TLS_DIRS[backend]
+    mounts = backend_tls_mounts(rendered)
+    assert {pod for pod, found in mounts.items() if found} == pods
+    for pod in pods:
+        assert set(mounts[pod]) == {backend}, pod
+        volume, mount = mounts[pod][backend]
+        assert volume["secret"] == {"secretName": f"{backend}-client", "defaultMode": 0o440,
+                                    "items": [{"key": key, "path": key}
+                                              for key in ("ca.pem", "client.pem", "client-key.pem")]}, pod
+        assert mount == {"name": f"{backend}-tls", "mountPath": directory, "readOnly": True}, pod
+    expected = {"ca_file": f"{directory}/ca.pem", "cert_file": f"{directory}/client.pem",
+                "key_file": f"{directory}/client-key.pem", "server_name": f"{backend}.internal"}
+    files = rendered.config_files()
+    if backend == "scylla":
+        (migrate,) = [c for c in rendered.kind("ConfigMap") if c["metadata"]["name"].endswith("-migrate")]
+        files["migrate"] = migrate["data"]["migrate.toml"]
+    for name, text in files.items():
+        config = tomllib.loads(text)
+        for other, tables in BACKEND_TLS_TABLES.items():
+            for table in tables:
+                assert dotted(config, table).get("tls") == (expected if other == backend else None), f"{name} {table}"
+
+
+def test_scylla_tls_and_credentials_reach_only_the_stores_on_scylla():
+    """Only media on Scylla: its pods and the migrate Job get the cluster's
+    CA and credentials (MESSENGER_SCYLLA__*), the message pods on SQLite none."""
+    rendered = render({"config": {"media": {"store": "scylla"}},
+                       "roles": {"media": {"persistence": {"enabled": False}}},
+                       "external": {"scylla": {"nodes": ["db:9042"], "existingSecret": "db",
+                                               "tls": {"enabled": True, "existingSecret": "db-ca"}}}})
+    mounts = backend_tls_mounts(rendered)
+    assert {pod for pod, found in mounts.items() if found} == {"media", "migrate"}
+    volume, _ = mounts["migrate"]["scylla"]
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], "no client certificate unless named"
+    pods = {component(obj): spec for obj, spec in containers_of(rendered)}
+    for pod, spec in pods.items():
+        env = {e["name"] for e in spec["containers"][0].get("env", [])}
+        assert ({"MESSENGER_SCYLLA__USERNAME", "MESSENGER_SCYLLA__PASSWORD"} <= env) == (pod in {"media", "migrate"}), pod
+        assert not any(name.startswith("MESSENGER_MESSAGE__SCYLLA__") for name in env), pod
+    config = tomllib.loads(rendered.config_files()["media"])
+    assert config["scylla"]["tls"] == {"ca_file": "/etc/messenger/backend-tls/scylla/ca.crt"}
+    assert config["scylla"]["nodes"] == ["db:9042"]
+
+
 def test_production_scales_with_autoscalers_and_budgets(production_render):
     autoscalers = production_render.by_component("HorizontalPodAutoscaler")
     assert sorted(autoscalers) == ROLES
@@ -448,7 +586,7 @@ def test_migrate_job_is_a_pre_install_hook_only_for_scylla(default_render, produ
     assert default_render.kind("Job") == []
     (job,) = production_render.kind("Job")
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["MESSENGER_MESSAGE__SCYLLA__USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "messenger-scylla"
+    assert env["MESSENGER_SCYLLA__USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "messenger-scylla"
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert job["spec"]["template"]["spec"]["containers"][0]["args"][0] == "migrate"
     (config,) = [c for c in production_render.kind("ConfigMap") if c["metadata"]["name"].endswith("-migrate")]

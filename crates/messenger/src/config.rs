@@ -34,6 +34,9 @@ pub struct Config {
     pub presence: messenger_presence::Options,
     pub media: messenger_media::Options,
     pub notify: messenger_notify::Options,
+    /// The ScyllaDB (or Cassandra) cluster of the message, media and notify
+    /// stores that are on it, and `messenger migrate`.
+    pub scylla: messenger_platform::cql::Cluster,
 }
 
 impl Default for Config {
@@ -52,6 +55,7 @@ impl Default for Config {
             presence: messenger_presence::Options::default(),
             media: messenger_media::Options::default(),
             notify: messenger_notify::Options::default(),
+            scylla: messenger_platform::cql::Cluster::default(),
         }
     }
 }
@@ -68,11 +72,11 @@ impl Validate for Config {
         self.presence.validate()?;
         self.media.validate()?;
         self.notify.validate()?;
-        let shares_scylla = self.media.store == messenger_media::StoreBackend::Scylla
-            || self.notify.store == messenger_notify::StoreBackend::Scylla;
-        if shares_scylla && self.message.store != messenger_message::StoreBackend::Scylla {
-            // The media and push tables live in the message store's keyspace.
-            self.message.scylla.validate()?;
+        if self.message.store == messenger_message::StoreBackend::Scylla {
+            self.message.scylla.validate(&self.scylla)?;
+        }
+        if self.uses_scylla() {
+            self.scylla.validate()?;
         }
         self.gateway.validate_renewal(self.presence.session_ttl)?;
         // Key files must parse; whether any key is configured is checked
@@ -84,9 +88,16 @@ impl Validate for Config {
 }
 
 impl Config {
+    /// Whether any store is on the Scylla cluster (`[scylla]`).
+    pub fn uses_scylla(&self) -> bool {
+        self.message.store == messenger_message::StoreBackend::Scylla
+            || self.media.store == messenger_media::StoreBackend::Scylla
+            || self.notify.store == messenger_notify::StoreBackend::Scylla
+    }
+
     /// The SQLite file of the message service.
     pub fn database_path(&self) -> PathBuf {
-        self.message.database.clone().unwrap_or_else(|| self.data_dir.join("messages.db"))
+        messenger_message::database_path(&self.message, &self.data_dir)
     }
 
     /// A configuration for tests and benchmarks: every listener on a free
@@ -127,7 +138,7 @@ mod tests {
     #[test]
     fn a_files_replication_is_taken_whole_over_the_defaults() {
         let text = r#"
-            [message.scylla.replication]
+            [scylla.replication]
             strategy = "NetworkTopologyStrategy"
             datacenters = { dc1 = 3 }
         "#;
@@ -135,21 +146,14 @@ mod tests {
         let expected = messenger_platform::cql::Replication::NetworkTopologyStrategy {
             datacenters: [("dc1".to_owned(), 3)].into(),
         };
-        assert_eq!(config.message.scylla.replication(), expected);
-        let simple = r#"message.scylla.replication = { strategy = "SimpleStrategy", factor = 2 }"#;
+        assert_eq!(config.scylla.replication(), expected);
+        let simple = r#"scylla.replication = { strategy = "SimpleStrategy", factor = 2 }"#;
         let config: Config = messenger_platform::config::parse(simple).unwrap();
-        assert_eq!(
-            config.message.scylla.replication(),
-            messenger_platform::cql::Replication::SimpleStrategy { factor: 2 }
-        );
-        let mixed =
-            r#"message.scylla.replication = { strategy = "SimpleStrategy", factor = 2, datacenters = { dc1 = 3 } }"#;
+        assert_eq!(config.scylla.replication(), messenger_platform::cql::Replication::SimpleStrategy { factor: 2 });
+        let mixed = r#"scylla.replication = { strategy = "SimpleStrategy", factor = 2, datacenters = { dc1 = 3 } }"#;
         assert!(messenger_platform::config::parse::<Config>(mixed).is_err(), "a mixed table is refused");
         let unset: Config = messenger_platform::config::parse("").unwrap();
-        assert_eq!(
-            unset.message.scylla.replication(),
-            messenger_platform::cql::Replication::SimpleStrategy { factor: 1 }
-        );
+        assert_eq!(unset.scylla.replication(), messenger_platform::cql::Replication::SimpleStrategy { factor: 1 });
     }
 
     #[test]

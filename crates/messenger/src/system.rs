@@ -204,73 +204,72 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         }
     };
 
+    // Each service is built (stores opened, keys read: what can fail) before
+    // any of them serves.
+    let (server, tls) = (config.server.clone(), security.cluster.clone());
     if let Some(listener) = listeners.presence {
-        let store = messenger_presence::open_store(&config.presence).await?;
-        let (options, server_options, token) = (config.presence.clone(), config.server.clone(), shutdown.clone());
-        let tls = security.cluster.clone();
-        tasks.spawn(messenger_presence::serve(options, server_options, store, listener, tls, token));
+        let deps = messenger_presence::Deps { server: server.clone(), tls: tls.clone() };
+        let presence = messenger_presence::Server::build(config.presence.clone(), deps).await?;
+        tasks.spawn(presence.serve(listener, shutdown.clone()));
     }
     if let Some(listener) = listeners.notify {
         let deps = messenger_notify::Deps {
-            store: messenger_notify::open_store(&config.notify, &config.data_dir, &config.message.scylla.cluster())
-                .await?,
-            providers: messenger_notify::providers(&config.notify, &shutdown)?,
-            tls: security.cluster.clone(),
+            server: server.clone(),
+            tls: tls.clone(),
             supervisor: supervisor.clone(),
+            data_dir: config.data_dir.clone(),
+            scylla: config.scylla.clone(),
         };
-        let (options, server_options, token) = (config.notify.clone(), config.server.clone(), shutdown.clone());
-        tasks.spawn(messenger_notify::serve(options, server_options, deps, listener, token));
+        let notify = messenger_notify::Server::build(config.notify.clone(), deps).await?;
+        tasks.spawn(notify.serve(listener, shutdown.clone()));
     }
     if let Some(listener) = listeners.message {
-        let backend = match config.message.store {
-            StoreBackend::Sqlite => "sqlite",
-            StoreBackend::Scylla => "scylla",
-        };
-        // Timed under the cache: store latency is what reaches the store.
-        let mut store: Arc<dyn messenger_message::store::MessageStore> =
-            Arc::new(messenger_message::timed::TimedStore::new(open_store(&config, &supervisor).await?, backend));
-        if config.message.cache.enabled {
-            store = Arc::new(messenger_message::cache::CachedStore::from_options(store, &config.message.cache).await?);
-        }
         let deps = messenger_message::Deps {
-            store,
+            server: server.clone(),
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
-            tls: security.cluster.clone(),
+            tls: tls.clone(),
             supervisor: supervisor.clone(),
+            data_dir: config.data_dir.clone(),
+            scylla: config.scylla.clone(),
         };
-        let (options, server_options, token) = (config.message.clone(), config.server.clone(), shutdown.clone());
-        tasks.spawn(messenger_message::serve(options, server_options, deps, listener, token));
+        let message = messenger_message::Server::build(config.message.clone(), deps).await?;
+        tasks.spawn(message.serve(listener, shutdown.clone()));
     }
     let mut objects = None;
     if let Some(listener) = listeners.media {
         let (endpoint, embedded) = media_objects(&mut config).await?;
         addresses.objects = embedded.as_ref().map(|embedded| embedded.endpoint());
         objects = embedded;
-        let store =
-            messenger_media::open_store(&config.media, &config.data_dir, &config.message.scylla.cluster()).await?;
-        let client = messenger_media::Objects::connect(&config.media.s3, &endpoint).await?;
-        let service =
-            messenger_media::service(config.media.clone(), store, client, discovery.clone(), &config.discovery)?;
-        let (server_options, tls, token) = (config.server.clone(), security.cluster.clone(), shutdown.clone());
-        let supervisor = supervisor.clone();
-        tasks.spawn(
-            async move { messenger_media::serve(service, server_options, listener, tls, &supervisor, token).await },
-        );
+        let deps = messenger_media::Deps {
+            server: server.clone(),
+            discovery: discovery.clone(),
+            discovery_options: config.discovery.clone(),
+            tls: tls.clone(),
+            supervisor: supervisor.clone(),
+            data_dir: config.data_dir.clone(),
+            scylla: config.scylla.clone(),
+            objects_endpoint: endpoint,
+        };
+        let media = messenger_media::Server::build(config.media.clone(), deps).await?;
+        tasks.spawn(media.serve(listener, shutdown.clone()));
     }
     if let Some((public, internal, web)) = listeners.gateway {
         let deps = messenger_gateway::Deps {
+            server: server.clone(),
+            internal_address: local_addr(&internal),
             verifier: security.verifier.clone().expect("opened for the gateway role"),
             discovery: discovery.clone(),
             discovery_options: config.discovery.clone(),
             public_tls: security.public.clone(),
             web_tls: security.web.clone(),
             dev_auth: config.auth.uses_development_secret().then(|| config.auth.clone()),
-            cluster_tls: security.cluster.clone(),
+            cluster_tls: tls.clone(),
             supervisor: supervisor.clone(),
         };
-        let (options, server_options, token) = (config.gateway.clone(), config.server.clone(), shutdown.clone());
-        tasks.spawn(messenger_gateway::serve(options, server_options, deps, public, internal, web, token));
+        let gateway = messenger_gateway::Server::build(config.gateway.clone(), deps).await?;
+        let listeners = messenger_gateway::Listeners { public, internal, web };
+        tasks.spawn(gateway.serve(listeners, shutdown.clone()));
     }
     // Registered last, once every store is open and every server is serving:
     // nobody is routed to an instance that cannot answer yet.
@@ -404,22 +403,6 @@ impl Security {
     }
 }
 
-/// The configured message store (migrated first when it is Scylla and
-/// `message.scylla.migrate_on_start` is set).
-async fn open_store(
-    config: &Config,
-    supervisor: &Supervisor,
-) -> anyhow::Result<Arc<dyn messenger_message::store::MessageStore>> {
-    Ok(match config.message.store {
-        StoreBackend::Sqlite => {
-            Arc::new(SqliteStore::open_supervised(&config.database_path(), &config.message.sqlite, supervisor)?)
-        }
-        StoreBackend::Scylla => {
-            Arc::new(messenger_message::scylla::ScyllaStore::connect(&config.message.scylla).await?)
-        }
-    })
-}
-
 /// Creates or upgrades the schema of the configured message store, and of
 /// the media and notify stores when they are on Scylla too (`messenger migrate`); returns
 /// what it did, for the operator.
@@ -430,14 +413,14 @@ pub async fn migrate(config: &Config) -> anyhow::Result<String> {
             drop(SqliteStore::open(&config.database_path(), &config.message.sqlite)?);
             format!("sqlite {}: schema up to date", config.database_path().display())
         }
-        StoreBackend::Scylla => messenger_message::scylla::migrate(&config.message.scylla).await?.to_string(),
+        StoreBackend::Scylla => messenger_message::scylla::migrate(&config.scylla).await?.to_string(),
     };
     if config.media.store == messenger_media::StoreBackend::Scylla {
-        let media = messenger_media::scylla::migrate(&config.message.scylla.cluster()).await?;
+        let media = messenger_media::scylla::migrate(&config.scylla).await?;
         report.push_str(&format!("\n{media}"));
     }
     if config.notify.store == messenger_notify::StoreBackend::Scylla {
-        let push = messenger_notify::scylla::migrate(&config.message.scylla.cluster()).await?;
+        let push = messenger_notify::scylla::migrate(&config.scylla).await?;
         report.push_str(&format!("\n{push}"));
     }
     Ok(report)

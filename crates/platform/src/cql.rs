@@ -2,8 +2,8 @@
 //! session built from them, the mapping of driver errors, the answers of
 //! lightweight transactions, and versioned schema management.
 //!
-//! Each store keeps its own statements and tables; both live in the keyspace
-//! `message.scylla` names, so an operator configures one cluster once.
+//! Each store keeps its own statements and tables; all live in the keyspace
+//! `[scylla]` names, so an operator configures one cluster once.
 
 use std::{
     collections::BTreeMap,
@@ -180,25 +180,104 @@ pub fn session_error(error: NewSessionError) -> Error {
     Error::Unavailable(format!("scylla: cannot connect: {error}"))
 }
 
-/// Where the cluster is, how to talk to it, and the keyspace the stores
-/// share (from `message.scylla`).
-#[derive(Clone, Debug)]
+/// The cluster the CQL stores share (`[scylla]`): where it is, how to talk
+/// to it, and the keyspace that holds the message, media and push tables.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Cluster {
+    /// Contact points, `host:port`.
     pub nodes: Vec<String>,
     pub keyspace: String,
-    /// Used when the keyspace is created.
-    pub replication: Replication,
-    /// Create or update the tables at start (also `messenger migrate`).
-    pub migrate_on_start: bool,
+    /// Used by `migrate` when it creates the keyspace; unset means
+    /// `SimpleStrategy` with one replica (development). Not a default value:
+    /// the layers below a file would merge into a file's table, so a file's
+    /// `NetworkTopologyStrategy` would carry the default's `factor`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
+    /// Prefer (and stay in) this datacenter; None treats every node as local.
     pub local_datacenter: Option<String>,
     pub consistency: ConsistencyLevel,
+    /// Paxos consistency of LWTs and of the reads policy decisions use.
     pub serial_consistency: SerialLevel,
+    #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    pub credentials: Option<(String, String)>,
+    /// Create or update the tables at start (also `messenger migrate`).
+    pub migrate_on_start: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
     /// TLS to every node (on when `tls.ca_file` is set). The driver checks a
     /// node's certificate for the node's IP address, or for `tls.server_name`.
     pub tls: BackendTls,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            nodes: vec!["127.0.0.1:9042".into()],
+            keyspace: "messenger".into(),
+            replication: None,
+            local_datacenter: None,
+            consistency: ConsistencyLevel::LocalQuorum,
+            serial_consistency: SerialLevel::LocalSerial,
+            request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+            migrate_on_start: false,
+            username: None,
+            password: None,
+            tls: BackendTls::default(),
+        }
+    }
+}
+
+impl Cluster {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.nodes.is_empty() || self.nodes.iter().any(|node| node.trim().is_empty()) {
+            return Err("scylla.nodes must list at least one non-empty host:port".into());
+        }
+        if !valid_identifier(&self.keyspace) {
+            return Err(format!("scylla.keyspace {:?} must match [a-z_][a-z0-9_]{{0,47}}", self.keyspace));
+        }
+        match &self.replication() {
+            Replication::SimpleStrategy { factor } if *factor == 0 => {
+                return Err("scylla.replication.factor must be positive".into());
+            }
+            Replication::NetworkTopologyStrategy { datacenters } => {
+                if datacenters.is_empty() {
+                    return Err("scylla.replication.datacenters must name at least one datacenter".into());
+                }
+                for (datacenter, factor) in datacenters {
+                    if !valid_datacenter(datacenter) {
+                        return Err(format!("scylla.replication: bad datacenter name {datacenter:?}"));
+                    }
+                    if *factor == 0 {
+                        return Err(format!("scylla.replication: datacenter {datacenter} has factor 0"));
+                    }
+                }
+            }
+            Replication::SimpleStrategy { .. } => {}
+        }
+        if let Some(datacenter) = &self.local_datacenter
+            && !valid_datacenter(datacenter)
+        {
+            return Err(format!("scylla.local_datacenter: bad datacenter name {datacenter:?}"));
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return Err("scylla.username and scylla.password go together".into());
+        }
+        for (key, value) in [("request_timeout", self.request_timeout), ("connect_timeout", self.connect_timeout)] {
+            if value.is_zero() {
+                return Err(format!("scylla.{key} must be positive"));
+            }
+        }
+        self.tls.validate("scylla.tls")
+    }
+
+    /// The keyspace's replication: the configured one, else one replica.
+    pub fn replication(&self) -> Replication {
+        self.replication.clone().unwrap_or(Replication::SimpleStrategy { factor: 1 })
+    }
 }
 
 /// A session with token-aware balancing that stays in the local datacenter,
@@ -220,7 +299,7 @@ pub async fn connect(cluster: &Cluster) -> Result<Session, Error> {
         .known_nodes(&cluster.nodes)
         .connection_timeout(cluster.connect_timeout)
         .default_execution_profile_handle(profile.into_handle());
-    if let Some((username, password)) = &cluster.credentials {
+    if let (Some(username), Some(password)) = (&cluster.username, &cluster.password) {
         builder = builder.user(username, password);
     }
     let tls = cluster.tls.client_config().map_err(|error| Error::Storage(format!("scylla tls: {error}")))?;

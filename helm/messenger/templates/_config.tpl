@@ -13,6 +13,8 @@ from the environment instead (see messenger.env).
 {{- define "messenger.clusterTlsDir" -}}/etc/messenger/cluster-tls{{- end -}}
 {{- define "messenger.cdnDir" -}}/etc/messenger/cdn{{- end -}}
 {{- define "messenger.pushDir" -}}/etc/messenger/push{{- end -}}
+{{/* Where external.<backend>.tls is mounted. Argument: the backend (scylla, redis or etcd). */}}
+{{- define "messenger.backendTlsDir" -}}/etc/messenger/backend-tls/{{ . }}{{- end -}}
 
 {{/* Sets a dotted key in a map, creating tables on the way. Argument: dict "config" MAP "path" "a.b" "value" VALUE. */}}
 {{- define "messenger.setPath" -}}
@@ -37,7 +39,7 @@ from the environment instead (see messenger.env).
 {{- define "messenger.notifyStore" -}}
 {{- include "messenger.configValue" (dict "config" .Values.config "path" "notify.store" "default" "sqlite") -}}
 {{- end -}}
-{{/* "true" when the message, media or notify store is on Scylla (the media and push tables live in message.scylla's keyspace). */}}
+{{/* "true" when the message, media or notify store is on Scylla (all three in the cluster and keyspace of the scylla section). */}}
 {{- define "messenger.usesScylla" -}}
 {{- if or (eq (include "messenger.messageStore" .) "scylla") (eq (include "messenger.mediaStore" .) "scylla") (eq (include "messenger.notifyStore" .) "scylla") -}}true{{- end -}}
 {{- end -}}
@@ -112,9 +114,29 @@ from the environment instead (see messenger.env).
 {{- end -}}
 {{- end -}}
 
-{{- /* External stores. */ -}}
+{{- /* External stores, and TLS to them from external.<backend>.tls. Like the
+endpoints, the tls tables go in every role's file, since each process
+validates every section (a rediss:// URL or an https:// etcd endpoint
+without its ca_file is refused); the files are read, and mounted, only
+where the connection is made (messenger.backendsWithTls). */ -}}
 {{- if include "messenger.usesScylla" $root -}}
-{{- include "messenger.setPath" (dict "config" $config "path" "message.scylla.nodes" "value" $values.external.scylla.nodes) -}}
+{{- include "messenger.setPath" (dict "config" $config "path" "scylla.nodes" "value" $values.external.scylla.nodes) -}}
+{{- if $values.external.scylla.tls.enabled -}}
+{{- include "messenger.setBackendTls" (dict "config" $config "path" "scylla.tls" "backend" "scylla" "tls" $values.external.scylla.tls) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $values.discovery.backend "etcd" -}}
+{{- if $values.external.etcd.tls.enabled -}}
+{{- include "messenger.setBackendTls" (dict "config" $config "path" "discovery.etcd.tls" "backend" "etcd" "tls" $values.external.etcd.tls) -}}
+{{- end -}}
+{{- end -}}
+{{- if $values.external.redis.tls.enabled -}}
+{{- if eq (include "messenger.presenceBackend" $root) "redis" -}}
+{{- include "messenger.setBackendTls" (dict "config" $config "path" "presence.redis.tls" "backend" "redis" "tls" $values.external.redis.tls) -}}
+{{- end -}}
+{{- if eq (include "messenger.cacheBackend" $root) "redis" -}}
+{{- include "messenger.setBackendTls" (dict "config" $config "path" "message.cache.redis.tls" "backend" "redis" "tls" $values.external.redis.tls) -}}
+{{- end -}}
 {{- end -}}
 {{- if and $values.external.redis.url (not $values.external.redis.existingSecret) -}}
 {{- if eq (include "messenger.presenceBackend" $root) "redis" -}}
@@ -158,6 +180,24 @@ from the environment instead (see messenger.env).
 {{- include "messenger.setPath" (dict "config" $config "path" "notify.web_push.vapid_key_file" "value" (printf "%s/%s" $pushDir $push.vapidKeyKey)) -}}
 {{- end -}}
 {{- toJson $config -}}
+{{- end -}}
+
+{{/*
+A backend's tls table, its files where messenger.backendTlsVolumes mounts
+them; it replaces any config.*.tls table (messenger.validate refuses both).
+Argument: dict "config" MAP "path" "scylla.tls" "backend" NAME "tls" EXTERNALTLSVALUES.
+*/}}
+{{- define "messenger.setBackendTls" -}}
+{{- $dir := include "messenger.backendTlsDir" .backend -}}
+{{- $table := dict "ca_file" (printf "%s/%s" $dir .tls.caKey) -}}
+{{- if .tls.certKey -}}
+{{- $_ := set $table "cert_file" (printf "%s/%s" $dir .tls.certKey) -}}
+{{- $_ := set $table "key_file" (printf "%s/%s" $dir .tls.keyKey) -}}
+{{- end -}}
+{{- with .tls.serverName -}}
+{{- $_ := set $table "server_name" . -}}
+{{- end -}}
+{{- include "messenger.setPath" (dict "config" .config "path" .path "value" $table) -}}
 {{- end -}}
 
 {{/* "true" when push credentials are mounted into the notify pods. */}}

@@ -126,6 +126,19 @@ role and its ports filled in, as JSON. Argument: dict "root" $ "role" NAME.
 {{- if and $found (not (kindIs "invalid" $value)) -}}{{ $value }}{{- else -}}{{ .default }}{{- end -}}
 {{- end -}}
 
+{{/* "true" when a config key holds a non-empty value (an empty table is not one). Argument: dict "config" MAP "path" "a.b.c". */}}
+{{- define "messenger.configSet" -}}
+{{- $value := .config -}}
+{{- range $key := splitList "." .path -}}
+{{- if and (kindIs "map" $value) (hasKey $value $key) -}}
+{{- $value = index $value $key -}}
+{{- else -}}
+{{- $value = "" -}}
+{{- end -}}
+{{- end -}}
+{{- if not (empty $value) -}}true{{- end -}}
+{{- end -}}
+
 {{/*
 A humantime duration ("10s", "1m30s", "500ms", "2h") in whole seconds,
 rounded up. Argument: the duration string.

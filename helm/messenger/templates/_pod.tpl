@@ -42,10 +42,9 @@ security contexts. Shared by the Deployments and the migrate Job.
 {{- if and (include "messenger.isPublic" .role) $values.auth.hs256SecretKey }}
 {{ include "messenger.secretEnv" (dict "name" "MESSENGER_AUTH__HS256_SECRET" "secret" (include "messenger.authSecret" .root) "key" $values.auth.hs256SecretKey) }}
 {{- end }}
-{{- $scyllaUser := or (and (eq $name "message") (eq (include "messenger.messageStore" .root) "scylla")) (and (eq $name "media") (eq (include "messenger.mediaStore" .root) "scylla")) (and (eq $name "notify") (eq (include "messenger.notifyStore" .root) "scylla")) (eq $name "migrate") }}
-{{- if and $scyllaUser (include "messenger.usesScylla" .root) $values.external.scylla.existingSecret }}
-{{ include "messenger.secretEnv" (dict "name" "MESSENGER_MESSAGE__SCYLLA__USERNAME" "secret" $values.external.scylla.existingSecret "key" $values.external.scylla.usernameKey) }}
-{{ include "messenger.secretEnv" (dict "name" "MESSENGER_MESSAGE__SCYLLA__PASSWORD" "secret" $values.external.scylla.existingSecret "key" $values.external.scylla.passwordKey) }}
+{{- if and (include "messenger.scyllaUser" (dict "root" .root "name" $name)) $values.external.scylla.existingSecret }}
+{{ include "messenger.secretEnv" (dict "name" "MESSENGER_SCYLLA__USERNAME" "secret" $values.external.scylla.existingSecret "key" $values.external.scylla.usernameKey) }}
+{{ include "messenger.secretEnv" (dict "name" "MESSENGER_SCYLLA__PASSWORD" "secret" $values.external.scylla.existingSecret "key" $values.external.scylla.passwordKey) }}
 {{- end }}
 {{- with $values.external.redis.existingSecret }}
 {{- if and (eq $name "presence") (eq (include "messenger.presenceBackend" $.root) "redis") }}
@@ -62,6 +61,38 @@ security contexts. Shared by the Deployments and the migrate Job.
 {{- with .role.env }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/*
+The backends a role's process connects to with external.<backend>.tls
+enabled, whose Secrets its pod mounts, as a JSON list: scylla for the roles
+whose store is on it and the migrate Job, redis for presence and the message
+cache on it, etcd for every role when discovery uses it. Argument: dict
+"root" $ "name" ROLE (or "migrate").
+*/}}
+{{- define "messenger.backendsWithTls" -}}
+{{- $root := .root -}}
+{{- $external := $root.Values.external -}}
+{{- $backends := list -}}
+{{- if and $external.scylla.tls.enabled (include "messenger.scyllaUser" .) -}}
+{{- $backends = append $backends "scylla" -}}
+{{- end -}}
+{{- $redis := or (and (eq .name "presence") (eq (include "messenger.presenceBackend" $root) "redis")) (and (eq .name "message") (eq (include "messenger.cacheBackend" $root) "redis")) -}}
+{{- if and $external.redis.tls.enabled $redis -}}
+{{- $backends = append $backends "redis" -}}
+{{- end -}}
+{{- if and $external.etcd.tls.enabled (eq $root.Values.discovery.backend "etcd") (ne .name "migrate") -}}
+{{- $backends = append $backends "etcd" -}}
+{{- end -}}
+{{- toJson $backends -}}
+{{- end -}}
+
+{{/* "true" when a role's process opens the Scylla cluster: its store is there, or it is the migrate Job. Argument: dict "root" $ "name" ROLE. */}}
+{{- define "messenger.scyllaUser" -}}
+{{- $root := .root -}}
+{{- if include "messenger.usesScylla" $root -}}
+{{- if or (eq .name "migrate") (and (eq .name "message") (eq (include "messenger.messageStore" $root) "scylla")) (and (eq .name "media") (eq (include "messenger.mediaStore" $root) "scylla")) (and (eq .name "notify") (eq (include "messenger.notifyStore" $root) "scylla")) -}}true{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "messenger.authSecret" -}}
@@ -170,6 +201,36 @@ security contexts. Shared by the Deployments and the migrate Job.
         path: {{ . }}
       {{- end }}
 {{- end }}
+{{- include "messenger.backendTlsVolumes" . }}
+{{- end -}}
+
+{{/* The external.<backend>.tls Secrets of messenger.backendsWithTls, only the keys named. Argument: dict "root" $ "name" ROLE. */}}
+{{- define "messenger.backendTlsVolumes" -}}
+{{- range $backend := include "messenger.backendsWithTls" . | fromJsonArray }}
+{{- $tls := index $.root.Values.external $backend "tls" }}
+- name: {{ $backend }}-tls
+  secret:
+    secretName: {{ $tls.existingSecret }}
+    defaultMode: 288 # 0440
+    items:
+      - key: {{ $tls.caKey }}
+        path: {{ $tls.caKey }}
+      {{- if $tls.certKey }}
+      - key: {{ $tls.certKey }}
+        path: {{ $tls.certKey }}
+      - key: {{ $tls.keyKey }}
+        path: {{ $tls.keyKey }}
+      {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Mounts matching messenger.backendTlsVolumes. Argument: dict "root" $ "name" ROLE. */}}
+{{- define "messenger.backendTlsVolumeMounts" -}}
+{{- range $backend := include "messenger.backendsWithTls" . | fromJsonArray }}
+- name: {{ $backend }}-tls
+  mountPath: {{ include "messenger.backendTlsDir" $backend }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Mounts matching messenger.volumes. Secrets are mounted as directories, never subPath: their files are replaced in place on rotation and the service polls them. */}}
@@ -209,6 +270,7 @@ security contexts. Shared by the Deployments and the migrate Job.
   mountPath: {{ include "messenger.pushDir" .root }}
   readOnly: true
 {{- end }}
+{{- include "messenger.backendTlsVolumeMounts" . }}
 {{- end -}}
 
 {{- define "messenger.podSecurityContext" -}}

@@ -24,10 +24,37 @@ or route badly, refused at render time with the reason.
 {{- fail "external.etcd.endpoints is required when discovery.backend is etcd" -}}
 {{- end -}}
 {{- if and (include "messenger.usesScylla" .) (not $values.external.scylla.nodes) -}}
-{{- fail "external.scylla.nodes is required when config.message.store or config.media.store is scylla" -}}
+{{- fail "external.scylla.nodes is required when config.message.store, config.media.store or config.notify.store is scylla" -}}
 {{- end -}}
 {{- if and (or (eq $presence "redis") (eq $cache "redis")) (not (or $values.external.redis.url $values.external.redis.existingSecret)) -}}
 {{- fail "external.redis.url or external.redis.existingSecret is required when presence.backend or message.cache.backend is redis" -}}
+{{- end -}}
+{{- /* external.<backend>.tls: the tls tables it sets (from config as well would be two sources for one table). */ -}}
+{{- $tlsTables := dict "scylla" (list "scylla") "redis" (list "presence.redis" "message.cache.redis") "etcd" (list "discovery.etcd") -}}
+{{- range $backend, $tables := $tlsTables -}}
+{{- $tls := index $values.external $backend "tls" -}}
+{{- if and $tls.enabled (not $tls.existingSecret) -}}
+{{- fail (printf "external.%s.tls.existingSecret is required when external.%s.tls.enabled is true" $backend $backend) -}}
+{{- end -}}
+{{- if ne (empty $tls.certKey) (empty $tls.keyKey) -}}
+{{- fail (printf "external.%s.tls.certKey and keyKey go together (a client certificate and its key, for mutual TLS)" $backend) -}}
+{{- end -}}
+{{- range $table := $tables -}}
+{{- if and $tls.enabled (include "messenger.configSet" (dict "config" $values.config "path" (printf "%s.tls" $table))) -}}
+{{- fail (printf "config.%s.tls: leave it out when external.%s.tls is enabled (the chart sets it from the Secret)" $table $backend) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $values.discovery.backend "etcd" -}}
+{{- $etcdTls := or $values.external.etcd.tls.enabled (include "messenger.configSet" (dict "config" $values.config "path" "discovery.etcd.tls.ca_file")) -}}
+{{- range $endpoint := $values.external.etcd.endpoints -}}
+{{- if and $etcdTls (hasPrefix "http://" $endpoint) -}}
+{{- fail (printf "external.etcd.endpoints: %s is http:// but TLS to etcd is on: use https:// (or host:port)" $endpoint) -}}
+{{- end -}}
+{{- if and (not $etcdTls) (hasPrefix "https://" $endpoint) -}}
+{{- fail (printf "external.etcd.endpoints: %s is https:// but TLS to etcd is off: set external.etcd.tls (or config.discovery.etcd.tls.ca_file)" $endpoint) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq (include "messenger.cdnMode" .) "cloudfront") (not (and $values.cdn.existingSecret $values.cdn.cloudfrontPrivateKeyKey)) -}}
 {{- fail "cdn.existingSecret and cdn.cloudfrontPrivateKeyKey are required when config.media.cdn.mode is cloudfront" -}}

@@ -20,7 +20,9 @@
 //! - `web.rs`: the browser port (the web app, gRPC-Web, origin checks);
 //!   `websocket.rs`: a session over a WebSocket.
 //!
-//! [`serve`] runs the listeners until the shutdown token is cancelled.
+//! Started as every service is: [`Server::build`] sets up the shared context
+//! (clients of the other services, limits, the session registry), then
+//! [`Server::serve`] runs the listeners until the shutdown token is cancelled.
 
 #![forbid(unsafe_code)]
 
@@ -92,6 +94,10 @@ pub(crate) struct Context {
 
 /// What the gateway needs from the outside.
 pub struct Deps {
+    pub server: ServerOptions,
+    /// The internal port's bound address: what message instances deliver
+    /// to, unless `advertise_internal` names another.
+    pub internal_address: std::net::SocketAddr,
     pub verifier: Verifier,
     pub discovery: Arc<dyn Discovery>,
     pub discovery_options: DiscoveryOptions,
@@ -113,107 +119,124 @@ fn callers() -> authorize::Rules {
     vec![("/messenger.v1.GatewayInternalService/Deliver", &[Role::Message])]
 }
 
-/// Serves the public API on `public`, `Deliver` on `internal` and the
-/// browser port on `web` (when given) until `shutdown` is cancelled; open
-/// sessions are told to reconnect elsewhere.
-pub async fn serve(
-    options: Options,
-    server_options: ServerOptions,
-    deps: Deps,
-    public: TcpListener,
-    internal: TcpListener,
-    web: Option<TcpListener>,
-    shutdown: CancellationToken,
-) -> Result<(), server::Error> {
-    let channel = |role| discovery::channel(deps.discovery.clone(), role, &deps.discovery_options);
-    let internal_bound = server::local_addr(&internal).to_string();
-    // One channel to the message role for unary calls and send streams alike:
-    // one connection per instance, and an instance one of them could not
-    // reach is passed over by both.
-    let message = channel(Role::Message);
-    let context = Arc::new(Context {
-        gateway_id: options.gateway_id.clone().unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
-        advertise_internal: options.advertise_internal.clone().unwrap_or(internal_bound),
-        registry: registry::Registry::default(),
-        message: MessageServiceClient::new(message.clone())
-            .max_decoding_message_size(server_options.internal_max_message_bytes),
-        sends: sends::Sends::new(
-            message,
-            options.send_stream_max_inflight,
-            deps.discovery_options.request_timeout,
-            server_options.internal_max_message_bytes,
-            deps.supervisor.clone(),
-        ),
-        presence: PresenceServiceClient::new(channel(Role::Presence)),
-        media: MediaServiceClient::new(discovery::channel(
-            deps.discovery.clone(),
-            Role::Media,
-            &DiscoveryOptions {
-                request_timeout: deps.discovery_options.request_timeout.max(MEDIA_CALL_TIMEOUT),
-                ..deps.discovery_options.clone()
-            },
-        )),
-        notify: NotifyServiceClient::new(channel(Role::Notify)),
-        acks: Arc::default(),
-        open_streams: std::sync::atomic::AtomicUsize::new(0),
-        token_leeway: deps.verifier.options().leeway,
-        limits: limits::Limits::new(
-            limits::Rate::new(options.sends_per_second, options.send_burst),
-            options.typing_per_second,
-            &options.rate_limits,
-        ),
-        shutdown: shutdown.clone(),
-        options,
-    });
-    deps.supervisor.spawn("rate-limit sweep", forget_idle_rate_limits(context.clone()));
-    deps.supervisor.spawn("lease renewal", leases::run(context.clone()));
-    let ack_flush = context.acks.clone().run(
-        context.message.clone(),
-        context.options.ack_flush_interval,
-        context.options.ack_flush_max_cursors,
-        shutdown.clone(),
-    );
-    let web_server = {
-        let state = web::Web::new(
-            context.clone(),
-            deps.verifier.clone(),
-            deps.dev_auth.clone(),
-            &server_options,
-            deps.web_tls.is_some(),
-        );
-        let (server_options, tls, shutdown) = (server_options.clone(), deps.web_tls.clone(), shutdown.clone());
-        async move {
-            let Some(listener) = web else { return Ok(()) };
-            let router = web::router(Arc::new(state));
-            messenger_platform::web::serve("gateway-web", &server_options, listener, tls, router, shutdown).await
-        }
-    };
-    let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
-        .max_decoding_message_size(server_options.max_message_bytes);
-    let public_api =
-        tonic::service::interceptor::InterceptedService::new(public_api, api::interceptor(&context, &deps.verifier));
-    let internal_api = GatewayInternalServiceServer::new(internal::Adapter { registry: context.registry.clone() })
-        .max_decoding_message_size(server_options.internal_max_message_bytes);
+/// The gateway's listeners: public API, internal `Deliver`, and the
+/// browser port unless it is turned off.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: TcpListener,
+    pub web: Option<TcpListener>,
+}
 
-    let public_server = server::serve(
-        "gateway",
-        &server_options,
-        Port::public(public, deps.public_tls),
-        Routes::new(public_api),
-        &[gateway_service_server::SERVICE_NAME],
-        shutdown.clone(),
-    );
-    let internal_server = server::serve(
-        "gateway-internal",
-        &server_options,
-        Port::internal(internal, deps.cluster_tls, callers()),
-        Routes::new(internal_api),
-        &[gateway_internal_service_server::SERVICE_NAME],
-        shutdown,
-    );
-    let (public_result, internal_result, web_result, ()) =
-        tokio::join!(public_server, internal_server, web_server, ack_flush);
-    public_result.and(internal_result).and(web_result)
+/// The gateway with its context built, ready to serve.
+pub struct Server {
+    context: Arc<Context>,
+    deps: Deps,
+}
+
+impl Server {
+    /// Builds the context every session and handler shares.
+    pub async fn build(options: Options, deps: Deps) -> Result<Self, server::Error> {
+        let channel = |role| discovery::channel(deps.discovery.clone(), role, &deps.discovery_options);
+        // One channel to the message role for unary calls and send streams alike:
+        // one connection per instance, and an instance one of them could not
+        // reach is passed over by both.
+        let message = channel(Role::Message);
+        let max_message_bytes = deps.server.internal_max_message_bytes;
+        let context = Arc::new(Context {
+            gateway_id: options.gateway_id.clone().unwrap_or_else(|| messenger_platform::ids::new_id().to_string()),
+            advertise_internal: options.advertise_internal.clone().unwrap_or_else(|| deps.internal_address.to_string()),
+            registry: registry::Registry::default(),
+            message: MessageServiceClient::new(message.clone()).max_decoding_message_size(max_message_bytes),
+            sends: sends::Sends::new(
+                message,
+                options.send_stream_max_inflight,
+                deps.discovery_options.request_timeout,
+                max_message_bytes,
+                deps.supervisor.clone(),
+            ),
+            presence: PresenceServiceClient::new(channel(Role::Presence)),
+            media: MediaServiceClient::new(discovery::channel(
+                deps.discovery.clone(),
+                Role::Media,
+                &DiscoveryOptions {
+                    request_timeout: deps.discovery_options.request_timeout.max(MEDIA_CALL_TIMEOUT),
+                    ..deps.discovery_options.clone()
+                },
+            )),
+            notify: NotifyServiceClient::new(channel(Role::Notify)),
+            acks: Arc::default(),
+            open_streams: std::sync::atomic::AtomicUsize::new(0),
+            token_leeway: deps.verifier.options().leeway,
+            limits: limits::Limits::new(
+                limits::Rate::new(options.sends_per_second, options.send_burst),
+                options.typing_per_second,
+                &options.rate_limits,
+            ),
+            shutdown: deps.supervisor.stopping(),
+            options,
+        });
+        Ok(Self { context, deps })
+    }
+
+    /// Serves the public API, `Deliver` on the internal port and the browser
+    /// port (when given) until `shutdown` is cancelled; open sessions are
+    /// told to reconnect elsewhere.
+    pub async fn serve(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), server::Error> {
+        let Self { context, deps } = self;
+        let Listeners { public, internal, web } = listeners;
+        let server_options = &deps.server;
+        deps.supervisor.spawn("rate-limit sweep", forget_idle_rate_limits(context.clone()));
+        deps.supervisor.spawn("lease renewal", leases::run(context.clone()));
+        let ack_flush = context.acks.clone().run(
+            context.message.clone(),
+            context.options.ack_flush_interval,
+            context.options.ack_flush_max_cursors,
+            shutdown.clone(),
+        );
+        let web_server = {
+            let state = web::Web::new(
+                context.clone(),
+                deps.verifier.clone(),
+                deps.dev_auth.clone(),
+                server_options,
+                deps.web_tls.is_some(),
+            );
+            let (server_options, tls, shutdown) = (server_options.clone(), deps.web_tls.clone(), shutdown.clone());
+            async move {
+                let Some(listener) = web else { return Ok(()) };
+                let router = web::router(Arc::new(state));
+                messenger_platform::web::serve("gateway-web", &server_options, listener, tls, router, shutdown).await
+            }
+        };
+        let public_api = GatewayServiceServer::new(api::Adapter { context: context.clone() })
+            .max_decoding_message_size(server_options.max_message_bytes);
+        let public_api = tonic::service::interceptor::InterceptedService::new(
+            public_api,
+            api::interceptor(&context, &deps.verifier),
+        );
+        let internal_api = GatewayInternalServiceServer::new(internal::Adapter { registry: context.registry.clone() })
+            .max_decoding_message_size(server_options.internal_max_message_bytes);
+
+        let public_server = server::serve(
+            "gateway",
+            server_options,
+            Port::public(public, deps.public_tls.clone()),
+            Routes::new(public_api),
+            &[gateway_service_server::SERVICE_NAME],
+            shutdown.clone(),
+        );
+        let internal_server = server::serve(
+            "gateway-internal",
+            server_options,
+            Port::internal(internal, deps.cluster_tls.clone(), callers()),
+            Routes::new(internal_api),
+            &[gateway_internal_service_server::SERVICE_NAME],
+            shutdown,
+        );
+        let (public_result, internal_result, web_result, ()) =
+            tokio::join!(public_server, internal_server, web_server, ack_flush);
+        public_result.and(internal_result).and(web_result)
+    }
 }
 
 /// Keeps the rate limiter's memory proportional to recently active users.

@@ -12,14 +12,15 @@
 //!
 //! Layout:
 //! - [`store`]: the `MediaStore` trait (upload records); [`sqlite`] its embedded
-//!   backend, [`scylla`] the one for several instances (the message store's cluster).
+//!   backend, [`scylla`] the one for several instances (on `[scylla]`).
 //! - [`objects`]: `aws-sdk-s3` calls and presigning; [`embedded`]: the in-process S3 server.
 //! - `kinds.rs` (declared type vs. magic bytes), `images.rs` (bounded decode,
 //!   re-encode, thumbnail, BlurHash), `links.rs` (CDN URL signing, Content-Disposition).
 //! - `service.rs`: the domain logic; `grpc.rs`: the thin tonic adapter; `options.rs`.
 //!
-//! [`serve`] runs the internal gRPC API and the sweep of abandoned uploads
-//! until the shutdown token is cancelled.
+//! Started as every service is: [`Server::build`] opens the store and the
+//! object storage, then [`Server::serve`] runs the internal gRPC API and the
+//! sweep of abandoned uploads until the shutdown token is cancelled.
 
 #![forbid(unsafe_code)]
 
@@ -36,7 +37,10 @@ mod service;
 pub mod sqlite;
 pub mod store;
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use messenger_platform::{
     authorize, cql,
@@ -56,8 +60,8 @@ pub use options::{CdnMode, CdnOptions, ImageOptions, Options, S3Options, StoreBa
 pub use service::{Access, Service, object_key, pending_key};
 
 /// The store `options` ask for: SQLite files live under `data_dir`; the
-/// Scylla store uses the cluster and keyspace of the message store.
-pub async fn open_store(
+/// Scylla store uses the shared cluster and keyspace (`[scylla]`).
+async fn open_store(
     options: &Options,
     data_dir: &Path,
     cluster: &cql::Cluster,
@@ -71,18 +75,6 @@ pub async fn open_store(
     }
 }
 
-/// Builds the service: its CDN keys are read here, so a bad key stops start-up.
-pub fn service(
-    options: Options,
-    store: Arc<dyn store::MediaStore>,
-    objects: Objects,
-    discovery: Arc<dyn Discovery>,
-    discovery_options: &DiscoveryOptions,
-) -> Result<Arc<Service>, Error> {
-    let messages = discovery::channel(discovery, Role::Message, discovery_options);
-    Ok(Arc::new(Service::new(options, store, objects, Access::new(messages))?))
-}
-
 /// Who may call media: gateways on behalf of their users; message
 /// instances to describe a send's media and delete a deleted message's.
 fn callers() -> authorize::Rules {
@@ -93,19 +85,48 @@ fn callers() -> authorize::Rules {
     ]
 }
 
-/// Serves `service` on `listener` (mutual TLS with `tls`), and sweeps
-/// abandoned uploads, until `shutdown` is cancelled.
-pub async fn serve(
+/// What the media service needs from the outside.
+pub struct Deps {
+    pub server: ServerOptions,
+    pub discovery: Arc<dyn Discovery>,
+    pub discovery_options: DiscoveryOptions,
+    /// Mutual TLS on the internal port, when the cluster has it.
+    pub tls: Option<ServerTls>,
+    /// Runs the sweep of abandoned uploads; its panic stops the process.
+    pub supervisor: Supervisor,
+    /// Where the SQLite file is when `database` names none.
+    pub data_dir: PathBuf,
+    /// The cluster of the Scylla store (`[scylla]`).
+    pub scylla: cql::Cluster,
+    /// The object store's S3 endpoint: `s3.endpoint`, or the embedded
+    /// store's when this process runs one.
+    pub objects_endpoint: String,
+}
+
+/// The media service with its store and object storage open, ready to serve.
+pub struct Server {
     service: Arc<Service>,
-    server_options: ServerOptions,
-    listener: TcpListener,
-    tls: Option<ServerTls>,
-    supervisor: &Supervisor,
-    shutdown: CancellationToken,
-) -> Result<(), server::Error> {
-    supervisor.spawn("media-sweep", service.clone().run_sweeper(shutdown.clone()));
-    let api = MediaServiceServer::new(grpc::Adapter { service })
-        .max_decoding_message_size(server_options.internal_max_message_bytes);
-    let port = Port::internal(listener, tls, callers());
-    server::serve("media", &server_options, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    deps: Deps,
+}
+
+impl Server {
+    /// Opens the store and the object storage `options` name and reads the
+    /// CDN keys: a bad key stops the start.
+    pub async fn build(options: Options, deps: Deps) -> Result<Self, Error> {
+        let store = open_store(&options, &deps.data_dir, &deps.scylla).await?;
+        let objects = Objects::connect(&options.s3, &deps.objects_endpoint).await?;
+        let messages = discovery::channel(deps.discovery.clone(), Role::Message, &deps.discovery_options);
+        let service = Arc::new(Service::new(options, store, objects, Access::new(messages))?);
+        Ok(Self { service, deps })
+    }
+
+    /// Sweeps abandoned uploads and serves on `listener` until `shutdown` is cancelled.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), server::Error> {
+        let Self { service, deps } = self;
+        deps.supervisor.spawn("media-sweep", service.clone().run_sweeper(shutdown.clone()));
+        let api = MediaServiceServer::new(grpc::Adapter { service })
+            .max_decoding_message_size(deps.server.internal_max_message_bytes);
+        let port = Port::internal(listener, deps.tls, callers());
+        server::serve("media", &deps.server, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    }
 }

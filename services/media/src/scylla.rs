@@ -1,5 +1,5 @@
 //! The `MediaStore` on the ScyllaDB cluster the message store uses (the
-//! keyspace `message.scylla` names), for several media instances.
+//! keyspace `[scylla]` names), for several media instances.
 //!
 //! Tables (`media_` prefixed, beside the message tables):
 //! - `media_owners`: media id -> owner, written once by an LWT (`IF NOT
@@ -71,7 +71,7 @@ async fn run_migrations(session: &Session, cluster: &cql::Cluster) -> Result<cql
         component: COMPONENT,
         name: "media",
         keyspace: cluster.keyspace.clone(),
-        replication: cluster.replication.clone(),
+        replication: cluster.replication(),
         versions: versions(&cluster.keyspace),
     };
     Ok(cql::migrate(session, &schema).await?)
@@ -415,7 +415,7 @@ impl MediaStore for ScyllaStore {
 
 #[cfg(test)]
 mod tests {
-    use messenger_platform::cql::{Cluster, ConsistencyLevel, Replication, SerialLevel};
+    use messenger_platform::cql::Cluster;
 
     use super::*;
 
@@ -426,15 +426,10 @@ mod tests {
         Cluster {
             nodes: vec![node],
             keyspace: format!("media_test_{}", Uuid::now_v7().simple()),
-            replication: Replication::SimpleStrategy { factor: 1 },
             migrate_on_start: true,
-            local_datacenter: None,
-            consistency: ConsistencyLevel::LocalQuorum,
-            serial_consistency: SerialLevel::LocalSerial,
             request_timeout: std::time::Duration::from_secs(10),
             connect_timeout: std::time::Duration::from_secs(10),
-            credentials: None,
-            tls: Default::default(),
+            ..Cluster::default()
         }
     }
 

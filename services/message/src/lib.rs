@@ -14,7 +14,9 @@
 //! - `fanout.rs`: presence `Locate` + one gateway `Deliver` per gateway and batch.
 //! - `grpc.rs`: the thin tonic adapter.
 //!
-//! [`serve`] runs the internal gRPC API until the shutdown token is cancelled.
+//! Started as every service is: [`Server::build`] opens the configured store
+//! (timed, behind the cache), then [`Server::serve`] runs fan-out and the
+//! internal gRPC API until the shutdown token is cancelled.
 
 #![forbid(unsafe_code)]
 
@@ -32,10 +34,14 @@ pub mod store;
 pub mod timed;
 pub mod visibility;
 
-use std::sync::Arc;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use messenger_platform::{
     authorize,
+    cql::Cluster,
     discovery::{self, ChannelPool, Discovery, DiscoveryBackend, DiscoveryOptions, Role},
     server::{self, Port, ServerOptions},
     supervise::Supervisor,
@@ -55,13 +61,17 @@ pub use service::Service;
 
 /// What the message service needs from the outside.
 pub struct Deps {
-    pub store: Arc<dyn store::MessageStore>,
+    pub server: ServerOptions,
     pub discovery: Arc<dyn Discovery>,
     pub discovery_options: DiscoveryOptions,
     /// Mutual TLS on the internal port, when the cluster has it.
     pub tls: Option<ServerTls>,
-    /// Runs the fan-out workers; their panic stops the process.
+    /// Runs the store's writer and the fan-out workers; their panic stops the process.
     pub supervisor: Supervisor,
+    /// Where the SQLite file is when `database` names none.
+    pub data_dir: PathBuf,
+    /// The cluster of the Scylla store (`[scylla]`).
+    pub scylla: Cluster,
 }
 
 /// Who may call the message service: gateways, on behalf of their users.
@@ -73,38 +83,67 @@ fn callers() -> authorize::Rules {
     ]
 }
 
-/// Serves the message service on `listener` until `shutdown` is cancelled.
-pub async fn serve(
+/// The SQLite file of the message store: `database`, else `<data_dir>/messages.db`.
+pub fn database_path(options: &Options, data_dir: &Path) -> PathBuf {
+    options.database.clone().unwrap_or_else(|| data_dir.join("messages.db"))
+}
+
+/// The message service with its store open, ready to serve.
+pub struct Server {
     options: Options,
-    server_options: ServerOptions,
     deps: Deps,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), server::Error> {
-    let presence = discovery::channel(deps.discovery.clone(), Role::Presence, &deps.discovery_options);
-    let no_notify =
-        deps.discovery_options.backend == DiscoveryBackend::Static && deps.discovery_options.notify.is_empty();
-    let pushes = if !options.push.enabled || no_notify {
-        tracing::info!("push notifications off (message.push.enabled, or no notify address)");
-        push::Pushes::disabled()
-    } else {
-        let notify = discovery::channel(deps.discovery.clone(), Role::Notify, &deps.discovery_options);
-        push::Pushes::start(&options.push, notify, &deps.supervisor)
-    };
-    let fanout = fanout::Fanout::start(
-        &options.fanout,
-        options.delivered_receipts_max_members,
-        deps.store.clone(),
-        PresenceServiceClient::new(presence),
-        ChannelPool::new(deps.discovery_options.clone(), Role::Gateway),
-        pushes,
-        &deps.supervisor,
-    );
-    let send_stream_max_inflight = options.send_stream_max_inflight;
-    let media = discovery::channel(deps.discovery.clone(), Role::Media, &deps.discovery_options);
-    let service = Arc::new(Service::new(options, deps.store, fanout, media));
-    let adapter = grpc::Adapter { service, send_stream_max_inflight, shutdown: shutdown.clone() };
-    let api = MessageServiceServer::new(adapter).max_decoding_message_size(server_options.internal_max_message_bytes);
-    let port = Port::internal(listener, deps.tls, callers());
-    server::serve("message", &server_options, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    store: Arc<dyn store::MessageStore>,
+}
+
+impl Server {
+    /// Opens the store `options` name (migrating a Scylla keyspace first when
+    /// `scylla.migrate_on_start` says so), timed, behind the cache when it is on.
+    pub async fn build(options: Options, deps: Deps) -> Result<Self, Error> {
+        let (store, backend): (Arc<dyn store::MessageStore>, _) = match options.store {
+            StoreBackend::Sqlite => {
+                let path = database_path(&options, &deps.data_dir);
+                (Arc::new(sqlite::SqliteStore::open_supervised(&path, &options.sqlite, &deps.supervisor)?), "sqlite")
+            }
+            StoreBackend::Scylla => {
+                (Arc::new(scylla::ScyllaStore::connect(&deps.scylla, &options.scylla).await?), "scylla")
+            }
+        };
+        // Timed under the cache: store latency is what reaches the store.
+        let mut store: Arc<dyn store::MessageStore> = Arc::new(timed::TimedStore::new(store, backend));
+        if options.cache.enabled {
+            store = Arc::new(cache::CachedStore::from_options(store, &options.cache).await?);
+        }
+        Ok(Self { options, deps, store })
+    }
+
+    /// Runs fan-out and serves on `listener` until `shutdown` is cancelled.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), server::Error> {
+        let Self { options, deps, store } = self;
+        let presence = discovery::channel(deps.discovery.clone(), Role::Presence, &deps.discovery_options);
+        let no_notify =
+            deps.discovery_options.backend == DiscoveryBackend::Static && deps.discovery_options.notify.is_empty();
+        let pushes = if !options.push.enabled || no_notify {
+            tracing::info!("push notifications off (message.push.enabled, or no notify address)");
+            push::Pushes::disabled()
+        } else {
+            let notify = discovery::channel(deps.discovery.clone(), Role::Notify, &deps.discovery_options);
+            push::Pushes::start(&options.push, notify, &deps.supervisor)
+        };
+        let fanout = fanout::Fanout::start(
+            &options.fanout,
+            options.delivered_receipts_max_members,
+            store.clone(),
+            PresenceServiceClient::new(presence),
+            ChannelPool::new(deps.discovery_options.clone(), Role::Gateway),
+            pushes,
+            &deps.supervisor,
+        );
+        let send_stream_max_inflight = options.send_stream_max_inflight;
+        let media = discovery::channel(deps.discovery.clone(), Role::Media, &deps.discovery_options);
+        let service = Arc::new(Service::new(options, store, fanout, media));
+        let adapter = grpc::Adapter { service, send_stream_max_inflight, shutdown: shutdown.clone() };
+        let api = MessageServiceServer::new(adapter).max_decoding_message_size(deps.server.internal_max_message_bytes);
+        let port = Port::internal(listener, deps.tls, callers());
+        server::serve("message", &deps.server, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    }
 }

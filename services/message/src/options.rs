@@ -180,10 +180,9 @@ impl Options {
                 return Err(format!("{key} must be positive"));
             }
         }
+        // `scylla` is checked with the cluster it runs on (`[scylla]`), where
+        // the whole configuration is.
         self.cache.validate()?;
-        if self.store == StoreBackend::Scylla {
-            self.scylla.validate()?;
-        }
         if self.max_group_size < 2 {
             return Err("message.max_group_size must be at least 2".into());
         }

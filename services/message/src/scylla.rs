@@ -130,36 +130,36 @@ use statements::{Arity, Prepared, Statements};
 
 #[cfg(test)]
 use messenger_platform::cql::valid_identifier;
-pub use messenger_platform::cql::{ConsistencyLevel, MigrationReport, Replication, SerialLevel};
+pub use messenger_platform::cql::{Cluster, ConsistencyLevel, MigrationReport, Replication, SerialLevel};
 pub use options::ScyllaOptions;
 
 /// The schema, with `{keyspace}` and `{replication}` placeholders.
 pub(crate) const SCHEMA: &str = include_str!("scylla/schema.cql");
 
-/// The schema's statements for these options, comments removed.
-pub(crate) fn schema_statements(options: &ScyllaOptions) -> Vec<String> {
+/// The schema's statements for this cluster's keyspace, comments removed.
+pub(crate) fn schema_statements(cluster: &Cluster) -> Vec<String> {
     let text: String =
         SCHEMA.lines().map(|line| line.split_once("--").map_or(line, |(code, _)| code)).collect::<Vec<_>>().join("\n");
     text.split(';')
         .map(str::trim)
         .filter(|statement| !statement.is_empty())
         .map(|statement| {
-            statement.replace("{keyspace}", &options.keyspace).replace("{replication}", &options.replication().to_cql())
+            statement.replace("{keyspace}", &cluster.keyspace).replace("{replication}", &cluster.replication().to_cql())
         })
         .collect()
 }
 
-async fn open_session(options: &ScyllaOptions) -> Result<Session> {
-    options.validate().map_err(Error::InvalidArgument)?;
-    Ok(messenger_platform::cql::connect(&options.cluster()).await?)
+async fn open_session(cluster: &Cluster) -> Result<Session> {
+    cluster.validate().map_err(Error::InvalidArgument)?;
+    Ok(messenger_platform::cql::connect(cluster).await?)
 }
 
 /// Brings the keyspace to the newest schema version (creating it if
 /// missing), safe to run from several processes at once; says what it did.
 /// For `messenger migrate` (and `migrate_on_start`).
-pub async fn migrate(options: &ScyllaOptions) -> Result<MigrationReport> {
-    let session = open_session(options).await?;
-    migrate::run(&session, options).await
+pub async fn migrate(cluster: &Cluster) -> Result<MigrationReport> {
+    let session = open_session(cluster).await?;
+    migrate::run(&session, cluster).await
 }
 
 /// The Scylla store. Cheap to share: everything lives behind one `Arc`.
@@ -193,14 +193,15 @@ pub(crate) struct Inner {
 }
 
 impl ScyllaStore {
-    /// Connects, optionally migrates, and prepares every statement.
-    pub async fn connect(options: &ScyllaOptions) -> Result<ScyllaStore> {
-        let session = open_session(options).await?;
-        if options.migrate_on_start {
-            let report = migrate::run(&session, options).await?;
+    /// Connects to `cluster`, optionally migrates, and prepares every statement.
+    pub async fn connect(cluster: &Cluster, options: &ScyllaOptions) -> Result<ScyllaStore> {
+        options.validate(cluster).map_err(Error::InvalidArgument)?;
+        let session = open_session(cluster).await?;
+        if cluster.migrate_on_start {
+            let report = migrate::run(&session, cluster).await?;
             info!(%report, "scylla schema");
         }
-        let statements = Statements::prepare(&session, &options.keyspace, options.serial_consistency.read()).await?;
+        let statements = Statements::prepare(&session, &cluster.keyspace, cluster.serial_consistency.read()).await?;
         let inner = Inner {
             session,
             statements,

@@ -21,7 +21,9 @@
 //!   platforms without credentials; [`guard`]: outbound requests to
 //!   user-supplied URLs without SSRF.
 //!
-//! [`serve`] runs the internal gRPC API and the delivery worker until the
+//! Started as every service is: [`Server::build`] opens the outbox and reads
+//! the providers' credentials, then [`Server::serve`] runs the internal gRPC
+//! API and the delivery worker until the
 //! shutdown token is cancelled.
 
 #![forbid(unsafe_code)]
@@ -38,7 +40,10 @@ pub mod sqlite;
 pub mod store;
 mod worker;
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use messenger_platform::{
     authorize,
@@ -59,9 +64,9 @@ pub use service::{ReadOutcome, Service};
 pub use worker::backoff;
 
 /// The store `options` ask for: `<data_dir>/notify.db` unless `database`
-/// names a file; the Scylla store uses the cluster and keyspace of the
-/// message store.
-pub async fn open_store(
+/// names a file; the Scylla store uses the shared cluster and keyspace
+/// (`[scylla]`).
+async fn open_store(
     options: &Options,
     data_dir: &Path,
     cluster: &messenger_platform::cql::Cluster,
@@ -82,7 +87,7 @@ pub async fn open_store(
 /// The providers this process pushes through: each platform whose
 /// credentials are configured through its own client (credentials reloaded
 /// on change until `shutdown`), the others through the log provider.
-pub fn providers(options: &Options, shutdown: &CancellationToken) -> Result<providers::Providers> {
+fn providers(options: &Options, shutdown: &CancellationToken) -> Result<providers::Providers> {
     let settings = providers::Settings {
         egress: &options.egress,
         apns: &options.apns,
@@ -105,37 +110,64 @@ fn callers() -> authorize::Rules {
 
 /// What the notify service needs from the outside.
 pub struct Deps {
-    pub store: Arc<dyn store::PushStore>,
-    pub providers: providers::Providers,
+    pub server: ServerOptions,
     /// Mutual TLS on the internal port, when the cluster has it.
     pub tls: Option<ServerTls>,
-    /// Runs the delivery worker; its panic stops the process.
+    /// Runs the delivery worker; its panic stops the process. Credentials
+    /// are reloaded until it stops.
     pub supervisor: Supervisor,
+    /// Where the SQLite file is when `database` names none.
+    pub data_dir: PathBuf,
+    /// The cluster of the Scylla store (`[scylla]`).
+    pub scylla: messenger_platform::cql::Cluster,
 }
 
-/// Serves notify on `listener` and runs the delivery worker until
-/// `shutdown` is cancelled.
-pub async fn serve(
+/// The notify service with its outbox open and its providers' credentials
+/// read, ready to serve.
+pub struct Server {
     options: Options,
-    server_options: ServerOptions,
     deps: Deps,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> std::result::Result<(), server::Error> {
-    let wake = Arc::new(Notify::new());
-    let worker = worker::Worker {
-        store: deps.store.clone(),
-        providers: Arc::new(deps.providers),
-        options: options.clone(),
-        wake: wake.clone(),
-        breakers: breaker::Breakers::new(options.circuit_failures, options.circuit_open),
-    };
-    deps.supervisor.spawn("push delivery", worker.run(shutdown.clone()));
-    deps.supervisor
-        .spawn("outbox maintenance", worker::Worker::maintain(deps.store.clone(), options.clone(), shutdown.clone()));
-    let service = Arc::new(Service::new(deps.store, options, wake));
-    let api = NotifyServiceServer::new(grpc::Adapter { service })
-        .max_decoding_message_size(server_options.internal_max_message_bytes);
-    let port = Port::internal(listener, deps.tls, callers());
-    server::serve("notify", &server_options, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    store: Arc<dyn store::PushStore>,
+    providers: providers::Providers,
+}
+
+impl Server {
+    /// Opens the outbox `options` name and reads every provider's
+    /// credentials: a bad file stops the start.
+    pub async fn build(options: Options, deps: Deps) -> Result<Self> {
+        let store = open_store(&options, &deps.data_dir, &deps.scylla).await?;
+        let providers = providers(&options, &deps.supervisor.stopping())?;
+        Ok(Self { options, deps, store, providers })
+    }
+
+    /// The outbox this server uses (tests look into it).
+    pub fn store(&self) -> Arc<dyn store::PushStore> {
+        self.store.clone()
+    }
+
+    /// Runs the delivery worker and serves on `listener` until `shutdown`
+    /// is cancelled.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::result::Result<(), server::Error> {
+        let Self { options, deps, store, providers } = self;
+        let wake = Arc::new(Notify::new());
+        let worker = worker::Worker {
+            store: store.clone(),
+            providers: Arc::new(providers),
+            options: options.clone(),
+            wake: wake.clone(),
+            breakers: breaker::Breakers::new(options.circuit_failures, options.circuit_open),
+        };
+        deps.supervisor.spawn("push delivery", worker.run(shutdown.clone()));
+        deps.supervisor
+            .spawn("outbox maintenance", worker::Worker::maintain(store.clone(), options.clone(), shutdown.clone()));
+        let service = Arc::new(Service::new(store, options, wake));
+        let api = NotifyServiceServer::new(grpc::Adapter { service })
+            .max_decoding_message_size(deps.server.internal_max_message_bytes);
+        let port = Port::internal(listener, deps.tls, callers());
+        server::serve("notify", &deps.server, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    }
 }

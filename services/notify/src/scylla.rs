@@ -1,5 +1,5 @@
 //! The `PushStore` on the ScyllaDB cluster the message store uses (the
-//! keyspace `message.scylla` names), for several notify instances.
+//! keyspace `[scylla]` names), for several notify instances.
 //!
 //! Tables (`push_` prefixed, beside the message and media tables):
 //! - `push_devices`: registrations by user; `push_mutes`: mutes by
@@ -103,7 +103,7 @@ async fn run_migrations(session: &Session, cluster: &cql::Cluster) -> Result<cql
         component: COMPONENT,
         name: "push",
         keyspace: cluster.keyspace.clone(),
-        replication: cluster.replication.clone(),
+        replication: cluster.replication(),
         versions: versions(&cluster.keyspace),
     };
     Ok(cql::migrate(session, &schema).await?)
@@ -753,7 +753,7 @@ impl PushStore for ScyllaStore {
 
 #[cfg(test)]
 mod tests {
-    use messenger_platform::cql::{Cluster, ConsistencyLevel, Replication, SerialLevel};
+    use messenger_platform::cql::Cluster;
 
     use super::*;
     use crate::store::contract;
@@ -764,15 +764,10 @@ mod tests {
         Cluster {
             nodes: vec![node],
             keyspace: format!("push_test_{}", Uuid::now_v7().simple()),
-            replication: Replication::SimpleStrategy { factor: 1 },
             migrate_on_start: true,
-            local_datacenter: None,
-            consistency: ConsistencyLevel::LocalQuorum,
-            serial_consistency: SerialLevel::LocalSerial,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
-            credentials: None,
-            tls: Default::default(),
+            ..Cluster::default()
         }
     }
 

@@ -13,8 +13,9 @@
 //! - `options.rs`: `Options` (backend, lease length, limits).
 //! - `grpc.rs`: the thin tonic adapter.
 //!
-//! [`open_store`] builds the configured backend; [`serve`] runs the internal
-//! gRPC API until the shutdown token is cancelled.
+//! Started as every service is: [`Server::build`] opens the configured store,
+//! then [`Server::serve`] runs the internal gRPC API until the shutdown token
+//! is cancelled.
 
 #![forbid(unsafe_code)]
 
@@ -43,7 +44,7 @@ pub use store::{Error, MemoryStore, Mode, PresenceStore, Session, SessionRef, Tr
 
 /// The store `options` ask for. Redis that cannot be reached yet is not an
 /// error: calls answer UNAVAILABLE until it can.
-pub async fn open_store(options: &Options) -> Result<Arc<dyn PresenceStore>, Error> {
+async fn open_store(options: &Options) -> Result<Arc<dyn PresenceStore>, Error> {
     Ok(match options.backend {
         Backend::Memory => Arc::new(MemoryStore::new(options.session_ttl)),
         Backend::Redis => Arc::new(RedisStore::connect(&options.redis, options.session_ttl).await?),
@@ -60,19 +61,33 @@ fn callers() -> authorize::Rules {
     ]
 }
 
-/// Serves the presence service on `listener` (mutual TLS with `tls`) until
-/// `shutdown` is cancelled. The lease length is the store's (`open_store`
-/// takes it from `options`).
-pub async fn serve(
+/// What the presence service needs from the outside.
+pub struct Deps {
+    pub server: ServerOptions,
+    /// Mutual TLS on the internal port, when the cluster has it.
+    pub tls: Option<ServerTls>,
+}
+
+/// The presence service with its store open, ready to serve.
+pub struct Server {
     options: Options,
-    server_options: ServerOptions,
+    deps: Deps,
     store: Arc<dyn PresenceStore>,
-    listener: TcpListener,
-    tls: Option<ServerTls>,
-    shutdown: CancellationToken,
-) -> Result<(), server::Error> {
-    let api = PresenceServiceServer::new(grpc::Adapter { options, store })
-        .max_decoding_message_size(server_options.internal_max_message_bytes);
-    let port = Port::internal(listener, tls, callers());
-    server::serve("presence", &server_options, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+}
+
+impl Server {
+    /// Opens the store `options` name (its lease length is `session_ttl`).
+    pub async fn build(options: Options, deps: Deps) -> Result<Self, Error> {
+        let store = open_store(&options).await?;
+        Ok(Self { options, deps, store })
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), server::Error> {
+        let Self { options, deps, store } = self;
+        let api = PresenceServiceServer::new(grpc::Adapter { options, store })
+            .max_decoding_message_size(deps.server.internal_max_message_bytes);
+        let port = Port::internal(listener, deps.tls, callers());
+        server::serve("presence", &deps.server, port, Routes::new(api), &[SERVICE_NAME], shutdown).await
+    }
 }

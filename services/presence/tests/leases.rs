@@ -6,7 +6,7 @@
 use std::{path::Path, time::Duration};
 
 use messenger_platform::{server::ServerOptions, tls::BackendTls};
-use messenger_presence::{Backend, Options, RedisOptions, open_store};
+use messenger_presence::{Backend, Options, RedisOptions};
 use messenger_proto::v1::{self as pb, presence_service_client::PresenceServiceClient};
 use messenger_testkit::{RedisServer, tls::TestCa};
 use tokio::net::TcpListener;
@@ -19,11 +19,12 @@ struct Running {
 }
 
 async fn start(options: Options) -> Running {
-    let store = open_store(&options).await.unwrap();
+    let deps = messenger_presence::Deps { server: ServerOptions::default(), tls: None };
+    let server = messenger_presence::Server::build(options, deps).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(messenger_presence::serve(options, ServerOptions::default(), store, listener, None, shutdown.clone()));
+    tokio::spawn(server.serve(listener, shutdown.clone()));
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     Running { client: PresenceServiceClient::new(channel), shutdown }

@@ -62,9 +62,9 @@ impl Server {
             let keyspace = format!("bench_{}", messenger_platform::ids::new_id().simple());
             command
                 .env("MESSENGER_MESSAGE__STORE", "scylla")
-                .env("MESSENGER_MESSAGE__SCYLLA__NODES", format!("[\"{node}\"]"))
-                .env("MESSENGER_MESSAGE__SCYLLA__KEYSPACE", keyspace)
-                .env("MESSENGER_MESSAGE__SCYLLA__MIGRATE_ON_START", "true")
+                .env("MESSENGER_SCYLLA__NODES", format!("[\"{node}\"]"))
+                .env("MESSENGER_SCYLLA__KEYSPACE", keyspace)
+                .env("MESSENGER_SCYLLA__MIGRATE_ON_START", "true")
                 .env("MESSENGER_MEDIA__STORE", "scylla")
                 .env("MESSENGER_NOTIFY__STORE", "scylla");
         }

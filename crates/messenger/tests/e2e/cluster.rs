@@ -46,7 +46,7 @@ struct Cluster {
     certs: messenger::certs::Generated,
     /// With `MESSENGER_TEST_STORE=scylla`: the keyspace both message
     /// instances share on the CQL node (else they share one SQLite file).
-    scylla: Option<messenger_message::scylla::ScyllaOptions>,
+    scylla: Option<messenger_platform::cql::Cluster>,
     /// More TOML every process's configuration ends with.
     extra: String,
 }
@@ -70,7 +70,7 @@ impl Cluster {
                 .unwrap();
         let watching = CancellationToken::new();
         let discovery = EtcdDiscovery::start(etcd_options(&etcd), watching.clone()).await;
-        let scylla = if on_scylla() { Some(scylla_options().await) } else { None };
+        let scylla = if on_scylla() { Some(scylla_cluster().await) } else { None };
         let mut cluster = Self {
             dir,
             etcd,
@@ -176,8 +176,8 @@ send_burst = 100000
             store = self.scylla.as_ref().map_or_else(String::new, |scylla| format!(
                 // A killed instance's in-flight sends are taken over after
                 // 2 x lock_timeout: within the SDK's send timeout here.
-                "store = \"scylla\"\n[message.scylla]\nnodes = [\"{}\"]\nkeyspace = \"{}\"\n\
-                 migrate_on_start = true\nrequest_timeout = \"1s\"\nlock_timeout = \"6s\"\n",
+                "store = \"scylla\"\n[scylla]\nnodes = [\"{}\"]\nkeyspace = \"{}\"\n\
+                 migrate_on_start = true\nrequest_timeout = \"1s\"\n[message.scylla]\nlock_timeout = \"6s\"\n",
                 scylla.nodes[0], scylla.keyspace
             )),
             redis = self._redis.url(),

@@ -464,8 +464,11 @@ fn config_check_accepts_a_valid_file_and_names_what_is_wrong_in_others() {
     assert!(ok && text.contains("configuration is valid"), "{text}");
     let (ok, text) = check("[gateway]\nlisten = \"127.0.0.1:7700\"\nlisen = \"typo\"\n");
     assert!(!ok && text.contains("lisen"), "an unknown key is refused by name: {text}");
-    // The media tables live in the message store's keyspace: its settings are checked too.
-    let (ok, text) = check("[media]\nstore = \"scylla\"\n[message.scylla]\nrequest_timeout = \"10s\"\n");
+    // The media tables live on the shared cluster: its settings are checked
+    // whichever store uses it, and the message store's against it.
+    let (ok, text) = check("[media]\nstore = \"scylla\"\n[scylla]\nkeyspace = \"Messenger\"\n");
+    assert!(!ok && text.contains("scylla.keyspace"), "{text}");
+    let (ok, text) = check("[message]\nstore = \"scylla\"\n[scylla]\nrequest_timeout = \"10s\"\n");
     assert!(!ok && text.contains("lock_timeout"), "{text}");
 }
 
@@ -615,20 +618,24 @@ async fn an_idle_and_stalled_socket_flood_does_not_keep_an_honest_client_out() {
         .connect()
         .await
         .expect("the honest client could not connect");
-    let mut api = RawClient::new(channel.clone());
-    let direct = api
+    let direct = alice_and_bob(&system, &channel).await;
+    let (frames, mut stream) = system.raw_stream(channel, "alice", "honest").await;
+    send_and_await_ack(&frames, &mut stream, &direct, "honest-1").await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "the honest client took {took:?}");
+    drop(flood);
+}
+
+/// Alice's direct conversation with Bob, made on `channel` without the SDK.
+async fn alice_and_bob(system: &TestSystem, channel: &Channel) -> String {
+    RawClient::new(channel.clone())
         .get_or_create_direct(system.authorized("alice", pb::GetOrCreateDirectRequest { peer_id: "bob".into() }))
         .await
         .unwrap()
         .into_inner()
         .conversation
         .unwrap()
-        .conversation_id;
-    let (frames, mut stream) = system.raw_stream(channel, "alice", "honest").await;
-    send_and_await_ack(&frames, &mut stream, &direct, "honest-1").await;
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(1), "the honest client took {took:?}");
-    drop(flood);
+        .conversation_id
 }
 
 /// Sends `client_msg_id` on a raw stream and waits for its SendAck.
@@ -677,14 +684,7 @@ async fn a_connection_with_no_call_open_is_closed_after_the_idle_timeout() {
     });
 
     let channel = system.raw_channel().await;
-    let direct = RawClient::new(channel.clone())
-        .get_or_create_direct(system.authorized("alice", pb::GetOrCreateDirectRequest { peer_id: "bob".into() }))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation
-        .unwrap()
-        .conversation_id;
+    let direct = alice_and_bob(&system, &channel).await;
     let (frames, mut stream) = system.raw_stream(channel, "alice", "phone").await;
     send_and_await_ack(&frames, &mut stream, &direct, "before").await;
 

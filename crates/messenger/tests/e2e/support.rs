@@ -18,20 +18,15 @@ pub fn on_scylla() -> bool {
 }
 
 /// A fresh keyspace on the shared Cassandra node (or `MESSENGER_TEST_SCYLLA`).
-pub async fn scylla_options() -> messenger_message::scylla::ScyllaOptions {
+pub async fn scylla_cluster() -> messenger_platform::cql::Cluster {
     let node = tokio::task::spawn_blocking(messenger_testkit::shared_cassandra).await.unwrap();
     let keyspace = format!("e2e_{}", uuid::Uuid::now_v7().simple());
-    messenger_message::scylla::ScyllaOptions {
-        nodes: vec![node],
-        keyspace,
-        migrate_on_start: true,
-        ..Default::default()
-    }
+    messenger_platform::cql::Cluster { nodes: vec![node], keyspace, migrate_on_start: true, ..Default::default() }
 }
 
 /// Drops a test's keyspace (hundreds of them would fill the node's heap).
 /// Blocking: called from `Drop`, on a thread of its own with its own runtime.
-pub fn drop_keyspace(options: &messenger_message::scylla::ScyllaOptions) {
+pub fn drop_keyspace(options: &messenger_platform::cql::Cluster) {
     let (nodes, keyspace) = (options.nodes.clone(), options.keyspace.clone());
     let dropped = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -60,7 +55,7 @@ pub struct TestSystem {
 impl Drop for TestSystem {
     fn drop(&mut self) {
         if self.config.message.store == messenger_message::StoreBackend::Scylla {
-            drop_keyspace(&self.config.message.scylla);
+            drop_keyspace(&self.config.scylla);
         }
     }
 }
@@ -80,7 +75,7 @@ impl TestSystem {
         config.gateway.send_burst = 100_000;
         if on_scylla() {
             config.message.store = messenger_message::StoreBackend::Scylla;
-            config.message.scylla = scylla_options().await;
+            config.scylla = scylla_cluster().await;
             // The media records and the push outbox go in the same keyspace.
             config.media.store = messenger_media::StoreBackend::Scylla;
             config.notify.store = messenger_notify::StoreBackend::Scylla;
@@ -188,7 +183,8 @@ pub async fn assert_quiet(events: &mut Events) {
 pub async fn committed_body(config: &Config, conversation_id: &str, seq: u64) -> Option<String> {
     if on_scylla() {
         use messenger_message::store::{HistoryRange, MessageStore, SeqBounds};
-        let store = messenger_message::scylla::ScyllaStore::connect(&config.message.scylla).await.unwrap();
+        let store =
+            messenger_message::scylla::ScyllaStore::connect(&config.scylla, &config.message.scylla).await.unwrap();
         let id = conversation_id.parse().unwrap();
         let page = store.history(id, HistoryRange::After(seq - 1), SeqBounds::ALL, 1).await.unwrap();
         return page.into_iter().find(|m| m.seq == seq).map(|m| m.body);

@@ -1,6 +1,6 @@
 //! TLS to the backends a service is a client of (Redis, the CQL cluster,
 //! etcd), set per connection (`presence.redis.tls`, `message.cache.redis.tls`,
-//! `message.scylla.tls`, `discovery.etcd.tls`) and built into what each
+//! `scylla.tls`, `discovery.etcd.tls`) and built into what each
 //! driver takes: a rustls [`ClientConfig`] (Redis, CQL) or tonic's
 //! [`ClientTlsConfig`] (etcd's client builds its own from PEM).
 //!

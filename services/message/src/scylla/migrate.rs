@@ -4,33 +4,33 @@
 //! Version 1 is `schema.cql`; a later change appends a version (ALTER /
 //! CREATE statements) and never edits an applied one.
 
-use messenger_platform::cql::{self, MigrationReport, Schema};
+use messenger_platform::cql::{self, Cluster, MigrationReport, Schema};
 use scylla::client::session::Session;
 
-use super::{ScyllaOptions, schema_statements};
+use super::schema_statements;
 use crate::error::Result;
 
 /// The messages' row in `schema_version`.
 const COMPONENT: i32 = 0;
 
 /// Every schema version's statements, oldest first.
-pub(crate) fn versions(options: &ScyllaOptions) -> Vec<Vec<String>> {
-    let keyspace = &options.keyspace;
+pub(crate) fn versions(cluster: &Cluster) -> Vec<Vec<String>> {
+    let keyspace = &cluster.keyspace;
     vec![
-        schema_statements(options),
+        schema_statements(cluster),
         // 2: attachments (already in version 1's CREATE TABLE for keyspaces created since).
         vec![format!("ALTER TABLE {keyspace}.messages ADD attachments text")],
     ]
 }
 
 /// Brings the keyspace's message tables to the newest version.
-pub(super) async fn run(session: &Session, options: &ScyllaOptions) -> Result<MigrationReport> {
+pub(super) async fn run(session: &Session, cluster: &Cluster) -> Result<MigrationReport> {
     let schema = Schema {
         component: COMPONENT,
         name: "messages",
-        keyspace: options.keyspace.clone(),
-        replication: options.replication(),
-        versions: versions(options),
+        keyspace: cluster.keyspace.clone(),
+        replication: cluster.replication(),
+        versions: versions(cluster),
     };
     Ok(cql::migrate(session, &schema).await?)
 }

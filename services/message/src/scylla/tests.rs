@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{
-    Replication, SCHEMA, ScyllaOptions,
+    Cluster, Replication, SCHEMA, ScyllaOptions,
     rows::{bucket, chunks, spans},
     schema_statements,
     statements::{Mode, STATEMENTS},
@@ -603,11 +603,11 @@ fn the_checker_catches_mistakes() {
 
 #[test]
 fn schema_substitutes_keyspace_and_replication() {
-    let mut options = ScyllaOptions { keyspace: "chat_test".into(), ..ScyllaOptions::default() };
-    options.replication = Some(Replication::NetworkTopologyStrategy {
+    let mut cluster = Cluster { keyspace: "chat_test".into(), ..Cluster::default() };
+    cluster.replication = Some(Replication::NetworkTopologyStrategy {
         datacenters: BTreeMap::from([("dc-1".into(), 3), ("dc2".into(), 3)]),
     });
-    let statements = schema_statements(&options);
+    let statements = schema_statements(&cluster);
     assert_eq!(statements.len(), 10);
     assert!(statements[0].contains("{'class': 'NetworkTopologyStrategy', 'dc-1': 3, 'dc2': 3}"), "{}", statements[0]);
     assert!(statements.iter().all(|s| !s.contains('{') || s.starts_with("CREATE KEYSPACE")));
@@ -616,66 +616,69 @@ fn schema_substitutes_keyspace_and_replication() {
 
 #[test]
 fn options_are_validated() {
-    assert!(ScyllaOptions::default().validate().is_ok());
-    let bad = [
-        ScyllaOptions { nodes: Vec::new(), ..ScyllaOptions::default() },
-        ScyllaOptions { nodes: vec![" ".into()], ..ScyllaOptions::default() },
-        ScyllaOptions { keyspace: "Messenger".into(), ..ScyllaOptions::default() },
-        ScyllaOptions { keyspace: "1messenger".into(), ..ScyllaOptions::default() },
-        ScyllaOptions { keyspace: "a;drop".into(), ..ScyllaOptions::default() },
-        ScyllaOptions { keyspace: "a".repeat(49), ..ScyllaOptions::default() },
-        ScyllaOptions { replication: Some(Replication::SimpleStrategy { factor: 0 }), ..ScyllaOptions::default() },
-        ScyllaOptions {
+    let cluster = Cluster::default();
+    assert!(cluster.validate().is_ok() && ScyllaOptions::default().validate(&cluster).is_ok());
+    let bad_clusters = [
+        Cluster { nodes: Vec::new(), ..Cluster::default() },
+        Cluster { nodes: vec![" ".into()], ..Cluster::default() },
+        Cluster { keyspace: "Messenger".into(), ..Cluster::default() },
+        Cluster { keyspace: "1messenger".into(), ..Cluster::default() },
+        Cluster { keyspace: "a;drop".into(), ..Cluster::default() },
+        Cluster { keyspace: "a".repeat(49), ..Cluster::default() },
+        Cluster { replication: Some(Replication::SimpleStrategy { factor: 0 }), ..Cluster::default() },
+        Cluster {
             replication: Some(Replication::NetworkTopologyStrategy { datacenters: BTreeMap::new() }),
-            ..ScyllaOptions::default()
+            ..Cluster::default()
         },
-        ScyllaOptions {
+        Cluster {
             replication: Some(Replication::NetworkTopologyStrategy {
                 datacenters: BTreeMap::from([("dc'1".into(), 3)]),
             }),
-            ..ScyllaOptions::default()
+            ..Cluster::default()
         },
-        ScyllaOptions { local_datacenter: Some("dc 1".into()), ..ScyllaOptions::default() },
-        ScyllaOptions { username: Some("u".into()), ..ScyllaOptions::default() },
-        ScyllaOptions { lwt_max_retries: 0, ..ScyllaOptions::default() },
-        ScyllaOptions { max_reservation: 0, ..ScyllaOptions::default() },
-        ScyllaOptions { max_reservation: 5000, ..ScyllaOptions::default() },
-        ScyllaOptions { dedupe_ttl: std::time::Duration::ZERO, ..ScyllaOptions::default() },
-        ScyllaOptions { dedupe_ttl: std::time::Duration::from_secs(700_000_000), ..ScyllaOptions::default() },
-        ScyllaOptions { request_timeout: std::time::Duration::ZERO, ..ScyllaOptions::default() },
-        ScyllaOptions { batch_max_bytes: 1023, ..ScyllaOptions::default() },
+        Cluster { local_datacenter: Some("dc 1".into()), ..Cluster::default() },
+        Cluster { username: Some("u".into()), ..Cluster::default() },
+        Cluster { request_timeout: std::time::Duration::ZERO, ..Cluster::default() },
         // A client certificate without the CA that turns TLS on.
-        ScyllaOptions {
+        Cluster {
             tls: messenger_platform::tls::BackendTls {
                 cert_file: Some("client.pem".into()),
                 key_file: Some("client-key.pem".into()),
                 ..Default::default()
             },
-            ..ScyllaOptions::default()
-        },
-        // Row writes of three 3 s attempts do not fit half of 17 s.
-        ScyllaOptions {
-            request_timeout: std::time::Duration::from_secs(3),
-            lock_timeout: std::time::Duration::from_millis(17_999),
-            ..ScyllaOptions::default()
+            ..Cluster::default()
         },
     ];
-    for options in bad {
-        assert!(options.validate().is_err(), "accepted {options:?}");
+    for cluster in bad_clusters {
+        assert!(cluster.validate().is_err(), "accepted {cluster:?}");
     }
+    let bad = [
+        ScyllaOptions { lwt_max_retries: 0, ..ScyllaOptions::default() },
+        ScyllaOptions { max_reservation: 0, ..ScyllaOptions::default() },
+        ScyllaOptions { max_reservation: 5000, ..ScyllaOptions::default() },
+        ScyllaOptions { dedupe_ttl: std::time::Duration::ZERO, ..ScyllaOptions::default() },
+        ScyllaOptions { dedupe_ttl: std::time::Duration::from_secs(700_000_000), ..ScyllaOptions::default() },
+        ScyllaOptions { batch_max_bytes: 1023, ..ScyllaOptions::default() },
+    ];
+    for options in bad {
+        assert!(options.validate(&cluster).is_err(), "accepted {options:?}");
+    }
+    // Row writes of three 3 s attempts do not fit half of 17 s.
+    let slow = Cluster { request_timeout: std::time::Duration::from_secs(3), ..Cluster::default() };
+    let short = ScyllaOptions { lock_timeout: std::time::Duration::from_millis(17_999), ..ScyllaOptions::default() };
+    assert!(short.validate(&slow).unwrap_err().contains("scylla.request_timeout"));
     let edge = ScyllaOptions {
-        request_timeout: std::time::Duration::from_secs(3),
         lock_timeout: std::time::Duration::from_secs(18),
         batch_max_bytes: 1024,
         ..ScyllaOptions::default()
     };
-    assert!(edge.validate().is_ok(), "the edges themselves are accepted");
+    assert!(edge.validate(&slow).is_ok(), "the edges themselves are accepted");
     assert!(valid_identifier("_a1") && valid_identifier(&"a".repeat(48)) && !valid_identifier(""));
 }
 
 #[test]
 fn options_read_from_toml() {
-    let options: ScyllaOptions = toml::from_str(
+    let options: Cluster = toml::from_str(
         r#"
         nodes = ["10.0.0.1:9042", "10.0.0.2:9042"]
         local_datacenter = "dc1"
@@ -691,7 +694,8 @@ fn options_read_from_toml() {
     assert_eq!(options.request_timeout, std::time::Duration::from_millis(500));
     assert_eq!(options.keyspace, "messenger");
     assert!(options.validate().is_ok());
-    assert!(toml::from_str::<ScyllaOptions>("unknown = 1").is_err());
+    assert!(toml::from_str::<Cluster>("unknown = 1").is_err());
+    assert!(toml::from_str::<ScyllaOptions>("nodes = []").is_err(), "cluster keys live in [scylla]");
 }
 
 #[test]
@@ -717,25 +721,26 @@ fn reserved_ranges_split_by_bucket_rows_and_bytes() {
     assert!(chunks(Vec::<u64>::new(), |s| *s, |_| 1, 1, 1).is_empty());
 }
 
-/// Options for a fresh keyspace on the suite's shared node.
-pub(crate) fn test_options() -> ScyllaOptions {
+/// A fresh keyspace on the suite's shared node, and the default send limits.
+pub(crate) fn test_options() -> (Cluster, ScyllaOptions) {
     let node = messenger_testkit::shared_cassandra();
     let keyspace = format!("messenger_test_{}", uuid::Uuid::now_v7().simple());
-    ScyllaOptions {
+    let cluster = Cluster {
         nodes: vec![node],
         keyspace: keyspace[..48.min(keyspace.len())].to_owned(),
         migrate_on_start: true,
-        ..ScyllaOptions::default()
-    }
+        ..Cluster::default()
+    };
+    (cluster, ScyllaOptions::default())
 }
 
 #[tokio::test]
 async fn scylla_passes_the_contract_suite() {
-    let options = tokio::task::spawn_blocking(test_options).await.unwrap();
-    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let (cluster, options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    let store = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
     let cases = crate::store::contract::run_all(&store).await;
-    eprintln!("message store contract: {cases} cases passed on {} (keyspace {})", options.nodes[0], options.keyspace);
-    drop_keyspace(&store, &options).await;
+    eprintln!("message store contract: {cases} cases passed on {} (keyspace {})", cluster.nodes[0], cluster.keyspace);
+    drop_keyspace(&store, &cluster).await;
 }
 
 /// CQL over TLS to the shared node, whose native port takes TLS beside
@@ -753,7 +758,7 @@ async fn cql_over_tls_verifies_the_node_certificate() {
         eprintln!("skipped: MESSENGER_TEST_SCYLLA names a node whose TLS files are not known here");
         return;
     };
-    let trusting = |ca_file: &std::path::Path, server_name: Option<&str>| ScyllaOptions {
+    let trusting = |ca_file: &std::path::Path, server_name: Option<&str>| Cluster {
         nodes: vec![node.clone()],
         connect_timeout: std::time::Duration::from_secs(10),
         tls: BackendTls {
@@ -762,12 +767,12 @@ async fn cql_over_tls_verifies_the_node_certificate() {
             key_file: Some(files.key.clone()),
             server_name: server_name.map(str::to_owned),
         },
-        ..ScyllaOptions::default()
+        ..Cluster::default()
     };
     for server_name in [None, Some("localhost")] {
         let options = trusting(&files.ca_file, server_name);
         options.validate().unwrap();
-        let session = cql::connect(&options.cluster()).await.unwrap();
+        let session = cql::connect(&options).await.unwrap();
         let answer = session.query_unpaged("SELECT release_version FROM system.local", ()).await.unwrap();
         let versions: Vec<(String,)> = cql::rows(answer).unwrap();
         assert_eq!(versions.len(), 1, "server_name {server_name:?}");
@@ -778,14 +783,14 @@ async fn cql_over_tls_verifies_the_node_certificate() {
         ("another CA", trusting(other.ca_file(), None)),
         ("a name the certificate lacks", trusting(&files.ca_file, Some("elsewhere.test"))),
     ] {
-        let refused = cql::connect(&options.cluster()).await;
+        let refused = cql::connect(&options).await;
         assert!(refused.is_err(), "a client expecting {what} connected");
     }
 }
 
 /// Drops a test's keyspace: hundreds left behind would fill the node's heap.
-async fn drop_keyspace(store: &super::ScyllaStore, options: &ScyllaOptions) {
-    let mut drop = ::scylla::statement::unprepared::Statement::new(format!("DROP KEYSPACE {}", options.keyspace));
+async fn drop_keyspace(store: &super::ScyllaStore, cluster: &Cluster) {
+    let mut drop = ::scylla::statement::unprepared::Statement::new(format!("DROP KEYSPACE {}", cluster.keyspace));
     drop.set_request_timeout(Some(std::time::Duration::from_secs(60)));
     store.inner.session.query_unpaged(drop, &[]).await.unwrap();
 }
@@ -816,8 +821,8 @@ fn forward_reads_stop_at_gaps_that_may_still_fill() {
 /// `batch_max_bytes`, batches of 64 KiB of bodies were refused (INTERNAL).
 #[tokio::test]
 async fn a_burst_of_large_sends_stays_under_the_batch_size_threshold() {
-    let options = tokio::task::spawn_blocking(test_options).await.unwrap();
-    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let (cluster, options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    let store = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
     let (a, b) = ("burst-a", "burst-b");
     let conversation =
         crate::store::MessageStore::get_or_create_direct(&store, a, b, uuid::Uuid::now_v7(), 0).await.unwrap();
@@ -830,7 +835,7 @@ async fn a_burst_of_large_sends_stays_under_the_batch_size_threshold() {
         futures::future::join_all(sends).await.into_iter().map(|sent| sent.unwrap().message().seq).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
-    drop_keyspace(&store, &options).await;
+    drop_keyspace(&store, &cluster).await;
 }
 
 /// A change whose writer stops after its LWT (the roster already changed)
@@ -841,10 +846,10 @@ async fn a_burst_of_large_sends_stays_under_the_batch_size_threshold() {
 async fn a_change_left_half_written_is_completed_and_leaks_nothing() {
     use crate::store::{Change, ChangeRequest, HistoryRange, Kind, MessageStore, NewGroup};
     use std::sync::atomic::Ordering;
-    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
-    options.request_timeout = std::time::Duration::from_millis(500);
+    let (mut cluster, mut options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    cluster.request_timeout = std::time::Duration::from_millis(500);
     options.lock_timeout = std::time::Duration::from_secs(3);
-    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let store = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
     let now = messenger_platform::ids::now_ms();
     let group = NewGroup {
         id: uuid::Uuid::now_v7(),
@@ -897,7 +902,7 @@ async fn a_change_left_half_written_is_completed_and_leaks_nothing() {
     assert!(head.applying.is_none() && head.pending.is_none(), "the lock and its record are gone");
     // A retried removal now finds carol gone, as on SQLite.
     assert!(store.apply(change(Change::RemoveMember("carol".into()))).await.is_err());
-    drop_keyspace(&store, &options).await;
+    drop_keyspace(&store, &cluster).await;
 }
 
 /// Readers judge a missing seq lost by the age of the next row, so rows are
@@ -907,8 +912,8 @@ async fn a_change_left_half_written_is_completed_and_leaks_nothing() {
 #[tokio::test]
 async fn rows_are_stamped_at_their_reservation_not_at_receipt() {
     use crate::store::{Appended, MessageStore, NewMessage, SendOutcome};
-    let options = tokio::task::spawn_blocking(test_options).await.unwrap();
-    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let (cluster, options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    let store = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
     let id = store.get_or_create_direct("stamp-a", "stamp-b", uuid::Uuid::now_v7(), 0).await.unwrap().id;
     let before = messenger_platform::ids::now_ms();
     let queued_long_ago = NewMessage {
@@ -927,7 +932,7 @@ async fn rows_are_stamped_at_their_reservation_not_at_receipt() {
     assert!(stored.sent_at_ms >= before, "stamped {} before the reservation at {before}", stored.sent_at_ms);
     let row = super::reads::message_at(&store.inner, id, stored.seq).await.unwrap().unwrap().0;
     assert_eq!(row.sent_at_ms, stored.sent_at_ms);
-    drop_keyspace(&store, &options).await;
+    drop_keyspace(&store, &cluster).await;
 }
 
 /// A seq whose change is recorded in the head but not yet written (its
@@ -937,10 +942,10 @@ async fn rows_are_stamped_at_their_reservation_not_at_receipt() {
 async fn a_recorded_change_is_never_skipped_as_lost() {
     use crate::store::{Change, ChangeRequest, MessageStore, NewGroup};
     use std::sync::atomic::Ordering;
-    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
-    options.request_timeout = std::time::Duration::from_millis(500);
+    let (mut cluster, mut options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    cluster.request_timeout = std::time::Duration::from_millis(500);
     options.lock_timeout = std::time::Duration::from_secs(3);
-    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let store = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
     let group = NewGroup {
         id: uuid::Uuid::now_v7(),
         creator: "owner".into(),
@@ -969,21 +974,21 @@ async fn a_recorded_change_is_never_skipped_as_lost() {
     crate::store::contract::send(&store, id, "owner", "next", "next").await.unwrap();
     let synced: Vec<u64> = store.sync("bob", "phone", None, None, 10).await.unwrap().iter().map(|m| m.seq).collect();
     assert_eq!(synced, vec![2, 3, 4]);
-    drop_keyspace(&store, &options).await;
+    drop_keyspace(&store, &cluster).await;
 }
 
 /// Two message instances on one keyspace, with short timeouts; the first
 /// holds the rows of the send with client message id `held`.
-async fn two_instances(held: &str) -> (ScyllaOptions, super::ScyllaStore, super::ScyllaStore, super::send::HoldRows) {
-    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
-    options.request_timeout = std::time::Duration::from_millis(500);
+async fn two_instances(held: &str) -> (Cluster, super::ScyllaStore, super::ScyllaStore, super::send::HoldRows) {
+    let (mut cluster, mut options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    cluster.request_timeout = std::time::Duration::from_millis(500);
     options.lock_timeout = std::time::Duration::from_secs(3);
-    let first = super::ScyllaStore::connect(&options).await.unwrap();
-    let second = super::ScyllaStore::connect(&options).await.unwrap();
+    let first = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
+    let second = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
     let hold =
         super::send::HoldRows { client_msg_id: held.into(), reached: Default::default(), release: Default::default() };
     *first.inner.hold_rows.lock().unwrap() = Some(hold.clone());
-    (options, first, second, hold)
+    (cluster, first, second, hold)
 }
 
 /// Starts a direct conversation of `a` and `b` and, on `first`, a send by
@@ -1010,7 +1015,7 @@ async fn held_send(
 #[tokio::test]
 async fn rows_landing_after_a_takeover_give_no_second_seq() {
     use crate::store::{Appended, HistoryRange, MessageStore, SendOutcome};
-    let (options, first, second, hold) = two_instances("late").await;
+    let (cluster, first, second, hold) = two_instances("late").await;
     let (id, original) = held_send(&first, &hold, ("late-a", "late-b"), "late").await;
     // Past the takeover time (2 x lock_timeout) the retry, on the other instance, takes the claim over.
     tokio::time::sleep(std::time::Duration::from_millis(6_500)).await;
@@ -1030,7 +1035,7 @@ async fn rows_landing_after_a_takeover_give_no_second_seq() {
     assert_eq!(copies, vec![retried.seq], "one message, at the retry's seq");
     let again = crate::store::contract::send(&first, id, "late-a", "late", "hi").await.unwrap();
     assert!(matches!(again, SendOutcome::Duplicate(ref m) if m.entry.seq == retried.seq), "{again:?}");
-    drop_keyspace(&second, &options).await;
+    drop_keyspace(&second, &cluster).await;
 }
 
 /// A seq that readers skipped as lost stays lost: the rows of its writer,
@@ -1039,7 +1044,7 @@ async fn rows_landing_after_a_takeover_give_no_second_seq() {
 #[tokio::test]
 async fn a_seq_skipped_as_lost_never_appears_later() {
     use crate::store::{HistoryRange, MessageStore, SendOutcome};
-    let (options, first, second, hold) = two_instances("slow").await;
+    let (cluster, first, second, hold) = two_instances("slow").await;
     let (id, slow) = held_send(&first, &hold, ("lost-a", "lost-b"), "slow").await;
     let after = crate::store::contract::send(&second, id, "lost-a", "after", "after").await.unwrap().message().seq;
     assert_eq!(after, 2, "the held send reserved seq 1");
@@ -1059,7 +1064,7 @@ async fn a_seq_skipped_as_lost_never_appears_later() {
         .map(|m| m.seq)
         .collect();
     assert_eq!(all, vec![2], "the skipped seq appeared later");
-    drop_keyspace(&second, &options).await;
+    drop_keyspace(&second, &cluster).await;
 }
 
 /// A small seeded generator (xorshift64*): each run of the check below is
@@ -1104,12 +1109,12 @@ async fn linearizability_run(seed: u64) -> RunReport {
         time::{Duration, Instant},
     };
     type Pool = Arc<Mutex<Vec<Arc<super::ScyllaStore>>>>;
-    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
-    options.request_timeout = Duration::from_millis(500);
+    let (mut cluster, mut options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    cluster.request_timeout = Duration::from_millis(500);
     options.lock_timeout = Duration::from_secs(3);
     let mut instances = Vec::new();
     let instance = || async {
-        let store = super::ScyllaStore::connect(&options).await.unwrap();
+        let store = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
         store.inner.row_jitter_ms.store(40, std::sync::atomic::Ordering::SeqCst);
         Arc::new(store)
     };
@@ -1182,7 +1187,7 @@ async fn linearizability_run(seed: u64) -> RunReport {
     let senders: Vec<_> = senders.collect();
     let sending = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let killer = {
-        let (pool, options, sending) = (pool.clone(), options.clone(), sending.clone());
+        let (pool, cluster, options, sending) = (pool.clone(), cluster.clone(), options.clone(), sending.clone());
         tokio::spawn(async move {
             let mut rng = Rng(seed * 7919 + 3);
             let mut kills = 0;
@@ -1192,7 +1197,7 @@ async fn linearizability_run(seed: u64) -> RunReport {
                 let victim = pick(&pool, &mut rng);
                 let countdown = 1 + rng.below(60) as i64;
                 victim.inner.kill_countdown.store(countdown, std::sync::atomic::Ordering::SeqCst);
-                let fresh = Arc::new(super::ScyllaStore::connect(&options).await.unwrap());
+                let fresh = Arc::new(super::ScyllaStore::connect(&cluster, &options).await.unwrap());
                 fresh.inner.row_jitter_ms.store(40, std::sync::atomic::Ordering::SeqCst);
                 while !victim.inner.killed.load(std::sync::atomic::Ordering::SeqCst) {
                     if !sending.load(std::sync::atomic::Ordering::SeqCst) {
@@ -1260,7 +1265,7 @@ async fn linearizability_run(seed: u64) -> RunReport {
     let mut rng = Rng(seed * 31 + 7);
     while sync_once(&mut rng).await != Some(0) {}
 
-    let check = super::ScyllaStore::connect(&options).await.unwrap();
+    let check = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
     let acks = acks.lock().unwrap().clone();
     let mut lost = 0;
     let mut stored_all = BTreeSet::new();
@@ -1302,7 +1307,7 @@ async fn linearizability_run(seed: u64) -> RunReport {
     }
     let handed: BTreeSet<_> = handed.lock().unwrap().iter().cloned().collect();
     assert_eq!(handed, stored_all, "seed {seed}: the device got other than what is stored");
-    drop_keyspace(&check, &options).await;
+    drop_keyspace(&check, &cluster).await;
     let kills = killer.await.unwrap();
     RunReport { acked: acks.len(), retries: retries.load(std::sync::atomic::Ordering::Relaxed), lost, kills }
 }
@@ -1329,22 +1334,22 @@ async fn sends_under_timeouts_retries_and_kills_stay_exactly_once_over_seeded_ru
 /// the others wait for it and say so; a later run has nothing to do.
 #[tokio::test]
 async fn concurrent_migrations_apply_the_schema_once_and_report_it() {
-    let mut options = tokio::task::spawn_blocking(test_options).await.unwrap();
-    options.migrate_on_start = false;
-    let runs = (0..3).map(|_| super::migrate(&options));
+    let (mut cluster, options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    cluster.migrate_on_start = false;
+    let runs = (0..3).map(|_| super::migrate(&cluster));
     let reports: Vec<super::MigrationReport> =
         futures::future::join_all(runs).await.into_iter().map(|report| report.unwrap()).collect();
-    let target = super::migrate::versions(&options).len() as u32;
+    let target = super::migrate::versions(&cluster).len() as u32;
     assert!(reports.iter().all(|report| report.to == target), "{reports:?}");
     let applying: Vec<&super::MigrationReport> = reports.iter().filter(|report| !report.applied.is_empty()).collect();
     assert_eq!(applying.len(), 1, "exactly one migrator applies: {reports:?}");
     assert_eq!(applying[0].from, 0);
     assert!(applying[0].to_string().contains("applied: CREATE TABLE IF NOT EXISTS"), "{}", applying[0]);
-    let again = super::migrate(&options).await.unwrap();
+    let again = super::migrate(&cluster).await.unwrap();
     assert_eq!((again.from, again.to, again.applied.len()), (target, target, 0));
     assert!(again.to_string().contains("nothing to do"), "{again}");
     // The store works on the migrated keyspace.
-    let store = super::ScyllaStore::connect(&options).await.unwrap();
+    let store = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
     crate::store::MessageStore::get_or_create_direct(&store, "m-a", "m-b", uuid::Uuid::now_v7(), 0).await.unwrap();
-    drop_keyspace(&store, &options).await;
+    drop_keyspace(&store, &cluster).await;
 }

@@ -13,7 +13,7 @@ mod tls;
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use messenger_notify::{Options, sqlite::SqliteStore, store::PushStore};
+use messenger_notify::{Options, store::PushStore};
 use messenger_platform::{server::ServerOptions, supervise::Supervisor};
 use messenger_proto::v1::{self as pb, notify_service_client::NotifyServiceClient};
 use tokio::net::TcpListener;
@@ -48,17 +48,19 @@ pub fn options() -> Options {
 }
 
 pub async fn start(options: Options, dir: &Path) -> Notify {
-    let store: Arc<dyn PushStore> = Arc::new(SqliteStore::open(&dir.join("notify.db")).unwrap());
     let shutdown = CancellationToken::new();
     let deps = messenger_notify::Deps {
-        store: store.clone(),
-        providers: messenger_notify::providers(&options, &shutdown).unwrap(),
+        server: ServerOptions::default(),
         tls: None,
         supervisor: Supervisor::new(shutdown.clone()),
+        data_dir: dir.to_owned(),
+        scylla: Default::default(),
     };
+    let server = messenger_notify::Server::build(options, deps).await.unwrap();
+    let store = server.store();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    tokio::spawn(messenger_notify::serve(options, ServerOptions::default(), deps, listener, shutdown.clone()));
+    tokio::spawn(server.serve(listener, shutdown.clone()));
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     Notify { client: NotifyServiceClient::new(channel), store, shutdown }
