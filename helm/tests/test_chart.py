@@ -488,13 +488,32 @@ BACKEND_TLS_TABLES = {"scylla": ["scylla"], "redis": ["presence.redis", "message
                       "etcd": ["discovery.etcd"]}
 
 
-def test_no_backend_tls_secret_is_mounted_by_default(scenario):
-    _, rendered = scenario
-    assert all(found == {} for found in backend_tls_mounts(rendered).values())
-    for role, text in rendered.config_files().items():
+def test_no_backend_tls_secret_is_mounted_by_default(default_render):
+    assert all(found == {} for found in backend_tls_mounts(default_render).values())
+    for role, text in default_render.config_files().items():
         config = tomllib.loads(text)
         for tables in BACKEND_TLS_TABLES.values():
             assert all("tls" not in dotted(config, table) for table in tables), role
+
+
+def test_production_values_reach_every_backend_over_tls(production_render):
+    """values-production.yaml: Scylla, Redis and etcd each over TLS, their
+    CA (and for Redis and etcd a client certificate) mounted where a process
+    connects, and every role's file naming them."""
+    mounts = backend_tls_mounts(production_render)
+    assert set(mounts["migrate"]) == {"scylla"}
+    assert set(mounts["presence"]) == {"redis", "etcd"}
+    assert set(mounts["message"]) == {"scylla", "redis", "etcd"}
+    for role, text in production_render.config_files().items():
+        config = tomllib.loads(text)
+        for backend, tables in BACKEND_TLS_TABLES.items():
+            for table in tables:
+                if table == "discovery.etcd" and role == "migrate":
+                    continue
+                tls = dotted(config, table).get("tls", {})
+                assert tls.get("ca_file", "").startswith(BACKEND_TLS_DIRS[backend]), (role, table, tls)
+        if role != "migrate":
+            assert all(e.startswith("https://") for e in config["discovery"]["etcd"]["endpoints"]), role
 
 
 def test_backend_tls_of_a_backend_no_role_uses_mounts_nothing():
@@ -519,7 +538,10 @@ def test_backend_tls_secret_is_mounted_into_the_pods_that_connect_and_named_in_c
     the migrate Job's too for Scylla."""
     tls = {"enabled": True, "existingSecret": f"{backend}-client", "caKey": "ca.pem", "certKey": "client.pem",
            "keyKey": "client-key.pem", "serverName": f"{backend}.internal"}
-    values = merged(SCENARIOS["production"], {"external": {backend: {"tls": tls}}})
+    # Production's own backend TLS off, so only this backend's shows.
+    plain = {b: {"tls": {"enabled": False, "certKey": "", "keyKey": "", "serverName": ""}} for b in BACKEND_TLS_DIRS}
+    plain["etcd"]["endpoints"] = ["etcd-0.etcd:2379"]
+    values = merged(SCENARIOS["production"], {"external": plain}, {"external": {backend: {"tls": tls}}})
     if backend == "etcd":
         values["external"]["etcd"]["endpoints"] = ["https://etcd-0.etcd:2379", "etcd-1.etcd:2379"]
     rendered = render(values)
