@@ -13,7 +13,14 @@
 //! longer than `gateway.slow_consumer_timeout` to take a frame, is dropped
 //! and its session ends (it resumes when it comes back).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::{SinkExt, StreamExt, stream::SplitSink};
@@ -40,11 +47,11 @@ type Sink = SplitSink<WebSocket, Message>;
 pub(crate) struct Liveness {
     /// A Ping goes out this often (`server.keepalive_interval`); a client
     /// from which nothing arrived for this plus `answer_within` is gone.
-    pub ping_every: std::time::Duration,
-    pub answer_within: std::time::Duration,
+    pub ping_every: Duration,
+    pub answer_within: Duration,
     /// Longest a frame may take to be written (`gateway.slow_consumer_timeout`):
     /// a client that stops reading is cut off, not waited for.
-    pub write_within: std::time::Duration,
+    pub write_within: Duration,
 }
 
 /// Serves one upgraded connection until either side ends it.
@@ -80,11 +87,14 @@ pub(crate) async fn run(
     };
     // Anything the client sends (a Pong too) shows it is there. When the
     // writer gives up on the client, the session's side ends as well.
-    let heard = Arc::new(std::sync::Mutex::new(Instant::now()));
+    // When the client was last heard, in milliseconds since `opened`: an
+    // atomic, not a lock, on every received message.
+    let opened = Instant::now();
+    let heard = Arc::new(AtomicU64::new(0));
     let writer_gone = CancellationToken::new();
     let hearing = heard.clone();
     let rest = source
-        .inspect(move |_| *hearing.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now())
+        .inspect(move |_| hearing.store(opened.elapsed().as_millis() as u64, Ordering::Relaxed))
         .filter_map(|message| std::future::ready(client_frame(message)));
     let inbound: Inbound = futures::stream::once(std::future::ready(Ok(hello)))
         .chain(rest)
@@ -116,7 +126,7 @@ pub(crate) async fn run(
                 None => break End::Finished(ending),
             },
             _ = ping.tick() => {
-                let silent = heard.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                let silent = opened.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
                 if silent > liveness.ping_every + liveness.answer_within {
                     debug!(%peer, ?silent, "websocket client gone: no answer to pings");
                     break End::Gone;

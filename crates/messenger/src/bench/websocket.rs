@@ -44,14 +44,15 @@ impl WebClient {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(client_msg_id.clone(), acked);
         let send = pb::SendRequestFrame {
             conversation_id: conversation_id.to_owned(),
-            client_msg_id,
+            client_msg_id: client_msg_id.clone(),
             body: body.to_owned(),
             ..Default::default()
         };
-        if self.outbound.send(frame(In::Send(send))).await.is_err() {
-            return false;
-        }
-        matches!(tokio::time::timeout(SEND_TIMEOUT, answer).await, Ok(Ok(true)))
+        let acked = self.outbound.send(frame(In::Send(send))).await.is_ok()
+            && matches!(tokio::time::timeout(SEND_TIMEOUT, answer).await, Ok(Ok(true)));
+        // Not answered (in time): nobody waits for it any more.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&client_msg_id);
+        acked
     }
 }
 
@@ -141,6 +142,8 @@ async fn connect(
                 _ => {}
             }
         }
+        // The socket is gone: every send still waiting fails now, not at its timeout.
+        answers.lock().unwrap_or_else(|e| e.into_inner()).clear();
     });
     Ok(WebClient { outbound, pending, next_id: AtomicU64::new(0) })
 }
