@@ -204,71 +204,96 @@ pub async fn start(mut config: Config, roles: &[Role]) -> anyhow::Result<Running
         }
     };
 
-    // Each service is built (stores opened, keys read: what can fail) before
-    // any of them serves.
+    // Every service is built (stores opened, keys read: what can fail)
+    // before any of them serves.
     let (server, tls) = (config.server.clone(), security.cluster.clone());
-    if let Some(listener) = listeners.presence {
-        let deps = messenger_presence::Deps { server: server.clone(), tls: tls.clone() };
-        let presence = messenger_presence::Server::build(config.presence.clone(), deps).await?;
+    let presence = match listeners.presence {
+        Some(listener) => {
+            let deps = messenger_presence::Deps { server: server.clone(), tls: tls.clone() };
+            Some((messenger_presence::Server::build(config.presence.clone(), deps).await?, listener))
+        }
+        None => None,
+    };
+    let notify = match listeners.notify {
+        Some(listener) => {
+            let deps = messenger_notify::Deps {
+                server: server.clone(),
+                tls: tls.clone(),
+                supervisor: supervisor.clone(),
+                data_dir: config.data_dir.clone(),
+                scylla: config.scylla.clone(),
+            };
+            Some((messenger_notify::Server::build(config.notify.clone(), deps).await?, listener))
+        }
+        None => None,
+    };
+    let message = match listeners.message {
+        Some(listener) => {
+            let deps = messenger_message::Deps {
+                server: server.clone(),
+                discovery: discovery.clone(),
+                discovery_options: config.discovery.clone(),
+                tls: tls.clone(),
+                supervisor: supervisor.clone(),
+                data_dir: config.data_dir.clone(),
+                scylla: config.scylla.clone(),
+            };
+            Some((messenger_message::Server::build(config.message.clone(), deps).await?, listener))
+        }
+        None => None,
+    };
+    let mut objects = None;
+    let media = match listeners.media {
+        Some(listener) => {
+            let (endpoint, embedded) = media_objects(&mut config).await?;
+            addresses.objects = embedded.as_ref().map(|embedded| embedded.endpoint());
+            objects = embedded;
+            let deps = messenger_media::Deps {
+                server: server.clone(),
+                discovery: discovery.clone(),
+                discovery_options: config.discovery.clone(),
+                tls: tls.clone(),
+                supervisor: supervisor.clone(),
+                data_dir: config.data_dir.clone(),
+                scylla: config.scylla.clone(),
+                objects_endpoint: endpoint,
+            };
+            Some((messenger_media::Server::build(config.media.clone(), deps).await?, listener))
+        }
+        None => None,
+    };
+    let gateway = match listeners.gateway {
+        Some((public, internal, web)) => {
+            let deps = messenger_gateway::Deps {
+                server: server.clone(),
+                internal_address: local_addr(&internal),
+                verifier: security.verifier.clone().expect("opened for the gateway role"),
+                discovery: discovery.clone(),
+                discovery_options: config.discovery.clone(),
+                public_tls: security.public.clone(),
+                web_tls: security.web.clone(),
+                dev_auth: config.auth.uses_development_secret().then(|| config.auth.clone()),
+                cluster_tls: tls.clone(),
+                supervisor: supervisor.clone(),
+            };
+            let listeners = messenger_gateway::Listeners { public, internal, web };
+            Some((messenger_gateway::Server::build(config.gateway.clone(), deps).await?, listeners))
+        }
+        None => None,
+    };
+    if let Some((presence, listener)) = presence {
         tasks.spawn(presence.serve(listener, shutdown.clone()));
     }
-    if let Some(listener) = listeners.notify {
-        let deps = messenger_notify::Deps {
-            server: server.clone(),
-            tls: tls.clone(),
-            supervisor: supervisor.clone(),
-            data_dir: config.data_dir.clone(),
-            scylla: config.scylla.clone(),
-        };
-        let notify = messenger_notify::Server::build(config.notify.clone(), deps).await?;
+    if let Some((notify, listener)) = notify {
         tasks.spawn(notify.serve(listener, shutdown.clone()));
     }
-    if let Some(listener) = listeners.message {
-        let deps = messenger_message::Deps {
-            server: server.clone(),
-            discovery: discovery.clone(),
-            discovery_options: config.discovery.clone(),
-            tls: tls.clone(),
-            supervisor: supervisor.clone(),
-            data_dir: config.data_dir.clone(),
-            scylla: config.scylla.clone(),
-        };
-        let message = messenger_message::Server::build(config.message.clone(), deps).await?;
+    if let Some((message, listener)) = message {
         tasks.spawn(message.serve(listener, shutdown.clone()));
     }
-    let mut objects = None;
-    if let Some(listener) = listeners.media {
-        let (endpoint, embedded) = media_objects(&mut config).await?;
-        addresses.objects = embedded.as_ref().map(|embedded| embedded.endpoint());
-        objects = embedded;
-        let deps = messenger_media::Deps {
-            server: server.clone(),
-            discovery: discovery.clone(),
-            discovery_options: config.discovery.clone(),
-            tls: tls.clone(),
-            supervisor: supervisor.clone(),
-            data_dir: config.data_dir.clone(),
-            scylla: config.scylla.clone(),
-            objects_endpoint: endpoint,
-        };
-        let media = messenger_media::Server::build(config.media.clone(), deps).await?;
+    if let Some((media, listener)) = media {
         tasks.spawn(media.serve(listener, shutdown.clone()));
     }
-    if let Some((public, internal, web)) = listeners.gateway {
-        let deps = messenger_gateway::Deps {
-            server: server.clone(),
-            internal_address: local_addr(&internal),
-            verifier: security.verifier.clone().expect("opened for the gateway role"),
-            discovery: discovery.clone(),
-            discovery_options: config.discovery.clone(),
-            public_tls: security.public.clone(),
-            web_tls: security.web.clone(),
-            dev_auth: config.auth.uses_development_secret().then(|| config.auth.clone()),
-            cluster_tls: tls.clone(),
-            supervisor: supervisor.clone(),
-        };
-        let gateway = messenger_gateway::Server::build(config.gateway.clone(), deps).await?;
-        let listeners = messenger_gateway::Listeners { public, internal, web };
+    if let Some((gateway, listeners)) = gateway {
         tasks.spawn(gateway.serve(listeners, shutdown.clone()));
     }
     // Registered last, once every store is open and every server is serving:

@@ -3,10 +3,11 @@
 //! open connections per client address (TLS handshakes included; more are
 //! closed at once); a connection that sends nothing within
 //! `server.first_byte_timeout` of being accepted (no TLS ClientHello, no
-//! HTTP/2 preface) is closed; and one with no call open for
+//! HTTP/2 preface) is closed; and on public ports one with no call open for
 //! `server.idle_timeout` (an HTTP/2 connection that opens no stream after
-//! its preface, a keep-alive connection nobody uses) is closed too. An honest
-//! client on another address connects as if nothing happened.
+//! its preface, a keep-alive connection nobody uses) is closed too, with a
+//! moment's grace when bytes arrive as it runs out. An honest client on
+//! another address connects as if nothing happened.
 //!
 //! Calls are counted by [`CallsLayer`], which finds its connection by the
 //! client's socket address (unique among a port's open connections): the
@@ -50,7 +51,9 @@ struct Shared {
     by_peer: Mutex<HashMap<SocketAddr, Arc<Calls>>>,
     limit: usize,
     first_byte_timeout: Duration,
-    idle_timeout: Duration,
+    /// None on ports whose peers are authenticated before they can speak
+    /// HTTP/2 (internal ports).
+    idle_timeout: Option<Duration>,
 }
 
 /// The calls of one connection.
@@ -66,11 +69,18 @@ struct Calls {
 }
 
 impl Calls {
-    fn idle_deadline(&self, timeout: Duration) -> Option<Instant> {
+    /// Since when no call has been open, unless one is (or the connection
+    /// was upgraded).
+    fn idle_since(&self) -> Option<Instant> {
         let idle = self.open.load(Ordering::Acquire) == 0 && !self.upgraded.load(Ordering::Acquire);
-        idle.then(|| *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()) + timeout)
+        idle.then(|| *self.idle_since.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
+
+/// How long a connection that has just received bytes is kept past its idle
+/// deadline, once per idle period: the bytes may be a request the HTTP
+/// layer has read but not yet started as a call.
+const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// One open connection, counted until dropped.
 pub struct Slot {
@@ -81,8 +91,8 @@ pub struct Slot {
 
 impl Connections {
     /// At most `limit` connections per address; `first_byte_timeout` and
-    /// `idle_timeout` as [`Guarded`] applies them.
-    pub fn new(limit: usize, first_byte_timeout: Duration, idle_timeout: Duration) -> Self {
+    /// `idle_timeout` (None: none) as [`Guarded`] applies them.
+    pub fn new(limit: usize, first_byte_timeout: Duration, idle_timeout: Option<Duration>) -> Self {
         let shared = Shared {
             per_address: Mutex::default(),
             by_peer: Mutex::default(),
@@ -170,13 +180,17 @@ pub struct Guarded<S> {
     /// Until the first byte arrives.
     first_byte: Option<Pin<Box<Sleep>>>,
     idle: Pin<Box<Sleep>>,
+    /// Bytes arrived since the last read that had to wait.
+    received: bool,
+    /// The idle period (by its start) that had its grace, and its end.
+    grace: Option<(Instant, Instant)>,
 }
 
 impl<S> Guarded<S> {
     pub fn new(inner: S, slot: Slot) -> Self {
         let first_byte = Some(Box::pin(tokio::time::sleep(slot.shared.first_byte_timeout)));
-        let idle = Box::pin(tokio::time::sleep(slot.shared.idle_timeout));
-        Self { inner, slot, first_byte, idle }
+        let idle = Box::pin(tokio::time::sleep(slot.shared.idle_timeout.unwrap_or(Duration::MAX / 4)));
+        Self { inner, slot, first_byte, idle, received: false, grace: None }
     }
 
     pub fn get_ref(&self) -> &S {
@@ -189,14 +203,32 @@ impl<S> Guarded<S> {
         if self.first_byte.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready()) {
             return Some("nothing received within server.first_byte_timeout");
         }
+        let timeout = self.slot.shared.idle_timeout?;
+        let received = std::mem::take(&mut self.received);
         // Registered before reading the count: a call ending after the
         // read wakes this task to arm the deadline.
         self.slot.calls.reader.register(cx.waker());
-        let deadline = self.slot.calls.idle_deadline(self.slot.shared.idle_timeout)?;
+        let since = self.slot.calls.idle_since()?;
+        let deadline = match self.grace {
+            Some((period, until)) if period == since => until,
+            _ => since + timeout,
+        };
         if self.idle.deadline() != deadline {
             self.idle.as_mut().reset(deadline);
         }
-        self.idle.as_mut().poll(cx).is_ready().then_some("no call open within server.idle_timeout")
+        if self.idle.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        // The HTTP layer reads until it would wait, then starts the calls it
+        // read: bytes just in may be a call about to be counted.
+        if received && self.grace.is_none_or(|(period, _)| period != since) {
+            let until = Instant::now() + IDLE_GRACE;
+            self.grace = Some((since, until));
+            self.idle.as_mut().reset(until);
+            let _ = self.idle.as_mut().poll(cx);
+            return None;
+        }
+        Some("no call open within server.idle_timeout")
     }
 }
 
@@ -208,6 +240,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
                     this.first_byte = None;
+                    this.received = true;
                 }
                 Poll::Ready(result)
             }
@@ -364,7 +397,7 @@ mod tests {
 
     #[test]
     fn an_address_holds_at_most_its_limit_and_a_closed_connection_frees_its_slot() {
-        let connections = Connections::new(2, Duration::from_secs(10), Duration::from_secs(60));
+        let connections = Connections::new(2, Duration::from_secs(10), Some(Duration::from_secs(60)));
         let one = "127.0.0.1".parse().unwrap();
         let first = connections.admit(peer("127.0.0.1", 1)).unwrap();
         let _second = connections.admit(peer("127.0.0.1", 2)).unwrap();
@@ -378,7 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_that_sends_nothing_is_closed_and_one_that_speaks_is_not() {
-        let connections = Connections::new(8, Duration::from_millis(50), Duration::from_secs(60));
+        let connections = Connections::new(8, Duration::from_millis(50), Some(Duration::from_secs(60)));
         let (silent, _peer) = tokio::io::duplex(64);
         let mut silent = Guarded::new(silent, connections.admit(peer("127.0.0.1", 1)).unwrap());
         let error = silent.read(&mut [0; 8]).await.unwrap_err();
@@ -399,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_with_no_call_open_for_the_idle_timeout_is_closed_and_one_with_a_call_is_not() {
         let idle = Duration::from_millis(200);
-        let connections = Connections::new(8, Duration::from_secs(10), idle);
+        let connections = Connections::new(8, Duration::from_secs(10), Some(idle));
         let address = peer("127.0.0.1", 1);
         let (io, mut other) = tokio::io::duplex(64);
         let mut connection = Guarded::new(io, connections.admit(address).unwrap());
@@ -422,6 +455,30 @@ mod tests {
         let closed_after = ended.elapsed();
         assert!(closed_after >= idle && closed_after < idle * 2, "closed {closed_after:?} after the last call");
 
+        // Bytes read as the deadline passes may be a call the HTTP layer has
+        // not started yet: they get a moment, once, then the connection goes.
+        for starts_a_call in [true, false] {
+            let address = peer("127.0.0.1", if starts_a_call { 3 } else { 4 });
+            let (io, mut other) = tokio::io::duplex(64);
+            let mut late = Guarded::new(io, connections.admit(address).unwrap());
+            other.write_all(b"PRI").await.unwrap();
+            assert_eq!(late.read(&mut [0; 8]).await.unwrap(), 3);
+            tokio::time::sleep(idle * 2).await;
+            other.write_all(b"HEADERS").await.unwrap();
+            assert_eq!(late.read(&mut [0; 8]).await.unwrap(), 7);
+            let started = Instant::now();
+            if starts_a_call {
+                let _call = connections.call(address).unwrap();
+                let read = tokio::time::timeout(IDLE_GRACE * 2, late.read(&mut [0; 8])).await;
+                assert!(read.is_err(), "a call that came in at the deadline lost its connection: {read:?}");
+            } else {
+                let error = late.read(&mut [0; 8]).await.unwrap_err();
+                assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+                let closed_after = started.elapsed();
+                assert!(closed_after >= IDLE_GRACE.mul_f32(0.9) && closed_after < IDLE_GRACE * 2, "{closed_after:?}");
+            }
+        }
+
         // An upgraded connection (a WebSocket) is left to its protocol.
         let address = peer("127.0.0.1", 2);
         let (io, mut other) = tokio::io::duplex(64);
@@ -430,5 +487,13 @@ mod tests {
         assert_eq!(upgraded.read(&mut [0; 8]).await.unwrap(), 3);
         connections.call(address).unwrap().calls.upgraded.store(true, Ordering::Release);
         assert!(tokio::time::timeout(idle * 3, upgraded.read(&mut [0; 8])).await.is_err());
+
+        // A port without an idle timeout (an internal one) keeps it.
+        let internal = Connections::new(8, Duration::from_secs(10), None);
+        let (io, mut other) = tokio::io::duplex(64);
+        let mut kept = Guarded::new(io, internal.admit(address).unwrap());
+        other.write_all(b"PRI").await.unwrap();
+        assert_eq!(kept.read(&mut [0; 8]).await.unwrap(), 3);
+        assert!(tokio::time::timeout(idle * 3, kept.read(&mut [0; 8])).await.is_err());
     }
 }

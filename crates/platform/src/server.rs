@@ -52,9 +52,9 @@ pub struct ServerOptions {
     /// preface) within this after being accepted is closed.
     #[serde(with = "humantime_serde")]
     pub first_byte_timeout: Duration,
-    /// A connection with no call open for this long is closed: an HTTP/2
-    /// connection that opens no stream after its preface, a keep-alive
-    /// connection nobody uses. Clients reconnect when they next call.
+    /// On public ports, a connection with no call open for this long is
+    /// closed: an HTTP/2 connection that opens no stream after its preface,
+    /// a keep-alive connection nobody uses. Clients reconnect when they next call.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
@@ -79,9 +79,13 @@ impl Default for ServerOptions {
 }
 
 impl ServerOptions {
-    /// The bounds on one port's connections these options set.
-    pub fn connections(&self) -> Connections {
-        Connections::new(self.max_connections_per_address, self.first_byte_timeout, self.idle_timeout)
+    /// The bounds on one port's connections these options set. Internal
+    /// ports have no idle timeout: with cluster TLS nobody unauthenticated
+    /// gets as far as HTTP/2 there, and a `Deliver` racing the close of an
+    /// idle connection would be lost.
+    pub fn connections(&self, public: bool) -> Connections {
+        let idle = public.then_some(self.idle_timeout);
+        Connections::new(self.max_connections_per_address, self.first_byte_timeout, idle)
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -198,7 +202,7 @@ pub async fn serve(
         }
     };
     let methods = method_paths(&descriptors_of_all());
-    let connections = options.connections();
+    let connections = options.connections(!port.internal);
     let router = tonic::transport::Server::builder()
         // Outermost: a call holds its connection open until its response ends.
         .layer(CallsLayer::new(connections.clone(), grpc_peer))

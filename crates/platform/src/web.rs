@@ -68,7 +68,7 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let local = local_addr(&listener);
     info!(server = name, address = %local, tls = tls.is_some(), "listening");
-    let connections = options.connections();
+    let connections = options.connections(true);
     // A request holds its connection open until its response ends; a
     // WebSocket keeps it by its own pings.
     let router = router.layer(CallsLayer::new(connections.clone(), |extensions| {

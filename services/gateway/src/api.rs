@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use messenger_platform::{
     auth::{TokenExpiry, Verifier, caller},
     discovery::routed,
 };
 use messenger_proto::v1::{self as pb, ClientFrame, ServerFrame, gateway_service_server::GatewayService};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::{Context, session};
 
@@ -46,7 +46,13 @@ impl GatewayService for Adapter {
         let expiry = request.extensions().get::<TokenExpiry>().copied();
         // Without a peer address (only in-process transports) the IP limits have no key.
         let address = request.remote_addr().map(|address| address.ip());
-        let frames = session::open(&self.context, user, expiry, address, request.into_inner().boxed())?;
+        // tonic reports a frame over the decoding limit as OUT_OF_RANGE; any
+        // other read error is a broken connection.
+        let inbound = request.into_inner().map_err(|status| match status.code() {
+            Code::OutOfRange => session::Unreadable::TooLarge(status.message().to_owned()),
+            _ => session::Unreadable::Gone,
+        });
+        let frames = session::open(&self.context, user, expiry, address, inbound.boxed())?;
         let unbox: fn(session::Outbound) -> Result<ServerFrame, Status> = |item| item.map(|f| *f).map_err(|s| *s);
         Ok(Response::new(ReceiverStream::new(frames).map(unbox)))
     }

@@ -110,7 +110,9 @@ pub struct Deps {
     pub dev_auth: Option<AuthOptions>,
     /// Mutual TLS on the internal port, when the cluster has it.
     pub cluster_tls: Option<ServerTls>,
-    /// Runs send pipes, lease renewal and ack flushes; a panic in any stops the process.
+    /// Runs send pipes, lease renewal and ack flushes; a panic in any stops
+    /// the process. Sessions are told to reconnect elsewhere when it stops:
+    /// it must stop with the token `serve` is given.
     pub supervisor: Supervisor,
 }
 

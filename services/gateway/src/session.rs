@@ -33,7 +33,31 @@ pub(crate) type Outbound = Result<Box<ServerFrame>, Box<Status>>;
 
 /// What a client sends, from either transport: a gRPC `Connect` stream or a
 /// WebSocket (`web.rs`). A read error ends the session.
-pub(crate) type Inbound = futures::stream::BoxStream<'static, Result<ClientFrame, Status>>;
+pub(crate) type Inbound = futures::stream::BoxStream<'static, Result<ClientFrame, Unreadable>>;
+
+/// Why a transport could not read the client's next frame.
+#[derive(Debug)]
+pub(crate) enum Unreadable {
+    /// Larger than `server.max_message_bytes` (the transport's words).
+    TooLarge(String),
+    /// A message that is not a `ClientFrame` (WebSocket only).
+    NotAFrame(String),
+    /// The connection failed: nobody to tell.
+    Gone,
+}
+
+impl Unreadable {
+    /// What the client is told, if anyone is there to hear it.
+    pub(crate) fn refusal(&self) -> Option<Status> {
+        match self {
+            Unreadable::TooLarge(detail) => Some(Status::resource_exhausted(format!(
+                "a frame is larger than this server accepts (server.max_message_bytes): {detail}"
+            ))),
+            Unreadable::NotAFrame(detail) => Some(Status::invalid_argument(detail.clone())),
+            Unreadable::Gone => None,
+        }
+    }
+}
 
 /// Conversations whose read mark a session remembers (repeats beyond it
 /// are passed on; the message service ignores those that move nothing).
@@ -56,22 +80,6 @@ enum End {
 /// again at the next gap retry, and the stream stays open.
 fn transient(status: &Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
-}
-
-/// What a client is told when a frame it sent could not be read: a frame
-/// over the size limit (tonic's OUT_OF_RANGE) is RESOURCE_EXHAUSTED with the
-/// sizes, a WebSocket message that is no frame INVALID_ARGUMENT; None for
-/// anything else (the client went away).
-fn unreadable_frame(status: &Status) -> Option<Status> {
-    match status.code() {
-        Code::OutOfRange => Some(Status::resource_exhausted(format!(
-            "a frame is larger than this server accepts (server.max_message_bytes): {}",
-            status.message()
-        ))),
-        // A WebSocket message that is not a ClientFrame (`web.rs`).
-        Code::InvalidArgument => Some(status.clone()),
-        _ => None,
-    }
 }
 
 impl End {
@@ -273,7 +281,7 @@ async fn run(
             let _ = out.send(Err(Box::new(Status::failed_precondition("the first frame must be Hello")))).await;
             return;
         }
-        Ok(Err(status)) if let Some(refused) = unreadable_frame(&status) => {
+        Ok(Err(unreadable)) if let Some(refused) = unreadable.refusal() => {
             let _ = out.send(Err(Box::new(refused))).await;
             return;
         }
@@ -455,9 +463,9 @@ impl Session {
                         self.finish_inflight(&mut inflight).await;
                         return End::ClientGone;
                     }
-                    Err(status) => {
+                    Err(unreadable) => {
                         self.finish_inflight(&mut inflight).await;
-                        return unreadable_frame(&status).map_or(End::ClientGone, End::Unreadable);
+                        return unreadable.refusal().map_or(End::ClientGone, End::Unreadable);
                     }
                 },
             };

@@ -34,7 +34,7 @@ use tracing::debug;
 
 use crate::{
     Context,
-    session::{self, Inbound},
+    session::{self, Inbound, Unreadable},
 };
 
 /// Close reasons are at most 123 bytes (RFC 6455, 5.5).
@@ -77,7 +77,10 @@ pub(crate) async fn run(
         Ok(None) => return,
         Ok(Some(message)) => match client_frame(message) {
             Some(Ok(frame)) => frame,
-            Some(Err(status)) => return close(&mut sink, &status, liveness).await,
+            Some(Err(unreadable)) => match unreadable.refusal() {
+                Some(refusal) => return close(&mut sink, &refusal, liveness).await,
+                None => return,
+            },
             None => return,
         },
     };
@@ -188,24 +191,22 @@ fn authenticate(
 /// One WebSocket message as a client frame: None for control messages (and
 /// a close, which ends the stream after it), an error the session reports
 /// for what it cannot read.
-fn client_frame(message: Result<Message, axum::Error>) -> Option<Result<ClientFrame, Status>> {
+fn client_frame(message: Result<Message, axum::Error>) -> Option<Result<ClientFrame, Unreadable>> {
     match message {
         Ok(Message::Binary(bytes)) => Some(
             ClientFrame::decode(bytes)
-                .map_err(|error| Status::invalid_argument(format!("a message is not a ClientFrame: {error}"))),
+                .map_err(|error| Unreadable::NotAFrame(format!("a message is not a ClientFrame: {error}"))),
         ),
-        Ok(Message::Text(_)) => {
-            Some(Err(Status::invalid_argument("this stream carries binary protobuf frames (ClientFrame), not text")))
-        }
+        Ok(Message::Text(_)) => Some(Err(Unreadable::NotAFrame(
+            "this stream carries binary protobuf frames (ClientFrame), not text".into(),
+        ))),
         Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_)) => None,
         Err(error) => {
             let too_large = std::error::Error::source(&error)
                 .and_then(|source| source.downcast_ref::<tokio_tungstenite::tungstenite::Error>())
                 .is_some_and(|error| matches!(error, tokio_tungstenite::tungstenite::Error::Capacity(_)));
             debug!(%error, "websocket read failed");
-            // Out of range is what tonic reports for an oversized frame: the
-            // session answers it the same way on both transports.
-            too_large.then(|| Err(Status::out_of_range(error.to_string())))
+            Some(Err(if too_large { Unreadable::TooLarge(error.to_string()) } else { Unreadable::Gone }))
         }
     }
 }

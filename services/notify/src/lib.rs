@@ -114,7 +114,7 @@ pub struct Deps {
     /// Mutual TLS on the internal port, when the cluster has it.
     pub tls: Option<ServerTls>,
     /// Runs the delivery worker; its panic stops the process. Credentials
-    /// are reloaded until it stops.
+    /// are reloaded until it stops (with the token `serve` is given).
     pub supervisor: Supervisor,
     /// Where the SQLite file is when `database` names none.
     pub data_dir: PathBuf,

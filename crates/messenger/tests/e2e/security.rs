@@ -665,10 +665,9 @@ async fn send_and_await_ack(
     }
 }
 
-/// An HTTP/2 connection that opens no stream after its preface (and answers
-/// every PING) is closed after `server.idle_timeout`; a connection holding a
-/// Connect stream is not, and the system's own connections between services,
-/// idle between calls, reconnect without a failed call.
+/// An HTTP/2 connection to the public port that opens no stream after its
+/// preface (and answers every PING) is closed after `server.idle_timeout`; a
+/// connection holding a Connect stream is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_with_no_call_open_is_closed_after_the_idle_timeout() {
     let idle = Duration::from_secs(1);
@@ -691,8 +690,7 @@ async fn a_connection_with_no_call_open_is_closed_after_the_idle_timeout() {
     let closed_after =
         tokio::time::timeout(WAIT, silent).await.expect("the streamless connection stayed open").unwrap();
     assert!(closed_after >= idle.mul_f32(0.9), "closed after {closed_after:?}, before the idle timeout");
-    // Three idle timeouts later the stream's connection (and the gateway's
-    // to the message service) still carries the send.
+    // Three idle timeouts later the stream's connection still carries the send.
     tokio::time::sleep(idle * 3).await;
     send_and_await_ack(&frames, &mut stream, &direct, "after").await;
     let (bob, mut bob_events) = system.connect("bob", "phone").await;
