@@ -168,6 +168,8 @@ def test_schema_refuses_unknown_and_chart_owned_keys(extra):
          "http://etcd-1:2379 is http:// but TLS to etcd is on: use https://"),
         ({"discovery": {"backend": "etcd"}, "external": {"etcd": {"endpoints": ["https://etcd-0:2379"]}}},
          "https://etcd-0:2379 is https:// but TLS to etcd is off"),
+        ({"config": {"presence": {"backend": "redis"}}, "external": {"redis": {"url": "rediss://redis:6380"}}},
+         "external.redis.url is rediss:// but external.redis.tls is off"),
     ],
 )
 def test_combinations_the_service_would_refuse_fail_to_render(values, reason):

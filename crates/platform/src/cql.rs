@@ -282,8 +282,10 @@ impl Cluster {
 
 /// A session with token-aware balancing that stays in the local datacenter,
 /// the default retry policy and the cluster's consistency levels, over TLS
-/// when the cluster's `tls` says so.
+/// when the cluster's `tls` says so. Settings that do not validate are
+/// refused first: the keyspace goes into statement text.
 pub async fn connect(cluster: &Cluster) -> Result<Session, Error> {
+    cluster.validate().map_err(|error| Error::Storage(format!("scylla: {error}")))?;
     let mut balancing = DefaultPolicy::builder().token_aware(true).permit_dc_failover(false);
     if let Some(datacenter) = &cluster.local_datacenter {
         balancing = balancing.prefer_datacenter(datacenter.clone());
@@ -555,5 +557,19 @@ pub async fn migrate(session: &Session, schema: &Schema) -> Result<MigrationRepo
         );
         lwt(session, release, (id, token)).await?;
         return Ok(report(version, target, applied));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every store's session checks the settings before it connects: a
+    /// keyspace that would be pasted into CQL text never reaches a node.
+    #[tokio::test]
+    async fn a_session_is_refused_settings_that_do_not_validate() {
+        let cluster = Cluster { keyspace: "messenger; DROP KEYSPACE x".into(), ..Cluster::default() };
+        let error = connect(&cluster).await.unwrap_err().to_string();
+        assert!(error.contains("scylla.keyspace"), "{error}");
     }
 }

@@ -29,6 +29,9 @@ or route badly, refused at render time with the reason.
 {{- if and (or (eq $presence "redis") (eq $cache "redis")) (not (or $values.external.redis.url $values.external.redis.existingSecret)) -}}
 {{- fail "external.redis.url or external.redis.existingSecret is required when presence.backend or message.cache.backend is redis" -}}
 {{- end -}}
+{{- if and (hasPrefix "rediss://" $values.external.redis.url) (not $values.external.redis.tls.enabled) -}}
+{{- fail "external.redis.url is rediss:// but external.redis.tls is off: enable it with the Secret holding Redis's CA" -}}
+{{- end -}}
 {{- /* external.<backend>.tls: the tls tables it sets (from config as well would be two sources for one table). */ -}}
 {{- $tlsTables := dict "scylla" (list "scylla") "redis" (list "presence.redis" "message.cache.redis") "etcd" (list "discovery.etcd") -}}
 {{- range $backend, $tables := $tlsTables -}}

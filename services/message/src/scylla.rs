@@ -150,7 +150,6 @@ pub(crate) fn schema_statements(cluster: &Cluster) -> Vec<String> {
 }
 
 async fn open_session(cluster: &Cluster) -> Result<Session> {
-    cluster.validate().map_err(Error::InvalidArgument)?;
     Ok(messenger_platform::cql::connect(cluster).await?)
 }
 
