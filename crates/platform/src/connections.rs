@@ -122,7 +122,11 @@ impl Connections {
             idle_since: Mutex::new(Instant::now()),
             reader: AtomicWaker::new(),
         });
-        self.shared.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, calls.clone());
+        // Calls are counted only where an idle timeout reads the count:
+        // internal ports skip the lookup on every call.
+        if self.shared.idle_timeout.is_some() {
+            self.shared.by_peer.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, calls.clone());
+        }
         Some(Slot { shared: self.shared.clone(), peer, calls })
     }
 
@@ -133,6 +137,7 @@ impl Connections {
 
     /// A call starting on the connection of `peer` (None if it is gone).
     fn call(&self, peer: SocketAddr) -> Option<Call> {
+        self.shared.idle_timeout?;
         let calls = self.shared.by_peer.lock().unwrap_or_else(|e| e.into_inner()).get(&peer).cloned()?;
         calls.open.fetch_add(1, Ordering::AcqRel);
         Some(Call { calls })
@@ -149,6 +154,9 @@ impl Drop for Slot {
                     open.remove(&self.peer.ip());
                 }
             }
+        }
+        if self.shared.idle_timeout.is_none() {
+            return;
         }
         let mut by_peer = self.shared.by_peer.lock().unwrap_or_else(|e| e.into_inner());
         if by_peer.get(&self.peer).is_some_and(|calls| Arc::ptr_eq(calls, &self.calls)) {
