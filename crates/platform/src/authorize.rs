@@ -5,8 +5,9 @@
 //! layer reads the roles it carries ([`crate::tls::roles_of`]) and answers
 //! PERMISSION_DENIED to a call no rule grants one of them: a gateway's
 //! certificate cannot call `Deliver`, a message instance's cannot register
-//! sessions. Health and reflection are open to every cluster member (probes
-//! and operators' tools). Without mutual TLS (loopback, or the insecure
+//! sessions. A caller in the same process ([`crate::local`]) is known by the
+//! roles of its own certificate. Health and reflection are open to every
+//! cluster member (probes and operators' tools). Without mutual TLS (loopback, or the insecure
 //! setting) there is no identity and the layer lets everything through.
 
 use std::{
@@ -22,7 +23,7 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use crate::role::Role;
+use crate::{local::LocalCaller, role::Role};
 
 /// `(path prefix, roles that may call it)`.
 pub type Rules = Vec<(&'static str, &'static [Role])>;
@@ -103,12 +104,17 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if let Some(callers) = &self.callers {
-            let roles = request
-                .extensions()
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|info| info.peer_certs())
-                .and_then(|certs| certs.first().map(|leaf| crate::tls::roles_of(leaf, &callers.domain)))
-                .unwrap_or_default();
+            // A caller in this process names its roles; one on the network
+            // has them read from the certificate its handshake verified.
+            let roles = match request.extensions().get::<LocalCaller>() {
+                Some(LocalCaller(roles)) => roles.to_vec(),
+                None => request
+                    .extensions()
+                    .get::<TlsConnectInfo<TcpConnectInfo>>()
+                    .and_then(|info| info.peer_certs())
+                    .and_then(|certs| certs.first().map(|leaf| crate::tls::roles_of(leaf, &callers.domain)))
+                    .unwrap_or_default(),
+            };
             let path = request.uri().path();
             if !callers.allows(path, &roles) {
                 tracing::warn!(%path, roles = ?roles, "internal call refused: the caller's certificate has no role that may make it");

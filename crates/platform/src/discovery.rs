@@ -22,10 +22,50 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tonic::{codegen::http, transport::Endpoint};
 
-use crate::trace::Traced;
+use crate::{local::LocalLink, trace::Traced};
 
 /// A channel to one instance: every call on it is traced (`trace.rs`).
-pub type Channel = Traced<tonic::transport::Channel>;
+pub type Channel = Traced<Link>;
+
+/// How calls reach one instance: directly when this process serves its
+/// address ([`crate::local`]), else over the network.
+#[derive(Clone)]
+pub enum Link {
+    Network(tonic::transport::Channel),
+    Local(LocalLink),
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Network(_) => "Link::Network",
+            Link::Local(_) => "Link::Local",
+        })
+    }
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Link {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+        match self {
+            Link::Network(channel) => tonic::codegen::Service::poll_ready(channel, cx).map_err(BoxError::from),
+            Link::Local(_) => std::task::Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        match self {
+            Link::Network(channel) => {
+                let call = tonic::codegen::Service::call(channel, request);
+                Box::pin(async move { call.await.map_err(BoxError::from) })
+            }
+            Link::Local(link) => link.call(request),
+        }
+    }
+}
 
 pub use self::etcd::{EtcdDiscovery, EtcdOptions};
 pub use crate::role::Role;
@@ -66,6 +106,10 @@ pub struct DiscoveryOptions {
     /// no other is known), so retries go elsewhere before its lease expires.
     #[serde(with = "humantime_serde")]
     pub unhealthy_for: Duration,
+    /// Calls to a service this same process serves (at the exact address
+    /// discovery gives) skip TCP, TLS and HTTP/2 and go to its handlers
+    /// directly, still authorized by this process's certificate roles.
+    pub in_process: bool,
     /// Mutual TLS for every internal call: set by the binary from `tls.*`,
     /// never read from configuration itself.
     #[serde(skip)]
@@ -85,6 +129,7 @@ impl Default for DiscoveryOptions {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             unhealthy_for: Duration::from_secs(5),
+            in_process: true,
             tls: None,
         }
     }
@@ -350,7 +395,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for RoleChannel {
             // passed over for a while.
             result.map_err(|error| {
                 let role = this.inner.role;
-                let slow = timed_out(&error);
+                let slow = timed_out(&*error);
                 if !slow {
                     this.mark_unhealthy(address.clone());
                 }
@@ -393,15 +438,21 @@ impl ChannelPool {
     }
 
     pub fn get(&self, address: &str) -> Result<Channel, Error> {
+        if self.options.in_process {
+            let caller = self.options.tls.as_ref().map(crate::tls::ClientTls::roles);
+            if let Some(link) = crate::local::link(address, caller, self.options.request_timeout) {
+                return Ok(Traced::new(Link::Local(link)));
+            }
+        }
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
         let endpoint = endpoint(address, &self.options)?;
-        let channel = Traced::new(match &self.options.tls {
+        let channel = Traced::new(Link::Network(match &self.options.tls {
             Some(tls) => endpoint.connect_with_connector_lazy(tls.connector(self.role)),
             None => endpoint.connect_lazy(),
-        });
+        }));
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }

@@ -9,7 +9,8 @@
 //! - [`metrics`]: OpenTelemetry instruments and RED per RPC (a tower layer on
 //!   every server); [`admin`]: the admin port (`/metrics`, `/livez`, `/readyz`).
 //! - [`discovery`]: where each role's instances listen: static addresses, or
-//!   etcd registrations and a watch, behind one trait.
+//!   etcd registrations and a watch, behind one trait; [`local`]: calls to a
+//!   service in the same process, made without the network.
 //! - [`auth`]: JWT bearer verification (HS256, RS256, ES256, JWKS, keys
 //!   reloaded on change) and development tokens.
 //! - [`role`]: the five roles a process can play.
@@ -40,6 +41,7 @@ pub mod cql;
 pub mod discovery;
 pub mod error;
 pub mod ids;
+pub mod local;
 pub mod metrics;
 pub mod redis;
 pub mod reload;

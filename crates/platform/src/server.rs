@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{service::Routes, transport::server::TcpIncoming};
+use tower::util::BoxCloneSyncService;
 
 use crate::{
     authorize::{AuthorizeLayer, Callers, Rules},
@@ -169,6 +170,17 @@ pub async fn serve(
     service_names: &[&'static str],
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let methods = method_paths(&descriptors_of_all());
+    // Callers in this process reach an internal port's routes directly,
+    // behind the same metrics and authorization (`local.rs`), from the
+    // moment it is served.
+    let _local = port.internal.then(|| {
+        let layers = tower::ServiceBuilder::new()
+            .layer(RpcMetricsLayer::new(name, methods.clone()))
+            .layer(AuthorizeLayer::new(port.callers.clone()));
+        let routes = BoxCloneSyncService::new(layers.service(routes.clone()));
+        crate::local::register(local_addr(&port.listener), routes, shutdown.clone())
+    });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for service in service_names {
         health_reporter.set_service_status(*service, ServingStatus::Serving).await;
@@ -188,7 +200,7 @@ pub async fn serve(
         builder
     };
     let (reflection_v1, reflection_v1alpha) = (reflection().build_v1()?, reflection().build_v1alpha()?);
-    let Port { listener, tls, callers, .. } = port;
+    let Port { listener, tls, callers, internal } = port;
     let address = local_addr(&listener);
     info!(server = name, %address, tls = tls.is_some(), "listening");
 
@@ -201,8 +213,7 @@ pub async fn serve(
             reporter.set_service_status(service, ServingStatus::NotServing).await;
         }
     };
-    let methods = method_paths(&descriptors_of_all());
-    let connections = options.connections(!port.internal);
+    let connections = options.connections(!internal);
     let router = tonic::transport::Server::builder()
         // Outermost: a call holds its connection open until its response ends.
         .layer(CallsLayer::new(connections.clone(), grpc_peer))

@@ -369,8 +369,16 @@ pub type ClusterStream = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream
 #[derive(Clone)]
 pub struct ClientTls {
     files: (PathBuf, PathBuf, PathBuf),
-    config: Arc<RwLock<Arc<ClientConfig>>>,
+    loaded: Arc<RwLock<Loaded>>,
     options: Arc<TlsOptions>,
+}
+
+/// What the files held when last read.
+struct Loaded {
+    config: Arc<ClientConfig>,
+    /// The roles this process's own certificate carries: its identity on
+    /// calls that stay in the process ([`crate::local`]).
+    roles: Arc<[Role]>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -384,15 +392,20 @@ impl ClientTls {
     pub fn cluster(options: &TlsOptions) -> Result<Option<Self>, Error> {
         let Some((ca, cert, key)) = options.cluster_files() else { return Ok(None) };
         let files = (ca.to_path_buf(), cert.to_path_buf(), key.to_path_buf());
-        let config = Arc::new(RwLock::new(Arc::new(build_client(&files)?)));
-        Ok(Some(Self { files, config, options: Arc::new(options.clone()) }))
+        let loaded = Arc::new(RwLock::new(load_client(&files, &options.cluster_domain)?));
+        Ok(Some(Self { files, loaded, options: Arc::new(options.clone()) }))
     }
 
     /// Reads the files again; on failure the configuration in use stays.
     pub fn reload(&self) -> Result<(), Error> {
-        let config = build_client(&self.files)?;
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        let loaded = load_client(&self.files, &self.options.cluster_domain)?;
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = loaded;
         Ok(())
+    }
+
+    /// The roles this process's cluster certificate carries now.
+    pub fn roles(&self) -> Arc<[Role]> {
+        self.loaded.read().unwrap_or_else(|e| e.into_inner()).roles.clone()
     }
 
     /// Reloads whenever the files change, until `shutdown`.
@@ -420,7 +433,7 @@ impl ClientTls {
         let this = self.clone();
         let name = ServerName::try_from(self.options.role_name(role)).expect("validated cluster domain");
         tower::service_fn(move |uri: Uri| {
-            let config = this.config.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let config = this.loaded.read().unwrap_or_else(|e| e.into_inner()).config.clone();
             let name = name.clone();
             Box::pin(async move {
                 let invalid =
@@ -436,15 +449,17 @@ impl ClientTls {
     }
 }
 
-fn build_client((ca, cert, key): &(PathBuf, PathBuf, PathBuf)) -> Result<ClientConfig, Error> {
+fn load_client((ca, cert, key): &(PathBuf, PathBuf, PathBuf), domain: &str) -> Result<Loaded, Error> {
+    let chain = certificates(cert)?;
+    let roles = roles_of(&chain[0], domain).into();
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(config_error)?
         .with_root_certificates(roots(ca)?)
-        .with_client_auth_cert(certificates(cert)?, private_key(key)?)
+        .with_client_auth_cert(chain, private_key(key)?)
         .map_err(config_error)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    Ok(Loaded { config: Arc::new(config), roles })
 }
 
 /// The roles a verified peer certificate carries: those whose

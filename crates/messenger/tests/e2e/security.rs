@@ -5,7 +5,10 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use messenger::{Config, certs, system};
 use messenger_client::{Client, Error, Event, TlsOptions, TokenProvider};
-use messenger_platform::{auth, discovery::Role};
+use messenger_platform::{
+    auth,
+    discovery::{ChannelPool, DiscoveryOptions, Role},
+};
 use messenger_proto::v1::{
     self as pb, gateway_internal_service_client::GatewayInternalServiceClient,
     message_service_client::MessageServiceClient, presence_service_client::PresenceServiceClient,
@@ -112,11 +115,13 @@ async fn configured_jwks_replaces_the_development_secret_and_rotates_without_res
     assert!(matches!(connect(rsa).await, Err(Error::Unauthenticated(_))), "the retired key still verifies");
 }
 
-/// A system with TLS on the public port and mutual TLS on every internal one.
-async fn tls_system(certs: &certs::Generated) -> TestSystem {
+/// A system with TLS on the public port and mutual TLS on every internal one
+/// (which its own calls skip when `in_process`: `platform/src/local.rs`).
+async fn tls_system(certs: &certs::Generated, in_process: bool) -> TestSystem {
     let (cert, key) = certs.role("all").unwrap();
     let (cert, key) = (cert.to_path_buf(), key.to_path_buf());
     TestSystem::start_with(|config| {
+        config.discovery.in_process = in_process;
         config.tls.public_cert_file = Some(certs.public.0.clone());
         config.tls.public_key_file = Some(certs.public.1.clone());
         config.tls.cluster_ca_file = Some(certs.ca.clone());
@@ -153,7 +158,7 @@ async fn internal_ports_take_only_cluster_certificates_whose_role_may_make_the_c
     let dir = tempfile::tempdir().unwrap();
     let certs =
         certs::generate(dir.path(), "messenger.internal", &["localhost".into(), "127.0.0.1".into()], 1).unwrap();
-    let system = tls_system(&certs).await;
+    let system = tls_system(&certs, true).await;
     let addresses = system.running.as_ref().unwrap().addresses.clone();
     let (gateway_internal, message, presence) =
         (addresses.gateway_internal.unwrap(), addresses.message.unwrap(), addresses.presence.unwrap());
@@ -202,24 +207,74 @@ async fn internal_ports_take_only_cluster_certificates_whose_role_may_make_the_c
 }
 
 #[tokio::test]
-async fn the_public_port_speaks_tls_to_the_sdk_and_to_an_independent_client() {
+async fn calls_within_the_process_skip_the_network_but_not_authorization() {
     let dir = tempfile::tempdir().unwrap();
     let certs =
         certs::generate(dir.path(), "messenger.internal", &["localhost".into(), "127.0.0.1".into()], 1).unwrap();
-    let system = tls_system(&certs).await;
-    assert!(system.endpoint.starts_with("https://"), "{}", system.endpoint);
+    let system = tls_system(&certs, true).await;
+    let gateway_internal = system.running.as_ref().unwrap().addresses.gateway_internal.unwrap().to_string();
+    // A channel to the gateway's internal port as `identity` would open it.
+    let channel = |identity: &str, in_process: bool| {
+        let (cert, key) = certs.role(identity).unwrap();
+        let tls = messenger_platform::tls::TlsOptions {
+            cluster_ca_file: Some(certs.ca.clone()),
+            cluster_cert_file: Some(cert.to_path_buf()),
+            cluster_key_file: Some(key.to_path_buf()),
+            ..Default::default()
+        };
+        let tls = messenger_platform::tls::ClientTls::cluster(&tls).unwrap();
+        let options = DiscoveryOptions { tls, in_process, ..Default::default() };
+        ChannelPool::new(options, Role::Gateway).get(&gateway_internal).unwrap()
+    };
+    // In process (once the port is served), the caller is still known by
+    // its certificate's roles.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let as_gateway = loop {
+        let channel = channel("gateway", true);
+        if format!("{channel:?}").contains("Local") {
+            break channel;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the gateway's internal port never served in process");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let refused = GatewayInternalServiceClient::new(as_gateway).deliver(deliver_request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    GatewayInternalServiceClient::new(channel("message", true)).deliver(deliver_request()).await.unwrap();
+    // Turned off, the same call goes over mutual TLS.
+    let over_network = channel("message", false);
+    assert!(format!("{over_network:?}").contains("Network"), "{over_network:?}");
+    GatewayInternalServiceClient::new(over_network).deliver(deliver_request()).await.unwrap();
+
+    // The system's own hops are in process: a chat works end to end.
+    chat_over_tls(&system, &certs).await;
+}
+
+/// Alice sends Bob a message through `system`'s TLS public port, the SDK
+/// trusting the cluster CA.
+async fn chat_over_tls(system: &TestSystem, certs: &certs::Generated) {
     let tls = TlsOptions { ca_pem: Some(std::fs::read(&certs.ca).unwrap()), server_name: None };
     let connect = |user: &str| {
         let mut options = system.options(user, "phone");
         options.tls = tls.clone();
         Client::connect(options)
     };
-    // Every hop behind the gateway is mutual TLS too: send, fan-out, deliver.
     let (alice, _alice_events) = connect("alice").await.unwrap();
     let (_bob, mut bob_events) = connect("bob").await.unwrap();
     let direct = alice.direct("bob").await.unwrap().conversation_id;
     alice.send(&direct, "over tls").await.unwrap();
     assert_eq!(next_message(&mut bob_events).await.body, "over tls");
+}
+
+#[tokio::test]
+async fn the_public_port_speaks_tls_to_the_sdk_and_to_an_independent_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs =
+        certs::generate(dir.path(), "messenger.internal", &["localhost".into(), "127.0.0.1".into()], 1).unwrap();
+    // Every internal call over the network, as between pods.
+    let system = tls_system(&certs, false).await;
+    assert!(system.endpoint.starts_with("https://"), "{}", system.endpoint);
+    // Every hop behind the gateway is mutual TLS too: send, fan-out, deliver.
+    chat_over_tls(&system, &certs).await;
 
     // Without the CA the SDK refuses the server.
     let mut untrusting = system.options("alice", "laptop");
@@ -591,7 +646,7 @@ async fn an_idle_and_stalled_socket_flood_does_not_keep_an_honest_client_out() {
     let dir = tempfile::tempdir().unwrap();
     let certs =
         certs::generate(dir.path(), "messenger.internal", &["localhost".into(), "127.0.0.1".into()], 1).unwrap();
-    let system = tls_system(&certs).await;
+    let system = tls_system(&certs, true).await;
     let address = system.running.as_ref().unwrap().addresses.gateway.unwrap();
 
     let mut flood = Vec::with_capacity(2_500);
