@@ -262,9 +262,11 @@ impl Worker {
     async fn run(mut self, mut queue: mpsc::Receiver<Queued>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while queue.recv_many(&mut batch, self.max_batch).await > 0 {
-            // A short linger lets a busy system share one Locate and one Deliver
-            // per gateway among many items; an idle one pays at most `linger`.
-            if !self.linger.is_zero() && batch.len() < self.max_batch {
+            // A batch already forming (items arrived while the last one went
+            // out) lingers for more, so a busy system shares one Locate and one
+            // Deliver per gateway among many items. A lone item goes at once:
+            // a quiet system pays neither a timer nor the delay.
+            if !self.linger.is_zero() && batch.len() > 1 && batch.len() < self.max_batch {
                 tokio::time::sleep(self.linger).await;
                 while batch.len() < self.max_batch {
                     match queue.try_recv() {

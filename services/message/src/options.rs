@@ -104,7 +104,8 @@ pub struct FanoutOptions {
     /// Most messages fanned out together in one Locate + one Deliver per gateway.
     pub max_batch: usize,
     /// How long a worker waits for more items before fanning out a partial
-    /// batch: fewer calls under load, at most this much added latency.
+    /// batch, when more than one was already waiting (under load): fewer
+    /// calls then, at most this much added latency. A lone item never waits.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Users per presence `Locate` call; a batch with more recipients is

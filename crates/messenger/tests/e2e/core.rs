@@ -31,6 +31,20 @@ async fn live_message_reaches_peer_and_ack_follows_commit() {
     assert_quiet(&mut bob_events).await;
 }
 
+/// A lone message is fanned out at once: only a batch already forming (more
+/// than one item waiting) lingers for more.
+#[tokio::test]
+async fn a_lone_message_does_not_wait_for_the_fanout_linger() {
+    let system = TestSystem::start_with(|config| config.message.fanout.linger = Duration::from_secs(10)).await;
+    let (alice, _alice_events) = system.connect("alice", "alice-phone").await;
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    let started = std::time::Instant::now();
+    alice.send(&conversation, "no waiting").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.body, "no waiting");
+    assert!(started.elapsed() < Duration::from_secs(5), "held for the linger: {:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn offline_recipient_receives_backlog_once_in_order() {
     let system = TestSystem::start().await;
