@@ -11,8 +11,9 @@
 //! syscalls on both ends.
 //!
 //! What stays the same as over the network:
-//! - **Who may call what.** The caller's identity is the roles of its own
-//!   cluster certificate ([`crate::tls::ClientTls::roles`]), carried as a
+//! - **Who may call what.** The caller's identity is the roles its own
+//!   cluster certificate names ([`crate::tls::ClientTls::roles`]: the file
+//!   this process loaded, not checked against the CA again), carried as a
 //!   [`LocalCaller`] extension that [`crate::authorize`] reads as it would a
 //!   verified peer certificate. Extensions never cross the wire, so no remote
 //!   caller can claim one.
@@ -20,13 +21,16 @@
 //!   endpoint's request timeout; past it the call fails with
 //!   [`tonic::TimeoutExpired`], which callers map to DEADLINE_EXCEEDED.
 //! - **A server that stops.** Once its shutdown starts, new calls are
-//!   refused (as a closed port refuses connections: UNAVAILABLE, the
-//!   instance passed over) while calls already running finish.
-//! - **A handler that panics** fails its call (INTERNAL), not the caller.
+//!   refused (as a draining server refuses new streams: UNAVAILABLE, the
+//!   instance passed over) while calls already running finish. A link finds
+//!   the port again at each call, so a server started again at the same
+//!   address is reached.
+//! - **A handler that panics** before it answers fails its call
+//!   (INTERNAL), not the caller.
 //!
-//! Addresses match exactly (`127.0.0.1:7710` is not `localhost:7710`); a
-//! port bound to a wildcard address is reached over the network.
-//! `discovery.in_process = false` turns this off.
+//! Addresses match exactly as discovery gives them and the port is bound
+//! (`127.0.0.1:7710` is not `localhost:7710`). `discovery.in_process =
+//! false` turns this off.
 
 use std::{
     collections::HashMap,
@@ -99,30 +103,32 @@ pub fn register(address: SocketAddr, routes: Routes, shutdown: CancellationToken
 pub fn link(address: &str, caller: Option<Arc<[Role]>>, timeout: Duration) -> Option<LocalLink> {
     let bare = address.strip_prefix("http://").or_else(|| address.strip_prefix("https://")).unwrap_or(address);
     let address: SocketAddr = bare.parse().ok()?;
-    let port = ports().get(&address)?.clone();
-    Some(LocalLink { port, caller: caller.map(LocalCaller), timeout })
+    ports().contains_key(&address).then(|| LocalLink { address, caller: caller.map(LocalCaller), timeout })
 }
 
 /// A client channel to a port in this process (see the module docs).
 #[derive(Clone)]
 pub struct LocalLink {
-    port: Port,
+    address: SocketAddr,
     caller: Option<LocalCaller>,
     timeout: Duration,
 }
 
 impl LocalLink {
     pub fn call(&self, mut request: http::Request<Body>) -> BoxFuture<'static, Result<http::Response<Body>, BoxError>> {
-        if self.port.shutdown.is_cancelled() {
-            let refused =
-                std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the in-process server has stopped");
-            return Box::pin(std::future::ready(Err(refused.into())));
-        }
+        let routes = match ports().get(&self.address) {
+            Some(port) if !port.shutdown.is_cancelled() => port.routes.clone(),
+            _ => {
+                let refused =
+                    tonic::Status::unavailable(format!("the in-process server at {} has stopped", self.address));
+                return Box::pin(std::future::ready(Err(refused.into())));
+            }
+        };
         if let Some(caller) = &self.caller {
             request.extensions_mut().insert(caller.clone());
         }
         let timeout = grpc_timeout(request.headers()).map_or(self.timeout, |asked| asked.min(self.timeout));
-        let call = std::panic::AssertUnwindSafe(self.port.routes.clone().oneshot(request)).catch_unwind();
+        let call = std::panic::AssertUnwindSafe(routes.oneshot(request)).catch_unwind();
         Box::pin(async move {
             match tokio::time::timeout(timeout, call).await {
                 Ok(Ok(Ok(response))) => Ok(response),
@@ -208,14 +214,18 @@ mod tests {
         // A handler's panic fails its call, not the caller.
         assert_eq!(code(&message.call(request("/panic")).await.unwrap()), tonic::Code::Internal);
 
-        // Stopping: new calls are refused as by a closed port, on links made before too.
+        // Stopping: new calls are refused as by a draining server, on links made before too.
         shutdown.cancel();
-        let refused = message.call(request("/locate")).await.unwrap_err();
-        assert!(
-            refused.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
-        );
+        let unavailable = |error: BoxError| error.downcast_ref::<tonic::Status>().map(tonic::Status::code);
+        assert_eq!(unavailable(message.call(request("/locate")).await.unwrap_err()), Some(tonic::Code::Unavailable));
         drop(registration);
         assert!(link("127.0.0.1:1", None, timeout).is_none(), "unregistered once its server returned");
+        assert_eq!(unavailable(message.call(request("/locate")).await.unwrap_err()), Some(tonic::Code::Unavailable));
+
+        // Started again at the same address: a link made before reaches it.
+        let _again = register(address, routes(Duration::ZERO, calls.clone()), CancellationToken::new());
+        assert_eq!(code(&message.call(request("/locate")).await.unwrap()), tonic::Code::Ok);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
