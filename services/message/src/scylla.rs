@@ -61,7 +61,8 @@
 //! if theirs stopped (`apply.rs`), and readers never skip them.
 //!
 //! Costs per batch of sends: one LWT on the head (plus one serial read of
-//! the head), one claim LWT and one seq record per message (distinct
+//! the head when this instance keeps none, or kept a stale one:
+//! `head::Heads`), one claim LWT and one seq record per message (distinct
 //! partitions, run in parallel, so latency is one round each, not N), and
 //! one single-partition batch per bucket chunk of rows.
 //!
@@ -171,6 +172,7 @@ pub(crate) struct Inner {
     statements: Statements,
     options: ScyllaOptions,
     batcher: send::Batcher,
+    heads: head::Heads,
     /// Tests: every change fails after its LWT, before its rows (a writer
     /// that stopped there).
     #[cfg(test)]
@@ -189,6 +191,9 @@ pub(crate) struct Inner {
     /// Tests: rows wait up to this long before they are written.
     #[cfg(test)]
     row_jitter_ms: std::sync::atomic::AtomicU64,
+    /// Tests: every request sent, as (statement name, mode label).
+    #[cfg(test)]
+    sent: std::sync::Mutex<Vec<(&'static str, &'static str)>>,
 }
 
 impl ScyllaStore {
@@ -206,6 +211,7 @@ impl ScyllaStore {
             statements,
             options: options.clone(),
             batcher: send::Batcher::default(),
+            heads: head::Heads::new(options.head_cache_members),
             #[cfg(test)]
             fail_plan_writes: Default::default(),
             #[cfg(test)]
@@ -216,12 +222,38 @@ impl ScyllaStore {
             kill_countdown: Default::default(),
             #[cfg(test)]
             row_jitter_ms: Default::default(),
+            #[cfg(test)]
+            sent: Default::default(),
         };
         Ok(ScyllaStore { inner: Arc::new(inner) })
     }
 }
 
+/// Counts one request to the cluster: a statement by its declared name and
+/// mode, or a batch (mode `batch`) by the name of its first statement. The
+/// counter (`messenger.message.scylla.statements`) is what a send, a delivery
+/// or a read costs the nodes; `messenger bench` reports it per delivered message.
+fn count(statement: &'static str, mode: &'static str) {
+    static SENT: std::sync::OnceLock<messenger_platform::metrics::Counter<u64>> = std::sync::OnceLock::new();
+    let sent = SENT.get_or_init(|| {
+        messenger_platform::metrics::meter()
+            .u64_counter("messenger.message.scylla.statements")
+            .with_description(
+                "Requests sent to the CQL cluster, by statement and mode (read, serial_read, write, lwt, batch)",
+            )
+            .build()
+    });
+    use messenger_platform::metrics::KeyValue;
+    sent.add(1, &[KeyValue::new("statement", statement), KeyValue::new("mode", mode)]);
+}
+
 impl Inner {
+    fn sending(&self, statement: &'static str, mode: &'static str) {
+        count(statement, mode);
+        #[cfg(test)]
+        self.sent.lock().unwrap_or_else(|e| e.into_inner()).push((statement, mode));
+    }
+
     async fn execute<const N: usize>(
         &self,
         statement: &Prepared<N>,
@@ -229,7 +261,8 @@ impl Inner {
     ) -> Result<QueryResult, ::scylla::errors::ExecutionError> {
         #[cfg(test)]
         self.dead()?;
-        self.session.execute_unpaged(&statement.0, values).await
+        self.sending(statement.name, statement.mode.label());
+        self.session.execute_unpaged(&statement.statement, values).await
     }
 
     #[cfg(test)]
@@ -290,7 +323,8 @@ impl Inner {
     {
         #[cfg(test)]
         self.dead().map_err(execution_error)?;
-        let pager = self.session.execute_iter(statement.0.clone(), values).await.map_err(pager_error)?;
+        self.sending(statement.name, statement.mode.label());
+        let pager = self.session.execute_iter(statement.statement.clone(), values).await.map_err(pager_error)?;
         let stream = pager.rows_stream::<R>().map_err(|e| other("unexpected row type", e))?;
         stream.try_collect().await.map_err(|e| Error::Unavailable(format!("scylla: {e}")))
     }
@@ -310,12 +344,13 @@ impl Inner {
 
     /// Runs a batch of idempotent writes, retrying a few times: rows are
     /// upserts of fixed values, so writing them twice is harmless.
-    async fn write_batch(&self, mut batch: Batch, values: impl BatchValues) -> Result<()> {
+    async fn write_batch(&self, name: &'static str, mut batch: Batch, values: impl BatchValues) -> Result<()> {
         batch.set_is_idempotent(true);
         let mut attempt = 0;
         loop {
             #[cfg(test)]
             self.dead().map_err(execution_error)?;
+            self.sending(name, "batch");
             match self.session.batch(&batch, &values).await {
                 Ok(_) => return Ok(()),
                 Err(error) if attempt < WRITE_ATTEMPTS && rows::outcome_unknown(&error) => {
@@ -335,11 +370,13 @@ const WRITE_ATTEMPTS: u32 = 3;
 pub(crate) struct BatchBuilder {
     batch: Batch,
     values: Vec<Box<dyn SerializeRow + Send + Sync>>,
+    /// Its first statement's name (what the statement counter calls it).
+    name: &'static str,
 }
 
 impl BatchBuilder {
     fn new(batch_type: BatchType) -> Self {
-        Self { batch: Batch::new(batch_type), values: Vec::new() }
+        Self { batch: Batch::new(batch_type), values: Vec::new(), name: "" }
     }
 
     fn push<const N: usize>(
@@ -347,7 +384,10 @@ impl BatchBuilder {
         statement: &Prepared<N>,
         values: impl SerializeRow + Arity<N> + Send + Sync + 'static,
     ) {
-        self.batch.append_statement(statement.0.clone());
+        if self.values.is_empty() {
+            self.name = statement.name;
+        }
+        self.batch.append_statement(statement.statement.clone());
         self.values.push(Box::new(values));
     }
 
@@ -364,7 +404,7 @@ impl BatchBuilder {
         if self.values.is_empty() {
             return Ok(());
         }
-        inner.write_batch(self.batch, self.values).await
+        inner.write_batch(self.name, self.batch, self.values).await
     }
 }
 
@@ -404,7 +444,11 @@ impl MessageStore for ScyllaStore {
     }
 
     async fn apply(&self, request: ChangeRequest) -> Result<Vec<Appended>> {
-        apply::apply(&self.inner, request).await
+        let id = request.conversation_id;
+        let applied = apply::apply(&self.inner, request).await;
+        // The change moved the head (whether or not its answer says so).
+        self.inner.heads.forget(id);
+        applied
     }
 
     async fn history(

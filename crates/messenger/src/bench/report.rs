@@ -1,6 +1,8 @@
 //! Results: one struct per scenario, a table for people and JSON for
 //! comparing runs.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::{BenchOptions, Scenario, Store, server::Server};
@@ -60,6 +62,10 @@ pub struct DirectRun {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    /// CQL requests to the node per delivered message, by `statement/mode`
+    /// (a Scylla store; counted from the server's `/metrics`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub statements_per_delivered: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -315,7 +321,33 @@ fn direct_table(transport: &str, direct: &Direct) -> String {
         );
     }
     out += &format!("  saturation: {:.0} delivered/s (last row: half of it)\n", direct.saturation_per_sec);
+    for run in direct.runs.iter().chain(direct.half_saturation.iter()) {
+        out += &statements_line(run);
+    }
     out
+}
+
+/// CQL requests per delivered message at one rate: the total by mode, then
+/// each statement, most frequent first (nothing for a store without CQL).
+fn statements_line(run: &DirectRun) -> String {
+    if run.statements_per_delivered.is_empty() {
+        return String::new();
+    }
+    let mut by_mode: BTreeMap<&str, f64> = BTreeMap::new();
+    for (key, count) in &run.statements_per_delivered {
+        *by_mode.entry(key.rsplit('/').next().unwrap_or_default()).or_default() += count;
+    }
+    let total: f64 = by_mode.values().sum();
+    let modes: Vec<String> = by_mode.iter().map(|(mode, count)| format!("{mode} {count:.2}")).collect();
+    let mut statements: Vec<(&String, &f64)> = run.statements_per_delivered.iter().collect();
+    statements.sort_by(|a, b| b.1.total_cmp(a.1));
+    let each: Vec<String> = statements.iter().map(|(key, count)| format!("{key} {count:.2}")).collect();
+    format!(
+        "  CQL requests per delivered message at {}/s: {total:.2} ({})\n    {}\n",
+        run.offered_per_sec,
+        modes.join(", "),
+        each.join(", ")
+    )
 }
 
 /// WebSocket against gRPC, on the same figures: bytes per idle session, and

@@ -137,6 +137,7 @@ async fn direct_run(
     rate: u32,
 ) -> DirectRun {
     recorder.reset();
+    let statements_before = server.statements().await;
     let before = server.sample();
     let started = Instant::now();
     let body_size = options.body_size;
@@ -154,6 +155,12 @@ async fn direct_run(
     let delivered = recorder.count();
     let elapsed = (finished - started).as_secs_f64();
     let cpu = after.cpu_seconds - before.cpu_seconds;
+    let mut statements_per_delivered = server.statements().await;
+    for (key, count) in &mut statements_per_delivered {
+        let sent = *count - statements_before.get(key).copied().unwrap_or_default();
+        *count = if delivered > 0 { sent / delivered as f64 } else { 0.0 };
+    }
+    statements_per_delivered.retain(|_, count| *count > 0.0);
     let run = DirectRun {
         offered_per_sec: rate,
         sent: issued,
@@ -167,6 +174,7 @@ async fn direct_run(
         p50_ms: millis(&latencies, 0.5),
         p99_ms: millis(&latencies, 0.99),
         p999_ms: millis(&latencies, 0.999),
+        statements_per_delivered,
     };
     eprintln!(
         "bench:   offered {rate}/s -> delivered {:.0}/s ({} of {}, {} failed, {} skipped), p99 {:.2} ms, server {:.2} cores",

@@ -1,7 +1,7 @@
 //! The system under test: a `messenger up` child process on loopback ports
 //! (or a given target), and its CPU seconds and resident memory from /proc.
 
-use std::{process::Stdio, time::Duration};
+use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
 use anyhow::{Context as _, bail};
 use tokio::{
@@ -15,6 +15,8 @@ pub struct Server {
     pub endpoint: String,
     /// The gateway's browser port (`host:port`), when known.
     pub web: Option<String>,
+    /// The server's `/metrics` URL, when known.
+    pub metrics: Option<String>,
     pub pid: Option<u32>,
     child: Option<Child>,
     _data: Option<tempfile::TempDir>,
@@ -40,6 +42,7 @@ impl Server {
             return Ok(Server {
                 endpoint: target.clone(),
                 web: options.target_web.clone(),
+                metrics: None,
                 pid: options.server_pid,
                 child: None,
                 _data: None,
@@ -132,17 +135,23 @@ impl Server {
         })
         .await
         .context("`messenger up` did not come up in 30 s")??;
-        // The next line names the browser port: `web app: http://host:port/ ...`.
-        let web = match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
-            Ok(Ok(Some(line))) => {
-                line.strip_prefix("web app: http://").and_then(|rest| rest.split('/').next()).map(str::to_owned)
+        // The next lines name the browser port (`web app: http://host:port/ ...`)
+        // and the admin port (`metrics: http://host:port/metrics ...`).
+        let (mut web, mut metrics) = (None, None);
+        for _ in 0..2 {
+            let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await else {
+                break;
+            };
+            if let Some(rest) = line.strip_prefix("web app: http://") {
+                web = rest.split('/').next().map(str::to_owned);
+            } else if let Some(rest) = line.strip_prefix("metrics: ") {
+                metrics = rest.split_whitespace().next().map(str::to_owned);
             }
-            _ => None,
-        };
+        }
         // Keep draining its stdout so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let pid = child.id();
-        Ok(Server { endpoint, web, pid, child: Some(child), _data: Some(data), clock_ticks })
+        Ok(Server { endpoint, web, metrics, pid, child: Some(child), _data: Some(data), clock_ticks })
     }
 
     /// The server's figures now (zeros when its pid is unknown).
@@ -168,6 +177,26 @@ impl Server {
             })
             .unwrap_or_default();
         Sample { cpu_seconds, rss_bytes }
+    }
+
+    /// The server's CQL requests so far, by `statement/mode`, from its
+    /// `/metrics` (empty when it has no admin port or no CQL store).
+    pub async fn statements(&self) -> BTreeMap<String, f64> {
+        let mut counts = BTreeMap::new();
+        let Some(url) = &self.metrics else { return counts };
+        let Ok(response) = reqwest::get(url).await else { return counts };
+        let Ok(text) = response.text().await else { return counts };
+        for line in text.lines().filter(|line| line.starts_with("messenger_message_scylla_statements_total{")) {
+            let label = |name: &str| {
+                let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+                line[start..].split('"').next()
+            };
+            let value = line.rsplit(' ').next().and_then(|value| value.parse::<f64>().ok());
+            if let (Some(statement), Some(mode), Some(value)) = (label("statement"), label("mode"), value) {
+                *counts.entry(format!("{statement}/{mode}")).or_default() += value;
+            }
+        }
+        counts
     }
 
     /// Waits (at most 30 s) until the server is quiet: under 5% of a core

@@ -1,8 +1,10 @@
 //! What sends, changes and reads share about a conversation's head besides
-//! its row: the apply lock's record of a change still to be written
-//! ([`Pending`]), when a lock or claim is past its holder's budget, and how
-//! a lost seq is declared. Below `send`, `apply` and `reads`, which all
-//! build on it.
+//! its row: the heads this instance last knew ([`Heads`]), the apply lock's
+//! record of a change still to be written ([`Pending`]), when a lock or
+//! claim is past its holder's budget, and how a lost seq is declared. Below
+//! `send`, `apply` and `reads`, which all build on it.
+
+use std::sync::Arc;
 
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -17,6 +19,57 @@ use crate::{
     error::Result,
     store::{Role, StoredMessage},
 };
+
+/// The head of each conversation as this instance last knew it: read at
+/// serial consistency or written by its own reservation. Never trusted for
+/// a decision the head's LWT does not check again:
+/// - a send reserves against the kept head (`IF last_seq = kept`), so a
+///   stale one only costs a failed LWT and the serial read it saves;
+/// - a delivered cursor at or below the kept `last_seq` of a user the kept
+///   roster lists needs no clamp (a later removal ends after `last_seq`,
+///   and `last_seq` only grows), so the ack reads neither head nor member.
+///
+/// A head holding the apply lock is never kept (its change is not written
+/// yet); a change made here forgets its conversation's head. Bounded by
+/// `message.scylla.head_cache_members` (each head weighs its roster plus one).
+pub(crate) struct Heads {
+    cache: Option<moka::sync::Cache<Uuid, Arc<Head>>>,
+}
+
+impl Heads {
+    pub(super) fn new(max_members: u64) -> Heads {
+        let cache = (max_members > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(max_members)
+                .weigher(|_, head: &Arc<Head>| u32::try_from(head.roster.len() + 1).unwrap_or(u32::MAX))
+                .build()
+        });
+        Heads { cache }
+    }
+
+    pub(super) fn get(&self, id: Uuid) -> Option<Arc<Head>> {
+        self.cache.as_ref()?.get(&id)
+    }
+
+    /// Keeps `head` unless one with a later `last_seq` is kept already.
+    pub(super) fn keep(&self, head: Head) {
+        let Some(cache) = &self.cache else { return };
+        if head.applying.is_some() {
+            return cache.invalidate(&head.id);
+        }
+        let head = Arc::new(head);
+        cache.entry(head.id).and_upsert_with(|kept| match kept {
+            Some(kept) if kept.value().last_seq > head.last_seq => kept.into_value(),
+            _ => head,
+        });
+    }
+
+    pub(super) fn forget(&self, id: Uuid) {
+        if let Some(cache) = &self.cache {
+            cache.invalidate(&id);
+        }
+    }
+}
 
 /// Row changes a plan makes once its entries have seqs.
 #[derive(Clone, Debug, Serialize, Deserialize)]

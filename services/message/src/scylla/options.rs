@@ -35,6 +35,11 @@ pub struct ScyllaOptions {
     /// `batch_size_fail_threshold`: Cassandra refuses batches past 50 KiB by
     /// default, ScyllaDB past 1 MiB. A single larger message goes alone.
     pub batch_max_bytes: usize,
+    /// Most roster members of conversation heads kept in memory (each head
+    /// counts its members plus one); 0 keeps none. A kept head saves a send
+    /// batch its serial head read and a delivered ack its head and member
+    /// reads (`scylla/head.rs` says why a stale one is harmless).
+    pub head_cache_members: u64,
 }
 
 impl Default for ScyllaOptions {
@@ -45,6 +50,7 @@ impl Default for ScyllaOptions {
             dedupe_ttl: Duration::from_secs(7 * 24 * 3600),
             lock_timeout: Duration::from_secs(15),
             batch_max_bytes: 40 * 1024,
+            head_cache_members: 200_000,
         }
     }
 }

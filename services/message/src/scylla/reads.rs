@@ -327,17 +327,34 @@ pub(super) async fn ack_delivered(
 ) -> Result<Vec<(Uuid, u64)>> {
     let mut stored = Vec::with_capacity(cursors.len());
     for (id, seq) in cursors {
-        let Some(membership) = member(inner, id, user).await? else { continue };
-        let limit = match membership.removed_seq {
-            Some(removed) => removed,
-            None => head(inner, id, false).await?.map_or(0, |head| head.last_seq),
+        // Within the kept head of a conversation the user is a member of,
+        // the cursor needs no clamp (see `head::Heads`).
+        let kept = inner.heads.get(id).filter(|head| head.last_seq >= seq && head.roster.contains_key(user));
+        let wanted = match kept {
+            Some(_) => seq,
+            None => {
+                let (membership, head) =
+                    futures::future::try_join(member(inner, id, user), head(inner, id, false)).await?;
+                let Some(membership) = membership else { continue };
+                let limit = match membership.removed_seq {
+                    Some(removed) => removed,
+                    None => head.map_or(0, |head| head.last_seq),
+                };
+                seq.min(limit)
+            }
         };
-        let wanted = seq_value(seq.min(limit));
-        // The value is its own timestamp: the largest cursor wins, whatever the order of writes.
-        inner.run(&inner.statements.cursor_advance, (wanted, wanted, user, device, id)).await?;
-        inner.run(&inner.statements.member_delivered, (wanted, wanted, id, user)).await?;
-        let value: Option<(Option<i64>,)> = inner.first(&inner.statements.cursor_read, (user, device, id)).await?;
-        let value = value.and_then(|(value,)| value).unwrap_or(wanted).max(0) as u64;
+        let wanted = seq_value(wanted);
+        // The value is its own timestamp: the largest cursor wins, whatever
+        // the order of writes. The read sees the cursor before or after this
+        // write; either way the larger of it and `wanted` is what it holds after.
+        let s = &inner.statements;
+        let (_, _, value) = futures::future::try_join3(
+            inner.run(&s.cursor_advance, (wanted, wanted, user, device, id)),
+            inner.run(&s.member_delivered, (wanted, wanted, id, user)),
+            inner.first::<3, (Option<i64>,)>(&s.cursor_read, (user, device, id)),
+        )
+        .await?;
+        let value = value.and_then(|(value,)| value).unwrap_or(wanted).max(wanted).max(0) as u64;
         stored.push((id, value));
     }
     Ok(stored)

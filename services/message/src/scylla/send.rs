@@ -188,17 +188,16 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
             None => sends.push(Send { message: pending.message, waiters: vec![pending.reply] }),
         }
     }
-    let head = match head(inner, id, true).await {
-        Ok(Some(head)) => head,
-        Ok(None) => return sends.into_iter().for_each(|s| s.fail(Error::ConversationNotFound)),
-        Err(error) => return sends.into_iter().for_each(|s| s.fail(copy_error(&error))),
+    // The head this instance kept saves the serial read: the reservation's
+    // LWT checks it (`IF last_seq = ?`), and re-reads only if it was stale.
+    let head = match inner.heads.get(id) {
+        Some(kept) => Head::clone(&kept),
+        None => match fresh_head(inner, id).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return sends.into_iter().for_each(|s| s.fail(Error::ConversationNotFound)),
+            Err(error) => return sends.into_iter().for_each(|s| s.fail(copy_error(&error))),
+        },
     };
-    // A change whose writer stopped is completed by whoever comes next.
-    if stale_lock(inner, &head, messenger_platform::ids::now_ms())
-        && let Err(error) = super::apply::roll_forward(inner, &head).await
-    {
-        warn!(%error, conversation_id = %id, "cannot complete an unfinished change yet");
-    }
     // Membership first, so a non-member never leaves a claim behind.
     let mut members = Vec::with_capacity(sends.len());
     for send in sends {
@@ -244,7 +243,10 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
     }
     let (first_seq, stamp, checked, roster) = match reserve(inner, head, checked, started).await {
         Ok(reserved) => reserved,
-        Err((sends, error)) => return give_up(inner, sends, error).await,
+        Err((sends, error)) => {
+            inner.heads.forget(id);
+            return give_up(inner, sends, error).await;
+        }
     };
     // Stamped at the reservation, not at receipt: readers judge a missing
     // seq lost by the age of the next row, and a stamp from before queueing
@@ -279,6 +281,31 @@ impl Stamp {
     fn millis(self) -> i64 {
         self.micros / 1000
     }
+}
+
+/// The head at serial consistency, kept for the next batch; a change whose
+/// writer stopped is completed first by whoever comes next.
+async fn fresh_head(inner: &Inner, id: Uuid) -> Result<Option<Head>> {
+    let Some(head) = head(inner, id, true).await? else { return Ok(None) };
+    if stale_lock(inner, &head, messenger_platform::ids::now_ms())
+        && let Err(error) = super::apply::roll_forward(inner, &head).await
+    {
+        warn!(%error, conversation_id = %id, "cannot complete an unfinished change yet");
+    }
+    inner.heads.keep(head.clone());
+    Ok(Some(head))
+}
+
+/// The first seq a reservation of `head` up to `last` took and the roster it
+/// was made against; the head as the reservation left it is kept.
+fn reserved(inner: &Inner, mut head: Head, last: u64, activity: i64, token: Uuid) -> (u64, Vec<String>) {
+    let first = head.last_seq + 1;
+    let roster = head.roster.keys().cloned().collect();
+    head.last_seq = last;
+    head.last_activity_ms = activity;
+    head.last_reservation = Some(token);
+    inner.heads.keep(head);
+    (first, roster)
 }
 
 /// Why `user` may not send, judged by the roster in the head.
@@ -423,7 +450,8 @@ async fn reserve(
             Err(error) => return Err((sends, error)),
         };
         if applied {
-            return Ok((head.last_seq + 1, stamp, sends, head.roster.into_keys().collect()));
+            let (first, roster) = reserved(inner, head, last, activity, token);
+            return Ok((first, stamp, sends, roster));
         }
         seq_conflicts().add(1, &[]);
         // Lost to another writer, or the outcome is unknown: the serial read
@@ -434,8 +462,10 @@ async fn reserve(
             Err(error) => return Err((sends, error)),
         };
         if current.last_reservation == Some(token) && current.last_seq == last {
-            return Ok((head.last_seq + 1, stamp, sends, head.roster.into_keys().collect()));
+            let (first, roster) = reserved(inner, head, last, activity, token);
+            return Ok((first, stamp, sends, roster));
         }
+        inner.heads.keep(current.clone());
         if current.last_seq > head.last_seq && current.last_reservation != Some(token) {
             tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)))).await;
         }

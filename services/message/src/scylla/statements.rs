@@ -51,6 +51,18 @@ pub(crate) enum Mode {
     Lwt,
 }
 
+impl Mode {
+    /// The `mode` label of the statement counter.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Mode::Read => "read",
+            Mode::SerialRead => "serial_read",
+            Mode::Write => "write",
+            Mode::Lwt => "lwt",
+        }
+    }
+}
+
 /// One statement as declared.
 #[derive(Debug)]
 #[cfg_attr(not(test), allow(dead_code))]
@@ -62,8 +74,13 @@ pub(crate) struct Cql {
     pub binds: usize,
 }
 
-/// A prepared statement taking `N` bound values.
-pub(crate) struct Prepared<const N: usize>(pub(crate) PreparedStatement);
+/// A prepared statement taking `N` bound values, with its declared name and
+/// mode (the labels of the statement counter).
+pub(crate) struct Prepared<const N: usize> {
+    pub(crate) statement: PreparedStatement,
+    pub(crate) name: &'static str,
+    pub(crate) mode: Mode,
+}
 
 /// The message columns `rows::MessageRow` reads.
 macro_rules! message_columns {
@@ -100,7 +117,11 @@ macro_rules! statements {
         impl Statements {
             pub(crate) async fn prepare(session: &Session, keyspace: &str, serial: Consistency) -> Result<Self> {
                 Ok(Self {
-                    $($name: Prepared(prepare(session, keyspace, Mode::$mode, $text, serial).await?),)*
+                    $($name: Prepared {
+                        statement: prepare(session, keyspace, Mode::$mode, $text, serial).await?,
+                        name: stringify!($name),
+                        mode: Mode::$mode,
+                    },)*
                 })
             }
         }

@@ -935,6 +935,69 @@ async fn rows_are_stamped_at_their_reservation_not_at_receipt() {
     drop_keyspace(&store, &cluster).await;
 }
 
+/// The requests an instance sent since the last call, as `name/mode`.
+fn sent(store: &super::ScyllaStore) -> Vec<String> {
+    let mut sent = store.inner.sent.lock().unwrap();
+    sent.drain(..).map(|(name, mode)| format!("{name}/{mode}")).collect()
+}
+
+/// A batch of sends on the head this instance kept makes no serial read, and
+/// a delivered ack within it reads neither head nor member; a head another
+/// instance moved (a send, a removal) costs one failed LWT and a serial
+/// read, and its decisions are the fresh head's: seqs stay dense and a
+/// removed member is refused.
+#[tokio::test]
+async fn a_kept_head_saves_reads_and_a_stale_one_is_never_trusted() {
+    use crate::store::{Change, ChangeRequest, MessageStore, NewGroup, SendOutcome, contract::send};
+    let (cluster, options) = tokio::task::spawn_blocking(test_options).await.unwrap();
+    let first = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
+    let second = super::ScyllaStore::connect(&cluster, &options).await.unwrap();
+    let group = NewGroup {
+        id: uuid::Uuid::now_v7(),
+        creator: "kept-a".into(),
+        title: "kept".into(),
+        members: vec!["kept-b".into(), "kept-c".into()],
+        now_ms: messenger_platform::ids::now_ms(),
+    };
+    let id = first.create_group(group, 10).await.unwrap().0.id;
+    let seq = |outcome: SendOutcome| match outcome {
+        SendOutcome::Created(appended) => appended.entry.seq,
+        SendOutcome::Duplicate(_) => panic!("a duplicate"),
+    };
+    assert_eq!(seq(send(&first, id, "kept-a", "1", "x").await.unwrap()), 2);
+    sent(&first);
+    assert_eq!(seq(send(&first, id, "kept-a", "2", "x").await.unwrap()), 3);
+    let requests = sent(&first);
+    assert!(!requests.iter().any(|r| r.ends_with("/serial_read")), "{requests:?}");
+    assert_eq!(requests.iter().filter(|r| r.starts_with("head_reserve/")).count(), 1, "{requests:?}");
+    let stored = first.ack_delivered("kept-b", "phone", vec![(id, 3)]).await.unwrap();
+    assert_eq!(stored, vec![(id, 3)]);
+    let requests = sent(&first);
+    assert!(!requests.iter().any(|r| r.starts_with("head_read") || r.starts_with("member_read")), "{requests:?}");
+    // Beyond the kept head the ack is clamped by what the node holds.
+    assert_eq!(first.ack_delivered("kept-b", "phone", vec![(id, 99)]).await.unwrap(), vec![(id, 3)]);
+    // The other instance moves the head: the kept one is stale.
+    assert_eq!(seq(send(&second, id, "kept-b", "1", "x").await.unwrap()), 4);
+    assert_eq!(seq(send(&first, id, "kept-a", "3", "x").await.unwrap()), 5, "seqs stay dense");
+    let requests = sent(&first);
+    assert_eq!(requests.iter().filter(|r| r.starts_with("head_reserve/")).count(), 2, "{requests:?}");
+    assert_eq!(requests.iter().filter(|r| r.ends_with("/serial_read")).count(), 1, "{requests:?}");
+    // The other instance removes c, whom the first one's kept roster lists.
+    let removal = ChangeRequest {
+        conversation_id: id,
+        actor: "kept-a".into(),
+        change: Change::RemoveMember("kept-c".into()),
+        now_ms: messenger_platform::ids::now_ms(),
+        limits: crate::store::contract::LIMITS,
+    };
+    let removed_at = second.apply(removal).await.unwrap()[0].entry.seq;
+    let refused = send(&first, id, "kept-c", "1", "x").await;
+    assert!(matches!(refused, Err(crate::error::Error::NoLongerMember)), "{refused:?}");
+    let stored = first.ack_delivered("kept-c", "phone", vec![(id, 99)]).await.unwrap();
+    assert_eq!(stored, vec![(id, removed_at)], "a removed member's cursor stops at its removal");
+    drop_keyspace(&first, &cluster).await;
+}
+
 /// A seq whose change is recorded in the head but not yet written (its
 /// writer stopped) is never skipped as lost, however old the rows after it:
 /// sync stops before it until the change is completed, then delivers both.
