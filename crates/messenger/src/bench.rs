@@ -15,6 +15,7 @@
 
 mod clients;
 mod media;
+mod node;
 mod notify;
 mod report;
 mod scenarios;
@@ -60,6 +61,8 @@ pub enum Scenario {
     Media,
     /// Pushes per second through the outbox to a webhook, and commit to push.
     Notify,
+    /// The CQL node's own statement rates (`--scylla`), beside the Scylla store's figures.
+    Node,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -255,6 +258,9 @@ pub async fn run(options: BenchOptions, auth: &AuthOptions) -> anyhow::Result<Re
                 Scenario::Reconnect => report.reconnect = Some(scenarios::reconnect(&options, &server, auth).await?),
                 Scenario::Media => report.media = Some(media::media(&options, &server, auth).await?),
                 Scenario::Notify => report.notify = Some(notify::notify(&options, &server, auth).await?),
+                // The node itself, once: in the Scylla store's report.
+                Scenario::Node if *store == Store::Scylla => report.node = Some(node::node(&options).await?),
+                Scenario::Node => {}
             }
             if options.target.is_some() {
                 shared = Some(server);

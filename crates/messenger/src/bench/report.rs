@@ -29,6 +29,8 @@ pub struct Report {
     pub reconnect: Option<Reconnect>,
     pub media: Option<Media>,
     pub notify: Option<Notify>,
+    /// The CQL node's own limits (`--scenarios node`).
+    pub node: Option<super::node::NodeLimits>,
 }
 
 #[derive(Debug, Serialize)]
@@ -184,6 +186,7 @@ impl Report {
             reconnect: None,
             media: None,
             notify: None,
+            node: None,
         }
     }
 
@@ -211,6 +214,10 @@ impl Report {
             if let Some(direct) = direct {
                 out += &direct_table(label, direct);
             }
+        }
+        if let Some(node) = &self.node {
+            out += &node.table();
+            out += &node_ratios(self, node);
         }
         if let Some(line) = transport_ratios(self) {
             out += &line;
@@ -379,6 +386,23 @@ fn transport_ratios(report: &Report) -> Option<String> {
         parts.push(format!("saturation {:.2}x", ratio(web.saturation_per_sec, grpc.saturation_per_sec)));
     }
     (!parts.is_empty()).then(|| format!("\nwebsocket / grpc: {}\n", parts.join("; ")))
+}
+
+/// The store's direct figures as ratios to the node's own, from the same run.
+fn node_ratios(report: &Report, node: &super::node::NodeLimits) -> String {
+    let Some(direct) = &report.direct else { return String::new() };
+    let lwt = node.kinds.iter().find(|kind| kind.statement == "lwt_update");
+    let mut parts = Vec::new();
+    if let Some(lwt) = lwt {
+        parts.push(format!(
+            "direct saturation {:.2}x the node's lwt_update rate",
+            ratio(direct.saturation_per_sec, lwt.per_sec)
+        ));
+        if let Some(half) = &direct.half_saturation {
+            parts.push(format!("p50 at half saturation {:.1}x its p50", ratio(half.p50_ms, lwt.p50_ms)));
+        }
+    }
+    if parts.is_empty() { String::new() } else { format!("  {}\n", parts.join("; ")) }
 }
 
 fn ratio(value: f64, to: f64) -> f64 {
