@@ -19,6 +19,8 @@ pub struct Server {
     pub metrics: Option<String>,
     pub pid: Option<u32>,
     child: Option<Child>,
+    /// The CQL node and the keyspace made for this server, dropped at its stop.
+    keyspace: Option<(String, String)>,
     _data: Option<tempfile::TempDir>,
     clock_ticks: f64,
 }
@@ -45,6 +47,7 @@ impl Server {
                 metrics: None,
                 pid: options.server_pid,
                 child: None,
+                keyspace: None,
                 _data: None,
                 clock_ticks,
             });
@@ -60,9 +63,11 @@ impl Server {
                 .env("MESSENGER_TRACING__OTLP_ENDPOINT", format!("http://{receiver}"))
                 .env("MESSENGER_TRACING__SAMPLE_RATIO", ratio.to_string());
         }
+        let mut made = None;
         if store == super::Store::Scylla {
             let node = options.scylla.as_deref().context("--stores scylla needs --scylla host:port")?;
             let keyspace = format!("bench_{}", messenger_platform::ids::new_id().simple());
+            made = Some((node.to_owned(), keyspace.clone()));
             command
                 .env("MESSENGER_MESSAGE__STORE", "scylla")
                 .env("MESSENGER_SCYLLA__NODES", format!("[\"{node}\"]"))
@@ -151,7 +156,7 @@ impl Server {
         // Keep draining its stdout so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let pid = child.id();
-        Ok(Server { endpoint, web, metrics, pid, child: Some(child), _data: Some(data), clock_ticks })
+        Ok(Server { endpoint, web, metrics, pid, child: Some(child), keyspace: made, _data: Some(data), clock_ticks })
     }
 
     /// The server's figures now (zeros when its pid is unknown).
@@ -217,6 +222,21 @@ impl Server {
     pub async fn stop(mut self) {
         if let Some(child) = &mut self.child {
             let _ = child.kill().await;
+        }
+        // A node that keeps every run's keyspace slows down run after run.
+        if let Some((node, keyspace)) = self.keyspace.take() {
+            let cluster = messenger_platform::cql::Cluster { nodes: vec![node], ..Default::default() };
+            let dropped = match messenger_platform::cql::connect(&cluster).await {
+                Ok(session) => session
+                    .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+                    .await
+                    .err()
+                    .map(|e| e.to_string()),
+                Err(error) => Some(error.to_string()),
+            };
+            if let Some(error) = dropped {
+                eprintln!("bench: keyspace {keyspace} left on the node: {error}");
+            }
         }
     }
 }
