@@ -1,7 +1,8 @@
 //! Delivered acks of every session on this gateway, merged and sent to the
 //! message service in one `AckDeliveredRequest` per interval instead of one
 //! call per session per ack. Acks are resume hints: one lost in a crash costs
-//! the device a few duplicates, which the SDK drops.
+//! the device a few duplicates, which the SDK drops. The flusher sleeps
+//! while no ack waits: an idle gateway has no timer running for it.
 
 use std::{
     collections::HashMap,
@@ -11,6 +12,7 @@ use std::{
 
 use messenger_platform::discovery::RoleChannel;
 use messenger_proto::v1::{self as pb, message_service_client::MessageServiceClient};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -23,6 +25,11 @@ type Pending = HashMap<(String, String), HashMap<String, u64>>;
 #[derive(Default)]
 pub(crate) struct AckBatcher {
     pending: Mutex<Pending>,
+    /// Told when the first ack arrives after a flush.
+    arrived: Notify,
+    /// Tests: flushes so far (each a wake-up of the flusher).
+    #[cfg(test)]
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 impl AckBatcher {
@@ -30,12 +37,17 @@ impl AckBatcher {
     /// `MAX_CONVERSATIONS_PER_DEVICE` conversations waiting for the next flush.
     pub fn add(&self, user: &str, device: &str, conversation_id: String, seq: u64) -> bool {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let first = pending.is_empty();
         let cursors = pending.entry((user.to_owned(), device.to_owned())).or_default();
         if cursors.len() >= MAX_CONVERSATIONS_PER_DEVICE && !cursors.contains_key(&conversation_id) {
             return false;
         }
         let cursor = cursors.entry(conversation_id).or_insert(0);
         *cursor = (*cursor).max(seq);
+        if first {
+            // A permit is kept if the flusher is busy: it flushes again after.
+            self.arrived.notify_one();
+        }
         true
     }
 
@@ -63,26 +75,53 @@ impl AckBatcher {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Flushes every `interval` until `shutdown`, then once more. A flush
-    /// goes out in requests of at most `max_cursors` cursors each, so a
-    /// gateway holding many devices never builds one request beyond the
-    /// message service's size limit (nor one huge write).
+    /// Sends the acks to the message service until `shutdown` (see [`Self::flush_with`]).
     pub async fn run(
         self: Arc<Self>,
-        mut message: MessageServiceClient<RoleChannel>,
+        message: MessageServiceClient<RoleChannel>,
         interval: Duration,
         max_cursors: usize,
         shutdown: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let send = move |request| {
+            let mut message = message.clone();
+            async move { message.ack_delivered(request).await.map(drop) }
+        };
+        self.flush_with(send, interval, max_cursors, shutdown).await;
+    }
+
+    /// Waits for an ack, then for `interval` since the last flush (acks that
+    /// arrive meanwhile go along), and flushes; at `shutdown`, flushes once
+    /// more. A flush goes out in requests of at most `max_cursors` cursors
+    /// each, so a gateway holding many devices never builds one request
+    /// beyond the message service's size limit (nor one huge write).
+    async fn flush_with<F, Fut>(
+        self: Arc<Self>,
+        mut send: F,
+        interval: Duration,
+        max_cursors: usize,
+        shutdown: CancellationToken,
+    ) where
+        F: FnMut(pb::AckDeliveredRequest) -> Fut,
+        Fut: Future<Output = Result<(), tonic::Status>>,
+    {
+        let mut last = tokio::time::Instant::now();
         loop {
-            let stopping = tokio::select! {
-                _ = tick.tick() => false,
+            let mut stopping = tokio::select! {
+                () = self.arrived.notified() => false,
                 () = shutdown.cancelled() => true,
             };
+            if !stopping {
+                tokio::select! {
+                    () = tokio::time::sleep_until(last + interval) => {}
+                    () = shutdown.cancelled() => stopping = true,
+                }
+            }
+            last = tokio::time::Instant::now();
+            #[cfg(test)]
+            self.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for request in requests(self.take(), max_cursors) {
-                if let Err(status) = message.ack_delivered(request).await {
+                if let Err(status) = send(request).await {
                     warn!(code = ?status.code(), message = status.message(), "ack flush failed; devices may see duplicates");
                 }
             }
@@ -137,6 +176,43 @@ mod tests {
 
     fn cursors(requests: &[pb::AckDeliveredRequest]) -> usize {
         requests.iter().flat_map(|r| &r.devices).map(|d| d.cursors.len()).sum()
+    }
+
+    /// No ack, no wake-up; the first ack goes out within the interval, with
+    /// the ones that came along; the rest go out at shutdown.
+    #[tokio::test]
+    async fn the_flusher_sleeps_until_an_ack_arrives() {
+        use std::sync::atomic::Ordering;
+        let batcher = Arc::new(AckBatcher::default());
+        let sent = Arc::new(Mutex::new(Vec::<pb::AckDeliveredRequest>::new()));
+        let shutdown = CancellationToken::new();
+        let record = {
+            let sent = sent.clone();
+            move |request| {
+                sent.lock().unwrap().push(request);
+                async { Ok(()) }
+            }
+        };
+        let interval = Duration::from_millis(20);
+        let flusher = tokio::spawn(batcher.clone().flush_with(record, interval, 100, shutdown.clone()));
+        // A ticking flusher would have woken 15 times by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(batcher.flushes.load(Ordering::Relaxed), 0, "an idle flusher woke up");
+        assert!(batcher.add("u", "d", "c1".into(), 1));
+        assert!(batcher.add("u", "d", "c2".into(), 5));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(batcher.flushes.load(Ordering::Relaxed), 1);
+        let requests = std::mem::take(&mut *sent.lock().unwrap());
+        assert_eq!(requests.len(), 1, "acks that arrived together go in one request");
+        assert_eq!(requests[0].devices[0].cursors.len(), 2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(batcher.flushes.load(Ordering::Relaxed), 1, "the flusher woke up with nothing to send");
+        assert!(batcher.add("u", "d", "c1".into(), 2));
+        shutdown.cancel();
+        flusher.await.unwrap();
+        let requests = std::mem::take(&mut *sent.lock().unwrap());
+        assert_eq!(requests.len(), 1, "shutdown flushes what waits");
+        assert_eq!(requests[0].devices[0].cursors[0].seq, 2);
     }
 
     #[test]

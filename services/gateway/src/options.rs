@@ -46,7 +46,9 @@ pub struct Options {
     /// lost, without waiting for the conversation's next message.
     #[serde(with = "humantime_serde")]
     pub gap_retry_interval: Duration,
-    /// How often the sessions' delivered acks go to the message service, together.
+    /// How often, at most, the sessions' delivered acks go to the message
+    /// service, together: an ack waits at most this long, and no timer runs
+    /// while none waits.
     #[serde(with = "humantime_serde")]
     pub ack_flush_interval: Duration,
     /// Cursors per ack-flush request; a larger flush goes out in several.
