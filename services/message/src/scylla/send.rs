@@ -190,7 +190,11 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
     }
     // The head this instance kept saves the serial read: the reservation's
     // LWT checks it (`IF last_seq = ?`), and re-reads only if it was stale.
-    let head = match inner.heads.get(id) {
+    // A sender the kept roster does not list may have been added on another
+    // instance since: only a fresh head may refuse it.
+    let kept = inner.heads.get(id).filter(|kept| sends.iter().all(|s| kept.roster.contains_key(&s.message.sender)));
+    let from_kept = kept.is_some();
+    let head = match kept {
         Some(kept) => Head::clone(&kept),
         None => match fresh_head(inner, id).await {
             Ok(Some(head)) => head,
@@ -241,7 +245,7 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
     if checked.is_empty() {
         return;
     }
-    let (first_seq, stamp, checked, roster) = match reserve(inner, head, checked, started).await {
+    let (first_seq, stamp, checked, roster) = match reserve(inner, head, from_kept, checked, started).await {
         Ok(reserved) => reserved,
         Err((sends, error)) => {
             inner.heads.forget(id);
@@ -423,17 +427,21 @@ async fn check_reply(inner: &Inner, id: Uuid, message: &NewMessage) -> Result<()
 async fn reserve(
     inner: &Inner,
     mut head: Head,
+    from_kept: bool,
     mut sends: Vec<Send>,
     started: Instant,
 ) -> Result<(u64, Stamp, Vec<Send>, Vec<String>), (Vec<Send>, Error)> {
     let token = Uuid::now_v7();
     let budget = inner.options.lock_timeout / 2;
+    // A first try on a kept head that another instance moved is not one of
+    // the `lwt_max_retries` conflicts: it stood for the serial read.
     let mut attempt = 0;
+    let retries = inner.options.lwt_max_retries + u32::from(from_kept);
     loop {
         if sends.is_empty() {
             return Err((sends, Error::NoLongerMember));
         }
-        if attempt >= inner.options.lwt_max_retries || started.elapsed() > budget {
+        if attempt >= retries || started.elapsed() > budget {
             let error = Error::Unavailable("the conversation is too busy; retry".into());
             return Err((sends, error));
         }

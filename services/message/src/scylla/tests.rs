@@ -944,8 +944,9 @@ fn sent(store: &super::ScyllaStore) -> Vec<String> {
 /// A batch of sends on the head this instance kept makes no serial read, and
 /// a delivered ack within it reads neither head nor member; a head another
 /// instance moved (a send, a removal) costs one failed LWT and a serial
-/// read, and its decisions are the fresh head's: seqs stay dense and a
-/// removed member is refused.
+/// read, and its decisions are the fresh head's: seqs stay dense, a removed
+/// member is refused and its cursor stops at its removal, and a member added
+/// there is let in.
 #[tokio::test]
 async fn a_kept_head_saves_reads_and_a_stale_one_is_never_trusted() {
     use crate::store::{Change, ChangeRequest, MessageStore, NewGroup, SendOutcome, contract::send};
@@ -982,7 +983,8 @@ async fn a_kept_head_saves_reads_and_a_stale_one_is_never_trusted() {
     let requests = sent(&first);
     assert_eq!(requests.iter().filter(|r| r.starts_with("head_reserve/")).count(), 2, "{requests:?}");
     assert_eq!(requests.iter().filter(|r| r.ends_with("/serial_read")).count(), 1, "{requests:?}");
-    // The other instance removes c, whom the first one's kept roster lists.
+    // The other instance removes c, whom the head the first one keeps lists.
+    let stale = super::rows::Head::clone(&first.inner.heads.get(id).expect("a kept head"));
     let removal = ChangeRequest {
         conversation_id: id,
         actor: "kept-a".into(),
@@ -993,8 +995,22 @@ async fn a_kept_head_saves_reads_and_a_stale_one_is_never_trusted() {
     let removed_at = second.apply(removal).await.unwrap()[0].entry.seq;
     let refused = send(&first, id, "kept-c", "1", "x").await;
     assert!(matches!(refused, Err(crate::error::Error::NoLongerMember)), "{refused:?}");
+    // c's acks on that stale head: within it as asked, beyond it stopped at the removal.
+    first.inner.heads.forget(id);
+    first.inner.heads.keep(stale.clone());
+    assert_eq!(first.ack_delivered("kept-c", "phone", vec![(id, stale.last_seq)]).await.unwrap(), [(id, 5)]);
     let stored = first.ack_delivered("kept-c", "phone", vec![(id, 99)]).await.unwrap();
     assert_eq!(stored, vec![(id, removed_at)], "a removed member's cursor stops at its removal");
+    // The other instance adds d, whom the stale head does not list: d is let in.
+    let addition = ChangeRequest {
+        conversation_id: id,
+        actor: "kept-a".into(),
+        change: Change::AddMembers(vec!["kept-d".into()]),
+        now_ms: messenger_platform::ids::now_ms(),
+        limits: crate::store::contract::LIMITS,
+    };
+    second.apply(addition).await.unwrap();
+    assert_eq!(seq(send(&first, id, "kept-d", "1", "x").await.unwrap()), removed_at + 2, "a new member is let in");
     drop_keyspace(&first, &cluster).await;
 }
 
