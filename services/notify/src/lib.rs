@@ -53,7 +53,7 @@ use messenger_platform::{
     tls::ServerTls,
 };
 use messenger_proto::v1::notify_service_server::{NotifyServiceServer, SERVICE_NAME};
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
@@ -153,7 +153,7 @@ impl Server {
         shutdown: CancellationToken,
     ) -> std::result::Result<(), server::Error> {
         let Self { options, deps, store, providers } = self;
-        let wake = Arc::new(Notify::new());
+        let wake = Arc::new(worker::Wake::default());
         let worker = worker::Worker {
             store: store.clone(),
             providers: Arc::new(providers),

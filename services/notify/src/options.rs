@@ -24,7 +24,9 @@ pub struct Options {
     /// buzzed on the phone).
     #[serde(with = "humantime_serde")]
     pub read_grace: Duration,
-    /// How often the workers look for due jobs when nothing woke them.
+    /// How often the workers look for due jobs when nothing woke them: jobs
+    /// of other instances (leases of a stopped one, its queue). Jobs this
+    /// instance stores wake it when they are due.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Jobs one claim takes.
@@ -100,7 +102,7 @@ impl Default for Options {
             store: StoreBackend::default(),
             database: None,
             read_grace: Duration::from_secs(3),
-            poll_interval: Duration::from_millis(250),
+            poll_interval: Duration::from_secs(2),
             claim_batch: 256,
             max_in_flight: 64,
             claim_lease: Duration::from_secs(60),

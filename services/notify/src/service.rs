@@ -9,7 +9,6 @@ use std::{
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use messenger_platform::ids::{self, now_ms};
 use messenger_proto::v1 as pb;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{
@@ -31,7 +30,7 @@ pub struct Service {
     store: Arc<dyn PushStore>,
     options: Options,
     guard: Guard,
-    wake: Arc<Notify>,
+    wake: Arc<crate::worker::Wake>,
 }
 
 /// What a read did.
@@ -118,7 +117,7 @@ pub fn device_to_proto(device: &Device) -> pb::PushDevice {
 }
 
 impl Service {
-    pub fn new(store: Arc<dyn PushStore>, options: Options, wake: Arc<Notify>) -> Self {
+    pub fn new(store: Arc<dyn PushStore>, options: Options, wake: Arc<crate::worker::Wake>) -> Self {
         let guard = Guard::new(&options.egress);
         Self { store, options, guard, wake }
     }
@@ -323,7 +322,10 @@ impl Service {
             return Ok(0);
         }
         let stored = self.store.enqueue(&jobs).await?;
-        self.wake.notify_one();
+        match self.options.read_grace.is_zero() {
+            true => self.wake.now(),
+            false => self.wake.at(due),
+        }
         Ok(stored)
     }
 
@@ -359,7 +361,7 @@ impl Service {
             .collect();
         if !retractions.is_empty() {
             self.store.enqueue(&retractions).await?;
-            self.wake.notify_one();
+            self.wake.now();
         }
         let cancelled = self.store.read_through(user_id, conversation_id, read_seq).await?;
         Ok(ReadOutcome { cancelled, retracted: retractions.len() })

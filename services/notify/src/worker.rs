@@ -89,12 +89,55 @@ fn count(provider: &'static str, kind: JobKind, outcome: &'static str) {
     );
 }
 
+/// Most due times [`Wake`] remembers; later ones are found by the poll.
+const MAX_DUE_TIMES: usize = 4096;
+
+/// When the worker looks for due jobs next: at once when jobs are stored
+/// that are due now, at the due time this process gave a job (a read grace,
+/// a retry's backoff, a rate limit's or a circuit's wait), and otherwise
+/// after `notify.poll_interval` (jobs of other instances: their leases, or
+/// their queue when they stopped). An idle worker sleeps.
+#[derive(Default)]
+pub struct Wake {
+    notify: Notify,
+    /// Due times (ms) of jobs this process stored, earliest first.
+    due: std::sync::Mutex<std::collections::BTreeSet<i64>>,
+}
+
+impl Wake {
+    /// Jobs due now were stored.
+    pub fn now(&self) {
+        self.notify.notify_one();
+    }
+
+    /// A job this process stored is due at `due_ms`.
+    pub fn at(&self, due_ms: i64) {
+        let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        due.insert(due_ms);
+        if due.len() > MAX_DUE_TIMES {
+            due.pop_last();
+        }
+        drop(due);
+        // The worker may be asleep until a later time.
+        self.notify.notify_one();
+    }
+
+    /// The earliest remembered due time after `claimed_at_ms` (a claim at
+    /// that time took every job due by it), forgetting the earlier ones.
+    fn next_after(&self, claimed_at_ms: i64) -> Option<i64> {
+        let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
+        let later = due.split_off(&(claimed_at_ms + 1));
+        *due = later;
+        due.first().copied()
+    }
+}
+
 pub struct Worker {
     pub store: Arc<dyn PushStore>,
     pub providers: Arc<Providers>,
     pub options: Options,
-    /// Woken when jobs are stored that may be due now.
-    pub wake: Arc<Notify>,
+    /// Tells the worker when to look for due jobs.
+    pub wake: Arc<Wake>,
     /// Endpoints that failed again and again get no pushes for a while.
     pub breakers: Breakers,
 }
@@ -155,8 +198,9 @@ impl Worker {
         let mut pruned_at = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             let free = this.options.max_in_flight.saturating_sub(in_flight.len());
+            let claimed_at = now_ms();
             if free > 0 {
-                let claimed = match this.store.claim(now_ms(), lease, free.min(this.options.claim_batch)).await {
+                let claimed = match this.store.claim(claimed_at, lease, free.min(this.options.claim_batch)).await {
                     Ok(claimed) => claimed,
                     Err(error) => {
                         warn!(%error, "outbox claim failed; retrying");
@@ -177,11 +221,19 @@ impl Worker {
                 limiter.shrink_to_fit();
                 pruned_at = tokio::time::Instant::now();
             }
+            // A claim with no free slot took nothing: what is due stays remembered.
+            let poll = tokio::time::Instant::now() + this.options.poll_interval;
+            let next = match this.wake.next_after(if free > 0 { claimed_at } else { i64::MIN }) {
+                Some(due) => {
+                    poll.min(tokio::time::Instant::now() + Duration::from_millis((due - now_ms()).max(0) as u64))
+                }
+                None => poll,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                _ = this.wake.notified() => {}
-                _ = tokio::time::sleep(this.options.poll_interval) => {}
+                _ = this.wake.notify.notified() => {}
+                _ = tokio::time::sleep_until(next) => {}
             }
         }
         // Pushes under way finish (each within the request timeout); their
@@ -228,6 +280,7 @@ impl Worker {
             for id in collapsed.iter().chain([&job.id]) {
                 self.settle(store.reschedule(*id, due, job.attempts, "endpoint circuit open").await);
             }
+            self.wake.at(due);
             return;
         }
         if let Err(not_until) = limiter.check_key(&format!("{}\n{}", job.user_id, job.device_id)) {
@@ -238,6 +291,7 @@ impl Worker {
             for id in collapsed {
                 self.settle(store.reschedule(id, due, job.attempts, "device rate limit").await);
             }
+            self.wake.at(due);
             return;
         }
         let badge = match store.unread(&job.user_id, BADGE_CAP).await {
@@ -289,6 +343,7 @@ impl Worker {
                 for id in collapsed {
                     self.settle(store.reschedule(id, due, 0, "waits for a later push").await);
                 }
+                self.wake.at(due);
                 debug!(push_id = %job.id, provider = provider.name(), %reason, attempts, "push retried");
             }
             Outcome::Retry { reason, .. } | Outcome::Refused(reason) => {

@@ -14,6 +14,10 @@ use tokio::io::AsyncWriteExt as _;
 use crate::{conversation, eventually, fake_web_push::FakeWebPush, options, start};
 
 async fn setup(dir: &Path) -> (FakeWebPush, crate::Notify) {
+    setup_with(dir, options()).await
+}
+
+async fn setup_with(dir: &Path, base: messenger_notify::Options) -> (FakeWebPush, crate::Notify) {
     let (private, _) = crate::tls::p256_key();
     let key_file = dir.join("vapid.pem");
     std::fs::write(&key_file, &private).unwrap();
@@ -25,7 +29,7 @@ async fn setup(dir: &Path) -> (FakeWebPush, crate::Notify) {
             subject: "mailto:ops@example.com".into(),
             ..WebPushOptions::default()
         },
-        ..options()
+        ..base
     };
     options.egress.allow_http = true;
     options.egress.allow_addresses = vec!["127.0.0.0/8".parse().unwrap()];
@@ -110,6 +114,25 @@ async fn the_browser_and_python_http_ece_decrypt_the_push_and_previews_go_only_w
         assert_eq!(retraction.headers["topic"], shown.headers["topic"]);
     }
     assert!(fake.refused().is_empty(), "{:?}", fake.refused());
+}
+
+/// A worker looks for due jobs when one it stored is due (after the read
+/// grace, after a retry's wait), not at its next poll: with a poll a minute
+/// apart, both pushes leave on time.
+#[tokio::test]
+async fn a_push_leaves_when_it_is_due_not_at_the_next_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let grace = Duration::from_millis(300);
+    let base = messenger_notify::Options { poll_interval: Duration::from_secs(60), read_grace: grace, ..options() };
+    let (fake, notify) = setup_with(dir.path(), base).await;
+    let browser = fake.subscribe("laptop");
+    notify.register("bob", device("laptop", browser.subscription, false)).await;
+    fake.script(&[(StatusCode::TOO_MANY_REQUESTS, Some("1"))]);
+    let enqueued = std::time::Instant::now();
+    notify.message("bob", &conversation(), 1, "x").await;
+    eventually("the push after the read grace", || !fake.delivered().is_empty()).await;
+    assert!(enqueued.elapsed() >= grace, "left before the read grace");
+    eventually("its retry after Retry-After", || fake.delivered().len() == 2).await;
 }
 
 #[tokio::test]
