@@ -122,9 +122,13 @@ impl Wake {
         self.notify.notify_one();
     }
 
-    /// The earliest remembered due time after `claimed_at_ms` (a claim at
-    /// that time took every job due by it), forgetting the earlier ones.
-    fn next_after(&self, claimed_at_ms: i64) -> Option<i64> {
+    /// The due time to wake at after a claim: `Some(at)` for a claim at `at`
+    /// that answered (it took every job due by then, so earlier times are
+    /// forgotten), `None` when no claim ran (no free slot) or it failed. Then
+    /// nothing is forgotten and no time is given: a time already past would
+    /// wake the worker at once, again and again, with nothing it can do.
+    fn next(&self, claimed_at_ms: Option<i64>) -> Option<i64> {
+        let claimed_at_ms = claimed_at_ms?;
         let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
         let later = due.split_off(&(claimed_at_ms + 1));
         *due = later;
@@ -199,9 +203,14 @@ impl Worker {
         while !shutdown.is_cancelled() {
             let free = this.options.max_in_flight.saturating_sub(in_flight.len());
             let claimed_at = now_ms();
+            // Whether a claim at `claimed_at` answered: then it took every job due by then.
+            let mut answered = false;
             if free > 0 {
                 let claimed = match this.store.claim(claimed_at, lease, free.min(this.options.claim_batch)).await {
-                    Ok(claimed) => claimed,
+                    Ok(claimed) => {
+                        answered = true;
+                        claimed
+                    }
                     Err(error) => {
                         warn!(%error, "outbox claim failed; retrying");
                         Vec::new()
@@ -221,9 +230,11 @@ impl Worker {
                 limiter.shrink_to_fit();
                 pruned_at = tokio::time::Instant::now();
             }
-            // A claim with no free slot took nothing: what is due stays remembered.
+            // With no free slot a completion wakes the worker, and after a
+            // failed claim the poll does; what is due stays remembered (a due
+            // time already past would otherwise spin the loop).
             let poll = tokio::time::Instant::now() + this.options.poll_interval;
-            let next = match this.wake.next_after(if free > 0 { claimed_at } else { i64::MIN }) {
+            let next = match this.wake.next(answered.then_some(claimed_at)) {
                 Some(due) => {
                     poll.min(tokio::time::Instant::now() + Duration::from_millis((due - now_ms()).max(0) as u64))
                 }
@@ -403,6 +414,18 @@ fn collapse(claimed: Vec<Job>) -> Vec<(Job, Vec<Uuid>)> {
 mod tests {
     use super::*;
     use crate::store::contract::job;
+
+    #[test]
+    fn only_a_claim_that_answered_forgets_due_times() {
+        let wake = Wake::default();
+        wake.at(100);
+        wake.at(300);
+        // No free slot, or a failed claim: nothing to wake for, nothing forgotten.
+        assert_eq!(wake.next(None), None);
+        assert_eq!(wake.next(Some(50)), Some(100));
+        assert_eq!(wake.next(Some(200)), Some(300), "a claim at 200 took what was due at 100");
+        assert_eq!(wake.next(Some(300)), None);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_caps_and_honours_retry_after() {
