@@ -130,8 +130,9 @@ impl Wake {
     fn next(&self, claimed_at_ms: Option<i64>) -> Option<i64> {
         let claimed_at_ms = claimed_at_ms?;
         let mut due = self.due.lock().unwrap_or_else(|e| e.into_inner());
-        let later = due.split_off(&(claimed_at_ms + 1));
-        *due = later;
+        while due.first().is_some_and(|first| *first <= claimed_at_ms) {
+            due.pop_first();
+        }
         due.first().copied()
     }
 }

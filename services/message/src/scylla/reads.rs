@@ -354,7 +354,7 @@ pub(super) async fn ack_delivered(
             inner.first::<3, (Option<i64>,)>(&s.cursor_read, (user, device, id)),
         )
         .await?;
-        let value = value.and_then(|(value,)| value).unwrap_or(wanted).max(wanted).max(0) as u64;
+        let value = value.and_then(|(value,)| value).unwrap_or(0).max(wanted).max(0) as u64;
         stored.push((id, value));
     }
     Ok(stored)

@@ -985,14 +985,14 @@ async fn a_kept_head_saves_reads_and_a_stale_one_is_never_trusted() {
     assert_eq!(requests.iter().filter(|r| r.ends_with("/serial_read")).count(), 1, "{requests:?}");
     // The other instance removes c, whom the head the first one keeps lists.
     let stale = super::rows::Head::clone(&first.inner.heads.get(id).expect("a kept head"));
-    let removal = ChangeRequest {
+    let by_a = |change| ChangeRequest {
         conversation_id: id,
         actor: "kept-a".into(),
-        change: Change::RemoveMember("kept-c".into()),
+        change,
         now_ms: messenger_platform::ids::now_ms(),
         limits: crate::store::contract::LIMITS,
     };
-    let removed_at = second.apply(removal).await.unwrap()[0].entry.seq;
+    let removed_at = second.apply(by_a(Change::RemoveMember("kept-c".into()))).await.unwrap()[0].entry.seq;
     let refused = send(&first, id, "kept-c", "1", "x").await;
     assert!(matches!(refused, Err(crate::error::Error::NoLongerMember)), "{refused:?}");
     // c's acks on that stale head: within it as asked, beyond it stopped at the removal.
@@ -1002,14 +1002,7 @@ async fn a_kept_head_saves_reads_and_a_stale_one_is_never_trusted() {
     let stored = first.ack_delivered("kept-c", "phone", vec![(id, 99)]).await.unwrap();
     assert_eq!(stored, vec![(id, removed_at)], "a removed member's cursor stops at its removal");
     // The other instance adds d, whom the stale head does not list: d is let in.
-    let addition = ChangeRequest {
-        conversation_id: id,
-        actor: "kept-a".into(),
-        change: Change::AddMembers(vec!["kept-d".into()]),
-        now_ms: messenger_platform::ids::now_ms(),
-        limits: crate::store::contract::LIMITS,
-    };
-    second.apply(addition).await.unwrap();
+    second.apply(by_a(Change::AddMembers(vec!["kept-d".into()]))).await.unwrap();
     assert_eq!(seq(send(&first, id, "kept-d", "1", "x").await.unwrap()), removed_at + 2, "a new member is let in");
     drop_keyspace(&first, &cluster).await;
 }
