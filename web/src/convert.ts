@@ -70,6 +70,7 @@ export function entry(wire: WireMessage): Entry {
     editedAtMs: Number(wire.editedAtMs),
     deleted: wire.deleted,
     attachments: wire.attachments.map(attachment),
+    withheld: wire.withheld,
   };
 }
 

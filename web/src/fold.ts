@@ -67,6 +67,11 @@ export function fold(thread: Thread, entry: Entry, me: string): number | undefin
       if (!target || target.deleted || entry.seq <= (thread.bodyAsOf.get(entry.targetSeq) ?? 0)) return undefined;
       target.body = entry.body;
       target.editedAtMs = entry.sentAtMs;
+      // A withheld edit carries no text: what it changed is withheld too.
+      if (entry.withheld) {
+        target.withheld = true;
+        target.attachments = [];
+      }
       thread.bodyAsOf.set(entry.targetSeq, entry.seq);
       return entry.targetSeq;
     case "delete":

@@ -45,6 +45,8 @@ export interface Entry {
   editedAtMs: number;
   deleted: boolean;
   attachments: Attachment[];
+  /** Shown without content: in a group, from someone you blocked (or a change of what you cannot see). */
+  withheld: boolean;
 }
 
 export interface Member {

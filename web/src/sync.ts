@@ -174,5 +174,6 @@ function provisional(send: PendingSend, seq: number, messageId: string, me: stri
     editedAtMs: 0,
     deleted: false,
     attachments: send.attachments,
+    withheld: false,
   };
 }

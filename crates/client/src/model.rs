@@ -27,6 +27,9 @@ pub struct MessageState {
     pub own: bool,
     /// Photos, videos and files it carries (fetch with `Client::download`); empty once deleted.
     pub attachments: Vec<pb::Attachment>,
+    /// Shown without content (`Message.withheld`): in a group, from a user
+    /// this user blocked; body and attachments are empty.
+    pub withheld: bool,
 }
 
 /// A conversation as this device knows it.
@@ -52,7 +55,7 @@ impl ConversationState {
     /// TEXT messages from others after this user's read cursor.
     pub fn unread_count(&self, me: &str) -> usize {
         let read = self.read_seq.get(me).copied().unwrap_or(0);
-        self.messages.range(read + 1..).filter(|(_, m)| !m.own && !m.deleted).count()
+        self.messages.range(read + 1..).filter(|(_, m)| !m.own && !m.deleted && !m.withheld).count()
     }
 
     /// Members other than the sender who have read `seq`.
@@ -106,6 +109,7 @@ impl Model {
                         reactions: BTreeMap::new(),
                         own: entry.sender_id == me,
                         attachments: entry.attachments.clone(),
+                        withheld: entry.withheld,
                     },
                 );
                 // Sending implies having read up to it.
@@ -116,8 +120,13 @@ impl Model {
                 if let Some(target) = state.messages.get_mut(&entry.target_seq)
                     && !target.deleted
                 {
+                    // A withheld edit carries no text: what it changed is withheld too.
                     target.body = entry.body.clone();
                     target.edited = true;
+                    if entry.withheld {
+                        target.withheld = true;
+                        target.attachments.clear();
+                    }
                 }
             }
             MessageKind::Delete => {

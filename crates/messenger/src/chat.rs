@@ -47,6 +47,7 @@ fn print_message(state: &State, message: &Message) {
     let members = message.member_ids.join(", ");
     let text = match MessageKind::try_from(message.kind).unwrap_or(MessageKind::Text) {
         MessageKind::Text | MessageKind::Unspecified if message.deleted => "(deleted)".to_owned(),
+        _ if message.withheld => format!("(withheld) #{}", message.seq),
         MessageKind::Text | MessageKind::Unspecified if message.reply_to_seq > 0 => {
             format!("(re #{}) {}{}", message.reply_to_seq, message.body, edited(message))
         }

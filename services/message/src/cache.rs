@@ -514,6 +514,10 @@ impl MessageStore for CachedStore {
     async fn blocks_between(&self, a: &str, b: &str) -> Result<Blocks> {
         self.inner.blocks_between(a, b).await
     }
+
+    async fn blocked_by(&self, user: &str) -> Result<Vec<String>> {
+        self.inner.blocked_by(user).await
+    }
 }
 
 #[cfg(test)]

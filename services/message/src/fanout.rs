@@ -255,6 +255,7 @@ pub(crate) fn to_proto(message: &StoredMessage) -> pb::Message {
         edited_at_ms: message.edited_at_ms,
         deleted: message.deleted,
         attachments: message.attachments.iter().map(attachment_to_proto).collect(),
+        withheld: message.withheld,
     }
 }
 

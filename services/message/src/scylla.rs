@@ -516,6 +516,13 @@ impl MessageStore for ScyllaStore {
     async fn blocks_between(&self, a: &str, b: &str) -> Result<Blocks> {
         reads::blocks_between(&self.inner, a, b).await
     }
+
+    async fn blocked_by(&self, user: &str) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = self.inner.paged(&self.inner.statements.blocked_by_read, (user,)).await?;
+        let mut users: Vec<String> = rows.into_iter().map(|(user,)| user).collect();
+        users.sort();
+        Ok(users)
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 //! membership checks, sends and changes with fan-out, history, inbox,
 //! cursors, receipts, typing and sync.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::HashSet,
+    sync::{Arc, OnceLock},
+};
 
 use messenger_platform::{discovery::RoleChannel, ids, metrics, trace};
 use messenger_proto::v1::{self as pb, media_service_client::MediaServiceClient};
@@ -191,26 +194,71 @@ impl Service {
 
     /// Refuses a write by `user` in a direct conversation where a block
     /// stands: the blocked side gets NOT_FOUND (as if the conversation were
-    /// gone), the blocking side FAILED_PRECONDITION. Groups pass; so do
-    /// non-members, whom the store refuses itself.
-    async fn check_not_blocked(&self, conversation_id: Uuid, user: &str) -> Result<()> {
-        let pair = match self.directs.get(&conversation_id) {
-            Some(pair) => pair,
-            None => {
-                let Some(conversation) = self.store.conversation_for_member(conversation_id, user).await? else {
-                    return Ok(());
-                };
-                let pair = match (conversation.kind, conversation.members.as_slice()) {
-                    (ConversationKind::Direct, [a, b]) => Some(Arc::new([a.clone(), b.clone()])),
-                    _ => None,
-                };
-                self.directs.insert(conversation_id, pair.clone());
-                pair
-            }
+    /// gone), the blocking side FAILED_PRECONDITION. Groups pass (true: the
+    /// users who blocked `user` are left out of its entries' audiences);
+    /// so do non-members, whom the store refuses itself.
+    async fn check_not_blocked(&self, conversation_id: Uuid, user: &str) -> Result<bool> {
+        match self.kind_of(conversation_id, user).await? {
+            Some(Some(pair)) => match pair.iter().find(|member| *member != user) {
+                Some(peer) => self.check_blocks(user, peer).await.map(|()| false),
+                None => Ok(false),
+            },
+            Some(None) => Ok(true),
+            None => Ok(false),
+        }
+    }
+
+    /// Who blocked `user`, if its entries go to a group (none otherwise).
+    async fn blockers(&self, user: &str, group: bool) -> Result<Vec<String>> {
+        if group { self.store.blocked_by(user).await } else { Ok(Vec::new()) }
+    }
+
+    /// Whether a conversation `user` is an active member of is direct (its
+    /// pair) or a group (None); None when `user` is not an active member.
+    async fn kind_of(&self, conversation_id: Uuid, user: &str) -> Result<Option<Option<Arc<[String; 2]>>>> {
+        if let Some(pair) = self.directs.get(&conversation_id) {
+            return Ok(Some(pair));
+        }
+        let Some(conversation) = self.store.conversation_for_member(conversation_id, user).await? else {
+            return Ok(None);
         };
-        let Some(pair) = pair else { return Ok(()) };
-        let Some(peer) = pair.iter().find(|member| *member != user) else { return Ok(()) };
-        self.check_blocks(user, peer).await
+        let pair = match (conversation.kind, conversation.members.as_slice()) {
+            (ConversationKind::Direct, [a, b]) => Some(Arc::new([a.clone(), b.clone()])),
+            _ => None,
+        };
+        self.directs.insert(conversation_id, pair.clone());
+        Ok(Some(pair))
+    }
+
+    /// What `user` blocked: content from them in groups reads withheld.
+    async fn blocked_set(&self, user: &str) -> Result<HashSet<String>> {
+        let listed = self.store.blocked_users(user, self.options.max_blocked_users).await?;
+        Ok(listed.into_iter().map(|entry| entry.user_id).collect())
+    }
+
+    /// `messages` of one conversation with content from users `user`
+    /// blocked withheld, if it is a group (a former member's conversation
+    /// is one: direct conversations cannot be left).
+    async fn withhold_blocked(
+        &self,
+        user: &str,
+        conversation_id: Uuid,
+        blocked: &HashSet<String>,
+        messages: Vec<StoredMessage>,
+    ) -> Result<Vec<StoredMessage>> {
+        if !messages.iter().any(|message| visibility::from_blocked(message, blocked))
+            || matches!(self.kind_of(conversation_id, user).await?, Some(Some(_)))
+        {
+            return Ok(messages);
+        }
+        Ok(messages
+            .into_iter()
+            .map(
+                |message| {
+                    if visibility::from_blocked(&message, blocked) { visibility::redacted(message) } else { message }
+                },
+            )
+            .collect())
     }
 
     /// Refuses to put into a group with `user` anyone who blocked `user`
@@ -284,9 +332,13 @@ impl Service {
         if input.media_ids.is_empty() || !input.body.is_empty() {
             self.check_body(&input.body)?;
         }
-        self.check_not_blocked(conversation_id, input.sender).await?;
-        let attachments =
-            self.attachments(input.sender, input.conversation_id, input.client_msg_id, input.media_ids).await?;
+        let group = self.check_not_blocked(conversation_id, input.sender).await?;
+        // Read before the commit, so a failed read loses nothing.
+        let (attachments, blockers) = futures::future::try_join(
+            self.attachments(input.sender, input.conversation_id, input.client_msg_id, input.media_ids),
+            self.blockers(input.sender, group),
+        )
+        .await?;
         let message = NewMessage {
             conversation_id,
             message_id: ids::new_id(),
@@ -305,14 +357,14 @@ impl Service {
                     SendOutcome::Created(appended) => {
                         send_to_commit().record(received.elapsed().as_secs_f64(), &[]);
                         let message = appended.entry.clone();
-                        fanout.publish(appended).await;
+                        fanout.publish(visibility::without_blockers(appended, &blockers)).await;
                         Ok((message, true))
                     }
                     // Published again: if the first fan-out was lost (a crash between
                     // commit and publish), a retry repairs it; gateways drop repeats.
                     SendOutcome::Duplicate(appended) => {
                         let original = appended.entry.clone();
-                        fanout.publish(appended).await;
+                        fanout.publish(visibility::without_blockers(appended, &blockers)).await;
                         Ok((original, false))
                     }
                 }
@@ -363,7 +415,15 @@ impl Service {
         .await
     }
 
-    async fn apply(&self, user: &str, conversation_id: &str, change: Change) -> Result<Vec<StoredMessage>> {
+    /// `blockers`: who blocked `user`, left out of the audience of what it
+    /// appends (`visibility::without_blockers`).
+    async fn apply(
+        &self,
+        user: &str,
+        conversation_id: &str,
+        change: Change,
+        blockers: Vec<String>,
+    ) -> Result<Vec<StoredMessage>> {
         check_id("user_id", user)?;
         let conversation_id = parse_conversation(conversation_id)?;
         let request = ChangeRequest {
@@ -378,7 +438,7 @@ impl Service {
             let appended = store.apply(request).await?;
             let entries = appended.iter().map(|appended| appended.entry.clone()).collect();
             for appended in appended {
-                fanout.publish(appended).await;
+                fanout.publish(visibility::without_blockers(appended, &blockers)).await;
             }
             Ok(entries)
         })
@@ -407,7 +467,8 @@ impl Service {
                 return Err(Error::InvalidArgument("not a group change".into()));
             }
         }
-        Ok(self.apply(user, conversation_id, change).await?.into_iter().next())
+        // Events carry nothing of the actor's to withhold: no blockers to read.
+        Ok(self.apply(user, conversation_id, change, Vec::new()).await?.into_iter().next())
     }
 
     /// Edits, deletes or reacts to a message; returns the entry recording it
@@ -438,12 +499,13 @@ impl Service {
             _ => return Err(Error::InvalidArgument("not a message change".into())),
         }
         let id = parse_conversation(conversation_id)?;
-        self.check_not_blocked(id, user).await?;
-        let deleted_media = match &change {
-            Change::Delete { target_seq } => self.media_of(user, id, *target_seq).await?,
-            _ => Vec::new(),
+        let group = self.check_not_blocked(id, user).await?;
+        let (deleted_media, blockers) = match &change {
+            // A delete carries nothing of the actor's to withhold.
+            Change::Delete { target_seq } => (self.media_of(user, id, *target_seq).await?, Vec::new()),
+            _ => (Vec::new(), self.blockers(user, group).await?),
         };
-        let entry = self.apply(user, conversation_id, change).await?.into_iter().next();
+        let entry = self.apply(user, conversation_id, change, blockers).await?.into_iter().next();
         if entry.is_some() && !deleted_media.is_empty() {
             // After the commit: the message is gone for everyone, so are its objects.
             let request =
@@ -482,13 +544,13 @@ impl Service {
         let member = self.membership(conversation_id, user).await?;
         let visible = member.visible();
         let limit = clamp(limit, self.options.history_page_default, self.options.history_page_max);
-        let messages: Vec<StoredMessage> = self
-            .store
-            .history(conversation_id, range, visible, limit)
-            .await?
-            .into_iter()
-            .filter_map(|message| visibility::shown(message, visible))
-            .collect();
+        let (page, blocked) = futures::future::try_join(
+            self.store.history(conversation_id, range, visible, limit),
+            self.blocked_set(user),
+        )
+        .await?;
+        let shown = page.into_iter().filter_map(|message| visibility::shown(message, visible)).collect();
+        let messages = self.withhold_blocked(user, conversation_id, &blocked, shown).await?;
         let has_more = match range {
             HistoryRange::Before(_) => messages.first().is_some_and(|m| m.seq > visible.from.max(1)),
             HistoryRange::After(_) => messages.len() == limit,
@@ -503,7 +565,8 @@ impl Service {
         self.active_membership(id, user).await?;
         let conversation = self.store.conversation_for_member(id, user).await?.ok_or(Error::NoLongerMember)?;
         let members = self.store.members(id).await?.into_iter().filter(Member::is_active).collect();
-        Ok((conversation, members))
+        let mut previewed = self.withhold_previews(user, vec![conversation]).await?;
+        Ok((previewed.remove(0), members))
     }
 
     pub async fn get_receipts(&self, user: &str, conversation_id: &str, seq: u64) -> Result<Receipts> {
@@ -533,10 +596,28 @@ impl Service {
         let after = if page_token.is_empty() { None } else { Some(parse_inbox_token(page_token)?) };
         let limit = clamp(limit, self.options.inbox_page_default, self.options.inbox_page_max);
         let conversations = self.store.list_conversations(user, after, limit).await?;
+        let conversations = self.withhold_previews(user, conversations).await?;
         let next = (conversations.len() == limit)
             .then(|| conversations.last().map(|c| format!("{}:{}", c.last_activity_ms, c.id)))
             .flatten();
         Ok((conversations, next))
+    }
+
+    /// Inbox previews with content from users `user` blocked withheld, in groups.
+    async fn withhold_previews(&self, user: &str, mut conversations: Vec<Conversation>) -> Result<Vec<Conversation>> {
+        let in_groups = |conversation: &Conversation| {
+            conversation.kind == ConversationKind::Group && conversation.last_message.is_some()
+        };
+        if !conversations.iter().any(in_groups) {
+            return Ok(conversations);
+        }
+        let blocked = self.blocked_set(user).await?;
+        for conversation in conversations.iter_mut().filter(|conversation| in_groups(conversation)) {
+            if let Some(preview) = conversation.last_message.take_if(|m| visibility::from_blocked(m, &blocked)) {
+                conversation.last_message = Some(visibility::redacted(preview));
+            }
+        }
+        Ok(conversations)
     }
 
     /// Moves delivered cursors of many devices and tells the other members
@@ -683,7 +764,29 @@ impl Service {
         let next = (messages.len() == limit)
             .then(|| messages.last().map(|m| format!("{}:{}", m.conversation_id, m.seq)))
             .flatten();
-        Ok((self.shown_to(user, messages).await?, next))
+        let shown = self.shown_to(user, messages).await?;
+        Ok((self.withhold_blocked_in_sync(user, shown).await?, next))
+    }
+
+    /// Sync entries (ordered by conversation) with content from users
+    /// `user` blocked withheld in groups; the block list is read only when
+    /// the page holds content from others.
+    async fn withhold_blocked_in_sync(&self, user: &str, messages: Vec<StoredMessage>) -> Result<Vec<StoredMessage>> {
+        if !messages.iter().any(|message| visibility::is_content(message) && message.sender != user) {
+            return Ok(messages);
+        }
+        let blocked = self.blocked_set(user).await?;
+        let mut shown = Vec::with_capacity(messages.len());
+        let mut messages = messages.into_iter().peekable();
+        while let Some(first) = messages.next() {
+            let id = first.conversation_id;
+            let mut conversation = vec![first];
+            while let Some(next) = messages.next_if(|message| message.conversation_id == id) {
+                conversation.push(next);
+            }
+            shown.extend(self.withhold_blocked(user, id, &blocked, conversation).await?);
+        }
+        Ok(shown)
     }
 
     /// Entries from several conversations as `user` may be shown them. The

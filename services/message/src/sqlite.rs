@@ -489,6 +489,16 @@ impl MessageStore for SqliteStore {
         })
         .await
     }
+
+    async fn blocked_by(&self, user: &str) -> Result<Vec<String>> {
+        let user = user.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT user_id FROM blocks WHERE blocked_id = ?1 ORDER BY user_id")?
+                .query_map(params![user], |r| r.get(0))?
+                .collect()
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -221,6 +221,10 @@ pub struct StoredMessage {
     /// TEXT: its media (empty once deleted). Absent in entries cached before media existed.
     #[serde(default)]
     pub attachments: Vec<Attachment>,
+    /// Shown to this reader without its content (`visibility::withheld`):
+    /// set on the way out, never stored.
+    #[serde(default)]
+    pub withheld: bool,
 }
 
 impl StoredMessage {
@@ -246,6 +250,7 @@ impl StoredMessage {
             edited_at_ms: 0,
             deleted: false,
             attachments: Vec::new(),
+            withheld: false,
         }
     }
 }
@@ -478,6 +483,11 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Whether `a` blocked `b` and whether `b` blocked `a`.
     async fn blocks_between(&self, a: &str, b: &str) -> Result<Blocks>;
+
+    /// The users who blocked `user`, sorted: whom its group entries are
+    /// not delivered to. Stores may answer from an index that trails a
+    /// block or unblock by a moment.
+    async fn blocked_by(&self, user: &str) -> Result<Vec<String>>;
 }
 
 #[cfg(test)]

@@ -144,4 +144,8 @@ impl MessageStore for TimedStore {
     async fn blocks_between(&self, a: &str, b: &str) -> Result<Blocks> {
         self.timed("blocks_between", self.inner.blocks_between(a, b)).await
     }
+
+    async fn blocked_by(&self, user: &str) -> Result<Vec<String>> {
+        self.timed("blocked_by", self.inner.blocked_by(user)).await
+    }
 }

@@ -10,10 +10,14 @@
 //! fill) passes its entries through [`shown`]; every delivery goes only to
 //! an entry's [`audience`], computed by the write that appended it, so
 //! fan-out never re-reads a roster that may have changed since.
+//!
+//! Blocks reach groups: content from someone the reader blocked (their
+//! messages, edits and reactions) is not delivered or pushed to the
+//! blocker and reads withheld while the block stands ([`from_blocked`]).
 
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
-use crate::store::{Kind, Member, SeqBounds, StoredMessage};
+use crate::store::{Appended, Kind, Member, SeqBounds, StoredMessage};
 
 /// What a reader with some range sees of one entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,12 +57,42 @@ pub fn shown(entry: StoredMessage, bounds: SeqBounds) -> Option<StoredMessage> {
     }
 }
 
-/// `entry` without content: its seq, kind and target stay.
+/// `entry` without content, marked withheld: its seq, kind, sender and
+/// target stay.
 pub fn redacted(mut entry: StoredMessage) -> StoredMessage {
     entry.body.clear();
     entry.reaction.clear();
     entry.attachments.clear();
+    entry.withheld = true;
     entry
+}
+
+/// Whether `entry` of a group is content from a user the reader blocked: a
+/// message, or an edit or reaction of theirs. The blocker is not delivered
+/// it ([`without_blockers`]) and reads it withheld while the block stands
+/// (after an unblock it reads in full again). Events and deletes carry no
+/// content of theirs and stay: the blocker still sees who joins, leaves or
+/// renames. In a direct conversation a block refuses the send instead.
+pub fn from_blocked(entry: &StoredMessage, blocked: &HashSet<String>) -> bool {
+    is_content(entry) && blocked.contains(&entry.sender)
+}
+
+/// Whether `entry` carries content of its sender's: a message, an edit or a reaction.
+pub fn is_content(entry: &StoredMessage) -> bool {
+    matches!(entry.kind, Kind::Text | Kind::Edit | Kind::Reaction)
+}
+
+/// A group entry's audience without `blockers` (the users who blocked its
+/// sender), for the entries [`from_blocked`] withholds from them.
+pub fn without_blockers(mut appended: Appended, blockers: &[String]) -> Appended {
+    if blockers.is_empty() || !is_content(&appended.entry) {
+        return appended;
+    }
+    let kept: Vec<String> = appended.audience.iter().filter(|user| !blockers.contains(user)).cloned().collect();
+    if kept.len() != appended.audience.len() {
+        appended.audience = Arc::new(kept);
+    }
+    appended
 }
 
 /// The users to deliver `entry` to as it commits: every membership that

@@ -39,7 +39,7 @@ export function tickElement(state: Tick | "failed"): HTMLElement {
 function quote(entry: Entry, context: MessageContext): Child {
   if (!entry.replyToSeq) return null;
   const target = context.store.entry(entry.conversationId, entry.replyToSeq);
-  const text = !target ? `message #${entry.replyToSeq}` : target.deleted ? "Message deleted" : `${target.senderId}: ${target.body || "Photo"}`;
+  const text = !target ? `message #${entry.replyToSeq}` : target.deleted ? "Message deleted" : target.withheld ? "Hidden" : `${target.senderId}: ${target.body || "Photo"}`;
   return h(
     "button",
     { type: "button", class: "quote", "data-testid": "reply-quote", onClick: () => context.actions.jumpTo(entry.replyToSeq) },
@@ -158,7 +158,9 @@ export function textItem(entry: Entry, context: MessageContext): HTMLLIElement {
     quote(entry, context),
     entry.deleted
       ? h("p", { class: "body deleted", "data-testid": "body" }, "Message deleted")
-      : entry.body && h("p", { class: "body", "data-testid": "body" }, entry.body),
+      : entry.withheld
+        ? h("p", { class: "body deleted", "data-testid": "body" }, "Hidden: from someone you blocked")
+        : entry.body && h("p", { class: "body", "data-testid": "body" }, entry.body),
     entry.attachments.length > 0 && h("div", { class: "attachments" }, entry.attachments.map((a) => attachmentView(entry, a, context))),
     !entry.deleted && reactions(entry, context),
     mine && tickElement(context.store.tick(entry)),

@@ -23,6 +23,7 @@ export function preview(entry: Entry | undefined, me: string, isGroup: boolean):
   if (!entry) return "No messages yet";
   let text = entry.body;
   if (entry.deleted) text = "Message deleted";
+  else if (entry.withheld) text = "Hidden";
   else if (!text && entry.attachments.length) text = entry.attachments[0]!.mimeType.startsWith("image/") ? "Photo" : entry.attachments[0]!.fileName || "File";
   if (entry.senderId === me) return `You: ${text}`;
   return isGroup ? `${entry.senderId}: ${text}` : text;

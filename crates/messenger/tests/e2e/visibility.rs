@@ -113,3 +113,66 @@ async fn a_blocked_user_cannot_put_the_blocker_in_a_group() {
     assert!(bob.conversations("", 10).await.unwrap().conversations.is_empty());
     assert_quiet(&mut bob_events).await;
 }
+
+#[tokio::test]
+async fn a_blocked_users_group_messages_reach_the_blocker_withheld() {
+    let system = TestSystem::start().await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let (bob, mut bob_events) = system.connect("bob", "phone").await;
+    let (carol, mut carol_events) = system.connect("carol", "phone").await;
+    let group = alice.create_group("shared", &["bob", "carol"]).await.unwrap();
+    let id = group.conversation_id.as_str();
+    let before = alice.send(id, "before the block").await.unwrap().seq;
+    messages_until(&mut bob_events, |m| m.seq == before).await;
+    assert!(bob.block("alice").await.unwrap());
+
+    // Alice still talks in the group; carol hears her, bob is given the
+    // entries (seqs stay dense) but nothing of what she said.
+    let said = alice.send(id, "alice talks").await.unwrap().seq;
+    alice.react(id, before, "🔥").await.unwrap();
+    alice.edit(id, before, "alice edits").await.unwrap();
+    let last = carol.send(id, "carol talks").await.unwrap().seq;
+    let carol_saw = messages_until(&mut carol_events, |m| m.seq == last).await;
+    assert!(carol_saw.iter().any(|body| body == "alice talks"), "{carol_saw:?}");
+    let mut live = Vec::new();
+    loop {
+        let message = next_message(&mut bob_events).await;
+        live.push(message.clone());
+        if message.seq == last {
+            break;
+        }
+    }
+    for message in &live {
+        assert!(
+            message.sender_id != "alice"
+                || (message.withheld && message.body.is_empty() && message.reaction.is_empty()),
+            "bob's stream carried alice's words: {message:?}"
+        );
+    }
+    let history = bob.history(id, 0, 50).await.unwrap().messages;
+    let entry = history.iter().find(|m| m.seq == said).expect("the seq stays in bob's history");
+    assert!(entry.withheld && entry.body.is_empty(), "{entry:?}");
+    assert!(
+        history.iter().filter(|m| m.sender_id == "alice" && m.seq > before).all(|m| m.withheld && m.body.is_empty())
+    );
+    assert!(history.iter().any(|m| m.body == "carol talks"));
+    let state = bob.conversation_state(id).unwrap();
+    assert!(state.messages[&said].withheld && state.messages[&said].body.is_empty(), "{:?}", state.messages[&said]);
+    assert!(state.messages.values().all(|m| !m.body.starts_with("alice")), "{:?}", state.messages);
+
+    // The inbox preview withholds her too; her events still reach bob.
+    alice.send(id, "alice has the last word").await.unwrap();
+    let preview = bob.get_conversation(id).await.unwrap().last_message.unwrap();
+    assert!(preview.withheld && preview.body.is_empty(), "{preview:?}");
+    let listed = bob.conversations("", 10).await.unwrap().conversations;
+    let preview = listed.iter().find(|c| c.conversation_id == id).unwrap().last_message.clone().unwrap();
+    assert!(preview.withheld && preview.body.is_empty(), "{preview:?}");
+    let renamed = alice.rename(id, "renamed by alice").await.unwrap().unwrap().seq;
+    let event = messages_until(&mut bob_events, |m| m.seq == renamed).await;
+    assert!(event.iter().all(|body| !body.starts_with("alice")), "{event:?}");
+
+    // Unblocked, bob reads her in full again.
+    assert!(bob.unblock("alice").await.unwrap());
+    let history = bob.history(id, 0, 50).await.unwrap().messages;
+    assert!(history.iter().any(|m| m.seq == said && m.body == "alice talks" && !m.withheld), "{history:?}");
+}

@@ -20,6 +20,10 @@ pub(crate) fn versions(cluster: &Cluster) -> Vec<Vec<String>> {
         schema_statements(cluster),
         // 2: attachments (already in version 1's CREATE TABLE for keyspaces created since).
         vec![format!("ALTER TABLE {keyspace}.messages ADD attachments text")],
+        // 3: who blocked a user, for group deliveries. A secondary index: global
+        // (a view keyed by blocked_id) on ScyllaDB, node-local on Cassandra,
+        // built in the background over existing blocks.
+        vec![format!("CREATE INDEX IF NOT EXISTS blocks_by_blocked ON {keyspace}.blocks (blocked_id)")],
     ]
 }
 

@@ -257,6 +257,7 @@ impl MessageRow {
             edited_at_ms: self.edited_at_ms.unwrap_or(0),
             deleted: self.deleted.unwrap_or(false),
             attachments,
+            withheld: false,
         };
         let edits = self.edit_seqs.unwrap_or_default().into_iter().map(|s| s.max(0) as u64).collect();
         Some((message, edits))

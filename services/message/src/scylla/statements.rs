@@ -285,6 +285,8 @@ statements! {
     block_release: Lwt, 2 = "DELETE FROM {keyspace}.blocks WHERE user_id = ? AND blocked_id = ? IF EXISTS";
     block_read: Read, 2 = "SELECT blocked_id FROM {keyspace}.blocks WHERE user_id = ? AND blocked_id = ?";
     blocks_read: Read, 1 = "SELECT blocked_id, blocked_at_ms FROM {keyspace}.blocks WHERE user_id = ?";
+    /// Through the `blocks_by_blocked` index (schema version 3).
+    blocked_by_read: Read, 1 = "SELECT user_id FROM {keyspace}.blocks WHERE blocked_id = ?";
 
     // device_cursors
     /// (timestamp = value, value, user, device, conversation).

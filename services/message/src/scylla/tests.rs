@@ -89,6 +89,8 @@ struct Table {
     partition_key: Vec<String>,
     clustering: Vec<String>,
     statics: Vec<String>,
+    /// Columns with a secondary index: a SELECT may restrict one alone with `=`.
+    indexed: Vec<String>,
 }
 
 impl Table {
@@ -188,6 +190,20 @@ fn parse_schema(text: &str) -> HashMap<String, Table> {
         let mut p = Parser::new(statement);
         p.expect_word("create");
         if p.eat_word("keyspace") {
+            continue;
+        }
+        if p.eat_word("index") {
+            for word in ["if", "not", "exists"] {
+                p.expect_word(word);
+            }
+            p.word();
+            p.expect_word("on");
+            let name = p.table_name();
+            let table: &mut Table = tables.get_mut(&name).unwrap_or_else(|| panic!("index on {name} before its table"));
+            for column in p.names_in_parens() {
+                assert!(table.columns.contains_key(&column), "{name}: indexed column {column} is not declared");
+                table.indexed.push(column);
+            }
             continue;
         }
         p.expect_word("table");
@@ -460,7 +476,11 @@ fn check(tables: &HashMap<String, Table>, name: &str, mode: Mode, text: &str, bi
     }
     let restricted = |column: &String| parsed.restrictions.iter().filter(|r| &r.column == column).collect::<Vec<_>>();
     let select = parsed.verb == "select";
-    if parsed.verb != "insert" {
+    let by_index = select
+        && matches!(parsed.restrictions.as_slice(), [only] if only.operator == "=" && table.indexed.contains(&only.column));
+    if by_index {
+        // One indexed column, alone: the index finds the partitions.
+    } else if parsed.verb != "insert" {
         for key in &table.partition_key {
             let on_key = restricted(key);
             if on_key.is_empty() || on_key.iter().any(|r| r.operator != "=" && r.operator != "in") {
@@ -564,6 +584,7 @@ fn the_checker_catches_mistakes() {
     let wrong = [
         ("SELECT nope FROM {keyspace}.members WHERE conversation_id = ?", Mode::Read, 1),
         ("SELECT role FROM {keyspace}.members WHERE user_id = ?", Mode::Read, 1),
+        ("SELECT user_id FROM {keyspace}.blocks WHERE blocked_id = ? AND blocked_at_ms = ?", Mode::Read, 2),
         ("SELECT role FROM {keyspace}.members WHERE conversation_id = ? AND role = ?", Mode::Read, 2),
         ("SELECT role FROM {keyspace}.members WHERE conversation_id = ?", Mode::Read, 2),
         ("UPDATE {keyspace}.members SET role = ? WHERE conversation_id = ?", Mode::Write, 2),

@@ -53,6 +53,7 @@ pub(super) fn row_to_message(row: &Row<'_>) -> Result<StoredMessage> {
         deleted: row.get::<_, i64>(15)? != 0,
         attachments: Attachment::decode(&row.get::<_, String>(16)?)
             .map_err(|e| r2d2_sqlite::rusqlite::Error::FromSqlConversionFailure(16, Type::Text, Box::new(e)))?,
+        withheld: false,
     })
 }
 

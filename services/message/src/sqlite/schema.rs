@@ -6,7 +6,7 @@
 //! lookup; messages are not bucketed because a B-tree has no partition limit.
 
 /// Migrations in order; `PRAGMA user_version` records how many have run.
-pub const MIGRATIONS: [&str; 4] = [V1, V2, V3, V4];
+pub const MIGRATIONS: [&str; 5] = [V1, V2, V3, V4, V5];
 
 const V1: &str = "
 CREATE TABLE IF NOT EXISTS conversations (
@@ -106,4 +106,9 @@ UPDATE members SET took_part = 1 WHERE EXISTS (
 /// Attachments of TEXT messages (JSON; empty for none).
 const V4: &str = "
 ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT '';
+";
+
+/// Who blocked a user: whom its group entries are not delivered to.
+const V5: &str = "
+CREATE INDEX IF NOT EXISTS blocks_by_blocked ON blocks (blocked_id, user_id);
 ";

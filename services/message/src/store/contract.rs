@@ -562,6 +562,26 @@ async fn block_lists(store: &dyn MessageStore) {
     assert!(!store.unblock(&a, &b).await.unwrap(), "unblocking again changes nothing");
     assert_eq!(store.blocks_between(&a, &b).await.unwrap(), Blocks::default());
     assert_eq!(store.blocked_users(&a, 10).await.unwrap(), expected[1..]);
+
+    // Who blocked a user, sorted (an index: on ScyllaDB it may trail a moment).
+    let blocked_by = |user: String, expected: Vec<String>| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let found = store.blocked_by(&user).await.unwrap();
+            if found == expected || std::time::Instant::now() > deadline {
+                assert_eq!(found, expected, "who blocked {user}");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    blocked_by(b.clone(), vec![]).await;
+    assert!(store.block(&c, &b, 3_000).await.unwrap());
+    assert!(store.block(&a, &b, 4_000).await.unwrap());
+    blocked_by(b.clone(), sorted(&[&a, &c])).await;
+    blocked_by(c.clone(), vec![a.clone()]).await;
+    assert!(store.unblock(&c, &b).await.unwrap());
+    blocked_by(b.clone(), vec![a.clone()]).await;
 }
 
 async fn taking_part_is_creating_or_sending(store: &dyn MessageStore) {

@@ -61,3 +61,23 @@ fn the_audience_is_who_sees_the_entry_in_full() {
     assert_eq!(audience(entry(9, Kind::Edit, 3)), ["alice"]);
     assert_eq!(audience(entry(9, Kind::Reaction, 8)), ["alice", "bob", "dave"]);
 }
+
+#[test]
+fn content_from_a_blocked_user_is_withheld_and_not_delivered_to_the_blocker() {
+    let blocked = std::collections::HashSet::from(["alice".to_owned()]);
+    for kind in [Kind::Text, Kind::Edit, Kind::Reaction] {
+        assert!(from_blocked(&entry(7, kind, 3), &blocked), "{kind:?}");
+        let appended = Appended { entry: entry(7, kind, 3), audience: Arc::new(vec!["bob".into(), "carol".into()]) };
+        assert_eq!(without_blockers(appended, &["carol".into()]).audience.to_vec(), ["bob"], "{kind:?}");
+    }
+    // Events and deletes carry nothing of theirs: everyone gets them.
+    for kind in [Kind::Delete, Kind::MembersAdded, Kind::MemberRemoved, Kind::Renamed] {
+        assert!(!from_blocked(&entry(7, kind, 3), &blocked), "{kind:?}");
+        let appended = Appended { entry: entry(7, kind, 3), audience: Arc::new(vec!["bob".into(), "carol".into()]) };
+        assert_eq!(without_blockers(appended, &["carol".into()]).audience.to_vec(), ["bob", "carol"], "{kind:?}");
+    }
+    assert!(!from_blocked(&entry(7, Kind::Text, 0), &std::collections::HashSet::from(["bob".to_owned()])));
+    let withheld = redacted(entry(7, Kind::Text, 0));
+    assert!(withheld.withheld && withheld.body.is_empty() && withheld.attachments.is_empty(), "{withheld:?}");
+    assert_eq!((withheld.seq, withheld.sender.as_str()), (7, "alice"));
+}
