@@ -135,6 +135,7 @@ mod tests {
             read_seq: 0,
             delivered_seq: 0,
             took_part: false,
+            earlier: Vec::new(),
         }
     }
 

@@ -19,7 +19,7 @@ use crate::{
     store::{
         Attachment, BlockedUser, Change, ChangeRequest, Conversation, ConversationKind, DeviceCursors, HistoryRange,
         InboxCursor, Limits, Member, MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage,
-        SyncCursor,
+        SyncCursor, Visible,
     },
     visibility,
 };
@@ -160,11 +160,10 @@ impl Service {
         if seq == 0 {
             return Ok(());
         }
-        let visible = member.visible();
-        if !visible.contains(seq) {
+        if !member.visible().contains(seq) {
             return Err(Error::MessageNotFound(seq));
         }
-        let page = self.store.history(conversation_id, HistoryRange::Before(Some(seq + 1)), visible, 1).await?;
+        let page = self.store.history(conversation_id, HistoryRange::Before(Some(seq + 1)), only(seq), 1).await?;
         match page.first() {
             Some(message)
                 if message.seq == seq
@@ -182,8 +181,10 @@ impl Service {
     /// must not outlive it unnoticed.)
     async fn media_of(&self, user: &str, conversation_id: Uuid, seq: u64) -> Result<Vec<String>> {
         let Some(member) = self.store.member(conversation_id, user).await? else { return Ok(Vec::new()) };
-        let page =
-            self.store.history(conversation_id, HistoryRange::Before(Some(seq + 1)), member.visible(), 1).await?;
+        if !member.visible().contains(seq) {
+            return Ok(Vec::new());
+        }
+        let page = self.store.history(conversation_id, HistoryRange::Before(Some(seq + 1)), only(seq), 1).await?;
         Ok(page
             .into_iter()
             .filter(|message| message.seq == seq)
@@ -545,17 +546,47 @@ impl Service {
         let visible = member.visible();
         let limit = clamp(limit, self.options.history_page_default, self.options.history_page_max);
         let (page, blocked) = futures::future::try_join(
-            self.store.history(conversation_id, range, visible, limit),
+            self.history_within(conversation_id, range, &visible, limit),
             self.blocked_set(user),
         )
         .await?;
-        let shown = page.into_iter().filter_map(|message| visibility::shown(message, visible)).collect();
+        let shown = page.into_iter().filter_map(|message| visibility::shown(message, &visible)).collect();
         let messages = self.withhold_blocked(user, conversation_id, &blocked, shown).await?;
         let has_more = match range {
-            HistoryRange::Before(_) => messages.first().is_some_and(|m| m.seq > visible.from.max(1)),
+            HistoryRange::Before(_) => messages.first().is_some_and(|m| m.seq > visible.from().max(1)),
             HistoryRange::After(_) => messages.len() == limit,
         };
         Ok(HistoryPage { messages, has_more })
+    }
+
+    /// A page of history across the reader's ranges: newest ranges first
+    /// for a page before a seq, oldest first after one; ascending.
+    async fn history_within(
+        &self,
+        id: Uuid,
+        range: HistoryRange,
+        visible: &Visible,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        let mut page = Vec::new();
+        let ranges: Vec<SeqBounds> = match range {
+            HistoryRange::Before(_) => visible.ranges().iter().rev().copied().collect(),
+            HistoryRange::After(_) => visible.ranges().to_vec(),
+        };
+        for bounds in ranges {
+            if page.len() >= limit {
+                break;
+            }
+            let mut part = self.store.history(id, range, bounds, limit - page.len()).await?;
+            match range {
+                HistoryRange::Before(_) => {
+                    part.append(&mut page);
+                    page = part;
+                }
+                HistoryRange::After(_) => page.append(&mut part),
+            }
+        }
+        Ok(page)
     }
 
     /// The conversation with its members, roles and cursors.
@@ -794,7 +825,7 @@ impl Service {
     /// entries need that range to tell whether their target is seen, read
     /// once per conversation that has such a change.
     async fn shown_to(&self, user: &str, messages: Vec<StoredMessage>) -> Result<Vec<StoredMessage>> {
-        let mut ranges: std::collections::HashMap<Uuid, Option<SeqBounds>> = std::collections::HashMap::new();
+        let mut ranges: std::collections::HashMap<Uuid, Option<Visible>> = std::collections::HashMap::new();
         let mut shown = Vec::with_capacity(messages.len());
         for message in messages {
             if visibility::target(&message).is_none() {
@@ -802,24 +833,24 @@ impl Service {
                 continue;
             }
             let id = message.conversation_id;
-            let bounds = match ranges.get(&id) {
-                Some(bounds) => *bounds,
-                None => {
-                    let bounds = self.store.member(id, user).await?.map(|member| member.visible());
-                    ranges.insert(id, bounds);
-                    bounds
-                }
-            };
+            if let std::collections::hash_map::Entry::Vacant(vacant) = ranges.entry(id) {
+                vacant.insert(self.store.member(id, user).await?.map(|member| member.visible()));
+            }
             // The store admitted the entry into this user's range: a range
             // read since (a re-add in between, a row not readable) can only
             // take content away, never a seq, or the page would not be dense.
-            shown.push(match bounds.map(|bounds| visibility::view(&message, bounds)) {
+            shown.push(match ranges[&id].as_ref().map(|bounds| visibility::view(&message, bounds)) {
                 Some(visibility::View::Full) => message,
                 _ => visibility::redacted(message),
             });
         }
         Ok(shown)
     }
+}
+
+/// The one seq `seq`, as history bounds.
+fn only(seq: u64) -> SeqBounds {
+    SeqBounds { from: seq, to: Some(seq) }
 }
 
 /// Runs a write and what must follow its commit (fan-out, cache generations)

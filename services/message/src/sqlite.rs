@@ -423,8 +423,9 @@ impl MessageStore for SqliteStore {
                 Some(cursor) => (cursor.conversation_id.to_string(), cursor.seq as i64),
                 None => (String::new(), 0),
             };
-            // Per conversation: what the member may see (joined_seq ..= removed_seq)
-            // after the device cursor, skipping conversations the device has caught up on.
+            // Per conversation: what the member may see (each membership's
+            // joined_seq ..= removed_seq) after the device cursor, skipping
+            // conversations the device has caught up on.
             let sql = "SELECT msg.conversation_id, msg.seq, msg.message_id, msg.sender, msg.client_msg_id,
                     msg.body, msg.sent_at_ms, msg.kind, msg.reply_to_seq, msg.target_seq, msg.reaction,
                     msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted, msg.attachments
@@ -440,7 +441,22 @@ impl MessageStore for SqliteStore {
                    AND (?3 = '' OR m.conversation_id = ?3)
                    AND coalesce(m.removed_seq, c.last_seq) > coalesce(d.delivered_seq, 0)
                    AND (msg.conversation_id, msg.seq) > (?4, ?5)
-                 ORDER BY msg.conversation_id, msg.seq
+                 UNION ALL
+                 SELECT msg.conversation_id, msg.seq, msg.message_id, msg.sender, msg.client_msg_id,
+                    msg.body, msg.sent_at_ms, msg.kind, msg.reply_to_seq, msg.target_seq, msg.reaction,
+                    msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted, msg.attachments
+                 FROM earlier_memberships e
+                 LEFT JOIN device_cursors d
+                   ON d.user_id = e.user_id AND d.device_id = ?2 AND d.conversation_id = e.conversation_id
+                 JOIN messages msg
+                   ON msg.conversation_id = e.conversation_id
+                  AND msg.seq > max(coalesce(d.delivered_seq, 0), e.joined_seq - 1)
+                  AND msg.seq <= e.removed_seq
+                 WHERE e.user_id = ?1
+                   AND (?3 = '' OR e.conversation_id = ?3)
+                   AND e.removed_seq > coalesce(d.delivered_seq, 0)
+                   AND (msg.conversation_id, msg.seq) > (?4, ?5)
+                 ORDER BY 1, 2
                  LIMIT ?6";
             let mut statement = c.prepare_cached(sql)?;
             let rows = statement

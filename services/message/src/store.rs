@@ -110,6 +110,10 @@ pub struct Member {
     /// Whether the member has sent a message in the conversation.
     #[serde(default)]
     pub took_part: bool,
+    /// The memberships this user had before this one (each ended, oldest
+    /// first): a re-added member sees them again (DESIGN section 4).
+    #[serde(default)]
+    pub earlier: Vec<SeqBounds>,
 }
 
 impl Member {
@@ -117,14 +121,60 @@ impl Member {
         self.removed_seq.is_none()
     }
 
-    /// The seqs this member may read.
-    pub fn visible(&self) -> SeqBounds {
-        SeqBounds { from: self.joined_seq, to: self.removed_seq }
+    /// The seqs this member may read: every membership it had.
+    pub fn visible(&self) -> Visible {
+        let current = SeqBounds { from: self.joined_seq, to: self.removed_seq };
+        Visible::new(self.earlier.iter().copied().chain([current]).collect())
+    }
+}
+
+/// The seqs a reader may see: one range per membership, ascending and
+/// disjoint (a re-add starts after the removal that ended the last one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visible(Vec<SeqBounds>);
+
+impl Visible {
+    /// Ranges that overlap the one after them (a row written twice) are merged.
+    pub fn new(mut ranges: Vec<SeqBounds>) -> Self {
+        ranges.sort_by_key(|range| range.from);
+        let mut merged: Vec<SeqBounds> = Vec::with_capacity(ranges.len());
+        for range in ranges {
+            match merged.last_mut() {
+                Some(last) if last.to.is_none_or(|to| range.from <= to.saturating_add(1)) => {
+                    last.to = match (last.to, range.to) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        _ => None,
+                    };
+                }
+                _ => merged.push(range),
+            }
+        }
+        Visible(merged)
+    }
+
+    pub fn contains(&self, seq: u64) -> bool {
+        self.0.iter().any(|range| range.contains(seq))
+    }
+
+    /// The ranges, oldest first.
+    pub fn ranges(&self) -> &[SeqBounds] {
+        &self.0
+    }
+
+    /// The first seq of the first range (0 when there is none).
+    pub fn from(&self) -> u64 {
+        self.0.first().map_or(0, |range| range.from)
+    }
+}
+
+impl From<SeqBounds> for Visible {
+    fn from(range: SeqBounds) -> Self {
+        Visible(vec![range])
     }
 }
 
 /// An inclusive range of seqs a reader may see (`to: None` is open-ended).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeqBounds {
     pub from: u64,
     pub to: Option<u64>,

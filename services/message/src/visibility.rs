@@ -1,9 +1,9 @@
 //! Visibility by seq: who may see which entry of a conversation, decided
 //! here and nowhere else (DESIGN section 4).
 //!
-//! A member sees the entries whose seq lies in its membership's range
-//! (`Member::visible`: from the entry that made it a member to the one that
-//! ended it). An edit, reaction or delete changes another entry, its
+//! A member sees the entries whose seq lies in one of its memberships'
+//! ranges (`Member::visible`: each from the entry that made it a member to
+//! the one that ended it; a re-add starts another). An edit, reaction or delete changes another entry, its
 //! *target*: a reader who sees the change but not its target gets the
 //! change without content (the seq stays, so a device's order stays dense;
 //! the text, emoji and media do not). Every read path (history, sync, gap
@@ -17,7 +17,7 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use crate::store::{Appended, Kind, Member, SeqBounds, StoredMessage};
+use crate::store::{Appended, Kind, Member, StoredMessage, Visible};
 
 /// What a reader with some range sees of one entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,8 +37,8 @@ pub fn target(entry: &StoredMessage) -> Option<u64> {
     }
 }
 
-/// The rule: what a reader whose range is `bounds` sees of `entry`.
-pub fn view(entry: &StoredMessage, bounds: SeqBounds) -> View {
+/// The rule: what a reader whose ranges are `bounds` sees of `entry`.
+pub fn view(entry: &StoredMessage, bounds: &Visible) -> View {
     if !bounds.contains(entry.seq) {
         return View::Hidden;
     }
@@ -49,7 +49,7 @@ pub fn view(entry: &StoredMessage, bounds: SeqBounds) -> View {
 }
 
 /// `entry` as a reader with `bounds` may be shown it, if at all.
-pub fn shown(entry: StoredMessage, bounds: SeqBounds) -> Option<StoredMessage> {
+pub fn shown(entry: StoredMessage, bounds: &Visible) -> Option<StoredMessage> {
     match view(&entry, bounds) {
         View::Hidden => None,
         View::Redacted => Some(redacted(entry)),
@@ -102,7 +102,7 @@ pub fn audience(entry: &StoredMessage, members: &[Member]) -> Arc<Vec<String>> {
     Arc::new(
         members
             .iter()
-            .filter(|member| view(entry, member.visible()) == View::Full)
+            .filter(|member| view(entry, &member.visible()) == View::Full)
             .map(|member| member.user_id.clone())
             .collect(),
     )

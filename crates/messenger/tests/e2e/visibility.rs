@@ -176,3 +176,39 @@ async fn a_blocked_users_group_messages_reach_the_blocker_withheld() {
     let history = bob.history(id, 0, 50).await.unwrap().messages;
     assert!(history.iter().any(|m| m.seq == said && m.body == "alice talks" && !m.withheld), "{history:?}");
 }
+
+#[tokio::test]
+async fn a_re_added_member_sees_what_it_saw_before_and_nothing_from_while_out() {
+    let system = TestSystem::start().await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let group = alice.create_group("out and back", &["bob", "carol"]).await.unwrap(); // 1
+    let id = group.conversation_id.as_str();
+    let before = alice.send(id, "before").await.unwrap().seq; // 2
+    alice.remove_member(id, "bob").await.unwrap(); // 3
+    alice.send(id, "while out").await.unwrap(); // 4
+    alice.add_members(id, &["bob"]).await.unwrap(); // 5
+    let back = alice.send(id, "back").await.unwrap().seq; // 6
+
+    let (bob, mut bob_events) = system.connect("bob", "tablet").await;
+    let synced = messages_until(&mut bob_events, |m| m.seq == back).await;
+    assert!(synced.contains(&"before".to_owned()), "a new device of bob lacks what he saw before: {synced:?}");
+    assert!(!synced.contains(&"while out".to_owned()), "{synced:?}");
+    let seqs = |page: &messenger_client::HistoryResponse| page.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let whole = bob.history(id, 0, 50).await.unwrap();
+    assert_eq!(seqs(&whole), [1, 2, 3, 5, 6], "{whole:?}");
+    // Pages cross from one range to the one before it.
+    let newest = bob.history(id, 0, 2).await.unwrap();
+    assert_eq!((seqs(&newest), newest.has_more), (vec![5, 6], true));
+    let older = bob.history(id, 5, 2).await.unwrap();
+    assert_eq!((seqs(&older), older.has_more), (vec![2, 3], true));
+    let oldest = bob.history(id, 2, 2).await.unwrap();
+    assert_eq!((seqs(&oldest), oldest.has_more), (vec![1], false));
+
+    // A reaction to what bob saw before reaches him in full.
+    let reaction = alice.react(id, before, "🎉").await.unwrap().unwrap().seq;
+    let live = next_message(&mut bob_events).await;
+    assert_eq!((live.seq, live.reaction.as_str(), live.withheld), (reaction, "🎉", false), "{live:?}");
+    let state = bob.conversation_state(id).unwrap();
+    assert_eq!(state.messages[&before].reactions.get("alice").map(String::as_str), Some("🎉"));
+    assert!(state.messages.values().all(|m| m.body != "while out"));
+}

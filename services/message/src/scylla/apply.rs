@@ -17,7 +17,10 @@
 //! releases it. Until then readers take the roster as the truth: a member
 //! the roster no longer lists sees nothing past the removal's seq.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use ::scylla::statement::batch::BatchType;
 use tracing::warn;
@@ -27,13 +30,17 @@ use super::{
     BatchBuilder, Inner,
     head::{Effect, Pending, takeover_after_ms},
     reads::{self, conversation_for_member, head, member, members, message_at},
-    rows::{Head, NewRow, bucket, conversation_kind_code, execution_error, outcome_unknown, roster_value, seq_value},
+    rows::{
+        Head, NewRow, bucket, conversation_kind_code, earlier_value, execution_error, outcome_unknown, roster_value,
+        seq_value,
+    },
 };
 use crate::{
     error::{Error, Result},
     policy,
     store::{
-        Appended, Change, ChangeRequest, Conversation, ConversationKind, Kind, Member, NewGroup, Role, StoredMessage,
+        Appended, Change, ChangeRequest, Conversation, ConversationKind, Kind, Member, NewGroup, Role, SeqBounds,
+        StoredMessage,
     },
     visibility,
 };
@@ -435,6 +442,14 @@ async fn write_plan(
 ) -> Result<()> {
     let s = &inner.statements;
     let first = entries[0].seq;
+    // Members added back: the membership each had before (its rows are
+    // complete, the lock holds off other changes) becomes an earlier range,
+    // written in the same logged batch as the new one.
+    let before: HashMap<String, Member> = if effects.iter().any(|effect| matches!(effect, Effect::Join(..))) {
+        members(inner, id).await?.into_iter().map(|member| (member.user_id.clone(), member)).collect()
+    } else {
+        HashMap::new()
+    };
     let mut batches = vec![BatchBuilder::new(BatchType::Logged)];
     let current = |batches: &mut Vec<BatchBuilder>| {
         if batches.last().is_some_and(|b| b.len() >= BATCH_STATEMENTS) {
@@ -450,7 +465,17 @@ async fn write_plan(
         let index = current(&mut batches);
         let batch = &mut batches[index];
         match effect {
-            Effect::Join(user, role) => join_rows(batch, inner, id, &user, role, first, now_ms),
+            Effect::Join(user, role) => {
+                let ended = before.get(&user).and_then(|member| {
+                    let removed = member.removed_seq.filter(|_| member.joined_seq < first)?;
+                    Some(SeqBounds { from: member.joined_seq, to: Some(removed) })
+                });
+                if let Some(ended) = ended {
+                    batch.push(&s.member_earlier, (earlier_value(ended), id, user.clone()));
+                    batch.push(&s.inbox_earlier, (earlier_value(ended), user.clone(), id));
+                }
+                join_rows(batch, inner, id, &user, role, first, now_ms)
+            }
             Effect::End(user) => {
                 batch.push(&s.member_removed, (seq_value(first), id, user.clone()));
                 batch.push(&s.inbox_removed, (seq_value(first), user, id));

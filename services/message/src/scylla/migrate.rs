@@ -24,6 +24,11 @@ pub(crate) fn versions(cluster: &Cluster) -> Vec<Vec<String>> {
         // (a view keyed by blocked_id) on ScyllaDB, node-local on Cassandra,
         // built in the background over existing blocks.
         vec![format!("CREATE INDEX IF NOT EXISTS blocks_by_blocked ON {keyspace}.blocks (blocked_id)")],
+        // 4: earlier memberships of a re-added member.
+        vec![
+            format!("ALTER TABLE {keyspace}.members ADD earlier map<bigint, bigint>"),
+            format!("ALTER TABLE {keyspace}.user_conversations ADD earlier map<bigint, bigint>"),
+        ],
     ]
 }
 

@@ -27,6 +27,7 @@ use crate::{
     error::{Error, Result},
     store::{
         BlockedUser, Blocks, Conversation, HistoryRange, InboxCursor, Member, SeqBounds, StoredMessage, SyncCursor,
+        Visible,
     },
 };
 
@@ -406,19 +407,23 @@ pub(super) async fn sync(
             let Some(head) = head else { continue };
             let cursor = delivered.get(&membership.conversation_id).copied().unwrap_or(0);
             let removed = removed_as_of_head(membership.removed(), user, &head);
-            let upper = removed.unwrap_or(head.last_seq).min(head.last_seq);
-            if upper <= cursor {
-                continue;
-            }
-            let mut lower = (cursor + 1).max(membership.joined());
-            if let Some(position) = after
-                && position.conversation_id == membership.conversation_id
-            {
-                lower = lower.max(position.seq.saturating_add(1));
-            }
-            found.extend(range(inner, head.id, lower.max(1), upper, limit - found.len(), false).await?);
-            if found.len() >= limit {
-                return Ok(found);
+            let mut ranges = membership.earlier();
+            ranges.push(SeqBounds { from: membership.joined(), to: removed });
+            for bounds in Visible::new(ranges).ranges() {
+                let upper = bounds.to.unwrap_or(head.last_seq).min(head.last_seq);
+                let mut lower = (cursor + 1).max(bounds.from);
+                if let Some(position) = after
+                    && position.conversation_id == membership.conversation_id
+                {
+                    lower = lower.max(position.seq.saturating_add(1));
+                }
+                if upper < lower.max(1) {
+                    continue;
+                }
+                found.extend(range(inner, head.id, lower.max(1), upper, limit - found.len(), false).await?);
+                if found.len() >= limit {
+                    return Ok(found);
+                }
             }
         }
     }

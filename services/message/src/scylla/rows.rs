@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::statements::Arity;
 use crate::{
     error::Error,
-    store::{Attachment, ConversationKind, Kind, Member, Role, StoredMessage},
+    store::{Attachment, ConversationKind, Kind, Member, Role, SeqBounds, StoredMessage},
 };
 
 /// A partition of `messages` holds the seqs sharing `seq >> BUCKET_BITS`.
@@ -175,6 +175,7 @@ pub(super) struct MemberRow {
     read_seq: Option<i64>,
     delivered_seq: Option<i64>,
     took_part: Option<bool>,
+    earlier: Option<BTreeMap<i64, i64>>,
 }
 
 impl MemberRow {
@@ -188,6 +189,7 @@ impl MemberRow {
             read_seq: seq_from(self.read_seq),
             delivered_seq: seq_from(self.delivered_seq),
             took_part: self.took_part.unwrap_or(false),
+            earlier: earlier_ranges(self.earlier),
         })
     }
 }
@@ -197,9 +199,29 @@ pub(super) struct InboxRow {
     pub conversation_id: Uuid,
     pub joined_seq: Option<i64>,
     pub removed_seq: Option<i64>,
+    pub earlier: Option<BTreeMap<i64, i64>>,
+}
+
+/// A row's `earlier` map as ranges, oldest first.
+fn earlier_ranges(earlier: Option<BTreeMap<i64, i64>>) -> Vec<SeqBounds> {
+    earlier
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(from, to)| SeqBounds { from: from.max(0) as u64, to: Some(to.max(0) as u64) })
+        .collect()
+}
+
+/// `{joined_seq: removed_seq}` of an ended membership, as `earlier` keeps it.
+pub(super) fn earlier_value(range: SeqBounds) -> BTreeMap<i64, i64> {
+    BTreeMap::from([(seq_value(range.from), seq_value(range.to.unwrap_or(range.from)))])
 }
 
 impl InboxRow {
+    /// Its earlier memberships, oldest first.
+    pub(super) fn earlier(&self) -> Vec<SeqBounds> {
+        earlier_ranges(self.earlier.clone())
+    }
+
     pub(super) fn joined(&self) -> u64 {
         seq_from(self.joined_seq)
     }

@@ -99,7 +99,7 @@ macro_rules! head_columns {
 
 macro_rules! member_columns {
     () => {
-        "user_id, role, joined_seq, removed_seq, read_seq, delivered_seq, took_part"
+        "user_id, role, joined_seq, removed_seq, read_seq, delivered_seq, took_part, earlier"
     };
 }
 
@@ -185,6 +185,9 @@ statements! {
     member_upsert: Write, 6 = "UPDATE {keyspace}.members SET role = ?, joined_seq = ?, removed_seq = ?, \
         joined_at_ms = ? WHERE conversation_id = ? AND user_id = ?";
     member_role: Write, 3 = "UPDATE {keyspace}.members SET role = ? WHERE conversation_id = ? AND user_id = ?";
+    /// ({joined_seq: removed_seq}, conversation, user): a re-add keeps the membership it follows.
+    member_earlier: Write, 3 =
+        "UPDATE {keyspace}.members SET earlier = earlier + ? WHERE conversation_id = ? AND user_id = ?";
     member_removed: Write, 3 =
         "UPDATE {keyspace}.members SET removed_seq = ? WHERE conversation_id = ? AND user_id = ?";
     /// (timestamp = value, value, conversation, user): the largest read cursor wins.
@@ -198,13 +201,16 @@ statements! {
         WHERE conversation_id = ? AND user_id = ?";
 
     // user_conversations
-    inbox_read: Read, 1 =
-        "SELECT conversation_id, joined_seq, removed_seq FROM {keyspace}.user_conversations WHERE user_id = ?";
+    inbox_read: Read, 1 = "SELECT conversation_id, joined_seq, removed_seq, earlier \
+        FROM {keyspace}.user_conversations WHERE user_id = ?";
     /// (joined_seq, removed_seq, joined_at_ms, user, conversation).
     inbox_upsert: Write, 5 = "UPDATE {keyspace}.user_conversations SET joined_seq = ?, removed_seq = ?, \
         joined_at_ms = ? WHERE user_id = ? AND conversation_id = ?";
     inbox_removed: Write, 3 =
         "UPDATE {keyspace}.user_conversations SET removed_seq = ? WHERE user_id = ? AND conversation_id = ?";
+    /// ({joined_seq: removed_seq}, user, conversation).
+    inbox_earlier: Write, 3 =
+        "UPDATE {keyspace}.user_conversations SET earlier = earlier + ? WHERE user_id = ? AND conversation_id = ?";
 
     // direct_pairs
     direct_read: Read, 2 =

@@ -3,7 +3,7 @@
 use r2d2_sqlite::rusqlite::{Connection, OptionalExtension, Result, Row, params, types::Type};
 use uuid::Uuid;
 
-use crate::store::{Attachment, Conversation, ConversationKind, Kind, Member, Role, StoredMessage};
+use crate::store::{Attachment, Conversation, ConversationKind, Kind, Member, Role, SeqBounds, StoredMessage};
 
 /// Columns `row_to_message` reads, in order.
 pub(super) const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, \
@@ -64,7 +64,29 @@ pub(super) fn message_at(connection: &Connection, conversation: &str, seq: u64) 
 
 const MEMBER_COLUMNS: &str = "m.user_id, m.role, m.joined_seq, m.removed_seq, m.read_seq, \
      coalesce((SELECT max(d.delivered_seq) FROM device_cursors d
-               WHERE d.conversation_id = m.conversation_id AND d.user_id = m.user_id), 0), m.took_part";
+               WHERE d.conversation_id = m.conversation_id AND d.user_id = m.user_id), 0), m.took_part, \
+     (SELECT group_concat(e.joined_seq || '-' || e.removed_seq) FROM earlier_memberships e
+      WHERE e.conversation_id = m.conversation_id AND e.user_id = m.user_id)";
+
+/// `MEMBER_COLUMNS` without the delivered cursor (it reads 0).
+const MEMBERSHIP_COLUMNS: &str = "m.user_id, m.role, m.joined_seq, m.removed_seq, m.read_seq, 0, m.took_part, \
+     (SELECT group_concat(e.joined_seq || '-' || e.removed_seq) FROM earlier_memberships e
+      WHERE e.conversation_id = m.conversation_id AND e.user_id = m.user_id)";
+
+/// Earlier memberships as `MEMBER_COLUMNS` lists them: `from-to,from-to`.
+fn earlier(text: Option<String>) -> Result<Vec<SeqBounds>> {
+    let invalid = |text: &str| {
+        r2d2_sqlite::rusqlite::Error::FromSqlConversionFailure(7, Type::Text, format!("earlier range {text:?}").into())
+    };
+    let mut ranges = Vec::new();
+    for range in text.as_deref().unwrap_or_default().split(',').filter(|range| !range.is_empty()) {
+        let (from, to) = range.split_once('-').ok_or_else(|| invalid(range))?;
+        let (from, to) = (from.parse().map_err(|_| invalid(range))?, to.parse().map_err(|_| invalid(range))?);
+        ranges.push(SeqBounds { from, to: Some(to) });
+    }
+    ranges.sort_by_key(|range| range.from);
+    Ok(ranges)
+}
 
 fn row_to_member(row: &Row<'_>) -> Result<Member> {
     Ok(Member {
@@ -75,6 +97,7 @@ fn row_to_member(row: &Row<'_>) -> Result<Member> {
         read_seq: row.get::<_, i64>(4)? as u64,
         delivered_seq: row.get::<_, i64>(5)? as u64,
         took_part: row.get(6)?,
+        earlier: earlier(row.get(7)?)?,
     })
 }
 
@@ -82,25 +105,15 @@ fn row_to_member(row: &Row<'_>) -> Result<Member> {
 /// the hot paths (every send and ack) need only role and visibility, and the
 /// delivered cursor costs a scan of the member's devices.
 pub(super) fn member(connection: &Connection, conversation: &str, user: &str) -> Result<Option<Member>> {
-    connection
-        .prepare_cached(
-            "SELECT user_id, role, joined_seq, removed_seq, read_seq, 0, took_part FROM members
-             WHERE conversation_id = ?1 AND user_id = ?2",
-        )?
-        .query_row(params![conversation, user], row_to_member)
-        .optional()
+    let sql = format!("SELECT {MEMBERSHIP_COLUMNS} FROM members m WHERE m.conversation_id = ?1 AND m.user_id = ?2");
+    connection.prepare_cached(&sql)?.query_row(params![conversation, user], row_to_member).optional()
 }
 
 /// Every membership of the conversation, current and ended, without
 /// delivered cursors: what an entry's audience is decided from.
 pub(super) fn roster(connection: &Connection, conversation: &str) -> Result<Vec<Member>> {
-    connection
-        .prepare_cached(
-            "SELECT user_id, role, joined_seq, removed_seq, read_seq, 0, took_part FROM members
-             WHERE conversation_id = ?1 ORDER BY user_id",
-        )?
-        .query_map(params![conversation], row_to_member)?
-        .collect()
+    let sql = format!("SELECT {MEMBERSHIP_COLUMNS} FROM members m WHERE m.conversation_id = ?1 ORDER BY m.user_id");
+    connection.prepare_cached(&sql)?.query_map(params![conversation], row_to_member)?.collect()
 }
 
 pub(super) fn members(connection: &Connection, conversation: &str) -> Result<Vec<Member>> {

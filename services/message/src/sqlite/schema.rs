@@ -6,7 +6,7 @@
 //! lookup; messages are not bucketed because a B-tree has no partition limit.
 
 /// Migrations in order; `PRAGMA user_version` records how many have run.
-pub const MIGRATIONS: [&str; 5] = [V1, V2, V3, V4, V5];
+pub const MIGRATIONS: [&str; 6] = [V1, V2, V3, V4, V5, V6];
 
 const V1: &str = "
 CREATE TABLE IF NOT EXISTS conversations (
@@ -111,4 +111,18 @@ ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT '';
 /// Who blocked a user: whom its group entries are not delivered to.
 const V5: &str = "
 CREATE INDEX IF NOT EXISTS blocks_by_blocked ON blocks (blocked_id, user_id);
+";
+
+/// Memberships that ended before the member was added again: a re-added
+/// member sees each of its ranges.
+const V6: &str = "
+CREATE TABLE IF NOT EXISTS earlier_memberships (
+    conversation_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    joined_seq INTEGER NOT NULL,
+    removed_seq INTEGER NOT NULL,
+    PRIMARY KEY (conversation_id, user_id, joined_seq)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS earlier_memberships_by_user ON earlier_memberships (user_id, conversation_id);
 ";

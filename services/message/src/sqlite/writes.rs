@@ -109,6 +109,14 @@ fn insert_member(
     joined_seq: u64,
     now_ms: i64,
 ) -> Result<()> {
+    // A membership that ended stays visible to its user: kept as an earlier range.
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO earlier_memberships (conversation_id, user_id, joined_seq, removed_seq)
+         SELECT conversation_id, user_id, joined_seq, removed_seq FROM members
+         WHERE conversation_id = ?1 AND user_id = ?2 AND removed_seq IS NOT NULL",
+    )
+    .and_then(|mut s| s.execute(params![conversation, user]))
+    .map_err(storage)?;
     tx.prepare_cached(
         "INSERT INTO members (conversation_id, user_id, role, joined_seq, read_seq, joined_at_ms, removed_seq)
          VALUES (?1, ?2, ?3, ?4, ?4, ?5, NULL)

@@ -63,6 +63,7 @@ pub(crate) async fn run_all(store: &dyn MessageStore) -> usize {
         ("attachments_are_kept_and_go_with_delete", Box::pin(attachments_are_kept_and_go_with_delete(store))),
         ("entries_carry_their_audience", Box::pin(entries_carry_their_audience(store))),
         ("previews_start_at_joining", Box::pin(previews_start_at_joining(store))),
+        ("re_added_members_see_each_of_their_ranges", Box::pin(re_added_members_see_each_of_their_ranges(store))),
     ];
     let count = cases.len();
     for (name, case) in cases {
@@ -327,7 +328,8 @@ async fn entries_carry_their_audience(store: &dyn MessageStore) {
     // A change of an entry from before someone joined goes to who saw that entry.
     let edit = Change::Edit { target_seq: before.message().seq, body: "edited".into() };
     let edited = appended(store, id, &a, edit).await.unwrap();
-    assert_eq!(edited[0].audience.to_vec(), sorted(&[&a, &c]), "an edit reached who never saw the message");
+    let saw = sorted(&[&a, &b, &c]);
+    assert_eq!(edited[0].audience.to_vec(), saw, "an edit reached who never saw the message, or not b, who did");
     let later = send(store, id, &d, "later", "hi").await.unwrap();
     let react = Change::React { target_seq: later.message().seq, emoji: "👍".into() };
     let reaction = appended(store, id, &c, react).await.unwrap();
@@ -337,6 +339,47 @@ async fn entries_carry_their_audience(store: &dyn MessageStore) {
     let left = appended(store, id, &a, Change::Leave).await.unwrap();
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left[0].audience.contains(&a) && !left[1].audience.contains(&a), "{left:?}");
+}
+
+/// A member added back sees what it saw before its removal and what
+/// follows its re-adding, never what was sent while it was out.
+async fn re_added_members_see_each_of_their_ranges(store: &dyn MessageStore) {
+    let (a, b, _) = users("re-added");
+    let id = group(store, &a, &[&b]).await.id; // 1
+    send(store, id, &a, "first", "first").await.unwrap(); // 2
+    change(store, id, &a, Change::RemoveMember(b.clone())).await.unwrap(); // 3
+    send(store, id, &a, "out-1", "while out").await.unwrap(); // 4
+    change(store, id, &a, Change::AddMembers(vec![b.clone()])).await.unwrap(); // 5
+    send(store, id, &a, "back", "back").await.unwrap(); // 6
+
+    let ranges = |member: Member| member.visible().ranges().to_vec();
+    let bounds = |from: u64, to: Option<u64>| SeqBounds { from, to };
+    let member = store.member(id, &b).await.unwrap().unwrap();
+    assert_eq!(ranges(member), [bounds(1, Some(3)), bounds(5, None)]);
+    let listed = store.members(id).await.unwrap().into_iter().find(|m| m.user_id == b).unwrap();
+    assert_eq!(ranges(listed), [bounds(1, Some(3)), bounds(5, None)]);
+    let seqs = |messages: Vec<StoredMessage>| messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let synced = store.sync(&b, "new-phone", None, None, 100).await.unwrap();
+    assert_eq!(seqs(synced), [1, 2, 3, 5, 6], "a new device of b syncs both ranges and nothing between");
+    let after = SyncCursor { conversation_id: id, seq: 2 };
+    assert_eq!(seqs(store.sync(&b, "new-phone", None, Some(after), 100).await.unwrap()), [3, 5, 6]);
+    assert_eq!(seqs(store.sync(&b, "new-phone", Some(id), None, 2).await.unwrap()), [1, 2], "pages hold");
+    store.ack_delivered(&b, "new-phone", vec![(id, 3)]).await.unwrap();
+    assert_eq!(seqs(store.sync(&b, "new-phone", None, None, 100).await.unwrap()), [5, 6]);
+
+    // Out and back once more: three ranges, kept however often it happens.
+    change(store, id, &a, Change::RemoveMember(b.clone())).await.unwrap(); // 7
+    send(store, id, &a, "out-2", "out again").await.unwrap(); // 8
+    change(store, id, &a, Change::AddMembers(vec![b.clone()])).await.unwrap(); // 9
+    let member = store.member(id, &b).await.unwrap().unwrap();
+    assert_eq!(ranges(member), [bounds(1, Some(3)), bounds(5, Some(7)), bounds(9, None)]);
+    let synced = store.sync(&b, "third-phone", Some(id), None, 100).await.unwrap();
+    assert_eq!(seqs(synced), [1, 2, 3, 5, 6, 7, 9]);
+    // A change of an entry from an earlier range reaches b; of one from while b was out, not.
+    let react = appended(store, id, &a, Change::React { target_seq: 2, emoji: "👍".into() }).await.unwrap();
+    assert!(react[0].audience.contains(&b), "{react:?}");
+    let react = appended(store, id, &a, Change::React { target_seq: 4, emoji: "👍".into() }).await.unwrap();
+    assert!(!react[0].audience.contains(&b), "{react:?}");
 }
 
 /// A member's inbox never previews what came before it joined.
@@ -409,7 +452,8 @@ async fn removed_members_see_only_their_time(store: &dyn MessageStore) {
     send(store, conversation.id, &a, "after", "after c").await.unwrap(); // 6
     let member = store.member(conversation.id, &c).await.unwrap().unwrap();
     assert_eq!((member.joined_seq, member.removed_seq), (3, Some(5)));
-    let seen = store.history(conversation.id, HistoryRange::Before(None), member.visible(), 50).await.unwrap();
+    let seen =
+        store.history(conversation.id, HistoryRange::Before(None), member.visible().ranges()[0], 50).await.unwrap();
     assert_eq!(seen.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
     let synced = store.sync(&c, "phone", Some(conversation.id), None, 50).await.unwrap();
     assert_eq!(synced.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5]);

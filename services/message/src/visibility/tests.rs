@@ -1,5 +1,5 @@
 use super::*;
-use crate::store::{Attachment, Role};
+use crate::store::{Attachment, Role, SeqBounds};
 
 fn member(user: &str, joined_seq: u64, removed_seq: Option<u64>) -> Member {
     Member {
@@ -10,6 +10,7 @@ fn member(user: &str, joined_seq: u64, removed_seq: Option<u64>) -> Member {
         read_seq: joined_seq,
         delivered_seq: 0,
         took_part: false,
+        earlier: Vec::new(),
     }
 }
 
@@ -26,27 +27,27 @@ fn entry(seq: u64, kind: Kind, target_seq: u64) -> StoredMessage {
 #[test]
 fn a_range_holds_its_ends_and_nothing_outside() {
     let bounds = member("bob", 5, Some(9)).visible();
-    let seen: Vec<u64> = (1..=12).filter(|seq| view(&entry(*seq, Kind::Text, 0), bounds) == View::Full).collect();
+    let seen: Vec<u64> = (1..=12).filter(|seq| view(&entry(*seq, Kind::Text, 0), &bounds) == View::Full).collect();
     assert_eq!(seen, (5..=9).collect::<Vec<_>>());
     let open = member("bob", 5, None).visible();
-    assert_eq!(view(&entry(u64::MAX, Kind::Text, 0), open), View::Full);
-    assert_eq!(view(&entry(4, Kind::Text, 0), open), View::Hidden);
+    assert_eq!(view(&entry(u64::MAX, Kind::Text, 0), &open), View::Full);
+    assert_eq!(view(&entry(4, Kind::Text, 0), &open), View::Hidden);
 }
 
 #[test]
 fn a_change_of_an_unseen_entry_is_shown_without_content() {
     let bob = member("bob", 5, None).visible();
     for kind in [Kind::Edit, Kind::Reaction, Kind::Delete] {
-        assert_eq!(view(&entry(7, kind, 3), bob), View::Redacted, "{kind:?}");
-        let shown = shown(entry(7, kind, 3), bob).unwrap();
+        assert_eq!(view(&entry(7, kind, 3), &bob), View::Redacted, "{kind:?}");
+        let shown = shown(entry(7, kind, 3), &bob).unwrap();
         assert!(shown.body.is_empty() && shown.reaction.is_empty() && shown.attachments.is_empty(), "{shown:?}");
         assert_eq!((shown.seq, shown.target_seq, shown.kind), (7, 3, kind));
-        assert_eq!(view(&entry(7, kind, 5), bob), View::Full, "{kind:?} of a seen entry");
-        assert_eq!(view(&entry(4, kind, 3), bob), View::Hidden, "{kind:?} before joining");
+        assert_eq!(view(&entry(7, kind, 5), &bob), View::Full, "{kind:?} of a seen entry");
+        assert_eq!(view(&entry(4, kind, 3), &bob), View::Hidden, "{kind:?} before joining");
     }
     // Replies and events name other seqs too, but carry nothing of them.
-    assert_eq!(view(&entry(7, Kind::Text, 3), bob), View::Full);
-    assert_eq!(view(&entry(7, Kind::MembersAdded, 3), bob), View::Full);
+    assert_eq!(view(&entry(7, Kind::Text, 3), &bob), View::Full);
+    assert_eq!(view(&entry(7, Kind::MembersAdded, 3), &bob), View::Full);
 }
 
 #[test]
@@ -80,4 +81,29 @@ fn content_from_a_blocked_user_is_withheld_and_not_delivered_to_the_blocker() {
     let withheld = redacted(entry(7, Kind::Text, 0));
     assert!(withheld.withheld && withheld.body.is_empty() && withheld.attachments.is_empty(), "{withheld:?}");
     assert_eq!((withheld.seq, withheld.sender.as_str()), (7, "alice"));
+}
+
+#[test]
+fn a_re_added_member_sees_each_of_its_ranges_and_nothing_between() {
+    let mut bob = member("bob", 8, None);
+    bob.earlier = vec![SeqBounds { from: 2, to: Some(4) }];
+    let visible = bob.visible();
+    let seen: Vec<u64> = (1..=10).filter(|seq| view(&entry(*seq, Kind::Text, 0), &visible) == View::Full).collect();
+    assert_eq!(seen, [2, 3, 4, 8, 9, 10]);
+    // A change made after the re-add of an entry from the earlier range is shown;
+    // of one sent while bob was out, without content.
+    assert_eq!(view(&entry(9, Kind::Reaction, 3), &visible), View::Full);
+    assert_eq!(view(&entry(9, Kind::Edit, 6), &visible), View::Redacted);
+    let members = [member("alice", 1, None), bob.clone()];
+    assert_eq!(audience(&entry(9, Kind::Reaction, 3), &members).to_vec(), ["alice", "bob"]);
+    assert_eq!(audience(&entry(9, Kind::Reaction, 6), &members).to_vec(), ["alice"]);
+    // Ranges written twice or touching merge; the first seq is the oldest range's.
+    let merged = Visible::new(vec![
+        SeqBounds { from: 8, to: None },
+        SeqBounds { from: 2, to: Some(4) },
+        SeqBounds { from: 2, to: Some(4) },
+        SeqBounds { from: 5, to: Some(6) },
+    ]);
+    assert_eq!(merged.ranges(), [SeqBounds { from: 2, to: Some(6) }, SeqBounds { from: 8, to: None }]);
+    assert_eq!(merged.from(), 2);
 }
