@@ -1,8 +1,7 @@
 //! The message service's one error type and its mapping to gRPC codes.
 
-use tonic::Status;
-
-#[derive(Debug, thiserror::Error)]
+/// Clone: a batch of sends answers each waiter with its own copy.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// Also returned to non-members, so a conversation's existence never leaks.
     #[error("conversation not found")]
@@ -28,9 +27,18 @@ pub enum Error {
     Storage(String),
     #[error("service unavailable: {0}")]
     Unavailable(String),
-    /// The media service refused a send's media (not found, not complete): its answer, passed on.
-    #[error("{}", .0.message())]
-    Media(Status),
+    /// The media service refused a send's media (not found, not complete):
+    /// its answer, passed on.
+    #[error("{1}")]
+    Media(MediaRefusal, String),
+}
+
+/// Why the media service refused media for a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaRefusal {
+    NotFound,
+    FailedPrecondition,
+    InvalidArgument,
 }
 
 impl From<messenger_platform::cql::Error> for Error {
@@ -52,7 +60,9 @@ impl messenger_platform::error::ServiceError for Error {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Storage(_) => Code::Internal,
             Error::Unavailable(_) => Code::Unavailable,
-            Error::Media(status) => status.code(),
+            Error::Media(MediaRefusal::NotFound, _) => Code::NotFound,
+            Error::Media(MediaRefusal::FailedPrecondition, _) => Code::FailedPrecondition,
+            Error::Media(MediaRefusal::InvalidArgument, _) => Code::InvalidArgument,
         }
     }
 

@@ -17,6 +17,7 @@ use std::{
     sync::Arc,
 };
 
+use async_trait::async_trait;
 use messenger_platform::{
     discovery::{ChannelPool, RoleChannel},
     supervise::Supervisor,
@@ -31,19 +32,18 @@ use tracing::{Instrument as _, debug, warn};
 use uuid::Uuid;
 
 use crate::{
+    convert,
     options::FanoutOptions,
+    ports::{Deliveries, Hint, Receipt, Typing},
     push::Pushes,
-    store::{Appended, Kind, MessageStore, Role, StoredMessage},
+    store::{Appended, Kind, MessageStore, StoredMessage},
 };
 
-/// Something to push to a conversation's online members.
+/// Something to push to online devices.
 #[derive(Clone, Debug)]
-pub enum Outgoing {
+enum Outgoing {
     Entry(Appended),
-    Receipt(Uuid, pb::Receipt),
-    Typing(Uuid, pb::Typing),
-    /// To these users (the changed user's contacts), not to a conversation.
-    Presence(Arc<Vec<String>>, pb::PresenceUpdate),
+    Hint(Hint),
 }
 
 impl Outgoing {
@@ -51,8 +51,9 @@ impl Outgoing {
     fn conversation_id(&self) -> Option<Uuid> {
         match self {
             Outgoing::Entry(appended) => Some(appended.entry.conversation_id),
-            Outgoing::Receipt(id, _) | Outgoing::Typing(id, _) => Some(*id),
-            Outgoing::Presence(..) => None,
+            Outgoing::Hint(Hint::Receipt(receipt)) => Some(receipt.conversation_id),
+            Outgoing::Hint(Hint::Typing(typing)) => Some(typing.conversation_id),
+            Outgoing::Hint(Hint::Presence(..)) => None,
         }
     }
 
@@ -60,7 +61,7 @@ impl Outgoing {
     fn worker_key(&self) -> u64 {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         match self {
-            Outgoing::Presence(_, update) => update.user_id.hash(&mut hasher),
+            Outgoing::Hint(Hint::Presence(_, update)) => update.user_id.hash(&mut hasher),
             _ => self.conversation_id().hash(&mut hasher),
         }
         hasher.finish()
@@ -155,17 +156,15 @@ impl Fanout {
         Self { workers: Arc::new(workers), pushes }
     }
 
-    /// A read mark moved: notify cancels or retracts the reader's pushes.
-    pub fn read_marked(&self, user_id: &str, conversation_id: Uuid, read_seq: u64) {
-        self.pushes.read(user_id, &conversation_id.to_string(), read_seq);
-    }
-
     fn worker(&self, item: &Outgoing) -> &mpsc::Sender<Queued> {
         &self.workers[(item.worker_key() % self.workers.len() as u64) as usize]
     }
+}
 
+#[async_trait]
+impl Deliveries for Fanout {
     /// Queues a committed entry; waits when the worker's queue is full (backpressure).
-    pub async fn publish(&self, appended: Appended) {
+    async fn entry(&self, appended: Appended) {
         let item = Outgoing::Entry(appended);
         let span = trace::internal("fan-out");
         let worker = self.worker(&item);
@@ -176,86 +175,16 @@ impl Fanout {
     }
 
     /// Queues a live-only hint; dropped when the worker is saturated.
-    pub fn publish_hint(&self, hint: Outgoing) {
-        if self.worker(&hint).try_send(Queued { item: hint, span: tracing::Span::none() }).is_err() {
+    fn hint(&self, hint: Hint) {
+        let item = Outgoing::Hint(hint);
+        if self.worker(&item).try_send(Queued { item, span: tracing::Span::none() }).is_err() {
             debug!("fan-out saturated; live hint dropped");
         }
     }
-}
 
-fn role_to_proto(role: Role) -> pb::Role {
-    match role {
-        Role::Member => pb::Role::Member,
-        Role::Admin => pb::Role::Admin,
-        Role::Owner => pb::Role::Owner,
-    }
-}
-
-pub(crate) fn kind_to_proto(kind: Kind) -> pb::MessageKind {
-    match kind {
-        Kind::Text => pb::MessageKind::Text,
-        Kind::Edit => pb::MessageKind::Edit,
-        Kind::Delete => pb::MessageKind::Delete,
-        Kind::Reaction => pb::MessageKind::Reaction,
-        Kind::GroupCreated => pb::MessageKind::GroupCreated,
-        Kind::MembersAdded => pb::MessageKind::MembersAdded,
-        Kind::MemberRemoved => pb::MessageKind::MemberRemoved,
-        Kind::MemberLeft => pb::MessageKind::MemberLeft,
-        Kind::Renamed => pb::MessageKind::Renamed,
-        Kind::RoleChanged => pb::MessageKind::RoleChanged,
-    }
-}
-
-pub(crate) fn role_code(role: Role) -> i32 {
-    role_to_proto(role) as i32
-}
-
-pub(crate) fn attachment_to_proto(attachment: &crate::store::Attachment) -> pb::Attachment {
-    pb::Attachment {
-        media_id: attachment.media_id.clone(),
-        mime_type: attachment.mime_type.clone(),
-        size: attachment.size,
-        file_name: attachment.file_name.clone(),
-        width: attachment.width,
-        height: attachment.height,
-        blurhash: attachment.blurhash.clone(),
-        has_thumbnail: attachment.has_thumbnail,
-    }
-}
-
-pub(crate) fn attachment_from_proto(attachment: pb::Attachment) -> crate::store::Attachment {
-    crate::store::Attachment {
-        media_id: attachment.media_id,
-        mime_type: attachment.mime_type,
-        size: attachment.size,
-        file_name: attachment.file_name,
-        width: attachment.width,
-        height: attachment.height,
-        blurhash: attachment.blurhash,
-        has_thumbnail: attachment.has_thumbnail,
-    }
-}
-
-pub(crate) fn to_proto(message: &StoredMessage) -> pb::Message {
-    pb::Message {
-        conversation_id: message.conversation_id.to_string(),
-        seq: message.seq,
-        message_id: message.message_id.to_string(),
-        sender_id: message.sender.clone(),
-        client_msg_id: message.client_msg_id.clone(),
-        body: message.body.clone(),
-        sent_at_ms: message.sent_at_ms,
-        kind: kind_to_proto(message.kind) as i32,
-        reply_to_seq: message.reply_to_seq,
-        target_seq: message.target_seq,
-        reaction: message.reaction.clone(),
-        member_ids: message.member_ids.clone(),
-        title: message.title.clone(),
-        role: message.role.map_or(0, role_code),
-        edited_at_ms: message.edited_at_ms,
-        deleted: message.deleted,
-        attachments: message.attachments.iter().map(attachment_to_proto).collect(),
-        withheld: message.withheld,
+    /// Notify cancels or retracts the reader's pushes.
+    fn read_marked(&self, user_id: &str, conversation_id: Uuid, read_seq: u64) {
+        self.pushes.read(user_id, &conversation_id.to_string(), read_seq);
     }
 }
 
@@ -296,13 +225,15 @@ impl Worker {
     fn hint_recipients<'a>(&self, item: &'a Outgoing, active: &'a [String]) -> Vec<&'a str> {
         let mut users: Vec<&str> = active.iter().map(String::as_str).collect();
         match item {
-            Outgoing::Entry(_) | Outgoing::Presence(..) => {}
-            Outgoing::Receipt(_, receipt) => {
+            Outgoing::Entry(_) | Outgoing::Hint(Hint::Presence(..)) => {}
+            Outgoing::Hint(Hint::Receipt(receipt)) => {
                 if receipt.read_seq == 0 && active.len() > self.delivered_receipts_max_members {
                     return Vec::new();
                 }
             }
-            Outgoing::Typing(_, typing) => users.retain(|u| *u != typing.user_id),
+            Outgoing::Hint(Hint::Typing(typing)) => {
+                users.retain(|u| *u != typing.user_id && !typing.hidden_from.iter().any(|hidden| hidden == u))
+            }
         }
         users
     }
@@ -311,8 +242,11 @@ impl Worker {
         fanout_metrics().batch_size.record(batch.len() as u64, &[]);
         let mut active: HashMap<Uuid, Arc<Vec<String>>> = HashMap::new();
         for item in batch {
-            let (Outgoing::Receipt(id, _) | Outgoing::Typing(id, _)) = item else { continue };
-            let id = *id;
+            let id = match item {
+                Outgoing::Hint(Hint::Receipt(Receipt { conversation_id, .. }))
+                | Outgoing::Hint(Hint::Typing(Typing { conversation_id, .. })) => *conversation_id,
+                _ => continue,
+            };
             if active.contains_key(&id) {
                 continue;
             }
@@ -326,7 +260,7 @@ impl Worker {
         let recipients: Vec<Vec<&str>> = batch
             .iter()
             .map(|item| match item {
-                Outgoing::Presence(users, _) => users.iter().map(String::as_str).collect(),
+                Outgoing::Hint(Hint::Presence(users, _)) => users.iter().map(String::as_str).collect(),
                 Outgoing::Entry(appended) => appended.audience.iter().map(String::as_str).collect(),
                 _ => item
                     .conversation_id()
@@ -378,10 +312,12 @@ impl Worker {
                 continue;
             }
             let event = match item {
-                Outgoing::Entry(appended) => delivery::Event::Message(to_proto(&appended.entry)),
-                Outgoing::Receipt(_, receipt) => delivery::Event::Receipt(receipt.clone()),
-                Outgoing::Typing(_, typing) => delivery::Event::Typing(typing.clone()),
-                Outgoing::Presence(_, update) => delivery::Event::Presence(update.clone()),
+                Outgoing::Entry(appended) => delivery::Event::Message(convert::to_proto(&appended.entry)),
+                Outgoing::Hint(Hint::Receipt(receipt)) => delivery::Event::Receipt(convert::receipt_to_proto(receipt)),
+                Outgoing::Hint(Hint::Typing(typing)) => delivery::Event::Typing(convert::typing_to_proto(typing)),
+                Outgoing::Hint(Hint::Presence(_, update)) => {
+                    delivery::Event::Presence(convert::presence_to_proto(update))
+                }
             };
             for (gateway, session_ids) in per_gateway {
                 by_gateway.entry(gateway).or_default().push(Delivery {
@@ -471,7 +407,7 @@ fn push_entries(
             conversation_id: entry.conversation_id.to_string(),
             seq: entry.seq,
             sender_id: entry.sender.clone(),
-            kind: kind_to_proto(entry.kind) as i32,
+            kind: convert::kind_to_proto(entry.kind) as i32,
             body: entry.body.clone(),
             title: entry.title.clone(),
             sent_at_ms: entry.sent_at_ms,

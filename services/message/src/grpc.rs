@@ -1,11 +1,14 @@
-//! The tonic adapter: converts requests and errors, holds no logic.
+//! The tonic adapters, in (`MessageService`) and out (the media port):
+//! they convert requests and errors and hold no logic.
 
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use futures::{StreamExt, stream::FuturesUnordered};
-use messenger_platform::trace;
+use messenger_platform::{discovery::RoleChannel, trace};
 use messenger_proto::v1::{
-    self as pb, message_service_server::MessageService, modify_message_request, update_group_request,
+    self as pb, media_service_client::MediaServiceClient, message_service_server::MessageService,
+    modify_message_request, update_group_request,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,9 +17,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument as _, debug};
 
 use crate::{
-    fanout::{role_code, to_proto},
+    convert::{self, conversation_to_proto, presence_from_proto, role_from_proto, to_proto},
+    error::{Error, MediaRefusal},
+    ports::{Media, MediaToAttach},
     service::{SendInput, Service},
-    store::{Change, Conversation, ConversationKind, HistoryRange, Member, Role},
+    store::{Attachment, Change, HistoryRange},
 };
 
 pub struct Adapter {
@@ -114,43 +119,6 @@ fn send_stream(
         }
     });
     ReceiverStream::new(stream)
-}
-
-pub(crate) fn conversation_to_proto(conversation: Conversation, members: Vec<Member>) -> pb::Conversation {
-    pb::Conversation {
-        conversation_id: conversation.id.to_string(),
-        kind: match conversation.kind {
-            ConversationKind::Direct => pb::ConversationKind::Direct,
-            ConversationKind::Group => pb::ConversationKind::Group,
-        } as i32,
-        title: conversation.title,
-        member_ids: conversation.members,
-        last_seq: conversation.last_seq,
-        created_at_ms: conversation.created_at_ms,
-        last_activity_ms: conversation.last_activity_ms,
-        members: members
-            .into_iter()
-            .map(|m| pb::Member {
-                user_id: m.user_id,
-                role: role_code(m.role),
-                read_seq: m.read_seq,
-                delivered_seq: m.delivered_seq,
-                joined_seq: m.joined_seq,
-            })
-            .collect(),
-        unread_count: conversation.unread_count,
-        last_message: conversation.last_message.as_ref().map(to_proto),
-        read_seq: conversation.read_seq,
-    }
-}
-
-fn role_from_proto(code: i32) -> Result<Role, Status> {
-    match pb::Role::try_from(code) {
-        Ok(pb::Role::Member) => Ok(Role::Member),
-        Ok(pb::Role::Admin) => Ok(Role::Admin),
-        Ok(pb::Role::Owner) => Ok(Role::Owner),
-        _ => Err(Status::invalid_argument("role must be MEMBER, ADMIN or OWNER")),
-    }
 }
 
 fn inner<T>(request: Option<T>) -> Result<T, Status> {
@@ -282,7 +250,7 @@ impl MessageService for Adapter {
         request: Request<pb::PresenceChangedRequest>,
     ) -> Result<Response<pb::PresenceChangedResponse>, Status> {
         let update = request.into_inner().update.ok_or_else(|| Status::invalid_argument("update is required"))?;
-        self.service.presence_changed(update).await?;
+        self.service.presence_changed(presence_from_proto(update)).await?;
         Ok(Response::new(pb::PresenceChangedResponse {}))
     }
 
@@ -398,5 +366,46 @@ impl MessageService for Adapter {
         let request = request.into_inner();
         self.service.check_access(&request.user_id, &request.conversation_id, request.seq, &request.media_id).await?;
         Ok(Response::new(pb::CheckAccessResponse {}))
+    }
+}
+
+/// [`Media`] over gRPC.
+pub struct GrpcMedia(MediaServiceClient<RoleChannel>);
+
+impl GrpcMedia {
+    pub fn new(channel: RoleChannel) -> Self {
+        GrpcMedia(MediaServiceClient::new(channel))
+    }
+}
+
+#[async_trait]
+impl Media for GrpcMedia {
+    async fn describe(&self, request: MediaToAttach) -> crate::error::Result<Vec<Attachment>> {
+        let request = pb::DescribeMediaRequest {
+            sender_id: request.sender,
+            conversation_id: request.conversation_id,
+            media_ids: request.media_ids,
+            client_msg_id: request.client_msg_id,
+        };
+        let described = self.0.clone().describe_media(request).await.map_err(|status| {
+            let refusal = match status.code() {
+                tonic::Code::NotFound => MediaRefusal::NotFound,
+                tonic::Code::FailedPrecondition => MediaRefusal::FailedPrecondition,
+                tonic::Code::InvalidArgument => MediaRefusal::InvalidArgument,
+                _ => return Error::Unavailable(format!("media service: {status}")),
+            };
+            Error::Media(refusal, status.message().to_owned())
+        })?;
+        Ok(described.into_inner().attachments.into_iter().map(convert::attachment_from_proto).collect())
+    }
+
+    async fn delete(&self, conversation_id: &str, media_ids: Vec<String>) -> crate::error::Result<()> {
+        let request = pb::DeleteMediaRequest { conversation_id: conversation_id.to_owned(), media_ids };
+        self.0
+            .clone()
+            .delete_media(request)
+            .await
+            .map_err(|status| Error::Unavailable(format!("media service: {status}")))?;
+        Ok(())
     }
 }

@@ -21,11 +21,13 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+mod convert;
 mod error;
 mod fanout;
 mod grpc;
 mod options;
 mod policy;
+pub mod ports;
 mod push;
 pub mod scylla;
 mod service;
@@ -140,7 +142,7 @@ impl Server {
         );
         let send_stream_max_inflight = options.send_stream_max_inflight;
         let media = discovery::channel(deps.discovery.clone(), Role::Media, &deps.discovery_options);
-        let service = Arc::new(Service::new(options, store, fanout, media));
+        let service = Arc::new(Service::new(options, store, Arc::new(fanout), Arc::new(grpc::GrpcMedia::new(media))));
         let adapter = grpc::Adapter { service, send_stream_max_inflight, shutdown: shutdown.clone() };
         let api = MessageServiceServer::new(adapter).max_decoding_message_size(deps.server.internal_max_message_bytes);
         let port = Port::internal(listener, deps.tls, callers());

@@ -7,15 +7,14 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use messenger_platform::{discovery::RoleChannel, ids, metrics, trace};
-use messenger_proto::v1::{self as pb, media_service_client::MediaServiceClient};
+use messenger_platform::{ids, metrics, trace};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
     error::{Error, Result},
-    fanout::{Fanout, Outgoing, attachment_from_proto},
     options::Options,
+    ports::{Deliveries, Hint, Media, MediaToAttach, Presence, Receipt, Typing},
     store::{
         Attachment, BlockedUser, Change, ChangeRequest, Conversation, ConversationKind, DeviceCursors, HistoryRange,
         InboxCursor, Limits, Member, MessageStore, NewGroup, NewMessage, SendOutcome, SeqBounds, StoredMessage,
@@ -30,8 +29,8 @@ pub const MAX_ID_BYTES: usize = 128;
 pub struct Service {
     options: Options,
     store: Arc<dyn MessageStore>,
-    fanout: Fanout,
-    media: MediaServiceClient<RoleChannel>,
+    fanout: Arc<dyn Deliveries>,
+    media: Arc<dyn Media>,
     /// Conversation id -> its two members if it is a direct conversation,
     /// None for a group. Both facts never change, so entries never go stale.
     directs: moka::sync::Cache<Uuid, Option<Arc<[String; 2]>>>,
@@ -104,8 +103,12 @@ fn send_to_commit() -> &'static metrics::Histogram<f64> {
 }
 
 impl Service {
-    pub fn new(options: Options, store: Arc<dyn MessageStore>, fanout: Fanout, media: RoleChannel) -> Self {
-        let media = MediaServiceClient::new(media);
+    pub fn new(
+        options: Options,
+        store: Arc<dyn MessageStore>,
+        fanout: Arc<dyn Deliveries>,
+        media: Arc<dyn Media>,
+    ) -> Self {
         Self { options, store, fanout, media, directs: moka::sync::Cache::new(DIRECTS_CACHED) }
     }
 
@@ -133,19 +136,13 @@ impl Service {
         if unique.len() != media_ids.len() {
             return Err(Error::InvalidArgument("a media id is attached twice".into()));
         }
-        let request = pb::DescribeMediaRequest {
-            sender_id: sender.to_owned(),
+        let request = MediaToAttach {
+            sender: sender.to_owned(),
             conversation_id: conversation_id.to_owned(),
-            media_ids,
             client_msg_id: client_msg_id.to_owned(),
+            media_ids,
         };
-        let described = self.media.clone().describe_media(request).await.map_err(|status| match status.code() {
-            tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => {
-                Error::Media(status)
-            }
-            _ => Error::Unavailable(format!("media service: {status}")),
-        })?;
-        Ok(described.into_inner().attachments.into_iter().map(attachment_from_proto).collect())
+        self.media.describe(request).await
     }
 
     /// For the media service: may `user` (an active member) see the
@@ -358,14 +355,14 @@ impl Service {
                     SendOutcome::Created(appended) => {
                         send_to_commit().record(received.elapsed().as_secs_f64(), &[]);
                         let message = appended.entry.clone();
-                        fanout.publish(visibility::without_blockers(appended, &blockers)).await;
+                        fanout.entry(visibility::without_blockers(appended, &blockers)).await;
                         Ok((message, true))
                     }
                     // Published again: if the first fan-out was lost (a crash between
                     // commit and publish), a retry repairs it; gateways drop repeats.
                     SendOutcome::Duplicate(appended) => {
                         let original = appended.entry.clone();
-                        fanout.publish(visibility::without_blockers(appended, &blockers)).await;
+                        fanout.entry(visibility::without_blockers(appended, &blockers)).await;
                         Ok((original, false))
                     }
                 }
@@ -410,7 +407,7 @@ impl Service {
         let (store, fanout, max) = (self.store.clone(), self.fanout.clone(), self.options.max_group_size);
         detached(async move {
             let (conversation, created) = store.create_group(group, max).await?;
-            fanout.publish(created).await;
+            fanout.entry(created).await;
             Ok(conversation)
         })
         .await
@@ -439,7 +436,7 @@ impl Service {
             let appended = store.apply(request).await?;
             let entries = appended.iter().map(|appended| appended.entry.clone()).collect();
             for appended in appended {
-                fanout.publish(visibility::without_blockers(appended, &blockers)).await;
+                fanout.entry(visibility::without_blockers(appended, &blockers)).await;
             }
             Ok(entries)
         })
@@ -509,13 +506,11 @@ impl Service {
         let entry = self.apply(user, conversation_id, change, blockers).await?.into_iter().next();
         if entry.is_some() && !deleted_media.is_empty() {
             // After the commit: the message is gone for everyone, so are its objects.
-            let request =
-                pb::DeleteMediaRequest { conversation_id: conversation_id.to_owned(), media_ids: deleted_media };
-            let mut media = self.media.clone();
+            let (media, conversation_id) = (self.media.clone(), conversation_id.to_owned());
             tokio::spawn(async move {
-                if let Err(status) = media.delete_media(request).await {
+                if let Err(error) = media.delete(&conversation_id, deleted_media).await {
                     // URLs for it are refused regardless: the message is deleted.
-                    tracing::error!(%status, "media of a deleted message not deleted: its objects remain");
+                    tracing::error!(%error, "media of a deleted message not deleted: its objects remain");
                 }
             });
         }
@@ -569,21 +564,34 @@ impl Service {
         limit: usize,
     ) -> Result<Vec<StoredMessage>> {
         let mut page = Vec::new();
+        // Only the ranges the cursor leaves anything of, nearest first.
         let ranges: Vec<SeqBounds> = match range {
-            HistoryRange::Before(_) => visible.ranges().iter().rev().copied().collect(),
-            HistoryRange::After(_) => visible.ranges().to_vec(),
+            HistoryRange::Before(before) => {
+                visible.ranges().iter().rev().filter(|r| before.is_none_or(|before| r.from < before)).copied().collect()
+            }
+            HistoryRange::After(after) => {
+                visible.ranges().iter().filter(|r| r.to.is_none_or(|to| to > after)).copied().collect()
+            }
         };
         for bounds in ranges {
-            if page.len() >= limit {
-                break;
-            }
-            let mut part = self.store.history(id, range, bounds, limit - page.len()).await?;
+            let wanted = limit - page.len();
+            let mut part = self.store.history(id, range, bounds, wanted).await?;
+            // A range read short of its far end (a row not readable yet) ends
+            // the page there: the next range would skip the missing seq.
+            let short = part.len() < wanted
+                && match range {
+                    HistoryRange::Before(_) => part.first().is_none_or(|first| first.seq > bounds.from.max(1)),
+                    HistoryRange::After(_) => bounds.to.is_some_and(|to| part.last().is_none_or(|last| last.seq < to)),
+                };
             match range {
                 HistoryRange::Before(_) => {
                     part.append(&mut page);
                     page = part;
                 }
                 HistoryRange::After(_) => page.append(&mut part),
+            }
+            if short || page.len() >= limit {
+                break;
             }
         }
         Ok(page)
@@ -608,8 +616,15 @@ impl Service {
         if !caller.visible().contains(seq) {
             return Err(Error::MessageNotFound(seq));
         }
-        let others: Vec<Member> =
-            self.store.members(id).await?.into_iter().filter(|m| m.is_active() && m.user_id != user).collect();
+        // Only members who could see `seq`: a re-added member's cursors
+        // pass what was sent while it was out.
+        let others: Vec<Member> = self
+            .store
+            .members(id)
+            .await?
+            .into_iter()
+            .filter(|m| m.is_active() && m.user_id != user && m.visible().contains(seq))
+            .collect();
         Ok(Receipts {
             delivered_to: others.iter().filter(|m| m.delivered_seq >= seq).map(|m| m.user_id.clone()).collect(),
             read_by: others.iter().filter(|m| m.read_seq >= seq).map(|m| m.user_id.clone()).collect(),
@@ -670,13 +685,9 @@ impl Service {
         let stored = self.store.ack_delivered_many(parsed).await?;
         for device in &stored {
             for (id, seq) in &device.cursors {
-                let receipt = pb::Receipt {
-                    conversation_id: id.to_string(),
-                    user_id: device.user.clone(),
-                    read_seq: 0,
-                    delivered_seq: *seq,
-                };
-                self.fanout.publish_hint(Outgoing::Receipt(*id, receipt));
+                let receipt =
+                    Receipt { conversation_id: *id, user_id: device.user.clone(), read_seq: 0, delivered_seq: *seq };
+                self.fanout.hint(Hint::Receipt(receipt));
             }
         }
         Ok(stored)
@@ -689,13 +700,9 @@ impl Service {
         let (store, owned_user) = (self.store.clone(), user.to_owned());
         let mark = detached(async move { store.mark_read(id, &owned_user, seq).await }).await?;
         if mark.moved {
-            let receipt = pb::Receipt {
-                conversation_id: id.to_string(),
-                user_id: user.to_owned(),
-                read_seq: mark.read_seq,
-                delivered_seq: 0,
-            };
-            self.fanout.publish_hint(Outgoing::Receipt(id, receipt));
+            let receipt =
+                Receipt { conversation_id: id, user_id: user.to_owned(), read_seq: mark.read_seq, delivered_seq: 0 };
+            self.fanout.hint(Hint::Receipt(receipt));
             self.fanout.read_marked(user, id, mark.read_seq);
         }
         Ok(mark.read_seq)
@@ -706,14 +713,15 @@ impl Service {
         check_id("user_id", user)?;
         let id = parse_conversation(conversation_id)?;
         self.active_membership(id, user).await?;
-        self.check_not_blocked(id, user).await?;
-        let indicator = pb::Typing {
-            conversation_id: id.to_string(),
+        let group = self.check_not_blocked(id, user).await?;
+        let indicator = Typing {
+            conversation_id: id,
             user_id: user.to_owned(),
             typing,
             expires_in_ms: self.options.typing_ttl.as_millis() as u32,
+            hidden_from: self.blockers(user, group).await?,
         };
-        self.fanout.publish_hint(Outgoing::Typing(id, indicator));
+        self.fanout.hint(Hint::Typing(indicator));
         Ok(())
     }
 
@@ -721,7 +729,7 @@ impl Service {
     /// among those it took part in (created, or sent in: a stranger who opens
     /// a conversation learns nothing until it is answered), except users it
     /// blocked; stores nothing.
-    pub async fn presence_changed(&self, update: pb::PresenceUpdate) -> Result<()> {
+    pub async fn presence_changed(&self, update: Presence) -> Result<()> {
         check_id("user_id", &update.user_id)?;
         let limit = self.options.presence_updates_max_conversations;
         let user = &update.user_id;
@@ -739,7 +747,7 @@ impl Service {
             .filter(|member| member != user && !blocked.contains(member))
             .collect();
         if !contacts.is_empty() {
-            self.fanout.publish_hint(Outgoing::Presence(Arc::new(contacts.into_iter().collect()), update));
+            self.fanout.hint(Hint::Presence(Arc::new(contacts.into_iter().collect()), update));
         }
         Ok(())
     }
@@ -878,3 +886,6 @@ fn parse_sync_token(token: &str) -> Result<SyncCursor> {
     let (id, seq) = token.split_once(':').ok_or_else(invalid)?;
     Ok(SyncCursor { conversation_id: ids::parse(id).ok_or_else(invalid)?, seq: seq.parse().map_err(|_| invalid())? })
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

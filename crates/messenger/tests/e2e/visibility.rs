@@ -171,6 +171,25 @@ async fn a_blocked_users_group_messages_reach_the_blocker_withheld() {
     let event = messages_until(&mut bob_events, |m| m.seq == renamed).await;
     assert!(event.iter().all(|body| !body.starts_with("alice")), "{event:?}");
 
+    // Her typing reaches carol, not bob.
+    alice.typing(id, true).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), carol_events.next()).await.expect("carol saw no typing") {
+            Some(messenger_client::Event::Typing(typing)) if typing.user_id == "alice" => break,
+            Some(_) => continue,
+            None => panic!("carol's events ended"),
+        }
+    }
+    let marker = carol.send(id, "after the typing").await.unwrap().seq;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), bob_events.next()).await.expect("bob saw no marker") {
+            Some(messenger_client::Event::Typing(typing)) => panic!("bob was told {typing:?}"),
+            Some(messenger_client::Event::Message(message)) if message.seq == marker => break,
+            Some(_) => continue,
+            None => panic!("bob's events ended"),
+        }
+    }
+
     // Unblocked, bob reads her in full again.
     assert!(bob.unblock("alice").await.unwrap());
     let history = bob.history(id, 0, 50).await.unwrap().messages;
@@ -185,9 +204,13 @@ async fn a_re_added_member_sees_what_it_saw_before_and_nothing_from_while_out() 
     let id = group.conversation_id.as_str();
     let before = alice.send(id, "before").await.unwrap().seq; // 2
     alice.remove_member(id, "bob").await.unwrap(); // 3
-    alice.send(id, "while out").await.unwrap(); // 4
+    let out = alice.send(id, "while out").await.unwrap().seq; // 4
     alice.add_members(id, &["bob"]).await.unwrap(); // 5
     let back = alice.send(id, "back").await.unwrap().seq; // 6
+    // Bob's read cursor restarts at his re-add, past what he never saw.
+    let receipts = alice.receipts(id, out).await.unwrap();
+    assert!(!receipts.read_by.contains(&"bob".to_owned()), "read by bob, who was out: {receipts:?}");
+    assert!(alice.receipts(id, back).await.unwrap().read_by.is_empty());
 
     let (bob, mut bob_events) = system.connect("bob", "tablet").await;
     let synced = messages_until(&mut bob_events, |m| m.seq == back).await;

@@ -420,9 +420,17 @@ pub(super) async fn sync(
                 if upper < lower.max(1) {
                     continue;
                 }
-                found.extend(range(inner, head.id, lower.max(1), upper, limit - found.len(), false).await?);
+                let wanted = limit - found.len();
+                let part = range(inner, head.id, lower.max(1), upper, wanted, false).await?;
+                // Short of `upper` (a row not readable yet): the next range
+                // waits, or a device would pass the missing seq.
+                let short = part.len() < wanted && part.last().is_none_or(|last| last.seq < upper);
+                found.extend(part);
                 if found.len() >= limit {
                     return Ok(found);
+                }
+                if short {
+                    break;
                 }
             }
         }

@@ -383,20 +383,3 @@ pub(super) fn outcome_unknown(error: &ExecutionError) -> bool {
 pub(super) fn pager_error(error: PagerExecutionError) -> Error {
     cql::pager_error(error).into()
 }
-
-/// `Error` is not `Clone`; a batch of sends answers each waiter with its own copy.
-pub(super) fn copy_error(error: &Error) -> Error {
-    match error {
-        Error::ConversationNotFound => Error::ConversationNotFound,
-        Error::UserNotFound => Error::UserNotFound,
-        Error::MessageNotFound(seq) => Error::MessageNotFound(*seq),
-        Error::NoLongerMember => Error::NoLongerMember,
-        Error::InvalidArgument(text) => Error::InvalidArgument(text.clone()),
-        Error::BodyTooLarge { size, limit } => Error::BodyTooLarge { size: *size, limit: *limit },
-        Error::PermissionDenied(text) => Error::PermissionDenied(text.clone()),
-        Error::FailedPrecondition(text) => Error::FailedPrecondition(text.clone()),
-        Error::Media(status) => Error::Media(status.clone()),
-        Error::Storage(text) => Error::Storage(text.clone()),
-        Error::Unavailable(text) => Error::Unavailable(text.clone()),
-    }
-}

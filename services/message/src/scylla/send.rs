@@ -24,7 +24,7 @@ use super::{
     BatchBuilder, Inner,
     head::{declare_lost, now_micros, stale_lock, takeover_after_ms},
     reads::{self, head, member, message_at},
-    rows::{Head, NewRow, chunks, copy_error, execution_error, outcome_unknown, seq_value},
+    rows::{Head, NewRow, chunks, execution_error, outcome_unknown, seq_value},
 };
 use crate::{
     error::{Error, Result},
@@ -165,7 +165,7 @@ impl Send {
             let answer = match &outcome {
                 Ok(appended) if created && first => Ok(SendOutcome::Created(appended.clone())),
                 Ok(appended) => Ok(SendOutcome::Duplicate(appended.clone())),
-                Err(error) => Err(copy_error(error)),
+                Err(error) => Err(error.clone()),
             };
             first = false;
             // A caller that gave up no longer listens; the message is stored all the same.
@@ -199,7 +199,7 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
         None => match fresh_head(inner, id).await {
             Ok(Some(head)) => head,
             Ok(None) => return sends.into_iter().for_each(|s| s.fail(Error::ConversationNotFound)),
-            Err(error) => return sends.into_iter().for_each(|s| s.fail(copy_error(&error))),
+            Err(error) => return sends.into_iter().for_each(|s| s.fail(error.clone())),
         },
     };
     // Membership first, so a non-member never leaves a claim behind.
@@ -494,7 +494,7 @@ async fn reserve(
 
 async fn give_up(inner: &Inner, sends: Vec<Send>, error: Error) {
     join_all(sends.iter().map(|s| release(inner, &s.message))).await;
-    sends.into_iter().for_each(|s| s.fail(copy_error(&error)));
+    sends.into_iter().for_each(|s| s.fail(error.clone()));
 }
 
 fn entry(message: &NewMessage, seq: u64) -> StoredMessage {
@@ -570,7 +570,7 @@ async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>, st
                     if !written {
                         release(inner, &send.message).await;
                     }
-                    send.fail(copy_error(&error));
+                    send.fail(error.clone());
                 }
             }
         }

@@ -1446,3 +1446,46 @@ async fn concurrent_migrations_apply_the_schema_once_and_report_it() {
     crate::store::MessageStore::get_or_create_direct(&store, "m-a", "m-b", uuid::Uuid::now_v7(), 0).await.unwrap();
     drop_keyspace(&store, &cluster).await;
 }
+
+/// A re-added member's sync stops at a seq of an earlier range whose row is
+/// not readable yet: reading on into the next range would hand a device
+/// seqs past it, and its cursor would skip it for good.
+#[tokio::test]
+async fn sync_waits_at_a_missing_row_before_reading_a_later_range() {
+    use crate::store::{Change, ChangeRequest, MessageStore, NewGroup};
+    let (cluster, first, second, hold) = two_instances("held-range").await;
+    let (a, b) = ("range-a", "range-b");
+    let group = NewGroup {
+        id: uuid::Uuid::now_v7(),
+        creator: a.into(),
+        title: "ranges".into(),
+        members: vec![b.into()],
+        now_ms: messenger_platform::ids::now_ms(),
+    };
+    let id = first.create_group(group, 10).await.unwrap().0.id; // 1
+    let store = super::ScyllaStore { inner: first.inner.clone() };
+    let held = tokio::spawn(async move { crate::store::contract::send(&store, id, a, "held-range", "held").await });
+    hold.reached.notified().await; // 2, reserved, its rows held
+    let change = |change: Change| ChangeRequest {
+        conversation_id: id,
+        actor: a.into(),
+        change,
+        now_ms: messenger_platform::ids::now_ms(),
+        limits: crate::store::Limits { max_group_size: 10, edit_window_ms: 60_000 },
+    };
+    second.apply(change(Change::RemoveMember(b.into()))).await.unwrap(); // 3
+    crate::store::contract::send(&second, id, a, "while-out", "while out").await.unwrap(); // 4
+    second.apply(change(Change::AddMembers(vec![b.into()]))).await.unwrap(); // 5
+    let seqs = |messages: Vec<crate::store::StoredMessage>| messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+    let synced = second.sync(b, "new-device", None, None, 100).await.unwrap();
+    assert_eq!(seqs(synced), [1], "sync read past the missing seq 2 into the next range");
+    // So does a gap fill (history after a seq) across b's ranges.
+    let (service, _) =
+        crate::service::tests::service_on(std::sync::Arc::new(super::ScyllaStore { inner: second.inner.clone() }));
+    let after = service.history(b, &id.to_string(), crate::store::HistoryRange::After(0), 10).await.unwrap();
+    assert_eq!(seqs(after.messages), [1], "history read past the missing seq 2 into the next range");
+    hold.release.notify_one();
+    held.await.unwrap().unwrap();
+    assert_eq!(seqs(second.sync(b, "new-device", None, None, 100).await.unwrap()), [1, 2, 3, 5]);
+    drop_keyspace(&second, &cluster).await;
+}
