@@ -375,7 +375,8 @@ impl MessageStore for CachedStore {
     }
 
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>> {
-        let subjects = [Subject::Content(id), Subject::Membership(id)];
+        // The reader's inbox too: its blocks change what counts as unread.
+        let subjects = [Subject::Content(id), Subject::Membership(id), Subject::Inbox(user.to_owned())];
         let load = async { Ok(Value::Conversation(self.inner.conversation_for_member(id, user).await?.map(Box::new))) };
         match self.cached(&subjects, format!("conversation:{id}:{user}"), load).await? {
             Value::Conversation(conversation) => Ok(conversation.map(|boxed| *boxed)),
@@ -499,12 +500,17 @@ impl MessageStore for CachedStore {
     }
 
     /// Block lists are not cached: a block must hold on every instance at once.
+    /// The blocker's unread counts leave the blocked user's group messages out.
     async fn block(&self, user: &str, target: &str, now_ms: i64) -> Result<bool> {
-        self.inner.block(user, target, now_ms).await
+        let changed = self.inner.block(user, target, now_ms).await;
+        self.bump(vec![Subject::Inbox(user.to_owned())]).await;
+        changed
     }
 
     async fn unblock(&self, user: &str, target: &str) -> Result<bool> {
-        self.inner.unblock(user, target).await
+        let changed = self.inner.unblock(user, target).await;
+        self.bump(vec![Subject::Inbox(user.to_owned())]).await;
+        changed
     }
 
     async fn blocked_users(&self, user: &str, limit: usize) -> Result<Vec<BlockedUser>> {

@@ -13,7 +13,7 @@
 //! that shadows a row landing later) and skipped; see "Lost seqs" in
 //! `scylla.rs`. Backward reads (the newest page) show what exists.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::{StreamExt, TryStreamExt, stream};
 use uuid::Uuid;
@@ -26,8 +26,8 @@ use super::{
 use crate::{
     error::{Error, Result},
     store::{
-        BlockedUser, Blocks, Conversation, HistoryRange, InboxCursor, Member, SeqBounds, StoredMessage, SyncCursor,
-        Visible,
+        BlockedUser, Blocks, Conversation, ConversationKind, HistoryRange, InboxCursor, Member, SeqBounds,
+        StoredMessage, SyncCursor, Visible,
     },
 };
 
@@ -206,8 +206,28 @@ pub(super) async fn history(
     }
 }
 
+/// Who `user` blocked, read only when one of `heads` is a group: in a
+/// group their messages count as nothing unread (`visibility::from_blocked`).
+async fn blocked_in_groups<'a>(
+    inner: &Inner,
+    user: &str,
+    mut heads: impl Iterator<Item = &'a Head>,
+) -> Result<HashSet<String>> {
+    if !heads.any(|head| head.kind == ConversationKind::Group) {
+        return Ok(HashSet::new());
+    }
+    let rows: Vec<(String, Option<i64>)> = inner.paged(&inner.statements.blocks_read, (user,)).await?;
+    Ok(rows.into_iter().map(|(blocked, _)| blocked).collect())
+}
+
 /// Fills the active members, the unread count and the newest TEXT message for `user`.
-async fn complete(inner: &Inner, head: &Head, user: &str, member: Option<Member>) -> Result<Conversation> {
+async fn complete(
+    inner: &Inner,
+    head: &Head,
+    user: &str,
+    member: Option<Member>,
+    blocked: &HashSet<String>,
+) -> Result<Conversation> {
     let read_seq = member.as_ref().map_or(0, |m| m.read_seq);
     // Without its row (being stored), nothing is previewed rather than too much.
     let joined_seq = member.as_ref().map_or(u64::MAX, |m| m.joined_seq);
@@ -231,7 +251,11 @@ async fn complete(inner: &Inner, head: &Head, user: &str, member: Option<Member>
             let (low, high) = bucket_span(index, from, head.last_seq);
             let rows: Vec<FlagsRow> =
                 inner.rows(&inner.statements.message_flags, (head.id, index, seq_value(low), seq_value(high))).await?;
-            conversation.unread_count += rows.iter().filter(|row| row.unread_for(user)).count() as u64;
+            let from_blocked = |row: &FlagsRow| {
+                head.kind == ConversationKind::Group && row.sender.as_ref().is_some_and(|s| blocked.contains(s))
+            };
+            conversation.unread_count +=
+                rows.iter().filter(|row| row.unread_for(user) && !from_blocked(row)).count() as u64;
         }
     }
     conversation.last_message = last_text(inner, head, joined_seq).await?;
@@ -262,8 +286,9 @@ pub(super) async fn conversation_for_member(inner: &Inner, id: Uuid, user: &str)
     if !head.roster.contains_key(user) {
         return Ok(None);
     }
-    let member = member(inner, id, user).await?;
-    Ok(Some(complete(inner, &head, user, member).await?))
+    let (member, blocked) =
+        futures::future::try_join(member(inner, id, user), blocked_in_groups(inner, user, [&head].into_iter())).await?;
+    Ok(Some(complete(inner, &head, user, member, &blocked).await?))
 }
 
 /// The user's memberships as recorded by user (current and ended).
@@ -309,10 +334,11 @@ pub(super) async fn list_conversations(
         .collect();
     listed.sort_by_key(|head| std::cmp::Reverse((head.last_activity_ms, head.id)));
     listed.truncate(limit);
+    let blocked = &blocked_in_groups(inner, user, listed.iter()).await?;
     stream::iter(listed)
         .map(|head| async move {
             let member = member(inner, head.id, user).await?;
-            complete(inner, &head, user, member).await
+            complete(inner, &head, user, member, blocked).await
         })
         .buffered(PARALLEL_READS)
         .try_collect()

@@ -155,12 +155,16 @@ pub(super) fn row_to_conversation(row: &Row<'_>) -> Result<Conversation> {
 pub(super) fn complete(connection: &Connection, conversation: &mut Conversation, user: &str) -> Result<()> {
     let id = conversation.id.to_string();
     conversation.members = active_member_ids(connection, &id)?;
+    // In a group, messages of users the member blocked count as nothing
+    // unread (`visibility::from_blocked`).
+    let group = conversation.kind == ConversationKind::Group;
     conversation.unread_count = connection
         .prepare_cached(
             "SELECT count(*) FROM messages
-             WHERE conversation_id = ?1 AND seq > ?2 AND kind = 1 AND deleted = 0 AND sender != ?3",
+             WHERE conversation_id = ?1 AND seq > ?2 AND kind = 1 AND deleted = 0 AND sender != ?3
+               AND NOT (?4 AND sender IN (SELECT blocked_id FROM blocks WHERE user_id = ?3))",
         )?
-        .query_row(params![id, conversation.read_seq as i64, user], |r| r.get::<_, i64>(0))?
+        .query_row(params![id, conversation.read_seq as i64, user, group], |r| r.get::<_, i64>(0))?
         as u64;
     // The newest one the member may see: none from before it joined.
     let sql = format!(

@@ -64,6 +64,7 @@ pub(crate) async fn run_all(store: &dyn MessageStore) -> usize {
         ("entries_carry_their_audience", Box::pin(entries_carry_their_audience(store))),
         ("previews_start_at_joining", Box::pin(previews_start_at_joining(store))),
         ("re_added_members_see_each_of_their_ranges", Box::pin(re_added_members_see_each_of_their_ranges(store))),
+        ("blocked_senders_leave_group_unread_counts", Box::pin(blocked_senders_leave_group_unread_counts(store))),
     ];
     let count = cases.len();
     for (name, case) in cases {
@@ -380,6 +381,30 @@ async fn re_added_members_see_each_of_their_ranges(store: &dyn MessageStore) {
     assert!(react[0].audience.contains(&b), "{react:?}");
     let react = appended(store, id, &a, Change::React { target_seq: 4, emoji: "👍".into() }).await.unwrap();
     assert!(!react[0].audience.contains(&b), "{react:?}");
+}
+
+/// In a group, what a user the reader blocked says is withheld from the
+/// reader, so it counts as nothing unread; a direct conversation counts all.
+async fn blocked_senders_leave_group_unread_counts(store: &dyn MessageStore) {
+    let (a, b, c) = users("unread-blocked");
+    let id = group(store, &a, &[&b, &c]).await.id;
+    let with_a = direct(store, &a, &b).await.id;
+    assert!(store.block(&b, &a, 1_000).await.unwrap());
+    send(store, id, &a, "a1", "from a").await.unwrap();
+    send(store, id, &a, "a2", "from a").await.unwrap();
+    send(store, id, &c, "c1", "from c").await.unwrap();
+    send(store, with_a, &a, "d1", "before the block, say").await.unwrap();
+    let reader = b.as_str();
+    let unread = |id: Uuid| async move {
+        let single = store.conversation_for_member(id, reader).await.unwrap().unwrap().unread_count;
+        let listed = store.list_conversations(reader, None, 10).await.unwrap();
+        assert_eq!(listed.iter().find(|c| c.id == id).unwrap().unread_count, single, "inbox and conversation agree");
+        single
+    };
+    assert_eq!(unread(id).await, 1, "a's messages counted for b, who blocked a");
+    assert_eq!(unread(with_a).await, 1, "a direct conversation counts what it shows");
+    assert!(store.unblock(&b, &a).await.unwrap());
+    assert_eq!(unread(id).await, 3);
 }
 
 /// A member's inbox never previews what came before it joined.
