@@ -45,7 +45,7 @@ export interface Entry {
   editedAtMs: number;
   deleted: boolean;
   attachments: Attachment[];
-  /** Shown without content: in a group, from someone you blocked (or a change of what you cannot see). */
+  /** Shown without content: from someone you blocked in a group, edited when you were not a member, or a change of what you cannot see. */
   withheld: boolean;
 }
 

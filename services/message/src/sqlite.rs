@@ -428,7 +428,8 @@ impl MessageStore for SqliteStore {
             // conversations the device has caught up on.
             let sql = "SELECT msg.conversation_id, msg.seq, msg.message_id, msg.sender, msg.client_msg_id,
                     msg.body, msg.sent_at_ms, msg.kind, msg.reply_to_seq, msg.target_seq, msg.reaction,
-                    msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted, msg.attachments
+                    msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted, msg.attachments,
+                    msg.last_edit_seq
                  FROM members m
                  JOIN conversations c ON c.id = m.conversation_id
                  LEFT JOIN device_cursors d
@@ -444,7 +445,8 @@ impl MessageStore for SqliteStore {
                  UNION ALL
                  SELECT msg.conversation_id, msg.seq, msg.message_id, msg.sender, msg.client_msg_id,
                     msg.body, msg.sent_at_ms, msg.kind, msg.reply_to_seq, msg.target_seq, msg.reaction,
-                    msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted, msg.attachments
+                    msg.member_ids, msg.title, msg.role, msg.edited_at_ms, msg.deleted, msg.attachments,
+                    msg.last_edit_seq
                  FROM earlier_memberships e
                  LEFT JOIN device_cursors d
                    ON d.user_id = e.user_id AND d.device_id = ?2 AND d.conversation_id = e.conversation_id

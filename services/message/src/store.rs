@@ -271,10 +271,14 @@ pub struct StoredMessage {
     /// TEXT: its media (empty once deleted). Absent in entries cached before media existed.
     #[serde(default)]
     pub attachments: Vec<Attachment>,
-    /// Shown to this reader without its content (`visibility::withheld`):
+    /// Shown to this reader without its content (`visibility::redacted`):
     /// set on the way out, never stored.
     #[serde(default)]
     pub withheld: bool,
+    /// TEXT: the seq of its latest edit (0: never edited). Its body is that
+    /// edit's text, so only a reader who sees that seq may read it.
+    #[serde(default)]
+    pub last_edit_seq: u64,
 }
 
 impl StoredMessage {
@@ -301,6 +305,7 @@ impl StoredMessage {
             deleted: false,
             attachments: Vec::new(),
             withheld: false,
+            last_edit_seq: 0,
         }
     }
 }

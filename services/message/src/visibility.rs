@@ -44,6 +44,9 @@ pub fn view(entry: &StoredMessage, bounds: &Visible) -> View {
     }
     match target(entry) {
         Some(target) if !bounds.contains(target) => View::Redacted,
+        // A message whose text is an edit the reader cannot see (made after
+        // its removal, or while it was out): no content, not that text.
+        None if entry.last_edit_seq != 0 && !bounds.contains(entry.last_edit_seq) => View::Redacted,
         _ => View::Full,
     }
 }

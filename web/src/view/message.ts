@@ -159,7 +159,7 @@ export function textItem(entry: Entry, context: MessageContext): HTMLLIElement {
     entry.deleted
       ? h("p", { class: "body deleted", "data-testid": "body" }, "Message deleted")
       : entry.withheld
-        ? h("p", { class: "body deleted", "data-testid": "body" }, "Hidden: from someone you blocked")
+        ? h("p", { class: "body deleted", "data-testid": "body" }, "Message hidden")
         : entry.body && h("p", { class: "body", "data-testid": "body" }, entry.body),
     entry.attachments.length > 0 && h("div", { class: "attachments" }, entry.attachments.map((a) => attachmentView(entry, a, context))),
     !entry.deleted && reactions(entry, context),

@@ -235,3 +235,33 @@ async fn a_re_added_member_sees_what_it_saw_before_and_nothing_from_while_out() 
     assert_eq!(state.messages[&before].reactions.get("alice").map(String::as_str), Some("🎉"));
     assert!(state.messages.values().all(|m| m.body != "while out"));
 }
+
+#[tokio::test]
+async fn an_edit_made_after_a_removal_never_reaches_the_removed_members_history() {
+    let system = TestSystem::start().await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let (bob, _b) = system.connect("bob", "phone").await;
+    let group = alice.create_group("edited later", &["bob", "carol"]).await.unwrap();
+    let id = group.conversation_id.as_str();
+    let kept = alice.send(id, "said while bob was here").await.unwrap().seq;
+    let edited = alice.send(id, "the first words").await.unwrap().seq;
+    alice.remove_member(id, "bob").await.unwrap();
+    alice.edit(id, edited, "words bob must not read").await.unwrap();
+
+    let history = bob.history(id, 0, 50).await.unwrap().messages;
+    assert!(
+        history.iter().all(|m| !m.body.contains("must not")),
+        "bob reads an edit made after his removal: {history:?}"
+    );
+    let message = history.iter().find(|m| m.seq == edited).expect("the seq stays");
+    assert!(message.withheld && message.body.is_empty(), "{message:?}");
+    assert!(history.iter().any(|m| m.seq == kept && m.body == "said while bob was here"));
+    // Added back, he still cannot read it: the edit was made while he was out.
+    alice.add_members(id, &["bob"]).await.unwrap();
+    let history = bob.history(id, 0, 50).await.unwrap().messages;
+    assert!(history.iter().all(|m| !m.body.contains("must not")), "{history:?}");
+    // An edit he can see shows again.
+    alice.edit(id, edited, "words for everyone").await.unwrap();
+    let history = bob.history(id, 0, 50).await.unwrap().messages;
+    assert!(history.iter().any(|m| m.seq == edited && m.body == "words for everyone"), "{history:?}");
+}

@@ -261,7 +261,7 @@ impl MessageRow {
         // Written by this code only: unreadable JSON would be a bug, shown as no attachments.
         let attachments = Attachment::decode(self.attachments.as_deref().unwrap_or_default()).unwrap_or_default();
         let role = self.role.unwrap_or(0);
-        let message = StoredMessage {
+        let mut message = StoredMessage {
             conversation_id: self.conversation_id,
             seq: self.seq.max(0) as u64,
             message_id: self.message_id?,
@@ -280,8 +280,10 @@ impl MessageRow {
             deleted: self.deleted.unwrap_or(false),
             attachments,
             withheld: false,
+            last_edit_seq: 0,
         };
-        let edits = self.edit_seqs.unwrap_or_default().into_iter().map(|s| s.max(0) as u64).collect();
+        let edits: Vec<u64> = self.edit_seqs.unwrap_or_default().into_iter().map(|s| s.max(0) as u64).collect();
+        message.last_edit_seq = edits.iter().copied().max().unwrap_or(0);
         Some((message, edits))
     }
 }

@@ -7,7 +7,8 @@ use crate::store::{Attachment, Conversation, ConversationKind, Kind, Member, Rol
 
 /// Columns `row_to_message` reads, in order.
 pub(super) const MESSAGE_COLUMNS: &str = "conversation_id, seq, message_id, sender, client_msg_id, body, sent_at_ms, \
-     kind, reply_to_seq, target_seq, reaction, member_ids, title, role, edited_at_ms, deleted, attachments";
+     kind, reply_to_seq, target_seq, reaction, member_ids, title, role, edited_at_ms, deleted, attachments, \
+     last_edit_seq";
 
 /// Member ids are stored newline-separated: ids never contain control characters.
 pub(super) fn join_ids(ids: &[String]) -> String {
@@ -54,6 +55,7 @@ pub(super) fn row_to_message(row: &Row<'_>) -> Result<StoredMessage> {
         attachments: Attachment::decode(&row.get::<_, String>(16)?)
             .map_err(|e| r2d2_sqlite::rusqlite::Error::FromSqlConversionFailure(16, Type::Text, Box::new(e)))?,
         withheld: false,
+        last_edit_seq: row.get::<_, i64>(17)? as u64,
     })
 }
 

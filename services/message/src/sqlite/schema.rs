@@ -6,7 +6,7 @@
 //! lookup; messages are not bucketed because a B-tree has no partition limit.
 
 /// Migrations in order; `PRAGMA user_version` records how many have run.
-pub const MIGRATIONS: [&str; 6] = [V1, V2, V3, V4, V5, V6];
+pub const MIGRATIONS: [&str; 7] = [V1, V2, V3, V4, V5, V6, V7];
 
 const V1: &str = "
 CREATE TABLE IF NOT EXISTS conversations (
@@ -125,4 +125,14 @@ CREATE TABLE IF NOT EXISTS earlier_memberships (
 ) WITHOUT ROWID;
 
 CREATE INDEX IF NOT EXISTS earlier_memberships_by_user ON earlier_memberships (user_id, conversation_id);
+";
+
+/// The seq of a TEXT message's latest edit: its body is that edit's text,
+/// withheld from readers who do not see that seq. Backfilled from the edits.
+const V7: &str = "
+ALTER TABLE messages ADD COLUMN last_edit_seq INTEGER NOT NULL DEFAULT 0;
+UPDATE messages SET last_edit_seq = coalesce((
+    SELECT max(e.seq) FROM messages e
+    WHERE e.conversation_id = messages.conversation_id AND e.kind = 2 AND e.target_seq = messages.seq
+), 0) WHERE kind = 1 AND edited_at_ms != 0;
 ";

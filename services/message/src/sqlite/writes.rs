@@ -45,7 +45,8 @@ fn append(tx: &Connection, mut entry: StoredMessage) -> Result<StoredMessage> {
         .map_err(storage)?;
     entry.seq = seq as u64;
     let sql = format!(
-        "INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+        "INSERT INTO messages ({MESSAGE_COLUMNS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
     );
     tx.prepare_cached(&sql)
         .and_then(|mut s| {
@@ -67,6 +68,7 @@ fn append(tx: &Connection, mut entry: StoredMessage) -> Result<StoredMessage> {
                 entry.edited_at_ms,
                 entry.deleted as i64,
                 Attachment::encode(&entry.attachments),
+                entry.last_edit_seq as i64,
             ])
         })
         .map_err(storage)?;
@@ -331,15 +333,20 @@ fn change(tx: &Connection, conversation: &str, request: &ChangeRequest) -> Resul
             let found = target_message(*target_seq)?;
             let target = policy::target(&actor, found.as_ref(), *target_seq)?;
             policy::edit(&actor, target, request.now_ms, request.limits.edit_window_ms)?;
-            tx.prepare_cached(
-                "UPDATE messages SET body = ?3, edited_at_ms = ?4 WHERE conversation_id = ?1 AND seq = ?2",
-            )
-            .and_then(|mut s| s.execute(params![conversation, *target_seq as i64, body, request.now_ms]))
-            .map_err(storage)?;
             let mut entry = event(Kind::Edit);
             entry.target_seq = *target_seq;
             entry.body = body.clone();
-            Ok(vec![append(tx, entry)?])
+            let appended = append(tx, entry)?;
+            tx.prepare_cached(
+                "UPDATE messages SET body = ?3, edited_at_ms = ?4, last_edit_seq = ?5
+                 WHERE conversation_id = ?1 AND seq = ?2",
+            )
+            .and_then(|mut s| {
+                let edit_seq = appended.seq as i64;
+                s.execute(params![conversation, *target_seq as i64, body, request.now_ms, edit_seq])
+            })
+            .map_err(storage)?;
+            Ok(vec![appended])
         }
         Change::Delete { target_seq } => {
             let found = target_message(*target_seq)?;

@@ -520,6 +520,15 @@ async fn edits_deletes_and_reactions(store: &dyn MessageStore) {
     assert!(matches!(denied, Err(Error::PermissionDenied(_))), "{denied:?}");
     let edit = change(store, id, &a, Change::Edit { target_seq: original, body: "final".into() }).await.unwrap();
     assert_eq!((edit[0].kind, edit[0].target_seq, edit[0].body.as_str()), (Kind::Edit, original, "final"));
+    // The message knows its latest edit: readers who cannot see it get no text.
+    let read = |range: HistoryRange| async move {
+        let page = store.history(id, range, SeqBounds::ALL, 50).await.unwrap();
+        page.into_iter().find(|m| m.seq == original).unwrap()
+    };
+    let edited = read(HistoryRange::Before(None)).await;
+    assert_eq!((edited.body.as_str(), edited.last_edit_seq), ("final", edit[0].seq));
+    let synced = store.sync(&b, "modify-phone", Some(id), None, 50).await.unwrap();
+    assert_eq!(synced.iter().find(|m| m.seq == original).unwrap().last_edit_seq, edit[0].seq);
     let reacted = change(store, id, &b, Change::React { target_seq: original, emoji: "👍".into() }).await.unwrap();
     assert_eq!(reacted[0].reaction, "👍");
     let same = change(store, id, &b, Change::React { target_seq: original, emoji: "👍".into() }).await.unwrap();

@@ -107,3 +107,20 @@ fn a_re_added_member_sees_each_of_its_ranges_and_nothing_between() {
     assert_eq!(merged.ranges(), [SeqBounds { from: 2, to: Some(6) }, SeqBounds { from: 8, to: None }]);
     assert_eq!(merged.from(), 2);
 }
+
+#[test]
+fn a_message_whose_latest_edit_the_reader_cannot_see_shows_no_text() {
+    let removed = member("bob", 1, Some(5)).visible();
+    let mut message = entry(3, Kind::Text, 0);
+    message.last_edit_seq = 4;
+    assert_eq!(view(&message, &removed), View::Full, "edited while bob was there");
+    message.last_edit_seq = 7;
+    assert_eq!(view(&message, &removed), View::Redacted, "edited after his removal");
+    let shown = shown(message.clone(), &removed).unwrap();
+    assert!(shown.withheld && shown.body.is_empty(), "{shown:?}");
+    let mut back = member("bob", 9, None);
+    back.earlier = vec![SeqBounds { from: 1, to: Some(5) }];
+    assert_eq!(view(&message, &back.visible()), View::Redacted, "edited while he was out");
+    message.last_edit_seq = 10;
+    assert_eq!(view(&message, &back.visible()), View::Full, "edited again once he was back");
+}
