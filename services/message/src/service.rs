@@ -830,13 +830,13 @@ impl Service {
 
     /// Entries from several conversations as `user` may be shown them. The
     /// store already kept each within the user's range; changes of other
-    /// entries need that range to tell whether their target is seen, read
-    /// once per conversation that has such a change.
+    /// entries and edited messages need that range to tell whether their
+    /// target or latest edit is seen, read once per conversation that has one.
     async fn shown_to(&self, user: &str, messages: Vec<StoredMessage>) -> Result<Vec<StoredMessage>> {
         let mut ranges: std::collections::HashMap<Uuid, Option<Visible>> = std::collections::HashMap::new();
         let mut shown = Vec::with_capacity(messages.len());
         for message in messages {
-            if visibility::target(&message).is_none() {
+            if !visibility::depends_on_ranges(&message) {
                 shown.push(message);
                 continue;
             }

@@ -532,6 +532,37 @@ mod tests {
         eprintln!("message store contract: {cases} cases passed on sqlite");
     }
 
+    /// Schema 7 fills `last_edit_seq` of messages edited before it existed.
+    #[tokio::test]
+    async fn the_latest_edit_of_older_messages_is_backfilled() {
+        use crate::store::{Change, ChangeRequest, HistoryRange, Limits, SeqBounds};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("messages.db");
+        let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+        let id = store.get_or_create_direct("a", "b", Uuid::now_v7(), 1).await.unwrap().id;
+        let seq = crate::store::contract::send(&store, id, "a", "m1", "hello").await.unwrap().message().seq;
+        let plain = crate::store::contract::send(&store, id, "a", "m2", "plain").await.unwrap().message().seq;
+        let mut edits = Vec::new();
+        for body in ["first edit", "second edit"] {
+            let request = ChangeRequest {
+                conversation_id: id,
+                actor: "a".into(),
+                change: Change::Edit { target_seq: seq, body: body.into() },
+                now_ms: messenger_platform::ids::now_ms(),
+                limits: Limits { max_group_size: 10, edit_window_ms: 60_000 },
+            };
+            edits.push(store.apply(request).await.unwrap()[0].entry.seq);
+        }
+        // As a database from before schema 7 holds them, then the backfill alone.
+        let raw = Connection::open(&path).unwrap();
+        raw.execute_batch("UPDATE messages SET last_edit_seq = 0").unwrap();
+        let (_, backfill) = schema::MIGRATIONS[6].split_once(';').unwrap();
+        raw.execute_batch(backfill).unwrap();
+        let page = store.history(id, HistoryRange::Before(None), SeqBounds::ALL, 10).await.unwrap();
+        let latest = |seq: u64| page.iter().find(|m| m.seq == seq).unwrap().last_edit_seq;
+        assert_eq!((latest(seq), latest(plain)), (edits[1], 0));
+    }
+
     #[tokio::test]
     async fn data_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();

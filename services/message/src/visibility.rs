@@ -51,6 +51,13 @@ pub fn view(entry: &StoredMessage, bounds: &Visible) -> View {
     }
 }
 
+/// Whether what a reader sees of `entry` depends on its ranges beyond the
+/// entry's own seq: a change of another entry, or a message whose text is
+/// a later edit.
+pub fn depends_on_ranges(entry: &StoredMessage) -> bool {
+    target(entry).is_some() || entry.last_edit_seq != 0
+}
+
 /// `entry` as a reader with `bounds` may be shown it, if at all.
 pub fn shown(entry: StoredMessage, bounds: &Visible) -> Option<StoredMessage> {
     match view(&entry, bounds) {

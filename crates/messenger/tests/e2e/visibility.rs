@@ -256,6 +256,11 @@ async fn an_edit_made_after_a_removal_never_reaches_the_removed_members_history(
     let message = history.iter().find(|m| m.seq == edited).expect("the seq stays");
     assert!(message.withheld && message.body.is_empty(), "{message:?}");
     assert!(history.iter().any(|m| m.seq == kept && m.body == "said while bob was here"));
+    // Nor does a device of his that syncs now (the gateway's backlog and gap fill).
+    let (_tablet, mut tablet_events) = system.connect("bob", "tablet").await;
+    let synced = messages(&mut tablet_events, 4).await;
+    assert!(synced.iter().all(|m| !m.body.contains("must not")), "bob's new device syncs the edit: {synced:?}");
+    assert!(synced.iter().any(|m| m.seq == edited && m.withheld), "{synced:?}");
     // Added back, he still cannot read it: the edit was made while he was out.
     alice.add_members(id, &["bob"]).await.unwrap();
     let history = bob.history(id, 0, 50).await.unwrap().messages;

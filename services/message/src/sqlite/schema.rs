@@ -131,8 +131,9 @@ CREATE INDEX IF NOT EXISTS earlier_memberships_by_user ON earlier_memberships (u
 /// withheld from readers who do not see that seq. Backfilled from the edits.
 const V7: &str = "
 ALTER TABLE messages ADD COLUMN last_edit_seq INTEGER NOT NULL DEFAULT 0;
-UPDATE messages SET last_edit_seq = coalesce((
-    SELECT max(e.seq) FROM messages e
-    WHERE e.conversation_id = messages.conversation_id AND e.kind = 2 AND e.target_seq = messages.seq
-), 0) WHERE kind = 1 AND edited_at_ms != 0;
+UPDATE messages SET last_edit_seq = edits.latest
+FROM (SELECT conversation_id, target_seq, max(seq) AS latest FROM messages WHERE kind = 2
+      GROUP BY conversation_id, target_seq) AS edits
+WHERE messages.conversation_id = edits.conversation_id AND messages.seq = edits.target_seq
+  AND messages.kind = 1;
 ";
