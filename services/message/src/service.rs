@@ -234,31 +234,6 @@ impl Service {
         Ok(listed.into_iter().map(|entry| entry.user_id).collect())
     }
 
-    /// `messages` of one conversation with content from users `user`
-    /// blocked withheld, if it is a group (a former member's conversation
-    /// is one: direct conversations cannot be left).
-    async fn withhold_blocked(
-        &self,
-        user: &str,
-        conversation_id: Uuid,
-        blocked: &HashSet<String>,
-        messages: Vec<StoredMessage>,
-    ) -> Result<Vec<StoredMessage>> {
-        if !messages.iter().any(|message| visibility::from_blocked(message, blocked))
-            || matches!(self.kind_of(conversation_id, user).await?, Some(Some(_)))
-        {
-            return Ok(messages);
-        }
-        Ok(messages
-            .into_iter()
-            .map(
-                |message| {
-                    if visibility::from_blocked(&message, blocked) { visibility::redacted(message) } else { message }
-                },
-            )
-            .collect())
-    }
-
     /// Refuses to put into a group with `user` anyone who blocked `user`
     /// (NOT_FOUND, as a direct conversation with them answers) or whom
     /// `user` blocked (FAILED_PRECONDITION): a block reaches groups too.
@@ -540,13 +515,9 @@ impl Service {
         let member = self.membership(conversation_id, user).await?;
         let visible = member.visible();
         let limit = clamp(limit, self.options.history_page_default, self.options.history_page_max);
-        let (page, blocked) = futures::future::try_join(
-            self.history_within(conversation_id, range, &visible, limit),
-            self.blocked_set(user),
-        )
-        .await?;
+        let page = self.history_within(conversation_id, range, &visible, limit).await?;
         let shown = page.into_iter().filter_map(|message| visibility::shown(message, &visible)).collect();
-        let messages = self.withhold_blocked(user, conversation_id, &blocked, shown).await?;
+        let messages = self.withhold_blocked(user, shown).await?;
         let has_more = match range {
             HistoryRange::Before(_) => messages.first().is_some_and(|m| m.seq > visible.from().max(1)),
             HistoryRange::After(_) => messages.len() == limit,
@@ -804,28 +775,35 @@ impl Service {
             .then(|| messages.last().map(|m| format!("{}:{}", m.conversation_id, m.seq)))
             .flatten();
         let shown = self.shown_to(user, messages).await?;
-        Ok((self.withhold_blocked_in_sync(user, shown).await?, next))
+        Ok((self.withhold_blocked(user, shown).await?, next))
     }
 
-    /// Sync entries (ordered by conversation) with content from users
-    /// `user` blocked withheld in groups; the block list is read only when
-    /// the page holds content from others.
-    async fn withhold_blocked_in_sync(&self, user: &str, messages: Vec<StoredMessage>) -> Result<Vec<StoredMessage>> {
-        if !messages.iter().any(|message| visibility::is_content(message) && message.sender != user) {
+    /// Entries (ordered by conversation) with content from users `user`
+    /// blocked withheld, in groups. Only a page with content from others in
+    /// a group reads the block list, once (a direct conversation's kind is
+    /// cached); a former member's conversation is a group: directs cannot
+    /// be left.
+    async fn withhold_blocked(&self, user: &str, messages: Vec<StoredMessage>) -> Result<Vec<StoredMessage>> {
+        let from_others = |message: &StoredMessage| visibility::is_content(message) && message.sender != user;
+        let mut groups = HashSet::new();
+        for message in messages.iter().filter(|message| from_others(message)) {
+            let id = message.conversation_id;
+            if !groups.contains(&id) && !matches!(self.kind_of(id, user).await?, Some(Some(_))) {
+                groups.insert(id);
+            }
+        }
+        if groups.is_empty() {
             return Ok(messages);
         }
         let blocked = self.blocked_set(user).await?;
-        let mut shown = Vec::with_capacity(messages.len());
-        let mut messages = messages.into_iter().peekable();
-        while let Some(first) = messages.next() {
-            let id = first.conversation_id;
-            let mut conversation = vec![first];
-            while let Some(next) = messages.next_if(|message| message.conversation_id == id) {
-                conversation.push(next);
-            }
-            shown.extend(self.withhold_blocked(user, id, &blocked, conversation).await?);
-        }
-        Ok(shown)
+        Ok(messages
+            .into_iter()
+            .map(|message| {
+                let withheld =
+                    groups.contains(&message.conversation_id) && visibility::from_blocked(&message, &blocked);
+                if withheld { visibility::redacted(message) } else { message }
+            })
+            .collect())
     }
 
     /// Entries from several conversations as `user` may be shown them. The
