@@ -8,8 +8,9 @@
 //! write that appended it (`visibility::audience`): never to a roster read
 //! later, which a removal or a re-add may have changed since. Receipts and
 //! typing go to the conversation's active members, read once per batch. A failed Deliver loses
-//! nothing: the device catches up from its delivered cursor (gap fill in the
-//! gateway, or sync on reconnect). Receipts and typing are live-only hints.
+//! nothing: its messages and receipts are sent again (`redeliver.rs`), and a
+//! device catches up from its delivered cursor anyway (gap fill in the
+//! gateway, or sync on reconnect). Typing and presence are live-only hints.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -31,12 +32,15 @@ use tokio::sync::mpsc;
 use tracing::{Instrument as _, debug, warn};
 use uuid::Uuid;
 
+mod redeliver;
+
 use crate::{
     convert,
     options::FanoutOptions,
     ports::{Deliveries, Hint, Receipt, Typing},
     push::Pushes,
     store::{Appended, Kind, MessageStore, StoredMessage},
+    visibility,
 };
 
 /// Something to push to online devices.
@@ -75,6 +79,8 @@ struct FanoutMetrics {
     /// Live deliveries dropped because their gateway could not take them
     /// (their devices catch up by gap fill or sync).
     dropped: messenger_platform::metrics::Counter<u64>,
+    /// Deliveries a gateway took when sent again after a failed call.
+    redelivered: messenger_platform::metrics::Counter<u64>,
     /// Entries and hints waiting in a worker's queue when one is added.
     queue_depth: messenger_platform::metrics::Histogram<u64>,
 }
@@ -92,6 +98,10 @@ fn fanout_metrics() -> &'static FanoutMetrics {
             dropped: meter
                 .u64_counter("messenger.message.fanout.deliveries_dropped")
                 .with_description("Live deliveries a gateway did not take (devices catch up by sync)")
+                .build(),
+            redelivered: meter
+                .u64_counter("messenger.message.fanout.deliveries_redelivered")
+                .with_description("Live deliveries a gateway took when sent again after a failed call")
                 .build(),
             queue_depth: meter
                 .u64_histogram("messenger.message.fanout.queue_depth")
@@ -124,6 +134,7 @@ struct Worker {
     delivered_receipts_max_members: usize,
     locate_max_users: usize,
     pushes: Pushes,
+    redeliver: redeliver::Redeliver,
 }
 
 impl Fanout {
@@ -136,6 +147,7 @@ impl Fanout {
         pushes: Pushes,
         supervisor: &Supervisor,
     ) -> Self {
+        let redeliver = redeliver::Redeliver::new(options);
         let workers = (0..options.workers)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(options.queue_depth);
@@ -148,6 +160,7 @@ impl Fanout {
                     delivered_receipts_max_members,
                     locate_max_users: options.locate_max_users.max(1),
                     pushes: pushes.clone(),
+                    redeliver: redeliver.clone(),
                 };
                 supervisor.spawn("fan-out worker", worker.run(rx));
                 tx
@@ -163,14 +176,22 @@ impl Fanout {
 
 #[async_trait]
 impl Deliveries for Fanout {
-    /// Queues a committed entry; waits when the worker's queue is full (backpressure).
-    async fn entry(&self, appended: Appended) {
-        let item = Outgoing::Entry(appended);
+    /// Queues a committed entry, and its copy without content for those it
+    /// is withheld from (the same worker, so in order); waits when the
+    /// worker's queue is full (backpressure).
+    async fn entry(&self, mut appended: Appended) {
+        let withheld = (!appended.withheld_from.is_empty()).then(|| Appended {
+            entry: visibility::redacted(appended.entry.clone()),
+            audience: std::mem::take(&mut appended.withheld_from),
+            withheld_from: Arc::default(),
+        });
         let span = trace::internal("fan-out");
-        let worker = self.worker(&item);
-        fanout_metrics().queue_depth.record((worker.max_capacity() - worker.capacity()) as u64, &[]);
-        if worker.send(Queued { item, span }).await.is_err() {
-            warn!("fan-out worker stopped; devices will catch up by sync");
+        for item in std::iter::once(appended).chain(withheld).map(Outgoing::Entry) {
+            let worker = self.worker(&item);
+            fanout_metrics().queue_depth.record((worker.max_capacity() - worker.capacity()) as u64, &[]);
+            if worker.send(Queued { item, span: span.clone() }).await.is_err() {
+                warn!("fan-out worker stopped; devices will catch up by sync");
+            }
         }
     }
 
@@ -329,6 +350,7 @@ impl Worker {
         }
         let calls = by_gateway.into_iter().map(|(address, deliveries)| {
             let pool = self.gateways.clone();
+            let redeliver = self.redeliver.clone();
             async move {
                 let count = deliveries.len();
                 let channel = match pool.get(address) {
@@ -338,10 +360,9 @@ impl Worker {
                         return;
                     }
                 };
-                // Not retried: a retry would need a copy of every batch, and it
-                // is not needed. A dropped entry reaches its devices by gap fill
-                // (the next live entry) or by sync; a dead gateway's devices
-                // reconnect elsewhere and resume from their cursors.
+                // A dead gateway's devices reconnect elsewhere and resume from
+                // their cursors; one that answers again gets the copy.
+                let again = redeliver.keep(&deliveries);
                 let mut client = GatewayInternalServiceClient::new(channel);
                 match client.deliver(DeliverRequest { deliveries }).await {
                     Ok(response) => {
@@ -349,14 +370,14 @@ impl Worker {
                         debug!(gateway = address, count, missing, "delivered");
                     }
                     Err(status) => {
-                        fanout_metrics().dropped.add(count as u64, &[]);
-                        warn!(
-                            gateway = address,
-                            count,
-                            code = ?status.code(),
-                            message = status.message(),
-                            "deliver failed; dropped, the devices catch up by sync"
-                        )
+                        debug!(gateway = address, count, code = ?status.code(), message = status.message(), "deliver failed");
+                        let kept = again.as_ref().map_or(0, Vec::len);
+                        if kept < count {
+                            fanout_metrics().dropped.add((count - kept) as u64, &[]);
+                        }
+                        if let Some(again) = again {
+                            redeliver.later(pool, address.to_owned(), again);
+                        }
                     }
                 }
             }
@@ -366,8 +387,12 @@ impl Worker {
 }
 
 /// Who a committed entry should notify: text messages to every recipient
-/// but the sender, a new group to its members, an addition to the added.
+/// but the sender, a new group to its members, an addition to the added;
+/// nobody for an entry withheld from its recipients.
 fn push_recipients<'a>(entry: &'a StoredMessage, recipients: &[&'a str]) -> Vec<&'a str> {
+    if entry.withheld {
+        return Vec::new();
+    }
     match entry.kind {
         Kind::Text | Kind::GroupCreated => recipients.iter().copied().filter(|user| *user != entry.sender).collect(),
         Kind::MembersAdded => {

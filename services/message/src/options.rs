@@ -111,11 +111,34 @@ pub struct FanoutOptions {
     /// Users per presence `Locate` call; a batch with more recipients is
     /// located in several calls. Keep it at or below `presence.max_users_per_call`.
     pub locate_max_users: usize,
+    /// Times a failed `Deliver` of messages and receipts is sent again (the
+    /// link to a gateway broke for a moment), the first after
+    /// `redeliver_backoff`, each next after twice the wait before: an online
+    /// device gets the entry once its gateway answers again, within the
+    /// repair bound `redeliver_backoff x (2^redeliver_attempts - 1)` (3.75 s
+    /// by default), without a later message or a reconnect. 0: not sent again.
+    pub redeliver_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub redeliver_backoff: Duration,
+    /// Most deliveries (one event for one gateway's sessions) waiting to be
+    /// sent again, across workers; past it a failed delivery is dropped and
+    /// its devices catch up at their conversation's next entry or their next
+    /// reconnect (`messenger.message.fanout.deliveries_dropped`).
+    pub redeliver_max_pending: usize,
 }
 
 impl Default for FanoutOptions {
     fn default() -> Self {
-        Self { workers: 4, queue_depth: 4096, max_batch: 256, linger: Duration::from_millis(1), locate_max_users: 5000 }
+        Self {
+            workers: 4,
+            queue_depth: 4096,
+            max_batch: 256,
+            linger: Duration::from_millis(1),
+            locate_max_users: 5000,
+            redeliver_attempts: 4,
+            redeliver_backoff: Duration::from_millis(250),
+            redeliver_max_pending: 65_536,
+        }
     }
 }
 
@@ -171,6 +194,7 @@ impl Options {
             ("message.push.max_attempts", self.push.max_attempts as usize),
             ("message.fanout.queue_depth", self.fanout.queue_depth),
             ("message.fanout.max_batch", self.fanout.max_batch),
+            ("message.fanout.redeliver_max_pending", self.fanout.redeliver_max_pending),
             ("message.presence_updates_max_conversations", self.presence_updates_max_conversations),
             ("message.max_blocked_users", self.max_blocked_users),
             ("message.max_attachments", self.max_attachments),
@@ -186,6 +210,12 @@ impl Options {
         self.cache.validate()?;
         if self.max_group_size < 2 {
             return Err("message.max_group_size must be at least 2".into());
+        }
+        if self.fanout.redeliver_attempts > 0 && self.fanout.redeliver_backoff.is_zero() {
+            return Err("message.fanout.redeliver_backoff must be positive when redeliver_attempts is".into());
+        }
+        if self.fanout.redeliver_attempts > 16 {
+            return Err("message.fanout.redeliver_attempts is at most 16 (the wait doubles each time)".into());
         }
         if self.typing_ttl.is_zero() {
             return Err("message.typing_ttl must be positive".into());

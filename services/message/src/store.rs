@@ -367,13 +367,18 @@ pub struct ChangeRequest {
     pub limits: Limits,
 }
 
-/// An entry a write appended, with the users to deliver it to: its
-/// audience as of the write (`visibility::audience`), so fan-out never
-/// re-reads a roster that may have changed since.
+/// An entry a write appended, with the users to deliver it to, as of the
+/// write (`visibility::appended`), so fan-out never re-reads a roster that
+/// may have changed since.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Appended {
     pub entry: StoredMessage,
+    /// Who is shown the entry in full.
     pub audience: Arc<Vec<String>>,
+    /// Who is shown it without content (`visibility::View::Redacted`; in a
+    /// group, also its sender's blockers): delivered so, withheld, so their
+    /// devices' seqs stay dense without waiting for a gap fill.
+    pub withheld_from: Arc<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

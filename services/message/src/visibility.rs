@@ -92,39 +92,44 @@ pub fn is_content(entry: &StoredMessage) -> bool {
     matches!(entry.kind, Kind::Text | Kind::Edit | Kind::Reaction)
 }
 
-/// A group entry's audience without `blockers` (the users who blocked its
-/// sender), for the entries [`from_blocked`] withholds from them.
+/// A group entry with `blockers` (the users who blocked its sender) moved
+/// from its audience to those it is withheld from, for the entries
+/// [`from_blocked`] withholds from them.
 pub fn without_blockers(mut appended: Appended, blockers: &[String]) -> Appended {
     if blockers.is_empty() || !is_content(&appended.entry) {
         return appended;
     }
-    let kept: Vec<String> = appended.audience.iter().filter(|user| !blockers.contains(user)).cloned().collect();
-    if kept.len() != appended.audience.len() {
+    let (withheld, kept): (Vec<String>, Vec<String>) =
+        appended.audience.iter().cloned().partition(|user| blockers.contains(user));
+    if !withheld.is_empty() {
         appended.audience = Arc::new(kept);
+        appended.withheld_from = Arc::new(appended.withheld_from.iter().cloned().chain(withheld).collect());
     }
     appended
 }
 
-/// The users to deliver `entry` to as it commits: every membership that
-/// sees it in full. Readers that see it only redacted are left out: their
-/// devices fetch it (content-free) with the next gap fill or sync.
-pub fn audience(entry: &StoredMessage, members: &[Member]) -> Arc<Vec<String>> {
-    Arc::new(
-        members
-            .iter()
-            .filter(|member| view(entry, &member.visible()) == View::Full)
-            .map(|member| member.user_id.clone())
-            .collect(),
-    )
+/// `entry` as it commits, with whom to deliver it to: every membership
+/// that sees it in full, and apart every one that sees it redacted (they
+/// get it without content, so their devices need no gap fill for it).
+pub fn appended(entry: StoredMessage, members: &[Member]) -> Appended {
+    let (mut audience, mut withheld_from) = (Vec::new(), Vec::new());
+    for member in members {
+        match view(&entry, &member.visible()) {
+            View::Full => audience.push(member.user_id.clone()),
+            View::Redacted => withheld_from.push(member.user_id.clone()),
+            View::Hidden => {}
+        }
+    }
+    Appended { entry, audience: Arc::new(audience), withheld_from: Arc::new(withheld_from) }
 }
 
-/// The audience of an entry that changes no other (a message or an event),
-/// given the members active when it was appended: all of them, by the rule
-/// (an active member joined at or before the entry and has not left), so
-/// stores that know only their active roster at that moment need no ranges.
-pub fn audience_of_active(entry: &StoredMessage, active: impl IntoIterator<Item = String>) -> Arc<Vec<String>> {
-    debug_assert!(target(entry).is_none(), "a change of another entry needs the members' ranges");
-    Arc::new(active.into_iter().collect())
+/// An entry that changes no other (a message or an event), to the members
+/// active when it was appended: all of them see it in full, by the rule (an
+/// active member joined at or before the entry and has not left), so stores
+/// that know only their active roster at that moment need no ranges.
+pub fn appended_to_active(entry: StoredMessage, active: impl IntoIterator<Item = String>) -> Appended {
+    debug_assert!(target(&entry).is_none(), "a change of another entry needs the members' ranges");
+    Appended { entry, audience: Arc::new(active.into_iter().collect()), withheld_from: Arc::default() }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future::join_all};
-use messenger_client::{Client, Error};
+use messenger_client::{Client, Error, Event};
 use messenger_platform::auth;
 use tonic::Code;
 
@@ -43,6 +43,38 @@ async fn a_lone_message_does_not_wait_for_the_fanout_linger() {
     alice.send(&conversation, "no waiting").await.unwrap();
     assert_eq!(next_message(&mut bob_events).await.body, "no waiting");
     assert!(started.elapsed() < Duration::from_secs(5), "held for the linger: {:?}", started.elapsed());
+}
+
+/// A `Deliver` that fails (the link to the gateway broke for a moment) is
+/// sent again: the last message of a conversation reaches an online device
+/// without a later message or a reconnect.
+#[tokio::test]
+async fn a_failed_delivery_is_sent_again_once_the_gateway_answers() {
+    let link = DeliveryLink::bind().await;
+    let system = TestSystem::start_with(|config| link.route(config)).await;
+    link.lead_to(&system);
+    let (alice, _alice_events) = system.connect("alice", "alice-phone").await;
+    let (_bob, mut bob_events) = system.connect("bob", "bob-phone").await;
+    let conversation = alice.direct("bob").await.unwrap().conversation_id;
+    alice.send(&conversation, "before").await.unwrap();
+    assert_eq!(next_message(&mut bob_events).await.body, "before");
+
+    link.set_cut(true);
+    alice.send(&conversation, "while cut").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    link.set_cut(false);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, bob_events.next()).await.expect("the failed delivery never came") {
+            Some(Event::Message(message)) => {
+                assert_eq!((message.seq, message.body.as_str()), (2, "while cut"));
+                break;
+            }
+            Some(Event::Disconnected { reason, .. }) => panic!("bob reconnected to catch up: {reason}"),
+            Some(_) => {}
+            None => panic!("event stream ended"),
+        }
+    }
 }
 
 #[tokio::test]

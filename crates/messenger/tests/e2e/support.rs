@@ -253,3 +253,55 @@ pub async fn presence_update(events: &mut Events) -> Option<messenger_client::Pr
         }
     }
 }
+
+/// A TCP relay in front of the gateway's internal port (the address the
+/// gateway advertises for `Deliver`), whose link can be cut: while cut,
+/// open connections are reset and new ones closed at once, so the message
+/// service's `Deliver` calls fail as they would over a broken network.
+pub struct DeliveryLink {
+    address: std::net::SocketAddr,
+    target: std::sync::Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl DeliveryLink {
+    pub async fn bind() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let target = std::sync::Arc::new(std::sync::OnceLock::<std::net::SocketAddr>::new());
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let (relay_target, watch) = (target.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = watch.subscribe();
+                let Some(&target) = relay_target.get() else { continue };
+                if *cut.borrow_and_update() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { address, target, cut }
+    }
+
+    /// Routes the gateway's `Deliver` calls through this link.
+    pub fn route(&self, config: &mut Config) {
+        config.gateway.advertise_internal = Some(self.address.to_string());
+    }
+
+    /// Where the link leads: the gateway's bound internal port.
+    pub fn lead_to(&self, system: &TestSystem) {
+        let internal = system.config.gateway.internal_listen.parse().unwrap();
+        self.target.set(internal).expect("lead_to is called once");
+    }
+
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}

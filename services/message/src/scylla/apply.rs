@@ -172,8 +172,7 @@ pub(super) async fn create_group(
     }
     let conversation =
         conversation_for_member(inner, group.id, &group.creator).await?.ok_or(Error::ConversationNotFound)?;
-    let audience = visibility::audience_of_active(&entry, roster.into_keys());
-    Ok((conversation, Appended { entry, audience }))
+    Ok((conversation, visibility::appended_to_active(entry, roster.into_keys())))
 }
 
 /// What a change appends and changes.
@@ -425,10 +424,7 @@ pub(super) async fn apply(inner: &Inner, request: ChangeRequest) -> Result<Vec<A
             Vec::new()
         });
         release(inner, id, token).await;
-        return Ok(entries
-            .into_iter()
-            .map(|entry| Appended { audience: visibility::audience(&entry, &roster), entry })
-            .collect());
+        return Ok(entries.into_iter().map(|entry| visibility::appended(entry, &roster)).collect());
     }
     Err(Error::Unavailable("the conversation is too busy; retry".into()))
 }

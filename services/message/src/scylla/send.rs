@@ -219,15 +219,15 @@ async fn send_batch(inner: &Inner, id: Uuid, batch: Vec<Pending>) {
             Ok(Claim::Duplicate(original)) => {
                 // Its audience among the memberships of now, by their ranges
                 // (a read only on this path: retries are rare).
-                let audience = match reads::current_members(inner, id).await {
-                    Ok(members) => visibility::audience(&original, &members),
+                let appended = match reads::current_members(inner, id).await {
+                    Ok(members) => visibility::appended(*original, &members),
                     Err(error) => {
                         // The retry is answered all the same; only its repeat fan-out is lost.
                         warn!(%error, conversation_id = %id, "a retried send's audience unread; not fanned out again");
-                        Default::default()
+                        visibility::appended(*original, &[])
                     }
                 };
-                send.answer(Ok(Appended { audience, entry: *original }), false)
+                send.answer(Ok(appended), false)
             }
             Err(error) => send.fail(error),
         }
@@ -595,8 +595,12 @@ async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>, st
     }
     drop(read);
     // Every entry of the batch is a message reserved against one roster.
-    let audience = visibility::audience_of_active(&stored[0].0, roster);
+    let mut stored = stored.into_iter();
+    let Some((first, send)) = stored.next() else { return };
+    let first = visibility::appended_to_active(first, roster);
+    let (audience, withheld_from) = (first.audience.clone(), first.withheld_from.clone());
+    send.answer(Ok(first), true);
     for (entry, send) in stored {
-        send.answer(Ok(Appended { entry, audience: audience.clone() }), true);
+        send.answer(Ok(Appended { entry, audience: audience.clone(), withheld_from: withheld_from.clone() }), true);
     }
 }

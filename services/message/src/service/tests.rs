@@ -149,6 +149,11 @@ async fn in_a_group_a_blocked_users_entries_and_typing_skip_the_blocker() {
         entries.iter().find(|e| e.entry.seq == seq).map(|e| e.audience.to_vec()).unwrap()
     };
     assert_eq!(audience(said.seq), ["alice", "carol"]);
+    let withheld = |seq: u64| {
+        let entries = f.recorded.entries.lock().unwrap();
+        entries.iter().find(|e| e.entry.seq == seq).map(|e| e.withheld_from.to_vec()).unwrap()
+    };
+    assert_eq!(withheld(said.seq), ["bob"], "the blocker gets the entry without content");
     assert_eq!(audience(answer.seq), ["alice", "bob", "carol"]);
     // A retry is published again, with the same audience.
     f.service.send(input("alice", &id, "c1", "hello")).await.unwrap();

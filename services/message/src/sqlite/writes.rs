@@ -26,7 +26,7 @@ fn with_audiences(tx: &Connection, conversation: &str, entries: Vec<StoredMessag
         return Ok(Vec::new());
     }
     let roster = rows::roster(tx, conversation).map_err(storage)?;
-    Ok(entries.into_iter().map(|entry| Appended { audience: visibility::audience(&entry, &roster), entry }).collect())
+    Ok(entries.into_iter().map(|entry| visibility::appended(entry, &roster)).collect())
 }
 
 fn with_audience(tx: &Connection, conversation: &str, entry: StoredMessage) -> Result<Appended> {
@@ -179,7 +179,7 @@ pub(super) fn send(tx: &Connection, message: &NewMessage) -> Result<SendOutcome>
     // A new message changes no other entry: it reaches every member active
     // now (one column of the active rows, not every membership's range).
     let active = rows::active_member_ids(tx, &conversation).map_err(storage)?;
-    Ok(SendOutcome::Created(Appended { audience: visibility::audience_of_active(&entry, active), entry }))
+    Ok(SendOutcome::Created(visibility::appended_to_active(entry, active)))
 }
 
 pub(super) fn direct(tx: &Connection, user: &str, peer: &str, id: Uuid, now_ms: i64) -> Result<Uuid> {

@@ -331,6 +331,8 @@ async fn entries_carry_their_audience(store: &dyn MessageStore) {
     let edited = appended(store, id, &a, edit).await.unwrap();
     let saw = sorted(&[&a, &b, &c]);
     assert_eq!(edited[0].audience.to_vec(), saw, "an edit reached who never saw the message, or not b, who did");
+    assert_eq!(*edited[0].withheld_from, vec![d.clone()], "who sees the edit but not its message gets it withheld");
+    assert!(sent.withheld_from.is_empty() && out.withheld_from.is_empty());
     let later = send(store, id, &d, "later", "hi").await.unwrap();
     let react = Change::React { target_seq: later.message().seq, emoji: "👍".into() };
     let reaction = appended(store, id, &c, react).await.unwrap();

@@ -54,27 +54,33 @@ fn a_change_of_an_unseen_entry_is_shown_without_content() {
 fn the_audience_is_who_sees_the_entry_in_full() {
     let members =
         [member("alice", 1, None), member("bob", 5, None), member("carol", 1, Some(6)), member("dave", 8, None)];
-    let audience = |entry: StoredMessage| audience(&entry, &members).to_vec();
+    let audience = |entry: StoredMessage| appended(entry, &members).audience.to_vec();
     assert_eq!(audience(entry(6, Kind::Text, 0)), ["alice", "bob", "carol"]);
     // The entry that ends carol's membership still reaches her; the next does not.
     assert_eq!(audience(entry(7, Kind::Text, 0)), ["alice", "bob"]);
     // An edit of seq 3 reaches only who saw seq 3 and still sees the edit.
     assert_eq!(audience(entry(9, Kind::Edit, 3)), ["alice"]);
+    // ...and goes without content to who sees the edit but not seq 3.
+    assert_eq!(appended(entry(9, Kind::Edit, 3), &members).withheld_from.to_vec(), ["bob", "dave"]);
     assert_eq!(audience(entry(9, Kind::Reaction, 8)), ["alice", "bob", "dave"]);
 }
 
 #[test]
-fn content_from_a_blocked_user_is_withheld_and_not_delivered_to_the_blocker() {
+fn content_from_a_blocked_user_reaches_the_blocker_only_withheld() {
     let blocked = std::collections::HashSet::from(["alice".to_owned()]);
     for kind in [Kind::Text, Kind::Edit, Kind::Reaction] {
         assert!(from_blocked(&entry(7, kind, 3), &blocked), "{kind:?}");
-        let appended = Appended { entry: entry(7, kind, 3), audience: Arc::new(vec!["bob".into(), "carol".into()]) };
-        assert_eq!(without_blockers(appended, &["carol".into()]).audience.to_vec(), ["bob"], "{kind:?}");
+        let to_both = appended_to_active(entry(7, Kind::Text, 0), ["bob".into(), "carol".into()]);
+        let appended = Appended { entry: entry(7, kind, 3), ..to_both };
+        let without = without_blockers(appended, &["carol".into()]);
+        assert_eq!(without.audience.to_vec(), ["bob"], "{kind:?}");
+        assert_eq!(without.withheld_from.to_vec(), ["carol"], "{kind:?}: the blocker gets it without content");
     }
     // Events and deletes carry nothing of theirs: everyone gets them.
     for kind in [Kind::Delete, Kind::MembersAdded, Kind::MemberRemoved, Kind::Renamed] {
         assert!(!from_blocked(&entry(7, kind, 3), &blocked), "{kind:?}");
-        let appended = Appended { entry: entry(7, kind, 3), audience: Arc::new(vec!["bob".into(), "carol".into()]) };
+        let to_both = appended_to_active(entry(7, Kind::Text, 0), ["bob".into(), "carol".into()]);
+        let appended = Appended { entry: entry(7, kind, 3), ..to_both };
         assert_eq!(without_blockers(appended, &["carol".into()]).audience.to_vec(), ["bob", "carol"], "{kind:?}");
     }
     assert!(!from_blocked(&entry(7, Kind::Text, 0), &std::collections::HashSet::from(["bob".to_owned()])));
@@ -95,8 +101,9 @@ fn a_re_added_member_sees_each_of_its_ranges_and_nothing_between() {
     assert_eq!(view(&entry(9, Kind::Reaction, 3), &visible), View::Full);
     assert_eq!(view(&entry(9, Kind::Edit, 6), &visible), View::Redacted);
     let members = [member("alice", 1, None), bob.clone()];
-    assert_eq!(audience(&entry(9, Kind::Reaction, 3), &members).to_vec(), ["alice", "bob"]);
-    assert_eq!(audience(&entry(9, Kind::Reaction, 6), &members).to_vec(), ["alice"]);
+    assert_eq!(appended(entry(9, Kind::Reaction, 3), &members).audience.to_vec(), ["alice", "bob"]);
+    let out = appended(entry(9, Kind::Reaction, 6), &members);
+    assert_eq!((out.audience.to_vec(), out.withheld_from.to_vec()), (vec!["alice".to_owned()], vec!["bob".to_owned()]));
     // Ranges written twice or touching merge; the first seq is the oldest range's.
     let merged = Visible::new(vec![
         SeqBounds { from: 8, to: None },
