@@ -1,5 +1,5 @@
-//! Model-based test: random sequences of send / retry / edit / react / delete
-//! / read, group membership changes (add, remove, re-add, leave) during the
+//! Model-based test: random sequences of send / bursts of concurrent sends /
+//! retry / edit / react / delete / read, group membership changes (add, remove, re-add, leave) during the
 //! traffic, devices going offline and back, and a broken link to the gateway
 //! (its `Deliver` calls fail for a few steps), across four users with two
 //! devices each, checked against a reference model.
@@ -320,17 +320,42 @@ async fn run(seed: u64) {
             visible_text.iter().copied().filter(|seq| state.messages[seq].sender == user).collect();
         match op {
             22..=48 => {
-                let client_msg_id = format!("{user}-{step}");
-                let body = format!("message {step} from {user}");
-                let ack = client.send_with_id(&conversation, &client_msg_id, &body).await.expect(&context);
-                state.append(ack.seq, &context);
-                state.bodies.insert(body.clone(), ack.seq);
-                state.messages.insert(
-                    ack.seq,
-                    Expected { sender: user.clone(), body, edited: false, deleted: false, reactions: BTreeMap::new() },
-                );
-                state.read.insert(user.clone(), ack.seq);
-                state.sent.push((user, client_msg_id, ack.seq));
+                // A send; from op 42 on, a burst of sends from up to four
+                // devices at once (on the CQL node a burst's rows may become
+                // readable out of order: no device may be pushed past a gap).
+                let mut senders = vec![actor];
+                if op >= 42 {
+                    senders.extend(online.iter().copied().filter(|&other| other != actor).take(3));
+                }
+                let sends = senders.iter().enumerate().map(|(i, &index)| {
+                    let (user, client, conversation) =
+                        (devices[index].user, devices[index].client.clone(), &conversation);
+                    let (client_msg_id, body) =
+                        (format!("{user}-{step}-{i}"), format!("message {step}.{i} from {user}"));
+                    async move {
+                        let ack = client.send_with_id(conversation, &client_msg_id, &body).await;
+                        (ack, user, client_msg_id, body)
+                    }
+                });
+                let mut sent: Vec<(u64, &str, String, String)> = Vec::new();
+                for (ack, user, client_msg_id, body) in futures::future::join_all(sends).await {
+                    sent.push((ack.expect(&context).seq, user, client_msg_id, body));
+                }
+                sent.sort();
+                for (seq, user, client_msg_id, body) in sent {
+                    state.append(seq, &context);
+                    state.bodies.insert(body.clone(), seq);
+                    let expected = Expected {
+                        sender: user.to_owned(),
+                        body,
+                        edited: false,
+                        deleted: false,
+                        reactions: BTreeMap::new(),
+                    };
+                    state.messages.insert(seq, expected);
+                    state.read.insert(user.to_owned(), seq);
+                    state.sent.push((user.to_owned(), client_msg_id, seq));
+                }
             }
             49..=56 => {
                 // Retry an earlier send of this user, with a different body.
