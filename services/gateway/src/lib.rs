@@ -7,8 +7,10 @@
 //!
 //! Layout:
 //! - `api.rs`: `GatewayService` (Connect + unary calls), behind the auth interceptor.
-//! - `session.rs`: one Connect stream: Hello, backlog sync, live push with gap
-//!   fill, sends, acks, slow-consumer handling.
+//! - `session.rs`: one Connect stream: Hello, presence, the serve loop,
+//!   slow-consumer handling; `session/order.rs` the delivery order (backlog
+//!   sync, live push with gap fill, never past what is readable; unit tested
+//!   against a fake message service); `session/frames.rs` the client's frames.
 //! - `registry.rs`: session id -> session inbox, used by `Deliver`.
 //! - `acks.rs`: every session's delivered acks, sent in one call per interval.
 //! - `sends.rs`: sends, over one `SendStream` per message-service instance.

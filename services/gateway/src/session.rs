@@ -1,11 +1,7 @@
-//! One device's Connect stream, from Hello to disconnect.
-//!
-//! Invariant: within a session, a device receives each conversation's
-//! messages in seq order with no gaps, starting after its delivered cursor.
-//! `last_sent` remembers the highest seq pushed per conversation; a live
-//! message at or below it is a duplicate and skipped, one above `last + 1`
-//! first pulls the missing range from history. So a failed or overflowing
-//! live path costs a fetch, never a lost or reordered message.
+//! One device's Connect stream, from Hello to disconnect: the handshake
+//! and presence here, the delivery order in `session/order.rs` (in seq
+//! order, no gaps, never past what is readable), the client's frames in
+//! `session/frames.rs`.
 //!
 //! Memory per session is bounded: `session_queue_depth` outbound frames,
 //! `inbox_depth` live messages (overflow switches to re-sync), and
@@ -13,7 +9,7 @@
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use messenger_platform::{auth::TokenExpiry, ids, metrics, trace};
 use messenger_proto::v1::{
     self as pb, ClientFrame, ServerFrame, client_frame::Frame as In, delivery, server_frame::Frame as Out,
@@ -26,6 +22,15 @@ use crate::{
     Context,
     registry::{Live, SessionHandle},
 };
+
+mod frames;
+mod order;
+mod watch;
+
+pub(crate) use frames::status_frame;
+use frames::{Completion, error_frame};
+use order::{Delivery, GrpcBacklog};
+use watch::{OpenSession, session_metrics};
 
 /// What a session queues for its client. Boxed so the queue's blocks stay
 /// small: they are allocated per session and live as long as it does.
@@ -76,12 +81,6 @@ enum End {
     Unreadable(Status),
 }
 
-/// A message-service failure the session outlives: the catch-up is tried
-/// again at the next gap retry, and the stream stays open.
-fn transient(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
-}
-
 impl End {
     fn reason(&self) -> &'static str {
         match self {
@@ -95,63 +94,23 @@ impl End {
     }
 }
 
-/// What SREs watch of the sessions: how many are open, why they end.
-struct SessionMetrics {
-    open: metrics::UpDownCounter<i64>,
-    ended: metrics::Counter<u64>,
-    /// Frames waiting in a session's queue (`gateway.session_queue_depth`).
-    queue_depth: metrics::Histogram<u64>,
-    /// From a message's commit (its server time) to its live frame.
-    commit_to_deliver: metrics::Histogram<f64>,
+/// A session's way out to its client: its frame queue, and how long a
+/// frame may wait for room in it before the client counts as slow.
+#[derive(Clone)]
+struct Outlet {
+    out: mpsc::Sender<Outbound>,
+    timeout: std::time::Duration,
 }
 
-/// One open session in `messenger.gateway.sessions`, while it lives.
-struct OpenSession;
-
-impl OpenSession {
-    fn count() -> OpenSession {
-        session_metrics().open.add(1, &[]);
-        OpenSession
-    }
-}
-
-impl Drop for OpenSession {
-    fn drop(&mut self) {
-        session_metrics().open.add(-1, &[]);
-    }
-}
-
-fn session_metrics() -> &'static SessionMetrics {
-    static METRICS: std::sync::OnceLock<SessionMetrics> = std::sync::OnceLock::new();
-    METRICS.get_or_init(|| {
-        let meter = metrics::meter();
-        SessionMetrics {
-            open: meter
-                .i64_up_down_counter("messenger.gateway.sessions")
-                .with_description("Connect streams past their Hello, open now")
-                .build(),
-            ended: meter
-                .u64_counter("messenger.gateway.sessions.ended")
-                .with_description("Sessions ended, by reason (slow_consumer: cut off for not reading)")
-                .build(),
-            queue_depth: meter
-                .u64_histogram("messenger.gateway.session_queue_depth")
-                .with_description("Frames already waiting for the device when a session queues one")
-                .with_boundaries(vec![0.0, 1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 1024.0])
-                .build(),
-            commit_to_deliver: meter
-                .f64_histogram("messenger.gateway.commit_to_deliver")
-                .with_unit("s")
-                .with_description("From a message's commit to its live frame being queued to a device")
-                .with_boundaries(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0])
-                .build(),
+impl Outlet {
+    async fn emit(&self, frame: ServerFrame) -> Result<(), End> {
+        session_metrics().queue_depth.record((self.out.max_capacity() - self.out.capacity()) as u64, &[]);
+        match tokio::time::timeout(self.timeout, self.out.send(Ok(Box::new(frame)))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::ClientGone),
+            Err(_) => Err(End::SlowConsumer),
         }
-    })
-}
-
-enum Completion {
-    Frame(Box<ServerFrame>),
-    Nothing,
+    }
 }
 
 struct Session {
@@ -159,55 +118,12 @@ struct Session {
     user: String,
     device: String,
     session_id: String,
-    out: mpsc::Sender<Outbound>,
-    last_sent: HashMap<String, u64>,
-    /// Per conversation, the newest live message held back behind seqs that
-    /// history could not supply yet.
-    deferred: HashMap<String, u64>,
-    /// Conversations whose first sync in this session stopped before the
-    /// live message that started it (a seq right after the device's cursor
-    /// not readable yet): synced again until it moves, with that message's seq.
-    unsynced: HashMap<String, u64>,
+    outlet: Outlet,
+    delivery: Delivery<GrpcBacklog>,
     /// Per conversation, the highest read mark this session passed on: a
     /// repeat (or an older one) moves nothing, so it costs no call, no write
     /// and no receipt.
     read_marks: HashMap<String, u64>,
-    /// A whole sync the message service could not answer (unreachable for
-    /// a moment): tried again at the next gap retry.
-    resync_pending: bool,
-}
-
-fn error_frame(code: Code, message: impl Into<String>, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
-    ServerFrame {
-        frame: Some(Out::Error(pb::Error {
-            code: code as i32,
-            message: message.into(),
-            client_msg_id: client_msg_id.to_owned(),
-            conversation_id: conversation_id.to_owned(),
-            retry_after_ms: 0,
-        })),
-    }
-}
-
-/// The Error frame for a refused call: its code and message, and the wait
-/// its `google.rpc.RetryInfo` names (a rate limit's) as `retry_after_ms`.
-pub(crate) fn status_frame(status: &Status, client_msg_id: &str, conversation_id: &str) -> ServerFrame {
-    use tonic_types::StatusExt as _;
-    let mut frame = error_frame(status.code(), status.message(), client_msg_id, conversation_id);
-    if let Some(Out::Error(error)) = &mut frame.frame
-        && let Some(wait) = status.get_details_retry_info().and_then(|info| info.retry_delay)
-    {
-        error.retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-    }
-    frame
-}
-
-/// Nothing on success; an Error frame (stream stays open) on failure.
-fn answer_or_error<T>(result: Result<T, Status>, conversation_id: &str) -> Completion {
-    match result {
-        Ok(_) => Completion::Nothing,
-        Err(status) => Completion::Frame(Box::new(status_frame(&status, "", conversation_id))),
-    }
 }
 
 /// Admits a new stream of `user` from `address` (the connect rate limits,
@@ -337,18 +253,11 @@ async fn run(
     // Counted out when this function ends or its future is dropped.
     let _open = OpenSession::count();
 
-    let mut session = Session {
-        context: context.clone(),
-        user,
-        device,
-        session_id,
-        out,
-        last_sent: HashMap::new(),
-        deferred: HashMap::new(),
-        unsynced: HashMap::new(),
-        read_marks: HashMap::new(),
-        resync_pending: false,
-    };
+    let outlet = Outlet { out, timeout: context.options.slow_consumer_timeout };
+    let backlog = GrpcBacklog { message: context.message.clone(), user: user.clone(), device: device.clone() };
+    let delivery = Delivery::new(backlog, outlet.clone(), context.options.sync_page);
+    let mut session =
+        Session { context: context.clone(), user, device, session_id, outlet, delivery, read_marks: HashMap::new() };
     let expires = expires_at(expiry, context.token_leeway);
     let end = tokio::select! {
         end = session.serve(&mut inbound, inbox, resync) => end,
@@ -362,18 +271,20 @@ async fn run(
         }
         End::Upstream(status) => {
             warn!(session_id = %session.session_id, code = ?status.code(), "session ended: upstream failure");
-            let _ = session.out.try_send(Err(Box::new(status.clone())));
+            let _ = session.outlet.out.try_send(Err(Box::new(status.clone())));
         }
         End::Unreadable(status) => {
             debug!(session_id = %session.session_id, reason = end.reason(), "session ended: a frame it cannot read");
-            let _ = session.out.try_send(Err(Box::new(status.clone())));
+            let _ = session.outlet.out.try_send(Err(Box::new(status.clone())));
         }
         End::TokenExpired => {
             info!(session_id = %session.session_id, "session ended: token expired");
             let status = Status::unauthenticated("token expired; reconnect with a fresh token");
-            let _ =
-                tokio::time::timeout(context.options.slow_consumer_timeout, session.out.send(Err(Box::new(status))))
-                    .await;
+            let _ = tokio::time::timeout(
+                context.options.slow_consumer_timeout,
+                session.outlet.out.send(Err(Box::new(status))),
+            )
+            .await;
         }
     }
     context.acks.flush_device(&context.message, &session.user, &session.device).await;
@@ -421,7 +332,7 @@ impl Session {
         // A stream that cannot catch up at its start ends (UNAVAILABLE): the
         // device reconnects, perhaps through a gateway that can. Later, a
         // message service unreachable for a moment only postpones catch-up.
-        if let Err(end) = self.sync(None).await {
+        if let Err(end) = self.delivery.sync(None).await {
             return end;
         }
         let shutdown = self.context.shutdown.clone();
@@ -430,19 +341,19 @@ impl Session {
         let mut gap_retry = tokio::time::interval(self.context.options.gap_retry_interval);
         gap_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let held_back = !self.deferred.is_empty() || !self.unsynced.is_empty() || self.resync_pending;
+            let held_back = self.delivery.held_back();
             let step = tokio::select! {
                 // Not biased: client frames, completions and live events get fair turns.
                 () = shutdown.cancelled() => {
                     let frame = error_frame(Code::Unavailable, "gateway shutting down; reconnect", "", "");
-                    let _ = self.out.try_send(Ok(Box::new(frame)));
+                    let _ = self.outlet.out.try_send(Ok(Box::new(frame)));
                     return End::ClientGone;
                 }
                 Some(done) = inflight.next(), if !inflight.is_empty() => self.complete(done).await,
                 live = inbox.recv() => match live.as_ref().map(|live| (&*live.event, &live.span)) {
                     Some((delivery::Event::Message(message), span)) => {
                         let frame = trace::child(span, "write message frame");
-                        self.deliver_live(message).instrument(frame).await
+                        self.delivery.live(message).instrument(frame).await
                     }
                     Some((delivery::Event::Receipt(receipt), _)) => {
                         self.emit(ServerFrame { frame: Some(Out::Receipt(receipt.clone())) }).await
@@ -455,8 +366,8 @@ impl Session {
                     }
                     None => return End::ClientGone,
                 },
-                () = resync.notified() => self.resync().await,
-                _ = gap_retry.tick(), if held_back => self.retry_held_back().await,
+                () = resync.notified() => self.delivery.resync(&self.session_id).await,
+                _ = gap_retry.tick(), if held_back => self.delivery.retry_held_back(&self.session_id).await,
                 frame = inbound.next(), if inflight.len() < max_inflight => match frame.transpose() {
                     Ok(Some(frame)) => self.handle(frame, &mut inflight).await,
                     Ok(None) => {
@@ -486,301 +397,6 @@ impl Session {
     }
 
     async fn emit(&self, frame: ServerFrame) -> Result<(), End> {
-        session_metrics().queue_depth.record((self.out.max_capacity() - self.out.capacity()) as u64, &[]);
-        match tokio::time::timeout(self.context.options.slow_consumer_timeout, self.out.send(Ok(Box::new(frame)))).await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::ClientGone),
-            Err(_) => Err(End::SlowConsumer),
-        }
-    }
-
-    /// Pushes a message unless this session already sent it.
-    async fn push(&mut self, message: pb::Message) -> Result<(), End> {
-        let last = self.last_sent.entry(message.conversation_id.clone()).or_insert(0);
-        if message.seq <= *last {
-            return Ok(());
-        }
-        *last = message.seq;
-        self.emit(ServerFrame { frame: Some(Out::Message(message)) }).await
-    }
-
-    /// Sends everything after the device's delivered cursor (all conversations, or one).
-    async fn sync(&mut self, only: Option<&str>) -> Result<(), End> {
-        let mut page_token = String::new();
-        loop {
-            let request = pb::SyncRequest {
-                user_id: self.user.clone(),
-                device_id: self.device.clone(),
-                limit: self.context.options.sync_page,
-                page_token,
-                conversation_id: only.unwrap_or_default().to_owned(),
-            };
-            let response = self.context.message.clone().sync(request).await.map_err(End::Upstream)?.into_inner();
-            for message in response.messages {
-                self.push(message).await?;
-            }
-            if response.next_page_token.is_empty() {
-                return Ok(());
-            }
-            page_token = response.next_page_token;
-        }
-    }
-
-    async fn deliver_live(&mut self, message: &pb::Message) -> Result<(), End> {
-        let id = &message.conversation_id;
-        if let Some(waiting) = self.unsynced.get_mut(id) {
-            *waiting = (*waiting).max(message.seq);
-            return Ok(());
-        }
-        if !self.last_sent.contains_key(id) {
-            // First message of this conversation in this session: start from
-            // the cursor. The message is committed, so sync returns it too
-            // unless a seq between the cursor and it is not readable yet;
-            // then it waits, never pushed past that seq.
-            match self.sync(Some(id)).await {
-                Err(End::Upstream(status)) if transient(&status) => {}
-                other => other?,
-            }
-            if !self.last_sent.contains_key(id) {
-                self.unsynced.insert(id.clone(), message.seq);
-                return Ok(());
-            }
-        }
-        match self.last_sent.get(id).copied() {
-            None => Ok(()),
-            Some(last) if message.seq <= last => Ok(()),
-            Some(last) if message.seq == last + 1 => {
-                let latency = (ids::now_ms() - message.sent_at_ms).max(0) as f64 / 1000.0;
-                session_metrics().commit_to_deliver.record(latency, &[]);
-                self.push(message.clone()).await
-            }
-            Some(last) => {
-                if self.fill_gap(&message.conversation_id, last, message.seq).await? {
-                    self.push(message.clone()).await?;
-                } else {
-                    // Earlier seqs are not readable yet (a store whose
-                    // concurrent writers land out of order): never push past
-                    // them, or the device's cursor would skip them. Fetched
-                    // once they are, when the next live message arrives.
-                    let deferred = self.deferred.entry(message.conversation_id.clone()).or_insert(0);
-                    *deferred = (*deferred).max(message.seq);
-                }
-                Ok(())
-            }
-        }?;
-        self.catch_up_deferred(&message.conversation_id).await
-    }
-
-    /// Syncs every conversation; a message service unreachable for the
-    /// moment leaves it for the next gap retry instead of ending the stream.
-    async fn resync(&mut self) -> Result<(), End> {
-        self.resync_pending = false;
-        match self.sync(None).await {
-            Err(End::Upstream(status)) if transient(&status) => {
-                debug!(session_id = %self.session_id, code = ?status.code(), "sync postponed: message service unavailable");
-                self.resync_pending = true;
-                Ok(())
-            }
-            other => other,
-        }
-    }
-
-    /// Looks again at every conversation with live messages held back.
-    async fn retry_held_back(&mut self) -> Result<(), End> {
-        if self.resync_pending {
-            self.resync().await?;
-        }
-        let unsynced: Vec<(String, u64)> = self.unsynced.drain().collect();
-        for (id, newest) in unsynced {
-            match self.sync(Some(&id)).await {
-                Err(End::Upstream(status)) if transient(&status) => {}
-                other => other?,
-            }
-            match self.last_sent.get(&id).copied() {
-                None => {
-                    self.unsynced.insert(id, newest);
-                }
-                Some(last) if last < newest => {
-                    let deferred = self.deferred.entry(id).or_insert(0);
-                    *deferred = (*deferred).max(newest);
-                }
-                Some(_) => {}
-            }
-        }
-        let deferred: Vec<String> = self.deferred.keys().cloned().collect();
-        for id in deferred {
-            self.catch_up_deferred(&id).await?;
-        }
-        Ok(())
-    }
-
-    /// Pushes live messages held back behind a gap, once the gap is readable.
-    async fn catch_up_deferred(&mut self, conversation_id: &str) -> Result<(), End> {
-        let Some(&deferred) = self.deferred.get(conversation_id) else { return Ok(()) };
-        let last = self.last_sent.get(conversation_id).copied().unwrap_or(0);
-        if deferred <= last || self.fill_gap(conversation_id, last, deferred + 1).await? {
-            self.deferred.remove(conversation_id);
-        }
-        Ok(())
-    }
-
-    /// Fetches and pushes (last, upto) exclusive, from history; false if
-    /// history could not (yet) supply all of it.
-    async fn fill_gap(&mut self, conversation_id: &str, mut last: u64, upto: u64) -> Result<bool, End> {
-        while last + 1 < upto {
-            let request = pb::MessageHistoryRequest {
-                user_id: self.user.clone(),
-                conversation_id: conversation_id.to_owned(),
-                before_seq: 0,
-                after_seq: Some(last),
-                limit: (upto - last - 1).min(self.context.options.sync_page as u64) as u32,
-            };
-            let page = self
-                .context
-                .message
-                .clone()
-                .history(messenger_platform::discovery::routed(conversation_id, request))
-                .await;
-            let messages = match page {
-                Ok(page) => page.into_inner().messages,
-                // Removed from the conversation meanwhile, say: nothing more to show.
-                Err(status) if status.code() == Code::NotFound => return Ok(true),
-                // Not readable now: held back, fetched at the next gap retry.
-                Err(status) if transient(&status) => return Ok(false),
-                Err(status) => return Err(End::Upstream(status)),
-            };
-            if messages.is_empty() {
-                return Ok(false);
-            }
-            for message in messages {
-                last = last.max(message.seq);
-                self.push(message).await?;
-            }
-        }
-        Ok(true)
-    }
-
-    async fn handle(
-        &mut self,
-        frame: ClientFrame,
-        inflight: &mut FuturesUnordered<BoxFuture<'static, Completion>>,
-    ) -> Result<(), End> {
-        match frame.frame {
-            Some(In::Send(send)) => {
-                if let Err(status) = self.context.limits.sends.check(&self.user) {
-                    let frame = status_frame(&status, &send.client_msg_id, &send.conversation_id);
-                    return self.emit(frame).await;
-                }
-                // The app's trace, when it sent one (`Client::send_traced`).
-                let span = trace::frame_span(
-                    "messenger.v1.GatewayService/Connect Send",
-                    "messenger.v1.GatewayService",
-                    "Connect",
-                    &frame.trace_context,
-                );
-                let context = self.context.clone();
-                let request = pb::SendRequest {
-                    sender_id: self.user.clone(),
-                    device_id: self.device.clone(),
-                    conversation_id: send.conversation_id.clone(),
-                    client_msg_id: send.client_msg_id.clone(),
-                    body: send.body,
-                    reply_to_seq: send.reply_to_seq,
-                    media_ids: send.media_ids,
-                };
-                inflight.push(
-                    async move {
-                        let sent = context.sends.send(request).await;
-                        let code = sent.as_ref().map_or_else(Status::code, |_| Code::Ok);
-                        trace::finish(&tracing::Span::current(), code, true);
-                        let frame = match sent {
-                            Ok(response) => match response.ack {
-                                Some(ack) => ServerFrame { frame: Some(Out::SendAck(ack)) },
-                                None => error_frame(
-                                    Code::Internal,
-                                    "missing ack",
-                                    &send.client_msg_id,
-                                    &send.conversation_id,
-                                ),
-                            },
-                            Err(status) => status_frame(&status, &send.client_msg_id, &send.conversation_id),
-                        };
-                        Completion::Frame(Box::new(frame))
-                    }
-                    .instrument(span)
-                    .boxed(),
-                );
-                Ok(())
-            }
-            Some(In::Ack(ack)) => {
-                if messenger_platform::ids::parse(&ack.conversation_id).is_none() {
-                    return self
-                        .emit(error_frame(Code::InvalidArgument, "ack conversation_id must be a UUID", "", ""))
-                        .await;
-                }
-                if !self.context.acks.add(&self.user, &self.device, ack.conversation_id, ack.seq) {
-                    return self
-                        .emit(error_frame(
-                            Code::ResourceExhausted,
-                            "too many acked conversations at once; retry",
-                            "",
-                            "",
-                        ))
-                        .await;
-                }
-                Ok(())
-            }
-            Some(In::Read(read)) => {
-                if self.read_marks.get(&read.conversation_id).is_some_and(|&marked| read.seq <= marked) {
-                    return Ok(());
-                }
-                if let Err(status) = self.context.limits.reads.check(&self.user) {
-                    return self.emit(status_frame(&status, "", &read.conversation_id)).await;
-                }
-                if self.read_marks.len() < MAX_READ_MARKS || self.read_marks.contains_key(&read.conversation_id) {
-                    self.read_marks.insert(read.conversation_id.clone(), read.seq);
-                }
-                let mut client = self.context.message.clone();
-                let conversation_id = read.conversation_id.clone();
-                let request = pb::MarkReadRequest {
-                    user_id: self.user.clone(),
-                    conversation_id: read.conversation_id,
-                    seq: read.seq,
-                };
-                inflight
-                    .push(async move { answer_or_error(client.mark_read(request).await, &conversation_id) }.boxed());
-                Ok(())
-            }
-            Some(In::Typing(typing)) => {
-                if self.context.limits.typing.wait(&self.user).is_ok() {
-                    let mut client = self.context.message.clone();
-                    let conversation_id = typing.conversation_id.clone();
-                    let request = pb::NotifyTypingRequest {
-                        user_id: self.user.clone(),
-                        conversation_id: typing.conversation_id,
-                        typing: typing.typing,
-                    };
-                    inflight.push(
-                        async move { answer_or_error(client.notify_typing(request).await, &conversation_id) }.boxed(),
-                    );
-                }
-                Ok(())
-            }
-            Some(In::Ping(ping)) => {
-                self.emit(ServerFrame { frame: Some(Out::Pong(pb::Pong { nonce: ping.nonce })) }).await
-            }
-            Some(In::Hello(_)) => {
-                self.emit(error_frame(Code::FailedPrecondition, "Hello was already received", "", "")).await
-            }
-            None => self.emit(error_frame(Code::InvalidArgument, "empty frame", "", "")).await,
-        }
-    }
-
-    async fn complete(&mut self, done: Completion) -> Result<(), End> {
-        match done {
-            Completion::Frame(frame) => self.emit(*frame).await,
-            Completion::Nothing => Ok(()),
-        }
+        self.outlet.emit(frame).await
     }
 }

@@ -123,7 +123,10 @@ impl CacheOptions {
 enum Subject {
     /// A conversation's entries and head (history pages, title, last message).
     Content(Uuid),
-    /// A conversation's memberships (roles, visible ranges, read cursors).
+    /// A conversation's memberships: who, in which role, seeing which
+    /// ranges. Only membership changes bump it: sends and read marks move
+    /// cursors, which no value under it holds (`member` keeps none), so a
+    /// busy group's members keep hitting their cached membership.
     Membership(Uuid),
     /// A user's inbox listing.
     Inbox(String),
@@ -151,19 +154,23 @@ pub struct CacheStats {
 }
 
 impl CacheStats {
-    /// One read with `result`: counted here (what tests read) and in
-    /// `messenger.message.cache.reads` (the hit ratio SREs watch).
-    fn read(&self, count: &AtomicU64, result: &'static str) {
+    /// One read of a `kind` of value with `result`: counted here (what tests
+    /// read) and in `messenger.message.cache.reads` (the hit ratio SREs and
+    /// the benchmark watch, per kind).
+    fn read(&self, count: &AtomicU64, result: &'static str, kind: &'static str) {
         static READS: std::sync::OnceLock<metrics::Counter<u64>> = std::sync::OnceLock::new();
         count.fetch_add(1, Ordering::Relaxed);
         READS
             .get_or_init(|| {
                 metrics::meter()
                     .u64_counter("messenger.message.cache.reads")
-                    .with_description("Reads through the cache, by result: hit, miss, bypass (Redis unavailable)")
+                    .with_description(
+                        "Reads through the cache, by result (hit, miss, bypass: Redis unavailable) and kind \
+                         (member, page, conversation, inbox)",
+                    )
                     .build()
             })
-            .add(1, &[metrics::KeyValue::new("result", result)]);
+            .add(1, &[metrics::KeyValue::new("result", result), metrics::KeyValue::new("kind", kind)]);
     }
 }
 
@@ -279,8 +286,16 @@ impl CachedStore {
         key: String,
         load: impl std::future::Future<Output = Result<Value>>,
     ) -> Result<Value> {
+        // What is read: the key's first word (`member:…`, `page:…`).
+        let kind = match key.split(':').next() {
+            Some("member") => "member",
+            Some("page") => "page",
+            Some("conversation") => "conversation",
+            Some("inbox") => "inbox",
+            _ => "other",
+        };
         let Some(generations) = self.generations(subjects).await else {
-            self.stats.read(&self.stats.bypassed, "bypass");
+            self.stats.read(&self.stats.bypassed, "bypass", kind);
             return load.await;
         };
         let mut full = String::with_capacity(key.len() + 21 * generations.len());
@@ -290,7 +305,7 @@ impl CachedStore {
         }
         full.push_str(&key);
         if let Some(value) = self.near.get(&full).await {
-            self.stats.read(&self.stats.hits, "hit");
+            self.stats.read(&self.stats.hits, "hit", kind);
             return Ok(value);
         }
         // One load per key however many callers miss at once; an error is
@@ -301,10 +316,10 @@ impl CachedStore {
                 if let Shared::Redis(tier) = &self.shared
                     && let Some(value) = tier.fetch(&full).await
                 {
-                    self.stats.read(&self.stats.hits, "hit");
+                    self.stats.read(&self.stats.hits, "hit", kind);
                     return Ok(value);
                 }
-                self.stats.read(&self.stats.misses, "miss");
+                self.stats.read(&self.stats.misses, "miss", kind);
                 let value = load.await?;
                 if let Shared::Redis(tier) = &self.shared {
                     tier.fill(&full, &value).await;
@@ -385,7 +400,7 @@ impl MessageStore for CachedStore {
     }
 
     async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>> {
-        let load = async { Ok(Value::Member(self.inner.member(id, user).await?)) };
+        let load = async { Ok(Value::Member(self.inner.member(id, user).await?.map(Member::without_cursors))) };
         match self.cached(&[Subject::Membership(id)], format!("member:{id}:{user}"), load).await? {
             Value::Member(member) => Ok(member),
             _ => Err(wrong_kind()),
@@ -406,10 +421,12 @@ impl MessageStore for CachedStore {
         let id = message.conversation_id;
         let outcome = self.inner.send(message).await;
         if let Ok(SendOutcome::Created(appended)) = &outcome {
-            // The sender's read cursor moved too, and the inbox of everyone
-            // the message reaches (every active member: a message changes no
-            // other entry), known from the write itself.
-            let mut subjects = vec![Subject::Content(id), Subject::Membership(id)];
+            // The content, and the inbox of everyone the message reaches
+            // (every active member: a message changes no other entry; the
+            // sender's cursor and everyone's unread count live there), known
+            // from the write itself. No membership changed: a busy group's
+            // members keep their cached membership.
+            let mut subjects = vec![Subject::Content(id)];
             subjects.extend(appended.audience.iter().cloned().map(Subject::Inbox));
             self.bump(subjects).await;
         }
@@ -482,8 +499,8 @@ impl MessageStore for CachedStore {
     async fn mark_read(&self, id: Uuid, user: &str, seq: u64) -> Result<crate::store::ReadMark> {
         let read = self.inner.mark_read(id, user, seq).await;
         if read.as_ref().is_ok_and(|mark| mark.moved) {
-            // The reader's cursor (membership) and unread count (its inbox).
-            self.bump(vec![Subject::Membership(id), Subject::Inbox(user.to_owned())]).await;
+            // The reader's cursor and unread count: its inbox.
+            self.bump(vec![Subject::Inbox(user.to_owned())]).await;
         }
         read
     }

@@ -121,6 +121,12 @@ impl Member {
         self.removed_seq.is_none()
     }
 
+    /// The membership alone (role and ranges), with no cursors: what the
+    /// cache keeps across the sends and read marks that move them.
+    pub fn without_cursors(self) -> Self {
+        Self { read_seq: 0, delivered_seq: 0, took_part: false, ..self }
+    }
+
     /// The seqs this member may read: every membership it had.
     pub fn visible(&self) -> Visible {
         let current = SeqBounds { from: self.joined_seq, to: self.removed_seq };
@@ -456,8 +462,9 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The conversation as `user` sees it, if `user` is an active member.
     async fn conversation_for_member(&self, id: Uuid, user: &str) -> Result<Option<Conversation>>;
 
-    /// One membership, current or ended; None if `user` never was a member.
-    /// Its `delivered_seq` is not read (0): use `members` for cursors.
+    /// One membership, current or ended (its role and ranges: what access
+    /// is decided by); None if `user` never was a member. Its cursors are
+    /// not part of it (the cache serves it with none): use `members` for them.
     async fn member(&self, id: Uuid, user: &str) -> Result<Option<Member>>;
 
     /// The ids of the active members: what fan-out needs for every entry,

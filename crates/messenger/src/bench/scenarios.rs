@@ -290,7 +290,14 @@ pub async fn group(options: &BenchOptions, server: &Server, auth: &AuthOptions) 
         // The creation entry reaches everyone first; then measure.
         let recipients = (users.len() - 1) as u64;
         wait_until(DRAIN, || recorder.count() >= recipients).await;
-        let run = GroupRun { server, owner: &owner, conversation: &conversation, recorder: &recorder, recipients };
+        let run = GroupRun {
+            server,
+            owner: &owner,
+            readers: &clients,
+            conversation: &conversation,
+            recorder: &recorder,
+            recipients,
+        };
         let first = run.measure(options, options.group_rate, false).await;
         // Latency at saturation only measures the queue: like `direct`, run
         // once more at half of what was delivered.
@@ -308,10 +315,27 @@ pub async fn group(options: &BenchOptions, server: &Server, auth: &AuthOptions) 
     Ok(results)
 }
 
+/// Of the cache reads of `kind` between two samples, the share that hit
+/// (None without a metrics port or without such reads).
+fn hit_ratio(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+    kind: &str,
+) -> Option<f64> {
+    let delta = |result: &str| {
+        let key = format!("{kind}/{result}");
+        after.get(&key).copied().unwrap_or(0.0) - before.get(&key).copied().unwrap_or(0.0)
+    };
+    let (hits, misses) = (delta("hit"), delta("miss") + delta("bypass"));
+    (hits + misses > 0.0).then(|| hits / (hits + misses))
+}
+
 /// One group, connected, measured at a given rate.
 struct GroupRun<'a> {
     server: &'a Server,
     owner: &'a Client,
+    /// Members that open the conversation (read its newest page) while it is busy.
+    readers: &'a [Client],
     conversation: &'a str,
     recorder: &'a Recorder,
     recipients: u64,
@@ -325,11 +349,26 @@ impl GroupRun<'_> {
         let started = Instant::now();
         let body_size = options.body_size;
         let (sender, target) = (self.owner.clone(), self.conversation.to_owned());
+        let cache_before = self.server.cache_reads().await;
         let load = open_loop(rate, options.duration, MAX_INFLIGHT, move |_| {
             let (sender, target) = (sender.clone(), target.clone());
             async move { sender.send(&target, &stamped_body(body_size)).await.is_ok() }.boxed()
-        })
-        .await;
+        });
+        // Meanwhile members open the conversation, 10 a second, each a
+        // history read that asks for the reader's membership first.
+        let reads = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for reader in self.readers.iter().cycle() {
+                tick.tick().await;
+                let _ = reader.history(self.conversation, 0, 20).await;
+            }
+            std::future::pending::<()>().await
+        };
+        let load = tokio::select! {
+            load = load => load,
+            () = reads => unreachable!("the readers read until the load ends"),
+        };
+        let cache_after = self.server.cache_reads().await;
         let expected = load.issued * self.recipients;
         let finished = wait_until(DRAIN, || self.recorder.count() >= expected).await;
         load.finish(Duration::from_secs(1)).await;
@@ -358,6 +397,7 @@ impl GroupRun<'_> {
             messages_reaching_everyone: reached_all,
             last_member_p50_ms: millis(&last_member, 0.5),
             last_member_p99_ms: millis(&last_member, 0.99),
+            membership_cache_hit_ratio: hit_ratio(&cache_before, &cache_after, "member"),
         };
         eprintln!(
             "bench:   group of {} at {rate} msgs/s: {:.0} deliveries/s, last member p99 {:.2} ms",

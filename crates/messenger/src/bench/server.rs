@@ -187,18 +187,32 @@ impl Server {
     /// The server's CQL requests so far, by `statement/mode`, from its
     /// `/metrics` (empty when it has no admin port or no CQL store).
     pub async fn statements(&self) -> BTreeMap<String, f64> {
+        self.counter("messenger_message_scylla_statements_total", &["statement", "mode"]).await
+    }
+
+    /// The message service's cache reads so far, by `kind/result`
+    /// (`member/hit`, `page/miss`, ...), from its `/metrics`.
+    pub async fn cache_reads(&self) -> BTreeMap<String, f64> {
+        self.counter("messenger_message_cache_reads_total", &["kind", "result"]).await
+    }
+
+    /// Counter `name` from the server's `/metrics`, summed by the values of
+    /// `labels` joined with `/` (empty when it has no admin port).
+    async fn counter(&self, name: &str, labels: &[&str]) -> BTreeMap<String, f64> {
         let mut counts = BTreeMap::new();
         let Some(url) = &self.metrics else { return counts };
         let Ok(response) = reqwest::get(url).await else { return counts };
         let Ok(text) = response.text().await else { return counts };
-        for line in text.lines().filter(|line| line.starts_with("messenger_message_scylla_statements_total{")) {
+        let prefix = format!("{name}{{");
+        for line in text.lines().filter(|line| line.starts_with(&prefix)) {
             let label = |name: &str| {
                 let start = line.find(&format!("{name}=\""))? + name.len() + 2;
                 line[start..].split('"').next()
             };
             let value = line.rsplit(' ').next().and_then(|value| value.parse::<f64>().ok());
-            if let (Some(statement), Some(mode), Some(value)) = (label("statement"), label("mode"), value) {
-                *counts.entry(format!("{statement}/{mode}")).or_default() += value;
+            let values: Option<Vec<&str>> = labels.iter().map(|name| label(name)).collect();
+            if let (Some(values), Some(value)) = (values, value) {
+                *counts.entry(values.join("/")).or_default() += value;
             }
         }
         counts
