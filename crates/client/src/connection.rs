@@ -515,19 +515,35 @@ impl Task {
         let _ = tokio::time::timeout(timeout, drain).await;
     }
 
-    /// Fetches members, title and cursors of conversations in the background.
+    /// Fetches members, title and cursors of conversations in the
+    /// background: one `GetConversations` per `REFRESH_BATCH` of them (one
+    /// `GetConversation` each from a server that refuses the batch).
     fn refresh(&self, conversation_ids: Vec<String>) {
         if conversation_ids.is_empty() {
             return;
         }
         let (mut api, model) = (self.api.current(), self.model.clone());
         tokio::spawn(async move {
-            for conversation_id in conversation_ids {
-                let request = pb::GetConversationRequest { conversation_id };
-                if let Ok(response) = api.get_conversation(request).await
-                    && let Some(conversation) = response.into_inner().conversation
-                {
-                    model.lock().unwrap_or_else(|e| e.into_inner()).refresh(&conversation);
+            for batch in conversation_ids.chunks(REFRESH_BATCH) {
+                let request = pb::GetConversationsRequest { conversation_ids: batch.to_vec() };
+                let conversations = match api.get_conversations(request).await {
+                    Ok(response) => response.into_inner().conversations,
+                    // An older server, or one that takes fewer ids a call.
+                    Err(status) if matches!(status.code(), Code::Unimplemented | Code::InvalidArgument) => {
+                        let mut one_by_one = Vec::new();
+                        for conversation_id in batch {
+                            let request = pb::GetConversationRequest { conversation_id: conversation_id.clone() };
+                            if let Ok(response) = api.get_conversation(request).await {
+                                one_by_one.extend(response.into_inner().conversation);
+                            }
+                        }
+                        one_by_one
+                    }
+                    Err(_) => continue,
+                };
+                let mut model = model.lock().unwrap_or_else(|e| e.into_inner());
+                for conversation in &conversations {
+                    model.refresh(conversation);
                 }
             }
         });
@@ -549,6 +565,10 @@ impl Task {
         }
     }
 }
+
+/// Conversations per `GetConversations` call when refreshing after a
+/// reconnect: the server's default `message.conversations_per_call`.
+const REFRESH_BATCH: usize = 100;
 
 fn lost_or_fatal(status: Status, was_ready: bool) -> End {
     match status.code() {

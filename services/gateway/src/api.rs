@@ -134,6 +134,18 @@ impl GatewayService for Adapter {
         Ok(Response::new(self.context.message.clone().get_conversation(request).await?.into_inner()))
     }
 
+    async fn get_conversations(
+        &self,
+        request: Request<pb::GetConversationsRequest>,
+    ) -> Result<Response<pb::GetConversationsResponse>, Status> {
+        let (user_id, request) = authenticated(request)?;
+        self.context.limits.queries.check(&user_id)?;
+        // Any instance answers correctly; the first id's keeps caches warm.
+        let key = request.conversation_ids.first().cloned().unwrap_or_default();
+        let request = routed(&key, pb::MessageGetConversationsRequest { user_id, request: Some(request) });
+        Ok(Response::new(self.context.message.clone().get_conversations(request).await?.into_inner()))
+    }
+
     async fn get_receipts(
         &self,
         request: Request<pb::GetReceiptsRequest>,

@@ -52,7 +52,7 @@ pub struct RateLimits {
     pub direct_conversations: Rate,
     /// `BlockUser` and `UnblockUser` together.
     pub blocks: Rate,
-    /// `History`, `ListConversations`, `GetConversation`, `GetReceipts`,
+    /// `History`, `ListConversations`, `GetConversation(s)`, `GetReceipts`,
     /// `ListBlockedUsers` together.
     pub queries: Rate,
     /// `CreateUpload`, `GetUpload`, `CompleteUpload` and `GetMediaUrl` together

@@ -266,6 +266,18 @@ impl MessageService for Adapter {
         }))
     }
 
+    async fn get_conversations(
+        &self,
+        request: Request<pb::MessageGetConversationsRequest>,
+    ) -> Result<Response<pb::GetConversationsResponse>, Status> {
+        let request = request.into_inner();
+        let inner = inner(request.request)?;
+        let found = self.service.get_conversations(&request.user_id, &inner.conversation_ids).await?;
+        let conversations =
+            found.into_iter().map(|(conversation, members)| conversation_to_proto(conversation, members)).collect();
+        Ok(Response::new(pb::GetConversationsResponse { conversations }))
+    }
+
     async fn get_receipts(
         &self,
         request: Request<pb::MessageGetReceiptsRequest>,

@@ -55,6 +55,9 @@ pub struct Options {
     /// most recent ones; larger groups do not show who is online.
     pub presence_updates_max_members: usize,
     pub presence_updates_max_conversations: usize,
+    /// Most conversations one `GetConversations` call may ask for; more
+    /// answers INVALID_ARGUMENT naming the limit.
+    pub conversations_per_call: usize,
     /// Longest block list one user may have; blocking one more answers
     /// FAILED_PRECONDITION naming the limit (unblock someone first).
     pub max_blocked_users: usize,
@@ -161,6 +164,7 @@ impl Default for Options {
             delivered_receipts_max_members: 32,
             presence_updates_max_members: 32,
             presence_updates_max_conversations: 200,
+            conversations_per_call: 100,
             max_blocked_users: 1000,
             max_attachments: 10,
             send_stream_max_inflight: 1024,
@@ -197,6 +201,7 @@ impl Options {
             ("message.fanout.redeliver_max_pending", self.fanout.redeliver_max_pending),
             ("message.presence_updates_max_conversations", self.presence_updates_max_conversations),
             ("message.max_blocked_users", self.max_blocked_users),
+            ("message.conversations_per_call", self.conversations_per_call),
             ("message.max_attachments", self.max_attachments),
             ("message.send_stream_max_inflight", self.send_stream_max_inflight),
         ];

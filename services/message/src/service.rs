@@ -579,6 +579,38 @@ impl Service {
         Ok((previewed.remove(0), members))
     }
 
+    /// Several conversations, each as [`Service::get_conversation`] gives
+    /// it, in the order asked (repeats once); those `user` is not an active
+    /// member of are left out. At most `conversations_per_call` ids.
+    pub async fn get_conversations(
+        &self,
+        user: &str,
+        conversation_ids: &[String],
+    ) -> Result<Vec<(Conversation, Vec<Member>)>> {
+        check_id("user_id", user)?;
+        let max = self.options.conversations_per_call;
+        if conversation_ids.len() > max {
+            return Err(Error::InvalidArgument(format!(
+                "at most {max} conversation ids per call (message.conversations_per_call); ask in batches"
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let ids: Vec<&String> = conversation_ids.iter().filter(|id| seen.insert(id.as_str())).collect();
+        for id in &ids {
+            parse_conversation(id)?;
+        }
+        let each = ids.into_iter().map(|id| self.get_conversation(user, id));
+        let mut found = Vec::new();
+        for answer in futures::future::join_all(each).await {
+            match answer {
+                Ok(conversation) => found.push(conversation),
+                Err(Error::ConversationNotFound | Error::NoLongerMember) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(found)
+    }
+
     pub async fn get_receipts(&self, user: &str, conversation_id: &str, seq: u64) -> Result<Receipts> {
         check_id("user_id", user)?;
         check_seq(seq)?;

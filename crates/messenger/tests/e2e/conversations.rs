@@ -254,3 +254,32 @@ async fn presence_updates_reach_only_contacts_in_small_conversations() {
     assert!(offline.last_seen_ms >= online.last_seen_ms);
     assert!(!alice.presence("bob").unwrap().online);
 }
+
+/// `GetConversations` answers each conversation the caller is in, in the
+/// order asked and once, leaves the others out, and takes at most
+/// `message.conversations_per_call` ids.
+#[tokio::test]
+async fn several_conversations_in_one_call_and_no_more_than_the_limit() {
+    use messenger_proto::v1::{self as pb, gateway_service_client::GatewayServiceClient};
+    let system = TestSystem::start_with(|config| config.message.conversations_per_call = 4).await;
+    let (alice, _a) = system.connect("alice", "phone").await;
+    let (bob, _b) = system.connect("bob", "phone").await;
+    let group = alice.create_group("team", &["bob", "carol"]).await.unwrap().conversation_id;
+    let direct = alice.direct("bob").await.unwrap().conversation_id;
+    let not_hers = bob.direct("carol").await.unwrap().conversation_id;
+    let mut api = GatewayServiceClient::new(system.raw_channel().await);
+    let ask = |ids: Vec<&str>| {
+        let request = pb::GetConversationsRequest { conversation_ids: ids.into_iter().map(str::to_owned).collect() };
+        system.authorized("alice", request)
+    };
+    let answer = api.get_conversations(ask(vec![&group, &not_hers, &direct, &group])).await.unwrap().into_inner();
+    let got: Vec<&str> = answer.conversations.iter().map(|c| c.conversation_id.as_str()).collect();
+    assert_eq!(got, [group.as_str(), direct.as_str()], "hers, in order, once; bob and carol's left out");
+    let members: Vec<&str> = answer.conversations[0].members.iter().map(|m| m.user_id.as_str()).collect();
+    assert_eq!(members.len(), 3, "members as GetConversation gives them: {members:?}");
+    let over = api.get_conversations(ask(vec![&group, &direct, &not_hers, &group, &direct])).await.unwrap_err();
+    assert_eq!(over.code(), tonic::Code::InvalidArgument, "{over:?}");
+    assert!(over.message().contains("message.conversations_per_call"), "{over:?}");
+    let bad = api.get_conversations(ask(vec!["not-a-uuid"])).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+}

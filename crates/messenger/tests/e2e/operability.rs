@@ -132,3 +132,52 @@ async fn metrics_count_every_rpc_by_code_and_readiness_follows_the_drain() {
     }
     assert_eq!(get(&format!("{admin}/livez")).await.status(), 200);
 }
+
+/// After a reconnect the SDK reads what changed in its conversations while it
+/// was away in one `GetConversations` call per 100 of them, not one
+/// `GetConversation` each.
+#[tokio::test]
+async fn a_reconnect_reads_its_conversations_in_one_batched_call() {
+    let system = TestSystem::start_with(|config| {
+        let limits = &mut config.gateway.rate_limits;
+        for rate in [&mut limits.direct_conversations, &mut limits.queries] {
+            (rate.per_second, rate.burst) = (10_000, 10_000);
+        }
+    })
+    .await;
+    let admin = format!("http://{}", system.running.as_ref().unwrap().addresses.admin.unwrap());
+    let (alice, _events) = system.connect("alice", "phone").await;
+    let mut ids = Vec::new();
+    for peer in 0..30 {
+        let id = alice.direct(&format!("peer-{peer}")).await.unwrap().conversation_id;
+        alice.send(&id, "hi").await.unwrap();
+        ids.push(id);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ids.iter().all(|id| alice.conversation_state(id).is_some_and(|state| state.last_seq == 1)) {
+        assert!(tokio::time::Instant::now() < deadline, "alice's device never held her 30 conversations");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let public = |method: &'static str| {
+        [("messenger_server", "gateway"), ("rpc_service", "messenger.v1.GatewayService"), ("rpc_method", method)]
+    };
+    // Let the refreshes of the new conversations finish first.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let before = get(&format!("{admin}/metrics")).await.text().await.unwrap();
+    alice.go_offline().await;
+    alice.go_online().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = get(&format!("{admin}/metrics")).await.text().await.unwrap();
+        if calls(&metrics, &public("GetConversations")) > calls(&before, &public("GetConversations")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no GetConversations after the reconnect");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Anything the reconnect would still ask for one by one comes now.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let after = get(&format!("{admin}/metrics")).await.text().await.unwrap();
+    let delta = |method| calls(&after, &public(method)) - calls(&before, &public(method));
+    assert_eq!((delta("GetConversations"), delta("GetConversation")), (1, 0), "one batched call, no single ones");
+}
