@@ -19,20 +19,29 @@ use std::{
 };
 
 use async_trait::async_trait;
-use messenger_platform::{
-    discovery::{ChannelPool, RoleChannel},
-    supervise::Supervisor,
-    trace,
-};
-use messenger_proto::v1::{
-    self as pb, DeliverRequest, Delivery, LocateRequest, delivery,
-    gateway_internal_service_client::GatewayInternalServiceClient, presence_service_client::PresenceServiceClient,
-};
+use messenger_platform::{supervise::Supervisor, trace};
+use messenger_proto::v1::{self as pb, Delivery, delivery};
 use tokio::sync::mpsc;
 use tracing::{Instrument as _, debug, warn};
 use uuid::Uuid;
 
 mod redeliver;
+
+/// Where users' devices are connected: presence's `Locate` (`grpc.rs` in
+/// production, a fake in the tests).
+#[async_trait]
+pub(crate) trait Locate: Send + Sync {
+    /// The live sessions of `user_ids`.
+    async fn locate(&self, user_ids: Vec<String>) -> Result<Vec<pb::Session>, tonic::Status>;
+}
+
+/// The gateways' `Deliver`, by the address a session names.
+#[async_trait]
+pub(crate) trait Gateways: Send + Sync {
+    /// Hands `deliveries` to the gateway at `address`; how many of the
+    /// sessions they name it no longer holds.
+    async fn deliver(&self, address: &str, deliveries: Vec<Delivery>) -> Result<u32, tonic::Status>;
+}
 
 use crate::{
     convert,
@@ -127,8 +136,8 @@ struct Queued {
 
 struct Worker {
     store: Arc<dyn MessageStore>,
-    presence: PresenceServiceClient<RoleChannel>,
-    gateways: ChannelPool,
+    presence: Arc<dyn Locate>,
+    gateways: Arc<dyn Gateways>,
     max_batch: usize,
     linger: std::time::Duration,
     delivered_receipts_max_members: usize,
@@ -142,8 +151,8 @@ impl Fanout {
         options: &FanoutOptions,
         delivered_receipts_max_members: usize,
         store: Arc<dyn MessageStore>,
-        presence: PresenceServiceClient<RoleChannel>,
-        gateways: ChannelPool,
+        presence: Arc<dyn Locate>,
+        gateways: Arc<dyn Gateways>,
         pushes: Pushes,
         supervisor: &Supervisor,
     ) -> Self {
@@ -299,15 +308,11 @@ impl Worker {
         // concurrently; a part that fails skips only its users (they catch up
         // by gap fill or sync).
         let users: Vec<String> = users.into_iter().map(str::to_owned).collect();
-        let parts = users.chunks(self.locate_max_users).map(|part| {
-            let mut presence = self.presence.clone();
-            let request = LocateRequest { user_ids: part.to_vec() };
-            async move { presence.locate(request).await }
-        });
+        let parts = users.chunks(self.locate_max_users).map(|part| self.presence.locate(part.to_vec()));
         let mut sessions = Vec::new();
         for answer in futures::future::join_all(parts).await {
             match answer {
-                Ok(response) => sessions.extend(response.into_inner().sessions),
+                Ok(found) => sessions.extend(found),
                 Err(status) => {
                     warn!(code = ?status.code(), message = status.message(), "fan-out skipped some users: presence unavailable")
                 }
@@ -349,26 +354,15 @@ impl Worker {
             }
         }
         let calls = by_gateway.into_iter().map(|(address, deliveries)| {
-            let pool = self.gateways.clone();
+            let gateways = self.gateways.clone();
             let redeliver = self.redeliver.clone();
             async move {
                 let count = deliveries.len();
-                let channel = match pool.get(address) {
-                    Ok(channel) => channel,
-                    Err(error) => {
-                        warn!(%error, gateway = address, "deliver dropped: bad gateway address");
-                        return;
-                    }
-                };
                 // A dead gateway's devices reconnect elsewhere and resume from
                 // their cursors; one that answers again gets the copy.
                 let again = redeliver.keep(&deliveries);
-                let mut client = GatewayInternalServiceClient::new(channel);
-                match client.deliver(DeliverRequest { deliveries }).await {
-                    Ok(response) => {
-                        let missing = response.into_inner().missing_sessions;
-                        debug!(gateway = address, count, missing, "delivered");
-                    }
+                match gateways.deliver(address, deliveries).await {
+                    Ok(missing) => debug!(gateway = address, count, missing, "delivered"),
                     Err(status) => {
                         debug!(gateway = address, count, code = ?status.code(), message = status.message(), "deliver failed");
                         let kept = again.as_ref().map_or(0, Vec::len);
@@ -376,7 +370,7 @@ impl Worker {
                             fanout_metrics().dropped.add((count - kept) as u64, &[]);
                         }
                         if let Some(again) = again {
-                            redeliver.later(pool, address.to_owned(), again);
+                            redeliver.later(gateways, address.to_owned(), again);
                         }
                     }
                 }
@@ -441,3 +435,6 @@ fn push_entries(
     }
     entries
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::{StreamExt, stream::FuturesUnordered};
+use messenger_platform::discovery::ChannelPool;
 use messenger_platform::{discovery::RoleChannel, trace};
 use messenger_proto::v1::{
-    self as pb, media_service_client::MediaServiceClient, message_service_server::MessageService,
-    modify_message_request, update_group_request,
+    self as pb, gateway_internal_service_client::GatewayInternalServiceClient,
+    media_service_client::MediaServiceClient, message_service_server::MessageService, modify_message_request,
+    presence_service_client::PresenceServiceClient, update_group_request,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +21,7 @@ use tracing::{Instrument as _, debug};
 use crate::{
     convert::{self, conversation_to_proto, presence_from_proto, role_from_proto, to_proto},
     error::{Error, MediaRefusal},
+    fanout::{Gateways, Locate},
     ports::{Media, MediaToAttach},
     service::{SendInput, Service},
     store::{Attachment, Change, HistoryRange},
@@ -419,5 +422,28 @@ impl Media for GrpcMedia {
             .await
             .map_err(|status| Error::Unavailable(format!("media service: {status}")))?;
         Ok(())
+    }
+}
+
+/// Fan-out's view of presence: `Locate` over gRPC.
+pub struct GrpcPresence(pub PresenceServiceClient<RoleChannel>);
+
+#[async_trait]
+impl Locate for GrpcPresence {
+    async fn locate(&self, user_ids: Vec<String>) -> Result<Vec<pb::Session>, Status> {
+        let response = self.0.clone().locate(pb::LocateRequest { user_ids }).await?;
+        Ok(response.into_inner().sessions)
+    }
+}
+
+/// Fan-out's view of the gateways: `Deliver` over gRPC, one channel per address.
+pub struct GrpcGateways(pub ChannelPool);
+
+#[async_trait]
+impl Gateways for GrpcGateways {
+    async fn deliver(&self, address: &str, deliveries: Vec<pb::Delivery>) -> Result<u32, Status> {
+        let channel = self.0.get(address).map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let response = GatewayInternalServiceClient::new(channel).deliver(pb::DeliverRequest { deliveries }).await?;
+        Ok(response.into_inner().missing_sessions)
     }
 }

@@ -135,8 +135,8 @@ impl Server {
             &options.fanout,
             options.delivered_receipts_max_members,
             store.clone(),
-            PresenceServiceClient::new(presence),
-            ChannelPool::new(deps.discovery_options.clone(), Role::Gateway),
+            Arc::new(grpc::GrpcPresence(PresenceServiceClient::new(presence))),
+            Arc::new(grpc::GrpcGateways(ChannelPool::new(deps.discovery_options.clone(), Role::Gateway))),
             pushes,
             &deps.supervisor,
         );

@@ -14,14 +14,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use messenger_platform::discovery::ChannelPool;
-use messenger_proto::v1::{
-    DeliverRequest, Delivery, delivery, gateway_internal_service_client::GatewayInternalServiceClient,
-};
+use messenger_proto::v1::{Delivery, delivery};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::fanout_metrics;
+use super::{Gateways, fanout_metrics};
 use crate::options::FanoutOptions;
 
 #[derive(Clone)]
@@ -59,7 +56,7 @@ impl Redeliver {
 
     /// Sends `deliveries` to `address` again in the background; false when
     /// too many already wait (then they are dropped, and counted).
-    pub(super) fn later(&self, pool: ChannelPool, address: String, deliveries: Vec<Delivery>) -> bool {
+    pub(super) fn later(&self, gateways: Arc<dyn Gateways>, address: String, deliveries: Vec<Delivery>) -> bool {
         let count = deliveries.len();
         let Ok(permits) = self.pending.clone().try_acquire_many_owned(count as u32) else {
             fanout_metrics().dropped.add(count as u64, &[]);
@@ -72,12 +69,7 @@ impl Redeliver {
             for attempt in 1..=attempts {
                 tokio::time::sleep(wait).await;
                 wait = wait.saturating_mul(2);
-                let channel = match pool.get(&address) {
-                    Ok(channel) => channel,
-                    Err(_) => break,
-                };
-                let request = DeliverRequest { deliveries: deliveries.clone() };
-                match GatewayInternalServiceClient::new(channel).deliver(request).await {
+                match gateways.deliver(&address, deliveries.clone()).await {
                     Ok(_) => {
                         fanout_metrics().redelivered.add(count as u64, &[]);
                         debug!(gateway = address, count, attempt, "delivered again");
@@ -100,10 +92,19 @@ impl Redeliver {
 
 #[cfg(test)]
 mod tests {
-    use messenger_platform::discovery::{DiscoveryOptions, Role};
     use messenger_proto::v1::Receipt;
 
     use super::*;
+
+    /// A gateway that never answers.
+    struct Gone;
+
+    #[async_trait::async_trait]
+    impl Gateways for Gone {
+        async fn deliver(&self, _: &str, _: Vec<Delivery>) -> Result<u32, tonic::Status> {
+            Err(tonic::Status::unavailable("gone"))
+        }
+    }
 
     fn receipts(count: usize) -> Vec<Delivery> {
         let event = delivery::Event::Receipt(Receipt::default());
@@ -119,7 +120,7 @@ mod tests {
             ..FanoutOptions::default()
         };
         let redeliver = Redeliver::new(&options);
-        let pool = ChannelPool::new(DiscoveryOptions::default(), Role::Gateway);
+        let pool: Arc<dyn Gateways> = Arc::new(Gone);
         let gateway = "127.0.0.1:9".to_owned();
         assert!(redeliver.later(pool.clone(), gateway.clone(), receipts(2)));
         assert!(!redeliver.later(pool.clone(), gateway.clone(), receipts(2)), "4 would wait, over the limit of 3");
