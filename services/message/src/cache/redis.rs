@@ -4,7 +4,11 @@
 //! - `epoch`: one random token every entry key carries;
 //! - `g:c:<conversation>`, `g:m:<conversation>`, `g:i:<user>`: the current
 //!   generation of a conversation's content, its memberships, a user's inbox;
-//! - `e:<epoch>:<generations>:<what>`: an entry (JSON), with the cache TTL.
+//! - `e<format>:<epoch>:<generations>:<what>`: an entry (JSON), with the
+//!   cache TTL. `<format>` ([`FORMAT`]) changes whenever what a cached value
+//!   means changes (a field added whose absence would read as something
+//!   else), so instances of two builds sharing Redis in a rolling upgrade
+//!   never read each other's entries.
 //!
 //! Reads fetch the epoch and the generations they need in one `MGET`; a
 //! missing one is created with `SET NX GET` (whoever comes first wins), so a
@@ -51,6 +55,11 @@ use tracing::{info, warn};
 
 use super::{CacheOptions, CacheStats, Subject, Value};
 use crate::error::{Error, Result};
+
+/// The format of the entries this build writes and reads. 2: messages carry
+/// `last_edit_seq` (absent, it read as "never edited", and a reader would
+/// be shown an edit made outside its ranges).
+const FORMAT: u32 = 2;
 
 #[derive(Default)]
 struct State {
@@ -222,7 +231,7 @@ impl RedisTier {
     }
 
     pub(super) async fn fetch(&self, key: &str) -> Option<Value> {
-        let bytes: Option<Vec<u8>> = match self.client.get(format!("{}e:{key}", self.prefix)).await {
+        let bytes: Option<Vec<u8>> = match self.client.get(format!("{}e{FORMAT}:{key}", self.prefix)).await {
             Ok(bytes) => bytes,
             Err(error) => {
                 self.health.fail("read", &error, false).await;
@@ -237,7 +246,7 @@ impl RedisTier {
         let Ok(json) = serde_json::to_vec(value) else { return };
         let ttl = Expiration::PX(i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX));
         let stored: Result<(), _> =
-            self.client.set(format!("{}e:{key}", self.prefix), json, Some(ttl), None, false).await;
+            self.client.set(format!("{}e{FORMAT}:{key}", self.prefix), json, Some(ttl), None, false).await;
         if let Err(error) = stored {
             self.health.fail("fill", &error, false).await;
         }

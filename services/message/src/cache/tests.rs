@@ -323,6 +323,34 @@ mod on_redis {
         assert_eq!(newest(&store, id).await.len(), 1);
     }
 
+    /// An entry an older build wrote (the same key without this build's
+    /// format; a page whose messages lack `last_edit_seq`, say) is never
+    /// read: the read goes to the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_an_older_build_wrote_is_never_read() {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store, other) = instances(&dir, &redis).await;
+        wait_in_use(&[&store, &other]).await;
+        let id = store.get_or_create_direct("a", "b", Uuid::now_v7(), 1).await.unwrap().id;
+        contract::send(&store, id, "a", "m1", "the truth").await.unwrap();
+        assert_eq!(newest(&store, id).await[0].body, "the truth");
+        let cli = |args: &[&str]| {
+            let output = std::process::Command::new("redis-cli").arg("-u").arg(redis.url()).args(args).output();
+            String::from_utf8(output.expect("redis-cli runs").stdout).unwrap()
+        };
+        let prefix = options(&redis).redis.key_prefix;
+        let listed = cli(&["--raw", "KEYS", &format!("{prefix}e*:*page:*")]);
+        let key = listed.lines().next().expect("the page was filled in redis").to_owned();
+        let (_, rest) = key.strip_prefix(&prefix).unwrap().split_once(':').unwrap();
+        let entry = cli(&["--raw", "GET", &key]);
+        // What the older build would have left under its key: another body.
+        cli(&["DEL", &key]);
+        cli(&["SET", &format!("{prefix}e:{rest}"), &entry.trim_end().replace("the truth", "stale words")]);
+        // Another instance (nothing in process yet) reads through Redis.
+        assert_eq!(newest(&other, id).await[0].body, "the truth", "an older build's entry was read");
+    }
+
     /// A Redis that comes back from an older snapshot brings back replaced
     /// generations and their entries; no call failed meanwhile, so only the
     /// reconnection itself can tell the cache to retire them.
