@@ -31,9 +31,17 @@ pub struct Service {
     store: Arc<dyn MessageStore>,
     fanout: Arc<dyn Deliveries>,
     media: Arc<dyn Media>,
-    /// Conversation id -> its two members if it is a direct conversation,
-    /// None for a group. Both facts never change, so entries never go stale.
-    directs: moka::sync::Cache<Uuid, Option<Arc<[String; 2]>>>,
+    /// Conversation id -> whether it is direct (with its two members) or a
+    /// group. Neither ever changes, so entries never go stale.
+    directs: moka::sync::Cache<Uuid, Shape>,
+}
+
+/// What a conversation is, as block checks need it.
+#[derive(Clone, Debug)]
+enum Shape {
+    /// A direct conversation and its two members.
+    Direct(Arc<[String; 2]>),
+    Group,
 }
 
 /// Conversations whose kind `Service::directs` remembers.
@@ -196,12 +204,12 @@ impl Service {
     /// users who blocked `user` are left out of its entries' audiences);
     /// so do non-members, whom the store refuses itself.
     async fn check_not_blocked(&self, conversation_id: Uuid, user: &str) -> Result<bool> {
-        match self.kind_of(conversation_id, user).await? {
-            Some(Some(pair)) => match pair.iter().find(|member| *member != user) {
+        match self.shape_of(conversation_id, user).await? {
+            Some(Shape::Direct(pair)) => match pair.iter().find(|member| *member != user) {
                 Some(peer) => self.check_blocks(user, peer).await.map(|()| false),
                 None => Ok(false),
             },
-            Some(None) => Ok(true),
+            Some(Shape::Group) => Ok(true),
             None => Ok(false),
         }
     }
@@ -211,21 +219,21 @@ impl Service {
         if group { self.store.blocked_by(user).await } else { Ok(Vec::new()) }
     }
 
-    /// Whether a conversation `user` is an active member of is direct (its
-    /// pair) or a group (None); None when `user` is not an active member.
-    async fn kind_of(&self, conversation_id: Uuid, user: &str) -> Result<Option<Option<Arc<[String; 2]>>>> {
-        if let Some(pair) = self.directs.get(&conversation_id) {
-            return Ok(Some(pair));
+    /// What a conversation `user` is an active member of is; None when
+    /// `user` is not an active member.
+    async fn shape_of(&self, conversation_id: Uuid, user: &str) -> Result<Option<Shape>> {
+        if let Some(kind) = self.directs.get(&conversation_id) {
+            return Ok(Some(kind));
         }
         let Some(conversation) = self.store.conversation_for_member(conversation_id, user).await? else {
             return Ok(None);
         };
-        let pair = match (conversation.kind, conversation.members.as_slice()) {
-            (ConversationKind::Direct, [a, b]) => Some(Arc::new([a.clone(), b.clone()])),
-            _ => None,
+        let kind = match (conversation.kind, conversation.members.as_slice()) {
+            (ConversationKind::Direct, [a, b]) => Shape::Direct(Arc::new([a.clone(), b.clone()])),
+            _ => Shape::Group,
         };
-        self.directs.insert(conversation_id, pair.clone());
-        Ok(Some(pair))
+        self.directs.insert(conversation_id, kind.clone());
+        Ok(Some(kind))
     }
 
     /// What `user` blocked: content from them in groups reads withheld.
@@ -820,7 +828,7 @@ impl Service {
         let mut groups = HashSet::new();
         for message in messages.iter().filter(|message| from_others(message)) {
             let id = message.conversation_id;
-            if !groups.contains(&id) && !matches!(self.kind_of(id, user).await?, Some(Some(_))) {
+            if !groups.contains(&id) && !matches!(self.shape_of(id, user).await?, Some(Shape::Direct(_))) {
                 groups.insert(id);
             }
         }
