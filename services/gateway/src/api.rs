@@ -139,7 +139,9 @@ impl GatewayService for Adapter {
         request: Request<pb::GetConversationsRequest>,
     ) -> Result<Response<pb::GetConversationsResponse>, Status> {
         let (user_id, request) = authenticated(request)?;
-        self.context.limits.queries.check(&user_id)?;
+        // One query per conversation asked for, as that many GetConversation calls.
+        let asked = u32::try_from(request.conversation_ids.len()).unwrap_or(u32::MAX);
+        self.context.limits.queries.check_n(&user_id, asked)?;
         // Any instance answers correctly; the first id's keeps caches warm.
         let key = request.conversation_ids.first().cloned().unwrap_or_default();
         let request = routed(&key, pb::MessageGetConversationsRequest { user_id, request: Some(request) });

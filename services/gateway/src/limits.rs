@@ -148,6 +148,20 @@ impl Limit {
         self.wait(key).map_err(|wait| self.exhausted(wait))
     }
 
+    /// `check` for a call that costs `n` (one per conversation it reads, say).
+    #[allow(clippy::ptr_arg)]
+    pub(crate) fn check_n(&self, key: &String, n: u32) -> Result<(), Status> {
+        let Some(cost) = NonZeroU32::new(n) else { return self.check(key) };
+        match self.limiter.check_key_n(key, cost) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(self.exhausted(not_until.wait_time_from(DefaultClock::default().now()))),
+            Err(_) => Err(Status::resource_exhausted(format!(
+                "a call costing {n} exceeds the burst of the rate limit for {} ({}); ask for fewer at once",
+                self.what, self.rate.burst
+            ))),
+        }
+    }
+
     pub(crate) fn exhausted(&self, wait: Duration) -> Status {
         let message = format!(
             "rate limit for {} ({} per second, burst {}) exceeded; retry in {} ms",

@@ -369,8 +369,13 @@ impl Worker {
                         if kept < count {
                             fanout_metrics().dropped.add((count - kept) as u64, &[]);
                         }
-                        if let Some(again) = again {
-                            redeliver.later(gateways, address.to_owned(), again);
+                        // A malformed address never answers: not worth a retry.
+                        match again {
+                            Some(again) if status.code() != tonic::Code::InvalidArgument => {
+                                redeliver.later(gateways, address.to_owned(), again);
+                            }
+                            Some(again) => fanout_metrics().dropped.add(again.len() as u64, &[]),
+                            None => {}
                         }
                     }
                 }

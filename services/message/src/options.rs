@@ -124,7 +124,8 @@ pub struct FanoutOptions {
     #[serde(with = "humantime_serde")]
     pub redeliver_backoff: Duration,
     /// Most deliveries (one event for one gateway's sessions) waiting to be
-    /// sent again, across workers; past it a failed delivery is dropped and
+    /// sent again, across workers (each holds its message: with 16 KiB
+    /// bodies, 4096 of them hold at most about 64 MiB); past it a failed delivery is dropped and
     /// its devices catch up at their conversation's next entry or their next
     /// reconnect (`messenger.message.fanout.deliveries_dropped`).
     pub redeliver_max_pending: usize,
@@ -140,7 +141,7 @@ impl Default for FanoutOptions {
             locate_max_users: 5000,
             redeliver_attempts: 4,
             redeliver_backoff: Duration::from_millis(250),
-            redeliver_max_pending: 65_536,
+            redeliver_max_pending: 4096,
         }
     }
 }

@@ -47,6 +47,9 @@ enum Shape {
 /// Conversations whose kind `Service::directs` remembers.
 const DIRECTS_CACHED: u64 = 100_000;
 
+/// Conversations one `GetConversations` call reads at once.
+const CONVERSATIONS_READ_AT_ONCE: usize = 8;
+
 /// Block checks a group creation or addition runs at once (one per user added).
 const BLOCK_CHECKS_IN_PARALLEL: usize = 16;
 
@@ -602,21 +605,36 @@ impl Service {
                 "at most {max} conversation ids per call (message.conversations_per_call); ask in batches"
             )));
         }
-        let mut seen = std::collections::HashSet::new();
-        let ids: Vec<&String> = conversation_ids.iter().filter(|id| seen.insert(id.as_str())).collect();
-        for id in &ids {
-            parse_conversation(id)?;
+        let mut ids = Vec::with_capacity(conversation_ids.len());
+        for id in conversation_ids {
+            let id = parse_conversation(id)?;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
         }
-        let each = ids.into_iter().map(|id| self.get_conversation(user, id));
-        let mut found = Vec::new();
-        for answer in futures::future::join_all(each).await {
+        use futures::StreamExt as _;
+        // A few at a time; the caller's block list is read once, for all previews.
+        let each = ids.into_iter().map(|id| async move {
+            self.active_membership(id, user).await?;
+            let conversation = self.store.conversation_for_member(id, user).await?.ok_or(Error::NoLongerMember)?;
+            let members: Vec<Member> = self.store.members(id).await?.into_iter().filter(Member::is_active).collect();
+            Ok::<_, Error>((conversation, members))
+        });
+        let answers: Vec<Result<(Conversation, Vec<Member>)>> =
+            futures::stream::iter(each).buffered(CONVERSATIONS_READ_AT_ONCE).collect().await;
+        let (mut conversations, mut members) = (Vec::new(), Vec::new());
+        for answer in answers {
             match answer {
-                Ok(conversation) => found.push(conversation),
+                Ok((conversation, its_members)) => {
+                    conversations.push(conversation);
+                    members.push(its_members);
+                }
                 Err(Error::ConversationNotFound | Error::NoLongerMember) => {}
                 Err(error) => return Err(error),
             }
         }
-        Ok(found)
+        let previewed = self.withhold_previews(user, conversations).await?;
+        Ok(previewed.into_iter().zip(members).collect())
     }
 
     pub async fn get_receipts(&self, user: &str, conversation_id: &str, seq: u64) -> Result<Receipts> {

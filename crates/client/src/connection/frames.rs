@@ -78,8 +78,11 @@ impl Task {
                 let request = pb::GetConversationsRequest { conversation_ids: batch.to_vec() };
                 let conversations = match api.get_conversations(request).await {
                     Ok(response) => response.into_inner().conversations,
-                    // An older server, or one that takes fewer ids a call.
-                    Err(status) if matches!(status.code(), Code::Unimplemented | Code::InvalidArgument) => {
+                    // Over the query rate: these are refreshed at the next reconnect or change.
+                    Err(status) if status.code() == Code::ResourceExhausted => continue,
+                    // An older server, one that takes fewer ids a call, or one
+                    // conversation that could not be read: one at a time.
+                    Err(_) => {
                         let mut one_by_one = Vec::new();
                         for conversation_id in batch {
                             let request = pb::GetConversationRequest { conversation_id: conversation_id.clone() };
@@ -89,7 +92,6 @@ impl Task {
                         }
                         one_by_one
                     }
-                    Err(_) => continue,
                 };
                 let mut model = model.lock().unwrap_or_else(|e| e.into_inner());
                 for conversation in &conversations {

@@ -283,3 +283,24 @@ async fn several_conversations_in_one_call_and_no_more_than_the_limit() {
     let bad = api.get_conversations(ask(vec!["not-a-uuid"])).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
 }
+
+/// `GetConversations` costs one query per id against the `queries` rate, as
+/// that many `GetConversation` calls would.
+#[tokio::test]
+async fn several_conversations_cost_one_query_each() {
+    use messenger_proto::v1::{self as pb, gateway_service_client::GatewayServiceClient};
+    let system = TestSystem::start_with(|config| {
+        (config.gateway.rate_limits.queries.per_second, config.gateway.rate_limits.queries.burst) = (1, 5);
+    })
+    .await;
+    let mut api = GatewayServiceClient::new(system.raw_channel().await);
+    let ask = |count: usize| {
+        let conversation_ids = (0..count).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+        system.authorized("alice", pb::GetConversationsRequest { conversation_ids })
+    };
+    let beyond = api.get_conversations(ask(6)).await.unwrap_err();
+    assert_eq!(beyond.code(), tonic::Code::ResourceExhausted, "{beyond:?}");
+    assert!(api.get_conversations(ask(5)).await.unwrap().into_inner().conversations.is_empty(), "the whole burst");
+    let over = api.get_conversations(ask(1)).await.unwrap_err();
+    assert_eq!(over.code(), tonic::Code::ResourceExhausted, "{over:?}");
+}
