@@ -583,11 +583,18 @@ impl Service {
     pub async fn get_conversation(&self, user: &str, conversation_id: &str) -> Result<(Conversation, Vec<Member>)> {
         check_id("user_id", user)?;
         let id = parse_conversation(conversation_id)?;
+        let (conversation, members) = self.conversation_with_members(id, user).await?;
+        let mut previewed = self.withhold_previews(user, vec![conversation]).await?;
+        Ok((previewed.remove(0), members))
+    }
+
+    /// The conversation as an active member `user` sees it, with its active
+    /// members; previews not yet withheld (`withhold_previews`).
+    async fn conversation_with_members(&self, id: Uuid, user: &str) -> Result<(Conversation, Vec<Member>)> {
         self.active_membership(id, user).await?;
         let conversation = self.store.conversation_for_member(id, user).await?.ok_or(Error::NoLongerMember)?;
         let members = self.store.members(id).await?.into_iter().filter(Member::is_active).collect();
-        let mut previewed = self.withhold_previews(user, vec![conversation]).await?;
-        Ok((previewed.remove(0), members))
+        Ok((conversation, members))
     }
 
     /// Several conversations, each as [`Service::get_conversation`] gives
@@ -614,12 +621,7 @@ impl Service {
         }
         use futures::StreamExt as _;
         // A few at a time; the caller's block list is read once, for all previews.
-        let each = ids.into_iter().map(|id| async move {
-            self.active_membership(id, user).await?;
-            let conversation = self.store.conversation_for_member(id, user).await?.ok_or(Error::NoLongerMember)?;
-            let members: Vec<Member> = self.store.members(id).await?.into_iter().filter(Member::is_active).collect();
-            Ok::<_, Error>((conversation, members))
-        });
+        let each = ids.into_iter().map(|id| self.conversation_with_members(id, user));
         let answers: Vec<Result<(Conversation, Vec<Member>)>> =
             futures::stream::iter(each).buffered(CONVERSATIONS_READ_AT_ONCE).collect().await;
         let (mut conversations, mut members) = (Vec::new(), Vec::new());

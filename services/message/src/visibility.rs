@@ -128,8 +128,14 @@ pub fn appended(entry: StoredMessage, members: &[Member]) -> Appended {
 /// active member joined at or before the entry and has not left), so stores
 /// that know only their active roster at that moment need no ranges.
 pub fn appended_to_active(entry: StoredMessage, active: impl IntoIterator<Item = String>) -> Appended {
-    debug_assert!(target(&entry).is_none(), "a change of another entry needs the members' ranges");
-    Appended { entry, audience: Arc::new(active.into_iter().collect()), withheld_from: Arc::default() }
+    Appended { audience: audience_of_active(&entry, active), entry, withheld_from: Arc::default() }
+}
+
+/// [`appended_to_active`]'s audience alone, for a batch of messages
+/// reserved against one roster.
+pub fn audience_of_active(entry: &StoredMessage, active: impl IntoIterator<Item = String>) -> Arc<Vec<String>> {
+    debug_assert!(target(entry).is_none(), "a change of another entry needs the members' ranges");
+    Arc::new(active.into_iter().collect())
 }
 
 #[cfg(test)]

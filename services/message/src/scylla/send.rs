@@ -595,12 +595,8 @@ async fn write_and_answer(inner: &Inner, entries: Vec<(StoredMessage, Send)>, st
     }
     drop(read);
     // Every entry of the batch is a message reserved against one roster.
-    let mut stored = stored.into_iter();
-    let Some((first, send)) = stored.next() else { return };
-    let first = visibility::appended_to_active(first, roster);
-    let (audience, withheld_from) = (first.audience.clone(), first.withheld_from.clone());
-    send.answer(Ok(first), true);
+    let audience = visibility::audience_of_active(&stored[0].0, roster);
     for (entry, send) in stored {
-        send.answer(Ok(Appended { entry, audience: audience.clone(), withheld_from: withheld_from.clone() }), true);
+        send.answer(Ok(Appended { entry, audience: audience.clone(), withheld_from: Arc::default() }), true);
     }
 }
